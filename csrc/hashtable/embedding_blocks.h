@@ -1,0 +1,104 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// EmbeddingBlocks: row storage that grows by appending fixed-size blocks.
+// Torch-free.
+//
+// Row r lives in block r >> block_shift at offset (r & block_mask) * stride.
+// Each row holds `dim` embedding floats followed by `state_dim` optimizer-state
+// floats; the stride is padded to a multiple of 16 floats so every row starts
+// on a 64-byte cache line. Growth appends a block and never moves or copies
+// existing rows, so row pointers stay valid for the table's lifetime.
+// Each row also records the id that owns it (for export and, later, eviction).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+namespace recis {
+namespace hashtable {
+
+class EmbeddingBlocks {
+ public:
+  EmbeddingBlocks(int64_t dim, int64_t state_dim, int64_t block_rows)
+      : dim_(dim), state_dim_(state_dim), stride_(round_up(dim + state_dim, 16)) {
+    if (dim <= 0) throw std::invalid_argument("EmbeddingBlocks: dim must be > 0");
+    if (state_dim < 0) throw std::invalid_argument("EmbeddingBlocks: state_dim must be >= 0");
+    if (block_rows <= 0 || (block_rows & (block_rows - 1)) != 0) {
+      throw std::invalid_argument("EmbeddingBlocks: block_rows must be a power of two");
+    }
+    block_shift_ = 0;
+    while ((int64_t{1} << block_shift_) < block_rows) ++block_shift_;
+    block_mask_ = block_rows - 1;
+  }
+
+  EmbeddingBlocks(const EmbeddingBlocks&) = delete;
+  EmbeddingBlocks& operator=(const EmbeddingBlocks&) = delete;
+
+  int64_t dim() const { return dim_; }
+  int64_t state_dim() const { return state_dim_; }
+  int64_t stride() const { return stride_; }
+  int64_t block_rows() const { return block_mask_ + 1; }
+  int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
+  int64_t capacity() const { return num_blocks() * block_rows(); }
+  // Rows handed out so far.
+  int64_t num_rows() const { return next_row_.load(std::memory_order_relaxed); }
+
+  float* row(int64_t r) { return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_; }
+  const float* row(int64_t r) const {
+    return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_;
+  }
+  int64_t& row_id(int64_t r) { return blocks_[r >> block_shift_].ids[r & block_mask_]; }
+  int64_t row_id(int64_t r) const { return blocks_[r >> block_shift_].ids[r & block_mask_]; }
+
+  // Appends blocks until `extra` more rows can be handed out. Single-threaded.
+  void reserve(int64_t extra) {
+    while (num_rows() + extra > capacity()) {
+      Block b;
+      const size_t floats = static_cast<size_t>(block_rows() * stride_);
+      void* p = nullptr;
+      if (posix_memalign(&p, 64, floats * sizeof(float)) != 0) throw std::bad_alloc();
+      b.data = static_cast<float*>(p);
+      b.ids = new int64_t[static_cast<size_t>(block_rows())];
+      blocks_.push_back(b);
+    }
+  }
+
+  // Hands out the next row. Thread-safe, but the caller must have reserved
+  // room for it first.
+  int64_t allocate() { return next_row_.fetch_add(1, std::memory_order_relaxed); }
+
+  int64_t memory_bytes() const {
+    return num_blocks() * block_rows() * static_cast<int64_t>(stride_ * sizeof(float) + sizeof(int64_t));
+  }
+
+  ~EmbeddingBlocks() {
+    for (auto& b : blocks_) {
+      std::free(b.data);
+      delete[] b.ids;
+    }
+  }
+
+ private:
+  struct Block {
+    float* data = nullptr;
+    int64_t* ids = nullptr;
+  };
+
+  static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+  int64_t dim_;
+  int64_t state_dim_;
+  int64_t stride_;
+  int block_shift_ = 0;
+  int64_t block_mask_ = 0;
+  std::vector<Block> blocks_;
+  std::atomic<int64_t> next_row_{0};
+};
+
+}  // namespace hashtable
+}  // namespace recis

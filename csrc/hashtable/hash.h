@@ -1,0 +1,38 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// Mixing hashes used by the hashtable core. Torch-free.
+#pragma once
+
+#include <cstdint>
+
+namespace recis {
+namespace hashtable {
+
+// MurmurHash3's 64-bit finaliser (fmix64). A bijection on uint64, so distinct
+// keys never collide in the full 64-bit hash; its avalanche spreads sequential
+// ids over all bits, which both the IDMap slot/shard choice and the owner-rank
+// choice of the sharder rely on.
+inline uint64_t mix64(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  k *= 0xc4ceb9fe1a85ec53ULL;
+  k ^= k >> 33;
+  return k;
+}
+
+// SplitMix64 step: the counter-based generator behind per-id initialisation.
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// Uniform float in [0, 1) from the top 24 bits of a 64-bit word.
+inline float unit_float(uint64_t x) {
+  return static_cast<float>(x >> 40) * (1.0f / 16777216.0f);
+}
+
+}  // namespace hashtable
+}  // namespace recis

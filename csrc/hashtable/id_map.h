@@ -1,0 +1,178 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// IdMap: int64 id -> int64 row, open addressing with linear probing. Torch-free.
+//
+// * Any int64 is a valid key (negatives, 0, INT64_MIN, INT64_MAX): emptiness
+//   is marked in the row field (row < 0), so no key value is reserved.
+// * The map is split into 2^shard_bits shards chosen by the top bits of
+//   mix64(key). Shards grow (rehash) independently, so inserts run in parallel
+//   across shards without locks. Lookups are lock-free as long as no insert
+//   runs at the same time; the owning HashTable guarantees that.
+// * Rehashing copies the 16-byte slots of one shard, never embedding rows.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include "hash.h"
+
+namespace recis {
+namespace hashtable {
+
+struct Slot {
+  int64_t key;
+  int64_t row;  // < 0: empty
+};
+
+class IdMap {
+ public:
+  static constexpr double kMaxLoad = 0.7;
+  static constexpr int64_t kMinShardSlots = 16;
+
+  // capacity_hint: expected number of keys; sizes the shards so that this
+  // many keys fit without a rehash.
+  explicit IdMap(int64_t capacity_hint = 0, int shard_bits = 6)
+      : shard_bits_(shard_bits), shards_(static_cast<size_t>(1) << shard_bits) {
+    if (shard_bits < 0 || shard_bits > 16) throw std::invalid_argument("IdMap: shard_bits must be in [0, 16]");
+    const int64_t per_shard = capacity_hint / num_shards() + 1;
+    for (auto& s : shards_) s.reset(slots_for(per_shard));
+  }
+
+  int num_shards() const { return static_cast<int>(shards_.size()); }
+
+  int shard_of(uint64_t h) const {
+    return shard_bits_ == 0 ? 0 : static_cast<int>(h >> (64 - shard_bits_));
+  }
+
+  // Returns the row of `key` (h = mix64(key)), or -1.
+  int64_t find(int64_t key, uint64_t h) const {
+    const Shard& s = shards_[shard_of(h)];
+    uint64_t i = h & s.mask;
+    for (;;) {
+      const Slot& slot = s.slots[i];
+      if (slot.row < 0) return -1;
+      if (slot.key == key) return slot.row;
+      i = (i + 1) & s.mask;
+    }
+  }
+
+  void prefetch(uint64_t h) const {
+    const Shard& s = shards_[shard_of(h)];
+    __builtin_prefetch(&s.slots[h & s.mask]);
+  }
+
+  // Makes room in `shard` for `extra` more keys without exceeding kMaxLoad.
+  // Not thread-safe for the same shard.
+  void reserve_in_shard(int shard, int64_t extra) {
+    Shard& s = shards_[shard];
+    const int64_t want = s.size + extra;
+    if (static_cast<double>(want) <= kMaxLoad * static_cast<double>(s.mask + 1)) return;
+    Shard bigger;
+    bigger.reset(slots_for(want));
+    for (uint64_t i = 0; i <= s.mask; ++i) {
+      const Slot& slot = s.slots[i];
+      if (slot.row >= 0) bigger.place(slot.key, mix64(static_cast<uint64_t>(slot.key)), slot.row);
+    }
+    bigger.size = s.size;
+    s = std::move(bigger);
+  }
+
+  // Returns the existing row of `key`, or inserts (key, new_row()) and returns
+  // that. The shard must have room (reserve_in_shard). Safe to call in
+  // parallel for keys of different shards.
+  template <typename NewRow>
+  int64_t find_or_insert_reserved(int64_t key, uint64_t h, bool* inserted, NewRow&& new_row) {
+    Shard& s = shards_[shard_of(h)];
+    uint64_t i = h & s.mask;
+    for (;;) {
+      Slot& slot = s.slots[i];
+      if (slot.row < 0) {
+        slot.key = key;
+        slot.row = new_row();
+        ++s.size;
+        *inserted = true;
+        return slot.row;
+      }
+      if (slot.key == key) {
+        *inserted = false;
+        return slot.row;
+      }
+      i = (i + 1) & s.mask;
+    }
+  }
+
+  // Single-threaded insert-or-assign, growing as needed. Returns the old row
+  // or -1.
+  int64_t assign(int64_t key, int64_t row) {
+    const uint64_t h = mix64(static_cast<uint64_t>(key));
+    const int shard = shard_of(h);
+    reserve_in_shard(shard, 1);
+    Shard& s = shards_[shard];
+    uint64_t i = h & s.mask;
+    for (;;) {
+      Slot& slot = s.slots[i];
+      if (slot.row < 0) {
+        slot.key = key;
+        slot.row = row;
+        ++s.size;
+        return -1;
+      }
+      if (slot.key == key) {
+        const int64_t old = slot.row;
+        slot.row = row;
+        return old;
+      }
+      i = (i + 1) & s.mask;
+    }
+  }
+
+  int64_t size() const {
+    int64_t n = 0;
+    for (const auto& s : shards_) n += s.size;
+    return n;
+  }
+
+  int64_t num_slots() const {
+    int64_t n = 0;
+    for (const auto& s : shards_) n += static_cast<int64_t>(s.mask + 1);
+    return n;
+  }
+
+  int64_t memory_bytes() const { return num_slots() * static_cast<int64_t>(sizeof(Slot)); }
+
+ private:
+  struct Shard {
+    std::unique_ptr<Slot[]> slots;
+    uint64_t mask = 0;
+    int64_t size = 0;
+
+    void reset(int64_t n_slots) {
+      slots.reset(new Slot[static_cast<size_t>(n_slots)]);
+      for (int64_t i = 0; i < n_slots; ++i) slots[i] = Slot{0, -1};
+      mask = static_cast<uint64_t>(n_slots - 1);
+      size = 0;
+    }
+    // Inserts a key known to be absent into a shard with room.
+    void place(int64_t key, uint64_t h, int64_t row) {
+      uint64_t i = h & mask;
+      while (slots[i].row >= 0) i = (i + 1) & mask;
+      slots[i] = Slot{key, row};
+    }
+  };
+
+  // Smallest power of two holding n keys at kMaxLoad.
+  static int64_t slots_for(int64_t n) {
+    int64_t slots = kMinShardSlots;
+    while (static_cast<double>(n) > kMaxLoad * static_cast<double>(slots)) slots <<= 1;
+    return slots;
+  }
+
+  int shard_bits_;
+  std::vector<Shard> shards_;
+};
+
+}  // namespace hashtable
+}  // namespace recis

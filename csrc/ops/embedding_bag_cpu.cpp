@@ -1,0 +1,422 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// CPU kernels of the pooled lookup: pooled_forward, pooled_backward,
+// sparse_update and the fused pooled_backward_update.
+//
+// Backward groups the gradient contributions by row with a stable radix sort
+// per table (tables sorted in parallel), then reduces each row's contributions
+// in input order, so results are deterministic and no float atomics are used.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "../hashtable/optimizers.h"
+#include "checks.h"
+#include "radix_sort.h"
+#include "table_registry.h"
+
+namespace recis {
+namespace {
+
+using hashtable::OptimParams;
+using hashtable::OptimType;
+using hashtable::WeightDecayMode;
+
+constexpr int64_t kPrefetchDistance = 6;
+
+inline void prefetch_row(const float* p, int64_t dim) {
+  for (int64_t k = 0; k < dim; k += 16) __builtin_prefetch(p + k);
+}
+
+// The KJT-style layout shared by forward and backward, validated once.
+struct BagLayout {
+  int64_t num_features = 0;
+  int64_t batch = 0;
+  int64_t num_values = 0;
+  const int64_t* offsets = nullptr;
+  const float* weights = nullptr;  // (num_values,) or nullptr
+  std::vector<int64_t> table, mode, col;
+
+  int64_t bag_begin(int64_t q) const { return offsets[q]; }
+  int64_t bag_end(int64_t q) const { return offsets[q + 1]; }
+};
+
+BagLayout make_layout(const char* op, const at::Tensor& rows, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& per_sample_weights, at::IntArrayRef feature_table,
+                      at::IntArrayRef feature_mode, at::IntArrayRef feature_col, const std::vector<int64_t>& dims,
+                      int64_t out_dim) {
+  BagLayout l;
+  check_cpu_1d(rows, op, "rows", at::kLong);
+  TORCH_CHECK(rows.is_contiguous(), op, ": rows must be contiguous");
+  l.num_features = static_cast<int64_t>(feature_table.size());
+  TORCH_CHECK(static_cast<int64_t>(feature_mode.size()) == l.num_features &&
+                  static_cast<int64_t>(feature_col.size()) == l.num_features,
+              op, ": feature_table, feature_mode and feature_col must have the same length, got ",
+              feature_table.size(), ", ", feature_mode.size(), ", ", feature_col.size());
+  l.num_values = rows.numel();
+  check_bag_offsets(offsets, l.num_features, l.num_values, op);
+  TORCH_CHECK(offsets.is_contiguous(), op, ": offsets must be contiguous");
+  l.offsets = offsets.data_ptr<int64_t>();
+  l.batch = (offsets.numel() - 1) / l.num_features;
+  if (per_sample_weights.has_value()) {
+    const auto& w = *per_sample_weights;
+    TORCH_CHECK(w.device().is_cpu(), op, ": per_sample_weights must be a CPU tensor, got ", w.device());
+    TORCH_CHECK(w.scalar_type() == at::kFloat, op, ": per_sample_weights must be float32, got ", w.scalar_type());
+    TORCH_CHECK(w.dim() == 1 && w.numel() == l.num_values && w.is_contiguous(), op,
+                ": per_sample_weights must be contiguous with shape (", l.num_values, ",), got ", w.sizes());
+    l.weights = w.data_ptr<float>();
+  }
+  const int64_t num_tables = static_cast<int64_t>(dims.size());
+  l.table.assign(feature_table.begin(), feature_table.end());
+  l.mode.assign(feature_mode.begin(), feature_mode.end());
+  l.col.assign(feature_col.begin(), feature_col.end());
+  for (int64_t f = 0; f < l.num_features; ++f) {
+    const int64_t t = l.table[f];
+    TORCH_CHECK(t >= -1 && t < num_tables, op, ": feature index ", f, " names table ", t, " but there are ",
+                num_tables, " tables");
+    if (t < 0) continue;
+    TORCH_CHECK(l.mode[f] == 0 || l.mode[f] == 1, op, ": feature index ", f, " has pooling mode ", l.mode[f],
+                " (0 = sum, 1 = mean)");
+    TORCH_CHECK(l.col[f] >= 0 && l.col[f] + dims[t] <= out_dim, op, ": feature index ", f, " writes columns [",
+                l.col[f], ", ", l.col[f] + dims[t], ") outside the output's ", out_dim, " columns");
+  }
+  return l;
+}
+
+// True when the features' column ranges tile [0, out_dim) exactly, so every
+// output element is written and the output need not be zero-filled first.
+bool columns_tile(const BagLayout& l, const std::vector<int64_t>& dims, int64_t out_dim) {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (int64_t f = 0; f < l.num_features; ++f) {
+    if (l.table[f] >= 0) ranges.emplace_back(l.col[f], l.col[f] + dims[l.table[f]]);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  int64_t next = 0;
+  for (const auto& r : ranges) {
+    if (r.first != next) return false;
+    next = r.second;
+  }
+  return next == out_dim;
+}
+
+std::vector<TablePtr> resolve_tables(at::IntArrayRef handles, const char* op, std::vector<int64_t>* dims) {
+  std::vector<TablePtr> tables;
+  for (int64_t h : handles) {
+    tables.push_back(get_table(h, op));
+    dims->push_back(tables.back()->table.dim());
+  }
+  return tables;
+}
+
+at::Tensor pooled_forward_cpu(at::IntArrayRef handles, const at::Tensor& ids, const at::Tensor& rows,
+                              const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights,
+                              at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
+                              at::IntArrayRef feature_col, int64_t out_dim) {
+  const char* op = "recis::pooled_forward";
+  check_cpu_1d(ids, op, "ids", at::kLong);
+  TORCH_CHECK(ids.numel() == rows.numel() && ids.is_contiguous(), op,
+              ": ids must be contiguous with as many entries as rows (", rows.numel(), "), got ", ids.sizes());
+  TORCH_CHECK(out_dim >= 0, op, ": out_dim must be >= 0, got ", out_dim);
+  std::vector<int64_t> dims;
+  const auto tables = resolve_tables(handles, op, &dims);
+  const BagLayout l =
+      make_layout(op, rows, offsets, per_sample_weights, feature_table, feature_mode, feature_col, dims, out_dim);
+  const int64_t B = l.batch;
+  at::Tensor out = columns_tile(l, dims, out_dim) ? at::empty({B, out_dim}, at::kFloat)
+                                                  : at::zeros({B, out_dim}, at::kFloat);
+  if (B == 0 || out_dim == 0) return out;
+
+  const int64_t* key = ids.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  const int64_t max_dim = dims.empty() ? 0 : *std::max_element(dims.begin(), dims.end());
+
+  TableLocks locks(tables, /*exclusive=*/false);
+  at::parallel_for(0, l.num_features * B, 16, [&](int64_t qb, int64_t qe) {
+    std::vector<float> init_buf(static_cast<size_t>(max_dim));
+    for (int64_t q = qb; q < qe; ++q) {
+      const int64_t f = q / B, b = q % B, t = l.table[f];
+      if (t < 0) continue;
+      const auto& table = tables[t]->table;
+      const int64_t D = dims[t], num_rows = table.size();
+      float* __restrict acc = o + b * out_dim + l.col[f];
+      std::fill(acc, acc + D, 0.0f);
+      const int64_t s = l.bag_begin(q), e = l.bag_end(q), feature_end = l.offsets[(f + 1) * B];
+      for (int64_t i = s; i < e; ++i) {
+        const int64_t j = i + kPrefetchDistance;
+        if (j < feature_end && row[j] >= 0 && row[j] < num_rows) prefetch_row(table.row(row[j]), D);
+        const int64_t r = row[i];
+        TORCH_CHECK(r < num_rows, op, ": rows[", i, "] = ", r, " is not a row of table ", t, " (", num_rows,
+                    " rows)");
+        const float* __restrict p;
+        if (r >= 0) {
+          p = table.row(r);
+        } else {
+          table.initial_row(key[i], init_buf.data());
+          p = init_buf.data();
+        }
+        const float w = l.weights ? l.weights[i] : 1.0f;
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * p[d];
+      }
+      if (l.mode[f] == 1 && e > s) {
+        const float inv = 1.0f / static_cast<float>(e - s);
+        for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+      }
+    }
+  });
+  return out;
+}
+
+// Gradient contributions of every table, grouped by row. For table t,
+// rows_[t] holds the rows in ascending order (with repeats) and vals_[t] the
+// value index of each contribution; seg_[t] delimits the unique rows.
+struct RowGroups {
+  std::vector<std::vector<int64_t>> rows, vals, seg;
+  std::vector<int64_t> bag_of;       // value index -> bag q
+  std::vector<int64_t> unique_base;  // prefix sum of unique rows over tables
+
+  int64_t total_unique() const { return unique_base.back(); }
+};
+
+RowGroups group_rows(const char* op, const BagLayout& l, const int64_t* row, int64_t num_tables,
+                     const std::vector<int64_t>* table_sizes) {
+  RowGroups g;
+  const int64_t B = l.batch;
+  g.bag_of.resize(static_cast<size_t>(l.num_values));
+  at::parallel_for(0, l.num_features * B, 256, [&](int64_t qb, int64_t qe) {
+    for (int64_t q = qb; q < qe; ++q) {
+      for (int64_t i = l.bag_begin(q); i < l.bag_end(q); ++i) g.bag_of[i] = q;
+    }
+  });
+  g.rows.resize(num_tables);
+  g.vals.resize(num_tables);
+  g.seg.resize(num_tables);
+  at::parallel_for(0, num_tables, 1, [&](int64_t tb, int64_t te) {
+    std::vector<int64_t> tmp_k, tmp_v;
+    for (int64_t t = tb; t < te; ++t) {
+      auto& keys = g.rows[t];
+      auto& vals = g.vals[t];
+      int64_t max_row = 0;
+      for (int64_t f = 0; f < l.num_features; ++f) {
+        if (l.table[f] != t) continue;
+        const int64_t s = l.offsets[f * B], e = l.offsets[(f + 1) * B];
+        for (int64_t i = s; i < e; ++i) {
+          const int64_t r = row[i];
+          if (r < 0) continue;  // not in the table (eval lookups): no gradient
+          keys.push_back(r);
+          vals.push_back(i);
+          max_row = std::max(max_row, r);
+        }
+      }
+      if (table_sizes != nullptr) {
+        TORCH_CHECK(keys.empty() || max_row < (*table_sizes)[t], op, ": row ", max_row, " is not a row of table ",
+                    t, " (", (*table_sizes)[t], " rows)");
+      }
+      radix_sort_pairs(keys.data(), vals.data(), static_cast<int64_t>(keys.size()), static_cast<uint64_t>(max_row),
+                       tmp_k, tmp_v);
+      auto& seg = g.seg[t];
+      for (size_t j = 0; j < keys.size(); ++j) {
+        if (j == 0 || keys[j] != keys[j - 1]) seg.push_back(static_cast<int64_t>(j));
+      }
+      seg.push_back(static_cast<int64_t>(keys.size()));
+    }
+  });
+  g.unique_base.assign(static_cast<size_t>(num_tables) + 1, 0);
+  for (int64_t t = 0; t < num_tables; ++t) {
+    g.unique_base[t + 1] = g.unique_base[t] + static_cast<int64_t>(g.seg[t].size()) - 1;
+  }
+  return g;
+}
+
+// Calls fn(t, u, row, grad) for every unique row u of every table t, in
+// parallel, with grad (dim,) the row's summed gradient in scratch memory that
+// fn may overwrite.
+template <typename Fn>
+void reduce_rows(const BagLayout& l, const RowGroups& g, const std::vector<int64_t>& dims, const float* grad_out,
+                 int64_t out_dim, Fn&& fn) {
+  const int64_t B = l.batch;
+  const int64_t max_dim = dims.empty() ? 0 : *std::max_element(dims.begin(), dims.end());
+  at::parallel_for(0, g.total_unique(), 64, [&](int64_t ub, int64_t ue) {
+    std::vector<float> buf(static_cast<size_t>(max_dim));
+    float* __restrict acc = buf.data();
+    int64_t t = std::upper_bound(g.unique_base.begin(), g.unique_base.end(), ub) - g.unique_base.begin() - 1;
+    for (int64_t u_global = ub; u_global < ue; ++u_global) {
+      while (u_global >= g.unique_base[t + 1]) ++t;
+      const int64_t u = u_global - g.unique_base[t];
+      const int64_t D = dims[t];
+      const auto& seg = g.seg[t];
+      const auto& vals = g.vals[t];
+      std::fill(acc, acc + D, 0.0f);
+      for (int64_t j = seg[u]; j < seg[u + 1]; ++j) {
+        const int64_t i = vals[j];
+        const int64_t q = g.bag_of[i];
+        const int64_t f = q / B, b = q % B;
+        float scale = l.weights ? l.weights[i] : 1.0f;
+        if (l.mode[f] == 1) scale /= static_cast<float>(l.bag_end(q) - l.bag_begin(q));
+        const float* __restrict src = grad_out + b * out_dim + l.col[f];
+        for (int64_t d = 0; d < D; ++d) acc[d] += scale * src[d];
+      }
+      fn(t, u, g.rows[t][seg[u]], acc);
+    }
+  });
+}
+
+at::Tensor checked_grad(const char* op, const at::Tensor& grad_output, int64_t batch) {
+  TORCH_CHECK(grad_output.device().is_cpu() && grad_output.scalar_type() == at::kFloat && grad_output.dim() == 2,
+              op, ": grad_output must be a 2-D float32 CPU tensor, got ", grad_output.scalar_type(), " ",
+              grad_output.sizes(), " on ", grad_output.device());
+  TORCH_CHECK(grad_output.size(0) == batch, op, ": grad_output has ", grad_output.size(0),
+              " rows but the batch size is ", batch);
+  return grad_output.contiguous();
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_backward_cpu(
+    at::IntArrayRef table_dims, const at::Tensor& grad_output, const at::Tensor& rows, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights, at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
+    at::IntArrayRef feature_col) {
+  const char* op = "recis::pooled_backward";
+  std::vector<int64_t> dims(table_dims.begin(), table_dims.end());
+  for (size_t t = 0; t < dims.size(); ++t) {
+    TORCH_CHECK(dims[t] > 0, op, ": table_dims[", t, "] must be > 0, got ", dims[t]);
+  }
+  TORCH_CHECK(grad_output.dim() == 2, op, ": grad_output must be 2-D, got ", grad_output.sizes());
+  const int64_t out_dim = grad_output.size(1);
+  const BagLayout l =
+      make_layout(op, rows, offsets, per_sample_weights, feature_table, feature_mode, feature_col, dims, out_dim);
+  const at::Tensor go = checked_grad(op, grad_output, l.batch);
+  const int64_t T = static_cast<int64_t>(dims.size());
+  const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, nullptr);
+
+  std::vector<at::Tensor> unique_rows, grads;
+  std::vector<float*> grad_ptr;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t U = g.unique_base[t + 1] - g.unique_base[t];
+    auto ur = at::empty({U}, at::kLong);
+    int64_t* urp = ur.data_ptr<int64_t>();
+    for (int64_t u = 0; u < U; ++u) urp[u] = g.rows[t][g.seg[t][u]];
+    unique_rows.push_back(ur);
+    grads.push_back(at::empty({U, dims[t]}, at::kFloat));
+    grad_ptr.push_back(grads.back().data_ptr<float>());
+  }
+  reduce_rows(l, g, dims, go.data_ptr<float>(), out_dim, [&](int64_t t, int64_t u, int64_t, const float* acc) {
+    std::copy(acc, acc + dims[t], grad_ptr[t] + u * dims[t]);
+  });
+  return {unique_rows, grads};
+}
+
+OptimParams make_optim_params(const char* op, int64_t optimizer, double learning_rate, double eps, double beta1,
+                              double beta2, double weight_decay, int64_t weight_decay_mode, int64_t step) {
+  TORCH_CHECK(optimizer >= 0 && optimizer <= 3, op, ": unknown optimizer code ", optimizer,
+              " (0 = SGD, 1 = Adagrad, 2 = row-wise Adagrad, 3 = Adam)");
+  TORCH_CHECK(weight_decay_mode >= 0 && weight_decay_mode <= 2, op, ": unknown weight_decay_mode ",
+              weight_decay_mode, " (0 = none, 1 = L2, 2 = decoupled)");
+  OptimParams p;
+  p.type = static_cast<OptimType>(optimizer);
+  p.lr = static_cast<float>(learning_rate);
+  p.eps = static_cast<float>(eps);
+  p.beta1 = static_cast<float>(beta1);
+  p.beta2 = static_cast<float>(beta2);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.wd_mode = static_cast<WeightDecayMode>(weight_decay_mode);
+  p.step = step;
+  if (p.type == OptimType::kAdam) {
+    TORCH_CHECK(step >= 1, op, ": Adam needs step >= 1, got ", step);
+  }
+  return p;
+}
+
+void check_state_dim(const char* op, const hashtable::HashTable& table, const OptimParams& p, int64_t t) {
+  const int64_t need = hashtable::optimizer_state_dim(p.type, table.dim());
+  TORCH_CHECK(table.state_dim() == need, op, ": table ", t, " holds ", table.state_dim(),
+              " optimizer-state floats per row, but optimizer code ", static_cast<int>(p.type), " needs ", need,
+              " (create the table with the optimizer it is trained with)");
+}
+
+void sparse_update_cpu(int64_t handle, const at::Tensor& rows, const at::Tensor& grads, int64_t optimizer,
+                       double learning_rate, double eps, double beta1, double beta2, double weight_decay,
+                       int64_t weight_decay_mode, int64_t step) {
+  const char* op = "recis::sparse_update";
+  const auto entry = get_table(handle, op);
+  auto& table = entry->table;
+  const OptimParams p =
+      make_optim_params(op, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode, step);
+  check_state_dim(op, table, p, 0);
+  check_cpu_1d(rows, op, "rows", at::kLong);
+  const int64_t n = rows.numel(), D = table.dim();
+  TORCH_CHECK(grads.device().is_cpu() && grads.scalar_type() == at::kFloat && grads.dim() == 2 &&
+                  grads.size(0) == n && grads.size(1) == D,
+              op, ": grads must be a float32 CPU tensor of shape (", n, ", ", D, "), got ", grads.scalar_type(), " ",
+              grads.sizes());
+  if (n == 0) return;
+  const auto rows_c = rows.contiguous();
+  const auto grads_c = grads.contiguous();
+  const int64_t* r = rows_c.data_ptr<int64_t>();
+  const float* gp = grads_c.data_ptr<float>();
+  TableLocks lock({entry}, /*exclusive=*/true);
+  const int64_t num_rows = table.size();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < num_rows, op, ": rows[", i, "] = ", r[i], " is not a row of the table (",
+                num_rows, " rows)");
+    TORCH_CHECK(i == 0 || r[i] > r[i - 1], op,
+                ": rows must be unique and sorted ascending (as pooled_backward returns them); rows[", i, "] = ",
+                r[i], " follows ", r[i - 1]);
+  }
+  const float step_size = p.adam_step_size();
+  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> g(static_cast<size_t>(D));
+    for (int64_t i = b; i < e; ++i) {
+      std::copy(gp + i * D, gp + (i + 1) * D, g.begin());
+      hashtable::update_row(table.row(r[i]), g.data(), D, p, step_size);
+    }
+  });
+}
+
+void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_output, const at::Tensor& rows,
+                                const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights,
+                                at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
+                                at::IntArrayRef feature_col, int64_t optimizer, double learning_rate, double eps,
+                                double beta1, double beta2, double weight_decay, int64_t weight_decay_mode,
+                                int64_t step) {
+  const char* op = "recis::pooled_backward_update";
+  std::vector<int64_t> dims;
+  const auto tables = resolve_tables(handles, op, &dims);
+  const OptimParams p =
+      make_optim_params(op, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode, step);
+  TORCH_CHECK(grad_output.dim() == 2, op, ": grad_output must be 2-D, got ", grad_output.sizes());
+  const int64_t out_dim = grad_output.size(1);
+  const BagLayout l =
+      make_layout(op, rows, offsets, per_sample_weights, feature_table, feature_mode, feature_col, dims, out_dim);
+  const at::Tensor go = checked_grad(op, grad_output, l.batch);
+  const int64_t T = static_cast<int64_t>(tables.size());
+  for (int64_t t = 0; t < T; ++t) check_state_dim(op, tables[t]->table, p, t);
+
+  TableLocks locks(tables, /*exclusive=*/true);
+  std::vector<int64_t> sizes;
+  for (const auto& t : tables) sizes.push_back(t->table.size());
+  const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, &sizes);
+  // A table listed twice in `handles` would get two racing updates per row.
+  for (int64_t a = 0; a < T; ++a) {
+    for (int64_t b = a + 1; b < T; ++b) {
+      TORCH_CHECK(tables[a] != tables[b], op, ": tables ", a, " and ", b, " are the same table; list it once");
+    }
+  }
+  const float step_size = p.adam_step_size();
+  reduce_rows(l, g, dims, go.data_ptr<float>(), out_dim, [&](int64_t t, int64_t, int64_t r, float* acc) {
+    hashtable::update_row(tables[t]->table.row(r), acc, dims[t], p, step_size);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(recis, CPU, m) {
+  m.impl("pooled_forward", &pooled_forward_cpu);
+  m.impl("pooled_backward", &pooled_backward_cpu);
+  m.impl("sparse_update", &sparse_update_cpu);
+  m.impl("pooled_backward_update", &pooled_backward_update_cpu);
+}
+
+}  // namespace recis

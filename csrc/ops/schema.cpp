@@ -1,0 +1,50 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// The schema of every recis op, defined once. Implementations register per
+// dispatch key in *_cpu.cpp (and *_cuda.cu); fake kernels live next to the
+// Python wrappers in recis_torchrec/ops/.
+//
+// Tables are named by int64 handles from recis_torchrec's HashTable. Lists of
+// features follow TorchRec's KJT layout: feature k owns bags
+// offsets[k*B .. (k+1)*B], where B = (offsets.numel() - 1) / num_features.
+// feature_table[k] indexes `tables` (or table_dims), -1 to skip the feature;
+// feature_mode[k] is 0 (sum) or 1 (mean); feature_col[k] is the first output
+// column of the feature in the (B, out_dim) pooled output.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(recis, m) {
+  // rows[i] = row of ids[i] in tables[s], where segment s holds
+  // ids[segment_offsets[s] : segment_offsets[s+1]]; -1 if absent or skipped.
+  m.def("find(int[] tables, Tensor ids, Tensor segment_offsets) -> Tensor");
+  // As find, but absent ids get a new row with their deterministic initial
+  // value. Mutates the tables.
+  m.def("find_or_insert(int[] tables, Tensor ids, Tensor segment_offsets) -> Tensor");
+  // Pooled lookup: (B, out_dim). Bags with a row of -1 read that id's
+  // initial value (what find_or_insert would give it) without inserting it.
+  m.def(
+      "pooled_forward(int[] tables, Tensor ids, Tensor rows, Tensor offsets, Tensor? per_sample_weights, "
+      "int[] feature_table, int[] feature_mode, int[] feature_col, int out_dim) -> Tensor");
+  // Gradient of pooled_forward w.r.t. the rows: per table, the unique rows
+  // touched (sorted ascending) and their summed gradients (U, dim).
+  m.def(
+      "pooled_backward(int[] table_dims, Tensor grad_output, Tensor rows, Tensor offsets, "
+      "Tensor? per_sample_weights, int[] feature_table, int[] feature_mode, int[] feature_col) "
+      "-> (Tensor[], Tensor[])");
+  // Applies one optimizer step to the given unique rows (sorted ascending) of
+  // a table, in place. Optimizer state lives in the table rows.
+  m.def(
+      "sparse_update(int table, Tensor rows, Tensor grads, int optimizer, float learning_rate, float eps, "
+      "float beta1, float beta2, float weight_decay, int weight_decay_mode, int step) -> ()");
+  // pooled_backward followed by sparse_update on every table, fused: the
+  // per-row gradient never leaves the cache.
+  m.def(
+      "pooled_backward_update(int[] tables, Tensor grad_output, Tensor rows, Tensor offsets, "
+      "Tensor? per_sample_weights, int[] feature_table, int[] feature_mode, int[] feature_col, "
+      "int optimizer, float learning_rate, float eps, float beta1, float beta2, float weight_decay, "
+      "int weight_decay_mode, int step) -> ()");
+  // Every row of a table, in row order: (ids (n,), weights (n, dim), state (n, state_dim)).
+  m.def("table_export(int table) -> (Tensor, Tensor, Tensor)");
+  // Writes rows for distinct ids, inserting absent ones. A None weights or
+  // state keeps the current value (the initial one for new rows).
+  m.def("table_import(int table, Tensor ids, Tensor? weights, Tensor? state) -> ()");
+}

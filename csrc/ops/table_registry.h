@@ -1,0 +1,56 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// The binding layer's table registry. Ops name a table by an int64 handle;
+// the registry owns the tables and a reader/writer lock per table.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <vector>
+
+#include "../hashtable/hash_table.h"
+
+namespace recis {
+
+// at::parallel_for in the shape the torch-free core expects.
+struct AtParallelFor {
+  template <typename Fn>
+  void operator()(int64_t begin, int64_t end, int64_t grain, Fn&& fn) const {
+    at::parallel_for(begin, end, grain, fn);
+  }
+};
+
+struct TableEntry {
+  explicit TableEntry(const hashtable::HashTableConfig& cfg) : table(cfg) {}
+  hashtable::HashTable table;
+  mutable std::shared_mutex mutex;
+};
+
+using TablePtr = std::shared_ptr<TableEntry>;
+
+int64_t create_table(const hashtable::HashTableConfig& cfg);
+void release_table(int64_t handle);
+// Throws a c10::Error naming the handle if it is unknown or released.
+TablePtr get_table(int64_t handle, const char* op);
+int64_t live_tables();
+
+// Locks a set of tables (each once, in handle order, so no two ops can
+// deadlock) for reading or writing.
+class TableLocks {
+ public:
+  TableLocks(const std::vector<TablePtr>& tables, bool exclusive);
+  ~TableLocks();
+  TableLocks(const TableLocks&) = delete;
+  TableLocks& operator=(const TableLocks&) = delete;
+
+ private:
+  std::vector<TableEntry*> locked_;
+  bool exclusive_;
+};
+
+}  // namespace recis

@@ -1,0 +1,23 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""The one loader of the compiled extension.
+
+Importing it registers the ``torch.ops.recis`` ops and gives access to the
+table-lifetime functions. A missing build fails here, with the command that
+fixes it, instead of as an obscure ``AttributeError`` on ``torch.ops.recis``.
+"""
+
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+try:
+    from recis_torchrec import _C  # type: ignore[attr-defined]
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "recis_torchrec's C++ extension (recis_torchrec._C) is not built or does not "
+        "match this torch. Build it from the repository root with "
+        "`pip install --no-build-isolation --no-deps -e .` (or `make setup`). "
+        f"Original error: {e}"
+    ) from e
+
+C = _C
+
+__all__ = ["C"]

@@ -1,0 +1,28 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Typed wrappers around the ``torch.ops.recis`` ops, with their fake kernels.
+
+Users call these, never ``torch.ops.recis`` directly.
+"""
+
+from recis_torchrec.ops.embedding_bag import (
+    POOLING_MEAN,
+    POOLING_SUM,
+    pooled_backward,
+    pooled_backward_update,
+    pooled_forward,
+    sparse_update,
+)
+from recis_torchrec.ops.hashtable import find, find_or_insert, table_export, table_import
+
+__all__ = [
+    "POOLING_MEAN",
+    "POOLING_SUM",
+    "find",
+    "find_or_insert",
+    "pooled_backward",
+    "pooled_backward_update",
+    "pooled_forward",
+    "sparse_update",
+    "table_export",
+    "table_import",
+]

@@ -1,0 +1,92 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Wrappers and fake kernels of the table ops: find, find_or_insert, export, import."""
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from recis_torchrec import _ext  # noqa: F401  (registers torch.ops.recis)
+
+TableRef = Union[int, "HashTable"]  # noqa: F821  (recis_torchrec.modules.hash_table)
+
+
+def _handle(table) -> int:
+    return table if isinstance(table, int) else table.handle
+
+
+def _segments(tables, ids: torch.Tensor, segment_offsets: Optional[torch.Tensor]):
+    if isinstance(tables, (list, tuple)):
+        handles = [-1 if t is None else _handle(t) for t in tables]
+    else:
+        handles = [_handle(tables)]
+    if segment_offsets is None:
+        if len(handles) != 1:
+            raise ValueError("segment_offsets is required when more than one table is given")
+        segment_offsets = torch.tensor([0, ids.numel()], dtype=torch.int64)
+    return handles, segment_offsets
+
+
+def find(
+    tables: Union[TableRef, Sequence[Optional[TableRef]]],
+    ids: torch.Tensor,
+    segment_offsets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Rows of ``ids`` in ``tables``; -1 where an id has no row. Inserts nothing.
+
+    Args:
+        tables: one table, or one table (or None to skip) per segment.
+        ids: (N,) int64 ids.
+        segment_offsets: (len(tables) + 1,) int64; segment s is
+            ``ids[segment_offsets[s]:segment_offsets[s + 1]]``. Optional for one table.
+
+    Returns:
+        (N,) int64 rows.
+    """
+    handles, seg = _segments(tables, ids, segment_offsets)
+    return torch.ops.recis.find(handles, ids, seg)
+
+
+def find_or_insert(
+    tables: Union[TableRef, Sequence[Optional[TableRef]]],
+    ids: torch.Tensor,
+    segment_offsets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Rows of ``ids``, inserting absent ids with their deterministic initial row.
+
+    Same arguments as :func:`find`. Duplicate ids get the same row.
+    """
+    handles, seg = _segments(tables, ids, segment_offsets)
+    return torch.ops.recis.find_or_insert(handles, ids, seg)
+
+
+def table_export(table: TableRef) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every row of a table: ``(ids (n,), weights (n, dim), state (n, state_dim))``."""
+    return torch.ops.recis.table_export(_handle(table))
+
+
+def table_import(
+    table: TableRef,
+    ids: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    state: Optional[torch.Tensor] = None,
+) -> None:
+    """Writes rows for distinct ``ids``, inserting absent ones.
+
+    ``weights`` (n, dim) and ``state`` (n, state_dim) are optional; whatever is
+    None keeps its current value (the initial value for new rows).
+    """
+    torch.ops.recis.table_import(_handle(table), ids, weights, state)
+
+
+@torch.library.register_fake("recis::find")
+def _find_fake(tables, ids, segment_offsets):
+    return torch.empty_like(ids)
+
+
+@torch.library.register_fake("recis::find_or_insert")
+def _find_or_insert_fake(tables, ids, segment_offsets):
+    return torch.empty_like(ids)
+
+
+# table_export and table_import move whole tables between host memory and the
+# table; they are not traced, so they have no fake kernels.

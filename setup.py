@@ -1,0 +1,41 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Builds the recis_torchrec._C extension.
+
+Build without isolation, against the installed torch:
+    pip install --no-build-isolation --no-deps -e .
+Set RECIS_PORTABLE=1 to build without -march=native (for a binary that must
+run on another CPU model).
+"""
+
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cxx_flags():
+    flags = ["-O3", "-fopenmp", "-DNDEBUG", "-Wall", "-Wno-unused-function"]
+    if os.environ.get("RECIS_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=native")
+    return flags
+
+
+sources = sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
+
+setup(
+    packages=find_packages(include=["recis_torchrec", "recis_torchrec.*"]),
+    ext_modules=[
+        CppExtension(
+            name="recis_torchrec._C",
+            sources=sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": _cxx_flags()},
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
