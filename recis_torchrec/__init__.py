@@ -1,1 +1,14 @@
-__version__ = '0.1.0'
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""recis_torchrec: a TorchRec-compatible backend with dynamic hashtable embeddings.
+
+Unsharded use is one line::
+
+    import recis_torchrec as rt
+    model = rt.convert(model)  # every EmbeddingBagCollection becomes hash-backed
+"""
+
+from recis_torchrec.modules import HashEmbeddingBagCollection, HashTable, HashTableOptions, convert
+
+__version__ = "0.1.0"
+
+__all__ = ["HashEmbeddingBagCollection", "HashTable", "HashTableOptions", "convert", "__version__"]

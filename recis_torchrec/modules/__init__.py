@@ -1,0 +1,7 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+from recis_torchrec.modules.convert import convert
+from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
+from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.options import HashTableOptions
+
+__all__ = ["HashEmbeddingBagCollection", "HashTable", "HashTableOptions", "convert"]

@@ -1,0 +1,405 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""``HashEmbeddingBagCollection``: TorchRec's EBC interface on dynamic hashtables."""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recis_torchrec import ops
+from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.options import HashTableOptions
+from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
+
+OptionsArg = Union[None, HashTableOptions, Mapping[str, HashTableOptions]]
+
+_POOLING = {PoolingType.SUM: ops.POOLING_SUM, PoolingType.MEAN: ops.POOLING_MEAN}
+
+
+def resolve_options(tables: Sequence[EmbeddingBagConfig], options: OptionsArg) -> Dict[str, HashTableOptions]:
+    """Per-table options from None, one ``HashTableOptions`` for all, or a dict by table name."""
+    names = [t.name for t in tables]
+    if options is None:
+        return {n: HashTableOptions() for n in names}
+    if isinstance(options, HashTableOptions):
+        return {n: options for n in names}
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"options names tables {unknown} that are not in this collection (tables: {names})")
+    for name, o in options.items():
+        if not isinstance(o, HashTableOptions):
+            raise TypeError(f"options[{name!r}] must be a HashTableOptions, got {type(o).__name__}")
+    return {n: options.get(n, HashTableOptions()) for n in names}
+
+
+@dataclass(frozen=True)
+class _KeyPlan:
+    """How one KJT key layout maps onto the tables (cached per key tuple)."""
+
+    permute: Optional[List[int]]  # reorder/duplicate the KJT first (a feature shared by tables)
+    key_handles: List[int]  # per KJT key: the handle of its table, or -1 (ignored key)
+    feature_table: List[int]  # per KJT key: index into the module's table list, or -1
+    feature_mode: List[int]
+    feature_col: List[int]
+
+
+class _PooledLookup(torch.autograd.Function):
+    """Pooled lookup whose backward applies the fused optimizer to the rows."""
+
+    @staticmethod
+    def forward(ctx, anchor, module, ids, rows, offsets, weights, plan):  # type: ignore[override]
+        out = ops.pooled_forward(
+            module._table_list,
+            ids,
+            rows,
+            offsets,
+            weights,
+            plan.feature_table,
+            plan.feature_mode,
+            plan.feature_col,
+            module._out_dim,
+        )
+        ctx.module = module
+        ctx.plan = plan
+        ctx.save_for_backward(rows, offsets, weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        rows, offsets, weights = ctx.saved_tensors
+        module, plan = ctx.module, ctx.plan
+        ops.pooled_backward_update(
+            module._table_list,
+            grad_output.to(torch.float32).contiguous(),
+            rows,
+            offsets,
+            weights,
+            plan.feature_table,
+            plan.feature_mode,
+            plan.feature_col,
+            *module._optim.next_update_args(),
+        )
+        return (None,) * 7
+
+
+class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
+    """``torchrec.EmbeddingBagCollection`` backed by dynamic hashtables.
+
+    Ids are unbounded int64 values: each table grows as new ids arrive, and
+    ``num_embeddings`` is only a capacity hint. A new id's row starts at a
+    deterministic function of (table, id). The sparse optimizer chosen by
+    ``fused_params`` runs inside backward and keeps its state in the rows; its
+    hyper-parameters and state are exposed by :attr:`fused_optimizer`.
+
+    In training mode forward inserts unseen ids; in eval mode it inserts
+    nothing and an unseen id reads its initial value.
+
+    Args:
+        tables: the tables, as for TorchRec's EBC. Feature names shared by
+            several tables are output as ``"feature@table"``, as TorchRec does.
+        is_weighted: pool with the KJT's weights (per-sample weights).
+        device: ``"cpu"`` (or None).
+        fused_params: TorchRec-style ``{"optimizer": EmbOptimType..., "learning_rate": ...,
+            "eps", "beta1", "beta2", "weight_decay", "weight_decay_mode"}``.
+            Defaults to EXACT_SGD with learning rate 0.01.
+        options: one ``HashTableOptions`` for every table, or a dict by table name.
+
+    Example::
+
+        tables = [
+            EmbeddingBagConfig(name="t1", embedding_dim=3, num_embeddings=10, feature_names=["f1"]),
+            EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=10, feature_names=["f2"]),
+        ]
+        ebc = HashEmbeddingBagCollection(
+            tables, fused_params={"optimizer": EmbOptimType.ADAM, "learning_rate": 1e-3}
+        )
+
+        #        i = 0        i = 1    i = 2  <-- batch indices
+        # "f1"   [2**40, -7]  None     [2]
+        # "f2"   [3]          [4]      [5, 6, 7]
+        features = KeyedJaggedTensor(
+            keys=["f1", "f2"],
+            values=torch.tensor([2**40, -7, 2, 3, 4, 5, 6, 7]),
+            offsets=torch.tensor([0, 2, 2, 3, 4, 5, 8]),
+        )
+        pooled = ebc(features)
+        pooled.keys()            # ['f1', 'f2']
+        pooled.values().shape    # torch.Size([3, 7])
+        pooled.offset_per_key()  # [0, 3, 7]
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        fused_params: Optional[Dict[str, Any]] = None,
+        options: OptionsArg = None,
+    ) -> None:
+        super().__init__()
+        if device is not None and torch.device(device).type != "cpu":
+            raise NotImplementedError(
+                f"HashEmbeddingBagCollection: device {device!r} is not supported yet; use 'cpu'"
+            )
+        self._device = torch.device("cpu")
+        self._is_weighted = is_weighted
+        self._embedding_bag_configs = tables
+        self._optimizer_config = parse_fused_params(fused_params)
+        per_table_options = resolve_options(tables, options)
+
+        seen = set()
+        for config in tables:
+            if not isinstance(config, EmbeddingBagConfig):
+                raise TypeError(f"tables must be EmbeddingBagConfig, got {type(config).__name__}")
+            if config.name in seen:
+                raise ValueError(f"Duplicate table name {config.name}")
+            seen.add(config.name)
+            if config.embedding_dim <= 0:
+                raise ValueError(f"table {config.name!r}: embedding_dim must be > 0, got {config.embedding_dim}")
+            if config.data_type != DataType.FP32:
+                raise NotImplementedError(
+                    f"table {config.name!r}: data_type {config.data_type} is not supported; hash tables are FP32"
+                )
+            if config.pooling not in _POOLING:
+                raise NotImplementedError(f"table {config.name!r}: pooling {config.pooling} is not supported")
+            if not config.feature_names:
+                config.feature_names = [config.name]
+
+        self._tables: Dict[str, HashTable] = {
+            c.name: HashTable(
+                name=c.name,
+                dim=c.embedding_dim,
+                state_dim=self._optimizer_config.state_dim(c.embedding_dim),
+                options=per_table_options[c.name],
+                num_embeddings=c.num_embeddings,
+                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
+            )
+            for c in tables
+        }
+        self._table_list: List[HashTable] = [self._tables[c.name] for c in tables]
+        self._embedding_names: List[str] = [n for names in get_embedding_names_by_table(tables) for n in names]
+        self._lengths_per_embedding: List[int] = [c.embedding_dim for c in tables for _ in c.feature_names]
+        self._out_dim = sum(self._lengths_per_embedding)
+        self._feature_names: List[List[str]] = [c.feature_names for c in tables]
+        # (table index, feature name, output column) of every output, in output order.
+        self._outputs: List[Tuple[int, str, int]] = []
+        col = 0
+        for t, c in enumerate(tables):
+            for f in c.feature_names:
+                self._outputs.append((t, f, col))
+                col += c.embedding_dim
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
+        # Gives the pooled output a grad_fn even when nothing else requires
+        # grad, so that backward reaches the fused update. Not a parameter.
+        self._grad_anchor = torch.zeros(0, requires_grad=True)
+        self._plans: Dict[Tuple[str, ...], _KeyPlan] = {}
+
+    # -- TorchRec interface ----------------------------------------------------
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def fused_optimizer(self) -> HashFusedOptimizer:
+        return self._optim
+
+    def reset_parameters(self) -> None:
+        """Tables start empty and rows are initialised when ids arrive; nothing to reset."""
+
+    # -- hash-table access -----------------------------------------------------
+
+    def tables(self) -> Dict[str, HashTable]:
+        """The tables by name."""
+        return dict(self._tables)
+
+    def table_stats(self) -> Dict[str, Dict[str, int]]:
+        """Rows, capacity and memory of every table."""
+        return {name: t.info() for name, t in self._tables.items()}
+
+    # -- forward ---------------------------------------------------------------
+
+    def _plan(self, keys: List[str]) -> _KeyPlan:
+        cache_key = tuple(keys)
+        plan = self._plans.get(cache_key)
+        if plan is not None:
+            return plan
+        index = {k: i for i, k in enumerate(keys)}
+        for t, f, _ in self._outputs:
+            if f not in index:
+                raise KeyError(
+                    f"HashEmbeddingBagCollection: feature {f!r} (table {self._table_list[t].name!r}) is missing "
+                    f"from the KeyedJaggedTensor, whose keys are {list(keys)}"
+                )
+        used_by = {}
+        for t, f, col in self._outputs:
+            used_by.setdefault(f, []).append((t, col))
+        handles = [t.handle for t in self._table_list]
+        if any(len(v) > 1 for v in used_by.values()):
+            # A feature read by several tables: give each output its own copy
+            # of the key, so every key maps to exactly one table.
+            permute = [index[f] for _, f, _ in self._outputs]
+            feature_table = [t for t, _, _ in self._outputs]
+            feature_col = [col for _, _, col in self._outputs]
+        else:
+            permute = None
+            feature_table = [used_by[k][0][0] if k in used_by else -1 for k in keys]
+            feature_col = [used_by[k][0][1] if k in used_by else 0 for k in keys]
+        feature_mode = [
+            _POOLING[self._embedding_bag_configs[t].pooling] if t >= 0 else ops.POOLING_SUM for t in feature_table
+        ]
+        plan = _KeyPlan(
+            permute=permute,
+            key_handles=[handles[t] if t >= 0 else -1 for t in feature_table],
+            feature_table=feature_table,
+            feature_mode=feature_mode,
+            feature_col=feature_col,
+        )
+        self._plans[cache_key] = plan
+        return plan
+
+    def _checked_inputs(
+        self, features: KeyedJaggedTensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+        keys = features.keys()
+        if features.variable_stride_per_key():
+            raise NotImplementedError(
+                "HashEmbeddingBagCollection: KeyedJaggedTensors with a variable batch size per feature "
+                f"(features {keys}) are not supported yet"
+            )
+        values = features.values()
+        if values.dtype == torch.int32:
+            values = values.to(torch.int64)
+        elif values.dtype != torch.int64:
+            raise TypeError(
+                f"HashEmbeddingBagCollection: ids of features {keys} must be int64 or int32, got {values.dtype}"
+            )
+        batch = features.stride()
+        lengths = features.lengths()
+        if lengths.numel() != len(keys) * batch:
+            raise ValueError(
+                f"HashEmbeddingBagCollection: the KeyedJaggedTensor has {lengths.numel()} lengths for "
+                f"{len(keys)} features {keys} and batch size {batch}"
+            )
+        if lengths.numel() and bool((lengths < 0).any()):
+            first = int(torch.nonzero(lengths < 0)[0, 0])
+            raise ValueError(
+                f"HashEmbeddingBagCollection: feature {keys[first // batch]!r} has a negative length "
+                f"({int(lengths[first])}) at batch index {first % batch}"
+            )
+        total = int(lengths.sum()) if lengths.numel() else 0
+        if total != values.numel():
+            per_key = dict(zip(keys, lengths.view(len(keys), batch).sum(1).tolist())) if batch else {}
+            raise ValueError(
+                f"HashEmbeddingBagCollection: the KeyedJaggedTensor's lengths sum to {total} but it holds "
+                f"{values.numel()} ids; lengths per feature: {per_key}"
+            )
+        offsets = features.offsets().to(torch.int64)
+        weights = None
+        if self._is_weighted:
+            weights = features.weights_or_none()
+            if weights is None:
+                raise ValueError(
+                    f"HashEmbeddingBagCollection is weighted (is_weighted=True) but the KeyedJaggedTensor of "
+                    f"features {keys} has no weights"
+                )
+            if weights.dtype != torch.float32:
+                raise TypeError(
+                    f"HashEmbeddingBagCollection: weights of features {keys} must be float32, got {weights.dtype}"
+                )
+            if weights.numel() != values.numel():
+                raise ValueError(
+                    f"HashEmbeddingBagCollection: features {keys} have {weights.numel()} weights for "
+                    f"{values.numel()} ids"
+                )
+            weights = weights.contiguous()
+        return values.contiguous(), offsets.contiguous(), weights, batch
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pools each feature's bags into a ``KeyedTensor`` ordered as TorchRec's EBC orders it.
+
+        Args:
+            features: a KJT holding at least every feature of every table
+                (extra keys are ignored, as TorchRec ignores them).
+
+        Returns:
+            KeyedTensor: keys = the embedding names, values ``(B, sum(dims))``.
+        """
+        if not isinstance(features, KeyedJaggedTensor):
+            raise TypeError(f"HashEmbeddingBagCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
+        plan = self._plan(features.keys())
+        if plan.permute is not None:
+            features = features.permute(plan.permute)
+        values, offsets, weights, batch = self._checked_inputs(features)
+        num_keys = len(plan.key_handles)
+        if batch > 0:
+            segments = offsets[::batch].contiguous()
+        else:
+            segments = torch.zeros(num_keys + 1, dtype=torch.int64)
+        lookup = ops.find_or_insert if self.training else ops.find
+        rows = lookup(plan.key_handles, values, segments)
+        pooled = _PooledLookup.apply(self._grad_anchor, self, values, rows, offsets, weights, plan)
+        return KeyedTensor(
+            keys=self._embedding_names,
+            length_per_key=self._lengths_per_embedding,
+            values=pooled,
+        )
+
+    # -- state dict ------------------------------------------------------------
+    # Each table appears as "embedding_bags.{table}.weight" (rows, ordered by
+    # id) plus "embedding_bags.{table}.ids". A TorchRec EBC state dict (weight
+    # only) loads too: its row i becomes id i.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, table in self._tables.items():
+            ids, weights, _ = table.export()
+            order = torch.argsort(ids)
+            destination[f"{prefix}embedding_bags.{name}.weight"] = weights[order]
+            destination[f"{prefix}embedding_bags.{name}.ids"] = ids[order]
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        ours = set()
+        for name, table in self._tables.items():
+            wkey, ikey = f"{prefix}embedding_bags.{name}.weight", f"{prefix}embedding_bags.{name}.ids"
+            ours.update((wkey, ikey))
+            if wkey not in state_dict:
+                missing_keys.append(wkey)
+                continue
+            weight = state_dict[wkey]
+            ids = state_dict.get(ikey)
+            if ids is None:
+                ids = torch.arange(weight.shape[0], dtype=torch.int64)
+            if weight.dim() != 2 or weight.shape[1] != table.dim or ids.shape != (weight.shape[0],):
+                error_msgs.append(
+                    f"table {name!r}: expected weight (n, {table.dim}) and ids (n,), got weight "
+                    f"{tuple(weight.shape)} and ids {tuple(ids.shape)}"
+                )
+                continue
+            if weight.is_meta:
+                continue
+            table.import_(ids.to(torch.int64).cpu(), weight.detach().to(torch.float32).cpu().contiguous(), None)
+        # The base class loads nothing here (the module has no parameters) but
+        # reports, when strict, keys under this prefix that are not ours.
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k not in ours},
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )

@@ -1,0 +1,148 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""``HashTable``: the Python owner of one C++ dynamic table."""
+
+import hashlib
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from recis_torchrec import ops
+from recis_torchrec._ext import C
+from recis_torchrec.modules.options import HashTableOptions
+
+
+def stable_name_hash(name: str) -> int:
+    """A 64-bit hash of a table name that is the same in every process."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class HashTable:
+    """One dynamic table: an IdMap from int64 ids to rows, plus row blocks.
+
+    Each row holds ``dim`` embedding floats and ``state_dim`` optimizer-state
+    floats. The table is released when this object is garbage collected.
+    Copying (``copy.deepcopy``) and pickling copy the rows.
+
+    Args:
+        name: the table's name; it seeds the per-id initialiser.
+        dim: embedding dimension.
+        state_dim: optimizer-state floats per row.
+        options: sizing and initialisation.
+        num_embeddings: the config's capacity hint, used when
+            ``options.initial_capacity`` is None.
+        init_range: default uniform bounds when the options leave them None.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        state_dim: int = 0,
+        options: Optional[HashTableOptions] = None,
+        num_embeddings: int = 0,
+        init_range: Tuple[float, float] = (-0.01, 0.01),
+    ) -> None:
+        if dim <= 0:
+            raise ValueError(f"HashTable {name!r}: dim must be > 0, got {dim}")
+        options = options or HashTableOptions()
+        self.name = name
+        self.dim = dim
+        self.state_dim = state_dim
+        self.options = options
+        self.num_embeddings = num_embeddings
+        self.init_range = init_range
+        if options.initializer == "uniform":
+            a = init_range[0] if options.init_min is None else options.init_min
+            b = init_range[1] if options.init_max is None else options.init_max
+            if a > b:
+                raise ValueError(f"HashTable {name!r}: uniform initializer bounds [{a}, {b}] are reversed")
+        elif options.initializer in ("normal", "truncated_normal"):
+            a, b = options.init_mean, options.init_std
+        else:
+            a, b = options.init_value, 0.0
+        capacity = options.initial_capacity if options.initial_capacity is not None else num_embeddings
+        seed = (stable_name_hash(name) ^ (options.seed * 0x9E3779B97F4A7C15)) % 2**64
+        self.handle: int = C.create_table(
+            dim, state_dim, int(capacity), options.block_rows, options.init_kind(), float(a), float(b), seed
+        )
+
+    def __del__(self) -> None:
+        handle = getattr(self, "handle", None)
+        if handle is not None and C is not None:
+            C.release_table(handle)
+            self.handle = None
+
+    # -- introspection -------------------------------------------------------
+
+    def __len__(self) -> int:
+        return C.table_info(self.handle)["rows"]
+
+    def info(self) -> Dict[str, int]:
+        """rows, capacity, memory_bytes, dim, state_dim, row_stride, num_blocks, block_rows."""
+        return C.table_info(self.handle)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the IdMap and the row blocks."""
+        return C.table_info(self.handle)["memory_bytes"]
+
+    def __repr__(self) -> str:
+        info = self.info()
+        return (
+            f"HashTable(name={self.name!r}, dim={self.dim}, state_dim={self.state_dim}, rows={info['rows']}, "
+            f"memory={info['memory_bytes'] / 2**20:.1f} MiB)"
+        )
+
+    # -- data ------------------------------------------------------------------
+
+    def find(self, ids: torch.Tensor) -> torch.Tensor:
+        return ops.find(self, ids)
+
+    def find_or_insert(self, ids: torch.Tensor) -> torch.Tensor:
+        return ops.find_or_insert(self, ids)
+
+    def export(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids (n,), weights (n, dim), state (n, state_dim))`` in row order."""
+        return ops.table_export(self)
+
+    def import_(
+        self, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, state: Optional[torch.Tensor] = None
+    ) -> None:
+        """Writes rows for distinct ids; a None part keeps its current value."""
+        ops.table_import(self, ids, weights, state)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings ``(n, dim)`` of ids, as the model sees them, inserting nothing.
+
+        Ids without a row read their initial value.
+        """
+        ids = ids.reshape(-1).to(torch.int64)
+        rows = self.find(ids)
+        offsets = torch.arange(ids.numel() + 1, dtype=torch.int64)
+        return ops.pooled_forward([self], ids, rows, offsets, None, [0], [ops.POOLING_SUM], [0], self.dim)
+
+    # -- copying -------------------------------------------------------------
+
+    def _spec(self):
+        return (self.name, self.dim, self.state_dim, self.options, self.num_embeddings, self.init_range)
+
+    def __getstate__(self):
+        ids, weights, state = self.export()
+        return {"spec": self._spec(), "ids": ids, "weights": weights, "state": state}
+
+    def __setstate__(self, d) -> None:
+        self.__init__(*d["spec"])
+        if d["ids"].numel():
+            self.import_(d["ids"], d["weights"], d["state"] if self.state_dim else None)
+
+    def __deepcopy__(self, memo) -> "HashTable":
+        new = HashTable.__new__(HashTable)
+        new.__setstate__(self.__getstate__())
+        memo[id(self)] = new
+        return new
+
+
+def default_init_range(num_embeddings: int) -> Tuple[float, float]:
+    """TorchRec's default uniform bounds, -/+ sqrt(1 / num_embeddings)."""
+    bound = math.sqrt(1.0 / max(num_embeddings, 1))
+    return (-bound, bound)

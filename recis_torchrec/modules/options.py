@@ -1,0 +1,109 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""``HashTableOptions``: how one dynamic table is sized and initialised."""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+INITIALIZERS = ("uniform", "normal", "truncated_normal", "constant")
+EVICTION_POLICIES = ("none", "lru", "lfu")
+
+# The C++ InitKind codes (csrc/hashtable/initializer.h).
+_INIT_KIND = {"uniform": 0, "normal": 1, "truncated_normal": 2, "constant": 3}
+
+
+@dataclass(frozen=True)
+class HashTableOptions:
+    """Options of one hash-backed embedding table.
+
+    ``EmbeddingBagConfig.num_embeddings`` stays a capacity hint: ids are
+    unbounded 64-bit integers and the table grows by blocks as ids arrive.
+
+    Attributes:
+        initial_capacity: rows to reserve up front. ``None`` uses the table's
+            ``num_embeddings``. Growth past it never copies rows.
+        block_rows: rows per storage block, a power of two. Growth appends
+            one block at a time.
+        initializer: how a new id's row is filled: ``"uniform"`` (in
+            ``[init_min, init_max]``), ``"normal"`` / ``"truncated_normal"``
+            (``init_mean``, ``init_std``; truncated at 2 std), or
+            ``"constant"`` (``init_value``). The value is a pure function of
+            (seed, table name, id), so it does not depend on arrival order,
+            batch or world size.
+        init_min, init_max: uniform bounds. ``None`` takes TorchRec's
+            defaults from the config (``weight_init_min``/``weight_init_max``,
+            which default to -/+ sqrt(1 / num_embeddings)).
+        init_mean, init_std: normal parameters.
+        init_value: constant value.
+        seed: mixed with the table name to seed the per-id initialiser.
+        admit_threshold: reserved for admission (an id gets a row after this
+            many sightings). Only 0 (admit at once) is supported yet.
+        ttl_steps: reserved for TTL eviction. Only ``None`` is supported yet.
+        max_capacity: reserved for a capacity cap. Only ``None`` is supported yet.
+        eviction_policy: reserved (``"lru"``/``"lfu"`` under a cap). Only
+            ``"none"`` is supported yet.
+        version: schema version of this record, for ``to_dict``/``from_dict``.
+    """
+
+    initial_capacity: Optional[int] = None
+    block_rows: int = 8192
+    initializer: str = "uniform"
+    init_min: Optional[float] = None
+    init_max: Optional[float] = None
+    init_mean: float = 0.0
+    init_std: float = 0.01
+    init_value: float = 0.0
+    seed: int = 0
+    admit_threshold: int = 0
+    ttl_steps: Optional[int] = None
+    max_capacity: Optional[int] = None
+    eviction_policy: str = "none"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.initial_capacity is not None and self.initial_capacity < 0:
+            raise ValueError(f"HashTableOptions.initial_capacity must be >= 0 or None, got {self.initial_capacity}")
+        if self.block_rows <= 0 or self.block_rows & (self.block_rows - 1):
+            raise ValueError(f"HashTableOptions.block_rows must be a power of two, got {self.block_rows}")
+        if self.initializer not in INITIALIZERS:
+            raise ValueError(f"HashTableOptions.initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
+        if (self.init_min is not None and self.init_max is not None) and self.init_min > self.init_max:
+            raise ValueError(
+                f"HashTableOptions.init_min ({self.init_min}) must not exceed init_max ({self.init_max})"
+            )
+        if self.init_std < 0:
+            raise ValueError(f"HashTableOptions.init_std must be >= 0, got {self.init_std}")
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"HashTableOptions.seed must be in [0, 2**64), got {self.seed}")
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(
+                f"HashTableOptions.eviction_policy must be one of {EVICTION_POLICIES}, got {self.eviction_policy!r}"
+            )
+        if self.version != 1:
+            raise ValueError(f"HashTableOptions.version {self.version} is not supported (this release writes 1)")
+        reserved = {
+            "admit_threshold": (self.admit_threshold, 0),
+            "ttl_steps": (self.ttl_steps, None),
+            "max_capacity": (self.max_capacity, None),
+            "eviction_policy": (self.eviction_policy, "none"),
+        }
+        for name, (value, default) in reserved.items():
+            if value != default:
+                raise NotImplementedError(
+                    f"HashTableOptions.{name}={value!r}: admission and eviction are not implemented yet; "
+                    f"leave {name} at {default!r}"
+                )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "HashTableOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"HashTableOptions.from_dict: unknown fields {unknown}")
+        return cls(**d)
+
+    def init_kind(self) -> int:
+        return _INIT_KIND[self.initializer]

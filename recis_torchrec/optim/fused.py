@@ -1,0 +1,239 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Fused sparse optimizers: TorchRec ``fused_params`` in, a ``FusedOptimizer`` out.
+
+The update runs inside backward (``recis::pooled_backward_update``); the
+optimizer object only carries the hyper-parameters, read at every backward so
+that changes made through ``param_groups`` (by hand or by an LR scheduler)
+take effect on the next update, and exposes the state stored in the table rows
+through ``state_dict()``.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.optim.fused import FusedOptimizer
+
+try:
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+except ImportError:  # older fbgemm_gpu
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode  # type: ignore
+
+from recis_torchrec.modules.hash_table import HashTable
+
+# C++ OptimType codes (csrc/hashtable/optimizers.h).
+OPTIM_SGD, OPTIM_ADAGRAD, OPTIM_ROWWISE_ADAGRAD, OPTIM_ADAM = 0, 1, 2, 3
+
+_OPTIM_CODES = {
+    EmbOptimType.SGD: OPTIM_SGD,
+    EmbOptimType.EXACT_SGD: OPTIM_SGD,
+    EmbOptimType.EXACT_ADAGRAD: OPTIM_ADAGRAD,
+    EmbOptimType.EXACT_ROWWISE_ADAGRAD: OPTIM_ROWWISE_ADAGRAD,
+    EmbOptimType.ROWWISE_ADAGRAD: OPTIM_ROWWISE_ADAGRAD,
+    EmbOptimType.ADAM: OPTIM_ADAM,
+}
+_WD_MODES = {WeightDecayMode.NONE: 0, WeightDecayMode.L2: 1, WeightDecayMode.DECOUPLE: 2}
+
+# State slots per optimizer, named as TorchRec names FBGEMM's (the first is
+# always "momentum1"), with (offset, width) in the row's state in units of dim
+# (None = one float per row).
+_STATE_SLOTS = {
+    OPTIM_SGD: [],
+    OPTIM_ADAGRAD: [("momentum1", 0, 1)],
+    OPTIM_ROWWISE_ADAGRAD: [("momentum1", 0, None)],
+    OPTIM_ADAM: [("momentum1", 0, 1), ("exp_avg_sq", 1, 1)],
+}
+
+
+@dataclass(frozen=True)
+class SparseOptimizerConfig:
+    """The optimizer a ``fused_params`` dict asks for (FBGEMM TBE defaults).
+
+    Attributes:
+        optimizer: an ``EmbOptimType``: SGD/EXACT_SGD, EXACT_ADAGRAD,
+            (EXACT_)ROWWISE_ADAGRAD or ADAM.
+        learning_rate, eps, beta1, beta2, weight_decay: as FBGEMM names them.
+        weight_decay_mode: ``WeightDecayMode`` NONE, L2 or DECOUPLE. ADAM with
+            DECOUPLE is AdamW.
+    """
+
+    optimizer: EmbOptimType = EmbOptimType.EXACT_SGD
+    learning_rate: float = 0.01
+    eps: float = 1.0e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    weight_decay_mode: WeightDecayMode = WeightDecayMode.NONE
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in _OPTIM_CODES:
+            supported = ", ".join(sorted(o.name for o in _OPTIM_CODES))
+            raise ValueError(f"fused_params['optimizer']={self.optimizer}: unsupported; supported: {supported}")
+        if self.weight_decay_mode not in _WD_MODES:
+            supported = ", ".join(m.name for m in _WD_MODES)
+            raise ValueError(
+                f"fused_params['weight_decay_mode']={self.weight_decay_mode!r}: unsupported; supported: {supported}"
+            )
+        if not self.learning_rate >= 0:
+            raise ValueError(f"fused_params['learning_rate'] must be >= 0, got {self.learning_rate}")
+        if not self.eps > 0:
+            raise ValueError(f"fused_params['eps'] must be > 0, got {self.eps}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"fused_params['{name}'] must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"fused_params['weight_decay'] must be >= 0, got {self.weight_decay}")
+
+    @property
+    def code(self) -> int:
+        return _OPTIM_CODES[self.optimizer]
+
+    @property
+    def weight_decay_code(self) -> int:
+        return _WD_MODES[self.weight_decay_mode]
+
+    def state_dim(self, dim: int) -> int:
+        """Optimizer-state floats per row of a table of this dim."""
+        return {OPTIM_SGD: 0, OPTIM_ADAGRAD: dim, OPTIM_ROWWISE_ADAGRAD: 1, OPTIM_ADAM: 2 * dim}[self.code]
+
+
+def parse_fused_params(fused_params: Optional[Mapping[str, Any]]) -> SparseOptimizerConfig:
+    """Reads TorchRec-style ``fused_params``; unknown keys are an error."""
+    if fused_params is None:
+        return SparseOptimizerConfig()
+    if isinstance(fused_params, SparseOptimizerConfig):
+        return fused_params
+    known = {f.name for f in dataclasses.fields(SparseOptimizerConfig)}
+    unknown = sorted(set(fused_params) - known)
+    if unknown:
+        raise ValueError(f"fused_params: unsupported keys {unknown}; supported keys: {sorted(known)}")
+    kwargs = dict(fused_params)
+    if "optimizer" in kwargs and not isinstance(kwargs["optimizer"], EmbOptimType):
+        try:
+            kwargs["optimizer"] = EmbOptimType(str(kwargs["optimizer"]).lower())
+        except ValueError:
+            raise ValueError(
+                f"fused_params['optimizer']={kwargs['optimizer']!r} is not an EmbOptimType; "
+                f"supported: {', '.join(sorted(o.name for o in _OPTIM_CODES))}"
+            ) from None
+    if "weight_decay_mode" in kwargs and not isinstance(kwargs["weight_decay_mode"], WeightDecayMode):
+        try:
+            kwargs["weight_decay_mode"] = WeightDecayMode(kwargs["weight_decay_mode"])
+        except ValueError:
+            raise ValueError(
+                f"fused_params['weight_decay_mode']={kwargs['weight_decay_mode']!r} is not a WeightDecayMode"
+            ) from None
+    for name in ("learning_rate", "eps", "beta1", "beta2", "weight_decay"):
+        if name in kwargs:
+            kwargs[name] = float(kwargs[name])
+    return SparseOptimizerConfig(**kwargs)
+
+
+class _TableStateSlot:
+    """One optimizer-state slot of a table, seen as ``{"ids", "values"}``.
+
+    KeyedOptimizer calls ``state_dict()``/``load_state_dict()`` on state
+    entries that have them, so the slot exports from, and imports into, the
+    table rows on demand instead of holding a copy.
+    """
+
+    def __init__(self, table: HashTable, offset: int, width: Optional[int]) -> None:
+        self.table = table
+        self.offset = offset
+        self.width = width  # None: one float per row
+
+    def _cols(self) -> slice:
+        dim = self.table.dim
+        if self.width is None:
+            return slice(self.offset * dim, self.offset * dim + 1)
+        return slice(self.offset * dim, (self.offset + self.width) * dim)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        ids, _, state = self.table.export()
+        values = state[:, self._cols()]
+        return {"ids": ids, "values": values.squeeze(1) if self.width is None else values}
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        ids = sd["ids"].to(torch.int64)
+        values = sd["values"].to(torch.float32)
+        if self.width is None:
+            values = values.reshape(-1, 1)
+        # Rows already in the table keep their other slots.
+        state = torch.zeros(ids.numel(), self.table.state_dim)
+        cur_ids, _, cur_state = self.table.export()
+        if cur_ids.numel() and ids.numel():
+            order = torch.argsort(cur_ids)
+            sorted_ids = cur_ids[order]
+            pos = torch.searchsorted(sorted_ids, ids).clamp(max=sorted_ids.numel() - 1)
+            hit = sorted_ids[pos] == ids
+            state[hit] = cur_state[order[pos[hit]]]
+        state[:, self._cols()] = values
+        self.table.import_(ids, None, state)
+
+
+class HashFusedOptimizer(FusedOptimizer):
+    """The fused optimizer of a hash-backed embedding module, as TorchRec shapes it.
+
+    ``params`` are keyed ``"{table}.weight"``; each table's state holds its
+    slots (``"{table}.momentum1"``, ...) and ``"{table}.step"``. One param
+    group holds every table, with ``lr``, ``eps``, ``beta1``, ``beta2`` and
+    ``weight_decay``; the next backward reads them.
+    """
+
+    def __init__(self, tables: Mapping[str, HashTable], config: SparseOptimizerConfig) -> None:
+        self.config = config
+        self._tables = dict(tables)
+        # Table rows are not tensors; each table is keyed by a 0-element
+        # placeholder, as KeyedOptimizer needs a tensor per parameter key.
+        self._step = torch.zeros((), dtype=torch.int64)
+        params: Dict[str, torch.Tensor] = {}
+        state: Dict[Any, Any] = {}
+        for name, table in self._tables.items():
+            placeholder = torch.empty(0)
+            params[f"{name}.weight"] = placeholder
+            slots: Dict[str, Any] = {
+                f"{name}.{slot}": _TableStateSlot(table, offset, width)
+                for slot, offset, width in _STATE_SLOTS[config.code]
+            }
+            slots[f"{name}.step"] = self._step
+            state[placeholder] = slots
+        param_group = {
+            "params": list(params.values()),
+            "lr": config.learning_rate,
+            "eps": config.eps,
+            "beta1": config.beta1,
+            "beta2": config.beta2,
+            "weight_decay": config.weight_decay,
+        }
+        super().__init__(params, state, [param_group])
+
+    @property
+    def step_count(self) -> int:
+        """Updates applied so far (Adam's bias-correction step)."""
+        return int(self._step.item())
+
+    def next_update_args(self) -> List[Any]:
+        """Counts one more update and returns the op's optimizer arguments:
+        ``[optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode, step]``."""
+        self._step += 1
+        g = self.param_groups[0]  # type: ignore[index]
+        return [
+            self.config.code,
+            float(g["lr"]),
+            float(g["eps"]),
+            float(g["beta1"]),
+            float(g["beta2"]),
+            float(g["weight_decay"]),
+            self.config.weight_decay_code,
+            int(self._step.item()),
+        ]
+
+    def step(self, closure: Any = None) -> None:
+        """A no-op: the update already ran in backward."""
+        if closure is not None:
+            closure()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """A no-op: fused tables keep no gradients."""
