@@ -38,6 +38,9 @@ class HashTable {
  public:
   static constexpr int64_t kGrain = 2048;
   static constexpr int64_t kPrefetchDistance = 8;
+  // Marks a row as not yet numbered inside find_or_insert; real rows stay
+  // far below it.
+  static constexpr int64_t kPending = int64_t{1} << 62;
 
   explicit HashTable(const HashTableConfig& cfg)
       : cfg_(cfg),
@@ -82,56 +85,83 @@ class HashTable {
   }
 
   // rows[i] = row of keys[i]; absent keys get a new, initialised row.
-  // Duplicates in `keys` map to one row. Returns the number of rows created.
+  // Duplicates in `keys` map to one row. New rows are numbered in the order
+  // of the keys' first occurrence, so the row layout is deterministic (the
+  // same keys in the same order give the same rows, whatever the threads).
+  // Returns the number of rows created.
   template <typename ParFor>
   int64_t find_or_insert(const int64_t* keys, int64_t n, int64_t* rows, ParFor&& par) {
     if (find(keys, n, rows, par) == 0) return 0;
 
-    // Group the misses by IdMap shard (counting sort) so that each shard is
-    // filled by exactly one thread, without locks.
+    // Group the misses by IdMap shard (a stable counting sort) so that each
+    // shard is filled by exactly one thread, without locks.
     const int num_shards = map_.num_shards();
-    std::vector<int64_t> shard_begin(static_cast<size_t>(num_shards) + 1, 0);
     std::vector<int64_t> miss_pos;
+    std::vector<int64_t> shard_begin(static_cast<size_t>(num_shards) + 1, 0);
     for (int64_t i = 0; i < n; ++i) {
       if (rows[i] < 0) {
         miss_pos.push_back(i);
         ++shard_begin[map_.shard_of(mix64(static_cast<uint64_t>(keys[i]))) + 1];
       }
     }
+    const int64_t m = static_cast<int64_t>(miss_pos.size());
     for (int s = 0; s < num_shards; ++s) shard_begin[s + 1] += shard_begin[s];
-    std::vector<int64_t> by_shard(miss_pos.size());
+    std::vector<int64_t> by_shard(static_cast<size_t>(m));  // miss indices
     {
       std::vector<int64_t> cursor(shard_begin.begin(), shard_begin.end() - 1);
-      for (int64_t pos : miss_pos) {
-        by_shard[cursor[map_.shard_of(mix64(static_cast<uint64_t>(keys[pos])))]++] = pos;
+      for (int64_t j = 0; j < m; ++j) {
+        by_shard[cursor[map_.shard_of(mix64(static_cast<uint64_t>(keys[miss_pos[j]])))]++] = j;
       }
     }
 
-    // Upper bound: duplicates among the misses get one row, not several.
-    blocks_.reserve(static_cast<int64_t>(miss_pos.size()));
-    std::atomic<int64_t> created{0};
+    // 1. Parallel over shards: insert each new key with a pending row
+    //    kPending + (position of its first occurrence); later duplicates
+    //    find it and copy that pending value.
+    std::vector<Slot*> slot_of(static_cast<size_t>(m), nullptr);
     par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
-      int64_t local = 0;
       for (int64_t s = sb; s < se; ++s) {
         const int64_t begin = shard_begin[s], end = shard_begin[s + 1];
         if (begin == end) continue;
         map_.reserve_in_shard(static_cast<int>(s), end - begin);
-        for (int64_t j = begin; j < end; ++j) {
-          const int64_t pos = by_shard[j];
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t j = by_shard[k];
+          const int64_t pos = miss_pos[j];
           const int64_t key = keys[pos];
           bool inserted = false;
-          const int64_t r = map_.find_or_insert_reserved(
-              key, mix64(static_cast<uint64_t>(key)), &inserted, [&] { return blocks_.allocate(); });
-          if (inserted) {
-            init_new_row(r, key);
-            ++local;
-          }
-          rows[pos] = r;
+          Slot* slot = map_.find_or_insert_reserved(key, mix64(static_cast<uint64_t>(key)), kPending + pos, &inserted);
+          if (inserted) slot_of[j] = slot;
+          rows[pos] = slot->row;
         }
       }
-      created.fetch_add(local, std::memory_order_relaxed);
     });
-    return created.load();
+
+    // 2. Serial, in key order: number the new rows.
+    blocks_.reserve(m);  // upper bound: duplicates share a row
+    std::vector<int64_t> created;
+    for (int64_t j = 0; j < m; ++j) {
+      if (slot_of[j] != nullptr) {
+        const int64_t r = blocks_.allocate();
+        slot_of[j]->row = r;
+        rows[miss_pos[j]] = r;
+        created.push_back(j);
+      }
+    }
+
+    // 3. Parallel: resolve duplicates' pending rows, initialise new rows.
+    par(int64_t{0}, m, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        const int64_t pos = miss_pos[j];
+        if (rows[pos] >= kPending) rows[pos] = rows[rows[pos] - kPending];
+      }
+    });
+    const int64_t num_created = static_cast<int64_t>(created.size());
+    par(int64_t{0}, num_created, int64_t{256}, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t pos = miss_pos[created[c]];
+        init_new_row(rows[pos], keys[pos]);
+      }
+    });
+    return num_created;
   }
 
   // Copies every row out, in row order: ids (n,), emb (n, dim), state

@@ -80,25 +80,25 @@ class IdMap {
     s = std::move(bigger);
   }
 
-  // Returns the existing row of `key`, or inserts (key, new_row()) and returns
-  // that. The shard must have room (reserve_in_shard). Safe to call in
-  // parallel for keys of different shards.
-  template <typename NewRow>
-  int64_t find_or_insert_reserved(int64_t key, uint64_t h, bool* inserted, NewRow&& new_row) {
+  // Returns the slot of `key`, inserting (key, row) if it is absent; sets
+  // *inserted accordingly. The shard must have room (reserve_in_shard). Safe
+  // to call in parallel for keys of different shards. The slot stays valid
+  // until the shard is next resized.
+  Slot* find_or_insert_reserved(int64_t key, uint64_t h, int64_t row, bool* inserted) {
     Shard& s = shards_[shard_of(h)];
     uint64_t i = h & s.mask;
     for (;;) {
       Slot& slot = s.slots[i];
       if (slot.row < 0) {
         slot.key = key;
-        slot.row = new_row();
+        slot.row = row;
         ++s.size;
         *inserted = true;
-        return slot.row;
+        return &slot;
       }
       if (slot.key == key) {
         *inserted = false;
-        return slot.row;
+        return &slot;
       }
       i = (i + 1) & s.mask;
     }

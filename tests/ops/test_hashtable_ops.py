@@ -1,0 +1,174 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""find / find_or_insert / export / import against a Python dict reference."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recis_torchrec import HashTable, HashTableOptions, ops
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def make_table(dim=4, name="t", block_rows=16, **kw):
+    return HashTable(name, dim, 0, HashTableOptions(block_rows=block_rows, **kw), num_embeddings=8)
+
+
+def test_full_int64_range_and_duplicates():
+    t = make_table()
+    ids = torch.tensor([INT64_MIN, -1, 0, 1, INT64_MAX, 0, INT64_MIN, -1], dtype=torch.int64)
+    assert (ops.find(t, ids) == -1).all()
+    rows = ops.find_or_insert(t, ids)
+    assert len(t) == 5
+    assert rows[5] == rows[2] and rows[6] == rows[0] and rows[7] == rows[1]
+    assert len(set(rows[:5].tolist())) == 5
+    assert torch.equal(ops.find(t, ids), rows)
+    exported_ids, weights, state = t.export()
+    assert sorted(exported_ids.tolist()) == sorted(set(ids.tolist()))
+    assert weights.shape == (5, 4) and state.shape == (5, 0)
+
+
+@given(st.lists(st.integers(INT64_MIN, INT64_MAX), max_size=300), st.integers(1, 4))
+def test_matches_dict_reference(keys, chunks):
+    t = make_table()
+    reference = {}
+    ids = torch.tensor(keys, dtype=torch.int64)
+    for part in torch.tensor_split(ids, chunks):
+        rows = ops.find_or_insert(t, part)
+        for k, r in zip(part.tolist(), rows.tolist()):
+            assert reference.setdefault(k, r) == r
+    assert len(t) == len(reference)
+    assert sorted(reference.values()) == list(range(len(reference)))
+
+
+def test_initialisation_is_per_id_and_order_free():
+    ids = torch.randint(INT64_MIN, INT64_MAX, (5000,), dtype=torch.int64)
+    a, b = make_table(dim=8, name="emb"), make_table(dim=8, name="emb", block_rows=1024)
+    ops.find_or_insert(a, ids)
+    for part in torch.tensor_split(ids.flip(0), 7):  # other order, other batches
+        ops.find_or_insert(b, part)
+    assert torch.equal(a.lookup(ids), b.lookup(ids))
+    # Another table name (or seed) gives other rows.
+    c = make_table(dim=8, name="other")
+    ops.find_or_insert(c, ids)
+    assert not torch.equal(a.lookup(ids), c.lookup(ids))
+
+
+@pytest.mark.parametrize(
+    "opts, check",
+    [
+        (dict(initializer="uniform", init_min=-0.5, init_max=0.25), lambda w: w.min() >= -0.5 and w.max() <= 0.25),
+        (dict(initializer="normal", init_mean=1.0, init_std=0.1), lambda w: abs(w.mean() - 1) < 0.01),
+        (dict(initializer="truncated_normal", init_std=0.1), lambda w: w.abs().max() <= 0.2 + 1e-6),
+        (dict(initializer="constant", init_value=0.5), lambda w: (w == 0.5).all()),
+    ],
+)
+def test_initializers(opts, check):
+    t = make_table(dim=16, **opts)
+    ids = torch.arange(4000, dtype=torch.int64)
+    w = t.lookup(ids)
+    assert check(w)
+    if opts["initializer"] == "normal":
+        assert abs(w.std() - 0.1) < 0.01
+    if opts["initializer"] == "uniform":
+        # Uniform: mean in the middle of the range, all of it used.
+        assert abs(w.mean() - (-0.125)) < 0.01 and w.min() < -0.49 and w.max() > 0.24
+
+
+def test_growth_keeps_rows_in_place():
+    t = make_table(dim=4, block_rows=16)
+    first = torch.arange(10, dtype=torch.int64)
+    ops.find_or_insert(t, first)
+    t.import_(first, torch.full((10, 4), 3.0))
+    before = t.lookup(first)
+    ops.find_or_insert(t, torch.arange(10, 100_000, dtype=torch.int64))  # thousands of blocks, rehashes
+    assert len(t) == 100_000
+    assert torch.equal(t.lookup(first), before)
+    info = t.info()
+    assert info["capacity"] >= 100_000 and info["num_blocks"] == info["capacity"] // 16
+    assert info["memory_bytes"] >= 100_000 * (16 * 4 + 8 + 16)  # rows (stride 16) + ids + IdMap slots
+
+
+def test_segments_route_to_tables():
+    a, b = make_table(name="a"), make_table(name="b")
+    ids = torch.tensor([1, 2, 3, 1, 2], dtype=torch.int64)
+    rows = ops.find_or_insert([a, None, b], ids, torch.tensor([0, 2, 3, 5]))
+    assert rows[2] == -1
+    assert len(a) == 2 and len(b) == 2
+    assert torch.equal(ops.find(a, torch.tensor([1, 2])), rows[:2])
+    assert torch.equal(ops.find(b, torch.tensor([1, 2])), rows[3:])
+
+
+def test_import_export_round_trip_with_state():
+    t = HashTable("s", 3, 2, HashTableOptions(block_rows=16))
+    ids = torch.tensor([7, -7, 2**62], dtype=torch.int64)
+    w, s = torch.randn(3, 3), torch.randn(3, 2)
+    t.import_(ids, w, s)
+    e_ids, e_w, e_s = t.export()
+    order = torch.argsort(e_ids)
+    ref = torch.argsort(ids)
+    assert torch.equal(e_ids[order], ids[ref])
+    assert torch.equal(e_w[order], w[ref]) and torch.equal(e_s[order], s[ref])
+    t.import_(ids[:1], None, torch.zeros(1, 2))  # state only: weights kept
+    assert torch.equal(t.lookup(ids[:1]), w[:1])
+
+
+def test_bad_arguments_raise_clear_errors():
+    t = make_table()
+    with pytest.raises(RuntimeError, match="ids must have dtype Long"):
+        ops.find(t, torch.tensor([1.0, 2.0]))
+    with pytest.raises(RuntimeError, match="ids must be 1-D"):
+        ops.find_or_insert(t, torch.tensor([[1, 2]]))
+    with pytest.raises(RuntimeError, match="segment_offsets must have len"):
+        ops.find([t, t], torch.tensor([1, 2]), torch.tensor([0, 2]))
+    with pytest.raises(RuntimeError, match="segment_offsets must run from 0"):
+        ops.find([t], torch.tensor([1, 2]), torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="unknown hash table handle"):
+        ops.find(10**9, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="ids must be distinct"):
+        t.import_(torch.tensor([1, 1]), torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match=r"weights must have shape \(2, 4\)"):
+        t.import_(torch.tensor([1, 2]), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="block_rows must be a power of two"):
+        HashTableOptions(block_rows=100)
+    with pytest.raises(NotImplementedError, match="admission and eviction"):
+        HashTableOptions(ttl_steps=10)
+
+
+def test_released_table_handle_is_rejected():
+    t = make_table()
+    handle = t.handle
+    del t
+    with pytest.raises(RuntimeError, match="unknown hash table handle"):
+        ops.find(handle, torch.tensor([1]))
+
+
+def test_copy_and_pickle_copy_rows():
+    import copy
+    import pickle
+
+    t = HashTable("p", 4, 1, HashTableOptions(block_rows=16))
+    ids = torch.arange(50, dtype=torch.int64) * 7919
+    t.import_(ids, torch.randn(50, 4), torch.rand(50, 1))
+    for clone in (copy.deepcopy(t), pickle.loads(pickle.dumps(t))):
+        assert clone.handle != t.handle
+        (ca, cw, cs), (ta, tw, ts) = clone.export(), t.export()
+        oc, ot = torch.argsort(ca), torch.argsort(ta)
+        assert torch.equal(ca[oc], ta[ot]) and torch.equal(cw[oc], tw[ot]) and torch.equal(cs[oc], ts[ot])
+
+
+def test_options_round_trip():
+    o = HashTableOptions(initializer="normal", init_std=0.2, seed=3, block_rows=64)
+    assert HashTableOptions.from_dict(o.to_dict()) == o
+    with pytest.raises(ValueError, match="unknown fields"):
+        HashTableOptions.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("insert", [False, True])
+def test_opcheck(insert):
+    t = make_table()
+    ops.find_or_insert(t, torch.tensor([3, 4], dtype=torch.int64))
+    op = torch.ops.recis.find_or_insert.default if insert else torch.ops.recis.find.default
+    ids = torch.tensor([3, 5, -9, 3, 4], dtype=torch.int64)
+    torch.library.opcheck(op, ([t.handle, -1], ids, torch.tensor([0, 3, 5])))
