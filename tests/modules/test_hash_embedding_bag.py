@@ -1,0 +1,203 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""HashEmbeddingBagCollection against torchrec.EmbeddingBagCollection."""
+
+import copy
+
+import pytest
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_configs import PoolingType
+
+import recis_torchrec as rt
+from recis_torchrec.testing import random_kjt
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def configs(pooling=PoolingType.SUM, shared=False):
+    return [
+        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=50, feature_names=["f0", "f1"], pooling=pooling),
+        EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=30, feature_names=["f2"], pooling=pooling),
+        EmbeddingBagConfig(
+            name="t2", embedding_dim=16, num_embeddings=20, feature_names=["f1" if shared else "f3"], pooling=pooling
+        ),
+    ]
+
+
+def features_of(tables):
+    return sorted({f for t in tables for f in t.feature_names})
+
+
+# nn.EmbeddingBag, and so TorchRec's EBC, takes per-sample weights with sum
+# pooling only; weighted mean is checked against a direct computation below.
+@pytest.mark.parametrize("pooling, weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_forward_parity_after_convert(pooling, weighted, shared):
+    tables = configs(pooling, shared)
+    ebc = EmbeddingBagCollection(tables, is_weighted=weighted)
+    hebc = rt.convert(ebc)
+    assert isinstance(hebc, rt.HashEmbeddingBagCollection)
+    keys = features_of(tables)[::-1] + ["extra"]  # other key order, plus a key no table reads
+    kjt = random_kjt(keys, batch_size=6, max_len=4, num_ids=20, weighted=weighted, seed=1)
+    expected, got = ebc(kjt), hebc(kjt)
+    assert isinstance(got, KeyedTensor)
+    assert got.keys() == expected.keys()
+    assert got.length_per_key() == expected.length_per_key()
+    torch.testing.assert_close(got.values(), expected.values(), atol=1e-6, rtol=1e-6)
+    # Forward inserted no row outside the imported ones (ids < 20 <= num_embeddings).
+    for c in tables:
+        assert len(hebc.tables()[c.name]) == c.num_embeddings
+
+
+def test_weighted_mean_divides_by_bag_length():
+    tables = configs(PoolingType.MEAN)
+    hebc = rt.HashEmbeddingBagCollection(tables, is_weighted=True)
+    kjt = random_kjt(["f0", "f1", "f2", "f3"], 4, 3, num_ids=10, weighted=True, seed=2)
+    out = hebc(kjt)
+    f0 = kjt["f0"]
+    emb = hebc.tables()["t0"].lookup(f0.values())
+    w = f0.weights()
+    start = 0
+    for b, length in enumerate(f0.lengths().tolist()):
+        expected = (emb[start : start + length] * w[start : start + length, None]).sum(0) / max(length, 1)
+        torch.testing.assert_close(out["f0"][b], expected, atol=1e-6, rtol=1e-6)
+        start += length
+
+
+def test_unbounded_ids_empty_bags_duplicates_and_empty_batch():
+    hebc = rt.HashEmbeddingBagCollection(configs())
+    values = torch.tensor([INT64_MIN, INT64_MAX, INT64_MAX, -1, 0, 2**40, INT64_MAX], dtype=torch.int64)
+    # f0: [MIN, MAX, MAX] []   f1: [] [-1]   f2: [0] [2**40]   f3: [] [MAX]
+    lengths = torch.tensor([3, 0, 0, 1, 1, 1, 0, 1])
+    kjt = KeyedJaggedTensor(keys=["f0", "f1", "f2", "f3"], values=values, lengths=lengths)
+    out = hebc(kjt)
+    t0 = hebc.tables()["t0"]
+    e = t0.lookup(torch.tensor([INT64_MIN, INT64_MAX]))
+    torch.testing.assert_close(out["f0"][0], e[0] + 2 * e[1])
+    assert (out["f0"][1] == 0).all() and (out["f1"][0] == 0).all()
+    assert len(t0) == 3 and len(hebc.tables()["t1"]) == 2 and len(hebc.tables()["t2"]) == 1
+
+    empty = KeyedJaggedTensor(
+        keys=["f0", "f1", "f2", "f3"], values=torch.empty(0, dtype=torch.int64), lengths=torch.empty(0, dtype=torch.int64)
+    )
+    out = hebc(empty)
+    assert out.values().shape == (0, 8 + 8 + 4 + 16)
+    out.values().sum().backward()  # an empty step is a no-op, not an error
+
+
+def test_eval_mode_inserts_nothing_and_reads_initial_values():
+    hebc = rt.HashEmbeddingBagCollection(configs())
+    kjt = random_kjt(["f0", "f1", "f2", "f3"], 4, 3, num_ids=1000, seed=3)
+    hebc.eval()
+    with torch.no_grad():
+        out_eval = hebc(kjt).values()
+    assert all(len(t) == 0 for t in hebc.tables().values())
+    hebc.train()
+    with torch.no_grad():
+        out_train = hebc(kjt).values()
+    assert len(hebc.tables()["t0"]) > 0
+    torch.testing.assert_close(out_eval, out_train)
+
+
+def test_input_errors_name_the_feature():
+    hebc = rt.HashEmbeddingBagCollection(configs(), is_weighted=True)
+    good = random_kjt(["f0", "f1", "f2", "f3"], 2, 2, weighted=True, seed=4)
+    with pytest.raises(KeyError, match="feature 'f3' .*missing"):
+        hebc(random_kjt(["f0", "f1", "f2"], 2, 2, weighted=True))
+    lengths = good.lengths().clone()
+    with pytest.raises(ValueError, match="lengths sum to .* per feature: .*'f0'"):
+        hebc(KeyedJaggedTensor(keys=good.keys(), values=good.values()[:-1], lengths=lengths, weights=good.weights()[:-1]))
+    bad = lengths.clone()
+    bad[2], bad[3] = -1, bad[3] + 1 + bad[2]
+    with pytest.raises(ValueError, match="feature 'f1' has a negative length"):
+        hebc(KeyedJaggedTensor(keys=good.keys(), values=good.values(), lengths=bad, weights=good.weights()))
+    with pytest.raises(TypeError, match="must be int64 or int32, got torch.float32"):
+        hebc(KeyedJaggedTensor(keys=good.keys(), values=good.values().float(), lengths=lengths, weights=good.weights()))
+    with pytest.raises(TypeError, match="weights of features .*'f0'.* must be float32, got torch.float64"):
+        hebc(KeyedJaggedTensor(keys=good.keys(), values=good.values(), lengths=lengths, weights=good.weights().double()))
+    with pytest.raises(ValueError, match="has no weights"):
+        hebc(KeyedJaggedTensor(keys=good.keys(), values=good.values(), lengths=lengths))
+    with pytest.raises(ValueError, match="unsupported; supported"):
+        rt.HashEmbeddingBagCollection(configs(), fused_params={"optimizer": EmbOptimType.LAMB})
+    with pytest.raises(ValueError, match="is not an EmbOptimType"):
+        rt.HashEmbeddingBagCollection(configs(), fused_params={"optimizer": "rmsprop"})
+    with pytest.raises(ValueError, match="unsupported keys \\['lr'\\]"):
+        rt.HashEmbeddingBagCollection(configs(), fused_params={"lr": 0.1})
+    with pytest.raises(ValueError, match="options names tables \\['nope'\\]"):
+        rt.HashEmbeddingBagCollection(configs(), options={"nope": rt.HashTableOptions()})
+
+
+def test_int32_ids_are_accepted():
+    hebc = rt.HashEmbeddingBagCollection(configs())
+    kjt = random_kjt(["f0", "f1", "f2", "f3"], 3, 3, seed=5)
+    kjt32 = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().int(), lengths=kjt.lengths())
+    torch.testing.assert_close(hebc(kjt).values(), hebc(kjt32).values())
+
+
+def test_embedding_bag_configs_and_interface():
+    tables = configs()
+    hebc = rt.HashEmbeddingBagCollection(tables, is_weighted=True)
+    assert hebc.embedding_bag_configs() is tables
+    assert hebc.is_weighted() and hebc.device == torch.device("cpu")
+    assert list(hebc.parameters()) == []
+    stats = hebc.table_stats()
+    assert set(stats) == {"t0", "t1", "t2"} and stats["t0"]["rows"] == 0
+
+
+def test_state_dict_round_trip_and_torchrec_migration():
+    tables = configs()
+    hebc = rt.HashEmbeddingBagCollection(tables)
+    kjt = random_kjt(["f0", "f1", "f2", "f3"], 4, 3, full_range=True, seed=6)
+    hebc(kjt)
+    sd = hebc.state_dict()
+    assert set(sd) == {f"embedding_bags.t{i}.{k}" for i in range(3) for k in ("weight", "ids")}
+    fresh = rt.HashEmbeddingBagCollection(configs())
+    fresh.load_state_dict(sd)
+    hebc.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(kjt).values(), hebc(kjt).values())
+
+    # A TorchRec EBC state dict (weights only) loads as ids 0..n-1.
+    ebc = EmbeddingBagCollection(configs())
+    migrated = rt.HashEmbeddingBagCollection(configs())
+    migrated.load_state_dict(ebc.state_dict())
+    bounded = random_kjt(["f0", "f1", "f2", "f3"], 4, 3, num_ids=20, seed=7)
+    migrated.eval()
+    torch.testing.assert_close(migrated(bounded).values(), ebc(bounded).values(), atol=1e-6, rtol=1e-6)
+
+    with pytest.raises(RuntimeError, match="Missing key"):
+        rt.HashEmbeddingBagCollection(configs()).load_state_dict({})
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        rt.HashEmbeddingBagCollection(configs()).load_state_dict({**sd, "bogus": torch.zeros(1)})
+    bad = dict(sd)
+    bad["embedding_bags.t1.weight"] = torch.zeros(sd["embedding_bags.t1.ids"].numel(), 5)
+    with pytest.raises(RuntimeError, match="table 't1': expected weight"):
+        rt.HashEmbeddingBagCollection(configs()).load_state_dict(bad)
+
+
+def test_deepcopy_copies_tables():
+    hebc = rt.HashEmbeddingBagCollection(configs(), fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD})
+    kjt = random_kjt(["f0", "f1", "f2", "f3"], 4, 3, seed=8)
+    hebc(kjt).values().sum().backward()
+    clone = copy.deepcopy(hebc)
+    assert clone.tables()["t0"].handle != hebc.tables()["t0"].handle
+    clone.eval()
+    hebc.eval()
+    torch.testing.assert_close(clone(kjt).values(), hebc(kjt).values())
+    # The clone's optimizer updates the clone's tables.
+    clone.train()
+    clone(kjt).values().sum().backward()
+    assert not torch.equal(clone.eval()(kjt).values(), hebc(kjt).values())
+
+
+def test_convert_replaces_nested_ebcs():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.ModuleDict({"ebc": EmbeddingBagCollection(configs())})
+            self.linear = torch.nn.Linear(2, 2)
+
+    m = rt.convert(Model(), fused_params={"optimizer": EmbOptimType.ADAM, "learning_rate": 1e-3})
+    assert isinstance(m.inner["ebc"], rt.HashEmbeddingBagCollection)
+    assert m.inner["ebc"].fused_optimizer.param_groups[0]["lr"] == 1e-3
