@@ -1,0 +1,36 @@
+# Two entry points (see README):
+#   make train   set up .venv (pinned deps, extension built) and run the main job
+#   make test    same setup, then the whole test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.ext-built
+TORCHREC := torchrec==1.9.2
+EXT_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) setup.py pyproject.toml
+
+.PHONY: setup train test bench
+.DEFAULT_GOAL := setup
+
+setup: $(BUILT)
+
+$(DEPS): .ci/requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r .ci/requirements.txt
+	$(PY) -m pip install --quiet --no-deps $(TORCHREC)
+	touch $@
+
+# --no-build-isolation: build against the pinned torch, not a fresh download.
+$(BUILT): $(DEPS) $(EXT_SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+train: setup
+	$(PY) -m recis_torchrec.examples.train_dlrm
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks.bench_embedding_bag
