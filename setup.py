@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cxx_flags():
-    flags = ["-O3", "-fopenmp", "-DNDEBUG", "-Wall", "-Wno-unused-function"]
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-DNDEBUG", "-Wall", "-Wno-unused-function"]
     if os.environ.get("RECIS_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
     return flags

@@ -19,6 +19,10 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace recis {
 namespace hashtable {
 
@@ -59,10 +63,8 @@ class EmbeddingBlocks {
   void reserve(int64_t extra) {
     while (num_rows() + extra > capacity()) {
       Block b;
-      const size_t floats = static_cast<size_t>(block_rows() * stride_);
-      void* p = nullptr;
-      if (posix_memalign(&p, 64, floats * sizeof(float)) != 0) throw std::bad_alloc();
-      b.data = static_cast<float*>(p);
+      const size_t bytes = static_cast<size_t>(block_rows() * stride_) * sizeof(float);
+      b.data = static_cast<float*>(allocate_rows(bytes));
       b.ids = new int64_t[static_cast<size_t>(block_rows())];
       blocks_.push_back(b);
     }
@@ -90,6 +92,20 @@ class EmbeddingBlocks {
   };
 
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+  // Row memory is touched at random, one row per id, so TLB misses dominate
+  // lookups and updates once a table outgrows the TLB's reach. Blocks of 2 MiB
+  // or more are therefore 2 MiB-aligned and offered to transparent huge pages.
+  static void* allocate_rows(size_t bytes) {
+    constexpr size_t kHuge = size_t{2} << 20;
+    const size_t align = bytes >= kHuge ? kHuge : 64;
+    void* p = nullptr;
+    if (posix_memalign(&p, align, bytes) != 0) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= kHuge) madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);
+#endif
+    return p;
+  }
 
   int64_t dim_;
   int64_t state_dim_;

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../hashtable/optimizers.h"
@@ -27,9 +28,39 @@ using hashtable::OptimType;
 using hashtable::WeightDecayMode;
 
 constexpr int64_t kPrefetchDistance = 6;
+constexpr int64_t kUpdatePrefetch = 4;
 
 inline void prefetch_row(const float* p, int64_t dim) {
   for (int64_t k = 0; k < dim; k += 16) __builtin_prefetch(p + k);
+}
+
+// Calls fn(std::integral_constant<int, D>) for the common dims, so the
+// per-row loops unroll and vectorise with the accumulator in registers;
+// other dims take the runtime-dim path (kD = 0).
+template <typename Fn>
+inline void dispatch_dim(int64_t dim, Fn&& fn) {
+  switch (dim) {
+    case 8:
+      fn(std::integral_constant<int, 8>{});
+      break;
+    case 16:
+      fn(std::integral_constant<int, 16>{});
+      break;
+    case 32:
+      fn(std::integral_constant<int, 32>{});
+      break;
+    case 64:
+      fn(std::integral_constant<int, 64>{});
+      break;
+    case 128:
+      fn(std::integral_constant<int, 128>{});
+      break;
+    case 256:
+      fn(std::integral_constant<int, 256>{});
+      break;
+    default:
+      fn(std::integral_constant<int, 0>{});
+  }
 }
 
 // The KJT-style layout shared by forward and backward, validated once.
@@ -112,6 +143,42 @@ std::vector<TablePtr> resolve_tables(at::IntArrayRef handles, const char* op, st
   return tables;
 }
 
+// Pools one bag, values [s, e), into dst (dim,). Rows of -1 read the id's
+// initial value. Rows up to prefetch_end (the end of the feature) are
+// prefetched kPrefetchDistance ahead.
+template <int kD>
+inline void pool_bag(float* __restrict dst, int64_t dim_arg, const hashtable::HashTable& table, int64_t t,
+                     const int64_t* row, const int64_t* key, const float* weights, int64_t s, int64_t e,
+                     int64_t prefetch_end, bool mean, float* init_buf) {
+  const int64_t D = kD > 0 ? kD : dim_arg;
+  const int64_t num_rows = table.size();
+  float local[kD > 0 ? kD : 1];
+  float* __restrict acc = kD > 0 ? local : dst;
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+  for (int64_t i = s; i < e; ++i) {
+    const int64_t j = i + kPrefetchDistance;
+    if (j < prefetch_end && row[j] >= 0 && row[j] < num_rows) prefetch_row(table.row(row[j]), D);
+    const int64_t r = row[i];
+    TORCH_CHECK(r < num_rows, "recis::pooled_forward: rows[", i, "] = ", r, " is not a row of table ", t, " (",
+                num_rows, " rows)");
+    const float* __restrict p;
+    if (r >= 0) {
+      p = table.row(r);
+    } else {
+      table.initial_row(key[i], init_buf);
+      p = init_buf;
+    }
+    const float w = weights ? weights[i] : 1.0f;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * p[d];
+  }
+  const float scale = (mean && e > s) ? 1.0f / static_cast<float>(e - s) : 1.0f;
+  if (kD > 0 || scale != 1.0f) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[d] * scale;
+  }
+}
+
 at::Tensor pooled_forward_cpu(at::IntArrayRef handles, const at::Tensor& ids, const at::Tensor& rows,
                               const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights,
                               at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
@@ -142,30 +209,11 @@ at::Tensor pooled_forward_cpu(at::IntArrayRef handles, const at::Tensor& ids, co
       const int64_t f = q / B, b = q % B, t = l.table[f];
       if (t < 0) continue;
       const auto& table = tables[t]->table;
-      const int64_t D = dims[t], num_rows = table.size();
-      float* __restrict acc = o + b * out_dim + l.col[f];
-      std::fill(acc, acc + D, 0.0f);
-      const int64_t s = l.bag_begin(q), e = l.bag_end(q), feature_end = l.offsets[(f + 1) * B];
-      for (int64_t i = s; i < e; ++i) {
-        const int64_t j = i + kPrefetchDistance;
-        if (j < feature_end && row[j] >= 0 && row[j] < num_rows) prefetch_row(table.row(row[j]), D);
-        const int64_t r = row[i];
-        TORCH_CHECK(r < num_rows, op, ": rows[", i, "] = ", r, " is not a row of table ", t, " (", num_rows,
-                    " rows)");
-        const float* __restrict p;
-        if (r >= 0) {
-          p = table.row(r);
-        } else {
-          table.initial_row(key[i], init_buf.data());
-          p = init_buf.data();
-        }
-        const float w = l.weights ? l.weights[i] : 1.0f;
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * p[d];
-      }
-      if (l.mode[f] == 1 && e > s) {
-        const float inv = 1.0f / static_cast<float>(e - s);
-        for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
-      }
+      float* dst = o + b * out_dim + l.col[f];
+      dispatch_dim(dims[t], [&](auto kd) {
+        pool_bag<decltype(kd)::value>(dst, dims[t], table, t, row, key, l.weights, l.bag_begin(q), l.bag_end(q),
+                                      l.offsets[(f + 1) * B], l.mode[f] == 1, init_buf.data());
+      });
     }
   });
   return out;
@@ -201,6 +249,12 @@ RowGroups group_rows(const char* op, const BagLayout& l, const int64_t* row, int
       auto& keys = g.rows[t];
       auto& vals = g.vals[t];
       int64_t max_row = 0;
+      int64_t count = 0;
+      for (int64_t f = 0; f < l.num_features; ++f) {
+        if (l.table[f] == t) count += l.offsets[(f + 1) * B] - l.offsets[f * B];
+      }
+      keys.reserve(static_cast<size_t>(count));
+      vals.reserve(static_cast<size_t>(count));
       for (int64_t f = 0; f < l.num_features; ++f) {
         if (l.table[f] != t) continue;
         const int64_t s = l.offsets[f * B], e = l.offsets[(f + 1) * B];
@@ -235,32 +289,55 @@ RowGroups group_rows(const char* op, const BagLayout& l, const int64_t* row, int
 // Calls fn(t, u, row, grad) for every unique row u of every table t, in
 // parallel, with grad (dim,) the row's summed gradient in scratch memory that
 // fn may overwrite.
-template <typename Fn>
-void reduce_rows(const BagLayout& l, const RowGroups& g, const std::vector<int64_t>& dims, const float* grad_out,
-                 int64_t out_dim, Fn&& fn) {
+// Sums the contributions [j0, j1) of one row into acc (dim,).
+template <int kD>
+inline void sum_row_grad(float* __restrict acc, int64_t dim_arg, const BagLayout& l, const RowGroups& g,
+                         const std::vector<int64_t>& vals, int64_t j0, int64_t j1, const float* grad_out,
+                         int64_t out_dim) {
+  const int64_t D = kD > 0 ? kD : dim_arg;
   const int64_t B = l.batch;
+  float local[kD > 0 ? kD : 1];
+  float* __restrict a = kD > 0 ? local : acc;
+  for (int64_t d = 0; d < D; ++d) a[d] = 0.0f;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t i = vals[j];
+    const int64_t q = g.bag_of[i];
+    const int64_t f = q / B, b = q % B;
+    float scale = l.weights ? l.weights[i] : 1.0f;
+    if (l.mode[f] == 1) scale /= static_cast<float>(l.bag_end(q) - l.bag_begin(q));
+    const float* __restrict src = grad_out + b * out_dim + l.col[f];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) a[d] += scale * src[d];
+  }
+  if (kD > 0) {
+    for (int64_t d = 0; d < D; ++d) acc[d] = a[d];
+  }
+}
+
+// Calls fn(t, u, row, grad, kd) for every unique row u of every table t, in
+// parallel, with grad (dim,) the row's summed gradient in scratch memory that
+// fn may overwrite, and kd the integral_constant of the table's dim (or 0).
+// prefetch(t, row) is called kUpdatePrefetch rows ahead, so the rows that fn
+// updates arrive in cache before it needs them.
+template <typename Fn, typename Prefetch>
+void reduce_rows(const BagLayout& l, const RowGroups& g, const std::vector<int64_t>& dims, const float* grad_out,
+                 int64_t out_dim, Fn&& fn, Prefetch&& prefetch) {
   const int64_t max_dim = dims.empty() ? 0 : *std::max_element(dims.begin(), dims.end());
   at::parallel_for(0, g.total_unique(), 64, [&](int64_t ub, int64_t ue) {
     std::vector<float> buf(static_cast<size_t>(max_dim));
-    float* __restrict acc = buf.data();
+    float* acc = buf.data();
     int64_t t = std::upper_bound(g.unique_base.begin(), g.unique_base.end(), ub) - g.unique_base.begin() - 1;
     for (int64_t u_global = ub; u_global < ue; ++u_global) {
       while (u_global >= g.unique_base[t + 1]) ++t;
       const int64_t u = u_global - g.unique_base[t];
-      const int64_t D = dims[t];
       const auto& seg = g.seg[t];
-      const auto& vals = g.vals[t];
-      std::fill(acc, acc + D, 0.0f);
-      for (int64_t j = seg[u]; j < seg[u + 1]; ++j) {
-        const int64_t i = vals[j];
-        const int64_t q = g.bag_of[i];
-        const int64_t f = q / B, b = q % B;
-        float scale = l.weights ? l.weights[i] : 1.0f;
-        if (l.mode[f] == 1) scale /= static_cast<float>(l.bag_end(q) - l.bag_begin(q));
-        const float* __restrict src = grad_out + b * out_dim + l.col[f];
-        for (int64_t d = 0; d < D; ++d) acc[d] += scale * src[d];
+      if (u + kUpdatePrefetch < static_cast<int64_t>(seg.size()) - 1) {
+        prefetch(t, g.rows[t][seg[u + kUpdatePrefetch]]);
       }
-      fn(t, u, g.rows[t][seg[u]], acc);
+      dispatch_dim(dims[t], [&](auto kd) {
+        sum_row_grad<decltype(kd)::value>(acc, dims[t], l, g, g.vals[t], seg[u], seg[u + 1], grad_out, out_dim);
+        fn(t, u, g.rows[t][seg[u]], acc, kd);
+      });
     }
   });
 }
@@ -302,9 +379,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_backward_cpu
     grads.push_back(at::empty({U, dims[t]}, at::kFloat));
     grad_ptr.push_back(grads.back().data_ptr<float>());
   }
-  reduce_rows(l, g, dims, go.data_ptr<float>(), out_dim, [&](int64_t t, int64_t u, int64_t, const float* acc) {
-    std::copy(acc, acc + dims[t], grad_ptr[t] + u * dims[t]);
-  });
+  reduce_rows(
+      l, g, dims, go.data_ptr<float>(), out_dim,
+      [&](int64_t t, int64_t u, int64_t, const float* acc, auto) {
+        std::copy(acc, acc + dims[t], grad_ptr[t] + u * dims[t]);
+      },
+      [](int64_t, int64_t) {});
   return {unique_rows, grads};
 }
 
@@ -370,7 +450,7 @@ void sparse_update_cpu(int64_t handle, const at::Tensor& rows, const at::Tensor&
     std::vector<float> g(static_cast<size_t>(D));
     for (int64_t i = b; i < e; ++i) {
       std::copy(gp + i * D, gp + (i + 1) * D, g.begin());
-      hashtable::update_row(table.row(r[i]), g.data(), D, p, step_size);
+      hashtable::update_row<0>(table.row(r[i]), g.data(), D, p, step_size);
     }
   });
 }
@@ -405,9 +485,14 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
     }
   }
   const float step_size = p.adam_step_size();
-  reduce_rows(l, g, dims, go.data_ptr<float>(), out_dim, [&](int64_t t, int64_t, int64_t r, float* acc) {
-    hashtable::update_row(tables[t]->table.row(r), acc, dims[t], p, step_size);
-  });
+  std::vector<int64_t> row_floats;
+  for (int64_t t = 0; t < T; ++t) row_floats.push_back(dims[t] + tables[t]->table.state_dim());
+  reduce_rows(
+      l, g, dims, go.data_ptr<float>(), out_dim,
+      [&](int64_t t, int64_t, int64_t r, float* acc, auto kd) {
+        hashtable::update_row<decltype(kd)::value>(tables[t]->table.row(r), acc, dims[t], p, step_size);
+      },
+      [&](int64_t t, int64_t r) { prefetch_row(tables[t]->table.row(r), row_floats[t]); });
 }
 
 }  // namespace
