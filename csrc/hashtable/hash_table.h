@@ -37,7 +37,7 @@ struct HashTableConfig {
 class HashTable {
  public:
   static constexpr int64_t kGrain = 2048;
-  static constexpr int64_t kPrefetchDistance = 8;
+  static constexpr int64_t kPrefetchDistance = 16;
   // Marks a row as not yet numbered inside find_or_insert; real rows stay
   // far below it.
   static constexpr int64_t kPending = int64_t{1} << 62;

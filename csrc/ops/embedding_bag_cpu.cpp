@@ -27,7 +27,9 @@ using hashtable::OptimParams;
 using hashtable::OptimType;
 using hashtable::WeightDecayMode;
 
-constexpr int64_t kPrefetchDistance = 6;
+// Rows prefetched ahead in the pooled forward (tuned on the DESIGN.md shape: 10-16
+// is best for both uniform and Zipf ids).
+constexpr int64_t kPrefetchDistance = 16;
 constexpr int64_t kUpdatePrefetch = 4;
 
 inline void prefetch_row(const float* p, int64_t dim) {
@@ -143,25 +145,76 @@ std::vector<TablePtr> resolve_tables(at::IntArrayRef handles, const char* op, st
   return tables;
 }
 
+// y[0, n) += a * x[0, n), with n fixed at compile time when kD > 0.
+template <int kD>
+inline void axpy(float* __restrict y, const float* __restrict x, float a, int64_t n) {
+  if constexpr (kD > 0) {
+#pragma omp simd
+    for (int d = 0; d < kD; ++d) y[d] += a * x[d];
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
+  }
+}
+
+// A fixed-size accumulator held in vector registers: kD / 8 vectors of 8
+// floats (the compiler maps them onto AVX-512, AVX2 or SSE registers).
+typedef float v8f __attribute__((vector_size(32)));
+
+template <int kD>
+struct RegAcc {
+  static_assert(kD % 8 == 0, "RegAcc needs a multiple of 8 floats");
+  v8f v[kD / 8];
+
+  inline void zero() {
+#pragma GCC unroll 64
+    for (int k = 0; k < kD / 8; ++k) v[k] = v8f{};
+  }
+  inline void fma(const float* __restrict x, float a) {
+#pragma GCC unroll 64
+    for (int k = 0; k < kD / 8; ++k) {
+      v8f xk;
+      __builtin_memcpy(&xk, x + 8 * k, sizeof(v8f));
+      v[k] += a * xk;
+    }
+  }
+  inline void store(float* __restrict y, float scale) const {
+#pragma GCC unroll 64
+    for (int k = 0; k < kD / 8; ++k) {
+      const v8f yk = v[k] * scale;
+      __builtin_memcpy(y + 8 * k, &yk, sizeof(v8f));
+    }
+  }
+};
+
 // Pools one bag, values [s, e), into dst (dim,). Rows of -1 read the id's
 // initial value. Rows up to prefetch_end (the end of the feature) are
-// prefetched kPrefetchDistance ahead.
+// prefetched kPrefetchDistance ahead. With kD > 0 the accumulator lives in
+// registers; otherwise it is dst itself.
 template <int kD>
 inline void pool_bag(float* __restrict dst, int64_t dim_arg, const hashtable::HashTable& table, int64_t t,
                      const int64_t* row, const int64_t* key, const float* weights, int64_t s, int64_t e,
                      int64_t prefetch_end, bool mean, float* init_buf) {
   const int64_t D = kD > 0 ? kD : dim_arg;
   const int64_t num_rows = table.size();
-  float local[kD > 0 ? kD : 1];
-  float* __restrict acc = kD > 0 ? local : dst;
-  for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+  RegAcc<(kD > 0 ? kD : 8)> acc;
+  if constexpr (kD > 0) {
+    acc.zero();
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = 0.0f;
+  }
   for (int64_t i = s; i < e; ++i) {
     const int64_t j = i + kPrefetchDistance;
-    if (j < prefetch_end && row[j] >= 0 && row[j] < num_rows) prefetch_row(table.row(row[j]), D);
+    if (j < prefetch_end) {
+      const int64_t rj = row[j];
+      if (rj >= 0 && rj < num_rows) prefetch_row(table.row(rj), D);
+    }
     const int64_t r = row[i];
-    TORCH_CHECK(r < num_rows, "recis::pooled_forward: rows[", i, "] = ", r, " is not a row of table ", t, " (",
-                num_rows, " rows)");
-    const float* __restrict p;
+    if (r >= num_rows) {
+      TORCH_CHECK(false, "recis::pooled_forward: rows[", i, "] = ", r, " is not a row of table ", t, " (", num_rows,
+                  " rows)");
+    }
+    const float* p;
     if (r >= 0) {
       p = table.row(r);
     } else {
@@ -169,13 +222,17 @@ inline void pool_bag(float* __restrict dst, int64_t dim_arg, const hashtable::Ha
       p = init_buf;
     }
     const float w = weights ? weights[i] : 1.0f;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] += w * p[d];
+    if constexpr (kD > 0) {
+      acc.fma(p, w);
+    } else {
+      axpy<0>(dst, p, w, D);
+    }
   }
   const float scale = (mean && e > s) ? 1.0f / static_cast<float>(e - s) : 1.0f;
-  if (kD > 0 || scale != 1.0f) {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) dst[d] = acc[d] * scale;
+  if constexpr (kD > 0) {
+    acc.store(dst, scale);
+  } else if (scale != 1.0f) {
+    for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
   }
 }
 
@@ -220,26 +277,24 @@ at::Tensor pooled_forward_cpu(at::IntArrayRef handles, const at::Tensor& ids, co
 }
 
 // Gradient contributions of every table, grouped by row. For table t,
-// rows_[t] holds the rows in ascending order (with repeats) and vals_[t] the
-// value index of each contribution; seg_[t] delimits the unique rows.
+// rows[t] holds the rows in ascending order (with repeats) and vals[t] the
+// value index of each contribution; seg[t] delimits the unique rows. Value i
+// contributes scale[i] * grad_out[src_off[i] : src_off[i] + dim].
 struct RowGroups {
   std::vector<std::vector<int64_t>> rows, vals, seg;
-  std::vector<int64_t> bag_of;       // value index -> bag q
+  std::vector<int64_t> src_off;      // value index -> offset of its bag's gradient in grad_out
+  std::vector<float> scale;          // value index -> weight (and 1 / bag length for mean)
   std::vector<int64_t> unique_base;  // prefix sum of unique rows over tables
 
   int64_t total_unique() const { return unique_base.back(); }
 };
 
-RowGroups group_rows(const char* op, const BagLayout& l, const int64_t* row, int64_t num_tables,
+RowGroups group_rows(const char* op, const BagLayout& l, const int64_t* row, int64_t num_tables, int64_t out_dim,
                      const std::vector<int64_t>* table_sizes) {
   RowGroups g;
   const int64_t B = l.batch;
-  g.bag_of.resize(static_cast<size_t>(l.num_values));
-  at::parallel_for(0, l.num_features * B, 256, [&](int64_t qb, int64_t qe) {
-    for (int64_t q = qb; q < qe; ++q) {
-      for (int64_t i = l.bag_begin(q); i < l.bag_end(q); ++i) g.bag_of[i] = q;
-    }
-  });
+  g.src_off.resize(static_cast<size_t>(l.num_values));
+  g.scale.resize(static_cast<size_t>(l.num_values));
   g.rows.resize(num_tables);
   g.vals.resize(num_tables);
   g.seg.resize(num_tables);
@@ -257,13 +312,20 @@ RowGroups group_rows(const char* op, const BagLayout& l, const int64_t* row, int
       vals.reserve(static_cast<size_t>(count));
       for (int64_t f = 0; f < l.num_features; ++f) {
         if (l.table[f] != t) continue;
-        const int64_t s = l.offsets[f * B], e = l.offsets[(f + 1) * B];
-        for (int64_t i = s; i < e; ++i) {
-          const int64_t r = row[i];
-          if (r < 0) continue;  // not in the table (eval lookups): no gradient
-          keys.push_back(r);
-          vals.push_back(i);
-          max_row = std::max(max_row, r);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t q = f * B + b;
+          const int64_t s = l.bag_begin(q), e = l.bag_end(q);
+          const float bag_scale = l.mode[f] == 1 ? 1.0f / static_cast<float>(e - s) : 1.0f;
+          const int64_t off = b * out_dim + l.col[f];
+          for (int64_t i = s; i < e; ++i) {
+            const int64_t r = row[i];
+            if (r < 0) continue;  // not in the table (eval lookups): no gradient
+            keys.push_back(r);
+            vals.push_back(i);
+            g.src_off[i] = off;
+            g.scale[i] = l.weights ? l.weights[i] * bag_scale : bag_scale;
+            max_row = std::max(max_row, r);
+          }
         }
       }
       if (table_sizes != nullptr) {
@@ -286,28 +348,17 @@ RowGroups group_rows(const char* op, const BagLayout& l, const int64_t* row, int
   return g;
 }
 
-// Calls fn(t, u, row, grad) for every unique row u of every table t, in
-// parallel, with grad (dim,) the row's summed gradient in scratch memory that
-// fn may overwrite.
-// Sums the contributions [j0, j1) of one row into acc (dim,).
+// Sums the contributions [j0, j1) of one row into acc (dim,), in input order.
 template <int kD>
-inline void sum_row_grad(float* __restrict acc, int64_t dim_arg, const BagLayout& l, const RowGroups& g,
-                         const std::vector<int64_t>& vals, int64_t j0, int64_t j1, const float* grad_out,
-                         int64_t out_dim) {
+inline void sum_row_grad(float* __restrict acc, int64_t dim_arg, const RowGroups& g, const std::vector<int64_t>& vals,
+                         int64_t j0, int64_t j1, const float* grad_out) {
   const int64_t D = kD > 0 ? kD : dim_arg;
-  const int64_t B = l.batch;
   float local[kD > 0 ? kD : 1];
-  float* __restrict a = kD > 0 ? local : acc;
+  float* a = kD > 0 ? local : acc;
   for (int64_t d = 0; d < D; ++d) a[d] = 0.0f;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t i = vals[j];
-    const int64_t q = g.bag_of[i];
-    const int64_t f = q / B, b = q % B;
-    float scale = l.weights ? l.weights[i] : 1.0f;
-    if (l.mode[f] == 1) scale /= static_cast<float>(l.bag_end(q) - l.bag_begin(q));
-    const float* __restrict src = grad_out + b * out_dim + l.col[f];
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) a[d] += scale * src[d];
+    axpy<kD>(a, grad_out + g.src_off[i], g.scale[i], D);
   }
   if (kD > 0) {
     for (int64_t d = 0; d < D; ++d) acc[d] = a[d];
@@ -335,7 +386,7 @@ void reduce_rows(const BagLayout& l, const RowGroups& g, const std::vector<int64
         prefetch(t, g.rows[t][seg[u + kUpdatePrefetch]]);
       }
       dispatch_dim(dims[t], [&](auto kd) {
-        sum_row_grad<decltype(kd)::value>(acc, dims[t], l, g, g.vals[t], seg[u], seg[u + 1], grad_out, out_dim);
+        sum_row_grad<decltype(kd)::value>(acc, dims[t], g, g.vals[t], seg[u], seg[u + 1], grad_out);
         fn(t, u, g.rows[t][seg[u]], acc, kd);
       });
     }
@@ -366,7 +417,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_backward_cpu
       make_layout(op, rows, offsets, per_sample_weights, feature_table, feature_mode, feature_col, dims, out_dim);
   const at::Tensor go = checked_grad(op, grad_output, l.batch);
   const int64_t T = static_cast<int64_t>(dims.size());
-  const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, nullptr);
+  const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, out_dim, nullptr);
 
   std::vector<at::Tensor> unique_rows, grads;
   std::vector<float*> grad_ptr;
@@ -450,7 +501,9 @@ void sparse_update_cpu(int64_t handle, const at::Tensor& rows, const at::Tensor&
     std::vector<float> g(static_cast<size_t>(D));
     for (int64_t i = b; i < e; ++i) {
       std::copy(gp + i * D, gp + (i + 1) * D, g.begin());
-      hashtable::update_row<0>(table.row(r[i]), g.data(), D, p, step_size);
+      dispatch_dim(D, [&](auto kd) {
+        hashtable::update_row<decltype(kd)::value>(table.row(r[i]), g.data(), D, p, step_size);
+      });
     }
   });
 }
@@ -477,7 +530,7 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
   TableLocks locks(tables, /*exclusive=*/true);
   std::vector<int64_t> sizes;
   for (const auto& t : tables) sizes.push_back(t->table.size());
-  const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, &sizes);
+  const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, out_dim, &sizes);
   // A table listed twice in `handles` would get two racing updates per row.
   for (int64_t a = 0; a < T; ++a) {
     for (int64_t b = a + 1; b < T; ++b) {
