@@ -12,6 +12,10 @@ from recis_torchrec._ext import C
 from recis_torchrec.modules.options import HashTableOptions
 
 
+# The most rows reserved up front from a config's num_embeddings hint.
+HINT_CAPACITY_CAP = 1 << 20
+
+
 def stable_name_hash(name: str) -> int:
     """A 64-bit hash of a table name that is the same in every process."""
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
@@ -61,7 +65,12 @@ class HashTable:
             a, b = options.init_mean, options.init_std
         else:
             a, b = options.init_value, 0.0
-        capacity = options.initial_capacity if options.initial_capacity is not None else num_embeddings
+        if options.initial_capacity is not None:
+            capacity = options.initial_capacity
+        else:
+            # num_embeddings is only a hint, and TorchRec configs often hold a
+            # hash-space size (2**40, say): never reserve more than the cap for it.
+            capacity = min(max(num_embeddings, 0), HINT_CAPACITY_CAP)
         seed = (stable_name_hash(name) ^ (options.seed * 0x9E3779B97F4A7C15)) % 2**64
         self.handle: int = C.create_table(
             dim, state_dim, int(capacity), options.block_rows, options.init_kind(), float(a), float(b), seed

@@ -21,7 +21,8 @@ class HashTableOptions:
 
     Attributes:
         initial_capacity: rows to reserve up front. ``None`` uses the table's
-            ``num_embeddings``. Growth past it never copies rows.
+            ``num_embeddings``, capped at 2**20 rows (configs often carry a
+            hash-space size there). Growth past it never copies rows.
         block_rows: rows per storage block, a power of two. Growth appends
             one block at a time.
         initializer: how a new id's row is filled: ``"uniform"`` (in

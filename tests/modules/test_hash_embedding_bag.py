@@ -201,3 +201,14 @@ def test_convert_replaces_nested_ebcs():
     m = rt.convert(Model(), fused_params={"optimizer": EmbOptimType.ADAM, "learning_rate": 1e-3})
     assert isinstance(m.inner["ebc"], rt.HashEmbeddingBagCollection)
     assert m.inner["ebc"].fused_optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_huge_num_embeddings_is_only_a_hint():
+    # A hash-space size in num_embeddings must not reserve memory for it.
+    tables = [EmbeddingBagConfig(name="big", embedding_dim=32, num_embeddings=2**40, feature_names=["f"])]
+    hebc = rt.HashEmbeddingBagCollection(tables, fused_params={"optimizer": EmbOptimType.ADAM})
+    info = hebc.tables()["big"].info()
+    assert info["capacity"] <= 2**20 + info["block_rows"]
+    assert info["memory_bytes"] < 2**31
+    out = hebc(KeyedJaggedTensor(keys=["f"], values=torch.tensor([2**39, 5]), lengths=torch.tensor([1, 1])))
+    assert out.values().shape == (2, 32)
