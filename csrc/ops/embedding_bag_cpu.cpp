@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -236,6 +237,46 @@ inline void pool_bag(float* __restrict dst, int64_t dim_arg, const hashtable::Ha
   }
 }
 
+// Pools bags [qb, qe) (bag q = f * B + b) into o. With `lookup`, first
+// fills row[i] for the values of each tile of bags by finding ids in the
+// feature's table (-1 where absent), so ids and rows are still in cache when
+// the tile is pooled. Returns the number of ids found absent.
+int64_t pool_range(const BagLayout& l, const std::vector<TablePtr>& tables, const std::vector<int64_t>& dims,
+                   const int64_t* key, int64_t* row, float* o, int64_t out_dim, int64_t qb, int64_t qe, bool lookup,
+                   float* init_buf) {
+  constexpr int64_t kTileBags = 32;
+  const int64_t B = l.batch;
+  int64_t absent = 0;
+  int64_t q = qb;
+  while (q < qe) {
+    const int64_t f = q / B, t = l.table[f];
+    const int64_t tile_end = std::min({q + kTileBags, qe, (f + 1) * B});
+    if (t < 0) {
+      if (lookup) std::fill(row + l.bag_begin(q), row + l.bag_begin(tile_end), int64_t{-1});
+      q = tile_end;
+      continue;
+    }
+    const auto& table = tables[t]->table;
+    if (lookup) {
+      const int64_t s = l.bag_begin(q);
+      absent += table.find(key + s, l.bag_begin(tile_end) - s, row + s, SerialFor{});
+    }
+    const int64_t feature_end = l.offsets[(f + 1) * B];
+    dispatch_dim(dims[t], [&](auto kd) {
+      for (; q < tile_end; ++q) {
+        pool_bag<decltype(kd)::value>(o + (q % B) * out_dim + l.col[f], dims[t], table, t, row, key, l.weights,
+                                      l.bag_begin(q), l.bag_end(q), feature_end, l.mode[f] == 1, init_buf);
+      }
+    });
+  }
+  return absent;
+}
+
+at::Tensor pooled_output(const BagLayout& l, const std::vector<int64_t>& dims, int64_t out_dim) {
+  return columns_tile(l, dims, out_dim) ? at::empty({l.batch, out_dim}, at::kFloat)
+                                        : at::zeros({l.batch, out_dim}, at::kFloat);
+}
+
 at::Tensor pooled_forward_cpu(at::IntArrayRef handles, const at::Tensor& ids, const at::Tensor& rows,
                               const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights,
                               at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
@@ -249,31 +290,71 @@ at::Tensor pooled_forward_cpu(at::IntArrayRef handles, const at::Tensor& ids, co
   const auto tables = resolve_tables(handles, op, &dims);
   const BagLayout l =
       make_layout(op, rows, offsets, per_sample_weights, feature_table, feature_mode, feature_col, dims, out_dim);
-  const int64_t B = l.batch;
-  at::Tensor out = columns_tile(l, dims, out_dim) ? at::empty({B, out_dim}, at::kFloat)
-                                                  : at::zeros({B, out_dim}, at::kFloat);
-  if (B == 0 || out_dim == 0) return out;
-
-  const int64_t* key = ids.data_ptr<int64_t>();
-  const int64_t* row = rows.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
-  const int64_t max_dim = dims.empty() ? 0 : *std::max_element(dims.begin(), dims.end());
-
+  at::Tensor out = pooled_output(l, dims, out_dim);
+  if (l.batch == 0 || out_dim == 0) return out;
+  const int64_t max_dim = *std::max_element(dims.begin(), dims.end());
+  // Not written: pool_range only reads rows when lookup is false.
+  int64_t* row = const_cast<int64_t*>(rows.data_ptr<int64_t>());
   TableLocks locks(tables, /*exclusive=*/false);
-  at::parallel_for(0, l.num_features * B, 16, [&](int64_t qb, int64_t qe) {
+  at::parallel_for(0, l.num_features * l.batch, 16, [&](int64_t qb, int64_t qe) {
     std::vector<float> init_buf(static_cast<size_t>(max_dim));
-    for (int64_t q = qb; q < qe; ++q) {
-      const int64_t f = q / B, b = q % B, t = l.table[f];
-      if (t < 0) continue;
-      const auto& table = tables[t]->table;
-      float* dst = o + b * out_dim + l.col[f];
-      dispatch_dim(dims[t], [&](auto kd) {
-        pool_bag<decltype(kd)::value>(dst, dims[t], table, t, row, key, l.weights, l.bag_begin(q), l.bag_end(q),
-                                      l.offsets[(f + 1) * B], l.mode[f] == 1, init_buf.data());
-      });
-    }
+    pool_range(l, tables, dims, ids.data_ptr<int64_t>(), row, out.data_ptr<float>(), out_dim, qb, qe,
+               /*lookup=*/false, init_buf.data());
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lookup_pooled_forward_cpu(
+    at::IntArrayRef handles, const at::Tensor& ids, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights, at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
+    at::IntArrayRef feature_col, int64_t out_dim, bool insert) {
+  const char* op = "recis::lookup_pooled_forward";
+  check_cpu_1d(ids, op, "ids", at::kLong);
+  TORCH_CHECK(out_dim >= 0, op, ": out_dim must be >= 0, got ", out_dim);
+  const at::Tensor ids_c = ids.contiguous();
+  at::Tensor rows = at::empty_like(ids_c);
+  std::vector<int64_t> dims;
+  const auto tables = resolve_tables(handles, op, &dims);
+  const BagLayout l =
+      make_layout(op, rows, offsets, per_sample_weights, feature_table, feature_mode, feature_col, dims, out_dim);
+  at::Tensor out = pooled_output(l, dims, out_dim);
+  const int64_t* key = ids_c.data_ptr<int64_t>();
+  int64_t* row = rows.data_ptr<int64_t>();
+  const int64_t B = l.batch;
+  TableLocks locks(tables, /*exclusive=*/insert);
+  if (B > 0 && out_dim > 0) {
+    const int64_t max_dim = *std::max_element(dims.begin(), dims.end());
+    std::atomic<int64_t> absent{0};
+    at::parallel_for(0, l.num_features * B, 16, [&](int64_t qb, int64_t qe) {
+      std::vector<float> init_buf(static_cast<size_t>(max_dim));
+      absent += pool_range(l, tables, dims, key, row, out.data_ptr<float>(), out_dim, qb, qe, /*lookup=*/true,
+                           init_buf.data());
+    });
+    if (!insert || absent.load() == 0) return {out, rows};
+  } else {
+    rows.fill_(-1);  // no feature reads a table
+    return {out, rows};
+  }
+  // Give the absent ids their rows. The output already holds their initial
+  // values, which is exactly what the new rows are initialised to.
+  for (int64_t t = 0; t < static_cast<int64_t>(tables.size()); ++t) {
+    std::vector<int64_t> pos, miss_keys;
+    for (int64_t f = 0; f < l.num_features; ++f) {
+      if (l.table[f] != t) continue;
+      for (int64_t i = l.offsets[f * B]; i < l.offsets[(f + 1) * B]; ++i) {
+        if (row[i] < 0) {
+          pos.push_back(i);
+          miss_keys.push_back(key[i]);
+        }
+      }
+    }
+    if (pos.empty()) continue;
+    std::vector<int64_t> miss_rows(pos.size());
+    tables[t]->table.find_or_insert(miss_keys.data(), static_cast<int64_t>(pos.size()), miss_rows.data(),
+                                    AtParallelFor{});
+    for (size_t k = 0; k < pos.size(); ++k) row[pos[k]] = miss_rows[k];
+  }
+  return {out, rows};
 }
 
 // Gradient contributions of every table, grouped by row. For table t,
@@ -552,6 +633,7 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
 
 TORCH_LIBRARY_IMPL(recis, CPU, m) {
   m.impl("pooled_forward", &pooled_forward_cpu);
+  m.impl("lookup_pooled_forward", &lookup_pooled_forward_cpu);
   m.impl("pooled_backward", &pooled_backward_cpu);
   m.impl("sparse_update", &sparse_update_cpu);
   m.impl("pooled_backward_update", &pooled_backward_update_cpu);

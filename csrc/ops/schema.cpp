@@ -24,6 +24,13 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   m.def(
       "pooled_forward(int[] tables, Tensor ids, Tensor rows, Tensor offsets, Tensor? per_sample_weights, "
       "int[] feature_table, int[] feature_mode, int[] feature_col, int out_dim) -> Tensor");
+  // find (or, with insert, find_or_insert) fused with pooled_forward:
+  // returns (pooled (B, out_dim), rows (N,)). Ids are looked up tile by tile
+  // as their bags are pooled; absent ids pool their initial value and, with
+  // insert, get their rows afterwards.
+  m.def(
+      "lookup_pooled_forward(int[] tables, Tensor ids, Tensor offsets, Tensor? per_sample_weights, "
+      "int[] feature_table, int[] feature_mode, int[] feature_col, int out_dim, bool insert) -> (Tensor, Tensor)");
   // Gradient of pooled_forward w.r.t. the rows: per table, the unique rows
   // touched (sorted ascending) and their summed gradients (U, dim).
   m.def(

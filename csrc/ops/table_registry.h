@@ -25,6 +25,14 @@ struct AtParallelFor {
   }
 };
 
+// A serial loop in the same shape, for work already inside a parallel region.
+struct SerialFor {
+  template <typename Fn>
+  void operator()(int64_t begin, int64_t end, int64_t /*grain*/, Fn&& fn) const {
+    if (begin < end) fn(begin, end);
+  }
+};
+
 struct TableEntry {
   explicit TableEntry(const hashtable::HashTableConfig& cfg) : table(cfg) {}
   hashtable::HashTable table;

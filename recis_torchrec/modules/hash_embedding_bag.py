@@ -42,27 +42,26 @@ class _KeyPlan:
     """How one KJT key layout maps onto the tables (cached per key tuple)."""
 
     permute: Optional[List[int]]  # reorder/duplicate the KJT first (a feature shared by tables)
-    key_handles: List[int]  # per KJT key: the handle of its table, or -1 (ignored key)
     feature_table: List[int]  # per KJT key: index into the module's table list, or -1
     feature_mode: List[int]
     feature_col: List[int]
 
 
 class _PooledLookup(torch.autograd.Function):
-    """Pooled lookup whose backward applies the fused optimizer to the rows."""
+    """Lookup + pooling whose backward applies the fused optimizer to the rows."""
 
     @staticmethod
-    def forward(ctx, anchor, module, ids, rows, offsets, weights, plan):  # type: ignore[override]
-        out = ops.pooled_forward(
+    def forward(ctx, anchor, module, ids, offsets, weights, plan, insert):  # type: ignore[override]
+        out, rows = ops.lookup_pooled_forward(
             module._table_list,
             ids,
-            rows,
             offsets,
             weights,
             plan.feature_table,
             plan.feature_mode,
             plan.feature_col,
             module._out_dim,
+            insert,
         )
         ctx.module = module
         ctx.plan = plan
@@ -245,7 +244,6 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         used_by = {}
         for t, f, col in self._outputs:
             used_by.setdefault(f, []).append((t, col))
-        handles = [t.handle for t in self._table_list]
         if any(len(v) > 1 for v in used_by.values()):
             # A feature read by several tables: give each output its own copy
             # of the key, so every key maps to exactly one table.
@@ -261,7 +259,6 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         ]
         plan = _KeyPlan(
             permute=permute,
-            key_handles=[handles[t] if t >= 0 else -1 for t in feature_table],
             feature_table=feature_table,
             feature_mode=feature_mode,
             feature_col=feature_col,
@@ -341,15 +338,8 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         plan = self._plan(features.keys())
         if plan.permute is not None:
             features = features.permute(plan.permute)
-        values, offsets, weights, batch = self._checked_inputs(features)
-        num_keys = len(plan.key_handles)
-        if batch > 0:
-            segments = offsets[::batch].contiguous()
-        else:
-            segments = torch.zeros(num_keys + 1, dtype=torch.int64)
-        lookup = ops.find_or_insert if self.training else ops.find
-        rows = lookup(plan.key_handles, values, segments)
-        pooled = _PooledLookup.apply(self._grad_anchor, self, values, rows, offsets, weights, plan)
+        values, offsets, weights, _ = self._checked_inputs(features)
+        pooled = _PooledLookup.apply(self._grad_anchor, self, values, offsets, weights, plan, self.training)
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,

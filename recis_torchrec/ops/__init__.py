@@ -7,6 +7,7 @@ Users call these, never ``torch.ops.recis`` directly.
 from recis_torchrec.ops.embedding_bag import (
     POOLING_MEAN,
     POOLING_SUM,
+    lookup_pooled_forward,
     pooled_backward,
     pooled_backward_update,
     pooled_forward,
@@ -19,6 +20,7 @@ __all__ = [
     "POOLING_SUM",
     "find",
     "find_or_insert",
+    "lookup_pooled_forward",
     "pooled_backward",
     "pooled_backward_update",
     "pooled_forward",

@@ -49,6 +49,36 @@ def pooled_forward(
     )
 
 
+def lookup_pooled_forward(
+    tables: Sequence[TableRef],
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    feature_table: Sequence[int],
+    feature_mode: Sequence[int],
+    feature_col: Sequence[int],
+    out_dim: int,
+    insert: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`find` (or :func:`find_or_insert` with ``insert``) fused with :func:`pooled_forward`.
+
+    Returns ``(pooled (B, out_dim), rows (N,))``. Ids are looked up tile by
+    tile as their bags are pooled, so each id is read once; absent ids pool
+    their initial value and, with ``insert``, get their rows afterwards.
+    """
+    return torch.ops.recis.lookup_pooled_forward(
+        [_handle(t) for t in tables],
+        ids,
+        offsets,
+        per_sample_weights,
+        list(feature_table),
+        list(feature_mode),
+        list(feature_col),
+        out_dim,
+        insert,
+    )
+
+
 def pooled_backward(
     table_dims: Sequence[int],
     grad_output: torch.Tensor,
@@ -142,6 +172,15 @@ def _pooled_forward_fake(
     torch._check(num_features > 0, lambda: "recis::pooled_forward: at least one feature is required")
     batch = (offsets.shape[0] - 1) // num_features
     return rows.new_empty((batch, out_dim), dtype=torch.float32)
+
+
+@torch.library.register_fake("recis::lookup_pooled_forward")
+def _lookup_pooled_forward_fake(
+    tables, ids, offsets, per_sample_weights, feature_table, feature_mode, feature_col, out_dim, insert
+):
+    return _pooled_forward_fake(
+        tables, ids, ids, offsets, per_sample_weights, feature_table, feature_mode, feature_col, out_dim
+    ), torch.empty_like(ids)
 
 
 @torch.library.register_fake("recis::pooled_backward")

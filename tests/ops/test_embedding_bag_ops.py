@@ -200,3 +200,53 @@ def test_opcheck_updates():
     )
     urows, grads = ops.pooled_backward([4, 8], grad, rows, offsets, psw, ft, modes, cols)
     torch.library.opcheck(torch.ops.recis.sparse_update.default, (handles[0], urows[0], grads[0], *opt))
+
+
+@given(
+    batch=st.integers(0, 5),
+    features=st.integers(1, 4),
+    max_len=st.integers(0, 4),
+    weighted=st.booleans(),
+    mean=st.booleans(),
+    insert=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_lookup_pooled_forward_equals_lookup_then_pool(batch, features, max_len, weighted, mean, insert, seed):
+    # Two identical table sets, half the ids already present; one takes the
+    # fused op, the other find(_or_insert) then pooled_forward.
+    g = torch.Generator().manual_seed(seed)
+    pair = [[HashTable(f"t{i}", d, 0, HashTableOptions(block_rows=16)) for i, d in enumerate([4, 8])] for _ in range(2)]
+    ft = [i % 2 for i in range(features)]
+    if features > 2:
+        ft[-1] = -1
+    lengths = torch.randint(0, max_len + 1, (features * batch,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    ids = torch.randint(-30, 30, (int(lengths.sum()),), generator=g)
+    for tables in pair:
+        for t in tables:
+            ops.find_or_insert(t, torch.arange(-30, 30, 2, dtype=torch.int64))
+    cols, col = [], 0
+    for t in ft:
+        cols.append(col)
+        col += [4, 8][t] if t >= 0 else 0
+    modes = [int(mean)] * features
+    psw = torch.rand(ids.numel(), generator=g) if weighted else None
+    out, rows = ops.lookup_pooled_forward(pair[0], ids, offsets, psw, ft, modes, cols, col, insert)
+    seg = offsets[::batch].contiguous() if batch else torch.zeros(features + 1, dtype=torch.int64)
+    lookup = ops.find_or_insert if insert else ops.find
+    ref_rows = lookup([pair[1][t] if t >= 0 else None for t in ft], ids, seg)
+    ref = ops.pooled_forward(pair[1], ids, ref_rows, offsets, psw, ft, modes, cols, col)
+    assert torch.equal(rows, ref_rows)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    for a, b in zip(*pair):
+        assert len(a) == len(b)
+
+
+def test_opcheck_lookup_pooled_forward():
+    tables, ids, rows, offsets, psw, ft, modes, cols, out_dim = _opcheck_case()
+    handles = [t.handle for t in tables]
+    for insert in (False, True):
+        torch.library.opcheck(
+            torch.ops.recis.lookup_pooled_forward.default,
+            (handles, ids, offsets, psw, ft, modes, cols, out_dim, insert),
+        )
