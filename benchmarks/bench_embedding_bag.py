@@ -13,6 +13,7 @@ the ratio to the baseline of the row, and FBGEMM's effective bandwidth
 """
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -141,8 +142,6 @@ def bench_all(cfg: ExperimentConfig, which: Optional[List[str]] = None) -> List[
         return kjts[counter["i"] % len(kjts)]
 
     def ours(fused) -> rt.HashEmbeddingBagCollection:
-        import copy
-
         return rt.convert(copy.deepcopy(ebc), fused_params=fused)
 
     def want(name: str) -> bool:
@@ -163,59 +162,34 @@ def bench_all(cfg: ExperimentConfig, which: Optional[List[str]] = None) -> List[
                 results.append(ExperimentResult("forward", name, s))
         del hebc, tbe
 
-    # -- forward + backward + SGD ----------------------------------------------
+    # -- forward + backward + SGD / row-wise Adagrad ----------------------------
+    def bench_fused_vs_dense(bench: str, optimizer: EmbOptimType, dense_optimizer) -> None:
+        lr = 0.01
+        hebc = ours({"optimizer": optimizer, "learning_rate": lr})
+        tbe = make_tbe(cfg, ebc, optimizer, lr)
+        ref = copy.deepcopy(ebc)
+        ref_opt = dense_optimizer(ref.parameters(), lr=lr)
+
+        def ours_step():
+            hebc(next_kjt()).values().backward(grad)
+
+        def tbe_step():
+            k = next_kjt()
+            tbe(k.values(), k.offsets()).backward(grad)
+
+        def ebc_step():
+            ref_opt.zero_grad()
+            ref(next_kjt()).values().backward(grad)
+            ref_opt.step()
+
+        impls = {"recis_torchrec": ours_step, "fbgemm_tbe": tbe_step, "torchrec_ebc": ebc_step}
+        for name, s in run_round_robin(impls, cfg.reps, cfg.warmup).items():
+            results.append(ExperimentResult(bench, name, s))
+
     if want("train_sgd"):
-        lr = 0.01
-        hebc = ours({"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr})
-        tbe = make_tbe(cfg, ebc, EmbOptimType.EXACT_SGD, lr)
-        import copy
-
-        ref = copy.deepcopy(ebc)
-        ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
-
-        def ours_step():
-            hebc(next_kjt()).values().backward(grad)
-
-        def tbe_step():
-            k = next_kjt()
-            tbe(k.values(), k.offsets()).backward(grad)
-
-        def ebc_step():
-            ref_opt.zero_grad()
-            ref(next_kjt()).values().backward(grad)
-            ref_opt.step()
-
-        impls = {"recis_torchrec": ours_step, "fbgemm_tbe": tbe_step, "torchrec_ebc": ebc_step}
-        for name, s in run_round_robin(impls, cfg.reps, cfg.warmup).items():
-            results.append(ExperimentResult("train_sgd", name, s))
-        del hebc, tbe, ref, ref_opt
-
-    # -- forward + backward + row-wise Adagrad -----------------------------------
+        bench_fused_vs_dense("train_sgd", EmbOptimType.EXACT_SGD, torch.optim.SGD)
     if want("train_rowwise_adagrad"):
-        lr = 0.01
-        hebc = ours({"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": lr})
-        tbe = make_tbe(cfg, ebc, EmbOptimType.EXACT_ROWWISE_ADAGRAD, lr)
-        import copy
-
-        ref = copy.deepcopy(ebc)
-        ref_opt = RowWiseAdagrad(ref.parameters(), lr=lr)
-
-        def ours_step():
-            hebc(next_kjt()).values().backward(grad)
-
-        def tbe_step():
-            k = next_kjt()
-            tbe(k.values(), k.offsets()).backward(grad)
-
-        def ebc_step():
-            ref_opt.zero_grad()
-            ref(next_kjt()).values().backward(grad)
-            ref_opt.step()
-
-        impls = {"recis_torchrec": ours_step, "fbgemm_tbe": tbe_step, "torchrec_ebc": ebc_step}
-        for name, s in run_round_robin(impls, cfg.reps, cfg.warmup).items():
-            results.append(ExperimentResult("train_rowwise_adagrad", name, s))
-        del hebc, tbe, ref, ref_opt
+        bench_fused_vs_dense("train_rowwise_adagrad", EmbOptimType.EXACT_ROWWISE_ADAGRAD, RowWiseAdagrad)
 
     # -- forward + backward + Adam ----------------------------------------------
     if want("train_adam"):

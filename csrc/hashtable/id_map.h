@@ -104,31 +104,6 @@ class IdMap {
     }
   }
 
-  // Single-threaded insert-or-assign, growing as needed. Returns the old row
-  // or -1.
-  int64_t assign(int64_t key, int64_t row) {
-    const uint64_t h = mix64(static_cast<uint64_t>(key));
-    const int shard = shard_of(h);
-    reserve_in_shard(shard, 1);
-    Shard& s = shards_[shard];
-    uint64_t i = h & s.mask;
-    for (;;) {
-      Slot& slot = s.slots[i];
-      if (slot.row < 0) {
-        slot.key = key;
-        slot.row = row;
-        ++s.size;
-        return -1;
-      }
-      if (slot.key == key) {
-        const int64_t old = slot.row;
-        slot.row = row;
-        return old;
-      }
-      i = (i + 1) & s.mask;
-    }
-  }
-
   int64_t size() const {
     int64_t n = 0;
     for (const auto& s : shards_) n += s.size;
