@@ -29,6 +29,15 @@ inline uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// The rank that owns `key` among `world_size` ranks: a salted mix (so that the
+// owner does not correlate with the IdMap's shard and slot bits, which use the
+// unsalted mix64) reduced by multiply-shift, so sequential ids spread evenly.
+// Checkpoints reshard with the same function.
+inline int64_t owner_of(int64_t key, int64_t world_size) {
+  const uint64_t h = mix64(static_cast<uint64_t>(key) ^ 0x5851f42d4c957f2dULL);
+  return static_cast<int64_t>((static_cast<unsigned __int128>(h) * static_cast<uint64_t>(world_size)) >> 64);
+}
+
 // Uniform float in [0, 1) from the top 24 bits of a 64-bit word.
 inline float unit_float(uint64_t x) {
   return static_cast<float>(x >> 40) * (1.0f / 16777216.0f);

@@ -594,37 +594,43 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
                                 at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
                                 at::IntArrayRef feature_col, int64_t optimizer, double learning_rate, double eps,
                                 double beta1, double beta2, double weight_decay, int64_t weight_decay_mode,
-                                int64_t step) {
+                                at::IntArrayRef steps) {
   const char* op = "recis::pooled_backward_update";
   std::vector<int64_t> dims;
   const auto tables = resolve_tables(handles, op, &dims);
-  const OptimParams p =
-      make_optim_params(op, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode, step);
+  const int64_t T = static_cast<int64_t>(tables.size());
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == T, op, ": steps must hold one update count per table (", T,
+              "), got ", steps.size());
+  std::vector<OptimParams> params;
+  std::vector<float> step_size;
+  for (int64_t t = 0; t < T; ++t) {
+    params.push_back(
+        make_optim_params(op, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode, steps[t]));
+    step_size.push_back(params.back().adam_step_size());
+    check_state_dim(op, tables[t]->table, params.back(), t);
+  }
   TORCH_CHECK(grad_output.dim() == 2, op, ": grad_output must be 2-D, got ", grad_output.sizes());
   const int64_t out_dim = grad_output.size(1);
   const BagLayout l =
       make_layout(op, rows, offsets, per_sample_weights, feature_table, feature_mode, feature_col, dims, out_dim);
   const at::Tensor go = checked_grad(op, grad_output, l.batch);
-  const int64_t T = static_cast<int64_t>(tables.size());
-  for (int64_t t = 0; t < T; ++t) check_state_dim(op, tables[t]->table, p, t);
-
-  TableLocks locks(tables, /*exclusive=*/true);
-  std::vector<int64_t> sizes;
-  for (const auto& t : tables) sizes.push_back(t->table.size());
-  const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, out_dim, &sizes);
   // A table listed twice in `handles` would get two racing updates per row.
   for (int64_t a = 0; a < T; ++a) {
     for (int64_t b = a + 1; b < T; ++b) {
       TORCH_CHECK(tables[a] != tables[b], op, ": tables ", a, " and ", b, " are the same table; list it once");
     }
   }
-  const float step_size = p.adam_step_size();
+
+  TableLocks locks(tables, /*exclusive=*/true);
+  std::vector<int64_t> sizes;
+  for (const auto& t : tables) sizes.push_back(t->table.size());
+  const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, out_dim, &sizes);
   std::vector<int64_t> row_floats;
   for (int64_t t = 0; t < T; ++t) row_floats.push_back(dims[t] + tables[t]->table.state_dim());
   reduce_rows(
       l, g, dims, go.data_ptr<float>(), out_dim,
       [&](int64_t t, int64_t, int64_t r, float* acc, auto kd) {
-        hashtable::update_row<decltype(kd)::value>(tables[t]->table.row(r), acc, dims[t], p, step_size);
+        hashtable::update_row<decltype(kd)::value>(tables[t]->table.row(r), acc, dims[t], params[t], step_size[t]);
       },
       [&](int64_t t, int64_t r) { prefetch_row(tables[t]->table.row(r), row_floats[t]); });
 }

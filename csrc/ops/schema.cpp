@@ -43,12 +43,28 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
       "sparse_update(int table, Tensor rows, Tensor grads, int optimizer, float learning_rate, float eps, "
       "float beta1, float beta2, float weight_decay, int weight_decay_mode, int step) -> ()");
   // pooled_backward followed by sparse_update on every table, fused: the
-  // per-row gradient never leaves the cache.
+  // per-row gradient never leaves the cache. steps[t] is table t's update
+  // count (Adam's bias correction).
   m.def(
       "pooled_backward_update(int[] tables, Tensor grad_output, Tensor rows, Tensor offsets, "
       "Tensor? per_sample_weights, int[] feature_table, int[] feature_mode, int[] feature_col, "
       "int optimizer, float learning_rate, float eps, float beta1, float beta2, float weight_decay, "
-      "int weight_decay_mode, int step) -> ()");
+      "int weight_decay_mode, int[] steps) -> ()");
+  // The rank that owns each id among world_size ranks (a salted mixing hash,
+  // even for sequential ids). Training, checkpoints and resharding all use it.
+  m.def("owner_of(Tensor ids, int world_size) -> Tensor");
+  // The input side of the hash-sharded all-to-all. Given a KJT's ids and its
+  // bag offsets (num_bags + 1,), returns
+  //   unique_ids (U,): per owner rank, the distinct ids in first-occurrence order;
+  //   unique_counts (world_size,): U per owner;
+  //   inverse (N,) int32: for the values in owner-major order, the index of
+  //     each among its owner's unique ids;
+  //   value_counts (world_size,): values per owner;
+  //   value_perm (N,): owner-major position -> original value index;
+  //   bag_lengths (world_size, num_bags) int32: values of each bag per owner.
+  m.def(
+      "bucketize_dedup(Tensor ids, Tensor offsets, int world_size) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Every row of a table, in row order: (ids (n,), weights (n, dim), state (n, state_dim)).
   m.def("table_export(int table) -> (Tensor, Tensor, Tensor)");
   // Writes rows for distinct ids, inserting absent ones. A None weights or

@@ -13,6 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recis_torchrec import ops
 from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.modules.options import HashTableOptions
 from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
 
@@ -42,48 +43,7 @@ class _KeyPlan:
     """How one KJT key layout maps onto the tables (cached per key tuple)."""
 
     permute: Optional[List[int]]  # reorder/duplicate the KJT first (a feature shared by tables)
-    feature_table: List[int]  # per KJT key: index into the module's table list, or -1
-    feature_mode: List[int]
-    feature_col: List[int]
-
-
-class _PooledLookup(torch.autograd.Function):
-    """Lookup + pooling whose backward applies the fused optimizer to the rows."""
-
-    @staticmethod
-    def forward(ctx, anchor, module, ids, offsets, weights, plan, insert):  # type: ignore[override]
-        out, rows = ops.lookup_pooled_forward(
-            module._table_list,
-            ids,
-            offsets,
-            weights,
-            plan.feature_table,
-            plan.feature_mode,
-            plan.feature_col,
-            module._out_dim,
-            insert,
-        )
-        ctx.module = module
-        ctx.plan = plan
-        ctx.save_for_backward(rows, offsets, weights)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        rows, offsets, weights = ctx.saved_tensors
-        module, plan = ctx.module, ctx.plan
-        ops.pooled_backward_update(
-            module._table_list,
-            grad_output.to(torch.float32).contiguous(),
-            rows,
-            offsets,
-            weights,
-            plan.feature_table,
-            plan.feature_mode,
-            plan.feature_col,
-            *module._optim.next_update_args(),
-        )
-        return (None,) * 7
+    layout: BagLayout
 
 
 class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
@@ -193,9 +153,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
                 self._outputs.append((t, f, col))
                 col += c.embedding_dim
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
-        # Gives the pooled output a grad_fn even when nothing else requires
-        # grad, so that backward reaches the fused update. Not a parameter.
-        self._grad_anchor = torch.zeros(0, requires_grad=True)
+        self._lookup = LookupGroup(self._table_list, self._optim)
         self._plans: Dict[Tuple[str, ...], _KeyPlan] = {}
 
     # -- TorchRec interface ----------------------------------------------------
@@ -257,12 +215,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         feature_mode = [
             _POOLING[self._embedding_bag_configs[t].pooling] if t >= 0 else ops.POOLING_SUM for t in feature_table
         ]
-        plan = _KeyPlan(
-            permute=permute,
-            feature_table=feature_table,
-            feature_mode=feature_mode,
-            feature_col=feature_col,
-        )
+        plan = _KeyPlan(permute, BagLayout(feature_table, feature_mode, feature_col, self._out_dim))
         self._plans[cache_key] = plan
         return plan
 
@@ -339,7 +292,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         if plan.permute is not None:
             features = features.permute(plan.permute)
         values, offsets, weights, _ = self._checked_inputs(features)
-        pooled = _PooledLookup.apply(self._grad_anchor, self, values, offsets, weights, plan, self.training)
+        pooled = self._lookup(values, offsets, weights, plan.layout, self.training)
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,

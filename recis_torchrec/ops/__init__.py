@@ -14,8 +14,12 @@ from recis_torchrec.ops.embedding_bag import (
     sparse_update,
 )
 from recis_torchrec.ops.hashtable import find, find_or_insert, table_export, table_import
+from recis_torchrec.ops.sharding import Buckets, bucketize_dedup, owner_of
 
 __all__ = [
+    "Buckets",
+    "bucketize_dedup",
+    "owner_of",
     "POOLING_MEAN",
     "POOLING_SUM",
     "find",

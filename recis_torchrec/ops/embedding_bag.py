@@ -141,9 +141,12 @@ def pooled_backward_update(
     beta2: float,
     weight_decay: float,
     weight_decay_mode: int,
-    step: int,
+    steps: Sequence[int],
 ) -> None:
-    """:func:`pooled_backward` then :func:`sparse_update` on every table, fused."""
+    """:func:`pooled_backward` then :func:`sparse_update` on every table, fused.
+
+    ``steps[t]`` is table t's update count, counting this one (Adam's bias correction).
+    """
     torch.ops.recis.pooled_backward_update(
         [_handle(t) for t in tables],
         grad_output,
@@ -160,7 +163,7 @@ def pooled_backward_update(
         beta2,
         weight_decay,
         weight_decay_mode,
-        step,
+        list(steps),
     )
 
 

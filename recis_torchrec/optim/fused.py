@@ -10,7 +10,7 @@ through ``state_dict()``.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -177,17 +177,18 @@ class HashFusedOptimizer(FusedOptimizer):
     """The fused optimizer of a hash-backed embedding module, as TorchRec shapes it.
 
     ``params`` are keyed ``"{table}.weight"``; each table's state holds its
-    slots (``"{table}.momentum1"``, ...) and ``"{table}.step"``. One param
-    group holds every table, with ``lr``, ``eps``, ``beta1``, ``beta2`` and
-    ``weight_decay``; the next backward reads them.
+    slots (``"{table}.momentum1"``, ...) and its update count
+    ``"{table}.step"``. One param group holds every table, with ``lr``,
+    ``eps``, ``beta1``, ``beta2`` and ``weight_decay``; the next backward
+    reads them.
     """
 
     def __init__(self, tables: Mapping[str, HashTable], config: SparseOptimizerConfig) -> None:
         self.config = config
         self._tables = dict(tables)
+        self._steps: Dict[str, torch.Tensor] = {name: torch.zeros((), dtype=torch.int64) for name in self._tables}
         # Table rows are not tensors; each table is keyed by a 0-element
         # placeholder, as KeyedOptimizer needs a tensor per parameter key.
-        self._step = torch.zeros((), dtype=torch.int64)
         params: Dict[str, torch.Tensor] = {}
         state: Dict[Any, Any] = {}
         for name, table in self._tables.items():
@@ -197,7 +198,7 @@ class HashFusedOptimizer(FusedOptimizer):
                 f"{name}.{slot}": _TableStateSlot(table, offset, width)
                 for slot, offset, width in _STATE_SLOTS[config.code]
             }
-            slots[f"{name}.step"] = self._step
+            slots[f"{name}.step"] = self._steps[name]
             state[placeholder] = slots
         param_group = {
             "params": list(params.values()),
@@ -211,13 +212,21 @@ class HashFusedOptimizer(FusedOptimizer):
 
     @property
     def step_count(self) -> int:
-        """Updates applied so far (Adam's bias-correction step)."""
-        return int(self._step.item())
+        """The most updates any table has had (Adam's bias-correction step)."""
+        return max((int(s.item()) for s in self._steps.values()), default=0)
 
-    def next_update_args(self) -> List[Any]:
-        """Counts one more update and returns the op's optimizer arguments:
-        ``[optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode, step]``."""
-        self._step += 1
+    def steps(self) -> Dict[str, int]:
+        """Updates applied so far, per table."""
+        return {name: int(s.item()) for name, s in self._steps.items()}
+
+    def next_update_args(self, table_names: Sequence[str]) -> List[Any]:
+        """Counts one more update of the named tables and returns the
+        ``pooled_backward_update`` optimizer arguments: ``[optimizer, lr, eps,
+        beta1, beta2, weight_decay, weight_decay_mode, steps]``."""
+        steps = []
+        for name in table_names:
+            self._steps[name] += 1
+            steps.append(int(self._steps[name].item()))
         g = self.param_groups[0]  # type: ignore[index]
         return [
             self.config.code,
@@ -227,7 +236,7 @@ class HashFusedOptimizer(FusedOptimizer):
             float(g["beta2"]),
             float(g["weight_decay"]),
             self.config.weight_decay_code,
-            int(self._step.item()),
+            steps,
         ]
 
     def step(self, closure: Any = None) -> None:

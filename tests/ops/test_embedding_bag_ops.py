@@ -139,7 +139,7 @@ def test_fused_backward_update_equals_backward_then_update(optimizer):
     args = (optimizer, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, 1)
     rows_a = ops.find_or_insert([pair[0][t] for t in ft], ids, seg)
     rows_b = ops.find_or_insert([pair[1][t] for t in ft], ids, seg)
-    ops.pooled_backward_update(pair[0], grad, rows_a, offsets, psw, ft, modes, cols, *args)
+    ops.pooled_backward_update(pair[0], grad, rows_a, offsets, psw, ft, modes, cols, *args[:-1], [1, 1])
     urows, grads = ops.pooled_backward(dims, grad, rows_b, offsets, psw, ft, modes, cols)
     for t, r, gr in zip(pair[1], urows, grads):
         ops.sparse_update(t, r, gr, *args)
@@ -196,7 +196,8 @@ def test_opcheck_updates():
     grad = torch.randn(4, out_dim)
     opt = (OPTIM_SGD, 0.01, 1e-8, 0.9, 0.999, 0.0, 0, 1)
     torch.library.opcheck(
-        torch.ops.recis.pooled_backward_update.default, (handles, grad, rows, offsets, psw, ft, modes, cols, *opt)
+        torch.ops.recis.pooled_backward_update.default,
+        (handles, grad, rows, offsets, psw, ft, modes, cols, *opt[:-1], [1, 1]),
     )
     urows, grads = ops.pooled_backward([4, 8], grad, rows, offsets, psw, ft, modes, cols)
     torch.library.opcheck(torch.ops.recis.sparse_update.default, (handles[0], urows[0], grads[0], *opt))

@@ -1,0 +1,87 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""The differentiable pooled lookup over a group of hash tables.
+
+Shared by the unsharded module and the owner side of the sharded one: the
+forward finds (or inserts) ids and pools their rows in one op; the backward
+applies the fused optimizer to the rows it touched, in one op.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from recis_torchrec import ops
+from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.optim.fused import HashFusedOptimizer
+
+
+@dataclass(frozen=True)
+class BagLayout:
+    """How KJT keys map onto a table list: per key, the table index (-1 to
+    skip), the pooling mode and the first output column; and the output width."""
+
+    feature_table: List[int]
+    feature_mode: List[int]
+    feature_col: List[int]
+    out_dim: int
+
+
+class _PooledLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, group, ids, offsets, weights, layout, insert):  # type: ignore[override]
+        out, rows = ops.lookup_pooled_forward(
+            group.tables,
+            ids,
+            offsets,
+            weights,
+            layout.feature_table,
+            layout.feature_mode,
+            layout.feature_col,
+            layout.out_dim,
+            insert,
+        )
+        ctx.group = group
+        ctx.layout = layout
+        ctx.save_for_backward(rows, offsets, weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        rows, offsets, weights = ctx.saved_tensors
+        group, layout = ctx.group, ctx.layout
+        ops.pooled_backward_update(
+            group.tables,
+            grad_output.to(torch.float32).contiguous(),
+            rows,
+            offsets,
+            weights,
+            layout.feature_table,
+            layout.feature_mode,
+            layout.feature_col,
+            *group.optimizer.next_update_args(group.table_names),
+        )
+        return (None,) * 7
+
+
+class LookupGroup:
+    """Tables looked up and updated together, with the optimizer that updates them."""
+
+    def __init__(self, tables: List[HashTable], optimizer: HashFusedOptimizer) -> None:
+        self.tables = tables
+        self.table_names = [t.name for t in tables]
+        self.optimizer = optimizer
+        # Gives the pooled output a grad_fn even when nothing else requires
+        # grad, so that backward reaches the fused update. Not a parameter.
+        self._anchor = torch.zeros(0, requires_grad=True)
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        offsets: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        layout: BagLayout,
+        insert: bool,
+    ) -> torch.Tensor:
+        """Pooled embeddings ``(B, layout.out_dim)``; backward updates the rows."""
+        return _PooledLookup.apply(self._anchor, self, ids, offsets, weights, layout, insert)
