@@ -5,10 +5,23 @@ Unsharded use is one line::
 
     import recis_torchrec as rt
     model = rt.convert(model)  # every EmbeddingBagCollection becomes hash-backed
+
+and sharded, with TorchRec's DistributedModelParallel::
+
+    model = DistributedModelParallel(model, sharders=rt.sharders(), plan=rt.plan(model, world_size))
 """
 
+from recis_torchrec.distributed import plan, sharders
 from recis_torchrec.modules import HashEmbeddingBagCollection, HashTable, HashTableOptions, convert
 
 __version__ = "0.1.0"
 
-__all__ = ["HashEmbeddingBagCollection", "HashTable", "HashTableOptions", "convert", "__version__"]
+__all__ = [
+    "HashEmbeddingBagCollection",
+    "HashTable",
+    "HashTableOptions",
+    "convert",
+    "plan",
+    "sharders",
+    "__version__",
+]

@@ -2,7 +2,7 @@
 """``HashEmbeddingBagCollection``: TorchRec's EBC interface on dynamic hashtables."""
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,6 +44,66 @@ class _KeyPlan:
 
     permute: Optional[List[int]]  # reorder/duplicate the KJT first (a feature shared by tables)
     layout: BagLayout
+
+
+def checked_kjt(
+    features: KeyedJaggedTensor, is_weighted: bool, who: str = "HashEmbeddingBagCollection"
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+    """Validates a KJT for a hash-backed module; returns (values int64, offsets int64,
+    weights or None, batch size). Errors name the features at fault."""
+    keys = features.keys()
+    if features.variable_stride_per_key():
+        raise NotImplementedError(
+            f"{who}: KeyedJaggedTensors with a variable batch size per feature "
+            f"(features {keys}) are not supported yet"
+        )
+    values = features.values()
+    if values.dtype == torch.int32:
+        values = values.to(torch.int64)
+    elif values.dtype != torch.int64:
+        raise TypeError(
+            f"{who}: ids of features {keys} must be int64 or int32, got {values.dtype}"
+        )
+    batch = features.stride()
+    lengths = features.lengths()
+    if lengths.numel() != len(keys) * batch:
+        raise ValueError(
+            f"{who}: the KeyedJaggedTensor has {lengths.numel()} lengths for "
+            f"{len(keys)} features {keys} and batch size {batch}"
+        )
+    if lengths.numel() and bool((lengths < 0).any()):
+        first = int(torch.nonzero(lengths < 0)[0, 0])
+        raise ValueError(
+            f"{who}: feature {keys[first // batch]!r} has a negative length "
+            f"({int(lengths[first])}) at batch index {first % batch}"
+        )
+    total = int(lengths.sum()) if lengths.numel() else 0
+    if total != values.numel():
+        per_key = dict(zip(keys, lengths.view(len(keys), batch).sum(1).tolist())) if batch else {}
+        raise ValueError(
+            f"{who}: the KeyedJaggedTensor's lengths sum to {total} but it holds "
+            f"{values.numel()} ids; lengths per feature: {per_key}"
+        )
+    offsets = features.offsets().to(torch.int64)
+    weights = None
+    if is_weighted:
+        weights = features.weights_or_none()
+        if weights is None:
+            raise ValueError(
+                f"{who} is weighted (is_weighted=True) but the KeyedJaggedTensor of "
+                f"features {keys} has no weights"
+            )
+        if weights.dtype != torch.float32:
+            raise TypeError(
+                f"{who}: weights of features {keys} must be float32, got {weights.dtype}"
+            )
+        if weights.numel() != values.numel():
+            raise ValueError(
+                f"{who}: features {keys} have {weights.numel()} weights for "
+                f"{values.numel()} ids"
+            )
+        weights = weights.contiguous()
+    return values.contiguous(), offsets.contiguous(), weights, batch
 
 
 class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
@@ -219,63 +279,6 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         self._plans[cache_key] = plan
         return plan
 
-    def _checked_inputs(
-        self, features: KeyedJaggedTensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
-        keys = features.keys()
-        if features.variable_stride_per_key():
-            raise NotImplementedError(
-                "HashEmbeddingBagCollection: KeyedJaggedTensors with a variable batch size per feature "
-                f"(features {keys}) are not supported yet"
-            )
-        values = features.values()
-        if values.dtype == torch.int32:
-            values = values.to(torch.int64)
-        elif values.dtype != torch.int64:
-            raise TypeError(
-                f"HashEmbeddingBagCollection: ids of features {keys} must be int64 or int32, got {values.dtype}"
-            )
-        batch = features.stride()
-        lengths = features.lengths()
-        if lengths.numel() != len(keys) * batch:
-            raise ValueError(
-                f"HashEmbeddingBagCollection: the KeyedJaggedTensor has {lengths.numel()} lengths for "
-                f"{len(keys)} features {keys} and batch size {batch}"
-            )
-        if lengths.numel() and bool((lengths < 0).any()):
-            first = int(torch.nonzero(lengths < 0)[0, 0])
-            raise ValueError(
-                f"HashEmbeddingBagCollection: feature {keys[first // batch]!r} has a negative length "
-                f"({int(lengths[first])}) at batch index {first % batch}"
-            )
-        total = int(lengths.sum()) if lengths.numel() else 0
-        if total != values.numel():
-            per_key = dict(zip(keys, lengths.view(len(keys), batch).sum(1).tolist())) if batch else {}
-            raise ValueError(
-                f"HashEmbeddingBagCollection: the KeyedJaggedTensor's lengths sum to {total} but it holds "
-                f"{values.numel()} ids; lengths per feature: {per_key}"
-            )
-        offsets = features.offsets().to(torch.int64)
-        weights = None
-        if self._is_weighted:
-            weights = features.weights_or_none()
-            if weights is None:
-                raise ValueError(
-                    f"HashEmbeddingBagCollection is weighted (is_weighted=True) but the KeyedJaggedTensor of "
-                    f"features {keys} has no weights"
-                )
-            if weights.dtype != torch.float32:
-                raise TypeError(
-                    f"HashEmbeddingBagCollection: weights of features {keys} must be float32, got {weights.dtype}"
-                )
-            if weights.numel() != values.numel():
-                raise ValueError(
-                    f"HashEmbeddingBagCollection: features {keys} have {weights.numel()} weights for "
-                    f"{values.numel()} ids"
-                )
-            weights = weights.contiguous()
-        return values.contiguous(), offsets.contiguous(), weights, batch
-
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools each feature's bags into a ``KeyedTensor`` ordered as TorchRec's EBC orders it.
 
@@ -291,7 +294,7 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         plan = self._plan(features.keys())
         if plan.permute is not None:
             features = features.permute(plan.permute)
-        values, offsets, weights, _ = self._checked_inputs(features)
+        values, offsets, weights, _ = checked_kjt(features, self._is_weighted)
         pooled = self._lookup(values, offsets, weights, plan.layout, self.training)
         return KeyedTensor(
             keys=self._embedding_names,
@@ -300,41 +303,15 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         )
 
     # -- state dict ------------------------------------------------------------
-    # Each table appears as "embedding_bags.{table}.weight" (rows, ordered by
-    # id) plus "embedding_bags.{table}.ids". A TorchRec EBC state dict (weight
-    # only) loads too: its row i becomes id i.
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, table in self._tables.items():
-            ids, weights, _ = table.export()
-            order = torch.argsort(ids)
-            destination[f"{prefix}embedding_bags.{name}.weight"] = weights[order]
-            destination[f"{prefix}embedding_bags.{name}.ids"] = ids[order]
+        save_tables(self._tables, destination, prefix)
 
     def _load_from_state_dict(  # type: ignore[override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        ours = set()
-        for name, table in self._tables.items():
-            wkey, ikey = f"{prefix}embedding_bags.{name}.weight", f"{prefix}embedding_bags.{name}.ids"
-            ours.update((wkey, ikey))
-            if wkey not in state_dict:
-                missing_keys.append(wkey)
-                continue
-            weight = state_dict[wkey]
-            ids = state_dict.get(ikey)
-            if ids is None:
-                ids = torch.arange(weight.shape[0], dtype=torch.int64)
-            if weight.dim() != 2 or weight.shape[1] != table.dim or ids.shape != (weight.shape[0],):
-                error_msgs.append(
-                    f"table {name!r}: expected weight (n, {table.dim}) and ids (n,), got weight "
-                    f"{tuple(weight.shape)} and ids {tuple(ids.shape)}"
-                )
-                continue
-            if weight.is_meta:
-                continue
-            table.import_(ids.to(torch.int64).cpu(), weight.detach().to(torch.float32).cpu().contiguous(), None)
+        ours = load_tables(self._tables, state_dict, prefix, missing_keys, error_msgs)
         # The base class loads nothing here (the module has no parameters) but
         # reports, when strict, keys under this prefix that are not ours.
         super()._load_from_state_dict(
@@ -346,3 +323,57 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
             unexpected_keys,
             error_msgs,
         )
+
+
+# Each table appears in a state dict as "embedding_bags.{table}.weight" (rows,
+# ordered by id) plus "embedding_bags.{table}.ids". A TorchRec EBC state dict
+# (weight only) loads too: its row i becomes id i.
+
+
+def save_tables(tables: Mapping[str, HashTable], destination: Dict[str, Any], prefix: str) -> None:
+    """Writes every table's rows, ordered by id, into a state dict."""
+    for name, table in tables.items():
+        ids, weights, _ = table.export()
+        order = torch.argsort(ids)
+        destination[f"{prefix}embedding_bags.{name}.weight"] = weights[order]
+        destination[f"{prefix}embedding_bags.{name}.ids"] = ids[order]
+
+
+def load_tables(
+    tables: Mapping[str, HashTable],
+    state_dict: Mapping[str, Any],
+    prefix: str,
+    missing_keys: List[str],
+    error_msgs: List[str],
+    keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> set:
+    """Imports every table's rows from a state dict; returns the keys used.
+
+    ``keep(ids) -> bool mask`` selects the rows to import (a shard's own ids).
+    """
+    used = set()
+    for name, table in tables.items():
+        wkey, ikey = f"{prefix}embedding_bags.{name}.weight", f"{prefix}embedding_bags.{name}.ids"
+        used.update((wkey, ikey))
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+            continue
+        weight = state_dict[wkey]
+        ids = state_dict.get(ikey)
+        if ids is None:
+            ids = torch.arange(weight.shape[0], dtype=torch.int64)
+        if weight.dim() != 2 or weight.shape[1] != table.dim or ids.shape != (weight.shape[0],):
+            error_msgs.append(
+                f"table {name!r}: expected weight (n, {table.dim}) and ids (n,), got weight "
+                f"{tuple(weight.shape)} and ids {tuple(ids.shape)}"
+            )
+            continue
+        if weight.is_meta:
+            continue
+        ids = ids.to(torch.int64).cpu()
+        weight = weight.detach().to(torch.float32).cpu()
+        if keep is not None:
+            mask = keep(ids)
+            ids, weight = ids[mask], weight[mask]
+        table.import_(ids, weight.contiguous(), None)
+    return used

@@ -1,0 +1,397 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""``ShardedHashEmbeddingBagCollection``: an EBC whose hash tables are sharded by id.
+
+Every rank holds, for every hash table, the rows of the ids it owns
+(``owner_of(id, world_size)``). ``input_dist`` sends each rank's ids to their
+owners, deduplicated; ``compute`` looks them up (inserting new ones) and pools
+the requesters' bags over the owned ids; ``output_dist`` returns the partial
+pools, which the requester sums. Backward returns the pooled gradients to the
+owners, whose fused optimizer updates the rows. See ``comm.py`` for the wire
+format and the cost model.
+
+Tables the plan gives to TorchRec's own sharding types live in a TorchRec
+``ShardedEmbeddingBagCollection`` child, and both outputs are merged into one
+``KeyedTensor`` in the original EBC's key order.
+"""
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
+from torchrec.distributed.embedding_types import KJTList
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ParameterSharding,
+    ShardedModule,
+    ShardingEnv,
+)
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.streamable import Multistreamable
+
+from recis_torchrec import ops
+from recis_torchrec.distributed.comm import GroupDistContext, IdsSplitsAwaitable, pooled_output_dist
+from recis_torchrec.modules.hash_embedding_bag import (
+    OptionsArg,
+    checked_kjt,
+    load_tables,
+    resolve_options,
+    save_tables,
+)
+from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.lookup import BagLayout, LookupGroup
+from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
+
+# The sharding type (and compute kernel) of hash-sharded tables in a ShardingPlan.
+HASH_SHARDING = "recis_hash"
+
+_POOLING = {PoolingType.SUM: ops.POOLING_SUM, PoolingType.MEAN: ops.POOLING_MEAN}
+
+
+class HashEBCContext(Multistreamable):
+    """Per-step state of a sharded hash EBC, from input dist to output dist."""
+
+    def __init__(self, num_groups: int) -> None:
+        self.groups = [GroupDistContext() for _ in range(num_groups)]
+        self.local_batch = 0
+        self.mean_scales: List[Optional[torch.Tensor]] = []
+        self.torchrec_ctx: Optional[Multistreamable] = None
+        self.num_torchrec_inputs = 0
+        # Read by TorchRec's KJTListSplitsAwaitable: the TorchRec child's
+        # sharding contexts, then one empty slot per hash group.
+        self.sharding_contexts: List[Any] = []
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        if self.torchrec_ctx is not None:
+            self.torchrec_ctx.record_stream(stream)
+
+    def bytes_sent(self) -> int:
+        """Bytes this rank put on the wire for the hash groups' input dist."""
+        return sum(g.bytes_sent for g in self.groups)
+
+
+@dataclass
+class _Group:
+    """Hash tables looked up, and communicated, together."""
+
+    tables: List[EmbeddingBagConfig]
+    keys: List[str]  # KJT keys, in group order (a feature read by 2 tables appears twice)
+    names: List[str]  # embedding (output) names, one per key
+    dims: List[int]
+    # The owners pool every feature as a sum: a mean over a bag split across
+    # owners is the sum of the owners' partial sums over the whole bag's
+    # length, which only the requester knows. mean_keys are those features.
+    layout: BagLayout
+    mean_keys: List[int]
+    lookup: LookupGroup
+
+    def mean_scale(self, kjt: KeyedJaggedTensor) -> Optional[torch.Tensor]:
+        """(B, out_dim) factors turning summed partial pools into means, or None."""
+        if not self.mean_keys:
+            return None
+        batch = kjt.stride()
+        lengths = kjt.lengths().view(len(self.keys), batch)
+        scale = torch.ones(batch, self.layout.out_dim)
+        for k in self.mean_keys:
+            col, dim = self.layout.feature_col[k], self.dims[k]
+            scale[:, col : col + dim] = (1.0 / lengths[k].clamp(min=1).to(torch.float32))[:, None]
+        return scale
+
+
+class _MergedAwaitable(LazyAwaitable[KeyedTensor]):
+    """The output KeyedTensor: hash groups' pooled outputs and TorchRec's, in
+    the original EBC's key order."""
+
+    def __init__(
+        self,
+        pieces: List[torch.Tensor],
+        torchrec_out: Optional[Awaitable[KeyedTensor]],
+        columns: List[Tuple[int, int, int]],
+        keys: List[str],
+        dims: List[int],
+    ) -> None:
+        super().__init__()
+        self._pieces = pieces
+        self._torchrec_out = torchrec_out
+        self._columns = columns  # per output: (piece index, first column, dim)
+        self._keys = keys
+        self._dims = dims
+
+    def _wait_impl(self) -> KeyedTensor:
+        pieces = list(self._pieces)
+        if self._torchrec_out is not None:
+            pieces.append(self._torchrec_out.wait().values())
+        if len(pieces) == 1 and [c[1] for c in self._columns] == list(itertools.accumulate([0] + self._dims[:-1])):
+            values = pieces[0]
+        else:
+            slices, run = [], None
+            for piece, col, dim in self._columns:
+                if run is not None and run[0] == piece and run[2] == col:
+                    run = (piece, run[1], col + dim)
+                else:
+                    if run is not None:
+                        slices.append(pieces[run[0]][:, run[1] : run[2]])
+                    run = (piece, col, col + dim)
+            if run is not None:
+                slices.append(pieces[run[0]][:, run[1] : run[2]])
+            values = torch.cat(slices, dim=1) if slices else pieces[0][:, :0]
+        return KeyedTensor(keys=self._keys, length_per_key=self._dims, values=values)
+
+
+class ShardedHashEmbeddingBagCollection(
+    ShardedModule[KJTList, Tuple[Any, List[torch.Tensor]], KeyedTensor, HashEBCContext],
+    FusedOptimizerModule,
+):
+    """The sharded form of a ``torchrec.EmbeddingBagCollection`` whose tables
+    (all or some) the plan puts on :data:`HASH_SHARDING`.
+
+    Args:
+        module: the unsharded EBC. If its weights are materialised, each rank
+            imports the rows of the ids ``0..num_embeddings-1`` it owns, as
+            ``rt.convert`` does.
+        hash_params: the plan entries of the hash-sharded tables.
+        env: the sharding environment (process group).
+        fused_params: TorchRec-style sparse optimizer parameters.
+        options: ``HashTableOptions`` for all tables or by table name.
+        merge_tables: look up and communicate the features of tables that
+            share dim and options together (one all-to-all round per group);
+            with False, one round per table.
+        torchrec_child: TorchRec's sharded module for the other tables, if any.
+        module_fqn: the module's path in the model, for messages.
+    """
+
+    def __init__(
+        self,
+        module: EmbeddingBagCollection,
+        hash_params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        fused_params: Optional[Dict[str, Any]] = None,
+        options: OptionsArg = None,
+        merge_tables: bool = True,
+        torchrec_child: Optional[ShardedModule] = None,
+        module_fqn: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if env.process_group is None:
+            raise ValueError("ShardedHashEmbeddingBagCollection needs a process group (ShardingEnv.from_process_group)")
+        self._pg = env.process_group
+        self._world_size = env.world_size
+        self._rank = env.rank
+        if dist.get_world_size(self._pg) != self._world_size:
+            raise ValueError(
+                f"{module_fqn or 'EmbeddingBagCollection'}: the sharding env says world size {self._world_size} "
+                f"but the process group has {dist.get_world_size(self._pg)} ranks"
+            )
+        self._fqn = module_fqn or "EmbeddingBagCollection"
+        self._is_weighted = module.is_weighted()
+        configs = module.embedding_bag_configs()
+        self._embedding_bag_configs = configs
+        self._hash_configs = [c for c in configs if c.name in hash_params]
+        self._optimizer_config = parse_fused_params(fused_params)
+        per_table_options = resolve_options(self._hash_configs, options)
+        self._tables: Dict[str, HashTable] = {
+            c.name: HashTable(
+                name=c.name,
+                dim=c.embedding_dim,
+                state_dim=self._optimizer_config.state_dim(c.embedding_dim),
+                options=per_table_options[c.name],
+                num_embeddings=(c.num_embeddings + self._world_size - 1) // self._world_size,
+                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
+            )
+            for c in self._hash_configs
+        }
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
+        self.torchrec = torchrec_child
+
+        # Output names and dims in the original order, as TorchRec's EBC has them.
+        all_names = get_embedding_names_by_table(configs)
+        self._embedding_names = [n for names in all_names for n in names]
+        self._embedding_dims = [c.embedding_dim for c in configs for _ in c.feature_names]
+        name_of = {(c.name, f): n for c, names in zip(configs, all_names) for f, n in zip(c.feature_names, names)}
+
+        self._groups = self._make_groups(per_table_options, merge_tables, name_of)
+        self._torchrec_names = [
+            name_of[(c.name, f)] for c in configs if c.name not in hash_params for f in c.feature_names
+        ]
+        # Where each output column block comes from: (piece, first column, dim),
+        # piece g < len(groups) is group g, the last piece is TorchRec's output.
+        where: Dict[str, Tuple[int, int, int]] = {}
+        for g, group in enumerate(self._groups):
+            for name, col, dim in zip(group.names, group.layout.feature_col, group.dims):
+                where[name] = (g, col, dim)
+        col = 0
+        for name in self._torchrec_names:
+            dim = self._embedding_dims[self._embedding_names.index(name)]
+            where[name] = (len(self._groups), col, dim)
+            col += dim
+        self._columns = [where[n] for n in self._embedding_names]
+        self._permutes: Dict[Tuple[str, ...], Tuple[List[int], List[int]]] = {}
+
+        self._import_unsharded_weights(module)
+
+    def _make_groups(self, per_table_options, merge_tables: bool, name_of) -> List[_Group]:
+        buckets: Dict[Any, List[EmbeddingBagConfig]] = {}
+        for c in self._hash_configs:
+            key = (c.embedding_dim, per_table_options[c.name]) if merge_tables else c.name
+            buckets.setdefault(key, []).append(c)
+        groups = []
+        for tables in buckets.values():
+            keys, names, dims, ft, modes, cols = [], [], [], [], [], []
+            col = 0
+            for t, c in enumerate(tables):
+                for f in c.feature_names:
+                    keys.append(f)
+                    names.append(name_of[(c.name, f)])
+                    dims.append(c.embedding_dim)
+                    ft.append(t)
+                    modes.append(_POOLING[c.pooling])
+                    cols.append(col)
+                    col += c.embedding_dim
+            lookup = LookupGroup([self._tables[c.name] for c in tables], self._optim)
+            mean_keys = [k for k, m in enumerate(modes) if m == ops.POOLING_MEAN]
+            sum_modes = [ops.POOLING_SUM] * len(modes)
+            groups.append(_Group(tables, keys, names, dims, BagLayout(ft, sum_modes, cols, col), mean_keys, lookup))
+        return groups
+
+    def _import_unsharded_weights(self, module: EmbeddingBagCollection) -> None:
+        """Rows 0..num_embeddings-1 of the unsharded EBC become ids, each on its owner."""
+        for c in self._hash_configs:
+            bag = module.embedding_bags[c.name] if hasattr(module, "embedding_bags") else None
+            weight = getattr(bag, "weight", None)
+            if weight is None or weight.is_meta:
+                continue
+            ids = torch.arange(weight.shape[0], dtype=torch.int64)
+            mine = ops.owner_of(ids, self._world_size) == self._rank
+            self._tables[c.name].import_(ids[mine], weight.detach()[mine].to(torch.float32).cpu().contiguous(), None)
+
+    # -- TorchRec interface ----------------------------------------------------
+
+    @property
+    def unsharded_module_type(self) -> type:
+        return EmbeddingBagCollection
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        if self.torchrec is None:
+            return self._optim
+        return CombinedOptimizer([("", self._optim), ("torchrec", self.torchrec.fused_optimizer)])
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def tables(self) -> Dict[str, HashTable]:
+        """This rank's shard of every hash table."""
+        return dict(self._tables)
+
+    def table_stats(self) -> Dict[str, Dict[str, int]]:
+        return {name: t.info() for name, t in self._tables.items()}
+
+    def create_context(self) -> HashEBCContext:
+        return HashEBCContext(len(self._groups))
+
+    # -- input dist ------------------------------------------------------------
+
+    def _group_permute(self, keys: List[str]) -> Tuple[List[int], List[int]]:
+        cache_key = tuple(keys)
+        cached = self._permutes.get(cache_key)
+        if cached is not None:
+            return cached
+        index = {k: i for i, k in enumerate(keys)}
+        permute, sizes = [], []
+        for group in self._groups:
+            for t, k in zip(group.layout.feature_table, group.keys):
+                if k not in index:
+                    raise KeyError(
+                        f"{self._fqn}: feature {k!r} (table {group.tables[t].name!r}) is missing from the "
+                        f"KeyedJaggedTensor, whose keys are {keys}"
+                    )
+                permute.append(index[k])
+            sizes.append(len(group.keys))
+        self._permutes[cache_key] = (permute, sizes)
+        return permute, sizes
+
+    def input_dist(self, ctx: HashEBCContext, features: KeyedJaggedTensor) -> KJTListSplitsAwaitable:
+        if not isinstance(features, KeyedJaggedTensor):
+            raise TypeError(f"{self._fqn} expects a KeyedJaggedTensor, got {type(features).__name__}")
+        awaitables: List[Any] = []
+        if self.torchrec is not None:
+            ctx.torchrec_ctx = self.torchrec.create_context()
+            request = self.torchrec.input_dist(ctx.torchrec_ctx, features)
+            awaitables.extend(request.awaitables)
+            ctx.num_torchrec_inputs = len(request.awaitables)
+            ctx.sharding_contexts = list(getattr(ctx.torchrec_ctx, "sharding_contexts", []))
+        ctx.sharding_contexts += [None] * len(self._groups)
+        with torch.no_grad():
+            permute, sizes = self._group_permute(features.keys())
+            ours = features.permute(permute)
+            values, offsets, weights, batch = checked_kjt(ours, self._is_weighted, self._fqn)
+            ctx.local_batch = batch
+            ours = KeyedJaggedTensor(
+                keys=ours.keys(), values=values, lengths=ours.lengths(), offsets=offsets, weights=weights, stride=batch
+            )
+            for g, kjt in enumerate(ours.split(sizes)):
+                ctx.mean_scales.append(self._groups[g].mean_scale(kjt))
+                awaitables.append(IdsSplitsAwaitable(kjt, self._pg, ctx.groups[g]))
+        return KJTListSplitsAwaitable(awaitables, ctx, self._fqn)
+
+    # -- compute and output dist -------------------------------------------------
+
+    def compute(self, ctx: HashEBCContext, dist_input: KJTList) -> Tuple[Any, List[torch.Tensor]]:
+        torchrec_out = None
+        n = ctx.num_torchrec_inputs
+        if self.torchrec is not None:
+            torchrec_out = self.torchrec.compute(ctx.torchrec_ctx, KJTList(list(dist_input)[:n]))
+        pooled = []
+        for g, group in enumerate(self._groups):
+            kjt = dist_input[n + g]
+            weights = kjt.weights_or_none() if self._is_weighted else None
+            pooled.append(group.lookup(kjt.values(), kjt.offsets(), weights, group.layout, self.training))
+        return torchrec_out, pooled
+
+    def output_dist(self, ctx: HashEBCContext, output: Tuple[Any, List[torch.Tensor]]) -> LazyAwaitable[KeyedTensor]:
+        torchrec_out, pooled = output
+        pieces = []
+        for g, p in enumerate(pooled):
+            piece = pooled_output_dist(p, self._pg, ctx.groups[g], ctx.local_batch)
+            scale = ctx.mean_scales[g]
+            pieces.append(piece if scale is None else piece * scale)
+        torchrec_awaitable = (
+            self.torchrec.output_dist(ctx.torchrec_ctx, torchrec_out) if self.torchrec is not None else None
+        )
+        return _MergedAwaitable(pieces, torchrec_awaitable, self._columns, self._embedding_names, self._embedding_dims)
+
+    # -- state dict ------------------------------------------------------------
+    # This rank's rows of each hash table, as "embedding_bags.{table}.weight"
+    # and ".ids". Loading keeps only the ids this rank owns, so a full
+    # (unsharded) state dict loads on every rank.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_tables(self._tables, destination, prefix)
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        def mine(ids: torch.Tensor) -> torch.Tensor:
+            return ops.owner_of(ids, self._world_size) == self._rank
+
+        used = load_tables(self._tables, state_dict, prefix, missing_keys, error_msgs, keep=mine)
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k not in used},
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+
+
+__all__ = ["HASH_SHARDING", "HashEBCContext", "ShardedHashEmbeddingBagCollection"]

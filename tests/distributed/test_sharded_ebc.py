@@ -1,0 +1,210 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Hash-sharded EBC under DistributedModelParallel: real 2-rank runs (gloo, CPU).
+
+Each rank checks its own results against issue A's unsharded
+HashEmbeddingBagCollection, which every rank can compute on the union of the
+ranks' batches. DDP averages the dense gradients over ranks and TorchRec's
+gradient division does the same for the embedding gradients, so the sharded
+step on batches b_0, b_1 equals the unsharded step on their union with the
+loss (loss_0 + loss_1) / world_size.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_configs import PoolingType
+
+import recis_torchrec as rt
+from recis_torchrec import ops
+from recis_torchrec.testing.multiprocess import run_ranks
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+KEYS = ["f0", "f1", "f2", "f3"]
+BATCH = [3, 5]  # uneven batch sizes per rank
+FUSED = {"optimizer": EmbOptimType.ADAM, "learning_rate": 0.05, "eps": 1e-6}
+STEPS = 6
+
+
+def table_configs():
+    return [
+        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=60, feature_names=["f0", "f1"]),
+        EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=40, feature_names=["f2"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=30, feature_names=["f3"]),
+    ]
+
+
+class TwoTower(torch.nn.Module):
+    """An EBC feeding a linear layer, as a DLRM's sparse and dense parts do."""
+
+    def __init__(self, weighted: bool = False):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(table_configs(), is_weighted=weighted)
+        self.dense = torch.nn.Linear(8 + 8 + 8 + 4, 1)
+
+    def forward(self, kjt: KeyedJaggedTensor):
+        pooled = self.ebc(kjt).values()
+        return self.dense(pooled), pooled
+
+
+def make_model(seed: int = 0, weighted: bool = False) -> TwoTower:
+    torch.manual_seed(seed)
+    return TwoTower(weighted)
+
+
+def rank_batch(step: int, rank: int, world_size: int, weighted: bool = False) -> KeyedJaggedTensor:
+    """Step s, rank r's batch; each step exercises one edge case."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    b = BATCH[rank % len(BATCH)]
+    lengths = torch.randint(0, 4, (len(KEYS), b), generator=g)
+    if step == 1 and rank == 1:
+        lengths[2] = 0  # a feature with no ids on this rank
+    n = int(lengths.sum())
+    if step == 2:
+        # every id owned by rank 0
+        pool = torch.arange(-500, 500, dtype=torch.int64)
+        pool = pool[ops.owner_of(pool, world_size) == 0]
+        values = pool[torch.randint(0, pool.numel(), (n,), generator=g)]
+    elif step == 3:
+        extremes = torch.tensor([INT64_MIN, INT64_MIN + 1, INT64_MAX, INT64_MAX - 1, -1, -(2**40), 0], dtype=torch.int64)
+        values = extremes[torch.randint(0, extremes.numel(), (n,), generator=g)]
+    else:
+        values = torch.randint(-20, 90, (n,), generator=g)  # imported ids (< num_embeddings) and new ones
+    weights = torch.rand(n, generator=g) if weighted else None
+    return KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths.reshape(-1), weights=weights)
+
+
+def union_batch(step: int, world_size: int, weighted: bool = False) -> KeyedJaggedTensor:
+    parts = [rank_batch(step, r, world_size, weighted).to_dict() for r in range(world_size)]
+    values, lengths, weights = [], [], []
+    for k in KEYS:
+        for p in parts:
+            values.append(p[k].values())
+            lengths.append(p[k].lengths())
+            if weighted:
+                weights.append(p[k].weights())
+    return KeyedJaggedTensor(
+        keys=KEYS,
+        values=torch.cat(values),
+        lengths=torch.cat(lengths),
+        weights=torch.cat(weights) if weighted else None,
+    )
+
+
+def loss_of(logits: torch.Tensor) -> torch.Tensor:
+    return ((logits - 0.5) ** 2).sum()
+
+
+def rows_of(table) -> dict:
+    ids, weights, _ = table.export()
+    return {i: w for i, w in zip(ids.tolist(), weights)}
+
+
+def check_parity(rank: int, world_size: int, merge_tables: bool, weighted: bool) -> None:
+    model = make_model(weighted=weighted)
+    reference = copy.deepcopy(model)
+    reference.ebc = rt.convert(reference.ebc, fused_params=FUSED)
+    ref_opt = torch.optim.SGD(reference.dense.parameters(), lr=0.05)
+
+    dmp = DistributedModelParallel(
+        model, sharders=rt.sharders(FUSED, merge_tables=merge_tables), plan=rt.plan(model, world_size)
+    )
+    sharded = dmp.module.ebc
+    assert type(sharded).__name__ == "ShardedHashEmbeddingBagCollection"
+    assert len(sharded._groups) == (2 if merge_tables else 3)
+    dense_opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
+
+    offset = sum(BATCH[r % len(BATCH)] for r in range(rank))
+    b = BATCH[rank % len(BATCH)]
+    for step in range(STEPS):
+        logits, pooled = dmp(rank_batch(step, rank, world_size, weighted))
+        ref_logits, ref_pooled = reference(union_batch(step, world_size, weighted))
+        torch.testing.assert_close(pooled, ref_pooled[offset : offset + b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, ref_logits[offset : offset + b], atol=1e-5, rtol=1e-5)
+        dense_opt.zero_grad()
+        loss_of(logits).backward()
+        dense_opt.step()
+        ref_opt.zero_grad()
+        bounds = [0] + list(torch.tensor([BATCH[r % len(BATCH)] for r in range(world_size)]).cumsum(0).tolist())
+        ref_loss = sum(loss_of(ref_logits[bounds[r] : bounds[r + 1]]) for r in range(world_size)) / world_size
+        ref_loss.backward()
+        ref_opt.step()
+
+    # Every row this rank owns equals the unsharded one; together the ranks hold them all.
+    for name, table in sharded.tables().items():
+        ours, ref = rows_of(table), rows_of(reference.ebc.tables()[name])
+        owned = [i for i in ref if int(ops.owner_of(torch.tensor([i]), world_size)) == rank]
+        assert sorted(ours) == sorted(owned), name
+        for i, w in ours.items():
+            torch.testing.assert_close(w, ref[i], atol=1e-5, rtol=1e-5)
+    assert sharded.fused_optimizer.steps() == {"t0": STEPS, "t1": STEPS, "t2": STEPS}
+
+
+def _parity_worker(rank: int, world_size: int) -> None:
+    check_parity(rank, world_size, merge_tables=True, weighted=False)
+    check_parity(rank, world_size, merge_tables=False, weighted=False)
+    check_parity(rank, world_size, merge_tables=True, weighted=True)
+
+
+def test_sharded_training_equals_unsharded_on_the_union_batch():
+    run_ranks(_parity_worker, world_size=2, timeout=400)
+
+
+def _state_lr_and_errors_worker(rank: int, world_size: int) -> None:
+    model = make_model()
+    dmp = DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=rt.plan(model, world_size))
+    for step in range(2):
+        logits, _ = dmp(rank_batch(step, rank, world_size))
+        loss_of(logits).backward()
+
+    # dmp.fused_optimizer holds ours; a learning-rate change reaches the update.
+    groups = dmp.fused_optimizer.param_groups
+    assert any(abs(g["lr"] - FUSED["learning_rate"]) < 1e-12 for g in groups)
+    for g in groups:
+        g["lr"] = 0.0
+    before = {n: rows_of(t) for n, t in dmp.module.ebc.tables().items()}
+    logits, _ = dmp(rank_batch(0, rank, world_size))  # ids seen before: no inserts
+    loss_of(logits).backward()
+    for n, t in dmp.module.ebc.tables().items():
+        after = rows_of(t)
+        assert after.keys() == before[n].keys()
+        for i in after:
+            assert torch.equal(after[i], before[n][i])
+
+    # state_dict round trip at the same world size.
+    sd = dmp.state_dict()
+    assert "ebc.embedding_bags.t0.weight" in sd and "ebc.embedding_bags.t0.ids" in sd
+    other = make_model(seed=7)
+    dmp2 = DistributedModelParallel(other, sharders=rt.sharders(FUSED), plan=rt.plan(other, world_size))
+    dmp2.load_state_dict(sd)
+    dmp.eval()
+    dmp2.eval()
+    with torch.no_grad():
+        a, _ = dmp(rank_batch(4, rank, world_size))
+        b, _ = dmp2(rank_batch(4, rank, world_size))
+    torch.testing.assert_close(a, b)
+
+    # A plan for another world size fails clearly on every rank; nothing hangs.
+    bad = make_model()
+    with pytest.raises(ValueError, match="planned over 3 ranks but the world size is 2"):
+        DistributedModelParallel(bad, sharders=rt.sharders(FUSED), plan=rt.plan(bad, 3))
+    dist.barrier()
+
+
+def test_lr_change_state_dict_round_trip_and_world_size_error():
+    run_ranks(_state_lr_and_errors_worker, world_size=2, timeout=300)
+
+
+def test_plan_rejects_unknown_tables_and_keeps_base_entries():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"tables \['nope'\] are not in any EmbeddingBagCollection"):
+        rt.plan(model, 2, tables=["t0", "nope"])
+    p = rt.plan(model, 2, tables=["t0"])
+    entry = p.plan["ebc"]
+    assert entry["t0"].sharding_type == rt.distributed.HASH_SHARDING
+    assert entry["t1"].sharding_type == "row_wise" and entry["t2"].sharding_type == "row_wise"
+    assert rt.plan(model, 2, base=p, tables=["t1"]).plan["ebc"]["t0"].sharding_type == rt.distributed.HASH_SHARDING
