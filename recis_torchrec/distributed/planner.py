@@ -4,6 +4,7 @@
 from typing import Iterable, Optional
 
 from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -29,7 +30,8 @@ def plan(
         tables: only these tables (by name) go on hash sharding; None means
             every table of every ``EmbeddingBagCollection``. A table of a
             chosen EBC that neither list covers gets TorchRec's row-wise
-            sharding.
+            sharding with the fused kernel (FBGEMM TBE, the sharder's
+            ``fused_params``).
         device_type: for the row-wise entries built here.
 
     Returns:
@@ -55,7 +57,7 @@ def plan(
         row_wise_entry = (
             construct_module_sharding_plan(
                 module,
-                {n: row_wise() for n in names},
+                {n: row_wise(compute_kernel=EmbeddingComputeKernel.FUSED.value) for n in names},
                 local_size=world_size,
                 world_size=world_size,
                 device_type=device_type,

@@ -56,10 +56,10 @@ def make_model(seed: int = 0, weighted: bool = False) -> TwoTower:
     return TwoTower(weighted)
 
 
-def rank_batch(step: int, rank: int, world_size: int, weighted: bool = False) -> KeyedJaggedTensor:
+def rank_batch(step: int, rank: int, world_size: int, weighted: bool = False, batch=BATCH) -> KeyedJaggedTensor:
     """Step s, rank r's batch; each step exercises one edge case."""
     g = torch.Generator().manual_seed(1000 * step + rank)
-    b = BATCH[rank % len(BATCH)]
+    b = batch[rank % len(batch)]
     lengths = torch.randint(0, 4, (len(KEYS), b), generator=g)
     if step == 1 and rank == 1:
         lengths[2] = 0  # a feature with no ids on this rank
@@ -78,8 +78,8 @@ def rank_batch(step: int, rank: int, world_size: int, weighted: bool = False) ->
     return KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths.reshape(-1), weights=weights)
 
 
-def union_batch(step: int, world_size: int, weighted: bool = False) -> KeyedJaggedTensor:
-    parts = [rank_batch(step, r, world_size, weighted).to_dict() for r in range(world_size)]
+def union_batch(step: int, world_size: int, weighted: bool = False, batch=BATCH) -> KeyedJaggedTensor:
+    parts = [rank_batch(step, r, world_size, weighted, batch).to_dict() for r in range(world_size)]
     values, lengths, weights = [], [], []
     for k in KEYS:
         for p in parts:
@@ -207,4 +207,119 @@ def test_plan_rejects_unknown_tables_and_keeps_base_entries():
     entry = p.plan["ebc"]
     assert entry["t0"].sharding_type == rt.distributed.HASH_SHARDING
     assert entry["t1"].sharding_type == "row_wise" and entry["t2"].sharding_type == "row_wise"
+    assert entry["t1"].compute_kernel == "fused"
     assert rt.plan(model, 2, base=p, tables=["t1"]).plan["ebc"]["t0"].sharding_type == rt.distributed.HASH_SHARDING
+
+
+ROWWISE = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1, "eps": 1e-8}
+
+
+def _mixed_plan_worker(rank: int, world_size: int) -> None:
+    # t0 and t1 on hash sharding, t2 on TorchRec's row-wise sharding (FBGEMM).
+    # Equal batch sizes: TorchRec's row-wise output dist on gloo needs them
+    # (hash sharding does not; the other tests use uneven ones).
+    even = [4, 4]
+    model = make_model()
+    reference = copy.deepcopy(model)
+    reference.ebc = rt.convert(reference.ebc, fused_params=ROWWISE)
+    ref_opt = torch.optim.SGD(reference.dense.parameters(), lr=0.05)
+    original_t2 = model.ebc.embedding_bags["t2"].weight.detach().clone()
+    dmp = DistributedModelParallel(
+        model, sharders=rt.sharders(ROWWISE), plan=rt.plan(model, world_size, tables=["t0", "t1"])
+    )
+    sharded = dmp.module.ebc
+    assert sorted(sharded.tables()) == ["t0", "t1"] and sharded.torchrec is not None
+    # TorchRec does not copy unsharded weights into its shards; do it so both start equal.
+    shard_tensor = dmp.state_dict()["ebc.torchrec.embedding_bags.t2.weight"]
+    for shard in shard_tensor.local_shards():
+        rows = shard.metadata.shard_offsets[0]
+        with torch.no_grad():
+            shard.tensor.copy_(original_t2[rows : rows + shard.tensor.shape[0]])
+    dense_opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
+    offset, b = 4 * rank, 4
+    bounds = [0, 4, 8]
+    for it, step in enumerate((0, 4, 5, 0)):  # bounded ids only: t2 is a fixed-size TorchRec table
+        batch = rank_batch(step, rank, world_size, batch=even)
+        batch = KeyedJaggedTensor(keys=KEYS, values=batch.values().abs() % 30, lengths=batch.lengths())
+        union = union_batch(step, world_size, batch=even)
+        union = KeyedJaggedTensor(keys=KEYS, values=union.values().abs() % 30, lengths=union.lengths())
+        logits, pooled = dmp(batch)
+        ref_logits, ref_pooled = reference(union)
+        torch.testing.assert_close(
+            pooled, ref_pooled[offset : offset + b], atol=1e-5, rtol=1e-5, msg=lambda m: f"iteration {it}: {m}"
+        )
+        dense_opt.zero_grad()
+        loss_of(logits).backward()
+        dense_opt.step()
+        ref_opt.zero_grad()
+        (sum(loss_of(ref_logits[bounds[r] : bounds[r + 1]]) for r in range(world_size)) / world_size).backward()
+        ref_opt.step()
+    # The TorchRec shard trained as the unsharded reference did.
+    ref_t2 = rows_of(reference.ebc.tables()["t2"])
+    for shard in dmp.state_dict()["ebc.torchrec.embedding_bags.t2.weight"].local_shards():
+        rows = shard.metadata.shard_offsets[0]
+        for i in range(shard.tensor.shape[0]):
+            torch.testing.assert_close(shard.tensor[i], ref_t2[rows + i], atol=1e-5, rtol=1e-5)
+    # dmp.fused_optimizer holds both kinds of tables.
+    keys = dmp.fused_optimizer.state_dict()["state"].keys()
+    assert any("t0" in k for k in keys) and any("t2" in k for k in keys)
+
+
+def test_mixed_plan_hash_and_torchrec_row_wise():
+    run_ranks(_mixed_plan_worker, world_size=2, timeout=300)
+
+
+class _PipelinedTower(torch.nn.Module):
+    def __init__(self, tower: TwoTower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, batch):
+        logits, pooled = self.tower(batch.sparse_features)
+        return loss_of(logits), (logits.detach(), pooled.detach())
+
+
+def _pipeline_worker(rank: int, world_size: int) -> None:
+    from torchrec.datasets.utils import Batch
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    batches = [
+        Batch(
+            dense_features=torch.zeros(BATCH[rank], 1),
+            sparse_features=rank_batch(step, rank, world_size),
+            labels=torch.zeros(BATCH[rank]),
+        )
+        for step in range(STEPS)
+    ]
+    results = []
+    for pipelined in (False, True):
+        model = _PipelinedTower(make_model())
+        dmp = DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=rt.plan(model, world_size))
+        opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
+        outputs = []
+        if pipelined:
+            pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), execute_all_batches=True)
+            it = iter(batches)
+            for _ in range(STEPS):
+                outputs.append(pipeline.progress(it))
+        else:
+            for batch in batches:
+                opt.zero_grad()
+                loss, out = dmp(batch)
+                loss.backward()
+                opt.step()
+                outputs.append(out)
+        tables = {n: rows_of(t) for n, t in dmp.module.tower.ebc.tables().items()}
+        results.append((outputs, tables))
+    (plain, plain_tables), (piped, piped_tables) = results
+    for (a_logits, a_pooled), (b_logits, b_pooled) in zip(plain, piped):
+        torch.testing.assert_close(b_pooled, a_pooled, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(b_logits, a_logits, atol=1e-6, rtol=1e-6)
+    for n in plain_tables:
+        assert plain_tables[n].keys() == piped_tables[n].keys()
+        for i in plain_tables[n]:
+            torch.testing.assert_close(piped_tables[n][i], plain_tables[n][i], atol=1e-6, rtol=1e-6)
+
+
+def test_train_pipeline_sparse_dist_equals_plain_loop():
+    run_ranks(_pipeline_worker, world_size=2, timeout=300)
