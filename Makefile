@@ -26,8 +26,13 @@ $(BUILT): $(DEPS) $(EXT_SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
+# Sharded over 2 ranks with torchrun when it is there (it ships with torch).
 train: setup
-	$(PY) -m recis_torchrec.examples.train_dlrm
+	if [ -x $(VENV)/bin/torchrun ]; then \
+		$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m recis_torchrec.examples.train_dlrm; \
+	else \
+		$(PY) -m recis_torchrec.examples.train_dlrm; \
+	fi
 
 test: setup
 	$(PY) -m pytest -q

@@ -2,20 +2,25 @@
 """The main job: TorchRec's DLRM on hash-backed tables, trained on synthetic clicks.
 
 The model is built exactly as a TorchRec user builds it (an
-``EmbeddingBagCollection`` on the meta device inside ``torchrec.models.dlrm.DLRM``);
-``recis_torchrec.convert`` then swaps in dynamic tables, so the raw 64-bit ids
-of the data need no ``num_embeddings`` bound or modulo.
+``EmbeddingBagCollection`` on the meta device inside ``torchrec.models.dlrm.DLRM``).
+Under ``torchrun`` it is sharded by TorchRec's ``DistributedModelParallel``
+with our sharder and plan (gloo on CPU); alone, ``recis_torchrec.convert``
+swaps in dynamic tables. Either way the raw 64-bit ids of the data need no
+``num_embeddings`` bound or modulo.
 
+    torchrun --nproc_per_node 2 -m recis_torchrec.examples.train_dlrm --steps 300
     python -m recis_torchrec.examples.train_dlrm --steps 300
 """
 
 import argparse
 import math
+import os
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchmetrics.classification import BinaryAUROC
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -25,7 +30,8 @@ import recis_torchrec as rt
 from recis_torchrec.datasets import SyntheticClicks, SyntheticConfig
 
 
-def build_model(data: SyntheticConfig, dim: int, fused_params) -> DLRM:
+def build_model(data: SyntheticConfig, dim: int, fused_params) -> torch.nn.Module:
+    """TorchRec's DLRM, hash-backed: sharded under torchrun, converted otherwise."""
     tables = [
         EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=data.vocab_size, feature_names=[f])
         for f in data.feature_names()
@@ -36,22 +42,44 @@ def build_model(data: SyntheticConfig, dim: int, fused_params) -> DLRM:
         dense_arch_layer_sizes=[64, dim],
         over_arch_layer_sizes=[64, 32, 1],
     )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+
+        world_size = dist.get_world_size()
+        return DistributedModelParallel(
+            model, sharders=rt.sharders(fused_params), plan=rt.plan(model, world_size), device=torch.device("cpu")
+        )
     return rt.convert(model, fused_params=fused_params, import_weights=False)
 
 
-def evaluate(model, stream, batches: int) -> tuple:
+def hash_tables(model: torch.nn.Module) -> dict:
+    """The (local shards of the) hash tables of a converted or sharded DLRM."""
+    inner = model.module if hasattr(model, "module") and hasattr(model, "fused_optimizer") else model
+    return inner.sparse_arch.embedding_bag_collection.tables()
+
+
+def evaluate(model, stream, batches: int) -> Tuple[float, float]:
+    """Held-out log loss and AUC, over every rank's held-out batches."""
     model.eval()
-    auc = BinaryAUROC()
-    loss_sum, n = 0.0, 0
+    logits_all, labels_all = [], []
     with torch.no_grad():
         for _ in range(batches):
             b = stream.next_batch()
-            logits = model(b.dense_features, b.sparse_features).squeeze(-1)
-            loss_sum += torch.nn.functional.binary_cross_entropy_with_logits(logits, b.labels, reduction="sum").item()
-            n += b.labels.numel()
-            auc.update(torch.sigmoid(logits), b.labels.long())
+            logits_all.append(model(b.dense_features, b.sparse_features).squeeze(-1))
+            labels_all.append(b.labels)
     model.train()
-    return loss_sum / n, float(auc.compute())
+    logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, logits)
+        logits = torch.cat(parts)
+        parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, labels)
+        labels = torch.cat(parts)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
+    auc = BinaryAUROC()
+    auc.update(torch.sigmoid(logits), labels.long())
+    return loss, float(auc.compute())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -68,24 +96,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
     torch.manual_seed(args.seed)
     data = SyntheticConfig(num_sparse=args.num_sparse, vocab_size=args.vocab_size, seed=args.seed)
     fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": args.sparse_lr}
     model = build_model(data, args.dim, fused)
     dense_opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    train, held_out = SyntheticClicks(data, args.batch_size, 0), SyntheticClicks(data, args.batch_size, 1)
+    # Each rank reads its own part of the stream; the hidden model is shared.
+    train = SyntheticClicks(data, args.batch_size, stream_seed=2 * rank)
+    held_out = SyntheticClicks(data, args.batch_size, stream_seed=2 * rank + 1)
 
-    ebc = model.sparse_arch.embedding_bag_collection
-    print(
-        f"DLRM on {len(ebc.embedding_bag_configs())} hash tables (dim {args.dim}), "
-        f"fused {fused['optimizer'].name}, batch {args.batch_size}, {args.steps} steps",
-        flush=True,
+    mode = f"sharded over {world_size} ranks (gloo)" if world_size > 1 else "unsharded"
+    log(
+        f"DLRM on {data.num_sparse} hash tables (dim {args.dim}), {mode}, "
+        f"fused {fused['optimizer'].name}, batch {args.batch_size} per rank, {args.steps} steps"
     )
     loss0, auc0 = evaluate(model, held_out, args.eval_batches)
-    print(f"step     0  eval log loss {loss0:.4f}  AUC {auc0:.4f}", flush=True)
+    log(f"step     0  eval log loss {loss0:.4f}  AUC {auc0:.4f}")
 
     window, t0, examples = [], time.perf_counter(), 0
-    first_window = None
     for step in range(1, args.steps + 1):
         batch = train.next_batch()
         logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
@@ -97,17 +135,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         examples += batch.labels.numel()
         if step % args.log_every == 0 or step == args.steps:
             avg = sum(window) / len(window)
-            first_window = avg if first_window is None else first_window
-            rate = examples / (time.perf_counter() - t0)
-            rows = sum(t.info()["rows"] for t in ebc.tables().values())
-            print(f"step {step:5d}  train loss {avg:.4f}  {rate:,.0f} examples/s  table rows {rows:,}", flush=True)
+            rate = examples * world_size / (time.perf_counter() - t0)
+            rows = sum(t.info()["rows"] for t in hash_tables(model).values())
+            log(f"step {step:5d}  train loss {avg:.4f}  {rate:,.0f} examples/s  rank-0 table rows {rows:,}")
             window = []
 
     loss1, auc1 = evaluate(model, held_out, args.eval_batches)
-    print(f"final      eval log loss {loss1:.4f}  AUC {auc1:.4f}  (start {loss0:.4f} / {auc0:.4f})", flush=True)
-    mem = sum(t.memory_bytes() for t in ebc.tables().values())
-    print(f"tables hold {sum(len(t) for t in ebc.tables().values()):,} rows in {mem / 2**20:.1f} MiB", flush=True)
-    if not (math.isfinite(loss1) and loss1 < loss0 - 0.02 and auc1 > auc0 + 0.05):
+    log(f"final      eval log loss {loss1:.4f}  AUC {auc1:.4f}  (start {loss0:.4f} / {auc0:.4f})")
+    tables = hash_tables(model).values()
+    mem = sum(t.memory_bytes() for t in tables)
+    log(f"rank-0 tables hold {sum(len(t) for t in tables):,} rows in {mem / 2**20:.1f} MiB")
+    ok = math.isfinite(loss1) and loss1 < loss0 - 0.02 and auc1 > auc0 + 0.05
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not ok:
         print("FAILED: the held-out loss did not clearly fall", file=sys.stderr)
         return 1
     return 0
