@@ -5,10 +5,13 @@ Input dist, per lookup group and step, on every rank:
 
 1. ``bucketize_dedup``: each id goes to its owner rank (a salted mixing hash),
    deduplicated per owner.
-2. Splits all-to-all (async): per destination, the unique-id count, the
-   metadata count (bag lengths + per-value inverse indices) and the batch size.
-3. Tensors all-to-all (async, launched on the first ``wait``): unique ids
-   (int64), metadata (int32) and, for weighted features, per-value weights.
+2. Splits all-to-all (async): per destination, the id count, the metadata
+   count (bag lengths + per-value inverse indices), the batch size and whether
+   the ids are deduplicated. A destination gets its distinct ids plus a
+   4-byte inverse index per value only when that is smaller than its raw
+   8-byte ids (fewer than half of them distinct); otherwise the raw ids.
+3. Tensors all-to-all (async, launched on the first ``wait``): ids (int64),
+   metadata (int32) and, for weighted features, per-value weights.
 4. On the owner (second ``wait``): the requesters' bags are rebuilt as one KJT
    whose batch is every source's batch in rank order.
 
@@ -21,9 +24,9 @@ Why partial pools and not rows: returning rows costs ``U x D x 4`` bytes per
 rank (U = unique ids sent), partial pools ``B x D x 4`` per feature and
 owner. With bags of L ids, U is up to ``B x L`` per feature, so pools are
 smaller whenever bags hold more than about one distinct remote id, which is
-the common case (and the benchmark's L = 20). The input side still sends
-each distinct id once (8 bytes) plus a 4-byte index per value, against the
-8 bytes per value that TorchRec's row-wise sharding sends.
+the common case (and the benchmark's L = 20). The input side sends at most
+the 8 bytes per value that TorchRec's row-wise sharding sends, and less when
+ids repeat.
 """
 
 from typing import List
@@ -52,7 +55,7 @@ class _IdsTensorsAwaitable(Awaitable[KeyedJaggedTensor]):
         self._out_ids = out_ids
         self._out_meta = out_meta
         self._out_weights = out_weights
-        self._recv = recv  # per source: [unique ids, meta ints, batch size]
+        self._recv = recv  # per source: [ids sent, meta ints, batch size, deduplicated?]
         self._keys = keys
         self._ctx = ctx
 
@@ -63,18 +66,21 @@ class _IdsTensorsAwaitable(Awaitable[KeyedJaggedTensor]):
         ids = self._out_ids.split([r[0] for r in self._recv])
         meta = self._out_meta.split([r[1] for r in self._recv])
         batch = [r[2] for r in self._recv]
+        deduped = [bool(r[3]) for r in self._recv]
         weights = (
-            self._out_weights.split([r[1] - num_features * r[2] for r in self._recv])
+            self._out_weights.split(
+                [r[1] - num_features * r[2] if r[3] else r[0] for r in self._recv]
+            )
             if self._out_weights is not None
             else None
         )
         lengths_by_source, values_by_source, weights_by_source = [], [], []
         for s, b in enumerate(batch):
             bag_lengths = meta[s][: num_features * b].view(num_features, b)
-            inverse = meta[s][num_features * b :].to(torch.int64)
             per_feature = bag_lengths.sum(1).tolist()
+            values = ids[s][meta[s][num_features * b :].to(torch.int64)] if deduped[s] else ids[s]
             lengths_by_source.append(bag_lengths)
-            values_by_source.append(ids[s][inverse].split(per_feature))
+            values_by_source.append(values.split(per_feature))
             if weights is not None:
                 weights_by_source.append(weights[s].split(per_feature))
         sources = range(len(batch))
@@ -111,21 +117,32 @@ class IdsSplitsAwaitable(Awaitable[Awaitable[KeyedJaggedTensor]]):
         unique_counts = b.unique_counts.tolist()
         value_counts = b.value_counts.tolist()
         inverse = b.inverse.split(value_counts)
-        self._meta = torch.cat([t for o in range(world_size) for t in (b.bag_lengths[o], inverse[o])])
-        self._meta_splits = [num_features * batch + n for n in value_counts]
-        self._ids = b.unique_ids
-        self._ids_splits = unique_counts
+        uniques = b.unique_ids.split(unique_counts)
+        # Per destination, deduplicate only when it pays: 8 bytes per unique
+        # id + 4 per value (the inverse index) against 8 per value raw.
+        dedup = [2 * u < n for u, n in zip(unique_counts, value_counts)]
+        raw = kjt.values()[b.value_perm].split(value_counts) if not all(dedup) else None
+        self._ids = torch.cat([uniques[o] if dedup[o] else raw[o] for o in range(world_size)])
+        self._ids_splits = [unique_counts[o] if dedup[o] else value_counts[o] for o in range(world_size)]
+        parts = []
+        for o in range(world_size):
+            parts.append(b.bag_lengths[o])
+            if dedup[o]:
+                parts.append(inverse[o])
+        self._meta = torch.cat(parts)
+        self._meta_splits = [num_features * batch + (value_counts[o] if dedup[o] else 0) for o in range(world_size)]
         weights = kjt.weights_or_none()
         self._weights = weights[b.value_perm] if weights is not None else None
         self._weights_splits = value_counts
         send = torch.tensor(
-            [[unique_counts[o], self._meta_splits[o], batch] for o in range(world_size)], dtype=torch.int64
+            [[self._ids_splits[o], self._meta_splits[o], batch, int(dedup[o])] for o in range(world_size)],
+            dtype=torch.int64,
         )
         rank = dist.get_rank(pg)
-        remote = [o for o in range(world_size) if o != rank]
         self._ctx.bytes_sent = sum(
-            unique_counts[o] * 8 + self._meta_splits[o] * 4 + (value_counts[o] * 4 if weights is not None else 0)
-            for o in remote
+            self._ids_splits[o] * 8 + self._meta_splits[o] * 4 + (value_counts[o] * 4 if weights is not None else 0)
+            for o in range(world_size)
+            if o != rank
         )
         self._recv = torch.empty_like(send)
         self._work = dist.all_to_all_single(self._recv, send, group=pg, async_op=True)
@@ -146,7 +163,7 @@ class IdsSplitsAwaitable(Awaitable[Awaitable[KeyedJaggedTensor]]):
         out_weights = None
         if self._weights is not None:
             num_features = len(self._keys)
-            recv_values = [r[1] - num_features * r[2] for r in recv]
+            recv_values = [r[0] if not r[3] else r[1] - num_features * r[2] for r in recv]
             out_weights = self._weights.new_empty((sum(recv_values),))
             works.append(
                 dist.all_to_all_single(
