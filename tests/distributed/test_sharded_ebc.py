@@ -323,3 +323,32 @@ def _pipeline_worker(rank: int, world_size: int) -> None:
 
 def test_train_pipeline_sparse_dist_equals_plain_loop():
     run_ranks(_pipeline_worker, world_size=2, timeout=300)
+
+
+def _gradient_division_worker(rank: int, world_size: int) -> None:
+    from torchrec.distributed.comm_ops import get_gradient_division, set_gradient_division
+
+    sgd = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}
+    deltas = {}
+    default = get_gradient_division()
+    try:
+        for division in (True, False):
+            set_gradient_division(division)
+            model = make_model()
+            dmp = DistributedModelParallel(model, sharders=rt.sharders(sgd), plan=rt.plan(model, world_size))
+            table = dmp.module.ebc.tables()["t0"]
+            before = rows_of(table)
+            logits, _ = dmp(rank_batch(0, rank, world_size))
+            loss_of(logits).backward()
+            after = rows_of(table)
+            deltas[division] = {i: after[i] - before[i] for i in before}
+    finally:
+        set_gradient_division(default)
+    moved = [i for i, d in deltas[True].items() if d.abs().max() > 0]
+    assert moved, "the step updated no row of t0 on this rank"
+    for i in moved:  # without division the owners apply the summed, not the averaged, gradient
+        torch.testing.assert_close(deltas[False][i], world_size * deltas[True][i], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_division_is_honoured():
+    run_ranks(_gradient_division_worker, world_size=2, timeout=300)
