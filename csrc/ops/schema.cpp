@@ -65,6 +65,9 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   m.def(
       "bucketize_dedup(Tensor ids, Tensor offsets, int world_size) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // XXH64 (seed `seed`, read as int64) of every string in Arrow's layout:
+  // string i is data[offsets[i] : offsets[i+1]]. The project's one string hash.
+  m.def("hash_strings(Tensor data, Tensor offsets, int seed=0) -> Tensor");
   // Every row of a table, in row order: (ids (n,), weights (n, dim), state (n, state_dim)).
   m.def("table_export(int table) -> (Tensor, Tensor, Tensor)");
   // Writes rows for distinct ids, inserting absent ones. A None weights or

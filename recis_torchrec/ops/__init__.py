@@ -15,6 +15,7 @@ from recis_torchrec.ops.embedding_bag import (
 )
 from recis_torchrec.ops.hashtable import find, find_or_insert, table_export, table_import
 from recis_torchrec.ops.sharding import Buckets, bucketize_dedup, owner_of
+from recis_torchrec.ops.strings import hash_strings
 
 __all__ = [
     "Buckets",
@@ -24,6 +25,7 @@ __all__ = [
     "POOLING_SUM",
     "find",
     "find_or_insert",
+    "hash_strings",
     "lookup_pooled_forward",
     "pooled_backward",
     "pooled_backward_update",

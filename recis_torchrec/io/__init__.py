@@ -1,0 +1,18 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""ColumnIO: columnar files (Parquet, ORC, CSV/TSV) -> TorchRec batches with KJTs."""
+
+from recis_torchrec.io.arrow import ColumnError, hash_string, to_batch
+from recis_torchrec.io.dataset import ColumnarDataset, rank_batch_sizes
+from recis_torchrec.io.schema import Schema, criteo_schema
+from recis_torchrec.io.sources import SourceError
+
+__all__ = [
+    "ColumnError",
+    "ColumnarDataset",
+    "Schema",
+    "SourceError",
+    "criteo_schema",
+    "hash_string",
+    "rank_batch_sizes",
+    "to_batch",
+]

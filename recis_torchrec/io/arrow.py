@@ -1,0 +1,241 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Arrow columns -> ``Batch(dense_features, sparse_features=KJT, labels)``, CSR-native.
+
+No Python loop runs over rows: list offsets become KJT lengths through
+Arrow's compute kernels, values are taken from Arrow's buffers (zero copy
+where the types allow), and string ids are hashed in C++ straight from
+Arrow's offset and data buffers.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recis_torchrec import ops
+from recis_torchrec.io.schema import Schema
+
+
+class ColumnError(ValueError):
+    """A column that is missing, or of a type the schema cannot use; names the file and the column."""
+
+
+def hash_string(s: str, seed: int = 0) -> int:
+    """The int64 id of a string id: XXH64 (``seed``) of its UTF-8 bytes, as a signed int64.
+
+    This is the one string hash of the project; the loader and the feature
+    engine both use it.
+    """
+    b = s.encode("utf-8")
+    data = torch.tensor(list(b), dtype=torch.uint8)
+    return int(ops.hash_strings(data, torch.tensor([0, len(b)], dtype=torch.int64), _seed(seed))[0])
+
+
+def _seed(seed: int) -> int:
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _numpy(arr: pa.Array, dtype) -> np.ndarray:
+    return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over a (possibly read-only, Arrow-owned) numpy array, without a copy.
+
+    The tensors only feed torch.cat / torch ops that read them, so sharing
+    Arrow's immutable buffer is safe; torch's warning about it is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def _hash_string_array(arr: pa.Array, seed: int) -> torch.Tensor:
+    """XXH64 of every (non-null) string of a string/binary array, from its buffers."""
+    if len(arr) == 0:
+        return torch.empty(0, dtype=torch.int64)
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    if not (large or pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
+        arr = arr.cast(pa.string())
+    _, offsets_buf, data_buf = arr.buffers()
+    off_dtype = np.int64 if large else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=off_dtype, count=len(arr) + 1, offset=arr.offset * off_dtype().itemsize)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    return ops.hash_strings(_tensor(data), _tensor(offsets), _seed(seed))
+
+
+def _is_id_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+
+
+def _ids_of(flat: pa.Array, seed: int) -> torch.Tensor:
+    """int64 ids of a flat array without nulls: integers as they are, strings hashed."""
+    if pa.types.is_integer(flat.type):
+        return _tensor(_numpy(flat, np.int64))
+    return _hash_string_array(flat, seed)
+
+
+@dataclass
+class SparseColumn:
+    """One sparse column as CSR: per-row ``lengths`` and the flat ``values``.
+
+    ``raw_lengths`` are the list lengths before null ids were dropped,
+    ``kept`` (or None) marks the flat list entries kept, and ``insert_at``
+    (or None) the value positions where a null row's default id was put, so
+    that a weight column can be aligned the same way.
+    """
+
+    lengths: torch.Tensor
+    values: torch.Tensor
+    raw_lengths: torch.Tensor
+    kept: Optional[torch.Tensor] = None
+    insert_at: Optional[torch.Tensor] = None
+
+
+def sparse_column(col: pa.Array, column: str, where: str, schema: Schema) -> SparseColumn:
+    """One sparse column as int64 lengths (B,) and values."""
+    t = col.type
+    default = schema.defaults.get(column)
+    is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    value_type = t.value_type if is_list else t
+    if not _is_id_type(value_type):
+        raise ColumnError(
+            f"{where}: column {column!r} holds {t}, but sparse ids must be integers or strings "
+            "(or lists of them)"
+        )
+    if default is not None:
+        default_id = default if isinstance(default, int) else hash_string(str(default), schema.hash_seed)
+    if not is_list:
+        if col.null_count == 0:
+            ones = torch.ones(len(col), dtype=torch.int64)
+            return SparseColumn(ones, _ids_of(col, schema.hash_seed), ones)
+        if default is not None:
+            ids = _ids_of(col.fill_null(0) if pa.types.is_integer(t) else col.fill_null(""), schema.hash_seed).clone()
+            ids[torch.from_numpy(_numpy(col.is_null(), np.bool_))] = default_id
+            ones = torch.ones(len(col), dtype=torch.int64)
+            return SparseColumn(ones, ids, ones)
+        lengths = torch.from_numpy(_numpy(col.is_valid(), np.int64))
+        return SparseColumn(lengths, _ids_of(col.drop_null(), schema.hash_seed), lengths)
+    # Lists: null lists are empty (or the default), null ids inside lists are dropped.
+    raw = _numpy(pc.list_value_length(col).fill_null(0), np.int64)
+    lengths = raw
+    flat = pc.list_flatten(col)
+    kept = None
+    if flat.null_count:
+        valid = _numpy(flat.is_valid(), np.bool_)
+        starts = np.concatenate([[0], np.cumsum(raw)[:-1]]) if len(raw) else raw
+        counts = np.add.reduceat(valid.astype(np.int64), starts) if len(valid) else np.zeros_like(raw)
+        lengths = np.where(raw > 0, counts, 0).astype(np.int64)
+        flat = flat.drop_null()
+        kept = torch.from_numpy(valid.copy())
+    values = _ids_of(flat, schema.hash_seed)
+    lengths_t = torch.from_numpy(lengths)
+    insert_at = None
+    if default is not None and col.null_count:
+        nulls = torch.from_numpy(_numpy(col.is_null(), np.bool_))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths_t.cumsum(0)])
+        insert_at = offsets[:-1][nulls]
+        values = _insert(values, insert_at, default_id)
+        lengths_t = lengths_t.clone()
+        lengths_t[nulls] = 1
+    return SparseColumn(lengths_t, values, torch.from_numpy(raw), kept, insert_at)
+
+
+def _insert(values: torch.Tensor, positions: torch.Tensor, value) -> torch.Tensor:
+    """values with `value` inserted before each of the (sorted) positions."""
+    n = values.numel() + positions.numel()
+    out = torch.empty(n, dtype=values.dtype)
+    slots = positions + torch.arange(positions.numel())
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[slots] = False
+    out[mask] = values
+    out[slots] = value
+    return out
+
+
+def weight_column(col: pa.Array, column: str, key: str, ids: SparseColumn, where: str) -> torch.Tensor:
+    """The per-id weights of a ``list<float>`` column, aligned with its key's ids."""
+    t = col.type
+    is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    if not is_list or not pa.types.is_floating(t.value_type) and not pa.types.is_integer(t.value_type):
+        raise ColumnError(f"{where}: weight column {column!r} of KJT key {key!r} must be list<float>, got {t}")
+    w_lengths = torch.from_numpy(_numpy(pc.list_value_length(col).fill_null(0), np.int64))
+    if not torch.equal(w_lengths, ids.raw_lengths):
+        bad = int(torch.nonzero(w_lengths != ids.raw_lengths)[0, 0])
+        raise ColumnError(
+            f"{where}: weight column {column!r} has {int(w_lengths[bad])} weights at row {bad} but KJT key "
+            f"{key!r} has {int(ids.raw_lengths[bad])} ids there"
+        )
+    w = _tensor(_numpy(pc.list_flatten(col).fill_null(1.0), np.float32))
+    if ids.kept is not None:
+        w = w[ids.kept]
+    if ids.insert_at is not None:
+        w = _insert(w, ids.insert_at, 1.0)
+    return w
+
+
+def dense_matrix(table: pa.Table, columns: Tuple[str, ...], schema: Schema, where: str, role: str) -> torch.Tensor:
+    """(B, len(columns)) float32 of numeric columns, nulls replaced by their defaults."""
+    if not columns:
+        return torch.empty(table.num_rows, 0)
+    out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
+    for j, c in enumerate(columns):
+        col = table.column(c)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+            raise ColumnError(f"{where}: {role} column {c!r} must be numeric, got {col.type}")
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if col.null_count:
+            col = col.cast(pa.float64()).fill_null(float(schema.defaults.get(c, schema.dense_default)))
+        out[:, j] = col.to_numpy(zero_copy_only=False)
+    return torch.from_numpy(out)
+
+
+def check_columns(names: List[str], schema: Schema, where: str) -> None:
+    """Raises ColumnError naming the first schema column the file lacks."""
+    have = set(names)
+    for c in schema.columns():
+        if c not in have:
+            raise ColumnError(f"{where}: column {c!r} is missing (the file has {sorted(have)})")
+
+
+def to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
+    """A TorchRec ``Batch`` from an Arrow table holding the schema's columns."""
+    check_columns(table.column_names, schema, where)
+    dense = dense_matrix(table, schema.dense, schema, where, "dense")
+    if schema.dense_transform == "log1p":
+        dense = torch.log1p(dense.clamp_(min=0))
+    labels = dense_matrix(table, schema.labels, schema, where, "label")
+    if labels.shape[1] == 1:
+        labels = labels[:, 0]
+    lengths: List[torch.Tensor] = []
+    values: List[torch.Tensor] = []
+    weights: Optional[List[torch.Tensor]] = [] if schema.weights else None
+    for key, column in schema.sparse.items():
+        col = table.column(column)
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        sc = sparse_column(col, column, where, schema)
+        lengths.append(sc.lengths)
+        values.append(sc.values)
+        if weights is not None:
+            wcol = schema.weights.get(key)
+            if wcol is None:
+                weights.append(torch.ones(sc.values.numel()))
+            else:
+                w = table.column(wcol)
+                w = w.combine_chunks() if isinstance(w, pa.ChunkedArray) else w
+                weights.append(weight_column(w, wcol, key, sc, where))
+    kjt = KeyedJaggedTensor(
+        keys=list(schema.sparse),
+        values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),
+        lengths=torch.cat(lengths) if lengths else torch.empty(0, dtype=torch.int64),
+        weights=torch.cat(weights) if weights else None,
+        stride=table.num_rows,
+    )
+    return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
