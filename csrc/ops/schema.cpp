@@ -68,6 +68,16 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // XXH64 (seed `seed`, read as int64) of every string in Arrow's layout:
   // string i is data[offsets[i] : offsets[i+1]]. The project's one string hash.
   m.def("hash_strings(Tensor data, Tensor offsets, int seed=0) -> Tensor");
+  // Arrow columns -> tensors, one pass each. Column c has values[c] (its
+  // value buffer from its first row on), validity[c] (its validity bitmap,
+  // empty if it has no nulls) and bit_offsets[c] (the bitmap's first bit).
+  // arrow_scalar_ids: integer id columns -> (values, lengths (C*B,)) of a KJT
+  // with one key per column: a valid id is a bag of one, a null an empty bag.
+  m.def(
+      "arrow_scalar_ids(Tensor[] values, Tensor[] validity, int[] bit_offsets, int num_rows) -> (Tensor, Tensor)");
+  // arrow_dense: numeric columns -> (B, C) float32, nulls -> defaults[c].
+  m.def(
+      "arrow_dense(Tensor[] values, Tensor[] validity, int[] bit_offsets, float[] defaults, int num_rows) -> Tensor");
   // Every row of a table, in row order: (ids (n,), weights (n, dim), state (n, state_dim)).
   m.def("table_export(int table) -> (Tensor, Tensor, Tensor)");
   // Writes rows for distinct ids, inserting absent ones. A None weights or

@@ -46,15 +46,15 @@ def _numpy(arr: pa.Array, dtype) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """A tensor over a (possibly read-only, Arrow-owned) numpy array, without a copy.
+# The loader wraps Arrow's immutable buffers in tensors without copying; they
+# only feed ops that read them (torch.cat, the conversion ops), so torch's
+# warning about non-writable arrays does not apply.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-    The tensors only feed torch.cat / torch ops that read them, so sharing
-    Arrow's immutable buffer is safe; torch's warning about it is silenced.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(a)
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over a (possibly read-only, Arrow-owned) numpy array, without a copy."""
+    return torch.from_numpy(a)
 
 
 def _hash_string_array(arr: pa.Array, seed: int) -> torch.Tensor:
@@ -181,10 +181,40 @@ def weight_column(col: pa.Array, column: str, key: str, ids: SparseColumn, where
     return w
 
 
+_FAST_DENSE = {pa.float32(): np.float32, pa.float64(): np.float64, pa.int64(): np.int64, pa.int32(): np.int32,
+               pa.int8(): np.int8}
+_FAST_IDS = {pa.int64(): np.int64, pa.int32(): np.int32}
+_EMPTY_BITMAP = torch.empty(0, dtype=torch.uint8)
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
+def _buffers(arr: pa.Array, np_type) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Zero-copy (values from the array's first row, validity bitmap or empty, bitmap bit offset)."""
+    validity, data = arr.buffers()[:2]
+    itemsize = np.dtype(np_type).itemsize
+    values = _tensor(np.frombuffer(data, dtype=np_type, count=len(arr), offset=arr.offset * itemsize))
+    if arr.null_count == 0 or validity is None:
+        return values, _EMPTY_BITMAP, 0
+    return values, _tensor(np.frombuffer(validity, dtype=np.uint8)), arr.offset
+
+
 def dense_matrix(table: pa.Table, columns: Tuple[str, ...], schema: Schema, where: str, role: str) -> torch.Tensor:
     """(B, len(columns)) float32 of numeric columns, nulls replaced by their defaults."""
     if not columns:
         return torch.empty(table.num_rows, 0)
+    arrays = [_column(table, c) for c in columns]
+    if all(a.type in _FAST_DENSE for a in arrays):  # one C++ pass over Arrow's buffers
+        parts = [_buffers(a, _FAST_DENSE[a.type]) for a in arrays]
+        defaults = [float(schema.defaults.get(c, schema.dense_default)) for c in columns]
+        return ops.arrow_dense(
+            [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], defaults, table.num_rows
+        )
     out = np.empty((table.num_rows, len(columns)), dtype=np.float32)
     for j, c in enumerate(columns):
         col = table.column(c)
@@ -214,13 +244,30 @@ def to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
     labels = dense_matrix(table, schema.labels, schema, where, "label")
     if labels.shape[1] == 1:
         labels = labels[:, 0]
+    keys = list(schema.sparse)
+    # Integer scalar id columns without defaults (the common, pre-hashed
+    # case) take one C++ pass over Arrow's buffers.
+    fast = [
+        k
+        for k, c in schema.sparse.items()
+        if table.schema.field(c).type in _FAST_IDS and c not in schema.defaults and k not in schema.weights
+    ]
     lengths: List[torch.Tensor] = []
     values: List[torch.Tensor] = []
     weights: Optional[List[torch.Tensor]] = [] if schema.weights else None
+    fast_out = {}
+    if fast:
+        arrays = [_column(table, schema.sparse[k]) for k in fast]
+        parts = [_buffers(a, _FAST_IDS[a.type]) for a in arrays]
+        v, l = ops.arrow_scalar_ids([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], table.num_rows)
+        if len(fast) == len(keys) and weights is None:
+            kjt = KeyedJaggedTensor(keys=keys, values=v, lengths=l, stride=table.num_rows)
+            return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+        per_key = l.view(len(fast), table.num_rows)
+        for k, lk, vk in zip(fast, per_key, v.split(per_key.sum(1).tolist())):
+            fast_out[k] = SparseColumn(lk, vk, lk)
     for key, column in schema.sparse.items():
-        col = table.column(column)
-        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        sc = sparse_column(col, column, where, schema)
+        sc = fast_out.get(key) or sparse_column(_column(table, column), column, where, schema)
         lengths.append(sc.lengths)
         values.append(sc.values)
         if weights is not None:
@@ -228,9 +275,7 @@ def to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
             if wcol is None:
                 weights.append(torch.ones(sc.values.numel()))
             else:
-                w = table.column(wcol)
-                w = w.combine_chunks() if isinstance(w, pa.ChunkedArray) else w
-                weights.append(weight_column(w, wcol, key, sc, where))
+                weights.append(weight_column(_column(table, wcol), wcol, key, sc, where))
     kjt = KeyedJaggedTensor(
         keys=list(schema.sparse),
         values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),

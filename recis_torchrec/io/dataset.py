@@ -239,10 +239,20 @@ class ColumnarDataset:
     def _batches(self, epoch: int, first_batch: int) -> Iterator[Tuple[int, Batch]]:
         sizes = self.batch_sizes(epoch)
         start = sum(sizes[:first_batch])
-        pending: List[pa.Table] = []
-        have = 0
         k = first_batch
         stream = self._stream(epoch, start)
+        if self.prefetch > 0:
+            # Decode the next units while this thread cuts and converts batches.
+            stream = _Prefetcher(stream, 2)
+        try:
+            yield from self._cut(stream, sizes, k, epoch)
+        finally:
+            if isinstance(stream, _Prefetcher):
+                stream.close()
+
+    def _cut(self, stream: Iterator[pa.Table], sizes: List[int], k: int, epoch: int) -> Iterator[Tuple[int, Batch]]:
+        pending: List[pa.Table] = []
+        have = 0
         while k < len(sizes):
             need = sizes[k]
             while have < need:

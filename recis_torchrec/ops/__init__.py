@@ -15,9 +15,11 @@ from recis_torchrec.ops.embedding_bag import (
 )
 from recis_torchrec.ops.hashtable import find, find_or_insert, table_export, table_import
 from recis_torchrec.ops.sharding import Buckets, bucketize_dedup, owner_of
-from recis_torchrec.ops.strings import hash_strings
+from recis_torchrec.ops.strings import arrow_dense, arrow_scalar_ids, hash_strings
 
 __all__ = [
+    "arrow_dense",
+    "arrow_scalar_ids",
     "Buckets",
     "bucketize_dedup",
     "owner_of",

@@ -1,5 +1,5 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
-"""The project's string hash: XXH64, read as int64."""
+"""The project's string hash (XXH64, read as int64) and the Arrow-buffer conversions."""
 
 import torch
 
@@ -23,3 +23,26 @@ def hash_strings(data: torch.Tensor, offsets: torch.Tensor, seed: int = 0) -> to
 @torch.library.register_fake("recis::hash_strings")
 def _hash_strings_fake(data, offsets, seed=0):
     return offsets.new_empty((offsets.shape[0] - 1,), dtype=torch.int64)
+
+
+def arrow_scalar_ids(values, validity, bit_offsets, num_rows: int):
+    """Integer id columns (Arrow buffers) -> (values, lengths (C * num_rows,)) of a KJT, one key per column."""
+    return torch.ops.recis.arrow_scalar_ids(values, validity, bit_offsets, num_rows)
+
+
+def arrow_dense(values, validity, bit_offsets, defaults, num_rows: int) -> torch.Tensor:
+    """Numeric columns (Arrow buffers) -> (num_rows, C) float32, nulls -> defaults."""
+    return torch.ops.recis.arrow_dense(values, validity, bit_offsets, [float(d) for d in defaults], num_rows)
+
+
+@torch.library.register_fake("recis::arrow_scalar_ids")
+def _arrow_scalar_ids_fake(values, validity, bit_offsets, num_rows):
+    ctx = torch.library.get_ctx()
+    return values[0].new_empty((ctx.new_dynamic_size(),), dtype=torch.int64), values[0].new_empty(
+        (len(values) * num_rows,), dtype=torch.int64
+    )
+
+
+@torch.library.register_fake("recis::arrow_dense")
+def _arrow_dense_fake(values, validity, bit_offsets, defaults, num_rows):
+    return values[0].new_empty((num_rows, len(values)), dtype=torch.float32)
