@@ -28,3 +28,32 @@ def test_synthetic_data_is_deterministic_and_unbounded():
     # Skewed: the most frequent id of a feature recurs much more than uniform would give.
     counts = np.unique(ids.numpy(), return_counts=True)[1]
     assert counts.max() >= 5
+
+
+def test_main_job_through_the_loader_reports_data_wait(capsys):
+    rc = train_dlrm.main(
+        ["--via-loader", "--steps", "60", "--batch-size", "256", "--log-every", "30", "--eval-batches", "4"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "via Parquet and ColumnarDataset" in out and "data wait" in out
+
+
+def test_main_job_trains_on_the_criteo_sample(capsys):
+    import os
+
+    import pytest
+
+    from tests.conftest import SHARED_DATA
+
+    train = os.path.join(SHARED_DATA, "criteo", "wide_resdnn", "train.csv")
+    dev = os.path.join(SHARED_DATA, "criteo", "wide_resdnn", "dev.csv")
+    if not os.path.exists(train):
+        pytest.skip("../shared/data is absent")
+    rc = train_dlrm.main(
+        ["--data", train, "--eval-data", dev, "--steps", "40", "--batch-size", "128", "--log-every", "20",
+         "--eval-batches", "3"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "DLRM on 26 hash tables" in out and "Criteo files" in out and "final      eval log loss" in out

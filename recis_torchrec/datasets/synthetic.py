@@ -120,3 +120,42 @@ class SyntheticClicks:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
+
+
+def write_parquet(stream: SyntheticClicks, path: str, num_batches: int, row_group_size: int = 65536) -> int:
+    """Writes `num_batches` of a stream to Parquet: ``dense_{i}`` floats, ``cat_{i}``
+    ``list<int64>`` bags and ``label``, the layout :func:`synthetic_schema` reads.
+    Returns the number of rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    rows = 0
+    try:
+        for _ in range(num_batches):
+            b = stream.next_batch()
+            cols = {f"dense_{j}": pa.array(b.dense_features[:, j].numpy()) for j in range(b.dense_features.shape[1])}
+            for key, jt in b.sparse_features.to_dict().items():
+                offsets = pa.array(jt.offsets().to(torch.int32).numpy())
+                cols[key] = pa.ListArray.from_arrays(offsets, pa.array(jt.values().numpy()))
+            cols["label"] = pa.array(b.labels.numpy())
+            table = pa.table(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table, row_group_size=row_group_size)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
+
+
+def synthetic_schema(config: SyntheticConfig):
+    """The ``recis_torchrec.io.Schema`` of files written by :func:`write_parquet`."""
+    from recis_torchrec.io import Schema
+
+    return Schema(
+        dense=[f"dense_{j}" for j in range(config.num_dense)],
+        sparse={f: f for f in config.feature_names()},
+        labels=["label"],
+    )
