@@ -294,3 +294,14 @@ def test_criteo_sample_parses_with_empty_fields(tmp_path):
     deepctr = os.path.join(SHARED, "criteo", "deepctr", "criteo_sample.txt")
     ds = ColumnarDataset(deepctr, criteo_schema(), 64, format="csv")
     assert sum(b.labels.numel() for b in ds) == 200
+
+
+def test_uri_and_glob_paths(tmp_path):
+    write_numbered(tmp_path, [5, 6])
+    by_uri = ColumnarDataset(f"file://{tmp_path}/part-*.parquet", NUMBERED, 4)
+    by_dir = ColumnarDataset(str(tmp_path), NUMBERED, 4)
+    got = [b.sparse_features.values().tolist() for b in by_uri]
+    assert got == [b.sparse_features.values().tolist() for b in by_dir]
+    assert sorted(sum(got, [])) == list(range(11))
+    with pytest.raises(SourceError, match="no file matches"):
+        ColumnarDataset(str(tmp_path / "nothing-*.parquet"), NUMBERED, 4)
