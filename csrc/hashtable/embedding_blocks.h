@@ -8,7 +8,8 @@
 // floats; the stride is padded to a multiple of 16 floats so every row starts
 // on a 64-byte cache line. Growth appends a block and never moves or copies
 // existing rows, so row pointers stay valid for the table's lifetime.
-// Each row also records the id that owns it (for export and, later, eviction).
+// Each row also records the id that owns it and its metadata (RowMeta). Rows
+// freed by eviction go on a free list and are handed out again first.
 #pragma once
 
 #include <atomic>
@@ -25,6 +26,14 @@
 
 namespace recis {
 namespace hashtable {
+
+// Per-row metadata, kept beside the row blocks.
+struct RowMeta {
+  int64_t last_seen = 0;    // update count (table clock) when a training lookup last saw the row
+  int64_t last_update = 0;  // clock after the row was last written (created or trained)
+  uint32_t freq = 0;        // training lookups of the row
+  uint8_t live = 0;         // 1: holds an id; 0: free
+};
 
 class EmbeddingBlocks {
  public:
@@ -49,8 +58,10 @@ class EmbeddingBlocks {
   int64_t block_rows() const { return block_mask_ + 1; }
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
   int64_t capacity() const { return num_blocks() * block_rows(); }
-  // Rows handed out so far.
-  int64_t num_rows() const { return next_row_.load(std::memory_order_relaxed); }
+  // Rows ever handed out (the high-water mark): valid row indices are below it.
+  int64_t row_limit() const { return next_row_.load(std::memory_order_relaxed); }
+  // Rows holding an id now.
+  int64_t live_rows() const { return row_limit() - static_cast<int64_t>(free_.size()); }
 
   float* row(int64_t r) { return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_; }
   const float* row(int64_t r) const {
@@ -58,30 +69,54 @@ class EmbeddingBlocks {
   }
   int64_t& row_id(int64_t r) { return blocks_[r >> block_shift_].ids[r & block_mask_]; }
   int64_t row_id(int64_t r) const { return blocks_[r >> block_shift_].ids[r & block_mask_]; }
+  RowMeta& meta(int64_t r) { return blocks_[r >> block_shift_].meta[r & block_mask_]; }
+  const RowMeta& meta(int64_t r) const { return blocks_[r >> block_shift_].meta[r & block_mask_]; }
 
   // Appends blocks until `extra` more rows can be handed out. Single-threaded.
   void reserve(int64_t extra) {
-    while (num_rows() + extra > capacity()) {
+    extra -= static_cast<int64_t>(free_.size());
+    while (row_limit() + extra > capacity()) {
       Block b;
       const size_t bytes = static_cast<size_t>(block_rows() * stride_) * sizeof(float);
       b.data = static_cast<float*>(allocate_rows(bytes));
       b.ids = new int64_t[static_cast<size_t>(block_rows())];
+      b.meta = new RowMeta[static_cast<size_t>(block_rows())];
       blocks_.push_back(b);
     }
   }
 
-  // Hands out the next row. Thread-safe, but the caller must have reserved
-  // room for it first.
-  int64_t allocate() { return next_row_.fetch_add(1, std::memory_order_relaxed); }
+  // Hands out a free row, or the next new one; marks it live. Single-threaded,
+  // and the caller must have reserved room first.
+  int64_t allocate() {
+    int64_t r;
+    if (!free_.empty()) {
+      r = free_.back();
+      free_.pop_back();
+    } else {
+      r = next_row_.fetch_add(1, std::memory_order_relaxed);
+    }
+    meta(r) = RowMeta{};
+    meta(r).live = 1;
+    return r;
+  }
+
+  // Returns a row to the free list. Single-threaded.
+  void release(int64_t r) {
+    meta(r).live = 0;
+    free_.push_back(r);
+  }
 
   int64_t memory_bytes() const {
-    return num_blocks() * block_rows() * static_cast<int64_t>(stride_ * sizeof(float) + sizeof(int64_t));
+    return num_blocks() * block_rows() *
+               static_cast<int64_t>(stride_ * sizeof(float) + sizeof(int64_t) + sizeof(RowMeta)) +
+           static_cast<int64_t>(free_.capacity() * sizeof(int64_t));
   }
 
   ~EmbeddingBlocks() {
     for (auto& b : blocks_) {
       std::free(b.data);
       delete[] b.ids;
+      delete[] b.meta;
     }
   }
 
@@ -89,6 +124,7 @@ class EmbeddingBlocks {
   struct Block {
     float* data = nullptr;
     int64_t* ids = nullptr;
+    RowMeta* meta = nullptr;
   };
 
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -114,6 +150,7 @@ class EmbeddingBlocks {
   int64_t block_mask_ = 0;
   std::vector<Block> blocks_;
   std::atomic<int64_t> next_row_{0};
+  std::vector<int64_t> free_;
 };
 
 }  // namespace hashtable

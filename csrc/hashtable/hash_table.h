@@ -8,14 +8,26 @@
 // serial loop works too.
 //
 // Concurrency contract: find() may run concurrently with other find() calls;
-// find_or_insert(), import and export must run alone. The binding layer holds
-// a reader/writer lock per table to enforce this.
+// find_or_insert(), eviction, import and export must run alone. The binding
+// layer holds a reader/writer lock per table to enforce this.
+//
+// Table hygiene. The table's clock is its update count: training lookups at
+// clock c mark rows last_seen = c, and the update that follows marks them
+// last_update = c + 1. Admission gives an id a row only at its
+// admit_threshold-th sighting (until then lookups return -1: the id reads its
+// initial value and is not trained). Eviction frees rows unseen for ttl_steps
+// updates, and, with max_capacity, the least recently (LRU) or least
+// frequently (LFU) used rows when full. Rows seen at the current clock are
+// never evicted: their update has not run yet. Freed rows are reused.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "embedding_blocks.h"
@@ -26,12 +38,30 @@
 namespace recis {
 namespace hashtable {
 
+enum class EvictionPolicy : int32_t {
+  kNone = 0,
+  kLRU = 1,  // evict the rows seen longest ago
+  kLFU = 2,  // evict the rows seen least often (ties: longest ago)
+};
+
 struct HashTableConfig {
   int64_t dim = 0;
   int64_t state_dim = 0;       // optimizer-state floats per row
   int64_t initial_capacity = 0;  // rows expected; a hint only
   int64_t block_rows = 8192;   // power of two
   InitSpec init;
+  int64_t admit_threshold = 0;  // sightings before an id gets a row; <= 1 admits at once
+  int64_t ttl_steps = 0;        // evict rows unseen for this many updates; 0: never
+  int64_t max_capacity = 0;     // most live rows; 0: unbounded
+  EvictionPolicy policy = EvictionPolicy::kNone;  // how to make room under max_capacity
+
+  bool tracks_access() const { return ttl_steps > 0 || max_capacity > 0; }
+};
+
+struct TableCounters {
+  int64_t admitted = 0;  // rows created
+  int64_t evicted = 0;   // rows freed by TTL, the capacity cap or erase()
+  int64_t rejected = 0;  // training lookups refused a row (admission, or a full cap)
 };
 
 class HashTable {
@@ -52,9 +82,18 @@ class HashTable {
   const HashTableConfig& config() const { return cfg_; }
   int64_t dim() const { return cfg_.dim; }
   int64_t state_dim() const { return cfg_.state_dim; }
-  int64_t size() const { return blocks_.num_rows(); }
+  // Live rows (ids with a row).
+  int64_t size() const { return blocks_.live_rows(); }
+  // Row indices are below this (live or free).
+  int64_t row_limit() const { return blocks_.row_limit(); }
+  const TableCounters& counters() const { return counters_; }
+  int64_t pending() const { return static_cast<int64_t>(pending_.size()); }
   int64_t capacity() const { return blocks_.capacity(); }
-  int64_t memory_bytes() const { return map_.memory_bytes() + blocks_.memory_bytes(); }
+  int64_t memory_bytes() const {
+    return map_.memory_bytes() + blocks_.memory_bytes() +
+           static_cast<int64_t>(pending_.bucket_count() * sizeof(void*) + pending_.size() * 32) +
+           static_cast<int64_t>((evicted_ids_.capacity() + evicted_steps_.capacity()) * sizeof(int64_t));
+  }
   EmbeddingBlocks& blocks() { return blocks_; }
   const EmbeddingBlocks& blocks() const { return blocks_; }
 
@@ -84,27 +123,189 @@ class HashTable {
     return missing.load();
   }
 
-  // rows[i] = row of keys[i]; absent keys get a new, initialised row.
-  // Duplicates in `keys` map to one row. New rows are numbered in the order
-  // of the keys' first occurrence, so the row layout is deterministic (the
-  // same keys in the same order give the same rows, whatever the threads).
+  // rows[i] = row of keys[i]; absent keys get a new, initialised row (subject
+  // to admission and the capacity cap; refused ids get -1). Duplicates in
+  // `keys` map to one row. New rows are numbered in the order of the keys'
+  // first occurrence (free rows first), so the row layout is deterministic.
+  // `clock` is the table's update count; lookups mark rows with it.
   // Returns the number of rows created.
   template <typename ParFor>
-  int64_t find_or_insert(const int64_t* keys, int64_t n, int64_t* rows, ParFor&& par) {
-    if (find(keys, n, rows, par) == 0) return 0;
+  int64_t find_or_insert(const int64_t* keys, int64_t n, int64_t* rows, ParFor&& par, int64_t clock = 0) {
+    tick(clock);
+    int64_t created = 0;
+    if (find(keys, n, rows, par) > 0) created = insert_missing(keys, n, rows, par, clock);
+    if (cfg_.tracks_access()) touch(rows, n, clock, par);
+    return created;
+  }
 
+  // Runs the TTL scan when a quarter of ttl_steps has passed since the last
+  // one, so that no row outlives its TTL by more than a quarter of it.
+  void tick(int64_t clock) {
+    if (cfg_.ttl_steps > 0 && clock - last_ttl_scan_ >= std::max<int64_t>(1, cfg_.ttl_steps / 4)) {
+      evict_stale(clock);
+    }
+  }
+
+  // Marks the rows of a training lookup as seen at `clock`.
+  template <typename ParFor>
+  void touch(const int64_t* rows, int64_t n, int64_t clock, ParFor&& par) {
+    par(int64_t{0}, n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = rows[i];
+        if (r < 0) continue;
+        RowMeta& m = blocks_.meta(r);
+        __atomic_store_n(&m.last_seen, clock, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&m.freq, 1u, __ATOMIC_RELAXED);
+      }
+    });
+  }
+
+  // Frees every live row unseen since clock - ttl_steps. Returns how many.
+  int64_t evict_stale(int64_t clock) {
+    last_ttl_scan_ = clock;
+    if (cfg_.ttl_steps <= 0) return 0;
+    std::vector<int64_t> stale;
+    for (int64_t r = 0; r < row_limit(); ++r) {
+      const RowMeta& m = blocks_.meta(r);
+      if (m.live && m.last_seen < clock - cfg_.ttl_steps) stale.push_back(r);
+    }
+    for (int64_t r : stale) evict_row(r, clock);
+    return static_cast<int64_t>(stale.size());
+  }
+
+  // Frees the rows of the given ids (absent ids are ignored). Returns how many.
+  int64_t erase(const int64_t* keys, int64_t n, int64_t clock) {
+    int64_t freed = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = map_.find(keys[i], mix64(static_cast<uint64_t>(keys[i])));
+      if (r >= 0) {
+        evict_row(r, clock);
+        ++freed;
+      }
+    }
+    return freed;
+  }
+
+  // Ids evicted after `since` (clock values), with the clock of each eviction.
+  void evicted_since(int64_t since, std::vector<int64_t>* ids, std::vector<int64_t>* steps) const {
+    for (size_t i = 0; i < evicted_ids_.size(); ++i) {
+      if (evicted_steps_[i] > since) {
+        ids->push_back(evicted_ids_[i]);
+        steps->push_back(evicted_steps_[i]);
+      }
+    }
+  }
+
+  // The admission counters of ids that have no row yet.
+  void export_pending(std::vector<int64_t>* ids, std::vector<int64_t>* counts) const {
+    for (const auto& kv : pending_) {
+      ids->push_back(kv.first);
+      counts->push_back(kv.second);
+    }
+  }
+  void import_pending(const int64_t* ids, const int64_t* counts, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) pending_[ids[i]] = counts[i];
+  }
+
+ private:
+  void evict_row(int64_t r, int64_t clock) {
+    const int64_t key = blocks_.row_id(r);
+    map_.erase(key, mix64(static_cast<uint64_t>(key)));
+    blocks_.release(r);
+    evicted_ids_.push_back(key);
+    evicted_steps_.push_back(clock + 1);
+    ++counters_.evicted;
+  }
+
+  // Frees up to `want` live rows not seen at `clock`, by the cap's policy.
+  void evict_for_capacity(int64_t want, int64_t clock) {
+    std::vector<std::pair<std::pair<int64_t, int64_t>, int64_t>> cand;  // ((key1, key2), row)
+    for (int64_t r = 0; r < row_limit(); ++r) {
+      const RowMeta& m = blocks_.meta(r);
+      if (!m.live || m.last_seen >= clock) continue;
+      const int64_t k1 = cfg_.policy == EvictionPolicy::kLFU ? static_cast<int64_t>(m.freq) : m.last_seen;
+      cand.push_back({{k1, m.last_seen}, r});
+    }
+    want = std::min<int64_t>(want, static_cast<int64_t>(cand.size()));
+    if (want <= 0) return;
+    std::nth_element(cand.begin(), cand.begin() + (want - 1), cand.end());
+    for (int64_t i = 0; i < want; ++i) evict_row(cand[i].second, clock);
+  }
+
+  // Inserts the ids that find() missed (rows[i] == -1), as admission and
+  // the capacity cap allow. Returns the number of rows created.
+  template <typename ParFor>
+  int64_t insert_missing(const int64_t* keys, int64_t n, int64_t* rows, ParFor&& par, int64_t clock) {
+    // Admission: count sightings of ids without a row; admit at the threshold.
+    std::vector<uint8_t> admit;  // per position; empty = all misses admitted
+    if (cfg_.admit_threshold > 1) {
+      admit.assign(static_cast<size_t>(n), 0);
+      std::vector<int64_t> reached;
+      for (int64_t i = 0; i < n; ++i) {
+        if (rows[i] >= 0) continue;
+        int64_t& c = pending_[keys[i]];
+        if (++c == cfg_.admit_threshold) reached.push_back(keys[i]);
+      }
+      for (int64_t k : reached) pending_.erase(k);
+      std::sort(reached.begin(), reached.end());
+      for (int64_t i = 0; i < n; ++i) {
+        if (rows[i] < 0 && std::binary_search(reached.begin(), reached.end(), keys[i])) admit[i] = 1;
+      }
+    }
+    // The capacity cap: make room for the distinct new ids (2% slack, so that
+    // the O(rows) selection runs rarely), or admit only as many as fit.
+    if (cfg_.max_capacity > 0) {
+      std::vector<int64_t> fresh;
+      for (int64_t i = 0; i < n; ++i) {
+        if (rows[i] < 0 && (admit.empty() || admit[i])) fresh.push_back(keys[i]);
+      }
+      std::sort(fresh.begin(), fresh.end());
+      fresh.erase(std::unique(fresh.begin(), fresh.end()), fresh.end());
+      const int64_t need = size() + static_cast<int64_t>(fresh.size()) - cfg_.max_capacity;
+      if (need > 0) evict_for_capacity(need + cfg_.max_capacity / 50, clock);
+      const int64_t room = cfg_.max_capacity - size();
+      if (room < static_cast<int64_t>(fresh.size())) {
+        // Every other row is in use this step: admit the first `room` new ids.
+        std::unordered_set<int64_t> taken;
+        if (admit.empty()) admit.assign(static_cast<size_t>(n), 1);
+        for (int64_t i = 0; i < n; ++i) {
+          if (rows[i] >= 0 || !admit[i]) continue;
+          if (taken.count(keys[i])) continue;
+          if (static_cast<int64_t>(taken.size()) < room) {
+            taken.insert(keys[i]);
+          } else {
+            admit[i] = 0;
+          }
+        }
+      }
+    }
+    int64_t refused = 0;
+    if (!admit.empty()) {
+      for (int64_t i = 0; i < n; ++i) refused += rows[i] < 0 && !admit[i];
+    }
+    counters_.rejected += refused;
+    const int64_t created = insert_new(keys, n, rows, par, clock, admit);
+    counters_.admitted += created;
+    return created;
+  }
+
+  // Inserts the missed ids at positions where admit is empty or set.
+  template <typename ParFor>
+  int64_t insert_new(const int64_t* keys, int64_t n, int64_t* rows, ParFor&& par, int64_t clock,
+                     const std::vector<uint8_t>& admit) {
     // Group the misses by IdMap shard (a stable counting sort) so that each
     // shard is filled by exactly one thread, without locks.
     const int num_shards = map_.num_shards();
     std::vector<int64_t> miss_pos;
     std::vector<int64_t> shard_begin(static_cast<size_t>(num_shards) + 1, 0);
     for (int64_t i = 0; i < n; ++i) {
-      if (rows[i] < 0) {
+      if (rows[i] < 0 && (admit.empty() || admit[i])) {
         miss_pos.push_back(i);
         ++shard_begin[map_.shard_of(mix64(static_cast<uint64_t>(keys[i]))) + 1];
       }
     }
     const int64_t m = static_cast<int64_t>(miss_pos.size());
+    if (m == 0) return 0;
     for (int s = 0; s < num_shards; ++s) shard_begin[s + 1] += shard_begin[s];
     std::vector<int64_t> by_shard(static_cast<size_t>(m));  // miss indices
     {
@@ -158,55 +359,94 @@ class HashTable {
     par(int64_t{0}, num_created, int64_t{256}, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
         const int64_t pos = miss_pos[created[c]];
-        init_new_row(rows[pos], keys[pos]);
+        init_new_row(rows[pos], keys[pos], clock);
       }
     });
     return num_created;
   }
 
-  // Copies every row out, in row order: ids (n,), emb (n, dim), state
-  // (n, state_dim). Buffers must hold size() rows.
+ public:
+
+  // Copies the live rows out, in row order, whose last_update is after
+  // `since` (-1: all): ids (n,), emb (n, dim), state (n, state_dim) or
+  // nullptr, meta (n, 3) = (last_seen, last_update, freq) or nullptr.
+  // Returns n; the buffers must hold size() rows.
   template <typename ParFor>
-  void export_rows(int64_t* ids, float* emb, float* state, ParFor&& par) const {
-    const int64_t n = size(), dim = cfg_.dim, sdim = cfg_.state_dim;
+  int64_t export_rows(int64_t* ids, float* emb, float* state, int64_t* meta, int64_t since, ParFor&& par) const {
+    std::vector<int64_t> picked;
+    picked.reserve(static_cast<size_t>(size()));
+    for (int64_t r = 0; r < row_limit(); ++r) {
+      const RowMeta& m = blocks_.meta(r);
+      if (m.live && m.last_update > since) picked.push_back(r);
+    }
+    const int64_t n = static_cast<int64_t>(picked.size()), dim = cfg_.dim, sdim = cfg_.state_dim;
     par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = picked[i];
         const float* src = blocks_.row(r);
-        ids[r] = blocks_.row_id(r);
-        std::memcpy(emb + r * dim, src, sizeof(float) * dim);
-        if (sdim > 0 && state != nullptr) std::memcpy(state + r * sdim, src + dim, sizeof(float) * sdim);
+        ids[i] = blocks_.row_id(r);
+        std::memcpy(emb + i * dim, src, sizeof(float) * dim);
+        if (sdim > 0 && state != nullptr) std::memcpy(state + i * sdim, src + dim, sizeof(float) * sdim);
+        if (meta != nullptr) {
+          const RowMeta& m = blocks_.meta(r);
+          meta[3 * i] = m.last_seen;
+          meta[3 * i + 1] = m.last_update;
+          meta[3 * i + 2] = static_cast<int64_t>(m.freq);
+        }
       }
     });
+    return n;
   }
 
-  // Writes rows for n distinct keys, inserting absent ones: emb (n, dim) and
-  // state (n, state_dim). A nullptr keeps the current value (the initial
-  // value for rows this call creates).
+  // Writes rows for n distinct keys, inserting absent ones regardless of
+  // admission and the cap (a restore): emb (n, dim), state (n, state_dim) and
+  // meta (n, 3); a nullptr keeps the current value (the initial value for
+  // rows this call creates).
   template <typename ParFor>
-  void import_rows(const int64_t* keys, int64_t n, const float* emb, const float* state, ParFor&& par) {
+  void import_rows(const int64_t* keys, int64_t n, const float* emb, const float* state, const int64_t* meta,
+                   ParFor&& par) {
     std::vector<int64_t> rows(static_cast<size_t>(n));
-    find_or_insert(keys, n, rows.data(), par);
+    if (find(keys, n, rows.data(), par) > 0) {
+      counters_.admitted += insert_new(keys, n, rows.data(), par, 0, {});
+      for (int64_t i = 0; i < n; ++i) pending_.erase(keys[i]);
+    }
     const int64_t dim = cfg_.dim, sdim = cfg_.state_dim;
     par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         float* dst = blocks_.row(rows[i]);
         if (emb != nullptr) std::memcpy(dst, emb + i * dim, sizeof(float) * dim);
         if (sdim > 0 && state != nullptr) std::memcpy(dst + dim, state + i * sdim, sizeof(float) * sdim);
+        if (meta != nullptr) {
+          RowMeta& m = blocks_.meta(rows[i]);
+          m.last_seen = meta[3 * i];
+          m.last_update = meta[3 * i + 1];
+          m.freq = static_cast<uint32_t>(meta[3 * i + 2]);
+        }
       }
     });
   }
 
+  // Marks a row as written at `clock` (the optimizer's update count).
+  void mark_updated(int64_t r, int64_t clock) { blocks_.meta(r).last_update = clock; }
+
  private:
-  void init_new_row(int64_t r, int64_t key) {
+  void init_new_row(int64_t r, int64_t key, int64_t clock) {
     float* dst = blocks_.row(r);
     init_row(dst, key, cfg_.dim, cfg_.init);
     if (cfg_.state_dim > 0) std::memset(dst + cfg_.dim, 0, sizeof(float) * cfg_.state_dim);
     blocks_.row_id(r) = key;
+    RowMeta& m = blocks_.meta(r);
+    m.last_seen = clock;
+    m.last_update = clock + 1;
   }
 
   HashTableConfig cfg_;
   IdMap map_;
   EmbeddingBlocks blocks_;
+  TableCounters counters_;
+  std::unordered_map<int64_t, int64_t> pending_;  // admission: sightings of ids without a row
+  std::vector<int64_t> evicted_ids_, evicted_steps_;
+  int64_t last_ttl_scan_ = 0;
 };
 
 }  // namespace hashtable

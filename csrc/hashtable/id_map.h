@@ -104,6 +104,37 @@ class IdMap {
     }
   }
 
+  // Removes `key` (h = mix64(key)); returns its row or -1. Backward-shift
+  // deletion keeps every probe sequence intact without tombstones.
+  // Single-threaded for the key's shard.
+  int64_t erase(int64_t key, uint64_t h) {
+    Shard& s = shards_[shard_of(h)];
+    uint64_t i = h & s.mask;
+    for (;;) {
+      if (s.slots[i].row < 0) return -1;
+      if (s.slots[i].key == key) break;
+      i = (i + 1) & s.mask;
+    }
+    const int64_t row = s.slots[i].row;
+    uint64_t hole = i;
+    uint64_t j = i;
+    for (;;) {
+      j = (j + 1) & s.mask;
+      const Slot& next = s.slots[j];
+      if (next.row < 0) break;
+      const uint64_t home = mix64(static_cast<uint64_t>(next.key)) & s.mask;
+      // `next` may move into the hole unless its home lies cyclically in (hole, j].
+      const bool home_in_between = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+      if (!home_in_between) {
+        s.slots[hole] = next;
+        hole = j;
+      }
+    }
+    s.slots[hole] = Slot{0, -1};
+    --s.size;
+    return row;
+  }
+
   int64_t size() const {
     int64_t n = 0;
     for (const auto& s : shards_) n += s.size;

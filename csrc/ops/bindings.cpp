@@ -5,19 +5,25 @@
 // describe tables.
 #include <torch/extension.h>
 
+#include "checks.h"
 #include "table_registry.h"
 
 namespace recis {
 namespace {
 
 int64_t py_create_table(int64_t dim, int64_t state_dim, int64_t initial_capacity, int64_t block_rows,
-                        int64_t init_kind, double init_a, double init_b, uint64_t seed) {
+                        int64_t init_kind, double init_a, double init_b, uint64_t seed, int64_t admit_threshold,
+                        int64_t ttl_steps, int64_t max_capacity, int64_t policy) {
   TORCH_CHECK(dim > 0, "create_table: dim must be > 0, got ", dim);
   TORCH_CHECK(state_dim >= 0, "create_table: state_dim must be >= 0, got ", state_dim);
   TORCH_CHECK(initial_capacity >= 0, "create_table: initial_capacity must be >= 0, got ", initial_capacity);
   TORCH_CHECK(block_rows > 0 && (block_rows & (block_rows - 1)) == 0,
               "create_table: block_rows must be a power of two, got ", block_rows);
   TORCH_CHECK(init_kind >= 0 && init_kind <= 3, "create_table: unknown init_kind ", init_kind);
+  TORCH_CHECK(admit_threshold >= 0 && ttl_steps >= 0 && max_capacity >= 0,
+              "create_table: admit_threshold, ttl_steps and max_capacity must be >= 0");
+  TORCH_CHECK(policy >= 0 && policy <= 2, "create_table: unknown eviction policy ", policy);
+  TORCH_CHECK(max_capacity == 0 || policy != 0, "create_table: max_capacity needs an eviction policy (LRU or LFU)");
   hashtable::HashTableConfig cfg;
   cfg.dim = dim;
   cfg.state_dim = state_dim;
@@ -27,6 +33,10 @@ int64_t py_create_table(int64_t dim, int64_t state_dim, int64_t initial_capacity
   cfg.init.a = static_cast<float>(init_a);
   cfg.init.b = static_cast<float>(init_b);
   cfg.init.seed = seed;
+  cfg.admit_threshold = admit_threshold;
+  cfg.ttl_steps = ttl_steps;
+  cfg.max_capacity = max_capacity;
+  cfg.policy = static_cast<hashtable::EvictionPolicy>(policy);
   return create_table(cfg);
 }
 
@@ -43,7 +53,51 @@ py::dict py_table_info(int64_t handle) {
   d["row_stride"] = t.blocks().stride();
   d["num_blocks"] = t.blocks().num_blocks();
   d["block_rows"] = t.blocks().block_rows();
+  d["admitted"] = t.counters().admitted;
+  d["evicted"] = t.counters().evicted;
+  d["rejected"] = t.counters().rejected;
+  d["pending"] = t.pending();
   return d;
+}
+
+int64_t py_evict_stale(int64_t handle, int64_t clock) {
+  const auto entry = get_table(handle, "evict_stale");
+  TableLocks lock({entry}, /*exclusive=*/true);
+  return entry->table.evict_stale(clock);
+}
+
+int64_t py_erase(int64_t handle, const at::Tensor& ids, int64_t clock) {
+  check_cpu_1d(ids, "erase", "ids", at::kLong);
+  const auto entry = get_table(handle, "erase");
+  const auto ids_c = ids.contiguous();
+  TableLocks lock({entry}, /*exclusive=*/true);
+  return entry->table.erase(ids_c.data_ptr<int64_t>(), ids_c.numel(), clock);
+}
+
+std::tuple<at::Tensor, at::Tensor> py_evicted_since(int64_t handle, int64_t since) {
+  const auto entry = get_table(handle, "evicted_since");
+  TableLocks lock({entry}, /*exclusive=*/false);
+  std::vector<int64_t> ids, steps;
+  entry->table.evicted_since(since, &ids, &steps);
+  return {at::tensor(ids, at::kLong), at::tensor(steps, at::kLong)};
+}
+
+std::tuple<at::Tensor, at::Tensor> py_export_pending(int64_t handle) {
+  const auto entry = get_table(handle, "export_pending");
+  TableLocks lock({entry}, /*exclusive=*/false);
+  std::vector<int64_t> ids, counts;
+  entry->table.export_pending(&ids, &counts);
+  return {at::tensor(ids, at::kLong), at::tensor(counts, at::kLong)};
+}
+
+void py_import_pending(int64_t handle, const at::Tensor& ids, const at::Tensor& counts) {
+  check_cpu_1d(ids, "import_pending", "ids", at::kLong);
+  check_cpu_1d(counts, "import_pending", "counts", at::kLong);
+  TORCH_CHECK(ids.numel() == counts.numel(), "import_pending: ids and counts differ in length");
+  const auto entry = get_table(handle, "import_pending");
+  const auto i = ids.contiguous(), c = counts.contiguous();
+  TableLocks lock({entry}, /*exclusive=*/true);
+  entry->table.import_pending(i.data_ptr<int64_t>(), c.data_ptr<int64_t>(), i.numel());
 }
 
 }  // namespace
@@ -52,7 +106,13 @@ py::dict py_table_info(int64_t handle) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "recis_torchrec C++ extension: table lifetime; ops are under torch.ops.recis";
   m.def("create_table", &recis::py_create_table, py::arg("dim"), py::arg("state_dim"), py::arg("initial_capacity"),
-        py::arg("block_rows"), py::arg("init_kind"), py::arg("init_a"), py::arg("init_b"), py::arg("seed"));
+        py::arg("block_rows"), py::arg("init_kind"), py::arg("init_a"), py::arg("init_b"), py::arg("seed"),
+        py::arg("admit_threshold") = 0, py::arg("ttl_steps") = 0, py::arg("max_capacity") = 0, py::arg("policy") = 0);
+  m.def("evict_stale", &recis::py_evict_stale, py::arg("handle"), py::arg("clock"));
+  m.def("erase", &recis::py_erase, py::arg("handle"), py::arg("ids"), py::arg("clock"));
+  m.def("evicted_since", &recis::py_evicted_since, py::arg("handle"), py::arg("since"));
+  m.def("export_pending", &recis::py_export_pending, py::arg("handle"));
+  m.def("import_pending", &recis::py_import_pending, py::arg("handle"), py::arg("ids"), py::arg("counts"));
   m.def("release_table", &recis::release_table, py::arg("handle"));
   m.def("table_info", &recis::py_table_info, py::arg("handle"));
   m.def("live_tables", &recis::live_tables);

@@ -307,7 +307,7 @@ at::Tensor pooled_forward_cpu(at::IntArrayRef handles, const at::Tensor& ids, co
 std::tuple<at::Tensor, at::Tensor> lookup_pooled_forward_cpu(
     at::IntArrayRef handles, const at::Tensor& ids, const at::Tensor& offsets,
     const std::optional<at::Tensor>& per_sample_weights, at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
-    at::IntArrayRef feature_col, int64_t out_dim, bool insert) {
+    at::IntArrayRef feature_col, int64_t out_dim, bool insert, int64_t clock) {
   const char* op = "recis::lookup_pooled_forward";
   check_cpu_1d(ids, op, "ids", at::kLong);
   TORCH_CHECK(out_dim >= 0, op, ": out_dim must be >= 0, got ", out_dim);
@@ -322,36 +322,41 @@ std::tuple<at::Tensor, at::Tensor> lookup_pooled_forward_cpu(
   int64_t* row = rows.data_ptr<int64_t>();
   const int64_t B = l.batch;
   TableLocks locks(tables, /*exclusive=*/insert);
-  if (B > 0 && out_dim > 0) {
-    const int64_t max_dim = *std::max_element(dims.begin(), dims.end());
-    std::atomic<int64_t> absent{0};
-    at::parallel_for(0, l.num_features * B, 16, [&](int64_t qb, int64_t qe) {
-      std::vector<float> init_buf(static_cast<size_t>(max_dim));
-      absent += pool_range(l, tables, dims, key, row, out.data_ptr<float>(), out_dim, qb, qe, /*lookup=*/true,
-                           init_buf.data());
-    });
-    if (!insert || absent.load() == 0) return {out, rows};
-  } else {
+  if (insert) {
+    for (const auto& t : tables) t->table.tick(clock);  // TTL eviction, before anything is looked up
+  }
+  if (B == 0 || out_dim == 0) {
     rows.fill_(-1);  // no feature reads a table
     return {out, rows};
   }
-  // Give the absent ids their rows. The output already holds their initial
-  // values, which is exactly what the new rows are initialised to.
+  const int64_t max_dim = *std::max_element(dims.begin(), dims.end());
+  at::parallel_for(0, l.num_features * B, 16, [&](int64_t qb, int64_t qe) {
+    std::vector<float> init_buf(static_cast<size_t>(max_dim));
+    pool_range(l, tables, dims, key, row, out.data_ptr<float>(), out_dim, qb, qe, /*lookup=*/true, init_buf.data());
+  });
+  if (!insert) return {out, rows};
+  // Training: mark the rows found as seen (so that no eviction below takes
+  // them), then give the absent ids their rows. The output already holds the
+  // absent ids' initial values, which is exactly what new rows start at.
   for (int64_t t = 0; t < static_cast<int64_t>(tables.size()); ++t) {
-    std::vector<int64_t> pos, miss_keys;
+    auto& table = tables[t]->table;
+    std::vector<int64_t> pos, miss_keys, found;
     for (int64_t f = 0; f < l.num_features; ++f) {
       if (l.table[f] != t) continue;
       for (int64_t i = l.offsets[f * B]; i < l.offsets[(f + 1) * B]; ++i) {
         if (row[i] < 0) {
           pos.push_back(i);
           miss_keys.push_back(key[i]);
+        } else if (table.config().tracks_access()) {
+          found.push_back(row[i]);
         }
       }
     }
+    if (!found.empty()) table.touch(found.data(), static_cast<int64_t>(found.size()), clock, AtParallelFor{});
     if (pos.empty()) continue;
     std::vector<int64_t> miss_rows(pos.size());
-    tables[t]->table.find_or_insert(miss_keys.data(), static_cast<int64_t>(pos.size()), miss_rows.data(),
-                                    AtParallelFor{});
+    table.find_or_insert(miss_keys.data(), static_cast<int64_t>(pos.size()), miss_rows.data(), AtParallelFor{},
+                         clock);
     for (size_t k = 0; k < pos.size(); ++k) row[pos[k]] = miss_rows[k];
   }
   return {out, rows};
@@ -569,7 +574,7 @@ void sparse_update_cpu(int64_t handle, const at::Tensor& rows, const at::Tensor&
   const int64_t* r = rows_c.data_ptr<int64_t>();
   const float* gp = grads_c.data_ptr<float>();
   TableLocks lock({entry}, /*exclusive=*/true);
-  const int64_t num_rows = table.size();
+  const int64_t num_rows = table.row_limit();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(r[i] >= 0 && r[i] < num_rows, op, ": rows[", i, "] = ", r[i], " is not a row of the table (",
                 num_rows, " rows)");
@@ -585,6 +590,7 @@ void sparse_update_cpu(int64_t handle, const at::Tensor& rows, const at::Tensor&
       dispatch_dim(D, [&](auto kd) {
         hashtable::update_row<decltype(kd)::value>(table.row(r[i]), g.data(), D, p, step_size);
       });
+      table.mark_updated(r[i], step);
     }
   });
 }
@@ -623,14 +629,16 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
 
   TableLocks locks(tables, /*exclusive=*/true);
   std::vector<int64_t> sizes;
-  for (const auto& t : tables) sizes.push_back(t->table.size());
+  for (const auto& t : tables) sizes.push_back(t->table.row_limit());
   const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, out_dim, &sizes);
   std::vector<int64_t> row_floats;
   for (int64_t t = 0; t < T; ++t) row_floats.push_back(dims[t] + tables[t]->table.state_dim());
   reduce_rows(
       l, g, dims, go.data_ptr<float>(), out_dim,
       [&](int64_t t, int64_t, int64_t r, float* acc, auto kd) {
-        hashtable::update_row<decltype(kd)::value>(tables[t]->table.row(r), acc, dims[t], params[t], step_size[t]);
+        auto& table = tables[t]->table;
+        hashtable::update_row<decltype(kd)::value>(table.row(r), acc, dims[t], params[t], step_size[t]);
+        table.mark_updated(r, steps[t]);
       },
       [&](int64_t t, int64_t r) { prefetch_row(tables[t]->table.row(r), row_floats[t]); });
 }

@@ -27,7 +27,8 @@ std::vector<TablePtr> non_null(const std::vector<TablePtr>& tables) {
   return out;
 }
 
-at::Tensor lookup(at::IntArrayRef handles, const at::Tensor& ids, const at::Tensor& segment_offsets, bool insert) {
+at::Tensor lookup(at::IntArrayRef handles, const at::Tensor& ids, const at::Tensor& segment_offsets, bool insert,
+                  int64_t clock) {
   const char* op = insert ? "recis::find_or_insert" : "recis::find";
   check_cpu_1d(ids, op, "ids", at::kLong);
   check_cpu_1d(segment_offsets, op, "segment_offsets", at::kLong);
@@ -56,7 +57,7 @@ at::Tensor lookup(at::IntArrayRef handles, const at::Tensor& ids, const at::Tens
     if (!tables[s]) {
       std::fill(out + b, out + b + n, int64_t{-1});
     } else if (insert) {
-      tables[s]->table.find_or_insert(keys + b, n, out + b, AtParallelFor{});
+      tables[s]->table.find_or_insert(keys + b, n, out + b, AtParallelFor{}, clock);
     } else {
       tables[s]->table.find(keys + b, n, out + b, AtParallelFor{});
     }
@@ -65,27 +66,31 @@ at::Tensor lookup(at::IntArrayRef handles, const at::Tensor& ids, const at::Tens
 }
 
 at::Tensor find_cpu(at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& segment_offsets) {
-  return lookup(tables, ids, segment_offsets, /*insert=*/false);
+  return lookup(tables, ids, segment_offsets, /*insert=*/false, 0);
 }
 
-at::Tensor find_or_insert_cpu(at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& segment_offsets) {
-  return lookup(tables, ids, segment_offsets, /*insert=*/true);
+at::Tensor find_or_insert_cpu(at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& segment_offsets,
+                              int64_t clock) {
+  return lookup(tables, ids, segment_offsets, /*insert=*/true, clock);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> table_export_cpu(int64_t handle) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> table_export_cpu(int64_t handle, int64_t since) {
   const char* op = "recis::table_export";
   const auto t = get_table(handle, op);
   TableLocks lock({t}, /*exclusive=*/false);
   const auto& table = t->table;
-  const int64_t n = table.size();
-  auto ids = at::empty({n}, at::kLong);
-  auto weights = at::empty({n, table.dim()}, at::kFloat);
-  auto state = at::empty({n, table.state_dim()}, at::kFloat);
-  if (n > 0) {
-    table.export_rows(ids.data_ptr<int64_t>(), weights.data_ptr<float>(),
-                      table.state_dim() > 0 ? state.data_ptr<float>() : nullptr, AtParallelFor{});
+  const int64_t cap = table.size();
+  auto ids = at::empty({cap}, at::kLong);
+  auto weights = at::empty({cap, table.dim()}, at::kFloat);
+  auto state = at::empty({cap, table.state_dim()}, at::kFloat);
+  auto meta = at::empty({cap, 3}, at::kLong);
+  int64_t n = 0;
+  if (cap > 0) {
+    n = table.export_rows(ids.data_ptr<int64_t>(), weights.data_ptr<float>(),
+                          table.state_dim() > 0 ? state.data_ptr<float>() : nullptr, meta.data_ptr<int64_t>(), since,
+                          AtParallelFor{});
   }
-  return {ids, weights, state};
+  return {ids.narrow(0, 0, n), weights.narrow(0, 0, n), state.narrow(0, 0, n), meta.narrow(0, 0, n)};
 }
 
 at::Tensor checked_rows_arg(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t n,
@@ -99,7 +104,7 @@ at::Tensor checked_rows_arg(const char* op, const char* name, const std::optiona
 }
 
 void table_import_cpu(int64_t handle, const at::Tensor& ids, const std::optional<at::Tensor>& weights,
-                      const std::optional<at::Tensor>& state) {
+                      const std::optional<at::Tensor>& state, const std::optional<at::Tensor>& meta) {
   const char* op = "recis::table_import";
   const auto t = get_table(handle, op);
   auto& table = t->table;
@@ -107,12 +112,21 @@ void table_import_cpu(int64_t handle, const at::Tensor& ids, const std::optional
   const int64_t n = ids.numel();
   const at::Tensor w_c = checked_rows_arg(op, "weights", weights, n, table.dim());
   const at::Tensor s_c = checked_rows_arg(op, "state", state, n, table.state_dim());
+  at::Tensor m_c;
+  if (meta.has_value()) {
+    TORCH_CHECK(meta->dim() == 2 && meta->size(0) == n && meta->size(1) == 3 && meta->scalar_type() == at::kLong &&
+                    meta->device().is_cpu(),
+                op, ": meta must be an int64 CPU tensor of shape (", n, ", 3), got ", meta->scalar_type(), " ",
+                meta->sizes());
+    m_c = meta->contiguous();
+  }
   if (n == 0) return;
   const auto ids_c = ids.contiguous();
   TORCH_CHECK(std::get<0>(at::_unique(ids_c)).numel() == n, op, ": ids must be distinct");
   TableLocks lock({t}, /*exclusive=*/true);
   table.import_rows(ids_c.data_ptr<int64_t>(), n, w_c.defined() ? w_c.data_ptr<float>() : nullptr,
-                    s_c.defined() && table.state_dim() > 0 ? s_c.data_ptr<float>() : nullptr, AtParallelFor{});
+                    s_c.defined() && table.state_dim() > 0 ? s_c.data_ptr<float>() : nullptr,
+                    m_c.defined() ? m_c.data_ptr<int64_t>() : nullptr, AtParallelFor{});
 }
 
 }  // namespace

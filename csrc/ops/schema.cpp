@@ -17,8 +17,10 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // ids[segment_offsets[s] : segment_offsets[s+1]]; -1 if absent or skipped.
   m.def("find(int[] tables, Tensor ids, Tensor segment_offsets) -> Tensor");
   // As find, but absent ids get a new row with their deterministic initial
-  // value. Mutates the tables.
-  m.def("find_or_insert(int[] tables, Tensor ids, Tensor segment_offsets) -> Tensor");
+  // value, as admission and the capacity cap allow (refused ids: -1).
+  // `clock` is the tables' update count: the lookup marks rows with it (for
+  // TTL, LRU and LFU eviction). Mutates the tables.
+  m.def("find_or_insert(int[] tables, Tensor ids, Tensor segment_offsets, int clock=0) -> Tensor");
   // Pooled lookup: (B, out_dim). Bags with a row of -1 read that id's
   // initial value (what find_or_insert would give it) without inserting it.
   m.def(
@@ -30,7 +32,8 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // insert, get their rows afterwards.
   m.def(
       "lookup_pooled_forward(int[] tables, Tensor ids, Tensor offsets, Tensor? per_sample_weights, "
-      "int[] feature_table, int[] feature_mode, int[] feature_col, int out_dim, bool insert) -> (Tensor, Tensor)");
+      "int[] feature_table, int[] feature_mode, int[] feature_col, int out_dim, bool insert, int clock=0) -> "
+      "(Tensor, Tensor)");
   // Gradient of pooled_forward w.r.t. the rows: per table, the unique rows
   // touched (sorted ascending) and their summed gradients (U, dim).
   m.def(
@@ -78,9 +81,12 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // arrow_dense: numeric columns -> (B, C) float32, nulls -> defaults[c].
   m.def(
       "arrow_dense(Tensor[] values, Tensor[] validity, int[] bit_offsets, float[] defaults, int num_rows) -> Tensor");
-  // Every row of a table, in row order: (ids (n,), weights (n, dim), state (n, state_dim)).
-  m.def("table_export(int table) -> (Tensor, Tensor, Tensor)");
-  // Writes rows for distinct ids, inserting absent ones. A None weights or
-  // state keeps the current value (the initial one for new rows).
-  m.def("table_import(int table, Tensor ids, Tensor? weights, Tensor? state) -> ()");
+  // The live rows of a table written after update `since` (-1: all), in row
+  // order: (ids (n,), weights (n, dim), state (n, state_dim),
+  // meta (n, 3) = (last_seen, last_update, freq)).
+  m.def("table_export(int table, int since=-1) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Writes rows for distinct ids, inserting absent ones (bypassing admission
+  // and the cap). A None weights, state or meta keeps the current value (the
+  // initial one for new rows).
+  m.def("table_import(int table, Tensor ids, Tensor? weights, Tensor? state, Tensor? meta=None) -> ()");
 }

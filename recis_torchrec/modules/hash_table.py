@@ -72,8 +72,21 @@ class HashTable:
             # hash-space size (2**40, say): never reserve more than the cap for it.
             capacity = min(max(num_embeddings, 0), HINT_CAPACITY_CAP)
         seed = (stable_name_hash(name) ^ (options.seed * 0x9E3779B97F4A7C15)) % 2**64
+        if options.max_capacity is not None:
+            capacity = min(capacity, options.max_capacity)
         self.handle: int = C.create_table(
-            dim, state_dim, int(capacity), options.block_rows, options.init_kind(), float(a), float(b), seed
+            dim,
+            state_dim,
+            int(capacity),
+            options.block_rows,
+            options.init_kind(),
+            float(a),
+            float(b),
+            seed,
+            admit_threshold=options.admit_threshold,
+            ttl_steps=options.ttl_steps or 0,
+            max_capacity=options.max_capacity or 0,
+            policy=options.policy_code(),
         )
 
     def __del__(self) -> None:
@@ -88,7 +101,9 @@ class HashTable:
         return C.table_info(self.handle)["rows"]
 
     def info(self) -> Dict[str, int]:
-        """rows, capacity, memory_bytes, dim, state_dim, row_stride, num_blocks, block_rows."""
+        """rows, capacity, memory_bytes, dim, state_dim, row_stride, num_blocks, block_rows,
+        and the hygiene counters: admitted, evicted, rejected (lookups refused a row),
+        pending (ids counted toward admission)."""
         return C.table_info(self.handle)
 
     def memory_bytes(self) -> int:
@@ -111,14 +126,43 @@ class HashTable:
         return ops.find_or_insert(self, ids)
 
     def export(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ids (n,), weights (n, dim), state (n, state_dim))`` in row order."""
-        return ops.table_export(self)
+        """``(ids (n,), weights (n, dim), state (n, state_dim))`` of the live rows, in row order."""
+        ids, weights, state, _ = ops.table_export(self)
+        return ids, weights, state
+
+    def export_rows(self, since: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids, weights, state, meta (n, 3) = (last_seen, last_update, freq))`` of the
+        live rows written after update ``since`` (-1: all)."""
+        return ops.table_export(self, since)
 
     def import_(
-        self, ids: torch.Tensor, weights: Optional[torch.Tensor] = None, state: Optional[torch.Tensor] = None
+        self,
+        ids: torch.Tensor,
+        weights: Optional[torch.Tensor] = None,
+        state: Optional[torch.Tensor] = None,
+        meta: Optional[torch.Tensor] = None,
     ) -> None:
-        """Writes rows for distinct ids; a None part keeps its current value."""
-        ops.table_import(self, ids, weights, state)
+        """Writes rows for distinct ids (bypassing admission and the cap); a None part keeps its value."""
+        ops.table_import(self, ids, weights, state, meta)
+
+    def evict_stale(self, clock: int) -> int:
+        """Evicts now every row not looked up since update ``clock - ttl_steps``; returns how many."""
+        return C.evict_stale(self.handle, clock)
+
+    def erase(self, ids: torch.Tensor, clock: int = 0) -> int:
+        """Frees the rows of ``ids`` (recorded as evicted at ``clock``); returns how many had one."""
+        return C.erase(self.handle, ids.to(torch.int64), clock)
+
+    def evicted_since(self, since: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, steps)`` evicted after update ``since``."""
+        return C.evicted_since(self.handle, since)
+
+    def export_pending(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, counts)``: sightings of ids still waiting for admission."""
+        return C.export_pending(self.handle)
+
+    def import_pending(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        C.import_pending(self.handle, ids.to(torch.int64), counts.to(torch.int64))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The embeddings ``(n, dim)`` of ids, as the model sees them, inserting nothing.
@@ -136,13 +180,16 @@ class HashTable:
         return (self.name, self.dim, self.state_dim, self.options, self.num_embeddings, self.init_range)
 
     def __getstate__(self):
-        ids, weights, state = self.export()
-        return {"spec": self._spec(), "ids": ids, "weights": weights, "state": state}
+        ids, weights, state, meta = self.export_rows()
+        pending = self.export_pending()
+        return {"spec": self._spec(), "ids": ids, "weights": weights, "state": state, "meta": meta, "pending": pending}
 
     def __setstate__(self, d) -> None:
         self.__init__(*d["spec"])
         if d["ids"].numel():
-            self.import_(d["ids"], d["weights"], d["state"] if self.state_dim else None)
+            self.import_(d["ids"], d["weights"], d["state"] if self.state_dim else None, d.get("meta"))
+        if "pending" in d and d["pending"][0].numel():
+            self.import_pending(*d["pending"])
 
     def __deepcopy__(self, memo) -> "HashTable":
         new = HashTable.__new__(HashTable)

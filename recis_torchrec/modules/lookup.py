@@ -40,6 +40,7 @@ class _PooledLookup(torch.autograd.Function):
             layout.feature_col,
             layout.out_dim,
             insert,
+            group.clock(),
         )
         ctx.group = group
         ctx.layout = layout
@@ -74,6 +75,12 @@ class LookupGroup:
         # Gives the pooled output a grad_fn even when nothing else requires
         # grad, so that backward reaches the fused update. Not a parameter.
         self._anchor = torch.zeros(0, requires_grad=True)
+
+    def clock(self) -> int:
+        """The group's update count: lookups mark rows with it, and the update
+        that follows marks them with clock + 1."""
+        steps = self.optimizer.steps()
+        return max((steps[n] for n in self.table_names), default=0)
 
     def __call__(
         self,

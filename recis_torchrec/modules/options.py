@@ -37,12 +37,17 @@ class HashTableOptions:
         init_mean, init_std: normal parameters.
         init_value: constant value.
         seed: mixed with the table name to seed the per-id initialiser.
-        admit_threshold: reserved for admission (an id gets a row after this
-            many sightings). Only 0 (admit at once) is supported yet.
-        ttl_steps: reserved for TTL eviction. Only ``None`` is supported yet.
-        max_capacity: reserved for a capacity cap. Only ``None`` is supported yet.
-        eviction_policy: reserved (``"lru"``/``"lfu"`` under a cap). Only
-            ``"none"`` is supported yet.
+        admit_threshold: admission by frequency: an id gets a row at its
+            ``admit_threshold``-th sighting in training lookups. Until then it
+            reads its initial value and is not trained. 0 or 1: at once.
+        ttl_steps: evict rows not looked up for this many training steps
+            (updates of the table); scanned every ``ttl_steps // 4`` steps.
+            None: never.
+        max_capacity: at most this many rows; when full, rows are evicted by
+            ``eviction_policy`` (rows in use in the current step never are).
+            None: unbounded.
+        eviction_policy: ``"lru"`` (least recently seen) or ``"lfu"`` (least
+            often seen) under ``max_capacity``; ``"none"`` without a cap.
         version: schema version of this record, for ``to_dict``/``from_dict``.
     """
 
@@ -82,18 +87,18 @@ class HashTableOptions:
             )
         if self.version != 1:
             raise ValueError(f"HashTableOptions.version {self.version} is not supported (this release writes 1)")
-        reserved = {
-            "admit_threshold": (self.admit_threshold, 0),
-            "ttl_steps": (self.ttl_steps, None),
-            "max_capacity": (self.max_capacity, None),
-            "eviction_policy": (self.eviction_policy, "none"),
-        }
-        for name, (value, default) in reserved.items():
-            if value != default:
-                raise NotImplementedError(
-                    f"HashTableOptions.{name}={value!r}: admission and eviction are not implemented yet; "
-                    f"leave {name} at {default!r}"
-                )
+        if self.admit_threshold < 0:
+            raise ValueError(f"HashTableOptions.admit_threshold must be >= 0, got {self.admit_threshold}")
+        if self.ttl_steps is not None and self.ttl_steps <= 0:
+            raise ValueError(f"HashTableOptions.ttl_steps must be > 0 or None, got {self.ttl_steps}")
+        if self.max_capacity is not None and self.max_capacity <= 0:
+            raise ValueError(f"HashTableOptions.max_capacity must be > 0 or None, got {self.max_capacity}")
+        if self.max_capacity is not None and self.eviction_policy == "none":
+            raise ValueError("HashTableOptions.max_capacity needs eviction_policy 'lru' or 'lfu'")
+        if self.max_capacity is None and self.eviction_policy != "none":
+            raise ValueError(
+                f"HashTableOptions.eviction_policy={self.eviction_policy!r} applies under max_capacity; set one"
+            )
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,3 +113,7 @@ class HashTableOptions:
 
     def init_kind(self) -> int:
         return _INIT_KIND[self.initializer]
+
+    def policy_code(self) -> int:
+        """The C++ EvictionPolicy code."""
+        return {"none": 0, "lru": 1, "lfu": 2}[self.eviction_policy]

@@ -59,12 +59,14 @@ def lookup_pooled_forward(
     feature_col: Sequence[int],
     out_dim: int,
     insert: bool,
+    clock: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`find` (or :func:`find_or_insert` with ``insert``) fused with :func:`pooled_forward`.
 
     Returns ``(pooled (B, out_dim), rows (N,))``. Ids are looked up tile by
     tile as their bags are pooled, so each id is read once; absent ids pool
-    their initial value and, with ``insert``, get their rows afterwards.
+    their initial value and, with ``insert``, get their rows afterwards (as
+    admission and the capacity cap allow). ``clock`` is the tables' update count.
     """
     return torch.ops.recis.lookup_pooled_forward(
         [_handle(t) for t in tables],
@@ -76,6 +78,7 @@ def lookup_pooled_forward(
         list(feature_col),
         out_dim,
         insert,
+        clock,
     )
 
 
@@ -179,7 +182,7 @@ def _pooled_forward_fake(
 
 @torch.library.register_fake("recis::lookup_pooled_forward")
 def _lookup_pooled_forward_fake(
-    tables, ids, offsets, per_sample_weights, feature_table, feature_mode, feature_col, out_dim, insert
+    tables, ids, offsets, per_sample_weights, feature_table, feature_mode, feature_col, out_dim, insert, clock=0
 ):
     return _pooled_forward_fake(
         tables, ids, ids, offsets, per_sample_weights, feature_table, feature_mode, feature_col, out_dim

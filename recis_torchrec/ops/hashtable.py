@@ -50,18 +50,25 @@ def find_or_insert(
     tables: Union[TableRef, Sequence[Optional[TableRef]]],
     ids: torch.Tensor,
     segment_offsets: Optional[torch.Tensor] = None,
+    clock: int = 0,
 ) -> torch.Tensor:
     """Rows of ``ids``, inserting absent ids with their deterministic initial row.
 
-    Same arguments as :func:`find`. Duplicate ids get the same row.
+    Same arguments as :func:`find`, plus ``clock``, the tables' update count,
+    which the lookup marks rows with (for TTL/LRU/LFU eviction). Duplicate ids
+    get the same row. Ids refused by admission or a full cap get -1.
     """
     handles, seg = _segments(tables, ids, segment_offsets)
-    return torch.ops.recis.find_or_insert(handles, ids, seg)
+    return torch.ops.recis.find_or_insert(handles, ids, seg, clock)
 
 
-def table_export(table: TableRef) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every row of a table: ``(ids (n,), weights (n, dim), state (n, state_dim))``."""
-    return torch.ops.recis.table_export(_handle(table))
+def table_export(
+    table: TableRef, since: int = -1
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The live rows written after update ``since`` (-1: all):
+    ``(ids (n,), weights (n, dim), state (n, state_dim), meta (n, 3))``, meta =
+    (last_seen, last_update, freq)."""
+    return torch.ops.recis.table_export(_handle(table), since)
 
 
 def table_import(
@@ -69,13 +76,15 @@ def table_import(
     ids: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
     state: Optional[torch.Tensor] = None,
+    meta: Optional[torch.Tensor] = None,
 ) -> None:
     """Writes rows for distinct ``ids``, inserting absent ones.
 
-    ``weights`` (n, dim) and ``state`` (n, state_dim) are optional; whatever is
-    None keeps its current value (the initial value for new rows).
+    ``weights`` (n, dim), ``state`` (n, state_dim) and ``meta`` (n, 3) are
+    optional; whatever is None keeps its current value (the initial value for
+    new rows).
     """
-    torch.ops.recis.table_import(_handle(table), ids, weights, state)
+    torch.ops.recis.table_import(_handle(table), ids, weights, state, meta)
 
 
 @torch.library.register_fake("recis::find")
@@ -84,7 +93,7 @@ def _find_fake(tables, ids, segment_offsets):
 
 
 @torch.library.register_fake("recis::find_or_insert")
-def _find_or_insert_fake(tables, ids, segment_offsets):
+def _find_or_insert_fake(tables, ids, segment_offsets, clock=0):
     return torch.empty_like(ids)
 
 

@@ -132,8 +132,10 @@ def test_bad_arguments_raise_clear_errors():
         t.import_(torch.tensor([1, 2]), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="block_rows must be a power of two"):
         HashTableOptions(block_rows=100)
-    with pytest.raises(NotImplementedError, match="admission and eviction"):
-        HashTableOptions(ttl_steps=10)
+    with pytest.raises(ValueError, match="max_capacity needs eviction_policy"):
+        HashTableOptions(max_capacity=10)
+    with pytest.raises(ValueError, match="ttl_steps must be > 0"):
+        HashTableOptions(ttl_steps=0)
 
 
 def test_released_table_handle_is_rejected():
