@@ -71,10 +71,17 @@ class HashTable {
   // Marks a row as not yet numbered inside find_or_insert; real rows stay
   // far below it.
   static constexpr int64_t kPending = int64_t{1} << 62;
+  // The eviction log's length without a capacity cap.
+  static constexpr int64_t kEvictedLogMin = 1 << 20;
 
   explicit HashTable(const HashTableConfig& cfg)
       : cfg_(cfg),
-        map_(cfg.initial_capacity),
+        // Under a cap the IdMap is sized once for the cap plus 25% headroom,
+        // with shards of at least ~4096 keys, so that shard occupancy, which
+        // fluctuates as ids churn, stays within the headroom and never grows it.
+        map_(cfg.max_capacity > 0 ? std::max(cfg.initial_capacity, cfg.max_capacity + cfg.max_capacity / 4)
+                                  : cfg.initial_capacity,
+             cfg.max_capacity > 0 ? capped_shard_bits(cfg.max_capacity) : 6),
         blocks_(cfg.dim, cfg.state_dim, cfg.block_rows) {
     if (cfg.initial_capacity > 0) blocks_.reserve(cfg.initial_capacity);
   }
@@ -187,13 +194,18 @@ class HashTable {
   }
 
   // Ids evicted after `since` (clock values), with the clock of each eviction.
-  void evicted_since(int64_t since, std::vector<int64_t>* ids, std::vector<int64_t>* steps) const {
+  // Returns false if the log no longer reaches back to `since` (it keeps at
+  // most max_capacity / 2 entries, or kEvictedLogMin without a cap, dropping
+  // the oldest half when full, so that it cannot grow without bound).
+  bool evicted_since(int64_t since, std::vector<int64_t>* ids, std::vector<int64_t>* steps) const {
+    if (since < log_dropped_through_) return false;
     for (size_t i = 0; i < evicted_ids_.size(); ++i) {
       if (evicted_steps_[i] > since) {
         ids->push_back(evicted_ids_[i]);
         steps->push_back(evicted_steps_[i]);
       }
     }
+    return true;
   }
 
   // The admission counters of ids that have no row yet.
@@ -208,10 +220,26 @@ class HashTable {
   }
 
  private:
+  static int capped_shard_bits(int64_t cap) {
+    int bits = 0;
+    while (bits < 6 && (cap >> (bits + 1)) >= 4096) ++bits;
+    return bits;
+  }
+
   void evict_row(int64_t r, int64_t clock) {
     const int64_t key = blocks_.row_id(r);
     map_.erase(key, mix64(static_cast<uint64_t>(key)));
     blocks_.release(r);
+    // Under a cap the log holds max_capacity / 2 entries (16 bytes each, a few
+    // percent of the rows' memory), else kEvictedLogMin.
+    const int64_t limit =
+        cfg_.max_capacity > 0 ? std::max<int64_t>(64, cfg_.max_capacity / 2) : kEvictedLogMin;
+    if (static_cast<int64_t>(evicted_ids_.size()) >= limit) {
+      const size_t drop = evicted_ids_.size() / 2;
+      log_dropped_through_ = std::max(log_dropped_through_, evicted_steps_[drop - 1]);
+      evicted_ids_.erase(evicted_ids_.begin(), evicted_ids_.begin() + drop);
+      evicted_steps_.erase(evicted_steps_.begin(), evicted_steps_.begin() + drop);
+    }
     evicted_ids_.push_back(key);
     evicted_steps_.push_back(clock + 1);
     ++counters_.evicted;
@@ -445,7 +473,8 @@ class HashTable {
   EmbeddingBlocks blocks_;
   TableCounters counters_;
   std::unordered_map<int64_t, int64_t> pending_;  // admission: sightings of ids without a row
-  std::vector<int64_t> evicted_ids_, evicted_steps_;
+  std::vector<int64_t> evicted_ids_, evicted_steps_;  // the eviction log, for delta exports
+  int64_t log_dropped_through_ = -1;  // the log has no evictions up to this clock
   int64_t last_ttl_scan_ = 0;
 };
 

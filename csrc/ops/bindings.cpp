@@ -78,7 +78,9 @@ std::tuple<at::Tensor, at::Tensor> py_evicted_since(int64_t handle, int64_t sinc
   const auto entry = get_table(handle, "evicted_since");
   TableLocks lock({entry}, /*exclusive=*/false);
   std::vector<int64_t> ids, steps;
-  entry->table.evicted_since(since, &ids, &steps);
+  TORCH_CHECK(entry->table.evicted_since(since, &ids, &steps), "evicted_since: the eviction log of table ", handle,
+              " no longer reaches back to step ", since,
+              " (too many evictions since); export a full checkpoint instead of a delta");
   return {at::tensor(ids, at::kLong), at::tensor(steps, at::kLong)};
 }
 

@@ -1,0 +1,120 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Admission and eviction: through the module, as training sees them."""
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+import recis_torchrec as rt
+from recis_torchrec import HashTable, HashTableOptions
+
+
+def module(options: HashTableOptions, dim: int = 64) -> rt.HashEmbeddingBagCollection:
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=16, feature_names=["f"])]
+    return rt.HashEmbeddingBagCollection(
+        tables, fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.5}, options=options
+    )
+
+
+def step(m, ids) -> torch.Tensor:
+    ids = torch.as_tensor(ids, dtype=torch.int64)
+    kjt = KeyedJaggedTensor(keys=["f"], values=ids, lengths=torch.ones(ids.numel(), dtype=torch.int64))
+    out = m(kjt).values()
+    out.sum().backward()
+    return out.detach()
+
+
+def test_admission_needs_n_sightings_and_trains_nothing_before():
+    m = module(HashTableOptions(admit_threshold=3, block_rows=16))
+    t = m.tables()["t"]
+    initial = t.lookup(torch.tensor([7]))
+    for seen in (1, 2):
+        out = step(m, [7])
+        torch.testing.assert_close(out, initial)  # reads its initial vector
+        assert len(t) == 0 and t.info()["pending"] == 1
+        torch.testing.assert_close(t.lookup(torch.tensor([7])), initial)  # and got no update
+    out = step(m, [7])  # third sighting: admitted, trained from here on
+    torch.testing.assert_close(out, initial)
+    assert len(t) == 1 and t.info()["pending"] == 0
+    assert not torch.equal(t.lookup(torch.tensor([7])), initial)
+    info = t.info()
+    assert info["admitted"] == 1 and info["rejected"] == 2
+    # Sightings within one batch count too.
+    step(m, [9, 9, 9])
+    assert int(t.find(torch.tensor([9]))[0]) >= 0
+
+
+def test_capacity_cap_keeps_rows_and_memory_flat_under_an_unbounded_stream():
+    cap = 1000
+    for policy in ("lru", "lfu"):
+        m = module(HashTableOptions(max_capacity=cap, eviction_policy=policy, block_rows=64))
+        t = m.tables()["t"]
+        memory = []
+        next_id = 0
+        for i in range(100):  # 10x the cap of distinct ids, 100 per step
+            step(m, list(range(next_id, next_id + 100)))
+            next_id += 100
+            assert len(t) <= cap
+            if (i + 1) % 10 == 0:
+                memory.append(t.memory_bytes())
+        assert max(memory) <= 1.05 * memory[0], (policy, memory)
+        assert t.info()["evicted"] >= next_id - cap
+        # The most recent ids are there.
+        assert (t.find(torch.arange(next_id - 100, next_id)) >= 0).all()
+
+
+def test_lfu_keeps_frequent_ids_and_lru_recent_ones():
+    cap = 50
+    lfu = module(HashTableOptions(max_capacity=cap, eviction_policy="lfu", block_rows=16))
+    lru = module(HashTableOptions(max_capacity=cap, eviction_policy="lru", block_rows=16))
+    hot = list(range(10))
+    for m in (lfu, lru):
+        for _ in range(5):
+            step(m, hot)  # hot ids seen 5 times, long ago
+        for k in range(10):
+            step(m, list(range(1000 + 20 * k, 1020 + 20 * k)))  # then a stream of cold ids
+    assert (lfu.tables()["t"].find(torch.tensor(hot)) >= 0).all()
+    assert (lru.tables()["t"].find(torch.tensor(hot)) < 0).all()
+
+
+def test_ttl_removes_exactly_the_stale_ids():
+    m = module(HashTableOptions(ttl_steps=5, block_rows=16))
+    t = m.tables()["t"]
+    step(m, [1, 2, 3])  # clock 0 -> 1
+    for _ in range(3):
+        step(m, [2])  # clocks 1..3
+    step(m, [3])  # clock 4
+    # At clock 6, rows unseen since before clock 1 (last seen < 6 - 5) go: only id 1.
+    removed = t.evict_stale(6)
+    assert removed == 1
+    assert int(t.find(torch.tensor([1]))[0]) == -1
+    assert (t.find(torch.tensor([2, 3])) >= 0).all()
+    ids, steps = t.evicted_since(0)
+    assert ids.tolist() == [1] and steps.tolist() == [7]
+
+
+def test_evicted_rows_are_reused():
+    t = HashTable("r", 4, 0, HashTableOptions(block_rows=16))
+    t.find_or_insert(torch.arange(40))
+    limit = t.info()["capacity"]
+    assert t.erase(torch.arange(0, 40, 2)) == 20
+    assert len(t) == 20
+    t.find_or_insert(torch.arange(100, 120))
+    assert len(t) == 40 and t.info()["capacity"] == limit  # no new block: freed rows were reused
+    assert (t.find(torch.arange(0, 40, 2)) == -1).all() and (t.find(torch.arange(1, 40, 2)) >= 0).all()
+
+
+def test_rows_in_use_this_step_are_never_evicted():
+    cap = 8
+    m = module(HashTableOptions(max_capacity=cap, eviction_policy="lru", block_rows=16))
+    t = m.tables()["t"]
+    before = t.lookup(torch.arange(12))
+    out = step(m, list(range(12)))  # more new ids than fit: 8 get rows, 4 read their initial value
+    assert len(t) == cap and t.info()["rejected"] == 4
+    torch.testing.assert_close(out, before)  # every id pooled its initial vector in the forward
+    refused = (t.find(torch.arange(12)) < 0).nonzero().flatten()
+    assert refused.tolist() == [8, 9, 10, 11]
+    torch.testing.assert_close(t.lookup(refused), before[refused])  # and was not trained
+    # The next step may evict the 8 rows (they are no longer in use) to admit others.
+    step(m, list(range(100, 104)))
+    assert len(t) == cap and (t.find(torch.arange(100, 104)) >= 0).all()
