@@ -193,6 +193,22 @@ class HashTable {
     return freed;
   }
 
+  // Drops every row, the admission counters and the eviction log (a restore
+  // starts from here). Row memory is kept for reuse.
+  void clear() {
+    map_ = IdMap(cfg_.max_capacity > 0 ? std::max(cfg_.initial_capacity, cfg_.max_capacity + cfg_.max_capacity / 4)
+                                       : cfg_.initial_capacity,
+                 cfg_.max_capacity > 0 ? capped_shard_bits(cfg_.max_capacity) : 6);
+    for (int64_t r = row_limit() - 1; r >= 0; --r) {
+      if (blocks_.meta(r).live) blocks_.release(r);
+    }
+    pending_.clear();
+    evicted_ids_.clear();
+    evicted_steps_.clear();
+    log_dropped_through_ = -1;
+    last_ttl_scan_ = 0;
+  }
+
   // Ids evicted after `since` (clock values), with the clock of each eviction.
   // Returns false if the log no longer reaches back to `since` (it keeps at
   // most max_capacity / 2 entries, or kEvictedLogMin without a cap, dropping

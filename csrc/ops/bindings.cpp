@@ -60,6 +60,12 @@ py::dict py_table_info(int64_t handle) {
   return d;
 }
 
+void py_clear(int64_t handle) {
+  const auto entry = get_table(handle, "clear");
+  TableLocks lock({entry}, /*exclusive=*/true);
+  entry->table.clear();
+}
+
 int64_t py_evict_stale(int64_t handle, int64_t clock) {
   const auto entry = get_table(handle, "evict_stale");
   TableLocks lock({entry}, /*exclusive=*/true);
@@ -110,6 +116,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("create_table", &recis::py_create_table, py::arg("dim"), py::arg("state_dim"), py::arg("initial_capacity"),
         py::arg("block_rows"), py::arg("init_kind"), py::arg("init_a"), py::arg("init_b"), py::arg("seed"),
         py::arg("admit_threshold") = 0, py::arg("ttl_steps") = 0, py::arg("max_capacity") = 0, py::arg("policy") = 0);
+  m.def("clear", &recis::py_clear, py::arg("handle"));
   m.def("evict_stale", &recis::py_evict_stale, py::arg("handle"), py::arg("clock"));
   m.def("erase", &recis::py_erase, py::arg("handle"), py::arg("ids"), py::arg("clock"));
   m.def("evicted_since", &recis::py_evicted_since, py::arg("handle"), py::arg("since"));

@@ -145,6 +145,10 @@ class HashTable:
         """Writes rows for distinct ids (bypassing admission and the cap); a None part keeps its value."""
         ops.table_import(self, ids, weights, state, meta)
 
+    def clear(self) -> None:
+        """Drops every row, the admission counters and the eviction log (rows' memory is kept)."""
+        C.clear(self.handle)
+
     def evict_stale(self, clock: int) -> int:
         """Evicts now every row not looked up since update ``clock - ttl_steps``; returns how many."""
         return C.evict_stale(self.handle, clock)

@@ -1,0 +1,451 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""``save`` / ``load``: safetensors checkpoints of hash tables and dense state, with resharding.
+
+A checkpoint is a directory ``{root}/step_{step:010d}``:
+
+- ``index.json``: the format version, step, world size, every file with its size
+  and XXH64 checksum, every table's config (dim, optimizer, options, update
+  count) and the dense optimizer's non-tensor state;
+- ``tables/{table}/rank{r}-part{k}.safetensors``: each rank's rows of each hash
+  table (``ids``, ``weights``, one tensor per optimizer state slot, and the row
+  metadata ``last_seen``, ``last_update``, ``freq``; part 0 also holds the ids
+  still counted for admission), in files of at most ``max_file_bytes``;
+- ``dense.safetensors`` and ``optimizer.safetensors``: dense parameters and
+  buffers, and the dense optimizer's tensors (rank 0);
+- ``loader-rank{r}.json``: each rank's loader position.
+
+Ranks write in parallel into a temporary directory that rank 0 renames into
+place once every file is written and the index is on disk, so a crash at any
+point leaves the previous checkpoint as it was. ``load`` reads and verifies
+every file it needs before it changes anything in the model, and each rank
+keeps the ids it owns under the current world size, so a checkpoint loads at
+any world size, sharded or not.
+"""
+
+import fnmatch
+import math
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recis_torchrec import ops
+from recis_torchrec.checkpoint.files import (
+    CheckpointError,
+    TableRef,
+    all_ok,
+    barrier,
+    check_supported,
+    dense_state,
+    fsync_dir,
+    hash_tables,
+    rank_and_world,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
+from recis_torchrec.optim.fused import _STATE_SLOTS
+
+FORMAT_VERSION = 1
+META_COLUMNS = ("last_seen", "last_update", "freq")
+
+
+def _step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:010d}")
+
+
+def _safe(key: str) -> str:
+    return key.replace("/", "__")
+
+
+def checkpoints(root: str) -> List[Tuple[int, str]]:
+    """Complete checkpoints under a root, as (step, directory), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        d = os.path.join(root, name)
+        if name.startswith("step_") and "." not in name and os.path.exists(os.path.join(d, "index.json")):
+            try:
+                out.append((int(name[5:]), d))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory: `path` itself, or the latest complete one under it."""
+    if os.path.exists(os.path.join(path, "index.json")):
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{path}: no complete checkpoint (no index.json) there")
+    return found[-1][1]
+
+
+def _broadcast(obj):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def _gather(obj) -> List:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _slot_tensors(ref: TableRef, state: torch.Tensor) -> Dict[str, torch.Tensor]:
+    dim = ref.table.dim
+    out = {}
+    for slot, offset, width in _STATE_SLOTS[ref.optimizer_code]:
+        if width is None:
+            out[slot] = state[:, offset * dim]
+        else:
+            out[slot] = state[:, offset * dim : (offset + width) * dim]
+    return out
+
+
+def _state_from_slots(ref: TableRef, tensors: Dict[str, torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    if ref.table.state_dim == 0:
+        return None
+    dim = ref.table.dim
+    state = torch.zeros(n, ref.table.state_dim)
+    for slot, offset, width in _STATE_SLOTS[ref.optimizer_code]:
+        if width is None:
+            state[:, offset * dim] = tensors[slot]
+        else:
+            state[:, offset * dim : (offset + width) * dim] = tensors[slot]
+    return state
+
+
+def write_table_files(
+    directory: str, ref: TableRef, rank: int, max_file_bytes: int, since: int = -1
+) -> List[Dict[str, Any]]:
+    """Writes this rank's rows of a table (updated after `since`); returns the index entries."""
+    table_dir = os.path.join(directory, "tables", _safe(ref.key))
+    os.makedirs(table_dir, exist_ok=True)
+    ids, weights, state, meta = ref.table.export_rows(since)
+    n = ids.numel()
+    row_bytes = 8 + 4 * (ref.table.dim + ref.table.state_dim) + 8 * 3
+    per_file = max(1, max_file_bytes // row_bytes)
+    parts = max(1, math.ceil(n / per_file))
+    entries = []
+    for k in range(parts):
+        lo, hi = k * per_file, min(n, (k + 1) * per_file)
+        tensors = {"ids": ids[lo:hi], "weights": weights[lo:hi]}
+        tensors.update(_slot_tensors(ref, state[lo:hi]))
+        for j, col in enumerate(META_COLUMNS):
+            tensors[col] = meta[lo:hi, j]
+        if k == 0:
+            pending_ids, pending_counts = ref.table.export_pending()
+            tensors["pending_ids"], tensors["pending_counts"] = pending_ids, pending_counts
+        path = os.path.join(table_dir, f"rank{rank}-part{k}.safetensors")
+        entry = write_tensors(path, tensors, {"table": ref.key, "rank": str(rank)})
+        entry.update({"file": os.path.relpath(path, directory), "rank": rank, "rows": hi - lo})
+        entries.append(entry)
+    return entries
+
+
+def table_config(ref: TableRef) -> Dict[str, Any]:
+    return {
+        "module": ref.module_path,
+        "table": ref.table.name,
+        "dim": ref.table.dim,
+        "state_dim": ref.table.state_dim,
+        "optimizer": ref.optimizer_code,
+        "sharded": ref.sharded,
+        "options": ref.table.options.to_dict(),
+    }
+
+
+def _flatten_optimizer(state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    tensors, rest = {}, {"param_groups": state.get("param_groups", []), "state": {}}
+    for idx, slots in state.get("state", {}).items():
+        for name, v in slots.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{name}"] = v.detach().cpu()
+            else:
+                rest["state"].setdefault(str(idx), {})[name] = v
+    return tensors, rest
+
+
+def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], rest: Dict[str, Any]) -> Dict[str, Any]:
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = t
+    for idx, slots in rest.get("state", {}).items():
+        state.setdefault(int(idx), {}).update(slots)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save(
+    path: str,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    dataloader: Optional[Any] = None,
+    step: int = 0,
+    keep_last: Optional[int] = None,
+    max_file_bytes: int = 1 << 30,
+    extra: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Saves a checkpoint of `model` under the root `path`; call it on every rank.
+
+    Args:
+        path: the checkpoint root; this save becomes ``{path}/step_{step:010d}``.
+        model: an unsharded model, or a DistributedModelParallel one.
+        optimizer: the dense optimizer (the sparse one lives in the tables).
+        dataloader: anything with ``state_dict()`` (each rank's position).
+        step: the training step, returned by :func:`load`.
+        keep_last: keep only the newest K checkpoints under `path`.
+        max_file_bytes: the largest table file; bigger tables are split.
+        extra: JSON-serialisable data to keep in the index (e.g. RNG seeds).
+
+    Returns:
+        The checkpoint's directory.
+    """
+    check_supported(model)
+    rank, world = rank_and_world()
+    t0 = time.perf_counter()
+    final = _step_dir(path, step)
+    tmp = _broadcast(f"{final}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    if rank == 0:
+        os.makedirs(tmp, exist_ok=True)
+    barrier()
+
+    refs = hash_tables(model)
+    files: List[Dict[str, Any]] = []
+    steps: Dict[str, int] = {}
+    for ref in refs:
+        if not ref.sharded and rank != 0:
+            continue  # an unsharded table is the same on every rank
+        files += [dict(e, table=ref.key) for e in write_table_files(tmp, ref, rank, max_file_bytes)]
+        steps[ref.key] = ref.optimizer.steps()[ref.table.name]
+    loader_file = None
+    if dataloader is not None:
+        loader_file = f"loader-rank{rank}.json"
+        write_json(os.path.join(tmp, loader_file), dataloader.state_dict())
+    dense_entry = opt_entry = opt_rest = None
+    if rank == 0:
+        dense = {name: t.detach().cpu() for name, t in dense_state(model)}
+        dense_entry = write_tensors(os.path.join(tmp, "dense.safetensors"), dense)
+        if optimizer is not None:
+            tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
+            opt_entry = write_tensors(os.path.join(tmp, "optimizer.safetensors"), tensors)
+    written = sum(e["bytes"] for e in files)
+    gathered = _gather((files, steps, loader_file, written))
+
+    if rank == 0:
+        tables: Dict[str, Any] = {}
+        for ref in refs:
+            tables[ref.key] = dict(table_config(ref), files=[], steps={})
+        for r, (r_files, r_steps, _, _) in enumerate(gathered):
+            for e in r_files:
+                tables[e["table"]]["files"].append({k: v for k, v in e.items() if k != "table"})
+            for key, s in r_steps.items():
+                tables[key]["steps"][str(r)] = s
+        fused = {}
+        for ref in refs:
+            g = ref.optimizer.param_groups[0]
+            fused[ref.key] = {k: g[k] for k in ("lr", "eps", "beta1", "beta2", "weight_decay")}
+        index = {
+            "format": FORMAT_VERSION,
+            "kind": "full",
+            "step": step,
+            "world_size": world,
+            "tables": tables,
+            "fused_optimizer": fused,
+            "dense": dense_entry,
+            "optimizer": {"file": opt_entry, "rest": opt_rest} if opt_entry else None,
+            "loader": [g[2] for g in gathered] if dataloader is not None else None,
+            "extra": extra or {},
+            "bytes": sum(g[3] for g in gathered) + (dense_entry["bytes"] if dense_entry else 0),
+        }
+        write_json(os.path.join(tmp, "index.json"), index)
+        for root, _, names in os.walk(tmp):
+            fsync_dir(root)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(path)
+        if keep_last is not None:
+            for _, old in checkpoints(path)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            for name in os.listdir(path):  # leftovers of interrupted saves
+                if ".tmp-" in name and os.path.join(path, name) != tmp:
+                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+    barrier()
+    save.last_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+    save.last_bytes = written  # type: ignore[attr-defined]
+    return final
+
+
+def _selected(refs: List[TableRef], include: Optional[Iterable[str]], exclude: Optional[Iterable[str]]):
+    inc, exc = list(include or []), list(exclude or [])
+    out = []
+    for ref in refs:
+        if inc and not any(fnmatch.fnmatch(ref.key, p) or fnmatch.fnmatch(ref.table.name, p) for p in inc):
+            continue
+        if any(fnmatch.fnmatch(ref.key, p) or fnmatch.fnmatch(ref.table.name, p) for p in exc):
+            continue
+        out.append(ref)
+    return out
+
+
+def _owned(ref: TableRef, ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    if not ref.sharded or world == 1:
+        return torch.ones(ids.numel(), dtype=torch.bool)
+    return ops.owner_of(ids, world) == rank
+
+
+def stage_table(
+    directory: str, ref: TableRef, entry: Dict[str, Any], rank: int, world: int
+) -> Dict[str, torch.Tensor]:
+    """Reads and verifies every file of a table; keeps the rows this rank owns."""
+    if entry["dim"] != ref.table.dim:
+        raise CheckpointError(
+            f"table {ref.key!r}: the checkpoint has dim {entry['dim']} but the model's table has dim {ref.table.dim}"
+        )
+    if entry["optimizer"] != ref.optimizer_code:
+        raise CheckpointError(
+            f"table {ref.key!r}: the checkpoint holds state of optimizer code {entry['optimizer']} but the model "
+            f"trains it with code {ref.optimizer_code}"
+        )
+    parts: Dict[str, List[torch.Tensor]] = {}
+    for f in entry["files"]:
+        tensors = read_tensors(directory, f)
+        if "ids" not in tensors or tensors["ids"].numel() != f["rows"]:
+            raise CheckpointError(f"{os.path.join(directory, f['file'])}: holds no ids or not the {f['rows']} rows listed")
+        keep = _owned(ref, tensors["ids"], rank, world)
+        for name, t in tensors.items():
+            if name.startswith("pending_"):
+                continue
+            parts.setdefault(name, []).append(t[keep])
+        if "pending_ids" in tensors:
+            pk = _owned(ref, tensors["pending_ids"], rank, world)
+            parts.setdefault("pending_ids", []).append(tensors["pending_ids"][pk])
+            parts.setdefault("pending_counts", []).append(tensors["pending_counts"][pk])
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def apply_table(ref: TableRef, staged: Dict[str, torch.Tensor], replace: bool = True) -> None:
+    """Writes staged rows into a table (after clearing it, for a full restore)."""
+    if replace:
+        ref.table.clear()
+    ids = staged.get("ids", torch.empty(0, dtype=torch.int64))
+    n = ids.numel()
+    if n:
+        meta = torch.stack([staged[c].to(torch.int64) for c in META_COLUMNS], 1)
+        ref.table.import_(ids, staged["weights"], _state_from_slots(ref, staged, n), meta)
+    if staged.get("pending_ids") is not None and staged["pending_ids"].numel():
+        ref.table.import_pending(staged["pending_ids"], staged["pending_counts"])
+
+
+def load(
+    path: str,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    dataloader: Optional[Any] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    strict: bool = True,
+) -> int:
+    """Loads a checkpoint into `model` (and the optimizer and loader); call it on every rank.
+
+    Works at any world size: each rank keeps the ids it owns now. `include` /
+    `exclude` are glob patterns over table keys (``"module.path/table"``) or
+    names. Every needed file is read and verified before the model changes;
+    any problem raises CheckpointError naming the file or table on every rank.
+
+    Returns:
+        The step the checkpoint was saved at.
+    """
+    check_supported(model)
+    rank, world = rank_and_world()
+    directory = resolve(path)
+    import json
+
+    try:
+        with open(os.path.join(directory, "index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory}/index.json: unreadable ({e})") from e
+    if index.get("format") != FORMAT_VERSION or index.get("kind") != "full":
+        raise CheckpointError(f"{directory}: not a full checkpoint of format {FORMAT_VERSION}")
+
+    refs = _selected(hash_tables(model), include, exclude)
+    staged: Dict[str, Dict[str, torch.Tensor]] = {}
+    dense: Dict[str, torch.Tensor] = {}
+    opt_state = None
+    loader_state = None
+    error = ""
+    try:
+        for ref in refs:
+            entry = index["tables"].get(ref.key)
+            if entry is None:
+                if strict:
+                    raise CheckpointError(f"table {ref.key!r} is not in the checkpoint {directory}")
+                continue
+            staged[ref.key] = stage_table(directory, ref, entry, rank, world)
+        if index.get("dense") is not None:
+            dense = read_tensors(directory, index["dense"])
+            have = dict(dense_state(model))
+            missing = sorted(set(have) - set(dense))
+            if missing and strict:
+                raise CheckpointError(f"{directory}/dense.safetensors: lacks dense tensors {missing[:5]}")
+            for name, t in dense.items():
+                if name in have and have[name].shape != t.shape:
+                    raise CheckpointError(
+                        f"{directory}/dense.safetensors: {name!r} has shape {tuple(t.shape)}, the model's "
+                        f"{tuple(have[name].shape)}"
+                    )
+        if optimizer is not None:
+            if index.get("optimizer") is None:
+                raise CheckpointError(f"{directory}: holds no dense optimizer state")
+            opt_state = _unflatten_optimizer(read_tensors(directory, index["optimizer"]["file"]), index["optimizer"]["rest"])
+        if dataloader is not None:
+            if index.get("loader") is None:
+                raise CheckpointError(f"{directory}: holds no loader state")
+            if index["world_size"] != world:
+                raise CheckpointError(
+                    f"{directory}: the loader positions were saved at world size {index['world_size']}, not {world}; "
+                    "pass dataloader=None to load the model only"
+                )
+            with open(os.path.join(directory, index["loader"][rank])) as f:
+                loader_state = json.load(f)
+    except (CheckpointError, OSError, KeyError, ValueError) as e:
+        error = str(e) if isinstance(e, CheckpointError) else f"{directory}: {type(e).__name__}: {e}"
+    all_ok(not error, error)
+
+    # Everything is read and verified: now change the model.
+    for ref in refs:
+        if ref.key not in staged:
+            continue
+        apply_table(ref, staged[ref.key])
+        saved_steps = index["tables"][ref.key]["steps"].values()
+        if saved_steps:
+            ref.optimizer._steps[ref.table.name].fill_(max(saved_steps))
+        hp = index.get("fused_optimizer", {}).get(ref.key)
+        if hp:
+            ref.optimizer.param_groups[0].update(hp)
+    with torch.no_grad():
+        have = dict(dense_state(model))
+        for name, t in dense.items():
+            if name in have:
+                have[name].copy_(t)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    if loader_state is not None:
+        dataloader.load_state_dict(loader_state)
+    barrier()
+    return int(index["step"])
