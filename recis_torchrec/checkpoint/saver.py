@@ -1,7 +1,7 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """``save`` / ``load``: safetensors checkpoints of hash tables and dense state, with resharding.
 
-A checkpoint is a directory ``{root}/step_{step:010d}``:
+A checkpoint is a directory ``{root}/step_{step:010d}-{time}``:
 
 - ``index.json``: the format version, step, world size, every file with its size
   and XXH64 checksum, every table's config (dim, optimizer, options, update
@@ -56,7 +56,9 @@ META_COLUMNS = ("last_seen", "last_update", "freq")
 
 
 def _step_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step:010d}")
+    # The time suffix keeps a re-save of a step from ever replacing a
+    # checkpoint in place: the new one appears complete, then the old goes.
+    return os.path.join(root, f"step_{step:010d}-{time.time_ns():x}")
 
 
 def _safe(key: str) -> str:
@@ -70,12 +72,12 @@ def checkpoints(root: str) -> List[Tuple[int, str]]:
     out = []
     for name in os.listdir(root):
         d = os.path.join(root, name)
-        if name.startswith("step_") and "." not in name and os.path.exists(os.path.join(d, "index.json")):
+        if name.startswith("step_") and ".tmp-" not in name and os.path.exists(os.path.join(d, "index.json")):
             try:
-                out.append((int(name[5:]), d))
+                out.append((int(name[5:15]), name, d))
             except ValueError:
                 continue
-    return sorted(out)
+    return [(step, d) for step, _, d in sorted(out)]
 
 
 def resolve(path: str) -> str:
@@ -129,7 +131,7 @@ def _state_from_slots(ref: TableRef, tensors: Dict[str, torch.Tensor], n: int) -
 
 
 def write_table_files(
-    directory: str, ref: TableRef, rank: int, max_file_bytes: int, since: int = -1
+    directory: str, ref: TableRef, rank: int, max_file_bytes: int, since: int = -1, durable: bool = True
 ) -> List[Dict[str, Any]]:
     """Writes this rank's rows of a table (updated after `since`); returns the index entries."""
     table_dir = os.path.join(directory, "tables", _safe(ref.key))
@@ -150,7 +152,7 @@ def write_table_files(
             pending_ids, pending_counts = ref.table.export_pending()
             tensors["pending_ids"], tensors["pending_counts"] = pending_ids, pending_counts
         path = os.path.join(table_dir, f"rank{rank}-part{k}.safetensors")
-        entry = write_tensors(path, tensors, {"table": ref.key, "rank": str(rank)})
+        entry = write_tensors(path, tensors, {"table": ref.key, "rank": str(rank)}, durable=durable)
         entry.update({"file": os.path.relpath(path, directory), "rank": rank, "rows": hi - lo})
         entries.append(entry)
     return entries
@@ -198,11 +200,12 @@ def save(
     keep_last: Optional[int] = None,
     max_file_bytes: int = 1 << 30,
     extra: Optional[Dict[str, Any]] = None,
+    durable: bool = True,
 ) -> str:
     """Saves a checkpoint of `model` under the root `path`; call it on every rank.
 
     Args:
-        path: the checkpoint root; this save becomes ``{path}/step_{step:010d}``.
+        path: the checkpoint root; this save becomes ``{path}/step_{step:010d}-{time}``.
         model: an unsharded model, or a DistributedModelParallel one.
         optimizer: the dense optimizer (the sparse one lives in the tables).
         dataloader: anything with ``state_dict()`` (each rank's position).
@@ -210,6 +213,8 @@ def save(
         keep_last: keep only the newest K checkpoints under `path`.
         max_file_bytes: the largest table file; bigger tables are split.
         extra: JSON-serialisable data to keep in the index (e.g. RNG seeds).
+        durable: fsync every file before the checkpoint is renamed into place,
+            so that it survives a power loss, not only a process crash.
 
     Returns:
         The checkpoint's directory.
@@ -229,19 +234,19 @@ def save(
     for ref in refs:
         if not ref.sharded and rank != 0:
             continue  # an unsharded table is the same on every rank
-        files += [dict(e, table=ref.key) for e in write_table_files(tmp, ref, rank, max_file_bytes)]
+        files += [dict(e, table=ref.key) for e in write_table_files(tmp, ref, rank, max_file_bytes, durable=durable)]
         steps[ref.key] = ref.optimizer.steps()[ref.table.name]
     loader_file = None
     if dataloader is not None:
         loader_file = f"loader-rank{rank}.json"
-        write_json(os.path.join(tmp, loader_file), dataloader.state_dict())
+        write_json(os.path.join(tmp, loader_file), dataloader.state_dict(), durable)
     dense_entry = opt_entry = opt_rest = None
     if rank == 0:
         dense = {name: t.detach().cpu() for name, t in dense_state(model)}
-        dense_entry = write_tensors(os.path.join(tmp, "dense.safetensors"), dense)
+        dense_entry = write_tensors(os.path.join(tmp, "dense.safetensors"), dense, durable=durable)
         if optimizer is not None:
             tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
-            opt_entry = write_tensors(os.path.join(tmp, "optimizer.safetensors"), tensors)
+            opt_entry = write_tensors(os.path.join(tmp, "optimizer.safetensors"), tensors, durable=durable)
     written = sum(e["bytes"] for e in files)
     gathered = _gather((files, steps, loader_file, written))
 
@@ -271,11 +276,10 @@ def save(
             "extra": extra or {},
             "bytes": sum(g[3] for g in gathered) + (dense_entry["bytes"] if dense_entry else 0),
         }
-        write_json(os.path.join(tmp, "index.json"), index)
-        for root, _, names in os.walk(tmp):
-            fsync_dir(root)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        write_json(os.path.join(tmp, "index.json"), index, durable)
+        if durable:
+            for root, _, _ in os.walk(tmp):
+                fsync_dir(root)
         os.replace(tmp, final)
         fsync_dir(path)
         if keep_last is not None:
@@ -326,16 +330,17 @@ def stage_table(
         tensors = read_tensors(directory, f)
         if "ids" not in tensors or tensors["ids"].numel() != f["rows"]:
             raise CheckpointError(f"{os.path.join(directory, f['file'])}: holds no ids or not the {f['rows']} rows listed")
-        keep = _owned(ref, tensors["ids"], rank, world)
+        everything = not ref.sharded or world == 1
+        keep = None if everything else _owned(ref, tensors["ids"], rank, world)
         for name, t in tensors.items():
             if name.startswith("pending_"):
                 continue
-            parts.setdefault(name, []).append(t[keep])
+            parts.setdefault(name, []).append(t if keep is None else t[keep])
         if "pending_ids" in tensors:
             pk = _owned(ref, tensors["pending_ids"], rank, world)
             parts.setdefault("pending_ids", []).append(tensors["pending_ids"][pk])
             parts.setdefault("pending_counts", []).append(tensors["pending_counts"][pk])
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}
 
 
 def apply_table(ref: TableRef, staged: Dict[str, torch.Tensor], replace: bool = True) -> None:

@@ -193,14 +193,19 @@ from recis_torchrec import checkpoint
 model, opt = unsharded()
 for ref in checkpoint.files.hash_tables(model):  # big tables, so that a save takes a while
     ref.table.import_(torch.arange(10**6, 10**6 + 300_000), torch.randn(300_000, ref.table.dim))
+def fingerprint(step):
+    fp = {{k: float(v[1].sum()) for k, v in table_rows(model).items()}}
+    json.dump(fp, open({out!r} + "/fp-%d.json" % step, "w"))
 train_union(model, opt, [0])
-fp = {{k: float(v[1].sum()) for k, v in table_rows(model).items()}}
-json.dump(fp, open({out!r} + "/fp-1.json", "w"))
+fingerprint(1)
 checkpoint.save({out!r} + "/ckpt", model, opt, step=1)
 print("saved 1", flush=True)
-train_union(model, opt, [1])
-while True:
-    checkpoint.save({out!r} + "/ckpt", model, opt, step=2, keep_last=1)
+step = 1
+while True:  # keep saving: the kill lands inside some save
+    train_union(model, opt, [step])
+    step += 1
+    fingerprint(step)
+    checkpoint.save({out!r} + "/ckpt", model, opt, step=step, keep_last=1)
 """
 
 
@@ -211,21 +216,27 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
     try:
         line = proc.stdout.readline()
         assert line.strip() == "saved 1", line
-        time.sleep(0.4)  # well inside the first save of step 2
+        ckpt = tmp_path / "ckpt"
+        deadline = time.monotonic() + 60
+        while not any(".tmp-" in n for n in os.listdir(ckpt)):  # the next save has begun writing
+            assert time.monotonic() < deadline, "the child never started its next save"
+            time.sleep(0.002)
+        time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     found = checkpoint.checkpoints(str(tmp_path / "ckpt"))
-    assert found and found[0][0] == 1  # the previous checkpoint is still there, complete
+    assert found  # the last complete checkpoint is still there
+    leftovers = [n for n in os.listdir(tmp_path / "ckpt") if ".tmp-" in n]
+    step = found[-1][0]
     model, opt = unsharded(seed=4)
-    for ref in checkpoint.files.hash_tables(model):
-        ref.table.import_(torch.arange(10**6, 10**6 + 300_000), torch.zeros(300_000, ref.table.dim))
-    assert checkpoint.load(found[0][1], model, opt) == 1  # verified against its checksums
-    fp = json.load(open(tmp_path / "fp-1.json"))
+    assert checkpoint.load(str(tmp_path / "ckpt"), model, opt) == step  # verified against its checksums
+    fp = json.load(open(tmp_path / f"fp-{step}.json"))
     got = {k: float(v[1].sum()) for k, v in table_rows(model).items()}
     assert got == pytest.approx(fp)
+    assert len(leftovers) == 1  # the save that was killed, left unfinished and ignored
 
 
 # -- resharding across world sizes ------------------------------------------------------
