@@ -334,9 +334,11 @@ class HashTable {
   }
 
   // Inserts the missed ids at positions where admit is empty or set.
+  // fill = false leaves new rows' values unset (a caller about to write them).
   template <typename ParFor>
   int64_t insert_new(const int64_t* keys, int64_t n, int64_t* rows, ParFor&& par, int64_t clock,
-                     const std::vector<uint8_t>& admit) {
+                     const std::vector<uint8_t>& admit, bool fill = true,
+                     std::vector<int64_t>* created_rows = nullptr) {
     // Group the misses by IdMap shard (a stable counting sort) so that each
     // shard is filled by exactly one thread, without locks.
     const int num_shards = map_.num_shards();
@@ -400,10 +402,13 @@ class HashTable {
       }
     });
     const int64_t num_created = static_cast<int64_t>(created.size());
+    if (created_rows != nullptr) {
+      for (int64_t c : created) created_rows->push_back(rows[miss_pos[c]]);
+    }
     par(int64_t{0}, num_created, int64_t{256}, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
         const int64_t pos = miss_pos[created[c]];
-        init_new_row(rows[pos], keys[pos], clock);
+        init_new_row(rows[pos], keys[pos], clock, fill);
       }
     });
     return num_created;
@@ -445,14 +450,32 @@ class HashTable {
   // Writes rows for n distinct keys, inserting absent ones regardless of
   // admission and the cap (a restore): emb (n, dim), state (n, state_dim) and
   // meta (n, 3); a nullptr keeps the current value (the initial value for
-  // rows this call creates).
+  // rows this call creates). Returns false, writing nothing, if a key repeats
+  // (rows created for new keys then hold their initial values).
   template <typename ParFor>
-  void import_rows(const int64_t* keys, int64_t n, const float* emb, const float* state, const int64_t* meta,
+  bool import_rows(const int64_t* keys, int64_t n, const float* emb, const float* state, const int64_t* meta,
                    ParFor&& par) {
     std::vector<int64_t> rows(static_cast<size_t>(n));
-    if (find(keys, n, rows.data(), par) > 0) {
-      counters_.admitted += insert_new(keys, n, rows.data(), par, 0, {});
+    const int64_t missing = find(keys, n, rows.data(), par);
+    // Rows whose every value this call writes need no initial value.
+    const bool writes_all = emb != nullptr && (cfg_.state_dim == 0 || state != nullptr);
+    std::vector<int64_t> created;
+    if (missing > 0) {
+      map_.reserve_total(missing);
+      counters_.admitted += insert_new(keys, n, rows.data(), par, 0, {}, !writes_all, &created);
       for (int64_t i = 0; i < n; ++i) pending_.erase(keys[i]);
+    }
+    // A repeated key shows as a repeated row: one pass over a row bitmap.
+    std::vector<uint8_t> seen(static_cast<size_t>(row_limit()), 0);
+    bool repeated = false;
+    for (int64_t i = 0; i < n && !repeated; ++i) {
+      repeated = seen[rows[i]]++ != 0;
+    }
+    if (repeated) {
+      if (writes_all) {
+        for (int64_t r : created) init_new_row(r, blocks_.row_id(r), 0, true);
+      }
+      return false;
     }
     const int64_t dim = cfg_.dim, sdim = cfg_.state_dim;
     par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
@@ -468,16 +491,19 @@ class HashTable {
         }
       }
     });
+    return true;
   }
 
   // Marks a row as written at `clock` (the optimizer's update count).
   void mark_updated(int64_t r, int64_t clock) { blocks_.meta(r).last_update = clock; }
 
  private:
-  void init_new_row(int64_t r, int64_t key, int64_t clock) {
+  void init_new_row(int64_t r, int64_t key, int64_t clock, bool fill = true) {
     float* dst = blocks_.row(r);
-    init_row(dst, key, cfg_.dim, cfg_.init);
-    if (cfg_.state_dim > 0) std::memset(dst + cfg_.dim, 0, sizeof(float) * cfg_.state_dim);
+    if (fill) {
+      init_row(dst, key, cfg_.dim, cfg_.init);
+      if (cfg_.state_dim > 0) std::memset(dst + cfg_.dim, 0, sizeof(float) * cfg_.state_dim);
+    }
     blocks_.row_id(r) = key;
     RowMeta& m = blocks_.meta(r);
     m.last_seen = clock;

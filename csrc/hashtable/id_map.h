@@ -80,6 +80,15 @@ class IdMap {
     s = std::move(bigger);
   }
 
+  // Makes room for about `extra` more keys spread over all shards (each gets
+  // its share plus headroom for the spread), so a bulk insert does not rehash
+  // shards over and over.
+  void reserve_total(int64_t extra) {
+    const int64_t share = extra / num_shards();
+    const int64_t headroom = share / 8 + 16;
+    for (int s = 0; s < num_shards(); ++s) reserve_in_shard(s, share + headroom);
+  }
+
   // Returns the slot of `key`, inserting (key, row) if it is absent; sets
   // *inserted accordingly. The shard must have room (reserve_in_shard). Safe
   // to call in parallel for keys of different shards. The slot stays valid

@@ -122,11 +122,12 @@ void table_import_cpu(int64_t handle, const at::Tensor& ids, const std::optional
   }
   if (n == 0) return;
   const auto ids_c = ids.contiguous();
-  TORCH_CHECK(std::get<0>(at::_unique(ids_c)).numel() == n, op, ": ids must be distinct");
   TableLocks lock({t}, /*exclusive=*/true);
-  table.import_rows(ids_c.data_ptr<int64_t>(), n, w_c.defined() ? w_c.data_ptr<float>() : nullptr,
-                    s_c.defined() && table.state_dim() > 0 ? s_c.data_ptr<float>() : nullptr,
-                    m_c.defined() ? m_c.data_ptr<int64_t>() : nullptr, AtParallelFor{});
+  const bool distinct =
+      table.import_rows(ids_c.data_ptr<int64_t>(), n, w_c.defined() ? w_c.data_ptr<float>() : nullptr,
+                        s_c.defined() && table.state_dim() > 0 ? s_c.data_ptr<float>() : nullptr,
+                        m_c.defined() ? m_c.data_ptr<int64_t>() : nullptr, AtParallelFor{});
+  TORCH_CHECK(distinct, op, ": ids must be distinct (nothing was written)");
 }
 
 }  // namespace

@@ -66,7 +66,10 @@ def write_tensors(
     header: Dict[str, object] = {}
     offset = 0
     views = []
-    for name, t in tensors.items():
+    # Widest elements first (as safetensors itself orders them), so that every
+    # tensor starts aligned to its element size and loads as a zero-copy view.
+    ordered = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    for name, t in ordered:
         v = _tensor_bytes(t)
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + v.nbytes]}
         offset += v.nbytes
@@ -95,14 +98,15 @@ def read_tensors(directory: str, entry: dict) -> Dict[str, torch.Tensor]:
     size = os.path.getsize(path)
     if size != entry["bytes"]:
         raise CheckpointError(f"{path}: {size} bytes but the index says {entry['bytes']} (truncated?)")
-    data = bytearray(size)
+    storage = torch.empty(size, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+    data = storage.numpy()
     with open(path, "rb", buffering=0) as f:
-        got = f.readinto(data)
+        got = f.readinto(memoryview(data))
     if got != size:
         raise CheckpointError(f"{path}: read {got} of {size} bytes")
     try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(bytes(data[8 : 8 + n]))
+        n = int.from_bytes(data[:8].tobytes(), "little")
+        header = json.loads(data[8 : 8 + n].tobytes())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
     buf = memoryview(data)
@@ -115,8 +119,10 @@ def read_tensors(directory: str, entry: dict) -> Dict[str, torch.Tensor]:
         view = buf[base + lo : base + hi]
         digests.append(checksum(view))
         dtype = _FROM_NAME[spec["dtype"]]
-        t = torch.frombuffer(view, dtype=dtype) if hi > lo else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(spec["shape"])
+        raw = storage[base + lo : base + hi]
+        if (base + lo) % torch.empty(0, dtype=dtype).element_size():
+            raw = raw.clone()  # a file from another writer, with an unaligned tensor
+        out[name] = raw.view(dtype).reshape(spec["shape"])
     if _combine(bytes(buf[:base]), digests) != entry["xxh64"]:
         raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt)")
     return out

@@ -23,6 +23,7 @@ any world size, sharded or not.
 """
 
 import fnmatch
+import json
 import math
 import os
 import shutil
@@ -222,7 +223,7 @@ def save(
     check_supported(model)
     rank, world = rank_and_world()
     t0 = time.perf_counter()
-    final = _step_dir(path, step)
+    final = _broadcast(_step_dir(path, step) if rank == 0 else None)
     tmp = _broadcast(f"{final}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
     if rank == 0:
         os.makedirs(tmp, exist_ok=True)
@@ -313,9 +314,13 @@ def _owned(ref: TableRef, ids: torch.Tensor, rank: int, world: int) -> torch.Ten
 
 
 def stage_table(
-    directory: str, ref: TableRef, entry: Dict[str, Any], rank: int, world: int
+    directory: str, ref: TableRef, entry: Dict[str, Any], rank: int, world: int, saved_world: Optional[int] = None
 ) -> Dict[str, torch.Tensor]:
-    """Reads and verifies every file of a table; keeps the rows this rank owns."""
+    """Reads and verifies the files of a table that hold rows this rank owns, and keeps those rows.
+
+    At the world size the checkpoint was saved at, rank r's rows are exactly
+    the saved rank r's, so only its files are read; otherwise every file is.
+    """
     if entry["dim"] != ref.table.dim:
         raise CheckpointError(
             f"table {ref.key!r}: the checkpoint has dim {entry['dim']} but the model's table has dim {ref.table.dim}"
@@ -326,11 +331,14 @@ def stage_table(
             f"trains it with code {ref.optimizer_code}"
         )
     parts: Dict[str, List[torch.Tensor]] = {}
+    same_layout = ref.sharded and entry.get("sharded") and saved_world == world
     for f in entry["files"]:
+        if same_layout and f["rank"] != rank:
+            continue
         tensors = read_tensors(directory, f)
         if "ids" not in tensors or tensors["ids"].numel() != f["rows"]:
             raise CheckpointError(f"{os.path.join(directory, f['file'])}: holds no ids or not the {f['rows']} rows listed")
-        everything = not ref.sharded or world == 1
+        everything = not ref.sharded or world == 1 or same_layout
         keep = None if everything else _owned(ref, tensors["ids"], rank, world)
         for name, t in tensors.items():
             if name.startswith("pending_"):
@@ -377,31 +385,31 @@ def load(
     """
     check_supported(model)
     rank, world = rank_and_world()
-    directory = resolve(path)
-    import json
-
-    try:
-        with open(os.path.join(directory, "index.json")) as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}/index.json: unreadable ({e})") from e
-    if index.get("format") != FORMAT_VERSION or index.get("kind") != "full":
-        raise CheckpointError(f"{directory}: not a full checkpoint of format {FORMAT_VERSION}")
-
     refs = _selected(hash_tables(model), include, exclude)
     staged: Dict[str, Dict[str, torch.Tensor]] = {}
     dense: Dict[str, torch.Tensor] = {}
     opt_state = None
     loader_state = None
+    index: Dict[str, Any] = {}
     error = ""
     try:
+        # Errors raised on one rank reach every rank through all_ok below, so
+        # that no rank waits forever in a collective.
+        directory = resolve(path)
+        try:
+            with open(os.path.join(directory, "index.json")) as f:
+                index = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{directory}/index.json: unreadable ({e})") from e
+        if index.get("format") != FORMAT_VERSION or index.get("kind") != "full":
+            raise CheckpointError(f"{directory}: not a full checkpoint of format {FORMAT_VERSION}")
         for ref in refs:
             entry = index["tables"].get(ref.key)
             if entry is None:
                 if strict:
                     raise CheckpointError(f"table {ref.key!r} is not in the checkpoint {directory}")
                 continue
-            staged[ref.key] = stage_table(directory, ref, entry, rank, world)
+            staged[ref.key] = stage_table(directory, ref, entry, rank, world, index.get("world_size"))
         if index.get("dense") is not None:
             dense = read_tensors(directory, index["dense"])
             have = dict(dense_state(model))
