@@ -447,6 +447,37 @@ class HashTable {
     return n;
   }
 
+  // Copies up to `max_rows` live rows with row index >= `start` and
+  // last_update > `since` into the buffers (as export_rows lays them out).
+  // Returns (rows copied, the row index to continue from); the second is
+  // row_limit() when the table is done. Lets a saver stream a table through
+  // fixed buffers.
+  template <typename ParFor>
+  std::pair<int64_t, int64_t> export_chunk(int64_t start, int64_t max_rows, int64_t since, int64_t* ids, float* emb,
+                                           float* state, int64_t* meta, ParFor&& par) const {
+    std::vector<int64_t> picked;
+    int64_t r = start;
+    for (; r < row_limit() && static_cast<int64_t>(picked.size()) < max_rows; ++r) {
+      const RowMeta& m = blocks_.meta(r);
+      if (m.live && m.last_update > since) picked.push_back(r);
+    }
+    const int64_t n = static_cast<int64_t>(picked.size()), dim = cfg_.dim, sdim = cfg_.state_dim;
+    par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t row = picked[i];
+        const float* src = blocks_.row(row);
+        ids[i] = blocks_.row_id(row);
+        std::memcpy(emb + i * dim, src, sizeof(float) * dim);
+        if (sdim > 0) std::memcpy(state + i * sdim, src + dim, sizeof(float) * sdim);
+        const RowMeta& m = blocks_.meta(row);
+        meta[3 * i] = m.last_seen;
+        meta[3 * i + 1] = m.last_update;
+        meta[3 * i + 2] = static_cast<int64_t>(m.freq);
+      }
+    });
+    return {n, r};
+  }
+
   // Writes rows for n distinct keys, inserting absent ones regardless of
   // admission and the cap (a restore): emb (n, dim), state (n, state_dim) and
   // meta (n, 3); a nullptr keeps the current value (the initial value for

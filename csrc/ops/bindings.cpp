@@ -60,6 +60,24 @@ py::dict py_table_info(int64_t handle) {
   return d;
 }
 
+std::tuple<int64_t, int64_t> py_export_chunk(int64_t handle, int64_t start, int64_t since, at::Tensor ids,
+                                             at::Tensor emb, at::Tensor state, at::Tensor meta) {
+  const auto entry = get_table(handle, "export_chunk");
+  const auto& t = entry->table;
+  const int64_t cap = ids.numel();
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && emb.scalar_type() == at::kFloat &&
+                  emb.is_contiguous() && emb.numel() == cap * t.dim() && state.scalar_type() == at::kFloat &&
+                  state.is_contiguous() && state.numel() == cap * t.state_dim() && meta.scalar_type() == at::kLong &&
+                  meta.is_contiguous() && meta.numel() == cap * 3,
+              "export_chunk: buffers must be contiguous: ids int64 (n,), emb float32 (n, ", t.dim(),
+              "), state float32 (n, ", t.state_dim(), "), meta int64 (n, 3)");
+  TableLocks lock({entry}, /*exclusive=*/false);
+  const auto out = t.export_chunk(start, cap, since, ids.data_ptr<int64_t>(), emb.data_ptr<float>(),
+                                  t.state_dim() > 0 ? state.data_ptr<float>() : nullptr, meta.data_ptr<int64_t>(),
+                                  AtParallelFor{});
+  return {out.first, out.second};
+}
+
 void py_clear(int64_t handle) {
   const auto entry = get_table(handle, "clear");
   TableLocks lock({entry}, /*exclusive=*/true);
@@ -117,6 +135,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block_rows"), py::arg("init_kind"), py::arg("init_a"), py::arg("init_b"), py::arg("seed"),
         py::arg("admit_threshold") = 0, py::arg("ttl_steps") = 0, py::arg("max_capacity") = 0, py::arg("policy") = 0);
   m.def("clear", &recis::py_clear, py::arg("handle"));
+  m.def("export_chunk", &recis::py_export_chunk, py::arg("handle"), py::arg("start"), py::arg("since"),
+        py::arg("ids"), py::arg("emb"), py::arg("state"), py::arg("meta"));
   m.def("evict_stale", &recis::py_evict_stale, py::arg("handle"), py::arg("clock"));
   m.def("erase", &recis::py_erase, py::arg("handle"), py::arg("ids"), py::arg("clock"));
   m.def("evicted_since", &recis::py_evicted_since, py::arg("handle"), py::arg("since"));

@@ -52,7 +52,7 @@ def _since_per_table(since: Union[int, str]) -> Dict[str, int]:
 
 
 def export_delta(
-    path: str, model: nn.Module, since_step: Union[int, str], max_file_bytes: int = 1 << 30
+    path: str, model: nn.Module, since_step: Union[int, str], max_file_bytes: int = 256 << 20
 ) -> str:
     """Writes the rows updated or created after `since_step`, and the ids evicted
     since, into the directory `path` (atomically); call it on every rank.

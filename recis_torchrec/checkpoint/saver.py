@@ -137,25 +137,37 @@ def write_table_files(
     """Writes this rank's rows of a table (updated after `since`); returns the index entries."""
     table_dir = os.path.join(directory, "tables", _safe(ref.key))
     os.makedirs(table_dir, exist_ok=True)
-    ids, weights, state, meta = ref.table.export_rows(since)
-    n = ids.numel()
-    row_bytes = 8 + 4 * (ref.table.dim + ref.table.state_dim) + 8 * 3
-    per_file = max(1, max_file_bytes // row_bytes)
-    parts = max(1, math.ceil(n / per_file))
+    from recis_torchrec._ext import C
+
+    # The table streams through buffers of one file's worth of rows, reused
+    # for every file (no fresh allocation, and its page faults, per file).
+    table = ref.table
+    row_bytes = 8 + 4 * (table.dim + table.state_dim) + 8 * 3
+    per_file = max(1, min(max_file_bytes // row_bytes, max(len(table), 1)))
+    ids = torch.empty(per_file, dtype=torch.int64)
+    weights = torch.empty(per_file, table.dim)
+    state = torch.empty(per_file, table.state_dim)
+    meta = torch.empty(per_file, 3, dtype=torch.int64)
     entries = []
-    for k in range(parts):
-        lo, hi = k * per_file, min(n, (k + 1) * per_file)
-        tensors = {"ids": ids[lo:hi], "weights": weights[lo:hi]}
-        tensors.update(_slot_tensors(ref, state[lo:hi]))
+    start, k = 0, 0
+    while True:
+        n, start = C.export_chunk(table.handle, start, since, ids, weights, state, meta)
+        if n == 0 and k > 0:
+            break
+        tensors = {"ids": ids[:n], "weights": weights[:n]}
+        tensors.update(_slot_tensors(ref, state[:n]))
         for j, col in enumerate(META_COLUMNS):
-            tensors[col] = meta[lo:hi, j]
+            tensors[col] = meta[:n, j]
         if k == 0:
-            pending_ids, pending_counts = ref.table.export_pending()
+            pending_ids, pending_counts = table.export_pending()
             tensors["pending_ids"], tensors["pending_counts"] = pending_ids, pending_counts
         path = os.path.join(table_dir, f"rank{rank}-part{k}.safetensors")
         entry = write_tensors(path, tensors, {"table": ref.key, "rank": str(rank)}, durable=durable)
-        entry.update({"file": os.path.relpath(path, directory), "rank": rank, "rows": hi - lo})
+        entry.update({"file": os.path.relpath(path, directory), "rank": rank, "rows": n})
         entries.append(entry)
+        k += 1
+        if n < per_file:
+            break
     return entries
 
 
@@ -199,7 +211,7 @@ def save(
     dataloader: Optional[Any] = None,
     step: int = 0,
     keep_last: Optional[int] = None,
-    max_file_bytes: int = 1 << 30,
+    max_file_bytes: int = 256 << 20,
     extra: Optional[Dict[str, Any]] = None,
     durable: bool = True,
 ) -> str:

@@ -72,7 +72,9 @@ def test_exact_resume_unsharded_with_dense_optimizer_and_loader(tmp_path):
     train_union(model, opt, [0, 1])
     loader = _Counter()
     loader.position = 7
-    checkpoint.save(str(tmp_path / "ckpt"), model, opt, loader, step=2)
+    ckpt = checkpoint.save(str(tmp_path / "ckpt"), model, opt, loader, step=2, max_file_bytes=4096)
+    index = json.load(open(os.path.join(ckpt, "index.json")))
+    assert len(index["tables"]["ebc/t0"]["files"]) > 1  # split into bounded-size files
     expected = train_union(model, opt, [2, 3, 4])
     rows_after = table_rows(model)
 
