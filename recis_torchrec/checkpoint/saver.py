@@ -327,7 +327,7 @@ def _owned(ref: TableRef, ids: torch.Tensor, rank: int, world: int) -> torch.Ten
 
 def stage_table(
     directory: str, ref: TableRef, entry: Dict[str, Any], rank: int, world: int, saved_world: Optional[int] = None
-) -> Dict[str, torch.Tensor]:
+) -> Dict[str, List[torch.Tensor]]:
     """Reads and verifies the files of a table that hold rows this rank owns, and keeps those rows.
 
     At the world size the checkpoint was saved at, rank r's rows are exactly
@@ -360,20 +360,24 @@ def stage_table(
             pk = _owned(ref, tensors["pending_ids"], rank, world)
             parts.setdefault("pending_ids", []).append(tensors["pending_ids"][pk])
             parts.setdefault("pending_counts", []).append(tensors["pending_counts"][pk])
-    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}
+    # Parts stay separate (no concatenating copy); apply_table imports them one by one.
+    return parts
 
 
-def apply_table(ref: TableRef, staged: Dict[str, torch.Tensor], replace: bool = True) -> None:
-    """Writes staged rows into a table (after clearing it, for a full restore)."""
+def apply_table(ref: TableRef, staged: Dict[str, List[torch.Tensor]], replace: bool = True) -> None:
+    """Writes staged rows (file by file) into a table, after clearing it for a full restore."""
     if replace:
         ref.table.clear()
-    ids = staged.get("ids", torch.empty(0, dtype=torch.int64))
-    n = ids.numel()
-    if n:
-        meta = torch.stack([staged[c].to(torch.int64) for c in META_COLUMNS], 1)
-        ref.table.import_(ids, staged["weights"], _state_from_slots(ref, staged, n), meta)
-    if staged.get("pending_ids") is not None and staged["pending_ids"].numel():
-        ref.table.import_pending(staged["pending_ids"], staged["pending_counts"])
+    for k, ids in enumerate(staged.get("ids", [])):
+        n = ids.numel()
+        if n == 0:
+            continue
+        part = {name: tensors[k] for name, tensors in staged.items() if not name.startswith("pending_")}
+        meta = torch.stack([part[c].to(torch.int64) for c in META_COLUMNS], 1)
+        ref.table.import_(ids, part["weights"], _state_from_slots(ref, part, n), meta)
+    for ids, counts in zip(staged.get("pending_ids", []), staged.get("pending_counts", [])):
+        if ids.numel():
+            ref.table.import_pending(ids, counts)
 
 
 def load(
