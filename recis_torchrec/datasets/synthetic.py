@@ -71,12 +71,16 @@ class SyntheticClicks:
             ``config.seed``, so two streams (train, eval) share one task.
     """
 
-    def __init__(self, config: SyntheticConfig, batch_size: int, stream_seed: int = 0) -> None:
+    def __init__(self, config: SyntheticConfig, batch_size: int, stream_seed: int = 0, num_tasks: int = 1) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if num_tasks not in (1, 2):
+            raise ValueError(f"num_tasks must be 1 or 2, got {num_tasks}")
         self.config = config
         self.batch_size = batch_size
-        self._rng = np.random.default_rng([config.seed, stream_seed, 1])
+        self.stream_seed = stream_seed
+        self.num_tasks = num_tasks
+        self.position = 0  # batches handed out; batch k depends on k only, so the stream can seek
         hidden = np.random.default_rng([config.seed, 7])
         self._dense_w = hidden.normal(0, 0.3, config.num_dense).astype(np.float32)
         self._bias = np.float32(-0.5)
@@ -96,7 +100,20 @@ class SyntheticClicks:
         return (self.config.signal * (2.0 * u - 1.0)).astype(np.float32)
 
     def next_batch(self) -> Batch:
-        c, b, rng = self.config, self.batch_size, self._rng
+        batch = self.batch(self.position)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def batch(self, k: int) -> Batch:
+        """Batch k of the stream (deterministic in (config.seed, stream_seed, k))."""
+        c, b = self.config, self.batch_size
+        rng = np.random.default_rng([c.seed, self.stream_seed, 1, k])
         dense = rng.normal(0, 1, (b, c.num_dense)).astype(np.float32)
         logit = dense @ self._dense_w + self._bias
         lengths = rng.integers(1, c.max_bag + 1, (c.num_sparse, b))
@@ -110,6 +127,11 @@ class SyntheticClicks:
             logit += np.bincount(bag, weights=eff, minlength=b).astype(np.float32) / lengths[f]
             values.append(ids)
         labels = (rng.random(b) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+        if self.num_tasks == 2:
+            # A second, conversion-like task: rarer, and only after a click,
+            # driven by the same hidden effects plus the first dense feature.
+            cvr = (rng.random(b) < 1.0 / (1.0 + np.exp(-(0.8 * logit + dense[:, 0] - 1.0)))).astype(np.float32)
+            labels = np.stack([labels, labels * cvr], 1)
         kjt = KeyedJaggedTensor(
             keys=c.feature_names(),
             values=torch.from_numpy(np.concatenate(values)),

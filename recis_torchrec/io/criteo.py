@@ -81,3 +81,27 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def is_raw_criteo(path: str) -> bool:
+    """A headerless, 40-field, tab-separated Criteo file (the raw dac / 1TB format)."""
+    if not os.path.isfile(path) or os.path.splitext(path)[1].lower() not in (".tsv", ".txt", ".csv"):
+        return False
+    with open(path) as f:
+        fields = f.readline().rstrip("\n").split("\t")
+    return len(fields) == 40 and fields[0] in ("0", "1")
+
+
+def ensure_parquet(path: str, out_dir: str, rank: int = 0) -> str:
+    """`path`, or its Parquet conversion (made once, by rank 0) when it is raw Criteo TSV."""
+    if not is_raw_criteo(path):
+        return path
+    import torch.distributed as dist
+
+    out = os.path.join(out_dir, os.path.basename(path) + ".parquet")
+    if rank == 0 and not os.path.exists(out):
+        os.makedirs(out_dir, exist_ok=True)
+        convert(path, out, progress=False)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out

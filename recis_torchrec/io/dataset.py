@@ -295,7 +295,13 @@ class ColumnarDataset:
 
     def set_epoch(self, epoch: int) -> None:
         """Starts `epoch` at its first batch (the shuffle depends on it)."""
-        self._epoch, self._batches_done = epoch, 0
+        self.seek(epoch, 0)
+
+    def seek(self, epoch: int, batch: int) -> None:
+        """Makes batch `batch` of epoch `epoch` the next one iteration yields."""
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"ColumnarDataset.seek: batch {batch} is outside the epoch's {len(self)} batches")
+        self._epoch, self._batches_done = epoch, batch
 
     # -- state ---------------------------------------------------------------------
 

@@ -1,0 +1,108 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""``TrainingArguments`` and ``Task``: how a :class:`Trainer` runs."""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction head: a column of the model's logits against a label column.
+
+    Attributes:
+        name: the task's name in logs (``"ctr"``, ``"cvr"``).
+        label: the label column (the index into ``batch.labels`` is the task's position).
+        weight: the task's weight in the summed loss.
+    """
+
+    name: str
+    label: str = "label"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("Task.name must not be empty")
+        if not self.weight >= 0:
+            raise ValueError(f"Task {self.name!r}: weight must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """How a :class:`Trainer` trains.
+
+    Attributes:
+        output_dir: metrics (``metrics.jsonl``), checkpoints (``checkpoints/``)
+            and TensorBoard logs go here.
+        steps: optimizer steps to train; or
+        epochs: passes over the training data (a dataset with a length).
+        eval_every: evaluate every this many steps (0: at the end only).
+        eval_batches: batches per evaluation (None: all of the eval data).
+        log_every: log training metrics every this many steps.
+        save_every: save a checkpoint every this many steps (0: at the end only).
+        keep_last: checkpoints to keep.
+        gradient_accumulation: micro-batches per dense optimizer step. The
+            fused sparse optimizer still updates rows every micro-batch (on the
+            loss divided by this), as TorchRec's fused tables do.
+        bf16: run the dense part under bf16 autocast (tables stay fp32).
+        seed: seeds torch, numpy and Python's random on every rank.
+        pipeline: use TorchRec's TrainPipelineSparseDist when sharded.
+        resume: continue from the newest checkpoint in ``output_dir``.
+        progress: show a tqdm progress bar on rank 0.
+        save_delta: after each window (``fit_windows``), export a delta
+            instead of a full checkpoint (a full one is still written first).
+        version: schema version, for ``to_dict``/``from_dict``.
+    """
+
+    output_dir: str
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    eval_every: int = 0
+    eval_batches: Optional[int] = None
+    log_every: int = 50
+    save_every: int = 0
+    keep_last: int = 2
+    gradient_accumulation: int = 1
+    bf16: bool = False
+    seed: int = 0
+    pipeline: bool = True
+    resume: bool = True
+    progress: bool = True
+    save_delta: bool = False
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("TrainingArguments.output_dir must be set")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("TrainingArguments: set exactly one of steps and epochs")
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"TrainingArguments.steps must be > 0, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"TrainingArguments.epochs must be > 0, got {self.epochs}")
+        for name in ("eval_every", "log_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainingArguments.{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every == 0:
+            raise ValueError("TrainingArguments.log_every must be > 0")
+        if self.eval_batches is not None and self.eval_batches <= 0:
+            raise ValueError(f"TrainingArguments.eval_batches must be > 0 or None, got {self.eval_batches}")
+        if self.keep_last <= 0:
+            raise ValueError(f"TrainingArguments.keep_last must be > 0, got {self.keep_last}")
+        if self.gradient_accumulation <= 0:
+            raise ValueError(
+                f"TrainingArguments.gradient_accumulation must be > 0, got {self.gradient_accumulation}"
+            )
+        if self.version != 1:
+            raise ValueError(f"TrainingArguments.version {self.version} is not supported")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainingArguments":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainingArguments: unknown fields {unknown}")
+        return cls(**d)

@@ -1,0 +1,312 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""TOML run configs for ``python -m recis_torchrec.train``.
+
+A config has these sections (see ``examples/*.toml``)::
+
+    [model]      name = "DLRM" | "DLRM_DCN" | "DeepFM" (torchrec.models), embedding_dim,
+                 dense_arch, over_arch (DLRM*), dcn_num_layers, dcn_low_rank_dim (DLRM_DCN),
+                 hidden_layer_size, deep_fm_dimension (DeepFM)
+    [data]       source = "synthetic" | "files" | "movielens"; batch_size;
+                 synthetic: num_sparse, vocab_size, zipf_alpha, max_bag, eval_batches
+                 files: train, eval (paths, dirs, globs or URIs; raw Criteo TSV is converted),
+                        format, shuffle, schema = "criteo" or [data.schema] (recis_torchrec.io.Schema fields)
+                 movielens: path (the ml-100k directory), eval_fraction
+    [tables]     num_embeddings (a capacity hint), [tables.options] (HashTableOptions fields)
+    [optimizer]  dense = "adam" | "adagrad" | "sgd", dense_lr;
+                 [optimizer.sparse] TorchRec fused_params (optimizer, learning_rate, eps, ...)
+    [[tasks]]    name, label, weight (default: one task on the first label)
+    [trainer]    TrainingArguments fields (output_dir, steps or epochs, eval_every, ...)
+
+Every error names the key it is about, as ``[section].key``.
+"""
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from recis_torchrec.modules.options import HashTableOptions
+from recis_torchrec.train.args import Task, TrainingArguments
+
+MODELS = ("DLRM", "DLRM_DCN", "DeepFM")
+SOURCES = ("synthetic", "files", "movielens")
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+_SECTIONS = ("model", "data", "tables", "optimizer", "tasks", "trainer")
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, unknown or out of range; names the key."""
+
+
+def _section(cfg: Dict[str, Any], name: str) -> Dict[str, Any]:
+    value = cfg.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"config [{name}] must be a table")
+    return value
+
+
+def _check_keys(section: Dict[str, Any], allowed, where: str) -> None:
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(f"config {where}: unknown keys {unknown} (allowed: {sorted(allowed)})")
+
+
+@dataclass
+class Run:
+    """Everything a config describes, built and ready for a Trainer."""
+
+    model: nn.Module
+    args: TrainingArguments
+    train_data: Any
+    eval_data: Any
+    tasks: List[Task]
+    dense_optimizer: Callable
+    fused_params: Dict[str, Any]
+    table_options: Optional[HashTableOptions]
+    description: str
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            cfg = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid TOML ({e})") from None
+    unknown = sorted(set(cfg) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"config: unknown sections {unknown} (allowed: {list(_SECTIONS)})")
+    return cfg
+
+
+def _int(section: Dict[str, Any], key: str, where: str, default: int, minimum: int = 1) -> int:
+    value = section.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"config [{where}].{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _paths(data: Dict[str, Any], key: str, converted: str, rank: int) -> Union[str, List[str]]:
+    """[data].<key>: one path or a list; raw Criteo TSV files become Parquet (once, on rank 0)."""
+    from recis_torchrec.io.criteo import ensure_parquet
+
+    value = data[key]
+    if isinstance(value, str) and value:
+        return ensure_parquet(value, converted, rank)
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return [ensure_parquet(v, converted, rank) for v in value]
+    raise ConfigError(f"config [data].{key} must be a path or a list of paths, got {value!r}")
+
+
+def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, num_tasks: int):
+    """(train data, eval data, sparse keys, dense count, label names, description)."""
+    from recis_torchrec.datasets import SyntheticClicks, SyntheticConfig
+    from recis_torchrec.io import ColumnarDataset, ColumnError, Schema, SourceError, criteo_schema
+
+    data = _section(cfg, "data")
+    source = data.get("source", "synthetic")
+    if source not in SOURCES:
+        raise ConfigError(f"config [data].source: unknown source {source!r}; choose one of {list(SOURCES)}")
+    batch = _int(data, "batch_size", "data", 512)
+    if source == "synthetic":
+        _check_keys(
+            data,
+            {"source", "batch_size", "num_sparse", "vocab_size", "zipf_alpha", "max_bag", "eval_batches", "seed"},
+            "[data]",
+        )
+        syn = SyntheticConfig(
+            num_sparse=_int(data, "num_sparse", "data", 8),
+            vocab_size=_int(data, "vocab_size", "data", 20_000),
+            zipf_alpha=float(data.get("zipf_alpha", 1.1)),
+            max_bag=_int(data, "max_bag", "data", 3),
+            seed=int(data.get("seed", 0)),
+        )
+        train = SyntheticClicks(syn, batch, stream_seed=2 * rank, num_tasks=num_tasks)
+        held = SyntheticClicks(syn, batch, stream_seed=2 * rank + 1, num_tasks=num_tasks)
+        labels = ["ctr", "cvr"][:num_tasks]
+        return train, held, syn.feature_names(), syn.num_dense, labels, _int(
+            data, "eval_batches", "data", 8
+        ), "synthetic clicks"
+
+    if source == "movielens":
+        from recis_torchrec.datasets.movielens import movielens_schema, prepare
+
+        _check_keys(data, {"source", "batch_size", "path", "eval_fraction", "shuffle"}, "[data]")
+        if "path" not in data:
+            raise ConfigError("config [data].path: the MovieLens-100k directory is required")
+        out = os.path.join(work_dir, "movielens")
+        if rank == 0:
+            prepare(data["path"], out, float(data.get("eval_fraction", 0.2)))
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        schema = movielens_schema()
+        train_path, eval_path = os.path.join(out, "train.parquet"), os.path.join(out, "eval.parquet")
+        description = f"MovieLens-100k from {data['path']}"
+    else:
+        _check_keys(data, {"source", "batch_size", "train", "eval", "format", "schema", "shuffle"}, "[data]")
+        if "train" not in data:
+            raise ConfigError("config [data].train: the training files are required for source 'files'")
+        spec = data.get("schema", "criteo")
+        if spec == "criteo":
+            schema = criteo_schema()
+        elif isinstance(spec, dict):
+            try:
+                schema = Schema(**spec)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"config [data.schema]: {e}") from None
+        else:
+            raise ConfigError(f"config [data].schema must be 'criteo' or a table of Schema fields, got {spec!r}")
+        converted = os.path.join(work_dir, "converted")
+        train_path = _paths(data, "train", converted, rank)
+        eval_path = _paths(data, "eval", converted, rank) if data.get("eval") else None
+        description = f"files {data['train']}"
+    fmt = data.get("format")
+    try:
+        train = ColumnarDataset(
+            train_path, schema, batch, rank, world_size, shuffle=bool(data.get("shuffle", True)), drop_last=True,
+            format=fmt,
+        )
+        held = (
+            ColumnarDataset(eval_path, schema, batch, rank, world_size, drop_last=world_size > 1, format=fmt)
+            if eval_path
+            else None
+        )
+    except (ColumnError, SourceError) as e:
+        raise ConfigError(f"config [data]: {e}") from None
+    return train, held, list(schema.sparse), len(schema.dense), list(schema.labels), None, description
+
+
+def build_model(cfg: Dict[str, Any], keys: List[str], num_dense: int, num_tasks: int) -> nn.Module:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.models.deepfm import SimpleDeepFMNN
+    from torchrec.models.dlrm import DLRM, DLRM_DCN
+
+    m = _section(cfg, "model")
+    name = m.get("name", "DLRM")
+    if name not in MODELS:
+        raise ConfigError(f"config [model].name: unknown model {name!r}; choose one of {list(MODELS)}")
+    dim = _int(m, "embedding_dim", "model", 16)
+    tables_cfg = _section(cfg, "tables")
+    hint = _int(tables_cfg, "num_embeddings", "tables", 100_000)
+    tables = [
+        EmbeddingBagConfig(name=f"t_{k}", embedding_dim=dim, num_embeddings=hint, feature_names=[k]) for k in keys
+    ]
+    ebc = EmbeddingBagCollection(tables, device=torch.device("meta"))
+    if name == "DeepFM":
+        _check_keys(m, {"name", "embedding_dim", "hidden_layer_size", "deep_fm_dimension"}, "[model]")
+        if num_tasks != 1:
+            raise ConfigError("config [model].name: DeepFM has one output; it cannot serve several [[tasks]]")
+        return SimpleDeepFMNN(
+            num_dense_features=num_dense,
+            embedding_bag_collection=ebc,
+            hidden_layer_size=_int(m, "hidden_layer_size", "model", 64),
+            deep_fm_dimension=_int(m, "deep_fm_dimension", "model", 8),
+        )
+    allowed = {"name", "embedding_dim", "dense_arch", "over_arch"}
+    if name == "DLRM_DCN":
+        allowed |= {"dcn_num_layers", "dcn_low_rank_dim"}
+    _check_keys(m, allowed, "[model]")
+    dense_arch = list(m.get("dense_arch", [64, dim]))
+    if not dense_arch or dense_arch[-1] != dim:
+        raise ConfigError(f"config [model].dense_arch must end with embedding_dim ({dim}), got {dense_arch}")
+    over_arch = list(m.get("over_arch", [64, 32])) + [num_tasks]
+    if num_dense < 1:
+        raise ConfigError("config [data]: DLRM needs at least one dense column")
+    kwargs = dict(
+        embedding_bag_collection=ebc,
+        dense_in_features=num_dense,
+        dense_arch_layer_sizes=dense_arch,
+        over_arch_layer_sizes=over_arch,
+    )
+    if name == "DLRM_DCN":
+        return DLRM_DCN(
+            **kwargs,
+            dcn_num_layers=_int(m, "dcn_num_layers", "model", 2),
+            dcn_low_rank_dim=_int(m, "dcn_low_rank_dim", "model", 8),
+        )
+    return DLRM(**kwargs)
+
+
+def build_run(
+    cfg: Dict[str, Any], rank: int = 0, world_size: int = 1, overrides: Optional[Dict[str, Any]] = None
+) -> Run:
+    """Builds the model, data, optimizers and TrainingArguments a config describes."""
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        cfg.setdefault(section, {})[key] = value
+
+    raw_tasks = cfg.get("tasks", [{"name": "ctr"}])
+    if not isinstance(raw_tasks, list) or not raw_tasks:
+        raise ConfigError("config [[tasks]] must be a non-empty array of tables")
+    tasks = []
+    for i, t in enumerate(raw_tasks):
+        try:
+            tasks.append(Task(**t))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config [[tasks]] #{i}: {e}") from None
+
+    trainer = dict(_section(cfg, "trainer"))
+    trainer.setdefault("output_dir", "runs/default")
+    try:
+        args = TrainingArguments.from_dict(trainer)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config [trainer]: {e}") from None
+
+    train, held, keys, num_dense, labels, eval_batches, description = build_data(
+        cfg, rank, world_size, args.output_dir, len(tasks)
+    )
+    if eval_batches is not None and args.eval_batches is None:
+        args = dataclasses.replace(args, eval_batches=eval_batches)
+    if len(labels) < len(tasks):
+        raise ConfigError(
+            f"config [[tasks]]: {len(tasks)} tasks but the data has {len(labels)} label columns {labels}"
+        )
+    model = build_model(cfg, keys, num_dense, len(tasks))
+
+    opt = _section(cfg, "optimizer")
+    _check_keys(opt, {"dense", "dense_lr", "sparse"}, "[optimizer]")
+    dense_name = opt.get("dense", "adam")
+    if dense_name not in DENSE_OPTIMIZERS:
+        raise ConfigError(f"config [optimizer].dense: unknown optimizer {dense_name!r}; choose {list(DENSE_OPTIMIZERS)}")
+    lr = float(opt.get("dense_lr", 1e-3))
+    if not lr > 0:
+        raise ConfigError(f"config [optimizer].dense_lr must be > 0, got {lr}")
+    cls = DENSE_OPTIMIZERS[dense_name]
+    fused = dict(opt.get("sparse", {"optimizer": "exact_row_wise_adagrad", "learning_rate": 0.05}))
+    from recis_torchrec.optim.fused import parse_fused_params
+
+    try:
+        parse_fused_params(fused)
+    except ValueError as e:
+        raise ConfigError(f"config [optimizer.sparse]: {e}") from None
+
+    options = None
+    raw_options = _section(cfg, "tables").get("options")
+    if raw_options is not None:
+        try:
+            options = HashTableOptions.from_dict(raw_options)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            raise ConfigError(f"config [tables.options]: {e}") from None
+
+    return Run(
+        model=model,
+        args=args,
+        train_data=train,
+        eval_data=held,
+        tasks=tasks,
+        dense_optimizer=lambda params: cls(params, lr=lr),
+        fused_params=fused,
+        table_options=options,
+        description=description,
+    )
+
+
+__all__ = ["ConfigError", "MODELS", "Run", "build_run", "load_config"]

@@ -1,0 +1,557 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""``Trainer``: the training loop for TorchRec models on hash tables, sharded or not.
+
+The Trainer wraps a TorchRec model (``model(dense_features, sparse_features) ->
+logits``) with its tasks' losses, converts its EBCs to hash tables (or, under
+``torchrun``, shards them with :func:`recis_torchrec.sharders`), and trains it
+with ``TrainPipelineSparseDist`` when sharded (input dist overlapped with
+compute) or a plain loop otherwise. It evaluates per-task AUC and log loss
+across ranks (torchmetrics), logs JSON lines (and TensorBoard scalars when
+tensorboard is installed), checkpoints through :mod:`recis_torchrec.checkpoint`
+with the loader position and RNG state, and resumes exactly.
+"""
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchmetrics.classification import BinaryAUROC
+
+import recis_torchrec as rt
+from recis_torchrec import checkpoint
+from recis_torchrec.checkpoint.files import hash_tables, rank_and_world
+from recis_torchrec.train.args import Task, TrainingArguments
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _per_task(logits: torch.Tensor, labels: torch.Tensor, names: List[str]):
+    """(B, tasks) float logits and labels, or an error naming the tasks.
+
+    A leaf for TorchRec's pipeline tracer (see ``torch.fx.wrap`` below): it
+    checks shapes, which a symbolic trace cannot.
+    """
+    b = labels.shape[0]
+    logits = logits.float().reshape(b, -1)
+    labels = labels.reshape(b, -1).float()
+    if logits.shape[1] != len(names) or labels.shape[1] != len(names):
+        raise ValueError(
+            f"{len(names)} tasks ({names}) but the model gives {logits.shape[1]} "
+            f"logits and the batch {labels.shape[1]} labels per sample"
+        )
+    return logits, labels
+
+
+torch.fx.wrap("_per_task")
+
+
+class TaskModel(nn.Module):
+    """``batch -> (loss, (logits, labels))`` for a TorchRec model with one logit per task.
+
+    The loss is the weighted sum of each task's binary cross-entropy (mean
+    over the batch). This is the shape TorchRec's train pipelines expect.
+    """
+
+    def __init__(self, model: nn.Module, tasks: Sequence[Task], bf16: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = list(tasks)
+        self.bf16 = bf16
+        self.register_buffer("_weights", torch.tensor([t.weight for t in self.tasks]), persistent=False)
+
+    def forward(self, batch):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with autocast:
+            logits = self.model(batch.dense_features, batch.sparse_features)
+        logits, labels = _per_task(logits, batch.labels, [t.name for t in self.tasks])
+        per_task = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
+        loss = (per_task * self._weights).sum()
+        return loss, (logits.detach(), labels)
+
+
+class BatchStream:
+    """Training batches by global index k = 0, 1, 2, ... over epochs of a source.
+
+    Sources that can seek (a ``ColumnarDataset``, a ``SyntheticClicks``
+    stream) restart at batch k directly; other iterables are replayed and
+    skipped, so exact resume holds for them too, at a cost.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def has_length(self) -> bool:
+        try:
+            len(self.source)
+            return True
+        except TypeError:
+            return False
+
+    def iter_from(self, k: int) -> Iterator[Any]:
+        from recis_torchrec.datasets.synthetic import SyntheticClicks
+        from recis_torchrec.io.dataset import ColumnarDataset
+
+        src = self.source
+        if isinstance(src, SyntheticClicks):
+            from recis_torchrec.io.dataset import _Prefetcher
+
+            # Generated in a background thread (numpy releases the GIL), like the loader's batches.
+            return _Prefetcher((src.batch(i) for i in itertools.count(k)), depth=4)
+        if isinstance(src, ColumnarDataset):
+            n = len(src)
+            src.seek(k // n, k % n)
+
+            def epochs():
+                while True:
+                    yield from src
+
+            return epochs()
+
+        def replay():
+            skipped = 0
+            while True:
+                for b in src:
+                    if skipped < k:
+                        skipped += 1
+                        continue
+                    yield b
+
+        return replay()
+
+
+class _Timed:
+    """An iterator that adds the time spent waiting in next() to a counter."""
+
+    def __init__(self, it: Iterator, counter: Dict[str, float]) -> None:
+        self.it, self.counter = it, counter
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.counter["wait"] += time.perf_counter() - t0
+
+    def close(self) -> None:
+        close = getattr(self.it, "close", None)
+        if close is not None:
+            close()
+
+
+class _RankState:
+    """What a rank saves beside the model: the training position and the RNG states."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> Dict[str, Any]:
+        t = self.trainer
+        return {
+            "step": t.step,
+            "batches": t.batches_done,
+            "examples": t.examples,
+            "torch_rng": torch.get_rng_state().tolist(),
+            "numpy_rng": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "python_rng": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        }
+
+    def load_state_dict(self, s: Dict[str, Any]) -> None:
+        t = self.trainer
+        t.step, t.batches_done, t.examples = int(s["step"]), int(s["batches"]), int(s["examples"])
+        torch.set_rng_state(torch.tensor(s["torch_rng"], dtype=torch.uint8))
+        np.random.set_state(("MT19937", np.array(s["numpy_rng"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+        version_and_state = s["python_rng"]
+        random.setstate((version_and_state[1], tuple(version_and_state[0]), version_and_state[2]))
+
+
+class Trainer:
+    """Trains a TorchRec model on hash tables.
+
+    Args:
+        model: a TorchRec model, ``model(dense_features, sparse_features) -> logits (B, len(tasks))``,
+            with ``torchrec.EmbeddingBagCollection``s (on the meta device or the CPU). Under a process
+            group of more than one rank it is sharded with our sharders; otherwise converted.
+        args: the run's settings.
+        train_data: a ``ColumnarDataset``, a ``SyntheticClicks`` stream, or any iterable of
+            ``torchrec.datasets.utils.Batch``.
+        eval_data: the same kinds, for evaluation (equal batch counts on every rank).
+        tasks: the heads; default one task "ctr" on the first label.
+        dense_optimizer: ``params -> torch.optim.Optimizer`` (default Adam, lr 1e-3).
+        fused_params: the tables' fused sparse optimizer (TorchRec keys).
+        table_options: ``HashTableOptions`` for every table, or by table name.
+        callbacks: ``fn(trainer, step, logits, labels)`` called after every step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments,
+        train_data: Any,
+        eval_data: Any = None,
+        tasks: Optional[Sequence[Task]] = None,
+        dense_optimizer: Optional[Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = None,
+        fused_params: Optional[Dict[str, Any]] = None,
+        table_options: Any = None,
+        callbacks: Sequence[Callable] = (),
+    ) -> None:
+        self.args = args
+        self.rank, self.world_size = rank_and_world()
+        seed_all(args.seed)
+        self.tasks = list(tasks or [Task("ctr")])
+        task_model = TaskModel(model, self.tasks, args.bf16)
+        if self.world_size > 1:
+            from torchrec.distributed.model_parallel import DistributedModelParallel
+
+            self.model: nn.Module = DistributedModelParallel(
+                task_model,
+                sharders=rt.sharders(fused_params, table_options),
+                plan=rt.plan(task_model, self.world_size),
+                device=torch.device("cpu"),
+            )
+        else:
+            rt.convert(task_model, fused_params=fused_params, options=table_options)
+            self.model = task_model
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = dense_optimizer(params) if dense_optimizer else torch.optim.Adam(params, lr=1e-3)
+        self.pipeline = None
+        if self.world_size > 1 and args.pipeline and args.gradient_accumulation == 1:
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+            self.pipeline = TrainPipelineSparseDist(
+                self.model, self.optimizer, torch.device("cpu"), execute_all_batches=True
+            )
+        self.train_stream = BatchStream(train_data)
+        self.eval_data = eval_data
+        self.callbacks = list(callbacks)
+        self.step = 0
+        self.batches_done = 0
+        self.examples = 0
+        self.data_wait = {"wait": 0.0}
+        self._it: Optional[_Timed] = None
+        self._eval_step = -1
+        self.checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
+        self.last_eval: Dict[str, Dict[str, float]] = {}
+        self._metrics_file = None
+        self._tb = None
+        if self.rank == 0:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self._metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    # -- logging ---------------------------------------------------------------
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """Appends a JSON line to ``metrics.jsonl`` (rank 0) and writes TensorBoard scalars."""
+        if self._metrics_file is None:
+            return
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self._tb is not None:
+            for key, value in _flatten(record).items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, record.get("step", self.step))
+
+    def table_stats(self) -> Dict[str, int]:
+        """Rows, admitted, evicted, rejected and bytes of every hash table, summed over ranks."""
+        keys = ("rows", "admitted", "evicted", "rejected", "memory_bytes")
+        totals = torch.zeros(len(keys), dtype=torch.float64)
+        for ref in hash_tables(self.model):
+            info = ref.table.info()
+            totals += torch.tensor([float(info[k]) for k in keys], dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        return {k: int(v) for k, v in zip(keys, totals.tolist())}
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def save(self) -> str:
+        """A full checkpoint of the model, both optimizers, the position and the RNG states."""
+        return checkpoint.save(
+            self.checkpoint_dir,
+            self.model,
+            self.optimizer,
+            _RankState(self),
+            step=self.step,
+            keep_last=self.args.keep_last,
+        )
+
+    def resume(self) -> bool:
+        """Loads the newest checkpoint in ``output_dir``, if there is one."""
+        if not checkpoint.checkpoints(self.checkpoint_dir):
+            return False
+        checkpoint.load(self.checkpoint_dir, self.model, self.optimizer, _RankState(self))
+        return True
+
+    # -- evaluation --------------------------------------------------------------
+
+    def evaluate(self, data: Any = None, max_batches: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+        """Per-task AUC and log loss over every rank's batches of `data` (the eval data by default)."""
+        data = self.eval_data if data is None else data
+        if data is None:
+            return {}
+        max_batches = max_batches if max_batches is not None else self.args.eval_batches
+        self._drain_pipeline()
+        self.model.eval()
+        aucs = [BinaryAUROC() for _ in self.tasks]
+        sums = torch.zeros(len(self.tasks) + 1, dtype=torch.float64)  # log-loss sums, then the count
+        source = data if not hasattr(data, "batch") else (data.batch(i) for i in itertools.count())
+        if max_batches is None and hasattr(data, "batch"):
+            raise ValueError("evaluating on an endless stream needs eval_batches")
+        with torch.no_grad():
+            for batch in itertools.islice(iter(source), max_batches):
+                _, (logits, labels) = self.model(batch)
+                for k, auc in enumerate(aucs):
+                    auc.update(torch.sigmoid(logits[:, k]), labels[:, k].long())
+                losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+                sums[:-1] += losses.sum(0).double()
+                sums[-1] += labels.shape[0]
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        self.model.train()
+        self._eval_step = self.step
+        out = {}
+        for k, task in enumerate(self.tasks):
+            out[task.name] = {
+                "auc": float(aucs[k].compute()),
+                "logloss": float(sums[k] / max(sums[-1], 1)),
+                "examples": int(sums[-1]),
+            }
+        return out
+
+    # -- training ------------------------------------------------------------------
+
+    def _batches(self) -> "_Timed":
+        """The training batches from the next untrained one (``batches_done``) on."""
+        if self._it is None:
+            self._it = _Timed(self.train_stream.iter_from(self.batches_done), self.data_wait)
+        return self._it
+
+    def _drain_pipeline(self) -> None:
+        """Restores the model's own forward and drops the pipeline's in-flight batches.
+
+        Nothing is lost: the dropped batches were not trained on yet (their
+        input dist has completed and left no state), and ``_batches`` reads them
+        again from ``batches_done``. TorchRec's ``detach``/``attach`` keeps them
+        instead, but re-attaching restarts the input dist of a batch whose
+        input dist already ran, which the sharded modules cannot take twice.
+        """
+        if self.pipeline is not None:
+            self.pipeline.detach()
+            self.pipeline.reset()
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+    def _total_steps(self) -> int:
+        if self.args.steps is not None:
+            return self.args.steps
+        if not self.train_stream.has_length():
+            raise ValueError("TrainingArguments.epochs needs training data with a length")
+        return self.args.epochs * len(self.train_stream) // self.args.gradient_accumulation
+
+    def _one_step(self, it: Iterator) -> Any:
+        acc = self.args.gradient_accumulation
+        if self.pipeline is not None:
+            logits, labels = self.pipeline.progress(it)
+            self.batches_done += 1
+            self.examples += labels.shape[0]
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
+            return float((loss * torch.tensor([t.weight for t in self.tasks])).sum()), logits, labels
+        self.optimizer.zero_grad()
+        total, last = 0.0, None
+        for _ in range(acc):
+            batch = next(it)
+            loss, (logits, labels) = self.model(batch)
+            (loss / acc).backward()
+            total += float(loss.detach()) / acc
+            self.batches_done += 1
+            self.examples += labels.shape[0]
+            last = (logits, labels)
+        self.optimizer.step()
+        return total, last[0], last[1]
+
+    def fit(self) -> Dict[str, Any]:
+        """Trains to ``args.steps`` (or ``args.epochs``), evaluating, logging and saving on the way.
+
+        Returns the summary: steps, seconds, examples/s, data wait, final eval, checkpoint.
+        """
+        args = self.args
+        if args.resume and self.resume() and self.rank == 0:
+            print(f"resumed from {checkpoint.resolve(self.checkpoint_dir)} at step {self.step}", flush=True)
+        total = self._total_steps()
+        path = checkpoint.resolve(self.checkpoint_dir) if self.step >= total else None
+        bar = None
+        if self.rank == 0 and args.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True, leave=False)
+        t0, ex0, wait0 = time.perf_counter(), self.examples, self.data_wait["wait"]
+        window_loss: List[float] = []
+        window_t, window_ex = time.perf_counter(), self.examples
+        train_auc = [BinaryAUROC() for _ in self.tasks]  # progressive: each batch is scored before its update
+        while self.step < total:
+            try:
+                loss, logits, labels = self._one_step(self._batches())
+            except StopIteration:
+                break
+            self.step += 1
+            window_loss.append(loss)
+            for k, auc in enumerate(train_auc):
+                auc.update(torch.sigmoid(logits[:, k]), labels[:, k].long())
+            for cb in self.callbacks:
+                cb(self, self.step, logits, labels)
+            if bar is not None:
+                bar.update(1)
+            if self.step % args.log_every == 0 or self.step == total:
+                now = time.perf_counter()
+                rate = (self.examples - window_ex) * self.world_size / max(now - window_t, 1e-9)
+                record = {
+                    "step": self.step,
+                    "loss": sum(window_loss) / len(window_loss),
+                    "train_auc": {t.name: _safe_auc(a) for t, a in zip(self.tasks, train_auc)},
+                    "examples_per_s": rate,
+                    "tables": self.table_stats(),
+                }
+                self.log(record)
+                if bar is not None:
+                    post = {"loss": f"{record['loss']:.4f}", "ex/s": f"{rate:,.0f}"}
+                    auc_now = (
+                        {n: m["auc"] for n, m in self.last_eval.items()} if self.last_eval else record["train_auc"]
+                    )
+                    post["auc"] = "/".join(f"{v:.4f}" for v in auc_now.values())
+                    bar.set_postfix(post)
+                window_loss, window_t, window_ex = [], now, self.examples
+                for auc in train_auc:
+                    auc.reset()
+            if args.eval_every and self.step % args.eval_every == 0 and self.eval_data is not None:
+                self.last_eval = self.evaluate()
+                self.log({"step": self.step, "eval": self.last_eval})
+            if args.save_every and self.step % args.save_every == 0:
+                path = self.save()
+        seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        if self.eval_data is not None and self._eval_step != self.step:
+            self.last_eval = self.evaluate()
+            self.log({"step": self.step, "eval": self.last_eval})
+        if not args.save_every or self.step % args.save_every:
+            path = self.save()
+        self._drain_pipeline()
+        wait = self.data_wait["wait"] - wait0
+        summary = {
+            "steps": self.step,
+            "seconds": seconds,
+            "examples_per_s": (self.examples - ex0) * self.world_size / max(seconds, 1e-9),
+            "data_wait_fraction": wait / max(seconds, 1e-9),
+            "eval": self.last_eval,
+            "checkpoint": path,
+            "tables": self.table_stats(),
+        }
+        self.log({"step": self.step, "summary": summary})
+        if self.rank == 0:
+            print(summary_line(summary, self.world_size), flush=True)
+        return summary
+
+    def fit_windows(self, windows: Sequence[Any]) -> List[Dict[str, Any]]:
+        """Online learning over time windows: evaluate each window before training on it,
+        then train one pass over it and save a checkpoint (and, with ``save_delta``, a delta)."""
+        results = []
+        previous = None
+        for i, window in enumerate(windows):
+            record: Dict[str, Any] = {"window": i, "step": self.step}
+            if i > 0:
+                record["eval_before_training"] = self.evaluate(window)
+            self._drain_pipeline()
+            stream = BatchStream(window)
+            it = _Timed(stream.iter_from(0), self.data_wait)
+            steps = len(stream) // self.args.gradient_accumulation if stream.has_length() else self.args.steps
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                try:
+                    self._one_step(it)
+                except StopIteration:
+                    break
+                self.step += 1
+            it.close()
+            self._drain_pipeline()
+            record["seconds"] = time.perf_counter() - t0
+            record["checkpoint"] = path = self.save()
+            if self.args.save_delta and previous is not None:
+                delta = os.path.join(self.args.output_dir, "deltas", f"window_{i:04d}")
+                checkpoint.export_delta(delta, self.model, since_step=previous)
+                record["delta"] = delta
+            previous = path
+            record["tables"] = self.table_stats()
+            self.log(record)
+            results.append(record)
+        return results
+
+    def close(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._tb is not None:
+            self._tb.close()
+
+
+def summary_line(summary: Dict[str, Any], world_size: int = 1) -> str:
+    """The one-line end-of-run summary."""
+    evals = ", ".join(
+        f"{name} AUC {m['auc']:.4f} (log loss {m['logloss']:.4f})" for name, m in (summary.get("eval") or {}).items()
+    )
+    return (
+        f"done: {summary['steps']} steps in {summary['seconds']:.1f} s on {world_size} rank(s), "
+        f"{summary['examples_per_s']:,.0f} examples/s, data wait {100 * summary['data_wait_fraction']:.1f}%"
+        + (f"; eval {evals}" if evals else "")
+        + f"; {summary['tables']['rows']:,} table rows; checkpoint {summary['checkpoint']}"
+    )
+
+
+def _safe_auc(auc: BinaryAUROC) -> float:
+    """The AUC so far, or NaN while only one class has been seen."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return float(auc.compute())
+        except (RuntimeError, ValueError):
+            return float("nan")
+
+
+def _flatten(record: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+__all__ = ["BatchStream", "TaskModel", "Trainer", "seed_all", "summary_line"]
