@@ -7,7 +7,7 @@
 
 from recis_torchrec.train.args import Task, TrainingArguments
 from recis_torchrec.train.config import ConfigError, Run, build_run, load_config
-from recis_torchrec.train.trainer import BatchStream, TaskModel, Trainer, seed_all, summary_line
+from recis_torchrec.train.trainer import BatchStream, TaskModel, Trainer, init_distributed, seed_all, summary_line
 
 __all__ = [
     "BatchStream",
@@ -18,6 +18,7 @@ __all__ = [
     "Trainer",
     "TrainingArguments",
     "build_run",
+    "init_distributed",
     "load_config",
     "seed_all",
     "summary_line",

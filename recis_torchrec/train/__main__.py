@@ -82,11 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     import torch.distributed as dist
 
-    from recis_torchrec.train.trainer import Trainer
+    from recis_torchrec.train.trainer import Trainer, init_distributed
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     try:

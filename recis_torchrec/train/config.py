@@ -269,6 +269,9 @@ def build_run(
         raise ConfigError(
             f"config [[tasks]]: {len(tasks)} tasks but the data has {len(labels)} label columns {labels}"
         )
+    from recis_torchrec.train.trainer import seed_all
+
+    seed_all(args.seed)  # the dense layers' initial weights: the same on every rank and every run
     model = build_model(cfg, keys, num_dense, len(tasks))
 
     opt = _section(cfg, "optimizer")

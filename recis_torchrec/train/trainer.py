@@ -37,6 +37,29 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+def init_distributed(backend: str = "gloo") -> bool:
+    """Joins the process group torchrun describes (``WORLD_SIZE`` > 1); False when alone.
+
+    After ``torchrun --max-restarts`` restarts the workers, the store the
+    agent shares with them still holds the previous attempt's rendezvous keys
+    (the gloo peers' old addresses). Each attempt therefore rendezvouses under
+    its own prefix, ``attempt_<TORCHELASTIC_RESTART_COUNT>/``.
+    """
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend)
+        return True
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"attempt_{attempt}/", store), rank=rank, world_size=world_size
+    )
+    return True
+
+
 def _per_task(logits: torch.Tensor, labels: torch.Tensor, names: List[str]):
     """(B, tasks) float logits and labels, or an error naming the tasks.
 
@@ -554,4 +577,4 @@ def _flatten(record: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-__all__ = ["BatchStream", "TaskModel", "Trainer", "seed_all", "summary_line"]
+__all__ = ["BatchStream", "TaskModel", "Trainer", "init_distributed", "seed_all", "summary_line"]
