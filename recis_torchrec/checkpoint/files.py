@@ -48,7 +48,10 @@ _FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous().cpu()
+    t = t.detach().cpu().reshape(-1)
+    if t.numel() and t.stride(0) != 1:
+        # A one-element slice of a column (meta[:1, j]) counts as contiguous but keeps its stride.
+        t = t.new_empty(t.shape).copy_(t)
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 

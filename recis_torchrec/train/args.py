@@ -12,12 +12,14 @@ class Task:
 
     Attributes:
         name: the task's name in logs (``"ctr"``, ``"cvr"``).
-        label: the label column (the index into ``batch.labels`` is the task's position).
+        label: the label column, by name (default: the data's label column at
+            the task's position). In a batch, the task's position indexes
+            ``batch.labels`` and the model's logits.
         weight: the task's weight in the summed loss.
     """
 
     name: str
-    label: str = "label"
+    label: Optional[str] = None
     weight: float = 1.0
 
     def __post_init__(self) -> None:

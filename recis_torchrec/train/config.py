@@ -103,8 +103,35 @@ def _paths(data: Dict[str, Any], key: str, converted: str, rank: int) -> Union[s
     raise ConfigError(f"config [data].{key} must be a path or a list of paths, got {value!r}")
 
 
-def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, num_tasks: int):
-    """(train data, eval data, sparse keys, dense count, label names, description)."""
+def _task_labels(tasks: List[Task], available: List[str], fixed: bool) -> List[str]:
+    """The label column of each task, in task order.
+
+    ``available`` are the data's label columns; with ``fixed`` (generated
+    data) they cannot be reordered, so a named label must match its position.
+    """
+    out = []
+    for i, t in enumerate(tasks):
+        label = t.label
+        if label is None:
+            if i >= len(available):
+                raise ConfigError(
+                    f"config [[tasks]] #{i} ({t.name!r}).label: not set, and the data has only "
+                    f"{len(available)} label columns {available}"
+                )
+            label = available[i]
+        elif fixed and (i >= len(available) or available[i] != label):
+            raise ConfigError(
+                f"config [[tasks]] #{i} ({t.name!r}).label: {label!r} is not label column #{i} of the data "
+                f"(it has {available}, in that order)"
+            )
+        out.append(label)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"config [[tasks]]: two tasks share a label column ({out})")
+    return out
+
+
+def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, tasks: List[Task]):
+    """(train data, eval data, sparse keys, dense count, label names, eval batches, description)."""
     from recis_torchrec.datasets import SyntheticClicks, SyntheticConfig
     from recis_torchrec.io import ColumnarDataset, ColumnError, Schema, SourceError, criteo_schema
 
@@ -126,9 +153,11 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, n
             max_bag=_int(data, "max_bag", "data", 3),
             seed=int(data.get("seed", 0)),
         )
-        train = SyntheticClicks(syn, batch, stream_seed=2 * rank, num_tasks=num_tasks)
-        held = SyntheticClicks(syn, batch, stream_seed=2 * rank + 1, num_tasks=num_tasks)
-        labels = ["ctr", "cvr"][:num_tasks]
+        if len(tasks) > 2:
+            raise ConfigError(f"config [[tasks]]: synthetic data has two labels (click, conversion), not {len(tasks)}")
+        labels = _task_labels(tasks, ["click", "conversion"], fixed=True)
+        train = SyntheticClicks(syn, batch, stream_seed=2 * rank, num_tasks=len(tasks))
+        held = SyntheticClicks(syn, batch, stream_seed=2 * rank + 1, num_tasks=len(tasks))
         return train, held, syn.feature_names(), syn.num_dense, labels, _int(
             data, "eval_batches", "data", 8
         ), "synthetic clicks"
@@ -167,6 +196,8 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, n
         train_path = _paths(data, "train", converted, rank)
         eval_path = _paths(data, "eval", converted, rank) if data.get("eval") else None
         description = f"files {data['train']}"
+    labels = _task_labels(tasks, list(schema.labels), fixed=False)
+    schema = dataclasses.replace(schema, labels=labels)
     fmt = data.get("format")
     try:
         train = ColumnarDataset(
@@ -180,7 +211,7 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, n
         )
     except (ColumnError, SourceError) as e:
         raise ConfigError(f"config [data]: {e}") from None
-    return train, held, list(schema.sparse), len(schema.dense), list(schema.labels), None, description
+    return train, held, list(schema.sparse), len(schema.dense), labels, None, description
 
 
 def build_model(cfg: Dict[str, Any], keys: List[str], num_dense: int, num_tasks: int) -> nn.Module:
@@ -261,14 +292,11 @@ def build_run(
         raise ConfigError(f"config [trainer]: {e}") from None
 
     train, held, keys, num_dense, labels, eval_batches, description = build_data(
-        cfg, rank, world_size, args.output_dir, len(tasks)
+        cfg, rank, world_size, args.output_dir, tasks
     )
+    tasks = [dataclasses.replace(t, label=label) for t, label in zip(tasks, labels)]
     if eval_batches is not None and args.eval_batches is None:
         args = dataclasses.replace(args, eval_batches=eval_batches)
-    if len(labels) < len(tasks):
-        raise ConfigError(
-            f"config [[tasks]]: {len(tasks)} tasks but the data has {len(labels)} label columns {labels}"
-        )
     from recis_torchrec.train.trainer import seed_all
 
     seed_all(args.seed)  # the dense layers' initial weights: the same on every rank and every run
