@@ -26,13 +26,14 @@ $(BUILT): $(DEPS) $(EXT_SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-# Sharded over 2 ranks with torchrun when it is there (it ships with torch).
+# The main job: 2-rank torchrun training with our sharder, from a TOML config (see examples/).
+# make train DATA=day_0.tsv EVAL=day_1.tsv trains the same model on Criteo files.
+CONFIG ?= examples/synthetic_dlrm.toml
+RUN    ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
+NPROC  ?= 2
 train: setup
-	if [ -x $(VENV)/bin/torchrun ]; then \
-		$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m recis_torchrec.examples.train_dlrm; \
-	else \
-		$(PY) -m recis_torchrec.examples.train_dlrm; \
-	fi
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m recis_torchrec.train --config $(CONFIG) \
+		--output-dir $(RUN) $(if $(DATA),--data $(DATA)) $(if $(EVAL),--eval-data $(EVAL))
 
 test: setup
 	$(PY) -m pytest -q

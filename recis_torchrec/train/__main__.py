@@ -49,17 +49,26 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def overrides_from(args: argparse.Namespace) -> dict:
+def overrides_from(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict:
+    """The command line's overrides of the config, as ``{"section.key": value}``.
+
+    ``--data`` replaces the whole ``[data]`` section (keeping its batch_size
+    and shuffle) with Criteo files.
+    """
     import tomllib
 
     out = {}
     if args.data is not None:
         paths = [p for p in args.data.split(",") if p]
-        out.update({"data.source": "files", "data.train": paths if len(paths) > 1 else paths[0]})
-        out["data.schema"] = "criteo"
+        if not paths:
+            raise config_mod.ConfigError("--data: no files given")
+        old = (cfg or {}).get("data", {})
+        data = {k: old[k] for k in ("batch_size", "shuffle") if k in old}
+        data.update(source="files", schema="criteo", train=paths if len(paths) > 1 else paths[0])
         if args.eval_data:
             evals = [p for p in args.eval_data.split(",") if p]
-            out["data.eval"] = evals if len(evals) > 1 else evals[0]
+            data["eval"] = evals if len(evals) > 1 else evals[0]
+        out["data"] = data
     elif args.eval_data is not None:
         raise config_mod.ConfigError("--eval-data needs --data")
     if args.output_dir is not None:
@@ -89,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     try:
         cfg = config_mod.load_config(args.config)
-        run = config_mod.build_run(cfg, rank, world_size, overrides_from(args))
+        run = config_mod.build_run(cfg, rank, world_size, overrides_from(args, cfg))
         if rank == 0:
             mode = f"sharded over {world_size} ranks (gloo)" if world_size > 1 else "unsharded"
             print(f"{type(run.model).__name__} on {run.description}, {mode}, tasks "
@@ -104,7 +113,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             fused_params=run.fused_params,
             table_options=run.table_options,
         )
-        trainer.fit()
+        if run.windows is not None:
+            trainer.fit_windows(run.train_data, names=run.windows)
+        else:
+            trainer.fit()
         trainer.close()
     except config_mod.ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

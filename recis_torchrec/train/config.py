@@ -9,6 +9,7 @@ A config has these sections (see ``examples/*.toml``)::
     [data]       source = "synthetic" | "files" | "movielens"; batch_size;
                  synthetic: num_sparse, vocab_size, zipf_alpha, max_bag, eval_batches
                  files: train, eval (paths, dirs, globs or URIs; raw Criteo TSV is converted),
+                        or windows (a list of paths, or a glob sorted by name: online learning),
                         format, shuffle, schema = "criteo" or [data.schema] (recis_torchrec.io.Schema fields)
                  movielens: path (the ml-100k directory), eval_fraction
     [tables]     num_embeddings (a capacity hint), [tables.options] (HashTableOptions fields)
@@ -21,6 +22,7 @@ Every error names the key it is about, as ``[section].key``.
 """
 
 import dataclasses
+import glob
 import os
 import tomllib
 from dataclasses import dataclass
@@ -68,6 +70,7 @@ class Run:
     fused_params: Dict[str, Any]
     table_options: Optional[HashTableOptions]
     description: str
+    windows: Optional[List[str]] = None  # names of the time windows; train_data is then their datasets
 
 
 def load_config(path: str) -> Dict[str, Any]:
@@ -160,7 +163,7 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         held = SyntheticClicks(syn, batch, stream_seed=2 * rank + 1, num_tasks=len(tasks))
         return train, held, syn.feature_names(), syn.num_dense, labels, _int(
             data, "eval_batches", "data", 8
-        ), "synthetic clicks"
+        ), "synthetic clicks", None
 
     if source == "movielens":
         from recis_torchrec.datasets.movielens import movielens_schema, prepare
@@ -178,10 +181,16 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         schema = movielens_schema()
         train_path, eval_path = os.path.join(out, "train.parquet"), os.path.join(out, "eval.parquet")
         description = f"MovieLens-100k from {data['path']}"
+        window_names = None
     else:
-        _check_keys(data, {"source", "batch_size", "train", "eval", "format", "schema", "shuffle"}, "[data]")
-        if "train" not in data:
-            raise ConfigError("config [data].train: the training files are required for source 'files'")
+        _check_keys(
+            data, {"source", "batch_size", "train", "windows", "eval", "format", "schema", "shuffle"}, "[data]"
+        )
+        if ("train" in data) == ("windows" in data):
+            raise ConfigError(
+                "config [data].train: set the training files, or [data].windows (a sequence of time windows), "
+                "not both, for source 'files'"
+            )
         spec = data.get("schema", "criteo")
         if spec == "criteo":
             schema = criteo_schema()
@@ -193,17 +202,38 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         else:
             raise ConfigError(f"config [data].schema must be 'criteo' or a table of Schema fields, got {spec!r}")
         converted = os.path.join(work_dir, "converted")
-        train_path = _paths(data, "train", converted, rank)
+        if "windows" in data:
+            windows = data["windows"]
+            if isinstance(windows, str):
+                matched = sorted(glob.glob(windows))
+                if not matched:
+                    raise ConfigError(f"config [data].windows: nothing matches {windows!r}")
+                data = dict(data, windows=matched)
+            window_paths = _paths(data, "windows", converted, rank)
+            if isinstance(window_paths, str):
+                window_paths = [window_paths]
+            window_names = [os.path.basename(os.path.normpath(w)) for w in data["windows"]]
+            train_path = None
+            description = f"{len(window_paths)} windows {window_names[0]} .. {window_names[-1]}"
+        else:
+            train_path = _paths(data, "train", converted, rank)
+            window_names = None
+            description = f"files {data['train']}"
         eval_path = _paths(data, "eval", converted, rank) if data.get("eval") else None
-        description = f"files {data['train']}"
     labels = _task_labels(tasks, list(schema.labels), fixed=False)
     schema = dataclasses.replace(schema, labels=labels)
     fmt = data.get("format")
+    shuffle = bool(data.get("shuffle", True))
     try:
-        train = ColumnarDataset(
-            train_path, schema, batch, rank, world_size, shuffle=bool(data.get("shuffle", True)), drop_last=True,
-            format=fmt,
-        )
+        if train_path is None:
+            train = [
+                ColumnarDataset(w, schema, batch, rank, world_size, shuffle=shuffle, drop_last=True, format=fmt)
+                for w in window_paths
+            ]
+        else:
+            train = ColumnarDataset(
+                train_path, schema, batch, rank, world_size, shuffle=shuffle, drop_last=True, format=fmt
+            )
         held = (
             ColumnarDataset(eval_path, schema, batch, rank, world_size, drop_last=world_size > 1, format=fmt)
             if eval_path
@@ -211,7 +241,7 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         )
     except (ColumnError, SourceError) as e:
         raise ConfigError(f"config [data]: {e}") from None
-    return train, held, list(schema.sparse), len(schema.dense), labels, None, description
+    return train, held, list(schema.sparse), len(schema.dense), labels, None, description, window_names
 
 
 def build_model(cfg: Dict[str, Any], keys: List[str], num_dense: int, num_tasks: int) -> nn.Module:
@@ -271,8 +301,20 @@ def build_run(
     """Builds the model, data, optimizers and TrainingArguments a config describes."""
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
     for dotted, value in (overrides or {}).items():
-        section, key = dotted.split(".", 1)
-        cfg.setdefault(section, {})[key] = value
+        if "." not in dotted:  # a whole section
+            if dotted not in _SECTIONS:
+                raise ConfigError(f"override {dotted}: no such section (sections: {list(_SECTIONS)})")
+            cfg[dotted] = value
+            continue
+        *path, key = dotted.split(".")
+        node = cfg
+        for i, part in enumerate(path):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: [{'.'.join(path[: i + 1])}] is not a table")
+            node[part] = child = dict(child)  # never modify the caller's config
+            node = child
+        node[key] = value
 
     raw_tasks = cfg.get("tasks", [{"name": "ctr"}])
     if not isinstance(raw_tasks, list) or not raw_tasks:
@@ -291,7 +333,7 @@ def build_run(
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config [trainer]: {e}") from None
 
-    train, held, keys, num_dense, labels, eval_batches, description = build_data(
+    train, held, keys, num_dense, labels, eval_batches, description, window_names = build_data(
         cfg, rank, world_size, args.output_dir, tasks
     )
     tasks = [dataclasses.replace(t, label=label) for t, label in zip(tasks, labels)]
@@ -337,6 +379,7 @@ def build_run(
         fused_params=fused,
         table_options=options,
         description=description,
+        windows=window_names,
     )
 
 

@@ -191,6 +191,7 @@ class _RankState:
             "step": t.step,
             "batches": t.batches_done,
             "examples": t.examples,
+            "windows": t.windows_done,
             "torch_rng": torch.get_rng_state().tolist(),
             "numpy_rng": np.random.get_state()[1].tolist(),
             "numpy_pos": int(np.random.get_state()[2]),
@@ -200,6 +201,7 @@ class _RankState:
     def load_state_dict(self, s: Dict[str, Any]) -> None:
         t = self.trainer
         t.step, t.batches_done, t.examples = int(s["step"]), int(s["batches"]), int(s["examples"])
+        t.windows_done = int(s.get("windows", 0))
         torch.set_rng_state(torch.tensor(s["torch_rng"], dtype=torch.uint8))
         np.random.set_state(("MT19937", np.array(s["numpy_rng"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
         version_and_state = s["python_rng"]
@@ -267,6 +269,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.step = 0
         self.batches_done = 0
+        self.windows_done = 0
         self.examples = 0
         self.data_wait = {"wait": 0.0}
         self._it: Optional[_Timed] = None
@@ -426,7 +429,17 @@ class Trainer:
         if args.resume and self.resume() and self.rank == 0:
             print(f"resumed from {checkpoint.resolve(self.checkpoint_dir)} at step {self.step}", flush=True)
         total = self._total_steps()
-        path = checkpoint.resolve(self.checkpoint_dir) if self.step >= total else None
+        if self.step >= total:
+            path = checkpoint.resolve(self.checkpoint_dir)
+            if self.rank == 0:
+                print(
+                    f"{args.output_dir} already holds a run trained to step {self.step} of {total} ({path}); "
+                    "nothing to train (raise the steps, or use another output_dir)",
+                    flush=True,
+                )
+            return {"steps": self.step, "seconds": 0.0, "examples_per_s": 0.0, "data_wait_fraction": 0.0,
+                    "eval": self.last_eval, "checkpoint": path, "tables": self.table_stats()}
+        path = None
         bar = None
         if self.rank == 0 and args.progress:
             from tqdm import tqdm
@@ -499,38 +512,82 @@ class Trainer:
             print(summary_line(summary, self.world_size), flush=True)
         return summary
 
-    def fit_windows(self, windows: Sequence[Any]) -> List[Dict[str, Any]]:
-        """Online learning over time windows: evaluate each window before training on it,
-        then train one pass over it and save a checkpoint (and, with ``save_delta``, a delta)."""
+    def fit_windows(self, windows: Sequence[Any], names: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+        """Online learning over time windows (for example one dataset per dated directory).
+
+        Each window is first evaluated with the model trained on the windows
+        before it (test-then-train; ``eval_batches`` caps it), then trained on
+        for one pass, then saved: a full checkpoint, and with ``save_delta``
+        also a delta of the rows that window changed, under
+        ``output_dir/deltas/<name>``. A restarted run resumes after the last
+        saved window. Returns one record per window trained now.
+        """
+        args = self.args
+        names = list(names) if names is not None else [f"window_{i:04d}" for i in range(len(windows))]
+        if len(names) != len(windows):
+            raise ValueError(f"fit_windows: {len(windows)} windows but {len(names)} names")
+        if args.resume and self.resume() and self.rank == 0:
+            print(f"resumed from {checkpoint.resolve(self.checkpoint_dir)} after window {self.windows_done}", flush=True)
         results = []
-        previous = None
         for i, window in enumerate(windows):
-            record: Dict[str, Any] = {"window": i, "step": self.step}
-            if i > 0:
+            if i < self.windows_done:
+                continue
+            record: Dict[str, Any] = {"window": i, "name": names[i], "step": self.step}
+            if self.step > 0:
                 record["eval_before_training"] = self.evaluate(window)
             self._drain_pipeline()
             stream = BatchStream(window)
             it = _Timed(stream.iter_from(0), self.data_wait)
-            steps = len(stream) // self.args.gradient_accumulation if stream.has_length() else self.args.steps
-            t0 = time.perf_counter()
+            steps = len(stream) // args.gradient_accumulation if stream.has_length() else args.steps
+            t0, ex0, loss_sum, trained = time.perf_counter(), self.examples, 0.0, 0
             for _ in range(steps):
                 try:
-                    self._one_step(it)
+                    loss, _, _ = self._one_step(it)
                 except StopIteration:
                     break
                 self.step += 1
+                trained += 1
+                loss_sum += loss
             it.close()
             self._drain_pipeline()
-            record["seconds"] = time.perf_counter() - t0
-            record["checkpoint"] = path = self.save()
-            if self.args.save_delta and previous is not None:
-                delta = os.path.join(self.args.output_dir, "deltas", f"window_{i:04d}")
-                checkpoint.export_delta(delta, self.model, since_step=previous)
+            seconds = time.perf_counter() - t0
+            record.update(
+                steps=trained,
+                loss=loss_sum / max(trained, 1),
+                seconds=seconds,
+                examples_per_s=(self.examples - ex0) * self.world_size / max(seconds, 1e-9),
+            )
+            if args.save_delta and self.windows_done > 0:
+                # Before the new checkpoint is saved: keep_last may prune the one the delta starts from.
+                delta = os.path.join(args.output_dir, "deltas", names[i])
+                checkpoint.export_delta(delta, self.model, since_step=checkpoint.resolve(self.checkpoint_dir))
                 record["delta"] = delta
-            previous = path
+            self.windows_done = i + 1
+            record["checkpoint"] = self.save()
             record["tables"] = self.table_stats()
             self.log(record)
+            if self.rank == 0:
+                before = record.get("eval_before_training")
+                shown = (
+                    "before training " + ", ".join(f"{n} AUC {m['auc']:.4f}" for n, m in before.items()) + "; "
+                    if before
+                    else ""
+                )
+                print(
+                    f"window {i} ({names[i]}): {shown}trained {trained} steps, loss {record['loss']:.4f}, "
+                    f"{record['examples_per_s']:,.0f} examples/s; checkpoint {record['checkpoint']}",
+                    flush=True,
+                )
             results.append(record)
+        if self.eval_data is not None and results:
+            self.last_eval = self.evaluate()
+            self.log({"step": self.step, "eval": self.last_eval})
+            if self.rank == 0:
+                print(
+                    f"done: {len(windows)} windows, {self.step} steps; eval "
+                    + ", ".join(f"{n} AUC {m['auc']:.4f} (log loss {m['logloss']:.4f})" for n, m in self.last_eval.items()),
+                    flush=True,
+                )
         return results
 
     def close(self) -> None:

@@ -1,0 +1,268 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""The Trainer and its CLI in one process (unsharded): training, metrics, resume, windows, errors."""
+
+import glob
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from recis_torchrec.datasets import SyntheticClicks, SyntheticConfig, synthetic_schema, write_parquet
+from recis_torchrec.io import ColumnarDataset
+from recis_torchrec.train import ConfigError, Trainer, TrainingArguments, build_run, load_config
+from recis_torchrec.train.__main__ import main
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+SYNTHETIC = os.path.join(ROOT, "examples", "synthetic_dlrm.toml")
+MULTITASK = os.path.join(ROOT, "examples", "synthetic_multitask.toml")
+QUIET = ["--set", "trainer.progress=false"]
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_cli_trains_logs_evaluates_and_saves(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--config", SYNTHETIC, "--output-dir", out, "--steps", "60", "--set", "data.batch_size=256",
+            "--set", "trainer.eval_every=30", "--set", "trainer.log_every=20", "--set", "trainer.save_every=30"]
+    assert main(argv + QUIET) == 0
+    text = capsys.readouterr().out
+    assert "done: 60 steps" in text and "examples/s" in text and "ctr AUC" in text
+    recs = records(out)
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == [20, 40, 60]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert all(0.0 < r["train_auc"]["ctr"] < 1.0 and r["examples_per_s"] > 0 for r in train)
+    stats = train[-1]["tables"]
+    assert stats["rows"] > 0 and stats["admitted"] == stats["rows"] and stats["evicted"] == 0
+    evals = [r for r in recs if "eval" in r]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert evals[-1]["eval"]["ctr"]["auc"] > 0.65
+    assert evals[-1]["eval"]["ctr"]["examples"] == 8 * 256
+    summary = recs[-1]["summary"]
+    assert summary["steps"] == 60 and os.path.isdir(summary["checkpoint"])
+    assert 0.0 <= summary["data_wait_fraction"] < 1.0
+    assert len(glob.glob(os.path.join(out, "checkpoints", "step_*"))) == 2  # steps 30 and 60 (keep_last 2)
+
+    # The same command again: the run is complete, nothing is trained.
+    assert main(argv + QUIET) == 0
+    assert "already holds a run trained to step 60" in capsys.readouterr().out
+
+
+def _trainer(out, steps, callbacks=(), **kw):
+    run = build_run(load_config(SYNTHETIC), overrides={
+        "trainer.output_dir": out, "trainer.steps": steps, "trainer.save_every": 5, "trainer.eval_every": 0,
+        "trainer.log_every": 5, "trainer.progress": False, "data.batch_size": 128, "data.eval_batches": 2, **kw})
+    return Trainer(run.model, run.args, run.train_data, run.eval_data, tasks=run.tasks,
+                   dense_optimizer=run.dense_optimizer, fused_params=run.fused_params, callbacks=callbacks)
+
+
+def test_resume_by_hand_continues_exactly(tmp_path):
+    def recorder(store):
+        return lambda trainer, step, logits, labels: store.__setitem__(step, logits.clone())
+
+    straight = {}
+    _trainer(str(tmp_path / "a"), 13, [recorder(straight)]).fit()
+    _trainer(str(tmp_path / "b"), 7).fit()  # saves at step 5 and at its end, step 7
+    resumed = {}
+    t = _trainer(str(tmp_path / "b"), 13, [recorder(resumed)])
+    t.fit()
+    assert sorted(resumed) == list(range(8, 14))
+    for step in (8, 9, 10, 13):
+        assert torch.equal(resumed[step], straight[step]), step
+
+
+def test_multi_objective_two_heads_both_reported(tmp_path, capsys):
+    out = str(tmp_path / "mt")
+    assert main(["--config", MULTITASK, "--output-dir", out, "--steps", "60", "--set", "data.batch_size=256",
+                 "--set", "trainer.eval_every=0", "--set", "trainer.log_every=30"] + QUIET) == 0
+    text = capsys.readouterr().out
+    assert "ctr AUC" in text and "cvr AUC" in text and "tasks ['ctr', 'cvr']" in text
+    recs = records(out)
+    ev = [r for r in recs if "eval" in r][-1]["eval"]
+    assert set(ev) == {"ctr", "cvr"}
+    for name in ("ctr", "cvr"):
+        assert ev[name]["auc"] > 0.65 and math.isfinite(ev[name]["logloss"])
+    assert set([r for r in recs if "loss" in r][-1]["train_auc"]) == {"ctr", "cvr"}
+
+
+def test_multi_objective_loss_is_the_weighted_sum(tmp_path):
+    from recis_torchrec.train import Task, TaskModel
+
+    class Two(torch.nn.Module):
+        def forward(self, dense, sparse):
+            return dense[:, :2] * 3.0
+
+    batch = SyntheticClicks(SyntheticConfig(num_sparse=2), 32, num_tasks=2).batch(0)
+    loss, (logits, labels) = TaskModel(Two(), [Task("ctr", weight=1.0), Task("cvr", weight=0.25)])(batch)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    want = bce(batch.dense_features[:, 0] * 3, batch.labels[:, 0]) + 0.25 * bce(
+        batch.dense_features[:, 1] * 3, batch.labels[:, 1]
+    )
+    torch.testing.assert_close(loss, want)
+
+
+def test_gradient_accumulation_and_bf16_train(tmp_path):
+    t = _trainer(str(tmp_path / "acc"), 10, **{"trainer.gradient_accumulation": 2, "trainer.bf16": True})
+    summary = t.fit()
+    assert summary["steps"] == 10 and t.batches_done == 20
+    assert math.isfinite([r for r in records(str(tmp_path / "acc")) if "loss" in r][-1]["loss"])
+
+
+def test_windows_evaluate_before_training_and_save_deltas(tmp_path, capsys):
+    cfg = SyntheticConfig(num_sparse=4, vocab_size=2000)
+    for day in range(3):
+        d = tmp_path / "data" / f"day={day:02d}"
+        d.mkdir(parents=True)
+        write_parquet(SyntheticClicks(cfg, 128, stream_seed=day), str(d / "part.parquet"), 6)
+    schema = synthetic_schema(cfg)
+    config = tmp_path / "online.toml"
+    sparse = ", ".join(f'{k} = "{v}"' for k, v in schema.sparse.items())
+    config.write_text(
+        open(SYNTHETIC).read().split("[data]")[0]
+        + f"""
+[data]
+source = "files"
+windows = "{tmp_path}/data/day=*"
+batch_size = 128
+schema = {{ dense = {json.dumps(schema.dense)}, sparse = {{ {sparse} }}, labels = ["label"] }}
+
+[trainer]
+output_dir = "{tmp_path}/online"
+steps = 1
+eval_batches = 2
+save_delta = true
+keep_last = 1
+progress = false
+"""
+    )
+    out = str(tmp_path / "online")
+    argv = ["--config", str(config)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "window 0 (day=00): trained 6 steps" in text
+    assert "window 1 (day=01): before training ctr AUC" in text and "window 2 (day=02)" in text
+    recs = [r for r in records(out) if "window" in r]
+    assert [r["name"] for r in recs] == ["day=00", "day=01", "day=02"]
+    assert "eval_before_training" not in recs[0]
+    assert [r["step"] for r in recs] == [0, 6, 12]  # evaluated before the window's own steps
+    assert recs[1]["eval_before_training"]["ctr"]["examples"] == 2 * 128
+    assert sorted(os.listdir(os.path.join(out, "deltas"))) == ["day=01", "day=02"]
+    assert len(glob.glob(os.path.join(out, "checkpoints", "step_*"))) == 1
+
+    # A restart finds every window done.
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "after window 3" in text and "window 0 (" not in text
+
+
+def test_windows_delta_reproduces_the_next_window(tmp_path):
+    from recis_torchrec import checkpoint
+    from recis_torchrec.checkpoint.files import hash_tables
+
+    cfg = SyntheticConfig(num_sparse=3, vocab_size=1000)
+    schema = synthetic_schema(cfg)
+    windows = []
+    for day in range(2):
+        path = str(tmp_path / f"w{day}.parquet")
+        write_parquet(SyntheticClicks(cfg, 64, stream_seed=10 + day), path, 4)
+        windows.append(ColumnarDataset(path, schema, 64, drop_last=True))
+
+    def trainer(out):
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        from torchrec.models.dlrm import DLRM
+
+        torch.manual_seed(0)
+        tables = [EmbeddingBagConfig(name=f"t_{k}", embedding_dim=8, num_embeddings=100, feature_names=[k])
+                  for k in cfg.feature_names()]
+        model = DLRM(EmbeddingBagCollection(tables, device=torch.device("meta")), cfg.num_dense, [16, 8], [8, 1])
+        args = TrainingArguments(output_dir=out, steps=1, save_delta=True, progress=False, keep_last=1)
+        return Trainer(model, args, windows[0], fused_params={"optimizer": "exact_sgd", "learning_rate": 0.1})
+
+    t = trainer(str(tmp_path / "run"))
+    t.fit_windows(windows[:1])
+    after_first = str(tmp_path / "after_first")
+    checkpoint.save(after_first, t.model)
+    t.fit_windows(windows)  # resumes at window 1
+    served = trainer(str(tmp_path / "serve"))
+    checkpoint.load(after_first, served.model)
+    checkpoint.apply_delta(str(tmp_path / "run" / "deltas" / "window_0001"), served.model)
+
+    def rows(model):
+        out = {}
+        for ref in hash_tables(model):
+            ids, w, _, _ = ref.table.export_rows()
+            order = torch.argsort(ids)
+            out[ref.key] = (ids[order], w[order])
+        return out
+
+    want, got = rows(t.model), rows(served.model)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k][0], got[k][0])
+        torch.testing.assert_close(want[k][1], got[k][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"model.name": "DLRMv9"}, "[model].name"),
+        ({"trainer.steps": 0}, "steps"),
+        ({"trainer.steps": -5}, "steps"),
+        ({"data": {"source": "files", "train": "PLACEHOLDER", "schema": {"dense": ["I99"],
+          "sparse": {"cat_0": "cat_0"}, "labels": ["label"]}}}, "'I99'"),
+        ({"data.source": "sql"}, "[data].source"),
+        ({"data.batch_size": 0}, "[data].batch_size"),
+        ({"optimizer.dense": "lamb"}, "[optimizer].dense"),
+        ({"optimizer.sparse": {"optimizer": "lion"}}, "[optimizer.sparse]"),
+        ({"model.embedding_dims": 4}, "[model]"),
+        ({"tasks": [{"name": "ctr", "label": "purchase"}]}, "[[tasks]] #0 ('ctr').label"),
+        ({"tables.options": {"block_rows": 3}}, "[tables.options]"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, override, key):
+    if "data" in override:
+        path = str(tmp_path / "t.parquet")
+        write_parquet(SyntheticClicks(SyntheticConfig(num_sparse=1), 16), path, 1)
+        override = {"data": dict(override["data"], train=path)}
+    with pytest.raises(ConfigError, match=None) as e:
+        build_run(load_config(SYNTHETIC), overrides=dict(override, **{"trainer.output_dir": str(tmp_path)}))
+    assert key in str(e.value), str(e.value)
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    assert main(["--config", SYNTHETIC, "--set", "model.name='Wide'"]) == 2
+    assert "error: config [model].name: unknown model 'Wide'" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml: not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nname = 1")
+    assert main(["--config", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["--config", SYNTHETIC, "--set", "steps=3"]) == 2
+    assert "SECTION.KEY=VALUE" in capsys.readouterr().err
+    assert main(["--config", SYNTHETIC, "--eval-data", "x.tsv"]) == 2
+    assert "--eval-data needs --data" in capsys.readouterr().err
+
+
+def test_help_documents_the_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--config", "[model]", "DLRM_DCN", "DeepFM", "[data]", "windows", "[optimizer.sparse]",
+                 "[[tasks]]", "[trainer]", "torchrun"):
+        assert word in text, word
+
+
+def test_every_example_config_builds(tmp_path):
+    for path in sorted(glob.glob(os.path.join(ROOT, "examples", "*.toml"))):
+        cfg = load_config(path)
+        if cfg["data"].get("source") != "synthetic":
+            continue  # needs data files; built in the real-data tests
+        run = build_run(cfg, overrides={"trainer.output_dir": str(tmp_path)})
+        assert run.args.steps and run.tasks, path
