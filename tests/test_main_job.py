@@ -1,18 +1,10 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
-"""The main job trains: held-out loss falls and AUC rises (the job checks it itself)."""
+"""The main job's embedded dataset: deterministic, unbounded, skewed ids; index-addressable batches."""
 
 import numpy as np
 import torch
 
 from recis_torchrec.datasets import SyntheticClicks, SyntheticConfig
-from recis_torchrec.examples import train_dlrm
-
-
-def test_main_job_loss_falls(capsys):
-    rc = train_dlrm.main(["--steps", "120", "--batch-size", "256", "--log-every", "40", "--eval-batches", "4"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "examples/s" in out and "eval log loss" in out
 
 
 def test_synthetic_data_is_deterministic_and_unbounded():
@@ -30,30 +22,12 @@ def test_synthetic_data_is_deterministic_and_unbounded():
     assert counts.max() >= 5
 
 
-def test_main_job_through_the_loader_reports_data_wait(capsys):
-    rc = train_dlrm.main(
-        ["--via-loader", "--steps", "60", "--batch-size", "256", "--log-every", "30", "--eval-batches", "4"]
-    )
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "via Parquet and ColumnarDataset" in out and "data wait" in out
-
-
-def test_main_job_trains_on_the_criteo_sample(capsys):
-    import os
-
-    import pytest
-
-    from tests.conftest import SHARED_DATA
-
-    train = os.path.join(SHARED_DATA, "criteo", "wide_resdnn", "train.csv")
-    dev = os.path.join(SHARED_DATA, "criteo", "wide_resdnn", "dev.csv")
-    if not os.path.exists(train):
-        pytest.skip("../shared/data is absent")
-    rc = train_dlrm.main(
-        ["--data", train, "--eval-data", dev, "--steps", "40", "--batch-size", "128", "--log-every", "20",
-         "--eval-batches", "3"]
-    )
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "DLRM on 26 hash tables" in out and "Criteo files" in out and "final      eval log loss" in out
+def test_synthetic_batches_are_addressable_and_two_task():
+    cfg = SyntheticConfig(num_sparse=2, vocab_size=500)
+    stream = SyntheticClicks(cfg, 32, stream_seed=3, num_tasks=2)
+    first = [stream.next_batch() for _ in range(3)]
+    again = SyntheticClicks(cfg, 32, stream_seed=3, num_tasks=2).batch(2)
+    assert torch.equal(first[2].sparse_features.values(), again.sparse_features.values())
+    assert first[0].labels.shape == (32, 2)
+    conversions, clicks = first[0].labels[:, 1], first[0].labels[:, 0]
+    assert bool((conversions <= clicks).all())  # a conversion follows a click

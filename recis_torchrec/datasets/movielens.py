@@ -4,7 +4,7 @@
 ``prepare(ml_dir, out_dir)`` joins ``u.data`` with ``u.user`` and ``u.item``
 and writes ``train.parquet`` and ``eval.parquet``, split chronologically (the
 last `eval_fraction` of the ratings by timestamp are held out). Columns:
-``label``; dense ``age`` (years / 100) and ``year`` (release year - 1900, / 100);
+``label``, ``timestamp``; dense ``age`` (years / 100) and ``year`` (release year - 1900, / 100);
 sparse ``user_id``, ``item_id``, ``occupation``, ``gender``, ``zip3`` (first
 three zip digits) and ``genres`` (a ``list<int64>`` of genre ids).
 """
@@ -64,6 +64,7 @@ def prepare(ml_dir: str, out_dir: str, eval_fraction: float = 0.2) -> Tuple[str,
         table = pa.table(
             {
                 "label": pa.array((rows[:, 2] >= 4).astype(np.float32)),
+                "timestamp": pa.array(rows[:, 3]),
                 "age": pa.array(np.array([a[0] for a in u], dtype=np.float32) / 100.0),
                 "year": pa.array((np.array([i[0] for i in it], dtype=np.float32) - 1900.0) / 100.0),
                 "user_id": pa.array(rows[:, 0]),

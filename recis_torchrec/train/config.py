@@ -172,8 +172,16 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         if "path" not in data:
             raise ConfigError("config [data].path: the MovieLens-100k directory is required")
         out = os.path.join(work_dir, "movielens")
+        fraction = data.get("eval_fraction", 0.2)
+        if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ConfigError(f"config [data].eval_fraction must be in (0, 1), got {fraction!r}")
+        if not os.path.isdir(data["path"]):
+            raise ConfigError(f"config [data].path: {data['path']} is not a directory")
         if rank == 0:
-            prepare(data["path"], out, float(data.get("eval_fraction", 0.2)))
+            try:
+                prepare(data["path"], out, float(fraction))
+            except FileNotFoundError as e:
+                raise ConfigError(f"config [data].path: {e}") from None
         if world_size > 1:
             import torch.distributed as dist
 
