@@ -150,7 +150,7 @@ def _data_wait_worker(rank: int, world_size: int, steps: int, out_path: str) -> 
         data = run.train_data
         if source.startswith("Parquet"):
             stream = run.train_data
-            path = os.path.join(tmp, "data.parquet")
+            path = os.path.join(os.path.dirname(out_path), "data.parquet")  # shared by the ranks
             if rank == 0:
                 syn = SyntheticClicks(stream.config, stream.batch_size, stream_seed=0)
                 write_parquet(syn, path, steps * world_size)
