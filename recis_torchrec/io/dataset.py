@@ -189,6 +189,11 @@ class ColumnarDataset:
         """This rank's batch sizes in an epoch (the current one by default)."""
         return rank_batch_sizes(self.num_rows, self.world_size, self.batch_size, self.drop_last)[self.rank]
 
+    @property
+    def paths(self) -> List[str]:
+        """The files read, in order."""
+        return [f.path for f in self._files]
+
     def __len__(self) -> int:
         return len(self.batch_sizes())
 

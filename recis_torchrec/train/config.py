@@ -249,6 +249,15 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         )
     except (ColumnError, SourceError) as e:
         raise ConfigError(f"config [data]: {e}") from None
+    for role, ds in [("training", t) for t in (train if isinstance(train, list) else [train])] + (
+        [("eval", held)] if held is not None else []
+    ):
+        if len(ds) == 0:
+            shown = ", ".join(ds.paths[:3]) + (" ..." if len(ds.paths) > 3 else "")
+            raise ConfigError(
+                f"config [data].batch_size: {ds.num_rows} {role} rows ({shown}) make no full batch of {batch} "
+                f"on each of {world_size} rank(s)"
+            )
     return train, held, list(schema.sparse), len(schema.dense), labels, None, description, window_names
 
 

@@ -362,7 +362,7 @@ class Trainer:
         out = {}
         for k, task in enumerate(self.tasks):
             out[task.name] = {
-                "auc": float(aucs[k].compute()),
+                "auc": _safe_auc(aucs[k]),
                 "logloss": float(sums[k] / max(sums[-1], 1)),
                 "examples": int(sums[-1]),
             }
