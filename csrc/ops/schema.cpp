@@ -89,4 +89,40 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // and the cap). A None weights, state or meta keeps the current value (the
   // initial one for new rows).
   m.def("table_import(int table, Tensor ids, Tensor? weights, Tensor? state, Tensor? meta=None) -> ()");
+
+  // Fused feature ops. Each transforms a group of features of a KJT-layout
+  // input (values (N,) int64, lengths (num_features * B,) int64, optional
+  // weights (N,) float32) in one call and returns the transformed features,
+  // in the order listed, as (values, lengths, weights) in the same layout.
+  // Ids are read as unsigned 64-bit; a modulus of 0 means none.
+  //   feature_hash: XXH64 (seed salts[g]) of each id's 8 little-endian bytes,
+  //     then % moduli[g].
+  m.def(
+      "feature_hash(Tensor values, Tensor lengths, Tensor? weights, int num_features, int[] features, "
+      "int[] salts, int[] moduli) -> (Tensor, Tensor, Tensor?)");
+  //   feature_mod: id % moduli[g] (moduli > 0).
+  m.def(
+      "feature_mod(Tensor values, Tensor lengths, Tensor? weights, int num_features, int[] features, "
+      "int[] moduli) -> (Tensor, Tensor, Tensor?)");
+  //   feature_multi_hash: num_hashes outputs per listed feature (feature g's
+  //     hash r is output g * num_hashes + r), hash r seeded salts[g] + r * 0x9E3779B97F4A7C15.
+  m.def(
+      "feature_multi_hash(Tensor values, Tensor lengths, Tensor? weights, int num_features, int[] features, "
+      "int[] salts, int[] moduli, int num_hashes) -> (Tensor, Tensor, Tensor?)");
+  //   feature_truncate: the first (from_end 0) or last (1) max_lengths[g] ids of every bag.
+  m.def(
+      "feature_truncate(Tensor values, Tensor lengths, Tensor? weights, int num_features, int[] features, "
+      "int[] max_lengths, int[] from_end) -> (Tensor, Tensor, Tensor?)");
+  //   feature_cross: per sample, every (a, b) of bags left[p] x right[p] (a outer)
+  //     -> XXH64 (seed salts[p]) of a's then b's 8 bytes, % moduli[p]; weights multiply.
+  m.def(
+      "feature_cross(Tensor values, Tensor lengths, Tensor? weights, int num_features, int[] left, int[] right, "
+      "int[] salts, int[] moduli) -> (Tensor, Tensor, Tensor?)");
+  // feature_bucketize: dense (B, D) float32 -> (values, lengths) of one id per
+  // sample and column: the number of boundaries <= x (boundaries of column g
+  // are boundaries[boundary_offsets[g] : boundary_offsets[g+1]], non-decreasing);
+  // NaN gets its own bucket, the column's boundary count + 1.
+  m.def(
+      "feature_bucketize(Tensor dense, int[] columns, Tensor boundaries, int[] boundary_offsets) "
+      "-> (Tensor, Tensor)");
 }

@@ -13,6 +13,14 @@ from recis_torchrec.ops.embedding_bag import (
     pooled_forward,
     sparse_update,
 )
+from recis_torchrec.ops.features import (
+    feature_bucketize,
+    feature_cross,
+    feature_hash,
+    feature_mod,
+    feature_multi_hash,
+    feature_truncate,
+)
 from recis_torchrec.ops.hashtable import find, find_or_insert, table_export, table_import
 from recis_torchrec.ops.sharding import Buckets, bucketize_dedup, owner_of
 from recis_torchrec.ops.strings import arrow_dense, arrow_scalar_ids, hash_strings
@@ -25,6 +33,12 @@ __all__ = [
     "owner_of",
     "POOLING_MEAN",
     "POOLING_SUM",
+    "feature_bucketize",
+    "feature_cross",
+    "feature_hash",
+    "feature_mod",
+    "feature_multi_hash",
+    "feature_truncate",
     "find",
     "find_or_insert",
     "hash_strings",

@@ -1,0 +1,76 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// The per-value arithmetic of the feature ops, torch-free and usable from
+// host and device code: the id hash (XXH64 of the id's 8 little-endian
+// bytes), the cross hash (XXH64 of the two ids' 16 bytes), unsigned modulo
+// and bucketizing. Both hashes equal xxh64() over those bytes (tested), so a
+// string's hash, an id's hash and a cross's hash are one family.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define RECIS_HD __host__ __device__ __forceinline__
+#else
+#define RECIS_HD inline
+#endif
+
+namespace recis {
+namespace features {
+
+constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL;
+constexpr uint64_t kP2 = 0xC2B2AE3D27D4EB4FULL;
+constexpr uint64_t kP3 = 0x165667B19E3779F9ULL;
+constexpr uint64_t kP4 = 0x85EBCA77C2B2AE63ULL;
+constexpr uint64_t kP5 = 0x27D4EB2F165667C5ULL;
+// The step between the seeds of multi_hash's hashes (2**64 / golden ratio).
+constexpr uint64_t kSeedStep = 0x9E3779B97F4A7C15ULL;
+
+RECIS_HD uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+RECIS_HD uint64_t lane(uint64_t h, uint64_t v) {
+  uint64_t k = v * kP2;
+  k = rotl64(k, 31) * kP1;
+  h ^= k;
+  return rotl64(h, 27) * kP1 + kP4;
+}
+
+RECIS_HD uint64_t avalanche(uint64_t h) {
+  h ^= h >> 33;
+  h *= kP2;
+  h ^= h >> 29;
+  h *= kP3;
+  h ^= h >> 32;
+  return h;
+}
+
+// XXH64(seed) of the 8 little-endian bytes of `id`.
+RECIS_HD uint64_t hash_id(uint64_t id, uint64_t seed) { return avalanche(lane(seed + kP5 + 8, id)); }
+
+// XXH64(seed) of the 16 bytes `a` then `b`, little-endian.
+RECIS_HD uint64_t hash_pair(uint64_t a, uint64_t b, uint64_t seed) {
+  return avalanche(lane(lane(seed + kP5 + 16, a), b));
+}
+
+// `v`'s bits read as unsigned, modulo `m` (m == 0: unchanged).
+RECIS_HD int64_t umod(uint64_t v, uint64_t m) { return static_cast<int64_t>(m ? v % m : v); }
+
+// The bucket of `x` among `n` non-decreasing boundaries: the number of
+// boundaries <= x (torch.bucketize(..., right=True)), in [0, n]. NaN goes to
+// its own bucket, n + 1.
+RECIS_HD int64_t bucket_of(float x, const float* boundaries, int64_t n) {
+  if (x != x) return n + 1;
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (boundaries[mid] <= x) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+}  // namespace features
+}  // namespace recis

@@ -1,0 +1,332 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// CPU kernels of the fused feature ops. Each call transforms a whole group of
+// features of a KJT-layout input (values (N,), lengths (F*B,) int64, optional
+// weights (N,) float32, feature k owning bags k*B .. (k+1)*B) and returns the
+// selected features, in the order given, in the same layout. Work is split
+// over values (element-wise ops) or bags (structural ops), never per feature.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../features/feature_kernels.h"
+#include "checks.h"
+
+namespace recis {
+namespace {
+
+using features::bucket_of;
+using features::hash_id;
+using features::hash_pair;
+using features::umod;
+
+// A KJT-layout input, checked, with each feature's first value.
+struct Jagged {
+  const int64_t* values;
+  const int64_t* lengths;
+  const float* weights;  // nullptr when unweighted
+  int64_t num_features, batch;
+  std::vector<int64_t> begin;  // (F + 1,) value offset of each feature
+  at::Tensor values_t, lengths_t, weights_t;
+
+  Jagged(const at::Tensor& v, const at::Tensor& l, const c10::optional<at::Tensor>& w, int64_t F, const char* op)
+      : num_features(F) {
+    check_cpu_1d(v, op, "values", at::kLong);
+    check_cpu_1d(l, op, "lengths", at::kLong);
+    TORCH_CHECK(F > 0, op, ": num_features must be > 0, got ", F);
+    TORCH_CHECK(l.numel() % F == 0, op, ": lengths has ", l.numel(), " entries, not a multiple of num_features ", F);
+    batch = l.numel() / F;
+    values_t = v.contiguous();
+    lengths_t = l.contiguous();
+    values = values_t.data_ptr<int64_t>();
+    lengths = lengths_t.data_ptr<int64_t>();
+    weights = nullptr;
+    if (w.has_value()) {
+      check_cpu_1d(*w, op, "weights", at::kFloat);
+      TORCH_CHECK(w->numel() == v.numel(), op, ": weights has ", w->numel(), " entries but values has ", v.numel());
+      weights_t = w->contiguous();
+      weights = weights_t.data_ptr<float>();
+    }
+    begin.assign(F + 1, 0);
+    for (int64_t f = 0; f < F; ++f) {
+      int64_t sum = 0;
+      for (int64_t b = 0; b < batch; ++b) {
+        const int64_t n = lengths[f * batch + b];
+        TORCH_CHECK(n >= 0, op, ": negative length ", n, " in feature ", f, ", bag ", b);
+        sum += n;
+      }
+      begin[f + 1] = begin[f] + sum;
+    }
+    TORCH_CHECK(begin[F] == v.numel(), op, ": lengths sum to ", begin[F], " but there are ", v.numel(), " values");
+  }
+
+  void check_feature(int64_t f, const char* op, const char* what) const {
+    TORCH_CHECK(f >= 0 && f < num_features, op, ": ", what, " index ", f, " is out of range for ", num_features,
+                " features");
+  }
+};
+
+void check_same_size(size_t n, size_t want, const char* op, const char* name) {
+  TORCH_CHECK(n == want, op, ": ", name, " has ", n, " entries but there are ", want, " features to transform");
+}
+
+// Selected features' lengths (G*B,) and, if weighted, weights, gathered in order.
+std::tuple<at::Tensor, c10::optional<at::Tensor>, std::vector<int64_t>> gather_layout(
+    const Jagged& in, at::IntArrayRef feats, int64_t repeat) {
+  const int64_t G = static_cast<int64_t>(feats.size()), B = in.batch;
+  at::Tensor lengths = at::empty({G * repeat * B}, at::kLong);
+  int64_t* lo = lengths.data_ptr<int64_t>();
+  std::vector<int64_t> out_begin(G * repeat + 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t f = feats[g];
+    for (int64_t r = 0; r < repeat; ++r) {
+      std::copy(in.lengths + f * B, in.lengths + (f + 1) * B, lo + (g * repeat + r) * B);
+      out_begin[g * repeat + r + 1] = out_begin[g * repeat + r] + (in.begin[f + 1] - in.begin[f]);
+    }
+  }
+  c10::optional<at::Tensor> weights;
+  if (in.weights != nullptr) {
+    at::Tensor w = at::empty({out_begin.back()}, at::kFloat);
+    float* wo = w.data_ptr<float>();
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t f = feats[g];
+      for (int64_t r = 0; r < repeat; ++r) {
+        std::copy(in.weights + in.begin[f], in.weights + in.begin[f + 1], wo + out_begin[g * repeat + r]);
+      }
+    }
+    weights = w;
+  }
+  return {lengths, weights, out_begin};
+}
+
+// Runs fn(segment g, input index i, output index o) over every value of the
+// segments, in parallel over values (segments of any size share the work).
+template <typename Fn>
+void for_each_value(const std::vector<int64_t>& out_begin, const std::vector<int64_t>& in_begin, Fn fn) {
+  const int64_t total = out_begin.back();
+  at::parallel_for(0, total, 8192, [&](int64_t lo, int64_t hi) {
+    int64_t g = std::upper_bound(out_begin.begin(), out_begin.end(), lo) - out_begin.begin() - 1;
+    for (int64_t o = lo; o < hi; ++o) {
+      while (o >= out_begin[g + 1]) ++g;
+      fn(g, in_begin[g] + (o - out_begin[g]), o);
+    }
+  });
+}
+
+using Result = std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>>;
+
+Result feature_hash_cpu(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
+                        int64_t num_features, at::IntArrayRef feats, at::IntArrayRef salts,
+                        at::IntArrayRef moduli) {
+  const char* op = "recis::feature_hash";
+  Jagged in(values, lengths, weights, num_features, op);
+  check_same_size(salts.size(), feats.size(), op, "salts");
+  check_same_size(moduli.size(), feats.size(), op, "moduli");
+  for (auto f : feats) in.check_feature(f, op, "feature");
+  for (auto m : moduli) TORCH_CHECK(m >= 0, op, ": moduli must be >= 0 (0: none), got ", m);
+  auto [out_lengths, out_weights, out_begin] = gather_layout(in, feats, 1);
+  std::vector<int64_t> in_begin(feats.size());
+  for (size_t g = 0; g < feats.size(); ++g) in_begin[g] = in.begin[feats[g]];
+  at::Tensor out = at::empty({out_begin.back()}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t* v = in.values;
+  for_each_value(out_begin, in_begin, [&](int64_t g, int64_t i, int64_t k) {
+    o[k] = umod(hash_id(static_cast<uint64_t>(v[i]), static_cast<uint64_t>(salts[g])),
+                static_cast<uint64_t>(moduli[g]));
+  });
+  return {out, out_lengths, out_weights};
+}
+
+Result feature_mod_cpu(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
+                       int64_t num_features, at::IntArrayRef feats, at::IntArrayRef moduli) {
+  const char* op = "recis::feature_mod";
+  Jagged in(values, lengths, weights, num_features, op);
+  check_same_size(moduli.size(), feats.size(), op, "moduli");
+  for (auto f : feats) in.check_feature(f, op, "feature");
+  for (auto m : moduli) TORCH_CHECK(m > 0, op, ": moduli must be > 0, got ", m);
+  auto [out_lengths, out_weights, out_begin] = gather_layout(in, feats, 1);
+  std::vector<int64_t> in_begin(feats.size());
+  for (size_t g = 0; g < feats.size(); ++g) in_begin[g] = in.begin[feats[g]];
+  at::Tensor out = at::empty({out_begin.back()}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t* v = in.values;
+  for_each_value(out_begin, in_begin, [&](int64_t g, int64_t i, int64_t k) {
+    o[k] = umod(static_cast<uint64_t>(v[i]), static_cast<uint64_t>(moduli[g]));
+  });
+  return {out, out_lengths, out_weights};
+}
+
+Result feature_multi_hash_cpu(const at::Tensor& values, const at::Tensor& lengths,
+                              const c10::optional<at::Tensor>& weights, int64_t num_features, at::IntArrayRef feats,
+                              at::IntArrayRef salts, at::IntArrayRef moduli, int64_t num_hashes) {
+  const char* op = "recis::feature_multi_hash";
+  Jagged in(values, lengths, weights, num_features, op);
+  check_same_size(salts.size(), feats.size(), op, "salts");
+  check_same_size(moduli.size(), feats.size(), op, "moduli");
+  TORCH_CHECK(num_hashes >= 1, op, ": num_hashes must be >= 1, got ", num_hashes);
+  for (auto f : feats) in.check_feature(f, op, "feature");
+  for (auto m : moduli) TORCH_CHECK(m >= 0, op, ": moduli must be >= 0 (0: none), got ", m);
+  auto [out_lengths, out_weights, out_begin] = gather_layout(in, feats, num_hashes);
+  const int64_t S = static_cast<int64_t>(feats.size()) * num_hashes;
+  std::vector<int64_t> in_begin(S);
+  std::vector<uint64_t> seeds(S), mods(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t g = s / num_hashes, r = s % num_hashes;
+    in_begin[s] = in.begin[feats[g]];
+    seeds[s] = static_cast<uint64_t>(salts[g]) + static_cast<uint64_t>(r) * features::kSeedStep;
+    mods[s] = static_cast<uint64_t>(moduli[g]);
+  }
+  at::Tensor out = at::empty({out_begin.back()}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t* v = in.values;
+  for_each_value(out_begin, in_begin, [&](int64_t s, int64_t i, int64_t k) {
+    o[k] = umod(hash_id(static_cast<uint64_t>(v[i]), seeds[s]), mods[s]);
+  });
+  return {out, out_lengths, out_weights};
+}
+
+// Exclusive prefix sum of `lengths` (n,) into offsets (n + 1,).
+std::vector<int64_t> offsets_of(const int64_t* lengths, int64_t n) {
+  std::vector<int64_t> off(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) off[i + 1] = off[i] + lengths[i];
+  return off;
+}
+
+Result feature_truncate_cpu(const at::Tensor& values, const at::Tensor& lengths,
+                            const c10::optional<at::Tensor>& weights, int64_t num_features, at::IntArrayRef feats,
+                            at::IntArrayRef max_lengths, at::IntArrayRef from_end) {
+  const char* op = "recis::feature_truncate";
+  Jagged in(values, lengths, weights, num_features, op);
+  check_same_size(max_lengths.size(), feats.size(), op, "max_lengths");
+  check_same_size(from_end.size(), feats.size(), op, "from_end");
+  for (auto f : feats) in.check_feature(f, op, "feature");
+  for (auto n : max_lengths) TORCH_CHECK(n > 0, op, ": max_lengths must be > 0, got ", n);
+  const int64_t G = static_cast<int64_t>(feats.size()), B = in.batch;
+  const std::vector<int64_t> in_off = offsets_of(in.lengths, num_features * B);
+  at::Tensor out_lengths = at::empty({G * B}, at::kLong);
+  int64_t* lo = out_lengths.data_ptr<int64_t>();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t b = 0; b < B; ++b) lo[g * B + b] = std::min(in.lengths[feats[g] * B + b], max_lengths[g]);
+  }
+  const std::vector<int64_t> out_off = offsets_of(lo, G * B);
+  at::Tensor out = at::empty({out_off.back()}, at::kLong);
+  c10::optional<at::Tensor> out_weights;
+  float* wo = nullptr;
+  if (in.weights != nullptr) {
+    out_weights = at::empty({out_off.back()}, at::kFloat);
+    wo = out_weights->data_ptr<float>();
+  }
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, G * B, 1024, [&](int64_t lo_bag, int64_t hi_bag) {
+    for (int64_t j = lo_bag; j < hi_bag; ++j) {
+      const int64_t g = j / B, b = j % B, src_bag = feats[g] * B + b;
+      const int64_t keep = lo[j];
+      const int64_t start = from_end[g] ? in_off[src_bag + 1] - keep : in_off[src_bag];
+      std::copy(in.values + start, in.values + start + keep, o + out_off[j]);
+      if (wo != nullptr) std::copy(in.weights + start, in.weights + start + keep, wo + out_off[j]);
+    }
+  });
+  return {out, out_lengths, out_weights};
+}
+
+Result feature_cross_cpu(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
+                         int64_t num_features, at::IntArrayRef left, at::IntArrayRef right, at::IntArrayRef salts,
+                         at::IntArrayRef moduli) {
+  const char* op = "recis::feature_cross";
+  Jagged in(values, lengths, weights, num_features, op);
+  check_same_size(right.size(), left.size(), op, "right");
+  check_same_size(salts.size(), left.size(), op, "salts");
+  check_same_size(moduli.size(), left.size(), op, "moduli");
+  for (auto f : left) in.check_feature(f, op, "left feature");
+  for (auto f : right) in.check_feature(f, op, "right feature");
+  for (auto m : moduli) TORCH_CHECK(m >= 0, op, ": moduli must be >= 0 (0: none), got ", m);
+  const int64_t P = static_cast<int64_t>(left.size()), B = in.batch;
+  const std::vector<int64_t> in_off = offsets_of(in.lengths, num_features * B);
+  at::Tensor out_lengths = at::empty({P * B}, at::kLong);
+  int64_t* lo = out_lengths.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t b = 0; b < B; ++b) lo[p * B + b] = in.lengths[left[p] * B + b] * in.lengths[right[p] * B + b];
+  }
+  const std::vector<int64_t> out_off = offsets_of(lo, P * B);
+  at::Tensor out = at::empty({out_off.back()}, at::kLong);
+  c10::optional<at::Tensor> out_weights;
+  float* wo = nullptr;
+  if (in.weights != nullptr) {
+    out_weights = at::empty({out_off.back()}, at::kFloat);
+    wo = out_weights->data_ptr<float>();
+  }
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t* v = in.values;
+  at::parallel_for(0, P * B, 512, [&](int64_t lo_bag, int64_t hi_bag) {
+    for (int64_t j = lo_bag; j < hi_bag; ++j) {
+      const int64_t p = j / B, b = j % B;
+      const int64_t a0 = in_off[left[p] * B + b], a1 = in_off[left[p] * B + b + 1];
+      const int64_t b0 = in_off[right[p] * B + b], b1 = in_off[right[p] * B + b + 1];
+      const uint64_t seed = static_cast<uint64_t>(salts[p]), m = static_cast<uint64_t>(moduli[p]);
+      int64_t k = out_off[j];
+      for (int64_t x = a0; x < a1; ++x) {
+        for (int64_t y = b0; y < b1; ++y, ++k) {
+          o[k] = umod(hash_pair(static_cast<uint64_t>(v[x]), static_cast<uint64_t>(v[y]), seed), m);
+          if (wo != nullptr) wo[k] = in.weights[x] * in.weights[y];
+        }
+      }
+    }
+  });
+  return {out, out_lengths, out_weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_bucketize_cpu(const at::Tensor& dense, at::IntArrayRef columns,
+                                                         const at::Tensor& boundaries,
+                                                         at::IntArrayRef boundary_offsets) {
+  const char* op = "recis::feature_bucketize";
+  TORCH_CHECK(dense.device().is_cpu() && dense.dim() == 2 && dense.scalar_type() == at::kFloat, op,
+              ": dense must be a (B, D) float32 CPU tensor, got ", dense.scalar_type(), " ", dense.sizes());
+  check_cpu_1d(boundaries, op, "boundaries", at::kFloat);
+  const int64_t G = static_cast<int64_t>(columns.size()), B = dense.size(0), D = dense.size(1);
+  TORCH_CHECK(static_cast<int64_t>(boundary_offsets.size()) == G + 1, op, ": boundary_offsets has ",
+              boundary_offsets.size(), " entries; expected one more than the ", G, " columns");
+  TORCH_CHECK(G == 0 || (boundary_offsets[0] == 0 && boundary_offsets[G] == boundaries.numel()), op,
+              ": boundary_offsets must run from 0 to the ", boundaries.numel(), " boundaries");
+  const at::Tensor bnd = boundaries.contiguous();
+  const float* bp = bnd.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(columns[g] >= 0 && columns[g] < D, op, ": column ", columns[g], " is out of range for ", D,
+                " dense columns");
+    TORCH_CHECK(boundary_offsets[g] <= boundary_offsets[g + 1], op, ": boundary_offsets decrease at ", g);
+    for (int64_t i = boundary_offsets[g] + 1; i < boundary_offsets[g + 1]; ++i) {
+      TORCH_CHECK(bp[i - 1] <= bp[i], op, ": the boundaries of column ", columns[g],
+                  " must be sorted (non-decreasing)");
+    }
+    for (int64_t i = boundary_offsets[g]; i < boundary_offsets[g + 1]; ++i) {
+      TORCH_CHECK(bp[i] == bp[i], op, ": the boundaries of column ", columns[g], " hold NaN");
+    }
+  }
+  const at::Tensor x = dense.contiguous();
+  const float* xp = x.data_ptr<float>();
+  at::Tensor out = at::empty({G * B}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, G * B, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t g = j / B, b = j % B;
+      const int64_t s = boundary_offsets[g];
+      o[j] = bucket_of(xp[b * D + columns[g]], bp + s, boundary_offsets[g + 1] - s);
+    }
+  });
+  return {out, at::ones({G * B}, at::kLong)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(recis, CPU, m) {
+  m.impl("feature_hash", &feature_hash_cpu);
+  m.impl("feature_mod", &feature_mod_cpu);
+  m.impl("feature_multi_hash", &feature_multi_hash_cpu);
+  m.impl("feature_truncate", &feature_truncate_cpu);
+  m.impl("feature_cross", &feature_cross_cpu);
+  m.impl("feature_bucketize", &feature_bucketize_cpu);
+}
+
+}  // namespace recis
