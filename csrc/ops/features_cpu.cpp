@@ -27,7 +27,8 @@ using features::umod;
 struct Jagged {
   const int64_t* values;
   const int64_t* lengths;
-  const float* weights;  // nullptr when unweighted
+  const float* weights;  // may be nullptr when empty: test `weighted`
+  bool weighted = false;
   int64_t num_features, batch;
   std::vector<int64_t> begin;  // (F + 1,) value offset of each feature
   at::Tensor values_t, lengths_t, weights_t;
@@ -49,6 +50,7 @@ struct Jagged {
       TORCH_CHECK(w->numel() == v.numel(), op, ": weights has ", w->numel(), " entries but values has ", v.numel());
       weights_t = w->contiguous();
       weights = weights_t.data_ptr<float>();
+      weighted = true;
     }
     begin.assign(F + 1, 0);
     for (int64_t f = 0; f < F; ++f) {
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>, std::vector<int64_t>> gather_l
     }
   }
   c10::optional<at::Tensor> weights;
-  if (in.weights != nullptr) {
+  if (in.weighted) {
     at::Tensor w = at::empty({out_begin.back()}, at::kFloat);
     float* wo = w.data_ptr<float>();
     for (int64_t g = 0; g < G; ++g) {
@@ -215,7 +217,7 @@ Result feature_truncate_cpu(const at::Tensor& values, const at::Tensor& lengths,
   at::Tensor out = at::empty({out_off.back()}, at::kLong);
   c10::optional<at::Tensor> out_weights;
   float* wo = nullptr;
-  if (in.weights != nullptr) {
+  if (in.weighted) {
     out_weights = at::empty({out_off.back()}, at::kFloat);
     wo = out_weights->data_ptr<float>();
   }
@@ -254,7 +256,7 @@ Result feature_cross_cpu(const at::Tensor& values, const at::Tensor& lengths, co
   at::Tensor out = at::empty({out_off.back()}, at::kLong);
   c10::optional<at::Tensor> out_weights;
   float* wo = nullptr;
-  if (in.weights != nullptr) {
+  if (in.weighted) {
     out_weights = at::empty({out_off.back()}, at::kFloat);
     wo = out_weights->data_ptr<float>();
   }

@@ -100,7 +100,7 @@ def cross(va, la, wa, vb, lb, wb, seed: int):
 
 def bucketize(x: torch.Tensor, boundaries: Sequence[float]) -> torch.Tensor:
     b = torch.tensor(list(boundaries), dtype=torch.float32)
-    ids = torch.bucketize(x.float(), b, right=True)
+    ids = torch.bucketize(x.float().contiguous(), b, right=True)
     return torch.where(torch.isnan(x), torch.full_like(ids, len(boundaries) + 1), ids)
 
 
