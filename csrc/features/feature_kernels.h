@@ -60,6 +60,11 @@ RECIS_HD int64_t umod(uint64_t v, uint64_t m) { return static_cast<int64_t>(m ? 
 // its own bucket, n + 1.
 RECIS_HD int64_t bucket_of(float x, const float* boundaries, int64_t n) {
   if (x != x) return n + 1;
+  if (n <= 64) {  // a branch-free count: vectorises, and beats a binary search this small
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) count += boundaries[i] <= x;
+    return count;
+  }
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) >> 1;

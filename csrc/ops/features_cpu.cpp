@@ -320,9 +320,75 @@ std::tuple<at::Tensor, at::Tensor> feature_bucketize_cpu(const at::Tensor& dense
   return {out, at::ones({G * B}, at::kLong)};
 }
 
+Result feature_concat_cpu(at::TensorList values, at::TensorList lengths, at::TensorList weights, int64_t batch,
+                          at::IntArrayRef buffers, at::IntArrayRef feats) {
+  const char* op = "recis::feature_concat";
+  const int64_t nb = static_cast<int64_t>(values.size());
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == nb, op, ": ", nb, " values but ", lengths.size(), " lengths");
+  TORCH_CHECK(weights.empty() || static_cast<int64_t>(weights.size()) == nb, op, ": ", nb, " values but ",
+              weights.size(), " weights");
+  TORCH_CHECK(buffers.size() == feats.size(), op, ": buffers and features differ in length");
+  TORCH_CHECK(batch >= 0, op, ": batch must be >= 0");
+  const bool weighted = !weights.empty();
+  std::vector<at::Tensor> vc(nb), lc(nb), wc(weighted ? nb : 0);
+  std::vector<std::vector<int64_t>> begin(nb);
+  for (int64_t i = 0; i < nb; ++i) {
+    check_cpu_1d(values[i], op, "values", at::kLong);
+    check_cpu_1d(lengths[i], op, "lengths", at::kLong);
+    vc[i] = values[i].contiguous();
+    lc[i] = lengths[i].contiguous();
+    const int64_t n = lc[i].numel();
+    TORCH_CHECK(batch == 0 ? n == 0 : n % batch == 0, op, ": buffer ", i, " has ", n,
+                " lengths, not a multiple of the batch size ", batch);
+    const int64_t F = batch == 0 ? 0 : n / batch;
+    const int64_t* l = lc[i].data_ptr<int64_t>();
+    begin[i].assign(F + 1, 0);
+    for (int64_t f = 0; f < F; ++f) {
+      int64_t sum = 0;
+      for (int64_t b = 0; b < batch; ++b) sum += l[f * batch + b];
+      begin[i][f + 1] = begin[i][f] + sum;
+    }
+    TORCH_CHECK(begin[i][F] == vc[i].numel(), op, ": buffer ", i, "'s lengths sum to ", begin[i][F], " but it has ",
+                vc[i].numel(), " values");
+    if (weighted) {
+      check_cpu_1d(weights[i], op, "weights", at::kFloat);
+      TORCH_CHECK(weights[i].numel() == vc[i].numel(), op, ": buffer ", i, "'s weights and values differ in size");
+      wc[i] = weights[i].contiguous();
+    }
+  }
+  const int64_t K = static_cast<int64_t>(feats.size());
+  std::vector<int64_t> out_begin(K + 1, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t i = buffers[k], f = feats[k];
+    TORCH_CHECK(i >= 0 && i < nb, op, ": buffer index ", i, " out of range");
+    TORCH_CHECK(batch == 0 || (f >= 0 && f + 1 < static_cast<int64_t>(begin[i].size())), op, ": feature ", f,
+                " out of range in buffer ", i);
+    out_begin[k + 1] = out_begin[k] + (batch == 0 ? 0 : begin[i][f + 1] - begin[i][f]);
+  }
+  at::Tensor out_v = at::empty({out_begin[K]}, at::kLong);
+  at::Tensor out_l = at::empty({K * batch}, at::kLong);
+  c10::optional<at::Tensor> out_w;
+  if (weighted) out_w = at::empty({out_begin[K]}, at::kFloat);
+  int64_t* ov = out_v.data_ptr<int64_t>();
+  int64_t* ol = out_l.data_ptr<int64_t>();
+  float* ow = weighted ? out_w->data_ptr<float>() : nullptr;
+  at::parallel_for(0, K, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      if (batch == 0) continue;
+      const int64_t i = buffers[k], f = feats[k];
+      const int64_t s = begin[i][f], n = begin[i][f + 1] - s;
+      std::copy(vc[i].data_ptr<int64_t>() + s, vc[i].data_ptr<int64_t>() + s + n, ov + out_begin[k]);
+      std::copy(lc[i].data_ptr<int64_t>() + f * batch, lc[i].data_ptr<int64_t>() + (f + 1) * batch, ol + k * batch);
+      if (weighted) std::copy(wc[i].data_ptr<float>() + s, wc[i].data_ptr<float>() + s + n, ow + out_begin[k]);
+    }
+  });
+  return {out_v, out_l, out_w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recis, CPU, m) {
+  m.impl("feature_concat", &feature_concat_cpu);
   m.impl("feature_hash", &feature_hash_cpu);
   m.impl("feature_mod", &feature_mod_cpu);
   m.impl("feature_multi_hash", &feature_multi_hash_cpu);

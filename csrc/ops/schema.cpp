@@ -125,4 +125,10 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   m.def(
       "feature_bucketize(Tensor dense, int[] columns, Tensor boundaries, int[] boundary_offsets) "
       "-> (Tensor, Tensor)");
+  // feature_concat: a KJT-layout output assembled from features of several
+  // KJT-layout buffers: output key k is feature features[k] of buffer
+  // buffers[k] (weights: one per buffer, or none).
+  m.def(
+      "feature_concat(Tensor[] values, Tensor[] lengths, Tensor[] weights, int batch, int[] buffers, "
+      "int[] features) -> (Tensor, Tensor, Tensor?)");
 }

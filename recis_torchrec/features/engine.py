@@ -271,22 +271,14 @@ class FeatureEngine(nn.Module):
         if all(b == first for b, _ in locs) and [f for _, f in locs] == list(range(buffers[first][3])):
             v, l, w, _ = buffers[first]  # one buffer, already in order
             return KeyedJaggedTensor(self._keys, v, w if weighted else None, lengths=l, stride=batch)
-        starts: Dict[int, List[int]] = {}
-        for b in {b for b, _ in locs}:
-            bv, bl, _, bf = buffers[b]
-            per = bl.view(bf, batch).sum(1) if batch > 0 else torch.zeros(bf, dtype=torch.int64)
-            starts[b] = [0] + torch.cumsum(per, 0).tolist()
-        vals, lens, ws = [], [], []
-        for b, f in locs:
-            bv, bl, bw, _ = buffers[b]
-            s0, s1 = starts[b][f], starts[b][f + 1]
-            vals.append(bv[s0:s1])
-            lens.append(bl[f * batch : (f + 1) * batch])
-            if weighted:
-                ws.append(bw[s0:s1])
-        return KeyedJaggedTensor(
-            self._keys, torch.cat(vals), torch.cat(ws) if weighted else None, lengths=torch.cat(lens), stride=batch
+        used = sorted({b for b, _ in locs})
+        remap = {b: i for i, b in enumerate(used)}
+        v, l, w = fops.feature_concat(
+            [buffers[b][0] for b in used], [buffers[b][1] for b in used],
+            [buffers[b][2] for b in used] if weighted else [], batch,
+            [remap[b] for b, _ in locs], [f for _, f in locs],
         )
+        return KeyedJaggedTensor(self._keys, v, w, lengths=l, stride=batch)
 
     def _dense(self, dense: DenseInput, dense_keys, batch: int):
         if not any(isinstance(s, Feature) and s.is_dense for s in self.specs):

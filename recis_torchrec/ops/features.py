@@ -72,6 +72,12 @@ def feature_bucketize(dense, columns, boundaries, boundary_offsets) -> Tuple[tor
     return torch.ops.recis.feature_bucketize(dense, _ints(columns), boundaries, _ints(boundary_offsets))
 
 
+def feature_concat(values, lengths, weights, batch: int, buffers, features) -> Jagged:
+    """Output key k = feature ``features[k]`` of buffer ``buffers[k]`` (KJT layouts), in one copy."""
+    return torch.ops.recis.feature_concat(list(values), list(lengths), list(weights), int(batch), _ints(buffers),
+                                          _ints(features))
+
+
 def _fake_out(lengths, weights, num_features: int, num_out: int):
     ctx = torch.library.get_ctx()
     n = ctx.new_dynamic_size()
@@ -107,6 +113,13 @@ def _cross_fake(values, lengths, weights, num_features, left, right, salts, modu
     return _fake_out(lengths, weights, num_features, len(left))
 
 
+@torch.library.register_fake("recis::feature_concat")
+def _concat_fake(values, lengths, weights, batch, buffers, features):
+    n = torch.library.get_ctx().new_dynamic_size()
+    out_w = weights[0].new_empty((n,)) if len(weights) else None
+    return values[0].new_empty((n,)), lengths[0].new_empty((len(features) * batch,)), out_w
+
+
 @torch.library.register_fake("recis::feature_bucketize")
 def _bucketize_fake(dense, columns, boundaries, boundary_offsets):
     n = dense.shape[0] * len(columns)
@@ -116,6 +129,7 @@ def _bucketize_fake(dense, columns, boundaries, boundary_offsets):
 __all__ = [
     "SEED_STEP",
     "feature_bucketize",
+    "feature_concat",
     "feature_cross",
     "feature_hash",
     "feature_mod",

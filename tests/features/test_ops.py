@@ -232,8 +232,22 @@ def test_opcheck_every_op():
         (torch.ops.recis.feature_multi_hash.default, (v, l, w, 2, [0, 1], [1, 2], [0, 0], 3)),
         (torch.ops.recis.feature_truncate.default, (v, l, w, 2, [1], [1], [1])),
         (torch.ops.recis.feature_cross.default, (v, l, w, 2, [0], [1], [5], [0])),
+        (torch.ops.recis.feature_concat.default,
+         ([v, torch.tensor([7, 8])], [l, torch.tensor([1, 1])], [w, torch.ones(2)], 2, [1, 0, 0], [0, 1, 0])),
         (torch.ops.recis.feature_bucketize.default,
          (torch.tensor([[0.5, 2.0], [math.nan, -1.0]]), [1, 0], torch.tensor([0.0, 1.0, 1.5]), [0, 2, 3])),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_concat_picks_features_from_several_buffers():
+    a = (torch.tensor([1, 2, 3]), torch.tensor([2, 0, 1, 0]), torch.tensor([0.1, 0.2, 0.3]))  # 2 features, B=2
+    b = (torch.tensor([9, 8, 7]), torch.tensor([1, 2]), torch.tensor([0.9, 0.8, 0.7]))  # 1 feature
+    v, l, w = ops.feature_concat([a[0], b[0]], [a[1], b[1]], [a[2], b[2]], 2, [1, 0, 0], [0, 1, 0])
+    assert v.tolist() == [9, 8, 7, 3, 1, 2] and l.tolist() == [1, 2, 1, 0, 2, 0]
+    torch.testing.assert_close(w, torch.tensor([0.9, 0.8, 0.7, 0.3, 0.1, 0.2]))
+    v, l, w = ops.feature_concat([a[0]], [a[1]], [], 2, [0], [1])
+    assert v.tolist() == [3] and l.tolist() == [1, 0] and w is None
+    with pytest.raises(RuntimeError, match="lengths sum to 3 but it has 2 values"):
+        ops.feature_concat([a[0][:2]], [a[1]], [], 2, [0], [0])
