@@ -15,6 +15,7 @@ from recis_torchrec.ops.embedding_bag import (
 )
 from recis_torchrec.ops.features import (
     feature_bucketize,
+    feature_concat,
     feature_cross,
     feature_hash,
     feature_mod,
@@ -34,6 +35,7 @@ __all__ = [
     "POOLING_MEAN",
     "POOLING_SUM",
     "feature_bucketize",
+    "feature_concat",
     "feature_cross",
     "feature_hash",
     "feature_mod",
