@@ -116,6 +116,10 @@ class ColumnarDataset:
         format: ``"parquet"``, ``"orc"``, ``"csv"`` or ``"tsv"`` for every
             file; None picks by extension.
         filesystem: a ``pyarrow.fs.FileSystem`` for every path.
+        features: a :class:`recis_torchrec.features.FeatureEngine` applied to
+            every batch while reading (in the loader's background thread):
+            the batch's KJT becomes the engine's output, with the dense
+            columns (``schema.dense``) as the bucketize inputs.
 
     ``state_dict()`` records how many batches of which epoch were handed out;
     after ``load_state_dict`` the next batch is the one that would have come.
@@ -143,6 +147,7 @@ class ColumnarDataset:
         device: Optional[Union[str, torch.device]] = None,
         format: Optional[str] = None,
         filesystem: Optional[pafs.FileSystem] = None,
+        features: Any = None,
     ) -> None:
         if not isinstance(schema, Schema):
             raise TypeError(f"schema must be a recis_torchrec.io.Schema, got {type(schema).__name__}")
@@ -154,6 +159,22 @@ class ColumnarDataset:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory=True needs CUDA, and torch.cuda.is_available() is False")
+        if features is not None:
+            from recis_torchrec.features import FeatureEngine, FeatureSpecError
+
+            if not isinstance(features, FeatureEngine):
+                raise TypeError(f"features must be a recis_torchrec.features.FeatureEngine, got {type(features).__name__}")
+            for key in features.input_keys():
+                if key not in schema.sparse:
+                    raise FeatureSpecError(
+                        f"features: input key {key!r} is not a sparse key of the schema ({list(schema.sparse)})"
+                    )
+            for col in features.dense_inputs():
+                if col not in schema.dense:
+                    raise FeatureSpecError(
+                        f"features: dense column {col!r} is not a dense column of the schema ({list(schema.dense)})"
+                    )
+        self.features = features
         self.schema = schema
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
@@ -269,6 +290,9 @@ class ColumnarDataset:
             pending, have = ([rest] if rest.num_rows else []), rest.num_rows
             where = f"{self._describe()} (rank {self.rank}, epoch {epoch}, batch {k})"
             batch = to_batch(batch_table, self.schema, where)
+            if self.features is not None:
+                kjt = self.features(batch.sparse_features, dense=batch.dense_features, dense_keys=self.schema.dense)
+                batch = Batch(dense_features=batch.dense_features, sparse_features=kjt, labels=batch.labels)
             if self.pin_memory:
                 batch = batch.pin_memory()
             yield k, batch
