@@ -246,6 +246,8 @@ Spec = Union[Feature, Cross]
 
 def spec_from_dict(d: Dict[str, Any]) -> Spec:
     """The inverse of ``spec.to_dict()``."""
+    if isinstance(d, dict) and "type" not in d:
+        d = dict(d, type="cross" if "left" in d else "feature")
     if not isinstance(d, dict) or d.get("type") not in ("feature", "cross"):
         raise FeatureSpecError(f"feature spec: expected a dict with type 'feature' or 'cross', got {d!r}")
     ops = []
@@ -255,16 +257,26 @@ def spec_from_dict(d: Dict[str, Any]) -> Spec:
         if kind not in _OPS:
             raise FeatureSpecError(f"feature spec {d.get('name') or d.get('source')}: unknown op {kind!r}")
         if kind == "bucketize":
-            o["boundaries"] = tuple(o["boundaries"])
+            o["boundaries"] = tuple(float(x) for x in o.get("boundaries", ()))
+        if kind in ("hash", "multi_hash") and o.get("salt") is True:  # salted by the output name
+            o["salt"] = _salt_of(d.get("name") or d.get("source") or f"{d.get('left')}_x_{d.get('right')}")
+        elif kind in ("hash", "multi_hash") and o.get("salt") is False:
+            o["salt"] = 0
         try:
             ops.append(_OPS[kind](**o))
         except TypeError as e:
             raise FeatureSpecError(f"feature spec: op {kind}: {e}") from None
-    if d["type"] == "feature":
-        spec: Spec = Feature(d["source"], d.get("name", ""), tuple(ops))
-    else:
-        spec = Cross(d["left"], d["right"], d.get("name", ""), int(d.get("salt", 0)), tuple(ops))
-    spec.validate()
+    unknown = sorted(set(d) - ({"type", "source", "name", "ops"} if d["type"] == "feature"
+                               else {"type", "left", "right", "name", "salt", "ops"}))
+    if unknown:
+        raise FeatureSpecError(f"feature spec {d.get('name') or d.get('source') or d.get('left')}: unknown keys {unknown}")
+    try:
+        if d["type"] == "feature":
+            spec: Spec = Feature(d["source"], d.get("name", ""), tuple(ops))
+        else:
+            spec = Cross(d["left"], d["right"], d.get("name", ""), int(d.get("salt", 0)), tuple(ops))
+    except KeyError as e:
+        raise FeatureSpecError(f"feature spec {d!r}: missing {e}") from None
     return spec
 
 

@@ -291,7 +291,11 @@ class ColumnarDataset:
             where = f"{self._describe()} (rank {self.rank}, epoch {epoch}, batch {k})"
             batch = to_batch(batch_table, self.schema, where)
             if self.features is not None:
-                kjt = self.features(batch.sparse_features, dense=batch.dense_features, dense_keys=self.schema.dense)
+                # forward, not __call__: this runs in the loader's thread, and a tracer in the main one
+                # (TorchRec's pipeline rewrites the model with torch.fx) patches nn.Module.__call__.
+                kjt = self.features.forward(
+                    batch.sparse_features, dense=batch.dense_features, dense_keys=self.schema.dense
+                )
                 batch = Batch(dense_features=batch.dense_features, sparse_features=kjt, labels=batch.labels)
             if self.pin_memory:
                 batch = batch.pin_memory()

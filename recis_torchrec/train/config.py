@@ -12,6 +12,10 @@ A config has these sections (see ``examples/*.toml``)::
                         or windows (a list of paths, or a glob sorted by name: online learning),
                         format, shuffle, schema = "criteo" or [data.schema] (recis_torchrec.io.Schema fields)
                  movielens: path (the ml-100k directory), eval_fraction
+    [[features]] source (or left, right for a cross), name, ops = [{op = "hash", salt = true},
+                 {op = "mod", modulus = ...}, {op = "bucketize", boundaries = [...]}, {op = "truncate",
+                 max_length = N, side = "last"}, {op = "multi_hash", num_hashes = k}]: the model's KJT
+                 keys, made by recis_torchrec.features.FeatureEngine in the loader (files, movielens)
     [tables]     num_embeddings (a capacity hint), [tables.options] (HashTableOptions fields)
     [optimizer]  dense = "adam" | "adagrad" | "sgd", dense_lr;
                  [optimizer.sparse] TorchRec fused_params (optimizer, learning_rate, eps, ...)
@@ -31,13 +35,14 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from recis_torchrec.features.spec import FeatureSpecError
 from recis_torchrec.modules.options import HashTableOptions
 from recis_torchrec.train.args import Task, TrainingArguments
 
 MODELS = ("DLRM", "DLRM_DCN", "DeepFM")
 SOURCES = ("synthetic", "files", "movielens")
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
-_SECTIONS = ("model", "data", "tables", "optimizer", "tasks", "trainer")
+_SECTIONS = ("model", "data", "features", "tables", "optimizer", "tasks", "trainer")
 
 
 class ConfigError(ValueError):
@@ -133,6 +138,27 @@ def _task_labels(tasks: List[Task], available: List[str], fixed: bool) -> List[s
     return out
 
 
+def build_features(cfg: Dict[str, Any]):
+    """The ``[[features]]`` specs as a FeatureEngine (None without them)."""
+    from recis_torchrec.features import FeatureEngine, spec_from_dict
+
+    raw = cfg.get("features")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("config [[features]] must be a non-empty array of tables")
+    specs = []
+    for i, d in enumerate(raw):
+        try:
+            specs.append(spec_from_dict(d))
+        except (FeatureSpecError, TypeError, ValueError) as e:
+            raise ConfigError(f"config [[features]] #{i}: {e}") from None
+    try:
+        return FeatureEngine(specs)
+    except FeatureSpecError as e:
+        raise ConfigError(f"config [[features]]: {e}") from None
+
+
 def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, tasks: List[Task]):
     """(train data, eval data, sparse keys, dense count, label names, eval batches, description)."""
     from recis_torchrec.datasets import SyntheticClicks, SyntheticConfig
@@ -143,7 +169,10 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
     if source not in SOURCES:
         raise ConfigError(f"config [data].source: unknown source {source!r}; choose one of {list(SOURCES)}")
     batch = _int(data, "batch_size", "data", 512)
+    engine = build_features(cfg)
     if source == "synthetic":
+        if engine is not None:
+            raise ConfigError("config [[features]]: feature specs apply to files and movielens data, not synthetic")
         _check_keys(
             data,
             {"source", "batch_size", "num_sparse", "vocab_size", "zipf_alpha", "max_bag", "eval_batches", "seed"},
@@ -235,20 +264,27 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
     try:
         if train_path is None:
             train = [
-                ColumnarDataset(w, schema, batch, rank, world_size, shuffle=shuffle, drop_last=True, format=fmt)
+                ColumnarDataset(
+                    w, schema, batch, rank, world_size, shuffle=shuffle, drop_last=True, format=fmt, features=engine
+                )
                 for w in window_paths
             ]
         else:
             train = ColumnarDataset(
-                train_path, schema, batch, rank, world_size, shuffle=shuffle, drop_last=True, format=fmt
+                train_path, schema, batch, rank, world_size, shuffle=shuffle, drop_last=True, format=fmt,
+                features=engine,
             )
         held = (
-            ColumnarDataset(eval_path, schema, batch, rank, world_size, drop_last=world_size > 1, format=fmt)
+            ColumnarDataset(
+                eval_path, schema, batch, rank, world_size, drop_last=world_size > 1, format=fmt, features=engine
+            )
             if eval_path
             else None
         )
     except (ColumnError, SourceError) as e:
         raise ConfigError(f"config [data]: {e}") from None
+    except FeatureSpecError as e:
+        raise ConfigError(f"config [[features]]: {e}") from None
     for role, ds in [("training", t) for t in (train if isinstance(train, list) else [train])] + (
         [("eval", held)] if held is not None else []
     ):
@@ -258,7 +294,8 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
                 f"config [data].batch_size: {ds.num_rows} {role} rows ({shown}) make no full batch of {batch} "
                 f"on each of {world_size} rank(s)"
             )
-    return train, held, list(schema.sparse), len(schema.dense), labels, None, description, window_names
+    keys = engine.output_keys() if engine is not None else list(schema.sparse)
+    return train, held, keys, len(schema.dense), labels, None, description, window_names
 
 
 def build_model(cfg: Dict[str, Any], keys: List[str], num_dense: int, num_tasks: int) -> nn.Module:

@@ -41,6 +41,14 @@ def test_movielens_chronological_split(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(MOVIELENS, "u.data")), reason="MovieLens-100k is absent")
+def test_movielens_with_a_feature_spec(tmp_path):
+    out = torchrun_train("movielens_features.toml", tmp_path / "mlf", "--set", f'data.path="{MOVIELENS}"')
+    auc = final_aucs(out)["ctr"]
+    print(f"MovieLens-100k with features: eval AUC {auc:.4f}")
+    assert auc > MOVIELENS_MIN_AUC
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(MOVIELENS, "u.data")), reason="MovieLens-100k is absent")
 def test_movielens_prepare_is_chronological(tmp_path):
     import pyarrow.parquet as pq
 

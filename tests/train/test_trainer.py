@@ -222,6 +222,11 @@ def test_windows_delta_reproduces_the_next_window(tmp_path):
         ({"model.embedding_dims": 4}, "[model]"),
         ({"tasks": [{"name": "ctr", "label": "purchase"}]}, "[[tasks]] #0 ('ctr').label"),
         ({"tables.options": {"block_rows": 3}}, "[tables.options]"),
+        ({"features": [{"source": "I1", "ops": [{"op": "bucketize", "boundaries": [2, 1]}]}]},
+         "[[features]] #0: feature 'I1': bucketize boundaries must be sorted"),
+        ({"features": [{"left": "cat_0"}]}, "[[features]] #0"),
+        ({"features": [{"source": "cat_0", "ops": [{"op": "truncate", "max_length": 0}]}]}, "[[features]] #0"),
+        ({"features": [{"source": "cat_0"}]}, "[[features]]: feature specs apply to files"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, override, key):
@@ -305,3 +310,35 @@ def test_main_job_config_with_data_trains_on_criteo_files(tmp_path, capsys):
     # Fewer rows than one batch: a clear error, not an empty run.
     assert main(argv + ["--set", "data.batch_size=512"]) == 2
     assert "config [data].batch_size: 256 training rows" in capsys.readouterr().err
+
+
+def test_features_section_shapes_the_model_keys(tmp_path, capsys):
+    """[[features]]: the loader makes the model's keys (crosses, bucketized columns) with the FeatureEngine."""
+    _tiny_criteo_tsv(str(tmp_path / "train.tsv"))
+    config = tmp_path / "features.toml"
+    config.write_text(open(os.path.join(ROOT, "examples", "criteo_dlrm.toml")).read() + """
+[[features]]
+source = "cat_0"
+ops = [{ op = "hash", salt = true }, { op = "mod", modulus = 1000 }]
+
+[[features]]
+left = "cat_1"
+right = "cat_2"
+
+[[features]]
+source = "I1"
+name = "I1_bucket"
+ops = [{ op = "bucketize", boundaries = [0.5, 1.0, 2.0] }]
+""")
+    argv = ["--config", str(config), "--output-dir", str(tmp_path / "run"), "--steps", "3",
+            "--data", str(tmp_path / "train.tsv"), "--set", "data.batch_size=32"] + QUIET
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert "done: 3 steps" in capsys.readouterr().out
+    run = build_run(load_config(str(config)), overrides={"data": {"source": "files", "train": str(tmp_path / "train.tsv"),
+                                                                   "batch_size": 32},
+                                                          "trainer.output_dir": str(tmp_path / "b")})
+    assert [c.name for c in run.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()] == [
+        "t_cat_0", "t_cat_1_x_cat_2", "t_I1_bucket"]
+    batch = next(iter(run.train_data))
+    assert batch.sparse_features.keys() == ["cat_0", "cat_1_x_cat_2", "I1_bucket"]
+    assert int(batch.sparse_features["cat_0"].values().max()) < 1000
