@@ -4,7 +4,9 @@
 Build without isolation, against the installed torch:
     pip install --no-build-isolation --no-deps -e .
 Set RECIS_PORTABLE=1 to build without -march=native (for a binary that must
-run on another CPU model).
+run on another CPU model). Set RECIS_CUDA=1 to also build the CUDA kernels
+(csrc/features/*.cu) and register the ops' CUDA dispatch; it needs nvcc and a
+CUDA build of torch.
 """
 
 import glob
@@ -12,7 +14,7 @@ import os
 import platform
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,15 +27,23 @@ def _cxx_flags():
 
 
 sources = sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
+WITH_CUDA = os.environ.get("RECIS_CUDA", "0") == "1"
+if WITH_CUDA:
+    sources += sorted(glob.glob(os.path.join("csrc", "features", "*.cu")))
+    sources += [os.path.join("csrc", "features", "features_cuda_ops.cpp")]
+Extension = CUDAExtension if WITH_CUDA else CppExtension
+compile_args = {"cxx": _cxx_flags()}
+if WITH_CUDA:
+    compile_args["nvcc"] = ["-O3", "-DNDEBUG"]
 
 setup(
     packages=find_packages(include=["recis_torchrec", "recis_torchrec.*"]),
     ext_modules=[
-        CppExtension(
+        Extension(
             name="recis_torchrec._C",
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": _cxx_flags()},
+            extra_compile_args=compile_args,
             extra_link_args=["-fopenmp"],
         )
     ],
