@@ -13,3 +13,31 @@ def test_bench_embedding_bag_smoke():
     assert all(len(r.samples_ms) == 2 and min(r.samples_ms) > 0 for r in results)
     table = markdown(cfg, results)
     assert table.count("recis_torchrec") == len(BASELINE)
+
+
+def test_suite_smoke_writes_report_json_and_plots(tmp_path):
+    """`python -m benchmarks --smoke`: every benchmark gives finite numbers; the report and plots are written."""
+    import json
+    import math
+    import os
+
+    from benchmarks.suite import main
+
+    main(["--smoke", "--out", str(tmp_path)])
+    files = os.listdir(tmp_path)
+    json_file = [f for f in files if f.endswith("-smoke.json")]
+    assert len(json_file) == 1
+    results = json.load(open(tmp_path / json_file[0]))
+    assert results["memory"]["gb_s"] > 0 and results["machine"]["cores"] >= 1
+    for section in ("embedding", "hashtable", "features", "loader"):
+        rows = results[section]["rows"]
+        assert rows, section
+        for r in rows:
+            assert r["samples_ms"] and all(math.isfinite(x) and x > 0 for x in r["samples_ms"]), (section, r["bench"])
+        impls = {r["impl"] for r in rows}
+        assert "recis_torchrec" in impls and len(impls) >= 2, section
+    report = open(tmp_path / json_file[0].replace(".json", ".md")).read()
+    for heading in ("## embedding", "## hashtable", "## features", "## loader", "MBU", "fbgemm_tbe"):
+        assert heading in report
+    pngs = [f for f in files if f.endswith(".png")]
+    assert len(pngs) == 4 and all(os.path.getsize(tmp_path / p) > 1000 for p in pngs)
