@@ -12,12 +12,18 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <vector>
 
 #include "hash.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace recis {
 namespace hashtable {
@@ -159,13 +165,33 @@ class IdMap {
   int64_t memory_bytes() const { return num_slots() * static_cast<int64_t>(sizeof(Slot)); }
 
  private:
+  struct FreeSlots {
+    void operator()(Slot* p) const { std::free(p); }
+  };
+
+  // Slots are probed at random, one cache line per key, so once a shard
+  // outgrows the TLB's reach every find would also walk the page tables:
+  // shards of 2 MiB or more are 2 MiB-aligned and offered to transparent huge
+  // pages (as the embedding blocks are).
+  static Slot* allocate_slots(int64_t n_slots) {
+    constexpr size_t kHuge = size_t{2} << 20;
+    const size_t bytes = static_cast<size_t>(n_slots) * sizeof(Slot);
+    const size_t align = bytes >= kHuge ? kHuge : 64;
+    void* p = nullptr;
+    if (posix_memalign(&p, align, bytes < align ? align : bytes) != 0) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= kHuge) madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);
+#endif
+    return static_cast<Slot*>(p);
+  }
+
   struct Shard {
-    std::unique_ptr<Slot[]> slots;
+    std::unique_ptr<Slot[], FreeSlots> slots;
     uint64_t mask = 0;
     int64_t size = 0;
 
     void reset(int64_t n_slots) {
-      slots.reset(new Slot[static_cast<size_t>(n_slots)]);
+      slots.reset(allocate_slots(n_slots));
       for (int64_t i = 0; i < n_slots; ++i) slots[i] = Slot{0, -1};
       mask = static_cast<uint64_t>(n_slots - 1);
       size = 0;
