@@ -39,4 +39,4 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m benchmarks.bench_embedding_bag
+	$(PY) -m benchmarks $(BENCH_ARGS)
