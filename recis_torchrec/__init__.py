@@ -12,12 +12,19 @@ and sharded, with TorchRec's DistributedModelParallel::
 """
 
 from recis_torchrec.distributed import plan, sharders
-from recis_torchrec.modules import HashEmbeddingBagCollection, HashTable, HashTableOptions, convert
+from recis_torchrec.modules import (
+    HashEmbeddingBagCollection,
+    HashEmbeddingCollection,
+    HashTable,
+    HashTableOptions,
+    convert,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HashEmbeddingBagCollection",
+    "HashEmbeddingCollection",
     "HashTable",
     "HashTableOptions",
     "convert",

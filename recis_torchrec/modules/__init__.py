@@ -1,7 +1,8 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 from recis_torchrec.modules.convert import convert
 from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
+from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.options import HashTableOptions
 
-__all__ = ["HashEmbeddingBagCollection", "HashTable", "HashTableOptions", "convert"]
+__all__ = ["HashEmbeddingBagCollection", "HashEmbeddingCollection", "HashTable", "HashTableOptions", "convert"]

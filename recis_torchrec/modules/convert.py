@@ -1,13 +1,15 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
-"""``convert``: swap every TorchRec ``EmbeddingBagCollection`` in a model for a hash-backed one."""
+"""``convert``: swap every TorchRec ``EmbeddingBagCollection`` and ``EmbeddingCollection`` in a model
+for a hash-backed one."""
 
 from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection, OptionsArg
+from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
 
 
 def convert_ebc(
@@ -39,6 +41,31 @@ def convert_ebc(
     return hebc
 
 
+def convert_ec(
+    ec: EmbeddingCollection,
+    fused_params: Optional[Dict[str, Any]] = None,
+    options: OptionsArg = None,
+    import_weights: bool = True,
+) -> HashEmbeddingCollection:
+    """A ``HashEmbeddingCollection`` with ``ec``'s configs and ``need_indices`` (and, with
+    ``import_weights``, its weights: row i of each table becomes id i)."""
+    hec = HashEmbeddingCollection(
+        tables=ec.embedding_configs(), need_indices=ec.need_indices(), fused_params=fused_params, options=options
+    )
+    if import_weights:
+        for config in ec.embedding_configs():
+            weight = ec.embeddings[config.name].weight
+            if weight.is_meta:
+                continue
+            hec.tables()[config.name].import_(
+                torch.arange(weight.shape[0], dtype=torch.int64),
+                weight.detach().to(device="cpu", dtype=torch.float32).contiguous(),
+                None,
+            )
+    hec.train(ec.training)
+    return hec
+
+
 def convert(
     model: nn.Module,
     fused_params: Optional[Dict[str, Any]] = None,
@@ -46,7 +73,8 @@ def convert(
     import_weights: bool = True,
 ) -> nn.Module:
     """Replaces every ``torchrec.EmbeddingBagCollection`` in ``model`` with a
-    :class:`HashEmbeddingBagCollection`, in place.
+    :class:`HashEmbeddingBagCollection`, and every ``torchrec.EmbeddingCollection``
+    with a :class:`HashEmbeddingCollection`, in place.
 
     Args:
         model: any module; if it is itself an EBC, the replacement is returned.
@@ -61,9 +89,13 @@ def convert(
     """
     if isinstance(model, EmbeddingBagCollection):
         return convert_ebc(model, fused_params, options, import_weights)
+    if isinstance(model, EmbeddingCollection):
+        return convert_ec(model, fused_params, options, import_weights)
     for name, child in list(model.named_children()):
         if isinstance(child, EmbeddingBagCollection):
             setattr(model, name, convert_ebc(child, fused_params, options, import_weights))
+        elif isinstance(child, EmbeddingCollection):
+            setattr(model, name, convert_ec(child, fused_params, options, import_weights))
         else:
             convert(child, fused_params, options, import_weights)
     return model

@@ -330,13 +330,15 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
 # (weight only) loads too: its row i becomes id i.
 
 
-def save_tables(tables: Mapping[str, HashTable], destination: Dict[str, Any], prefix: str) -> None:
-    """Writes every table's rows, ordered by id, into a state dict."""
+def save_tables(
+    tables: Mapping[str, HashTable], destination: Dict[str, Any], prefix: str, section: str = "embedding_bags"
+) -> None:
+    """Writes every table's rows, ordered by id, into a state dict (``{section}.{table}.weight`` and ``.ids``)."""
     for name, table in tables.items():
         ids, weights, _ = table.export()
         order = torch.argsort(ids)
-        destination[f"{prefix}embedding_bags.{name}.weight"] = weights[order]
-        destination[f"{prefix}embedding_bags.{name}.ids"] = ids[order]
+        destination[f"{prefix}{section}.{name}.weight"] = weights[order]
+        destination[f"{prefix}{section}.{name}.ids"] = ids[order]
 
 
 def load_tables(
@@ -346,6 +348,7 @@ def load_tables(
     missing_keys: List[str],
     error_msgs: List[str],
     keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    section: str = "embedding_bags",
 ) -> set:
     """Imports every table's rows from a state dict; returns the keys used.
 
@@ -353,7 +356,7 @@ def load_tables(
     """
     used = set()
     for name, table in tables.items():
-        wkey, ikey = f"{prefix}embedding_bags.{name}.weight", f"{prefix}embedding_bags.{name}.ids"
+        wkey, ikey = f"{prefix}{section}.{name}.weight", f"{prefix}{section}.{name}.ids"
         used.update((wkey, ikey))
         if wkey not in state_dict:
             missing_keys.append(wkey)
