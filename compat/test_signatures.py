@@ -45,3 +45,28 @@ def test_interfaces():
     from recis_torchrec.optim import HashFusedOptimizer
 
     assert issubclass(HashFusedOptimizer, FusedOptimizer) and issubclass(HashFusedOptimizer, KeyedOptimizer)
+
+
+def test_ec_constructor_is_a_positional_prefix():
+    from torchrec import EmbeddingCollection
+
+    ours, theirs = _params(rt.HashEmbeddingCollection.__init__), _params(EmbeddingCollection.__init__)
+    assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
+    for a, b in zip(ours, theirs):
+        assert a.default == b.default, a.name
+    assert [p.name for p in ours[len(theirs) :]] == ["fused_params", "options"]
+
+
+def test_ec_methods_and_interfaces_match():
+    from typing import Dict
+
+    from torchrec import EmbeddingCollection, JaggedTensor
+    from torchrec.modules.embedding_modules import EmbeddingCollectionInterface
+
+    for name in ("forward", "embedding_configs", "need_indices", "embedding_dim", "embedding_names_by_table"):
+        ours = inspect.signature(getattr(rt.HashEmbeddingCollection, name))
+        theirs = inspect.signature(getattr(EmbeddingCollection, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+    assert inspect.signature(rt.HashEmbeddingCollection.forward).return_annotation == Dict[str, JaggedTensor]
+    assert issubclass(rt.HashEmbeddingCollection, EmbeddingCollectionInterface)
+    assert issubclass(rt.HashEmbeddingCollection, FusedOptimizerModule)

@@ -37,6 +37,8 @@ class HashEmbeddingCollection(EmbeddingCollectionInterface, FusedOptimizerModule
             ``num_embeddings`` is a capacity hint.
         device: ``None`` or CPU.
         need_indices: also return each feature's ids as its JaggedTensor's weights (as TorchRec does).
+        use_gather_select, use_gather_select_per_sharding: accepted for TorchRec's signature; TorchRec's
+            gather strategies for its sharded lookups, with no effect on hash tables.
         fused_params: the fused sparse optimizer (TorchRec keys; default exact SGD).
         options: ``HashTableOptions`` for every table, or by table name.
 
@@ -50,6 +52,8 @@ class HashEmbeddingCollection(EmbeddingCollectionInterface, FusedOptimizerModule
         tables: List[EmbeddingConfig],
         device: Optional[torch.device] = None,
         need_indices: bool = False,
+        use_gather_select: bool = False,
+        use_gather_select_per_sharding: Optional[Dict[str, bool]] = None,
         fused_params: Optional[Dict[str, Any]] = None,
         options: OptionsArg = None,
     ) -> None:
