@@ -276,7 +276,7 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
             )
         held = (
             ColumnarDataset(
-                eval_path, schema, batch, rank, world_size, drop_last=world_size > 1, format=fmt, features=engine
+                eval_path, schema, batch, rank, world_size, drop_last=False, format=fmt, features=engine
             )
             if eval_path
             else None
@@ -288,7 +288,11 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
     for role, ds in [("training", t) for t in (train if isinstance(train, list) else [train])] + (
         [("eval", held)] if held is not None else []
     ):
-        if len(ds) == 0:
+        try:
+            batches = len(ds)
+        except ValueError as e:  # too few rows to give every rank a batch
+            raise ConfigError(f"config [data].batch_size: {role} data: {e}") from None
+        if batches == 0:
             shown = ", ".join(ds.paths[:3]) + (" ..." if len(ds.paths) > 3 else "")
             raise ConfigError(
                 f"config [data].batch_size: {ds.num_rows} {role} rows ({shown}) make no full batch of {batch} "
