@@ -13,7 +13,7 @@ Truncation commutes with the per-id ops (hash, mod, multi_hash map each id on
 its own), so the engine truncates first: fewer ids to hash.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,7 +44,7 @@ class _Chain:
     truncates: List[Truncate]
     steps: List[Tuple]  # ("hash", salt, modulus) | ("mod", modulus) | ("multi", k, salt, modulus)
     cross_modulus: int = 0
-    locs: List[Tuple[int, int]] = field(default_factory=list)  # (buffer, feature) per output key
+    cross_sides: Tuple[int, int] = (-1, -1)  # a cross's left and right key indices
 
 
 def _fold(ops: Sequence[Any]) -> Tuple[List[Truncate], List[Tuple]]:
@@ -151,8 +151,7 @@ class FeatureEngine(nn.Module):
                 modulus = 0
                 if steps and steps[0][0] == "mod":  # folded into the cross hash
                     modulus = steps.pop(0)[1]
-                chain = _Chain(s, ("cross", -1), truncates, steps, modulus)
-                chain.cross_sides = (left, right)  # type: ignore[attr-defined]
+                chain = _Chain(s, ("cross", -1), truncates, steps, modulus, (left, right))
             elif s.is_dense:
                 what = f"feature {s.output_name!r}"
                 if dense_keys is None:
@@ -191,82 +190,86 @@ class FeatureEngine(nn.Module):
         dense_t, dk = self._dense(dense, dense_keys, batch)
         plan = self._plan(tuple(kjt.keys()), dk)
 
-        # buffers[i] = (values, lengths, weights, num_features)
+        # buffers[i] = (values, lengths, weights, num_features); locs[c] = (buffer, feature) of each of
+        # chain c's current outputs. Both are per call: the cached plan is never written, so one engine
+        # can serve several loader threads.
         buffers: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]] = [
             (values, lengths, weights, len(kjt.keys()))
         ]
-        for c in plan:
-            c.locs = [(0, c.source[1])] if c.source[0] == "kjt" else []
+        locs: List[List[Tuple[int, int]]] = [[(0, c.source[1])] if c.source[0] == "kjt" else [] for c in plan]
 
-        crosses = [c for c in plan if c.source[0] == "cross"]
+        crosses = [i for i, c in enumerate(plan) if c.source[0] == "cross"]
         if crosses:
             v, l, w = fops.feature_cross(
                 values, lengths, weights, len(kjt.keys()),
-                [c.cross_sides[0] for c in crosses], [c.cross_sides[1] for c in crosses],  # type: ignore
-                [c.spec.salt for c in crosses], [c.cross_modulus for c in crosses],
+                [plan[i].cross_sides[0] for i in crosses], [plan[i].cross_sides[1] for i in crosses],
+                [plan[i].spec.salt for i in crosses], [plan[i].cross_modulus for i in crosses],
             )
             buffers.append((v, l, w, len(crosses)))
-            for j, c in enumerate(crosses):
-                c.locs = [(len(buffers) - 1, j)]
-        dense_chains = [c for c in plan if c.source[0] == "dense"]
+            for j, i in enumerate(crosses):
+                locs[i] = [(len(buffers) - 1, j)]
+        dense_chains = [i for i, c in enumerate(plan) if c.source[0] == "dense"]
         if dense_chains:
-            bounds = [b for c in dense_chains for b in c.spec.ops[0].boundaries]
+            bounds = [plan[i].spec.ops[0].boundaries for i in dense_chains]
             offsets = [0]
-            for c in dense_chains:
-                offsets.append(offsets[-1] + len(c.spec.ops[0].boundaries))
+            for b in bounds:
+                offsets.append(offsets[-1] + len(b))
             v, l = fops.feature_bucketize(
-                dense_t, [c.source[1] for c in dense_chains], torch.tensor(bounds, dtype=torch.float32), offsets
+                dense_t, [plan[i].source[1] for i in dense_chains],
+                torch.tensor([x for b in bounds for x in b], dtype=torch.float32), offsets,
             )
             w = torch.ones(v.shape[0], dtype=torch.float32) if weights is not None else None
             buffers.append((v, l, w, len(dense_chains)))
-            for j, c in enumerate(dense_chains):
-                c.locs = [(len(buffers) - 1, j)]
+            for j, i in enumerate(dense_chains):
+                locs[i] = [(len(buffers) - 1, j)]
 
         for t in range(max(len(c.truncates) for c in plan)):
-            groups: Dict[int, List[_Chain]] = {}
-            for c in plan:
+            groups: Dict[int, List[int]] = {}
+            for i, c in enumerate(plan):
                 if t < len(c.truncates):
-                    groups.setdefault(c.locs[0][0], []).append(c)
-            for buf, chains in groups.items():
-                feats = [f for c in chains for _, f in c.locs]
-                sizes = [c.truncates[t].max_length for c in chains for _ in c.locs]
-                ends = [int(c.truncates[t].side == "last") for c in chains for _ in c.locs]
+                    groups.setdefault(locs[i][0][0], []).append(i)
+            for buf, members in groups.items():
+                feats = [f for i in members for _, f in locs[i]]
+                sizes = [plan[i].truncates[t].max_length for i in members for _ in locs[i]]
+                ends = [int(plan[i].truncates[t].side == "last") for i in members for _ in locs[i]]
                 bv, bl, bw, bf = buffers[buf]
                 buffers.append((*fops.feature_truncate(bv, bl, bw, bf, feats, sizes, ends), len(feats)))
-                self._relocate(chains, len(buffers) - 1, 1)
+                self._relocate(locs, members, len(buffers) - 1, 1)
 
         for s in range(max(len(c.steps) for c in plan)):
-            groups2: Dict[Tuple, List[_Chain]] = {}
-            for c in plan:
+            groups2: Dict[Tuple, List[int]] = {}
+            for i, c in enumerate(plan):
                 if s < len(c.steps):
                     step = c.steps[s]
-                    groups2.setdefault((c.locs[0][0], step[0], step[1] if step[0] == "multi" else 0), []).append(c)
-            for (buf, kind, k), chains in groups2.items():
-                feats = [f for c in chains for _, f in c.locs]
+                    groups2.setdefault((locs[i][0][0], step[0], step[1] if step[0] == "multi" else 0), []).append(i)
+            for (buf, kind, k), members in groups2.items():
+                feats = [f for i in members for _, f in locs[i]]
+
+                def per_output(field: int) -> List[int]:
+                    return [plan[i].steps[s][field] for i in members for _ in locs[i]]
+
                 bv, bl, bw, bf = buffers[buf]
                 if kind == "hash":
-                    out = fops.feature_hash(bv, bl, bw, bf, feats, [c.steps[s][1] for c in chains for _ in c.locs],
-                                            [c.steps[s][2] for c in chains for _ in c.locs])
+                    out = fops.feature_hash(bv, bl, bw, bf, feats, per_output(1), per_output(2))
                 elif kind == "mod":
-                    out = fops.feature_mod(bv, bl, bw, bf, feats, [c.steps[s][1] for c in chains for _ in c.locs])
+                    out = fops.feature_mod(bv, bl, bw, bf, feats, per_output(1))
                 else:
-                    out = fops.feature_multi_hash(bv, bl, bw, bf, feats, [c.steps[s][2] for c in chains for _ in c.locs],
-                                                  [c.steps[s][3] for c in chains for _ in c.locs], k)
+                    out = fops.feature_multi_hash(bv, bl, bw, bf, feats, per_output(2), per_output(3), k)
                 buffers.append((*out, len(feats) * (k or 1)))
-                self._relocate(chains, len(buffers) - 1, k or 1)
+                self._relocate(locs, members, len(buffers) - 1, k or 1)
 
-        return self._assemble(plan, buffers, batch, weights is not None)
+        return self._assemble([loc for chain_locs in locs for loc in chain_locs], buffers, batch, weights is not None)
 
     @staticmethod
-    def _relocate(chains: List[_Chain], buf: int, k: int) -> None:
-        j = 0
-        for c in chains:
-            n = len(c.locs)
-            c.locs = [(buf, j * k + r) for j in range(j, j + n) for r in range(k)]
-            j += n
+    def _relocate(locs: List[List[Tuple[int, int]]], members: List[int], buf: int, k: int) -> None:
+        """The members' outputs, in order, are now features 0.. of buffer `buf`, k per previous output."""
+        first = 0
+        for i in members:
+            n = len(locs[i])
+            locs[i] = [(buf, p * k + r) for p in range(first, first + n) for r in range(k)]
+            first += n
 
-    def _assemble(self, plan, buffers, batch: int, weighted: bool) -> KeyedJaggedTensor:
-        locs = [loc for c in plan for loc in c.locs]
+    def _assemble(self, locs: List[Tuple[int, int]], buffers, batch: int, weighted: bool) -> KeyedJaggedTensor:
         first = locs[0][0]
         if all(b == first for b, _ in locs) and [f for _, f in locs] == list(range(buffers[first][3])):
             v, l, w, _ = buffers[first]  # one buffer, already in order
