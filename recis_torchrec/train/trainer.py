@@ -81,7 +81,7 @@ torch.fx.wrap("_per_task")
 
 
 class TaskModel(nn.Module):
-    """``batch -> (loss, (logits, labels))`` for a TorchRec model with one logit per task.
+    """``batch -> (loss, (loss detached, logits, labels))`` for a TorchRec model with one logit per task.
 
     The loss is the weighted sum of each task's binary cross-entropy (mean
     over the batch). This is the shape TorchRec's train pipelines expect.
@@ -101,7 +101,8 @@ class TaskModel(nn.Module):
         logits, labels = _per_task(logits, batch.labels, [t.name for t in self.tasks])
         per_task = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
         loss = (per_task * self._weights).sum()
-        return loss, (logits.detach(), labels)
+        # The output repeats the loss (detached): TorchRec's pipelines hand back only the output.
+        return loss, (loss.detach(), logits.detach(), labels)
 
 
 class BatchStream:
@@ -349,7 +350,7 @@ class Trainer:
             raise ValueError("evaluating on an endless stream needs eval_batches")
         with torch.no_grad():
             for batch in itertools.islice(iter(source), max_batches):
-                _, (logits, labels) = self.model(batch)
+                _, (_, logits, labels) = self.model(batch)
                 for k, auc in enumerate(aucs):
                     auc.update(torch.sigmoid(logits[:, k]), labels[:, k].long())
                 losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
@@ -402,16 +403,15 @@ class Trainer:
     def _one_step(self, it: Iterator) -> Any:
         acc = self.args.gradient_accumulation
         if self.pipeline is not None:
-            logits, labels = self.pipeline.progress(it)
+            loss, logits, labels = self.pipeline.progress(it)
             self.batches_done += 1
             self.examples += labels.shape[0]
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-            return float((loss * torch.tensor([t.weight for t in self.tasks])).sum()), logits, labels
+            return float(loss), logits, labels
         self.optimizer.zero_grad()
         total, last = 0.0, None
         for _ in range(acc):
             batch = next(it)
-            loss, (logits, labels) = self.model(batch)
+            loss, (_, logits, labels) = self.model(batch)
             (loss / acc).backward()
             total += float(loss.detach()) / acc
             self.batches_done += 1

@@ -98,12 +98,13 @@ def test_multi_objective_loss_is_the_weighted_sum(tmp_path):
             return dense[:, :2] * 3.0
 
     batch = SyntheticClicks(SyntheticConfig(num_sparse=2), 32, num_tasks=2).batch(0)
-    loss, (logits, labels) = TaskModel(Two(), [Task("ctr", weight=1.0), Task("cvr", weight=0.25)])(batch)
+    loss, (reported, logits, labels) = TaskModel(Two(), [Task("ctr", weight=1.0), Task("cvr", weight=0.25)])(batch)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     want = bce(batch.dense_features[:, 0] * 3, batch.labels[:, 0]) + 0.25 * bce(
         batch.dense_features[:, 1] * 3, batch.labels[:, 1]
     )
     torch.testing.assert_close(loss, want)
+    assert torch.equal(reported, loss.detach())  # what the pipelines hand back for logging
 
 
 def test_gradient_accumulation_and_bf16_train(tmp_path):
