@@ -120,6 +120,22 @@ void for_each_value(const std::vector<int64_t>& out_begin, const std::vector<int
 
 using Result = std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>>;
 
+// A per-id op over the listed features: output segment s (hash s % repeat of
+// feature feats[s / repeat]) holds fn(s, id) for each id of that feature, with
+// the feature's lengths and weights.
+template <typename Fn>
+Result map_ids(const Jagged& in, at::IntArrayRef feats, int64_t repeat, Fn fn) {
+  auto [out_lengths, out_weights, out_begin] = gather_layout(in, feats, repeat);
+  std::vector<int64_t> in_begin(feats.size() * repeat);
+  for (size_t s = 0; s < in_begin.size(); ++s) in_begin[s] = in.begin[feats[s / repeat]];
+  at::Tensor out = at::empty({out_begin.back()}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t* v = in.values;
+  for_each_value(out_begin, in_begin,
+                 [&](int64_t s, int64_t i, int64_t k) { o[k] = fn(s, static_cast<uint64_t>(v[i])); });
+  return {out, out_lengths, out_weights};
+}
+
 Result feature_hash_cpu(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
                         int64_t num_features, at::IntArrayRef feats, at::IntArrayRef salts,
                         at::IntArrayRef moduli) {
@@ -129,17 +145,9 @@ Result feature_hash_cpu(const at::Tensor& values, const at::Tensor& lengths, con
   check_same_size(moduli.size(), feats.size(), op, "moduli");
   for (auto f : feats) in.check_feature(f, op, "feature");
   for (auto m : moduli) TORCH_CHECK(m >= 0, op, ": moduli must be >= 0 (0: none), got ", m);
-  auto [out_lengths, out_weights, out_begin] = gather_layout(in, feats, 1);
-  std::vector<int64_t> in_begin(feats.size());
-  for (size_t g = 0; g < feats.size(); ++g) in_begin[g] = in.begin[feats[g]];
-  at::Tensor out = at::empty({out_begin.back()}, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  const int64_t* v = in.values;
-  for_each_value(out_begin, in_begin, [&](int64_t g, int64_t i, int64_t k) {
-    o[k] = umod(hash_id(static_cast<uint64_t>(v[i]), static_cast<uint64_t>(salts[g])),
-                static_cast<uint64_t>(moduli[g]));
+  return map_ids(in, feats, 1, [&](int64_t g, uint64_t id) {
+    return umod(hash_id(id, static_cast<uint64_t>(salts[g])), static_cast<uint64_t>(moduli[g]));
   });
-  return {out, out_lengths, out_weights};
 }
 
 Result feature_mod_cpu(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
@@ -149,16 +157,7 @@ Result feature_mod_cpu(const at::Tensor& values, const at::Tensor& lengths, cons
   check_same_size(moduli.size(), feats.size(), op, "moduli");
   for (auto f : feats) in.check_feature(f, op, "feature");
   for (auto m : moduli) TORCH_CHECK(m > 0, op, ": moduli must be > 0, got ", m);
-  auto [out_lengths, out_weights, out_begin] = gather_layout(in, feats, 1);
-  std::vector<int64_t> in_begin(feats.size());
-  for (size_t g = 0; g < feats.size(); ++g) in_begin[g] = in.begin[feats[g]];
-  at::Tensor out = at::empty({out_begin.back()}, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  const int64_t* v = in.values;
-  for_each_value(out_begin, in_begin, [&](int64_t g, int64_t i, int64_t k) {
-    o[k] = umod(static_cast<uint64_t>(v[i]), static_cast<uint64_t>(moduli[g]));
-  });
-  return {out, out_lengths, out_weights};
+  return map_ids(in, feats, 1, [&](int64_t g, uint64_t id) { return umod(id, static_cast<uint64_t>(moduli[g])); });
 }
 
 Result feature_multi_hash_cpu(const at::Tensor& values, const at::Tensor& lengths,
@@ -171,24 +170,27 @@ Result feature_multi_hash_cpu(const at::Tensor& values, const at::Tensor& length
   TORCH_CHECK(num_hashes >= 1, op, ": num_hashes must be >= 1, got ", num_hashes);
   for (auto f : feats) in.check_feature(f, op, "feature");
   for (auto m : moduli) TORCH_CHECK(m >= 0, op, ": moduli must be >= 0 (0: none), got ", m);
-  auto [out_lengths, out_weights, out_begin] = gather_layout(in, feats, num_hashes);
-  const int64_t S = static_cast<int64_t>(feats.size()) * num_hashes;
-  std::vector<int64_t> in_begin(S);
-  std::vector<uint64_t> seeds(S), mods(S);
-  for (int64_t s = 0; s < S; ++s) {
+  return map_ids(in, feats, num_hashes, [&](int64_t s, uint64_t id) {
     const int64_t g = s / num_hashes, r = s % num_hashes;
-    in_begin[s] = in.begin[feats[g]];
-    seeds[s] = static_cast<uint64_t>(salts[g]) + static_cast<uint64_t>(r) * features::kSeedStep;
-    mods[s] = static_cast<uint64_t>(moduli[g]);
-  }
-  at::Tensor out = at::empty({out_begin.back()}, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  const int64_t* v = in.values;
-  for_each_value(out_begin, in_begin, [&](int64_t s, int64_t i, int64_t k) {
-    o[k] = umod(hash_id(static_cast<uint64_t>(v[i]), seeds[s]), mods[s]);
+    const uint64_t seed = static_cast<uint64_t>(salts[g]) + static_cast<uint64_t>(r) * features::kSeedStep;
+    return umod(hash_id(id, seed), static_cast<uint64_t>(moduli[g]));
   });
-  return {out, out_lengths, out_weights};
 }
+
+// The values and (if weighted) weights of a structural op's output of n ids.
+struct Output {
+  at::Tensor values;
+  c10::optional<at::Tensor> weights;
+  int64_t* v;
+  float* w = nullptr;  // nullptr when unweighted
+
+  Output(int64_t n, bool weighted) : values(at::empty({n}, at::kLong)), v(values.data_ptr<int64_t>()) {
+    if (weighted) {
+      weights = at::empty({n}, at::kFloat);
+      w = weights->data_ptr<float>();
+    }
+  }
+};
 
 // Exclusive prefix sum of `lengths` (n,) into offsets (n + 1,).
 std::vector<int64_t> offsets_of(const int64_t* lengths, int64_t n) {
@@ -214,24 +216,17 @@ Result feature_truncate_cpu(const at::Tensor& values, const at::Tensor& lengths,
     for (int64_t b = 0; b < B; ++b) lo[g * B + b] = std::min(in.lengths[feats[g] * B + b], max_lengths[g]);
   }
   const std::vector<int64_t> out_off = offsets_of(lo, G * B);
-  at::Tensor out = at::empty({out_off.back()}, at::kLong);
-  c10::optional<at::Tensor> out_weights;
-  float* wo = nullptr;
-  if (in.weighted) {
-    out_weights = at::empty({out_off.back()}, at::kFloat);
-    wo = out_weights->data_ptr<float>();
-  }
-  int64_t* o = out.data_ptr<int64_t>();
+  Output out(out_off.back(), in.weighted);
   at::parallel_for(0, G * B, 1024, [&](int64_t lo_bag, int64_t hi_bag) {
     for (int64_t j = lo_bag; j < hi_bag; ++j) {
       const int64_t g = j / B, b = j % B, src_bag = feats[g] * B + b;
       const int64_t keep = lo[j];
       const int64_t start = from_end[g] ? in_off[src_bag + 1] - keep : in_off[src_bag];
-      std::copy(in.values + start, in.values + start + keep, o + out_off[j]);
-      if (wo != nullptr) std::copy(in.weights + start, in.weights + start + keep, wo + out_off[j]);
+      std::copy(in.values + start, in.values + start + keep, out.v + out_off[j]);
+      if (out.w != nullptr) std::copy(in.weights + start, in.weights + start + keep, out.w + out_off[j]);
     }
   });
-  return {out, out_lengths, out_weights};
+  return {out.values, out_lengths, out.weights};
 }
 
 Result feature_cross_cpu(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
@@ -253,14 +248,7 @@ Result feature_cross_cpu(const at::Tensor& values, const at::Tensor& lengths, co
     for (int64_t b = 0; b < B; ++b) lo[p * B + b] = in.lengths[left[p] * B + b] * in.lengths[right[p] * B + b];
   }
   const std::vector<int64_t> out_off = offsets_of(lo, P * B);
-  at::Tensor out = at::empty({out_off.back()}, at::kLong);
-  c10::optional<at::Tensor> out_weights;
-  float* wo = nullptr;
-  if (in.weighted) {
-    out_weights = at::empty({out_off.back()}, at::kFloat);
-    wo = out_weights->data_ptr<float>();
-  }
-  int64_t* o = out.data_ptr<int64_t>();
+  Output out(out_off.back(), in.weighted);
   const int64_t* v = in.values;
   at::parallel_for(0, P * B, 512, [&](int64_t lo_bag, int64_t hi_bag) {
     for (int64_t j = lo_bag; j < hi_bag; ++j) {
@@ -271,13 +259,13 @@ Result feature_cross_cpu(const at::Tensor& values, const at::Tensor& lengths, co
       int64_t k = out_off[j];
       for (int64_t x = a0; x < a1; ++x) {
         for (int64_t y = b0; y < b1; ++y, ++k) {
-          o[k] = umod(hash_pair(static_cast<uint64_t>(v[x]), static_cast<uint64_t>(v[y]), seed), m);
-          if (wo != nullptr) wo[k] = in.weights[x] * in.weights[y];
+          out.v[k] = umod(hash_pair(static_cast<uint64_t>(v[x]), static_cast<uint64_t>(v[y]), seed), m);
+          if (out.w != nullptr) out.w[k] = in.weights[x] * in.weights[y];
         }
       }
     }
   });
-  return {out, out_lengths, out_weights};
+  return {out.values, out_lengths, out.weights};
 }
 
 std::tuple<at::Tensor, at::Tensor> feature_bucketize_cpu(const at::Tensor& dense, at::IntArrayRef columns,
