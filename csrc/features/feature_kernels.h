@@ -9,40 +9,17 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define RECIS_HD __host__ __device__ __forceinline__
-#else
-#define RECIS_HD inline
-#endif
+#include "../hashtable/xxh64_core.h"
 
 namespace recis {
 namespace features {
 
-constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL;
-constexpr uint64_t kP2 = 0xC2B2AE3D27D4EB4FULL;
-constexpr uint64_t kP3 = 0x165667B19E3779F9ULL;
-constexpr uint64_t kP4 = 0x85EBCA77C2B2AE63ULL;
-constexpr uint64_t kP5 = 0x27D4EB2F165667C5ULL;
+using xxh64::avalanche;
+using xxh64::lane;
+using xxh64::kP5;
+
 // The step between the seeds of multi_hash's hashes (2**64 / golden ratio).
 constexpr uint64_t kSeedStep = 0x9E3779B97F4A7C15ULL;
-
-RECIS_HD uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-
-RECIS_HD uint64_t lane(uint64_t h, uint64_t v) {
-  uint64_t k = v * kP2;
-  k = rotl64(k, 31) * kP1;
-  h ^= k;
-  return rotl64(h, 27) * kP1 + kP4;
-}
-
-RECIS_HD uint64_t avalanche(uint64_t h) {
-  h ^= h >> 33;
-  h *= kP2;
-  h ^= h >> 29;
-  h *= kP3;
-  h ^= h >> 32;
-  return h;
-}
 
 // XXH64(seed) of the 8 little-endian bytes of `id`.
 RECIS_HD uint64_t hash_id(uint64_t id, uint64_t seed) { return avalanche(lane(seed + kP5 + 8, id)); }

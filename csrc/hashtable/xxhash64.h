@@ -9,18 +9,15 @@
 #include <cstdint>
 #include <cstring>
 
+#include "xxh64_core.h"
+
 namespace recis {
 namespace hashtable {
 
 namespace xxh64_detail {
 
-constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL;
-constexpr uint64_t kP2 = 0xC2B2AE3D27D4EB4FULL;
-constexpr uint64_t kP3 = 0x165667B19E3779F9ULL;
-constexpr uint64_t kP4 = 0x85EBCA77C2B2AE63ULL;
-constexpr uint64_t kP5 = 0x27D4EB2F165667C5ULL;
+using namespace recis::xxh64;
 
-inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 inline uint64_t read64(const uint8_t* p) {
   uint64_t v;
   std::memcpy(&v, p, 8);
@@ -30,11 +27,6 @@ inline uint32_t read32(const uint8_t* p) {
   uint32_t v;
   std::memcpy(&v, p, 4);
   return v;
-}
-inline uint64_t round(uint64_t acc, uint64_t input) {
-  acc += input * kP2;
-  acc = rotl(acc, 31);
-  return acc * kP1;
 }
 inline uint64_t merge_round(uint64_t acc, uint64_t val) {
   acc ^= round(0, val);
@@ -68,8 +60,7 @@ inline uint64_t xxh64(const void* data, size_t len, uint64_t seed) {
   }
   h += static_cast<uint64_t>(len);
   while (p + 8 <= end) {
-    h ^= round(0, read64(p));
-    h = rotl(h, 27) * kP1 + kP4;
+    h = lane(h, read64(p));
     p += 8;
   }
   if (p + 4 <= end) {
@@ -82,12 +73,7 @@ inline uint64_t xxh64(const void* data, size_t len, uint64_t seed) {
     h = rotl(h, 11) * kP1;
     ++p;
   }
-  h ^= h >> 33;
-  h *= kP2;
-  h ^= h >> 29;
-  h *= kP3;
-  h ^= h >> 32;
-  return h;
+  return avalanche(h);
 }
 
 }  // namespace hashtable
