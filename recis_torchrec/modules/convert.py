@@ -12,6 +12,18 @@ from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
 from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
 
 
+def _import_rows(tables: Dict[str, Any], weights: Dict[str, torch.Tensor]) -> None:
+    """Row i of each TorchRec table's weight becomes id i of the hash table of the same name."""
+    for name, weight in weights.items():
+        if weight.is_meta:
+            continue  # a meta model has no weights to import
+        tables[name].import_(
+            torch.arange(weight.shape[0], dtype=torch.int64),
+            weight.detach().to(device="cpu", dtype=torch.float32).contiguous(),
+            None,
+        )
+
+
 def convert_ebc(
     ebc: EmbeddingBagCollection,
     fused_params: Optional[Dict[str, Any]] = None,
@@ -27,16 +39,7 @@ def convert_ebc(
         options=options,
     )
     if import_weights:
-        for config in ebc.embedding_bag_configs():
-            weight = ebc.embedding_bags[config.name].weight
-            if weight.is_meta:
-                continue  # a meta model has no weights to import
-            table = hebc.tables()[config.name]
-            table.import_(
-                torch.arange(weight.shape[0], dtype=torch.int64),
-                weight.detach().to(device="cpu", dtype=torch.float32).contiguous(),
-                None,
-            )
+        _import_rows(hebc.tables(), {c.name: ebc.embedding_bags[c.name].weight for c in ebc.embedding_bag_configs()})
     hebc.train(ebc.training)
     return hebc
 
@@ -53,15 +56,7 @@ def convert_ec(
         tables=ec.embedding_configs(), need_indices=ec.need_indices(), fused_params=fused_params, options=options
     )
     if import_weights:
-        for config in ec.embedding_configs():
-            weight = ec.embeddings[config.name].weight
-            if weight.is_meta:
-                continue
-            hec.tables()[config.name].import_(
-                torch.arange(weight.shape[0], dtype=torch.int64),
-                weight.detach().to(device="cpu", dtype=torch.float32).contiguous(),
-                None,
-            )
+        _import_rows(hec.tables(), {c.name: ec.embeddings[c.name].weight for c in ec.embedding_configs()})
     hec.train(ec.training)
     return hec
 
