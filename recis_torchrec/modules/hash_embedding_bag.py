@@ -106,7 +106,85 @@ def checked_kjt(
     return values.contiguous(), offsets.contiguous(), weights, batch
 
 
-class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizerModule):
+def build_tables(configs: Sequence[Any], optimizer_config, options: OptionsArg, config_type: type) -> Dict[str, HashTable]:
+    """A HashTable per TorchRec table config (``EmbeddingBagConfig`` or ``EmbeddingConfig``), checked."""
+    per_table = resolve_options(configs, options)
+    seen = set()
+    for config in configs:
+        if not isinstance(config, config_type):
+            raise TypeError(f"tables must be {config_type.__name__}, got {type(config).__name__}")
+        if config.name in seen:
+            raise ValueError(f"Duplicate table name {config.name}")
+        seen.add(config.name)
+        if config.embedding_dim <= 0:
+            raise ValueError(f"table {config.name!r}: embedding_dim must be > 0, got {config.embedding_dim}")
+        if config.data_type != DataType.FP32:
+            raise NotImplementedError(
+                f"table {config.name!r}: data_type {config.data_type} is not supported; hash tables are FP32"
+            )
+        if not config.feature_names:
+            config.feature_names = [config.name]
+    return {
+        c.name: HashTable(
+            name=c.name,
+            dim=c.embedding_dim,
+            state_dim=optimizer_config.state_dim(c.embedding_dim),
+            options=per_table[c.name],
+            num_embeddings=c.num_embeddings,
+            init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
+        )
+        for c in configs
+    }
+
+
+class HashTablesMixin:
+    """What the hash-backed TorchRec modules share: their tables (``self._tables``), fused
+    optimizer (``self._optim``), CPU device, and state-dict form ``{section}.{table}.weight``
+    plus ``.ids`` (``_state_section``: ``"embedding_bags"`` for the EBC, ``"embeddings"`` for the EC)."""
+
+    _state_section = "embedding_bags"
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def fused_optimizer(self) -> HashFusedOptimizer:
+        return self._optim
+
+    def reset_parameters(self) -> None:
+        """Tables start empty and rows are initialised when ids arrive; nothing to reset."""
+
+    def tables(self) -> Dict[str, HashTable]:
+        """The tables by name."""
+        return dict(self._tables)
+
+    def table_stats(self) -> Dict[str, Dict[str, int]]:
+        """Rows, capacity and memory of every table."""
+        return {name: t.info() for name, t in self._tables.items()}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_tables(self._tables, destination, prefix, section=self._state_section)
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        ours = load_tables(self._tables, state_dict, prefix, missing_keys, error_msgs, section=self._state_section)
+        # The base class loads nothing here (the module has no parameters) but
+        # reports, when strict, keys under this prefix that are not ours.
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k not in ours},
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+
+
+class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterface, FusedOptimizerModule):
     """``torchrec.EmbeddingBagCollection`` backed by dynamic hashtables.
 
     Ids are unbounded int64 values: each table grows as new ids arrive, and
@@ -169,37 +247,12 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
         self._is_weighted = is_weighted
         self._embedding_bag_configs = tables
         self._optimizer_config = parse_fused_params(fused_params)
-        per_table_options = resolve_options(tables, options)
-
-        seen = set()
         for config in tables:
-            if not isinstance(config, EmbeddingBagConfig):
-                raise TypeError(f"tables must be EmbeddingBagConfig, got {type(config).__name__}")
-            if config.name in seen:
-                raise ValueError(f"Duplicate table name {config.name}")
-            seen.add(config.name)
-            if config.embedding_dim <= 0:
-                raise ValueError(f"table {config.name!r}: embedding_dim must be > 0, got {config.embedding_dim}")
-            if config.data_type != DataType.FP32:
-                raise NotImplementedError(
-                    f"table {config.name!r}: data_type {config.data_type} is not supported; hash tables are FP32"
-                )
-            if config.pooling not in _POOLING:
+            if isinstance(config, EmbeddingBagConfig) and config.pooling not in _POOLING:
                 raise NotImplementedError(f"table {config.name!r}: pooling {config.pooling} is not supported")
-            if not config.feature_names:
-                config.feature_names = [config.name]
-
-        self._tables: Dict[str, HashTable] = {
-            c.name: HashTable(
-                name=c.name,
-                dim=c.embedding_dim,
-                state_dim=self._optimizer_config.state_dim(c.embedding_dim),
-                options=per_table_options[c.name],
-                num_embeddings=c.num_embeddings,
-                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
-            )
-            for c in tables
-        }
+        self._tables: Dict[str, HashTable] = build_tables(
+            tables, self._optimizer_config, options, EmbeddingBagConfig
+        )
         self._table_list: List[HashTable] = [self._tables[c.name] for c in tables]
         self._embedding_names: List[str] = [n for names in get_embedding_names_by_table(tables) for n in names]
         self._lengths_per_embedding: List[int] = [c.embedding_dim for c in tables for _ in c.feature_names]
@@ -223,27 +276,6 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
 
     def is_weighted(self) -> bool:
         return self._is_weighted
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def fused_optimizer(self) -> HashFusedOptimizer:
-        return self._optim
-
-    def reset_parameters(self) -> None:
-        """Tables start empty and rows are initialised when ids arrive; nothing to reset."""
-
-    # -- hash-table access -----------------------------------------------------
-
-    def tables(self) -> Dict[str, HashTable]:
-        """The tables by name."""
-        return dict(self._tables)
-
-    def table_stats(self) -> Dict[str, Dict[str, int]]:
-        """Rows, capacity and memory of every table."""
-        return {name: t.info() for name, t in self._tables.items()}
 
     # -- forward ---------------------------------------------------------------
 
@@ -300,28 +332,6 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface, FusedOptimizer
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,
             values=pooled,
-        )
-
-    # -- state dict ------------------------------------------------------------
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_tables(self._tables, destination, prefix)
-
-    def _load_from_state_dict(  # type: ignore[override]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        ours = load_tables(self._tables, state_dict, prefix, missing_keys, error_msgs)
-        # The base class loads nothing here (the module has no parameters) but
-        # reports, when strict, keys under this prefix that are not ours.
-        super()._load_from_state_dict(
-            {k: v for k, v in state_dict.items() if k not in ours},
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
         )
 
 

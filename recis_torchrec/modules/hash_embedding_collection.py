@@ -11,19 +11,13 @@ Memory is the unique rows plus the (N, dim) output.
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
+from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollectionInterface, get_embedding_names_by_table
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recis_torchrec import ops
-from recis_torchrec.modules.hash_embedding_bag import (
-    OptionsArg,
-    checked_kjt,
-    load_tables,
-    resolve_options,
-    save_tables,
-)
+from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin, OptionsArg, build_tables, checked_kjt
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
@@ -66,7 +60,7 @@ class _SequenceLookup(torch.autograd.Function):
         return (None,) * 5
 
 
-class HashEmbeddingCollection(EmbeddingCollectionInterface, FusedOptimizerModule):
+class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, FusedOptimizerModule):
     """Unpooled embeddings for unbounded int64 ids, with TorchRec's ``EmbeddingCollection`` interface.
 
     Args:
@@ -83,6 +77,11 @@ class HashEmbeddingCollection(EmbeddingCollectionInterface, FusedOptimizerModule
     feature name, or ``feature@table`` for a feature several tables read),
     values ``(n_ids, dim)`` with the feature's lengths.
     """
+
+    # Tables appear as "embeddings.{table}.weight" (rows ordered by id) and
+    # "embeddings.{table}.ids"; a TorchRec EmbeddingCollection state dict
+    # (weights only) loads too: its row i becomes id i.
+    _state_section = "embeddings"
 
     def __init__(
         self,
@@ -101,42 +100,18 @@ class HashEmbeddingCollection(EmbeddingCollectionInterface, FusedOptimizerModule
         self._need_indices = need_indices
         self._embedding_configs = tables
         self._optimizer_config = parse_fused_params(fused_params)
-        per_table = resolve_options(tables, options)
-        dim, seen = -1, set()
-        for c in tables:
-            if not isinstance(c, EmbeddingConfig):
-                raise TypeError(f"tables must be EmbeddingConfig, got {type(c).__name__}")
-            if c.name in seen:
-                raise ValueError(f"Duplicate table name {c.name}")
-            seen.add(c.name)
-            if c.embedding_dim <= 0:
-                raise ValueError(f"table {c.name!r}: embedding_dim must be > 0, got {c.embedding_dim}")
-            dim = c.embedding_dim if dim < 0 else dim
-            if c.embedding_dim != dim:
+        self._tables: Dict[str, HashTable] = build_tables(tables, self._optimizer_config, options, EmbeddingConfig)
+        for c in tables[1:]:
+            if c.embedding_dim != tables[0].embedding_dim:
                 raise ValueError(
                     f"All tables in an EmbeddingCollection must have the same embedding_dim; table {c.name!r} has "
-                    f"{c.embedding_dim}, the first has {dim}"
+                    f"{c.embedding_dim}, the first has {tables[0].embedding_dim}"
                 )
-            if c.data_type != DataType.FP32:
-                raise NotImplementedError(f"table {c.name!r}: data_type {c.data_type} is not supported; tables are FP32")
-            if not c.feature_names:
-                c.feature_names = [c.name]
-        self._embedding_dim = dim
-        self._tables: Dict[str, HashTable] = {
-            c.name: HashTable(
-                name=c.name,
-                dim=c.embedding_dim,
-                state_dim=self._optimizer_config.state_dim(c.embedding_dim),
-                options=per_table[c.name],
-                num_embeddings=c.num_embeddings,
-                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
-            )
-            for c in tables
-        }
+        self._embedding_dim = tables[0].embedding_dim if tables else -1
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
         # One lookup group per table: each backward counts one update of its own table.
         self._groups = [LookupGroup([self._tables[c.name]], self._optim) for c in tables]
-        self._layout = BagLayout([0], [ops.POOLING_SUM], [0], max(dim, 1))
+        self._layout = BagLayout([0], [ops.POOLING_SUM], [0], max(self._embedding_dim, 1))
         self._embedding_names_by_table = get_embedding_names_by_table(tables)
         self._feature_names = [c.feature_names for c in tables]
 
@@ -153,23 +128,6 @@ class HashEmbeddingCollection(EmbeddingCollectionInterface, FusedOptimizerModule
 
     def embedding_names_by_table(self) -> List[List[str]]:
         return self._embedding_names_by_table
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def fused_optimizer(self) -> HashFusedOptimizer:
-        return self._optim
-
-    def reset_parameters(self) -> None:
-        """Tables start empty and rows are initialised when ids arrive; nothing to reset."""
-
-    def tables(self) -> Dict[str, HashTable]:
-        return dict(self._tables)
-
-    def table_stats(self) -> Dict[str, Dict[str, int]]:
-        return {name: t.info() for name, t in self._tables.items()}
 
     # -- forward -------------------------------------------------------------------
 
@@ -212,29 +170,6 @@ class HashEmbeddingCollection(EmbeddingCollectionInterface, FusedOptimizerModule
                 )
                 pos += cnt
         return out
-
-    # -- state dict ------------------------------------------------------------------
-    # Tables appear as "embeddings.{table}.weight" (rows ordered by id) and
-    # "embeddings.{table}.ids"; a TorchRec EmbeddingCollection state dict
-    # (weights only) loads too: its row i becomes id i.
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_tables(self._tables, destination, prefix, section="embeddings")
-
-    def _load_from_state_dict(  # type: ignore[override]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        ours = load_tables(self._tables, state_dict, prefix, missing_keys, error_msgs, section="embeddings")
-        super()._load_from_state_dict(
-            {k: v for k, v in state_dict.items() if k not in ours},
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-        )
 
 
 __all__ = ["HashEmbeddingCollection"]
