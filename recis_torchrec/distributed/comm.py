@@ -20,6 +20,16 @@ partial pools back (``B_source x sum(dims)`` floats per source); the requester
 sums the partials of all owners. Backward runs the same all-to-all in
 reverse, divided by the world size when ``get_gradient_division()`` is on.
 
+Sequence (``EmbeddingCollection``) tables exchange rows instead, since
+nothing is pooled: each rank sends every owner its distinct ids of a table
+(``UniqueIdsAwaitable``; 8 bytes per distinct id, no lengths), the owner
+returns one row per id it received (``D x 4`` bytes), and the requester
+expands the rows to its values through the inverse index it kept. Backward
+sums the gradients of repeated ids on the requester (the gather's backward)
+before sending one gradient row per distinct id. TorchRec's row-wise
+sequence sharding sends 8 bytes per value plus lengths, and one row per value
+each way; with repeated ids (Zipf-distributed histories) this sends fewer.
+
 Why partial pools and not rows: returning rows costs ``U x D x 4`` bytes per
 rank (U = unique ids sent), partial pools ``B x D x 4`` per feature and
 owner. With bags of L ids, U is up to ``B x L`` per feature, so pools are
@@ -207,4 +217,90 @@ def pooled_output_dist(
     return received.view(world_size, local_batch, pooled.shape[1]).sum(0)
 
 
-__all__ = ["GroupDistContext", "IdsSplitsAwaitable", "pooled_output_dist"]
+class SeqDistContext:
+    """Per sequence table and step: how this rank's values map onto the rows it gets back."""
+
+    def __init__(self) -> None:
+        self.unique_counts: List[int] = []  # per owner: distinct ids this rank sent it
+        self.recv_counts: List[int] = []  # per source: ids this rank received (and returns rows for)
+        self.gather = torch.empty(0, dtype=torch.int64)  # (N,) value -> row of the returned (U, D)
+        self.bytes_sent: int = 0
+
+
+class _UniqueIdsTensorAwaitable(Awaitable[KeyedJaggedTensor]):
+    def __init__(self, work, out_ids: torch.Tensor, recv: List[int], key: str) -> None:
+        super().__init__()
+        self._work = work
+        self._out_ids = out_ids
+        self._recv = recv
+        self._key = key
+
+    def _wait_impl(self) -> KeyedJaggedTensor:
+        self._work.wait()
+        return KeyedJaggedTensor(
+            keys=[self._key],
+            values=self._out_ids,
+            lengths=torch.tensor(self._recv, dtype=torch.int64),
+            stride=len(self._recv),
+        )
+
+
+class UniqueIdsAwaitable(Awaitable[Awaitable[KeyedJaggedTensor]]):
+    """Input dist of one sequence table: every owner gets this rank's distinct ids it owns.
+
+    Construction buckets and deduplicates ``ids`` (all the values of the
+    table's features, concatenated), records in ``ctx.gather`` where each
+    value's row will be in what comes back, and starts the counts
+    all-to-all; the first ``wait`` starts the ids all-to-all; the second
+    returns the owner's KJT: key ``key``, one "bag" per source rank holding
+    the ids it sent.
+    """
+
+    def __init__(self, ids: torch.Tensor, key: str, pg: dist.ProcessGroup, ctx: SeqDistContext) -> None:
+        super().__init__()
+        self._pg = pg
+        self._key = key
+        world_size = dist.get_world_size(pg)
+        n = ids.numel()
+        b = ops.bucketize_dedup(ids, torch.tensor([0, n], dtype=torch.int64), world_size)
+        counts = b.unique_counts
+        ctx.unique_counts = counts.tolist()
+        starts = torch.cumsum(counts, 0) - counts
+        owner = torch.repeat_interleave(torch.arange(world_size), b.value_counts)
+        gather = torch.empty(n, dtype=torch.int64)
+        gather[b.value_perm] = starts[owner] + b.inverse.to(torch.int64)
+        ctx.gather = gather
+        rank = dist.get_rank(pg)
+        ctx.bytes_sent = 8 * (sum(ctx.unique_counts) - ctx.unique_counts[rank])
+        self._ctx = ctx
+        self._ids = b.unique_ids
+        self._recv = torch.empty_like(counts)
+        self._work = dist.all_to_all_single(self._recv, counts, group=pg, async_op=True)
+
+    def _wait_impl(self) -> Awaitable[KeyedJaggedTensor]:
+        self._work.wait()
+        recv = self._recv.tolist()
+        self._ctx.recv_counts = recv
+        out_ids = self._ids.new_empty((sum(recv),))
+        work = dist.all_to_all_single(
+            out_ids, self._ids, recv, self._ctx.unique_counts, group=self._pg, async_op=True
+        )
+        return _UniqueIdsTensorAwaitable(work, out_ids, recv, self._key)
+
+
+def sequence_output_dist(rows: torch.Tensor, pg: dist.ProcessGroup, ctx: SeqDistContext) -> torch.Tensor:
+    """Returns each source the rows of the ids it sent, and expands the rows this
+    rank gets back to one per value: ``(N, D)``, differentiable (the gradients of
+    repeated ids are summed before they travel back)."""
+    received = _AllToAllRows.apply(rows, pg, ctx.recv_counts, ctx.unique_counts)
+    return received.index_select(0, ctx.gather)
+
+
+__all__ = [
+    "GroupDistContext",
+    "IdsSplitsAwaitable",
+    "SeqDistContext",
+    "UniqueIdsAwaitable",
+    "pooled_output_dist",
+    "sequence_output_dist",
+]

@@ -51,6 +51,9 @@ from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
 
 # The sharding type (and compute kernel) of hash-sharded tables in a ShardingPlan.
 HASH_SHARDING = "recis_hash"
+# The compute kernel of a hash-sharded EmbeddingCollection table that is the
+# hash-sharded EmbeddingBagCollection table of the same name (plan(..., share_tables=True)).
+HASH_SHARED = "recis_hash_shared"
 
 _POOLING = {PoolingType.SUM: ops.POOLING_SUM, PoolingType.MEAN: ops.POOLING_MEAN}
 
@@ -394,4 +397,4 @@ class ShardedHashEmbeddingBagCollection(
         )
 
 
-__all__ = ["HASH_SHARDING", "HashEBCContext", "ShardedHashEmbeddingBagCollection"]
+__all__ = ["HASH_SHARDING", "HASH_SHARED", "HashEBCContext", "ShardedHashEmbeddingBagCollection"]

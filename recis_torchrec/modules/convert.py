@@ -2,7 +2,7 @@
 """``convert``: swap every TorchRec ``EmbeddingBagCollection`` and ``EmbeddingCollection`` in a model
 for a hash-backed one."""
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,14 +49,20 @@ def convert_ec(
     fused_params: Optional[Dict[str, Any]] = None,
     options: OptionsArg = None,
     import_weights: bool = True,
+    share_tables_with: Optional[nn.Module] = None,
 ) -> HashEmbeddingCollection:
     """A ``HashEmbeddingCollection`` with ``ec``'s configs and ``need_indices`` (and, with
     ``import_weights``, its weights: row i of each table becomes id i)."""
     hec = HashEmbeddingCollection(
-        tables=ec.embedding_configs(), need_indices=ec.need_indices(), fused_params=fused_params, options=options
+        tables=ec.embedding_configs(),
+        need_indices=ec.need_indices(),
+        fused_params=fused_params,
+        options=options,
+        share_tables_with=share_tables_with,
     )
     if import_weights:
-        _import_rows(hec.tables(), {c.name: ec.embeddings[c.name].weight for c in ec.embedding_configs()})
+        own = hec.tables()
+        _import_rows(own, {c.name: ec.embeddings[c.name].weight for c in ec.embedding_configs() if c.name in own})
     hec.train(ec.training)
     return hec
 
@@ -66,31 +72,60 @@ def convert(
     fused_params: Optional[Dict[str, Any]] = None,
     options: OptionsArg = None,
     import_weights: bool = True,
+    share_tables: bool = False,
 ) -> nn.Module:
     """Replaces every ``torchrec.EmbeddingBagCollection`` in ``model`` with a
     :class:`HashEmbeddingBagCollection`, and every ``torchrec.EmbeddingCollection``
     with a :class:`HashEmbeddingCollection`, in place.
 
     Args:
-        model: any module; if it is itself an EBC, the replacement is returned.
+        model: any module; if it is itself an EBC or EC, the replacement is returned.
         fused_params: the sparse optimizer of the new tables (TorchRec keys).
         options: ``HashTableOptions`` for every table, or a dict by table name.
         import_weights: copy each table's rows in, row i as id i, so the
             converted model computes what the original did on ids below
             ``num_embeddings``.
+        share_tables: an EC table with the same name as an EBC table is that
+            table (one id space, one set of rows; the EBC owns it, and its
+            weights are the ones imported). Each EC may share with one EBC.
 
     Returns:
-        The model (or the replacement, when ``model`` is an EBC).
+        The model (or the replacement, when ``model`` is an EBC or EC).
     """
     if isinstance(model, EmbeddingBagCollection):
         return convert_ebc(model, fused_params, options, import_weights)
     if isinstance(model, EmbeddingCollection):
         return convert_ec(model, fused_params, options, import_weights)
-    for name, child in list(model.named_children()):
+    found: List[Tuple[nn.Module, str, nn.Module]] = []
+
+    def walk(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, (EmbeddingBagCollection, EmbeddingCollection)):
+                found.append((module, name, child))
+            else:
+                walk(child)
+
+    walk(model)
+    # Bag modules first, so that the sequence modules can share their tables.
+    owners: Dict[str, HashEmbeddingBagCollection] = {}
+    for parent, name, child in found:
         if isinstance(child, EmbeddingBagCollection):
-            setattr(model, name, convert_ebc(child, fused_params, options, import_weights))
-        elif isinstance(child, EmbeddingCollection):
-            setattr(model, name, convert_ec(child, fused_params, options, import_weights))
-        else:
-            convert(child, fused_params, options, import_weights)
+            hebc = convert_ebc(child, fused_params, options, import_weights)
+            setattr(parent, name, hebc)
+            if share_tables:
+                for table in hebc.tables():
+                    owners.setdefault(table, hebc)
+    for parent, name, child in found:
+        if isinstance(child, EmbeddingCollection):
+            share_with = None
+            if share_tables:
+                mine = {c.name for c in child.embedding_configs()} & set(owners)
+                modules = {id(owners[t]): owners[t] for t in mine}
+                if len(modules) > 1:
+                    raise ValueError(
+                        f"convert: EmbeddingCollection {name!r} shares tables {sorted(mine)} with several "
+                        "EmbeddingBagCollections; one EC can share with one EBC"
+                    )
+                share_with = next(iter(modules.values()), None)
+            setattr(parent, name, convert_ec(child, fused_params, options, import_weights, share_with))
     return model

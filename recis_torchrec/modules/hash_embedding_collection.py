@@ -6,58 +6,27 @@ lookup with every id as a bag of one, so the forward finds (in training,
 inserts) and gathers the rows in one op per table, and the backward sums the
 gradients of repeated ids and applies the fused optimizer to each row once.
 Memory is the unique rows plus the (N, dim) output.
+
+A table can also serve an ``EmbeddingBagCollection``: with
+``share_tables_with=ebc``, tables of the same name are the bag module's own
+tables (one id space, such as item ids in both the candidate and the
+history). The bag module owns them: it saves them, and its fused optimizer
+updates them for both modules.
 """
 
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollectionInterface, get_embedding_names_by_table
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recis_torchrec import ops
 from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin, OptionsArg, build_tables, checked_kjt
 from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.lookup import BagLayout, LookupGroup
+from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
-
-
-class _SequenceLookup(torch.autograd.Function):
-    """Rows of `ids` (one table), unpooled; backward sums each row's gradients and updates it once.
-
-    The forward is the bag module's fused lookup with every id as a bag of
-    one. The backward groups the gradients by row with ``torch.unique`` and
-    ``index_add_`` (a scatter into the unique rows, which stay cache-resident)
-    and applies the fused optimizer with ``sparse_update``: for long
-    sequences this is several times faster than reducing bags of one.
-    """
-
-    @staticmethod
-    def forward(ctx, anchor, group, ids, layout, insert):  # type: ignore[override]
-        n = ids.numel()
-        out, rows = ops.lookup_pooled_forward(
-            group.tables, ids, torch.arange(n + 1, dtype=torch.int64), None, layout.feature_table,
-            layout.feature_mode, layout.feature_col, layout.out_dim, insert, group.clock(),
-        )
-        ctx.group = group
-        ctx.save_for_backward(rows)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (rows,) = ctx.saved_tensors
-        group = ctx.group
-        args = group.optimizer.next_update_args(group.table_names)
-        keep = rows >= 0  # ids not admitted (or eval lookups) get no update
-        grad = grad_output.to(torch.float32)
-        if not bool(keep.all()):
-            rows, grad = rows[keep], grad[keep]
-        if rows.numel():
-            unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-            summed = torch.zeros(unique.numel(), grad.shape[1], dtype=torch.float32).index_add_(0, inverse, grad)
-            ops.sparse_update(group.tables[0], unique, summed, *args[:7], int(args[7][0]))
-        return (None,) * 5
 
 
 class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, FusedOptimizerModule):
@@ -72,6 +41,10 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
             gather strategies for its sharded lookups, with no effect on hash tables.
         fused_params: the fused sparse optimizer (TorchRec keys; default exact SGD).
         options: ``HashTableOptions`` for every table, or by table name.
+        share_tables_with: a hash module (usually a ``HashEmbeddingBagCollection``); each of this
+            module's tables whose name it also holds is that module's table, with its rows, options and
+            fused optimizer. ``tables()``, the state dict and ``fused_optimizer`` here cover only the
+            tables this module owns.
 
     ``forward(kjt) -> Dict[str, JaggedTensor]``: per embedding name (the
     feature name, or ``feature@table`` for a feature several tables read),
@@ -92,6 +65,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         use_gather_select_per_sharding: Optional[Dict[str, bool]] = None,
         fused_params: Optional[Dict[str, Any]] = None,
         options: OptionsArg = None,
+        share_tables_with: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         if device is not None and torch.device(device).type != "cpu":
@@ -100,18 +74,25 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         self._need_indices = need_indices
         self._embedding_configs = tables
         self._optimizer_config = parse_fused_params(fused_params)
-        self._tables: Dict[str, HashTable] = build_tables(tables, self._optimizer_config, options, EmbeddingConfig)
         for c in tables[1:]:
             if c.embedding_dim != tables[0].embedding_dim:
                 raise ValueError(
                     f"All tables in an EmbeddingCollection must have the same embedding_dim; table {c.name!r} has "
                     f"{c.embedding_dim}, the first has {tables[0].embedding_dim}"
                 )
+        borrowed = shared_tables(tables, share_tables_with, "HashEmbeddingCollection")
+        own = [c for c in tables if c.name not in borrowed]
+        self._tables: Dict[str, HashTable] = build_tables(own, self._optimizer_config, options, EmbeddingConfig)
         self._embedding_dim = tables[0].embedding_dim if tables else -1
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
-        # One lookup group per table: each backward counts one update of its own table.
-        self._groups = [LookupGroup([self._tables[c.name]], self._optim) for c in tables]
-        self._layout = BagLayout([0], [ops.POOLING_SUM], [0], max(self._embedding_dim, 1))
+        # One lookup group per table: each backward counts one update of its own table,
+        # through the optimizer of the module that owns the table.
+        self._groups = [
+            LookupGroup([borrowed[c.name][0]], borrowed[c.name][1])
+            if c.name in borrowed
+            else LookupGroup([self._tables[c.name]], self._optim)
+            for c in tables
+        ]
         self._embedding_names_by_table = get_embedding_names_by_table(tables)
         self._feature_names = [c.feature_names for c in tables]
 
@@ -153,12 +134,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         for t, names in enumerate(self._feature_names):
             spans: List[Tuple[int, int]] = [(starts[index[f]], starts[index[f] + 1]) for f in names]
             ids = torch.cat([values[a:b] for a, b in spans]) if len(spans) > 1 else values[spans[0][0] : spans[0][1]]
-            n = ids.numel()
-            if n:
-                g = self._groups[t]
-                rows = _SequenceLookup.apply(g._anchor, g, ids, self._layout, self.training)
-            else:
-                rows = torch.zeros(0, self._embedding_dim)
+            rows = sequence_lookup(self._groups[t], ids, self.training)
             pos = 0
             for j, f in enumerate(names):
                 k = index[f]
@@ -170,6 +146,33 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
                 )
                 pos += cnt
         return out
+
+
+def shared_tables(
+    configs: List[Any], owner: Optional[nn.Module], who: str
+) -> Dict[str, Tuple[HashTable, HashFusedOptimizer]]:
+    """The tables of ``configs`` that ``owner`` holds (same name), with the owner's fused optimizer;
+    their dims must agree."""
+    if owner is None:
+        return {}
+    if not hasattr(owner, "tables") or not isinstance(getattr(owner, "fused_optimizer", None), HashFusedOptimizer):
+        raise TypeError(
+            f"{who}: share_tables_with must be a hash-backed module (HashEmbeddingBagCollection, "
+            f"HashEmbeddingCollection), got {type(owner).__name__}"
+        )
+    theirs = owner.tables()
+    out = {}
+    for c in configs:
+        table = theirs.get(c.name)
+        if table is None:
+            continue
+        if table.dim != c.embedding_dim:
+            raise ValueError(
+                f"{who}: table {c.name!r} has embedding_dim {c.embedding_dim} but the shared table of that name "
+                f"has dim {table.dim}"
+            )
+        out[c.name] = (table, owner.fused_optimizer)
+    return out
 
 
 __all__ = ["HashEmbeddingCollection"]

@@ -92,3 +92,50 @@ class LookupGroup:
     ) -> torch.Tensor:
         """Pooled embeddings ``(B, layout.out_dim)``; backward updates the rows."""
         return _PooledLookup.apply(self._anchor, self, ids, offsets, weights, layout, insert)
+
+
+class _SequenceLookup(torch.autograd.Function):
+    """Rows of `ids` (one table), unpooled; backward sums each row's gradients and updates it once.
+
+    The forward is the bag module's fused lookup with every id as a bag of
+    one. The backward groups the gradients by row with ``torch.unique`` and
+    ``index_add_`` (a scatter into the unique rows, which stay cache-resident)
+    and applies the fused optimizer with ``sparse_update``: for long
+    sequences this is several times faster than reducing bags of one.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, group, ids, layout, insert):  # type: ignore[override]
+        n = ids.numel()
+        out, rows = ops.lookup_pooled_forward(
+            group.tables, ids, torch.arange(n + 1, dtype=torch.int64), None, layout.feature_table,
+            layout.feature_mode, layout.feature_col, layout.out_dim, insert, group.clock(),
+        )
+        ctx.group = group
+        ctx.save_for_backward(rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        group = ctx.group
+        args = group.optimizer.next_update_args(group.table_names)
+        keep = rows >= 0  # ids not admitted (or eval lookups) get no update
+        grad = grad_output.to(torch.float32)
+        if not bool(keep.all()):
+            rows, grad = rows[keep], grad[keep]
+        if rows.numel():
+            unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+            summed = torch.zeros(unique.numel(), grad.shape[1], dtype=torch.float32).index_add_(0, inverse, grad)
+            ops.sparse_update(group.tables[0], unique, summed, *args[:7], int(args[7][0]))
+        return (None,) * 5
+
+
+def sequence_lookup(group: "LookupGroup", ids: torch.Tensor, insert: bool) -> torch.Tensor:
+    """The rows of ``ids`` in the group's single table, ``(N, dim)``, unpooled; backward
+    sums each row's gradients and applies the fused optimizer to it once.
+
+    With no ids the output is ``(0, dim)`` and backward still counts an update,
+    so every rank of a sharded table keeps the same step count."""
+    layout = BagLayout([0], [ops.POOLING_SUM], [0], group.tables[0].dim)
+    return _SequenceLookup.apply(group._anchor, group, ids, layout, insert)

@@ -1,0 +1,338 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""``ShardedHashEmbeddingCollection``: an ``EmbeddingCollection`` whose hash tables are sharded by id.
+
+Every rank holds, for every hash table, the rows of the ids it owns
+(``owner_of(id, world_size)``, as for the bag module, so a table shared with
+an ``EmbeddingBagCollection`` lives on the same ranks). Per step and table:
+
+- input dist: the values of the table's features are deduplicated per owner
+  and each owner gets this rank's distinct ids (``UniqueIdsAwaitable``);
+- compute: the owner looks the ids up (inserting new ones in training);
+- output dist: the owner returns one row per id, and the requester expands
+  them to its values (``sequence_output_dist``) and splits them into one
+  ``JaggedTensor`` per feature, with the input's lengths.
+
+Backward sums the gradients of repeated ids on the requester, sends one
+gradient row per distinct id back (divided by the world size under TorchRec's
+gradient division, as its sequence all-to-all does), and the owner applies
+the fused optimizer to each row once.
+
+Tables the plan gives to TorchRec's own sharding types live in a TorchRec
+``ShardedEmbeddingCollection`` child; both outputs are merged into one dict in
+the original EC's order.
+"""
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
+from torchrec.distributed.embedding_types import KJTList
+from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardedModule, ShardingEnv
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection, get_embedding_names_by_table
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+from torchrec.streamable import Multistreamable
+
+from recis_torchrec import ops
+from recis_torchrec.distributed.comm import SeqDistContext, UniqueIdsAwaitable, sequence_output_dist
+from recis_torchrec.modules.hash_embedding_bag import OptionsArg, checked_kjt, load_tables, resolve_options, save_tables
+from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
+from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
+
+# Looks up a table shared with another module: name -> (table, its fused optimizer), or None.
+SharedTableLookup = Callable[[str], Optional[Tuple[HashTable, HashFusedOptimizer]]]
+
+
+class HashECContext(Multistreamable):
+    """Per-step state of a sharded hash EC, from input dist to output dist."""
+
+    def __init__(self, num_tables: int) -> None:
+        self.tables = [SeqDistContext() for _ in range(num_tables)]
+        # Per hash table: (embedding name, lengths, ids) of each of its features.
+        self.features: List[List[Tuple[str, torch.Tensor, torch.Tensor]]] = []
+        self.torchrec_ctx: Optional[Multistreamable] = None
+        self.num_torchrec_inputs = 0
+        self.sharding_contexts: List[Any] = []
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        if self.torchrec_ctx is not None:
+            self.torchrec_ctx.record_stream(stream)
+
+    def bytes_sent(self) -> int:
+        """Bytes this rank put on the wire for the hash tables' input dist."""
+        return sum(t.bytes_sent for t in self.tables)
+
+
+class _MergedAwaitable(LazyAwaitable[Dict[str, JaggedTensor]]):
+    """The output dict: hash tables' JaggedTensors and TorchRec's, in the original EC's order."""
+
+    def __init__(
+        self,
+        ours: Dict[str, JaggedTensor],
+        torchrec_out: Optional[Awaitable[Dict[str, JaggedTensor]]],
+        order: List[str],
+    ) -> None:
+        super().__init__()
+        self._ours = ours
+        self._torchrec_out = torchrec_out
+        self._order = order
+
+    def _wait_impl(self) -> Dict[str, JaggedTensor]:
+        if self._torchrec_out is None:
+            return self._ours
+        theirs = self._torchrec_out.wait()
+        return {n: self._ours[n] if n in self._ours else theirs[n] for n in self._order}
+
+
+class ShardedHashEmbeddingCollection(
+    ShardedModule[KJTList, Tuple[Any, List[torch.Tensor]], Dict[str, JaggedTensor], HashECContext],
+    FusedOptimizerModule,
+):
+    """The sharded form of a ``torchrec.EmbeddingCollection`` whose tables (all or
+    some) the plan puts on hash sharding.
+
+    Args:
+        module: the unsharded EC. If its weights are materialised, each rank
+            imports the rows of the ids ``0..num_embeddings-1`` it owns.
+        hash_params: the plan entries of the hash-sharded tables.
+        env: the sharding environment (process group).
+        fused_params: TorchRec-style sparse optimizer parameters.
+        options: ``HashTableOptions`` for all tables or by table name.
+        torchrec_child: TorchRec's sharded module for the other tables, if any.
+        module_fqn: the module's path in the model, for messages.
+        shared: tables this module takes from a hash-sharded
+            ``EmbeddingBagCollection`` (same name), resolved on the first
+            forward, when every module of the model has been sharded; the
+            bag module owns, saves and updates them.
+        shared_names: the names ``shared`` is asked for.
+    """
+
+    def __init__(
+        self,
+        module: EmbeddingCollection,
+        hash_params: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        fused_params: Optional[Dict[str, Any]] = None,
+        options: OptionsArg = None,
+        torchrec_child: Optional[ShardedModule] = None,
+        module_fqn: Optional[str] = None,
+        shared: Optional[SharedTableLookup] = None,
+        shared_names: Tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self._fqn = module_fqn or "EmbeddingCollection"
+        if env.process_group is None:
+            raise ValueError(f"{self._fqn}: hash sharding needs a process group (ShardingEnv.from_process_group)")
+        self._pg = env.process_group
+        self._world_size = env.world_size
+        self._rank = env.rank
+        if dist.get_world_size(self._pg) != self._world_size:
+            raise ValueError(
+                f"{self._fqn}: the sharding env says world size {self._world_size} "
+                f"but the process group has {dist.get_world_size(self._pg)} ranks"
+            )
+        configs = module.embedding_configs()
+        self._embedding_configs = configs
+        self._need_indices = module.need_indices()
+        self._embedding_dim = module.embedding_dim()
+        self._hash_configs = [c for c in configs if c.name in hash_params]
+        self._shared = shared
+        self._shared_names = set(shared_names) & {c.name for c in self._hash_configs}
+        own = [c for c in self._hash_configs if c.name not in self._shared_names]
+        self._optimizer_config = parse_fused_params(fused_params)
+        per_table_options = resolve_options(self._hash_configs, options)
+        self._tables: Dict[str, HashTable] = {
+            c.name: HashTable(
+                name=c.name,
+                dim=c.embedding_dim,
+                state_dim=self._optimizer_config.state_dim(c.embedding_dim),
+                options=per_table_options[c.name],
+                num_embeddings=(c.num_embeddings + self._world_size - 1) // self._world_size,
+                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
+            )
+            for c in own
+        }
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
+        # One lookup group per hash table, in config order; shared ones are filled in on first use.
+        self._groups: List[Optional[LookupGroup]] = [
+            None if c.name in self._shared_names else LookupGroup([self._tables[c.name]], self._optim)
+            for c in self._hash_configs
+        ]
+        self.torchrec = torchrec_child
+
+        names_by_table = get_embedding_names_by_table(configs)
+        self._embedding_names = [n for names in names_by_table for n in names]
+        hash_names = set(hash_params)
+        self._table_features: List[List[Tuple[str, str]]] = [
+            list(zip(c.feature_names, names)) for c, names in zip(configs, names_by_table) if c.name in hash_names
+        ]
+        self._import_unsharded_weights(module)
+
+    def _import_unsharded_weights(self, module: EmbeddingCollection) -> None:
+        """Rows 0..num_embeddings-1 of the unsharded EC become ids, each on its owner."""
+        embeddings = getattr(module, "embeddings", None)
+        for c in self._hash_configs:
+            if c.name not in self._tables or embeddings is None:
+                continue
+            weight = getattr(embeddings[c.name], "weight", None)
+            if weight is None or weight.is_meta:
+                continue
+            ids = torch.arange(weight.shape[0], dtype=torch.int64)
+            mine = ops.owner_of(ids, self._world_size) == self._rank
+            self._tables[c.name].import_(ids[mine], weight.detach()[mine].to(torch.float32).cpu().contiguous(), None)
+
+    def _resolve_shared(self) -> None:
+        for t, c in enumerate(self._hash_configs):
+            if self._groups[t] is not None:
+                continue
+            found = self._shared(c.name) if self._shared is not None else None
+            if found is None:
+                raise ValueError(
+                    f"{self._fqn}: table {c.name!r} is to be shared with an EmbeddingBagCollection, but no "
+                    "hash-sharded EmbeddingBagCollection of this model has a table of that name"
+                )
+            table, optim = found
+            if table.dim != c.embedding_dim:
+                raise ValueError(
+                    f"{self._fqn}: table {c.name!r} has embedding_dim {c.embedding_dim} but the shared table of "
+                    f"that name has dim {table.dim}"
+                )
+            self._groups[t] = LookupGroup([table], optim)
+
+    # -- TorchRec interface ----------------------------------------------------
+
+    @property
+    def unsharded_module_type(self) -> type:
+        return EmbeddingCollection
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        if self.torchrec is None:
+            return self._optim
+        return CombinedOptimizer([("", self._optim), ("torchrec", self.torchrec.fused_optimizer)])
+
+    def embedding_configs(self) -> List[EmbeddingConfig]:
+        return self._embedding_configs
+
+    def need_indices(self) -> bool:
+        return self._need_indices
+
+    def embedding_dim(self) -> int:
+        return self._embedding_dim
+
+    def tables(self) -> Dict[str, HashTable]:
+        """This rank's shard of every hash table this module owns."""
+        return dict(self._tables)
+
+    def table_stats(self) -> Dict[str, Dict[str, int]]:
+        return {name: t.info() for name, t in self._tables.items()}
+
+    def create_context(self) -> HashECContext:
+        return HashECContext(len(self._hash_configs))
+
+    # -- input dist ------------------------------------------------------------
+
+    def input_dist(self, ctx: HashECContext, features: KeyedJaggedTensor) -> KJTListSplitsAwaitable:
+        if not isinstance(features, KeyedJaggedTensor):
+            raise TypeError(f"{self._fqn} expects a KeyedJaggedTensor, got {type(features).__name__}")
+        if self._groups and any(g is None for g in self._groups):
+            self._resolve_shared()
+        awaitables: List[Any] = []
+        if self.torchrec is not None:
+            ctx.torchrec_ctx = self.torchrec.create_context()
+            request = self.torchrec.input_dist(ctx.torchrec_ctx, features)
+            awaitables.extend(request.awaitables)
+            ctx.num_torchrec_inputs = len(request.awaitables)
+            ctx.sharding_contexts = list(getattr(ctx.torchrec_ctx, "sharding_contexts", []))
+        ctx.sharding_contexts += [None] * len(self._hash_configs)
+        keys = features.keys()
+        index = {k: i for i, k in enumerate(keys)}
+        for t, feats in enumerate(self._table_features):
+            for f, _ in feats:
+                if f not in index:
+                    raise KeyError(
+                        f"{self._fqn}: feature {f!r} (table {self._hash_configs[t].name!r}) is missing from the "
+                        f"KeyedJaggedTensor, whose keys are {list(keys)}"
+                    )
+        with torch.no_grad():
+            values, _, _, batch = checked_kjt(features, False, self._fqn)
+            lengths = features.lengths().to(torch.int64)
+            per_key = lengths.view(len(keys), batch).sum(1).tolist() if batch else [0] * len(keys)
+            starts = [0]
+            for n in per_key:
+                starts.append(starts[-1] + n)
+            for t, feats in enumerate(self._table_features):
+                pieces, described = [], []
+                for f, name in feats:
+                    k = index[f]
+                    ids = values[starts[k] : starts[k + 1]]
+                    pieces.append(ids)
+                    described.append((name, lengths[k * batch : (k + 1) * batch], ids))
+                ctx.features.append(described)
+                ids = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+                awaitables.append(UniqueIdsAwaitable(ids, self._hash_configs[t].name, self._pg, ctx.tables[t]))
+        return KJTListSplitsAwaitable(awaitables, ctx, self._fqn)
+
+    # -- compute and output dist -------------------------------------------------
+
+    def compute(self, ctx: HashECContext, dist_input: KJTList) -> Tuple[Any, List[torch.Tensor]]:
+        torchrec_out = None
+        n = ctx.num_torchrec_inputs
+        if self.torchrec is not None:
+            torchrec_out = self.torchrec.compute(ctx.torchrec_ctx, KJTList(list(dist_input)[:n]))
+        rows = [
+            sequence_lookup(group, dist_input[n + t].values(), self.training) for t, group in enumerate(self._groups)
+        ]
+        return torchrec_out, rows
+
+    def output_dist(
+        self, ctx: HashECContext, output: Tuple[Any, List[torch.Tensor]]
+    ) -> LazyAwaitable[Dict[str, JaggedTensor]]:
+        torchrec_out, rows = output
+        ours: Dict[str, JaggedTensor] = {}
+        for t, r in enumerate(rows):
+            embeddings = sequence_output_dist(r, self._pg, ctx.tables[t])
+            sizes = [ids.numel() for _, _, ids in ctx.features[t]]
+            for (name, lengths, ids), values in zip(ctx.features[t], embeddings.split(sizes)):
+                ours[name] = JaggedTensor(
+                    values=values, lengths=lengths, weights=ids if self._need_indices else None
+                )
+        torchrec_awaitable = (
+            self.torchrec.output_dist(ctx.torchrec_ctx, torchrec_out) if self.torchrec is not None else None
+        )
+        return _MergedAwaitable(ours, torchrec_awaitable, self._embedding_names)
+
+    # -- state dict ------------------------------------------------------------
+    # This rank's rows of each table it owns, as "embeddings.{table}.weight"
+    # and ".ids". Loading keeps only the ids this rank owns, so a full
+    # (unsharded) state dict loads on every rank.
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_tables(self._tables, destination, prefix, section="embeddings")
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        def mine(ids: torch.Tensor) -> torch.Tensor:
+            return ops.owner_of(ids, self._world_size) == self._rank
+
+        used = load_tables(
+            self._tables, state_dict, prefix, missing_keys, error_msgs, keep=mine, section="embeddings"
+        )
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k not in used},
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+
+
+__all__ = ["HashECContext", "ShardedHashEmbeddingCollection"]
