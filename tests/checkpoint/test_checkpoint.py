@@ -310,3 +310,56 @@ def test_save_at_two_load_at_one_and_two_and_back(tmp_path):
     got = [torch.load(os.path.join(root, f"from1-loaded2-rank{r}.pt")) for r in range(2)]
     for i in range(3):
         torch.testing.assert_close(torch.cat([got[0][i], got[1][i]]), expected[i], atol=1e-5, rtol=1e-5)
+
+
+# -- sequence tables -------------------------------------------------------------------
+
+
+def _ec_save_worker(rank: int, world_size: int, directory: str) -> None:
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    from tests.distributed.test_sharded_ec import SeqTower, rank_batch as seq_batch
+
+    torch.manual_seed(0)
+    model = SeqTower(with_ebc=True)
+    dmp = DistributedModelParallel(
+        model, sharders=rt.sharders(FUSED), plan=rt.plan(model, world_size, share_tables=True)
+    )
+    opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
+    for step in range(3):
+        logits, _ = dmp(seq_batch(step, rank, world_size))
+        opt.zero_grad()
+        loss_of(logits).backward()
+        opt.step()
+    refs = checkpoint.files.hash_tables(dmp)
+    # The shared table is saved once, under the EBC that owns it.
+    assert sorted(r.key for r in refs) == ["ebc/item", "ec/users"]
+    checkpoint.save(directory, dmp, opt, step=3)
+
+
+def test_sequence_and_shared_tables_save_sharded_and_load_unsharded(tmp_path):
+    from tests.distributed.test_sharded_ec import FUSED as SEQ_FUSED, SeqTower, union_batch as seq_union
+
+    directory = str(tmp_path / "ckpt")
+    run_ranks(_ec_save_worker, world_size=2, args=(directory,), timeout=300)
+
+    # The same three steps unsharded, on the union batches.
+    torch.manual_seed(0)
+    reference = rt.convert(SeqTower(with_ebc=True), fused_params=SEQ_FUSED, share_tables=True)
+    opt = torch.optim.SGD(reference.dense.parameters(), lr=0.05)
+    for step in range(3):
+        logits, _ = reference(seq_union(step, 2))
+        opt.zero_grad()
+        (sum(loss_of(part) for part in logits.split(BATCH)) / 2).backward()
+        opt.step()
+
+    torch.manual_seed(1)
+    fresh = rt.convert(SeqTower(with_ebc=True), fused_params=SEQ_FUSED, share_tables=True, import_weights=False)
+    fresh_opt = torch.optim.SGD(fresh.dense.parameters(), lr=0.05)
+    checkpoint.load(directory, fresh, fresh_opt)
+    assert_same_rows(table_rows(fresh), table_rows(reference))
+    assert fresh.ec._groups[0].tables[0] is fresh.ebc.tables()["item"]
+    kjt = seq_union(5, 2)
+    fresh.eval()
+    reference.eval()
+    torch.testing.assert_close(fresh(kjt)[0], reference(kjt)[0], atol=1e-5, rtol=1e-5)
