@@ -44,6 +44,9 @@ def seq_pool(jt, batch: int) -> torch.Tensor:
     return torch.zeros(batch, jt.values().shape[1]).index_add_(0, sample, torch.tanh(jt.values()) * w[:, None])
 
 
+torch.fx.wrap("seq_pool")  # a leaf for TrainPipelineSparseDist's tracer
+
+
 class SeqTower(torch.nn.Module):
     """An EC (and optionally an EBC reading the same item table) feeding a linear layer."""
 
@@ -180,3 +183,82 @@ def _parity_worker(rank: int, world_size: int) -> None:
 
 def test_sharded_ec_equals_unsharded_on_the_union_batch():
     run_ranks(_parity_worker, world_size=2, timeout=400)
+
+
+class _PipelinedSeqTower(torch.nn.Module):
+    def __init__(self, tower: SeqTower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, batch):
+        logits, _ = self.tower(batch.sparse_features)
+        return loss_of(logits), logits.detach()
+
+
+def _pipeline_and_errors_worker(rank: int, world_size: int) -> None:
+    from torchrec.datasets.utils import Batch
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    batches = [
+        Batch(
+            dense_features=torch.zeros(BATCH[rank], 1),
+            sparse_features=rank_batch(step, rank, world_size),
+            labels=torch.zeros(BATCH[rank]),
+        )
+        for step in range(STEPS)
+    ]
+    results = []
+    for pipelined in (False, True):
+        torch.manual_seed(0)
+        model = _PipelinedSeqTower(SeqTower(with_ebc=True))
+        plan = rt.plan(model, world_size, share_tables=True)
+        dmp = DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=plan)
+        opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
+        outputs = []
+        if pipelined:
+            pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), execute_all_batches=True)
+            it = iter(batches)
+            for _ in range(STEPS):
+                outputs.append(pipeline.progress(it))
+        else:
+            for batch in batches:
+                opt.zero_grad()
+                loss, out = dmp(batch)
+                loss.backward()
+                opt.step()
+                outputs.append(out)
+        tables = {n: rows_of(t) for n, t in dmp.module.tower.ebc.tables().items()}
+        tables.update({n: rows_of(t) for n, t in dmp.module.tower.ec.tables().items()})
+        results.append((outputs, tables))
+    (plain, plain_tables), (piped, piped_tables) = results
+    for a, b in zip(plain, piped):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    assert sorted(plain_tables) == ["item", "users"]
+    for n in plain_tables:
+        assert plain_tables[n].keys() == piped_tables[n].keys()
+        for i in plain_tables[n]:
+            torch.testing.assert_close(piped_tables[n][i], plain_tables[n][i], atol=1e-6, rtol=1e-6)
+
+    # Errors name the module, table or feature.
+    torch.manual_seed(0)
+    model = SeqTower()
+    dmp = DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=rt.plan(model, world_size))
+    with pytest.raises(KeyError, match="feature 'user' .*missing"):
+        dmp(KeyedJaggedTensor(["hist", "cand"], torch.tensor([1, 2]), lengths=torch.tensor([1, 0, 1, 0, 0, 0])))
+    with pytest.raises(TypeError, match="must be int64 or int32"):
+        dmp(KeyedJaggedTensor(KEYS[:3], torch.tensor([1.0]), lengths=torch.tensor([1, 0, 0])))
+    # A plan that shares a table no hash-sharded EBC has.
+    model = SeqTower()
+    plan = rt.plan(model, world_size, share_tables=True)
+    plan.plan["ec"]["users"].compute_kernel = rt.distributed.HASH_SHARED
+    dmp = DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=plan)
+    with pytest.raises(ValueError, match="table 'users' is to be shared"):
+        dmp(rank_batch(0, rank, world_size))
+    # A world size the plan was not made for.
+    model = SeqTower()
+    with pytest.raises(ValueError, match="planned over 3 ranks but the world size is 2"):
+        DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=rt.plan(model, 3))
+
+
+def test_train_pipeline_equals_plain_loop_and_errors_name_the_culprit():
+    run_ranks(_pipeline_and_errors_worker, world_size=2, timeout=300)

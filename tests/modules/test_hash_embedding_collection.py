@@ -125,3 +125,43 @@ def test_bad_input_names_the_feature():
     with pytest.raises(ValueError, match="same embedding_dim"):
         rt.HashEmbeddingCollection([EmbeddingConfig(name="a", embedding_dim=4, num_embeddings=5),
                                     EmbeddingConfig(name="b", embedding_dim=8, num_embeddings=5)])
+
+
+def test_shared_table_with_an_ebc_unsharded():
+    """One item table: the EBC pools the candidate, the EC returns the history; rows are shared."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection
+
+    model = torch.nn.Module()
+    model.ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="item", embedding_dim=4, num_embeddings=10,
+                                                           feature_names=["candidate"])])
+    model.ec = EmbeddingCollection([EmbeddingConfig(name="item", embedding_dim=4, num_embeddings=10,
+                                                    feature_names=["history"])])
+    ebc_weight = model.ebc.embedding_bags["item"].weight.detach().clone()
+    rt.convert(model, fused_params={"optimizer": "exact_sgd", "learning_rate": 1.0}, share_tables=True)
+    assert model.ec.tables() == {}  # owned by the EBC
+    assert sorted(model.ec.state_dict()) == []
+    kjt = KeyedJaggedTensor(["candidate", "history"], torch.tensor([3, 3, 3, 7]), lengths=torch.tensor([1, 3]))
+    pooled = model.ebc(kjt).values()
+    seq = model.ec(kjt)["history"].values()
+    torch.testing.assert_close(pooled[0], ebc_weight[3])  # the EBC's weights were imported
+    torch.testing.assert_close(seq, ebc_weight[[3, 3, 7]])
+    (pooled.sum() + seq.sum()).backward()
+    # id 3: one gradient from the EBC's update, then two (summed) from the EC's; lr 1, SGD.
+    rows = model.ebc.tables()["item"].lookup(torch.tensor([3, 7]))
+    torch.testing.assert_close(rows, torch.stack([ebc_weight[3] - 3.0, ebc_weight[7] - 1.0]))
+    assert model.ebc.fused_optimizer.steps() == {"item": 2}
+
+    with pytest.raises(ValueError, match="table 'item' has embedding_dim 8 but the shared table"):
+        rt.HashEmbeddingCollection([EmbeddingConfig(name="item", embedding_dim=8, num_embeddings=10)],
+                                   share_tables_with=model.ebc)
+    with pytest.raises(TypeError, match="share_tables_with must be a hash-backed module"):
+        rt.HashEmbeddingCollection([EmbeddingConfig(name="item", embedding_dim=4, num_embeddings=10)],
+                                   share_tables_with=torch.nn.Linear(1, 1))
+
+
+def test_variable_batch_per_feature_is_a_clear_error():
+    hec = rt.convert(make_ec())
+    kjt = KeyedJaggedTensor(["history", "candidate", "user"], torch.tensor([1, 2, 3]),
+                            lengths=torch.tensor([1, 1, 1]), stride_per_key_per_rank=[[1], [1], [1]])
+    with pytest.raises(NotImplementedError, match="variable batch size per feature"):
+        hec(kjt)
