@@ -31,10 +31,13 @@ WITH_CUDA = os.environ.get("RECIS_CUDA", "0") == "1"
 if WITH_CUDA:
     sources += sorted(glob.glob(os.path.join("csrc", "features", "*.cu")))
     sources += [os.path.join("csrc", "features", "features_cuda_ops.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    sources += [os.path.join("csrc", "cuda", "gpu_table_ops.cpp")]
 Extension = CUDAExtension if WITH_CUDA else CppExtension
 compile_args = {"cxx": _cxx_flags()}
 if WITH_CUDA:
-    compile_args["nvcc"] = ["-O3", "-DNDEBUG"]
+    # -fmad=false: no fused multiply-adds, so a GPU table's initial rows equal the CPU's bit for bit.
+    compile_args["nvcc"] = ["-O3", "-DNDEBUG", "-fmad=false"]
 
 setup(
     packages=find_packages(include=["recis_torchrec", "recis_torchrec.*"]),

@@ -31,19 +31,45 @@ struct InitSpec {
 
 namespace detail {
 
-inline uint64_t row_stream(uint64_t seed, int64_t key) {
+RECIS_HD inline uint64_t row_stream(uint64_t seed, int64_t key) {
   return mix64(static_cast<uint64_t>(key) ^ mix64(seed + 0x632be59bd9b4e019ULL));
 }
 
 // Standard normal from two independent uniform words (Box-Muller, one output).
-inline float std_normal(uint64_t w0, uint64_t w1) {
+RECIS_HD inline float std_normal(uint64_t w0, uint64_t w1) {
   // u0 in (0, 1]: avoids log(0).
   const float u0 = 1.0f - unit_float(w0);
   const float u1 = unit_float(w1);
-  return std::sqrt(-2.0f * std::log(u0)) * std::cos(6.28318530717958647692f * u1);
+  return sqrtf(-2.0f * logf(u0)) * cosf(6.28318530717958647692f * u1);
 }
 
 }  // namespace detail
+
+// Element j of `key`'s initial row (what init_row writes at dst[j]).
+RECIS_HD inline float init_element(int64_t key, int64_t j, const InitSpec& spec) {
+  const uint64_t stream = detail::row_stream(spec.seed, key);
+  switch (spec.kind) {
+    case InitKind::kUniform:
+      return spec.a + (spec.b - spec.a) * unit_float(splitmix64(stream + static_cast<uint64_t>(j)));
+    case InitKind::kNormal: {
+      const uint64_t c = stream + 2 * static_cast<uint64_t>(j);
+      return spec.a + spec.b * detail::std_normal(splitmix64(c), splitmix64(c + 1));
+    }
+    case InitKind::kTruncatedNormal: {
+      float z = 0.0f;
+      for (uint64_t attempt = 0; attempt < 64; ++attempt) {
+        const uint64_t c = stream ^ mix64((static_cast<uint64_t>(j) << 7) | (attempt << 1));
+        z = detail::std_normal(splitmix64(c), splitmix64(c + 1));
+        if (z >= -2.0f && z <= 2.0f) break;
+      }
+      z = z < -2.0f ? -2.0f : (z > 2.0f ? 2.0f : z);
+      return spec.a + spec.b * z;
+    }
+    case InitKind::kConstant:
+      return spec.a;
+  }
+  return 0.0f;
+}
 
 // Writes the initial `dim` floats of `key`'s row into dst (dim,).
 inline void init_row(float* dst, int64_t key, int64_t dim, const InitSpec& spec) {

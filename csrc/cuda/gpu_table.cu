@@ -1,0 +1,555 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// The GPU hash table and its kernels; see gpu_table.h for the design.
+#include "gpu_table.h"
+
+#include <cub/cub.cuh>
+
+#include <stdexcept>
+#include <string>
+
+namespace recis {
+namespace cuda {
+
+using hashtable::init_element;
+using hashtable::InitSpec;
+using hashtable::mix64;
+using hashtable::OptimParams;
+using hashtable::OptimType;
+using hashtable::WeightDecayMode;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("recis CUDA: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kMaxDim = 1024;  // the backward keeps a row's gradient in registers
+constexpr uint32_t kEmpty = 0, kClaiming = 1, kReady = 2;
+
+__device__ __forceinline__ uint32_t load_state(const uint32_t* p) { return *reinterpret_cast<const volatile uint32_t*>(p); }
+__device__ __forceinline__ int64_t load64(const int64_t* p) { return *reinterpret_cast<const volatile int64_t*>(p); }
+
+struct RowAddr {
+  float* const* blocks;
+  int64_t block_rows;
+  int64_t stride;
+  __device__ __forceinline__ float* operator()(int64_t row) const {
+    return blocks[row / block_rows] + (row % block_rows) * stride;
+  }
+};
+
+struct IdMapView {
+  int64_t* keys;
+  uint32_t* state;
+  int64_t* slot_row;
+  uint64_t mask;
+};
+
+// The row of `key`, or -1. A slot being claimed is waited for: its key may be ours.
+__device__ int64_t probe_find(const IdMapView& m, int64_t key) {
+  uint64_t s = mix64(static_cast<uint64_t>(key)) & m.mask;
+  for (uint64_t i = 0; i <= m.mask; ++i) {
+    uint32_t st = load_state(m.state + s);
+    if (st == kEmpty) return -1;
+    while (st == kClaiming) st = load_state(m.state + s);
+    __threadfence();
+    if (load64(m.keys + s) == key) return load64(m.slot_row + s);
+    s = (s + 1) & m.mask;
+  }
+  return -1;
+}
+
+// The row of `key`, inserting it (with its initial row) if absent. The host
+// keeps the load factor <= 0.5 and enough row blocks for every key of the launch.
+__device__ int64_t probe_insert(const IdMapView& m, int64_t key, unsigned long long* count, RowAddr addr,
+                                int64_t dim, int64_t state_dim, InitSpec init) {
+  uint64_t s = mix64(static_cast<uint64_t>(key)) & m.mask;
+  for (;;) {
+    uint32_t st = load_state(m.state + s);
+    if (st == kEmpty) {
+      if (atomicCAS(m.state + s, kEmpty, kClaiming) == kEmpty) {
+        const int64_t row = static_cast<int64_t>(atomicAdd(count, 1ULL));
+        m.keys[s] = key;
+        m.slot_row[s] = row;
+        float* r = addr(row);
+        for (int64_t j = 0; j < dim; ++j) r[j] = init_element(key, j, init);
+        for (int64_t j = 0; j < state_dim; ++j) r[dim + j] = 0.0f;
+        __threadfence();
+        atomicExch(m.state + s, kReady);
+        return row;
+      }
+      st = load_state(m.state + s);
+    }
+    while (st == kClaiming) st = load_state(m.state + s);
+    __threadfence();
+    if (load64(m.keys + s) == key) return load64(m.slot_row + s);
+    s = (s + 1) & m.mask;
+  }
+}
+
+__global__ void find_kernel(IdMapView m, const int64_t* ids, int64_t n, int64_t* rows) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) rows[i] = probe_find(m, ids[i]);
+}
+
+__global__ void insert_kernel(IdMapView m, const int64_t* ids, int64_t n, int64_t* rows, unsigned long long* count,
+                              RowAddr addr, int64_t dim, int64_t state_dim, InitSpec init) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) rows[i] = probe_insert(m, ids[i], count, addr, dim, state_dim, init);
+}
+
+// Moves the ready slots of `from` into `to` (distinct keys: no waiting needed).
+__global__ void rehash_kernel(IdMapView from, uint64_t from_slots, IdMapView to) {
+  const uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x;
+  if (i >= from_slots || from.state[i] != kReady) return;
+  const int64_t key = from.keys[i];
+  uint64_t s = mix64(static_cast<uint64_t>(key)) & to.mask;
+  while (atomicCAS(to.state + s, kEmpty, kReady) != kEmpty) s = (s + 1) & to.mask;
+  to.keys[s] = key;
+  to.slot_row[s] = from.slot_row[i];
+}
+
+__global__ void export_kernel(IdMapView m, uint64_t slots, int64_t* ids, int64_t* rows, unsigned long long* next) {
+  const uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x;
+  if (i >= slots || m.state[i] != kReady) return;
+  const unsigned long long k = atomicAdd(next, 1ULL);
+  ids[k] = m.keys[i];
+  rows[k] = m.slot_row[i];
+}
+
+__global__ void gather_kernel(RowAddr addr, const int64_t* rows, int64_t n, float* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n * addr.stride) return;
+  const int64_t r = i / addr.stride, j = i % addr.stride;
+  out[i] = addr(rows[r])[j];
+}
+
+__global__ void scatter_kernel(RowAddr addr, const int64_t* rows, const float* values, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n * addr.stride) return;
+  const int64_t r = i / addr.stride, j = i % addr.stride;
+  addr(rows[r])[j] = values[i];
+}
+
+// One warp per bag; lanes stride over the row in VEC-float vectors.
+template <int VEC>
+__global__ void pooled_forward_kernel(RowAddr addr, const int64_t* ids, const int64_t* rows, const int64_t* offsets,
+                                      const float* weights, int64_t num_bags, int mode, float* out,
+                                      int64_t out_stride, int64_t col, int64_t dim, InitSpec init) {
+  const int64_t bag = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (bag >= num_bags) return;
+  const int64_t begin = offsets[bag], end = offsets[bag + 1];
+  const float scale = (mode == kPoolMean && end > begin) ? 1.0f / static_cast<float>(end - begin) : 1.0f;
+  float* dst = out + bag * out_stride + col;
+  for (int64_t q = lane; q * VEC < dim; q += kWarp) {
+    float acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = 0.0f;
+    for (int64_t i = begin; i < end; ++i) {
+      const float w = weights != nullptr ? weights[i] : 1.0f;
+      const int64_t row = rows[i];
+      if (row >= 0) {
+        const float* src = addr(row) + q * VEC;
+        if constexpr (VEC == 4) {
+          const float4 x = *reinterpret_cast<const float4*>(src);
+          acc[0] += w * x.x;
+          acc[1] += w * x.y;
+          acc[2] += w * x.z;
+          acc[3] += w * x.w;
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[v] += w * src[v];
+        }
+      } else {
+        // Absent in evaluation: the id's initial row, computed in place.
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[v] += w * init_element(ids[i], q * VEC + v, init);
+      }
+    }
+    if constexpr (VEC == 4) {
+      *reinterpret_cast<float4*>(dst + q * VEC) =
+          make_float4(acc[0] * scale, acc[1] * scale, acc[2] * scale, acc[3] * scale);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) dst[q * VEC + v] = acc[v] * scale;
+    }
+  }
+}
+
+// Which bag each value is in (binary search over the offsets).
+__global__ void bag_of_value_kernel(const int64_t* offsets, int64_t num_bags, int64_t n, int64_t* bag_of) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  int64_t lo = 0, hi = num_bags;  // the last bag b with offsets[b] <= i
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (offsets[mid] <= i) lo = mid; else hi = mid;
+  }
+  bag_of[i] = lo;
+}
+
+__global__ void iota_kernel(int64_t* out, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = i;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// One warp per distinct row: sum its gradient contributions, update it in place.
+__global__ void update_kernel(RowAddr addr, const int64_t* unique_rows, const int64_t* run_counts,
+                              const int64_t* run_starts, const int* num_runs, const int64_t* sorted_values,
+                              const int64_t* bag_of, const int64_t* offsets, const float* weights, int mode,
+                              const float* grad, int64_t grad_stride, int64_t col, int64_t dim, OptimParams p,
+                              float adam_step_size) {
+  const int64_t run = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (run >= *num_runs) return;
+  const int64_t row = unique_rows[run];
+  if (row < 0) return;  // not admitted, or looked up in evaluation
+  const int64_t begin = run_starts[run], end = begin + run_counts[run];
+  constexpr int kPerLane = kMaxDim / kWarp;
+  float g[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) g[k] = 0.0f;
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t v = sorted_values[j];
+    const int64_t b = bag_of[v];
+    float s = weights != nullptr ? weights[v] : 1.0f;
+    if (mode == kPoolMean) s /= static_cast<float>(offsets[b + 1] - offsets[b]);
+    const float* gb = grad + b * grad_stride + col;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+      if (d < dim) g[k] += s * gb[d];
+    }
+  }
+  float* w = addr(row);
+  float* state = w + dim;
+  const float lr = p.lr, eps = p.eps;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+    if (d >= dim) continue;
+    if (p.wd_mode == WeightDecayMode::kL2 && p.weight_decay != 0.0f) {
+      g[k] += p.weight_decay * w[d];
+    } else if (p.wd_mode == WeightDecayMode::kDecoupled && p.weight_decay != 0.0f) {
+      w[d] *= 1.0f - lr * p.weight_decay;
+    }
+  }
+  if (p.type == OptimType::kRowWiseAdagrad) {
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) sq += g[k] * g[k];  // zero beyond dim
+    sq = warp_sum(sq);
+    const float m = state[0] + sq / static_cast<float>(dim);
+    const float mult = lr / (sqrtf(m) + eps);
+    __syncwarp();
+    if (lane == 0) state[0] = m;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+      if (d < dim) w[d] -= mult * g[k];
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+    if (d >= dim) continue;
+    switch (p.type) {
+      case OptimType::kSGD:
+        w[d] -= lr * g[k];
+        break;
+      case OptimType::kAdagrad: {
+        const float s = state[d] + g[k] * g[k];
+        state[d] = s;
+        w[d] -= lr * g[k] / (sqrtf(s) + eps);
+        break;
+      }
+      case OptimType::kAdam: {
+        float* m = state;
+        float* v = state + dim;
+        const float md = m[d] + (g[k] - m[d]) * (1.0f - p.beta1);
+        const float vd = v[d] + (g[k] * g[k] - v[d]) * (1.0f - p.beta2);
+        m[d] = md;
+        v[d] = vd;
+        w[d] -= adam_step_size * md / (sqrtf(vd) + eps);
+        break;
+      }
+      default:
+        break;
+    }
+  }
+}
+
+__global__ void owner_kernel(const int64_t* ids, int64_t n, int64_t world_size, int64_t* owner) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) owner[i] = hashtable::owner_of(ids[i], world_size);
+}
+
+__global__ void count_kernel(const int64_t* owner, int64_t n, unsigned long long* counts) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) atomicAdd(counts + owner[i], 1ULL);  // integer counts; no float atomics
+}
+
+unsigned grid(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
+
+template <typename T>
+T* device_alloc(int64_t n, cudaStream_t stream, const char* what) {
+  void* p = nullptr;
+  check(cudaMallocAsync(&p, static_cast<size_t>(n > 0 ? n : 1) * sizeof(T), stream), what);
+  return static_cast<T*>(p);
+}
+
+void device_free(void* p, cudaStream_t stream) {
+  if (p != nullptr) check(cudaFreeAsync(p, stream), "cudaFreeAsync");
+}
+
+}  // namespace
+
+// -- GpuHashTable ------------------------------------------------------------------
+
+GpuHashTable::GpuHashTable(const GpuTableConfig& config) : config_(config) {
+  if (config.dim <= 0 || config.dim > kMaxDim) {
+    throw std::invalid_argument("recis CUDA table: dim must be in [1, " + std::to_string(kMaxDim) + "], got " +
+                                std::to_string(config.dim));
+  }
+  if (config.block_rows <= 0) throw std::invalid_argument("recis CUDA table: block_rows must be > 0");
+  check(cudaSetDevice(config.device), "cudaSetDevice");
+  check(cudaMalloc(&d_count_, sizeof(unsigned long long)), "cudaMalloc(row counter)");
+  check(cudaMemset(d_count_, 0, sizeof(unsigned long long)), "cudaMemset(row counter)");
+  reserve_slots(config.initial_capacity > 0 ? config.initial_capacity : 1024, nullptr);
+  reserve_rows(config.initial_capacity > 0 ? config.initial_capacity : 1);
+}
+
+GpuHashTable::~GpuHashTable() {
+  cudaDeviceSynchronize();
+  cudaFree(d_keys_);
+  cudaFree(d_state_);
+  cudaFree(d_slot_row_);
+  cudaFree(d_count_);
+  cudaFree(d_blocks_);
+  if (config_.host_rows) {
+    for (float* b : host_allocs_) cudaFreeHost(b);
+  } else {
+    for (float* b : h_blocks_) cudaFree(b);
+  }
+}
+
+void GpuHashTable::reserve_rows(int64_t rows) {
+  const int64_t need = (rows + config_.block_rows - 1) / config_.block_rows;
+  if (need <= static_cast<int64_t>(h_blocks_.size())) return;
+  const size_t bytes = static_cast<size_t>(config_.block_rows) * static_cast<size_t>(stride()) * sizeof(float);
+  while (static_cast<int64_t>(h_blocks_.size()) < need) {
+    float* block = nullptr;
+    if (config_.host_rows) {
+      float* host = nullptr;
+      check(cudaHostAlloc(reinterpret_cast<void**>(&host), bytes, cudaHostAllocMapped), "cudaHostAlloc(rows)");
+      check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&block), host, 0), "cudaHostGetDevicePointer");
+      host_allocs_.push_back(host);
+    } else {
+      check(cudaMalloc(&block, bytes), "cudaMalloc(row block)");
+    }
+    h_blocks_.push_back(block);
+  }
+  if (need > max_blocks_) {
+    int64_t cap = max_blocks_ > 0 ? max_blocks_ : 16;
+    while (cap < need) cap *= 2;
+    float** grown = nullptr;
+    check(cudaMalloc(&grown, static_cast<size_t>(cap) * sizeof(float*)), "cudaMalloc(block table)");
+    cudaFree(d_blocks_);  // synchronises: no launch still reads the old table
+    d_blocks_ = grown;
+    max_blocks_ = cap;
+  }
+  check(cudaMemcpy(d_blocks_, h_blocks_.data(), h_blocks_.size() * sizeof(float*), cudaMemcpyHostToDevice),
+        "cudaMemcpy(block table)");
+}
+
+void GpuHashTable::reserve_slots(int64_t keys, cudaStream_t stream) {
+  int64_t slots = 1024;
+  while (slots < 2 * keys) slots *= 2;  // load factor <= 0.5
+  if (slots <= capacity_) return;
+  int64_t* keys_new = nullptr;
+  uint32_t* state_new = nullptr;
+  int64_t* rows_new = nullptr;
+  check(cudaMalloc(&keys_new, slots * sizeof(int64_t)), "cudaMalloc(IdMap keys)");
+  check(cudaMalloc(&state_new, slots * sizeof(uint32_t)), "cudaMalloc(IdMap state)");
+  check(cudaMalloc(&rows_new, slots * sizeof(int64_t)), "cudaMalloc(IdMap rows)");
+  check(cudaMemsetAsync(state_new, 0, slots * sizeof(uint32_t), stream), "cudaMemset(IdMap state)");
+  if (capacity_ > 0) {
+    IdMapView from{d_keys_, d_state_, d_slot_row_, static_cast<uint64_t>(capacity_ - 1)};
+    IdMapView to{keys_new, state_new, rows_new, static_cast<uint64_t>(slots - 1)};
+    rehash_kernel<<<grid(capacity_, 256), 256, 0, stream>>>(from, static_cast<uint64_t>(capacity_), to);
+    check(cudaGetLastError(), "rehash launch");
+    check(cudaStreamSynchronize(stream), "rehash");
+  }
+  cudaFree(d_keys_);
+  cudaFree(d_state_);
+  cudaFree(d_slot_row_);
+  d_keys_ = keys_new;
+  d_state_ = state_new;
+  d_slot_row_ = rows_new;
+  capacity_ = slots;
+}
+
+void GpuHashTable::find(const int64_t* ids, int64_t n, int64_t* rows, cudaStream_t stream) const {
+  if (n == 0) return;
+  IdMapView m{d_keys_, d_state_, d_slot_row_, static_cast<uint64_t>(capacity_ - 1)};
+  find_kernel<<<grid(n, 256), 256, 0, stream>>>(m, ids, n, rows);
+  check(cudaGetLastError(), "find launch");
+}
+
+void GpuHashTable::find_or_insert(const int64_t* ids, int64_t n, int64_t* rows, cudaStream_t stream) {
+  if (n == 0) return;
+  // At most n new ids: make room for all of them before the launch.
+  reserve_slots(rows_ + n, stream);
+  reserve_rows(rows_ + n);
+  IdMapView m{d_keys_, d_state_, d_slot_row_, static_cast<uint64_t>(capacity_ - 1)};
+  RowAddr addr{d_blocks_, config_.block_rows, stride()};
+  insert_kernel<<<grid(n, 256), 256, 0, stream>>>(m, ids, n, rows, d_count_, addr, config_.dim, config_.state_dim,
+                                                   config_.init);
+  check(cudaGetLastError(), "find_or_insert launch");
+  // The one synchronisation point: the new row count sizes the next launch's reservations.
+  unsigned long long count = 0;
+  check(cudaMemcpyAsync(&count, d_count_, sizeof(count), cudaMemcpyDeviceToHost, stream), "row count copy");
+  check(cudaStreamSynchronize(stream), "find_or_insert");
+  rows_ = static_cast<int64_t>(count);
+}
+
+void GpuHashTable::export_ids(int64_t* ids, int64_t* rows, cudaStream_t stream) const {
+  unsigned long long* next = device_alloc<unsigned long long>(1, stream, "export counter");
+  check(cudaMemsetAsync(next, 0, sizeof(unsigned long long), stream), "export counter");
+  IdMapView m{d_keys_, d_state_, d_slot_row_, static_cast<uint64_t>(capacity_ - 1)};
+  export_kernel<<<grid(capacity_, 256), 256, 0, stream>>>(m, static_cast<uint64_t>(capacity_), ids, rows, next);
+  check(cudaGetLastError(), "export launch");
+  device_free(next, stream);
+}
+
+void GpuHashTable::gather_rows(const int64_t* rows, int64_t n, float* out, cudaStream_t stream) const {
+  if (n == 0) return;
+  RowAddr addr{d_blocks_, config_.block_rows, stride()};
+  gather_kernel<<<grid(n * stride(), 256), 256, 0, stream>>>(addr, rows, n, out);
+  check(cudaGetLastError(), "gather launch");
+}
+
+void GpuHashTable::scatter_rows(const int64_t* ids, const float* values, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  int64_t* rows = device_alloc<int64_t>(n, stream, "scatter rows");
+  find_or_insert(ids, n, rows, stream);
+  RowAddr addr{d_blocks_, config_.block_rows, stride()};
+  scatter_kernel<<<grid(n * stride(), 256), 256, 0, stream>>>(addr, rows, values, n);
+  check(cudaGetLastError(), "scatter launch");
+  device_free(rows, stream);
+}
+
+// -- embedding kernels ---------------------------------------------------------------
+
+void pooled_forward(const GpuHashTable& table, const int64_t* ids, const int64_t* rows, const int64_t* offsets,
+                    const float* weights, int64_t num_bags, int mode, float* out, int64_t out_stride, int64_t col,
+                    cudaStream_t stream) {
+  if (num_bags == 0) return;
+  const int64_t dim = table.dim();
+  const bool vec = dim % 4 == 0 && table.stride() % 4 == 0 && col % 4 == 0 && out_stride % 4 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  RowAddr a{table.blocks(), table.block_rows(), table.stride()};
+  const unsigned blocks = grid(num_bags, kWarpsPerBlock);
+  if (vec) {
+    pooled_forward_kernel<4><<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(
+        a, ids, rows, offsets, weights, num_bags, mode, out, out_stride, col, dim, table.init());
+  } else {
+    pooled_forward_kernel<1><<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(
+        a, ids, rows, offsets, weights, num_bags, mode, out, out_stride, col, dim, table.init());
+  }
+  check(cudaGetLastError(), "pooled_forward launch");
+}
+
+void pooled_backward_update(GpuHashTable& table, const int64_t* rows, const int64_t* offsets, const float* weights,
+                            int64_t num_values, int64_t num_bags, int mode, const float* grad, int64_t grad_stride,
+                            int64_t col, const OptimParams& params, cudaStream_t stream) {
+  if (num_values == 0) return;
+  const int64_t n = num_values;
+  int64_t* bag_of = device_alloc<int64_t>(n, stream, "bag_of");
+  int64_t* values_in = device_alloc<int64_t>(n, stream, "values");
+  int64_t* sorted_rows = device_alloc<int64_t>(n, stream, "sorted rows");
+  int64_t* sorted_values = device_alloc<int64_t>(n, stream, "sorted values");
+  int64_t* unique_rows = device_alloc<int64_t>(n, stream, "unique rows");
+  int64_t* run_counts = device_alloc<int64_t>(n, stream, "run counts");
+  int64_t* run_starts = device_alloc<int64_t>(n, stream, "run starts");
+  int* num_runs = device_alloc<int>(1, stream, "num runs");
+  bag_of_value_kernel<<<grid(n, 256), 256, 0, stream>>>(offsets, num_bags, n, bag_of);
+  iota_kernel<<<grid(n, 256), 256, 0, stream>>>(values_in, n);
+  check(cudaGetLastError(), "backward setup launch");
+
+  size_t sort_bytes = 0, rle_bytes = 0, scan_bytes = 0;
+  check(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, rows, sorted_rows, values_in, sorted_values,
+                                        static_cast<int>(n), 0, 64, stream), "sort size");
+  check(cub::DeviceRunLengthEncode::Encode(nullptr, rle_bytes, sorted_rows, unique_rows, run_counts, num_runs,
+                                           static_cast<int>(n), stream), "run-length size");
+  check(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, run_counts, run_starts, static_cast<int>(n), stream),
+        "scan size");
+  const size_t temp_bytes = std::max(sort_bytes, std::max(rle_bytes, scan_bytes));
+  void* temp = device_alloc<char>(static_cast<int64_t>(temp_bytes), stream, "cub scratch");
+  check(cub::DeviceRadixSort::SortPairs(temp, sort_bytes, rows, sorted_rows, values_in, sorted_values,
+                                        static_cast<int>(n), 0, 64, stream), "sort by row");
+  check(cub::DeviceRunLengthEncode::Encode(temp, rle_bytes, sorted_rows, unique_rows, run_counts, num_runs,
+                                           static_cast<int>(n), stream), "runs of rows");
+  // Runs past num_runs hold garbage counts; the scan reads them but the update ignores those runs.
+  check(cub::DeviceScan::ExclusiveSum(temp, scan_bytes, run_counts, run_starts, static_cast<int>(n), stream),
+        "run starts");
+  // n is an upper bound on the runs: the grid covers it and the warps past *num_runs exit (no sync).
+  RowAddr a{table.blocks(), table.block_rows(), table.stride()};
+  const float adam_step_size = params.type == OptimType::kAdam ? params.adam_step_size() : 0.0f;
+  update_kernel<<<grid(n, kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
+      a, unique_rows, run_counts, run_starts, num_runs, sorted_values, bag_of, offsets, weights, mode, grad,
+      grad_stride, col, table.dim(), params, adam_step_size);
+  check(cudaGetLastError(), "update launch");
+  for (void* p : {static_cast<void*>(bag_of), static_cast<void*>(values_in), static_cast<void*>(sorted_rows),
+                  static_cast<void*>(sorted_values), static_cast<void*>(unique_rows), static_cast<void*>(run_counts),
+                  static_cast<void*>(run_starts), static_cast<void*>(num_runs), temp}) {
+    device_free(p, stream);
+  }
+}
+
+void owner_of(const int64_t* ids, int64_t n, int64_t world_size, int64_t* owner, cudaStream_t stream) {
+  if (n == 0) return;
+  owner_kernel<<<grid(n, 256), 256, 0, stream>>>(ids, n, world_size, owner);
+  check(cudaGetLastError(), "owner_of launch");
+}
+
+void bucketize_by_owner(const int64_t* ids, int64_t n, int64_t world_size, int64_t* perm, int64_t* counts,
+                        cudaStream_t stream) {
+  check(cudaMemsetAsync(counts, 0, static_cast<size_t>(world_size) * sizeof(int64_t), stream), "counts");
+  if (n == 0) return;
+  int64_t* owner = device_alloc<int64_t>(n, stream, "owners");
+  int64_t* sorted_owner = device_alloc<int64_t>(n, stream, "sorted owners");
+  int64_t* positions = device_alloc<int64_t>(n, stream, "positions");
+  owner_kernel<<<grid(n, 256), 256, 0, stream>>>(ids, n, world_size, owner);
+  iota_kernel<<<grid(n, 256), 256, 0, stream>>>(positions, n);
+  count_kernel<<<grid(n, 256), 256, 0, stream>>>(owner, n, reinterpret_cast<unsigned long long*>(counts));
+  check(cudaGetLastError(), "bucketize launch");
+  int end_bit = 1;
+  while ((int64_t{1} << end_bit) < world_size) ++end_bit;
+  size_t bytes = 0;
+  check(cub::DeviceRadixSort::SortPairs(nullptr, bytes, owner, sorted_owner, positions, perm, static_cast<int>(n), 0,
+                                        end_bit, stream), "owner sort size");
+  void* temp = device_alloc<char>(static_cast<int64_t>(bytes), stream, "owner sort scratch");
+  // LSD radix sort is stable: within a rank, values keep their order.
+  check(cub::DeviceRadixSort::SortPairs(temp, bytes, owner, sorted_owner, positions, perm, static_cast<int>(n), 0,
+                                        end_bit, stream), "owner sort");
+  for (void* p : {static_cast<void*>(owner), static_cast<void*>(sorted_owner), static_cast<void*>(positions), temp}) {
+    device_free(p, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace recis
