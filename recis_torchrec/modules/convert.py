@@ -29,12 +29,14 @@ def convert_ebc(
     fused_params: Optional[Dict[str, Any]] = None,
     options: OptionsArg = None,
     import_weights: bool = True,
+    device: Optional[torch.device] = None,
 ) -> HashEmbeddingBagCollection:
     """A ``HashEmbeddingBagCollection`` with ``ebc``'s configs (and, with
-    ``import_weights``, its weights: row i of each table becomes id i)."""
+    ``import_weights``, its weights: row i of each table becomes id i), on ``device`` (None: CPU)."""
     hebc = HashEmbeddingBagCollection(
         tables=ebc.embedding_bag_configs(),
         is_weighted=ebc.is_weighted(),
+        device=device,
         fused_params=fused_params,
         options=options,
     )
@@ -50,11 +52,13 @@ def convert_ec(
     options: OptionsArg = None,
     import_weights: bool = True,
     share_tables_with: Optional[nn.Module] = None,
+    device: Optional[torch.device] = None,
 ) -> HashEmbeddingCollection:
     """A ``HashEmbeddingCollection`` with ``ec``'s configs and ``need_indices`` (and, with
     ``import_weights``, its weights: row i of each table becomes id i)."""
     hec = HashEmbeddingCollection(
         tables=ec.embedding_configs(),
+        device=device,
         need_indices=ec.need_indices(),
         fused_params=fused_params,
         options=options,
@@ -73,6 +77,7 @@ def convert(
     options: OptionsArg = None,
     import_weights: bool = True,
     share_tables: bool = False,
+    device: Optional[torch.device] = None,
 ) -> nn.Module:
     """Replaces every ``torchrec.EmbeddingBagCollection`` in ``model`` with a
     :class:`HashEmbeddingBagCollection`, and every ``torchrec.EmbeddingCollection``
@@ -88,14 +93,16 @@ def convert(
         share_tables: an EC table with the same name as an EBC table is that
             table (one id space, one set of rows; the EBC owns it, and its
             weights are the ones imported). Each EC may share with one EBC.
+        device: where the new tables live: None or ``"cpu"``, or ``"cuda"``
+            (CUDA tables; needs a ``RECIS_CUDA=1`` build and a GPU).
 
     Returns:
         The model (or the replacement, when ``model`` is an EBC or EC).
     """
     if isinstance(model, EmbeddingBagCollection):
-        return convert_ebc(model, fused_params, options, import_weights)
+        return convert_ebc(model, fused_params, options, import_weights, device)
     if isinstance(model, EmbeddingCollection):
-        return convert_ec(model, fused_params, options, import_weights)
+        return convert_ec(model, fused_params, options, import_weights, device=device)
     found: List[Tuple[nn.Module, str, nn.Module]] = []
 
     def walk(module: nn.Module) -> None:
@@ -110,7 +117,7 @@ def convert(
     owners: Dict[str, HashEmbeddingBagCollection] = {}
     for parent, name, child in found:
         if isinstance(child, EmbeddingBagCollection):
-            hebc = convert_ebc(child, fused_params, options, import_weights)
+            hebc = convert_ebc(child, fused_params, options, import_weights, device)
             setattr(parent, name, hebc)
             if share_tables:
                 for table in hebc.tables():
@@ -127,5 +134,5 @@ def convert(
                         "EmbeddingBagCollections; one EC can share with one EBC"
                     )
                 share_with = next(iter(modules.values()), None)
-            setattr(parent, name, convert_ec(child, fused_params, options, import_weights, share_with))
+            setattr(parent, name, convert_ec(child, fused_params, options, import_weights, share_with, device))
     return model

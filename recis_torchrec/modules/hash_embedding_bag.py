@@ -106,9 +106,38 @@ def checked_kjt(
     return values.contiguous(), offsets.contiguous(), weights, batch
 
 
-def build_tables(configs: Sequence[Any], optimizer_config, options: OptionsArg, config_type: type) -> Dict[str, HashTable]:
-    """A HashTable per TorchRec table config (``EmbeddingBagConfig`` or ``EmbeddingConfig``), checked."""
+def module_device(device: Optional[Any], who: str) -> torch.device:
+    """The device of a hash-backed module: CPU (None) or CUDA."""
+    if device is None:
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"{who}: device {device} is not supported; use 'cpu' or 'cuda'")
+    if device.type == "cuda":
+        from recis_torchrec.modules.cuda_table import _require_cuda
+
+        _require_cuda(who)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def build_tables(
+    configs: Sequence[Any],
+    optimizer_config,
+    options: OptionsArg,
+    config_type: type,
+    device: torch.device = torch.device("cpu"),
+) -> Dict[str, Any]:
+    """A table per TorchRec table config (``EmbeddingBagConfig`` or ``EmbeddingConfig``), checked:
+    ``HashTable`` on the CPU, ``CudaHashTable`` on a GPU."""
     per_table = resolve_options(configs, options)
+    for name, o in per_table.items():
+        if o.device is not None and torch.device(o.device).type != device.type:
+            raise ValueError(
+                f"table {name!r}: HashTableOptions.device={o.device!r} but the module is on {device}; "
+                "a module's tables share its device"
+            )
     seen = set()
     for config in configs:
         if not isinstance(config, config_type):
@@ -124,6 +153,21 @@ def build_tables(configs: Sequence[Any], optimizer_config, options: OptionsArg, 
             )
         if not config.feature_names:
             config.feature_names = [config.name]
+    if device.type == "cuda":
+        from recis_torchrec.modules.cuda_table import CudaHashTable
+
+        return {
+            c.name: CudaHashTable(
+                name=c.name,
+                dim=c.embedding_dim,
+                state_dim=optimizer_config.state_dim(c.embedding_dim),
+                options=per_table[c.name],
+                num_embeddings=c.num_embeddings,
+                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
+                device=device,
+            )
+            for c in configs
+        }
     return {
         c.name: HashTable(
             name=c.name,
@@ -239,11 +283,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         options: OptionsArg = None,
     ) -> None:
         super().__init__()
-        if device is not None and torch.device(device).type != "cpu":
-            raise NotImplementedError(
-                f"HashEmbeddingBagCollection: device {device!r} is not supported yet; use 'cpu'"
-            )
-        self._device = torch.device("cpu")
+        self._device = module_device(device, "HashEmbeddingBagCollection")
         self._is_weighted = is_weighted
         self._embedding_bag_configs = tables
         self._optimizer_config = parse_fused_params(fused_params)
@@ -251,7 +291,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             if isinstance(config, EmbeddingBagConfig) and config.pooling not in _POOLING:
                 raise NotImplementedError(f"table {config.name!r}: pooling {config.pooling} is not supported")
         self._tables: Dict[str, HashTable] = build_tables(
-            tables, self._optimizer_config, options, EmbeddingBagConfig
+            tables, self._optimizer_config, options, EmbeddingBagConfig, self._device
         )
         self._table_list: List[HashTable] = [self._tables[c.name] for c in tables]
         self._embedding_names: List[str] = [n for names in get_embedding_names_by_table(tables) for n in names]
@@ -266,7 +306,12 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
                 self._outputs.append((t, f, col))
                 col += c.embedding_dim
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
-        self._lookup = LookupGroup(self._table_list, self._optim)
+        if self._device.type == "cuda":
+            from recis_torchrec.modules.cuda_table import CudaLookupGroup
+
+            self._lookup = CudaLookupGroup(self._table_list, self._optim)
+        else:
+            self._lookup = LookupGroup(self._table_list, self._optim)
         self._plans: Dict[Tuple[str, ...], _KeyPlan] = {}
 
     # -- TorchRec interface ----------------------------------------------------
@@ -311,6 +356,20 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         self._plans[cache_key] = plan
         return plan
 
+    def _cuda_plan(self, features: KeyedJaggedTensor, plan: _KeyPlan, batch: int):
+        from recis_torchrec.modules.cuda_table import CudaLookupPlan
+
+        counts = features.length_per_key()  # one host read of the per-feature value counts
+        per_table: List[List[Tuple[int, int, int, int]]] = [[] for _ in self._table_list]
+        start = 0
+        for k, count in enumerate(counts):
+            t = plan.layout.feature_table[k]
+            if t >= 0:
+                per_table[t].append((k, start, count, plan.layout.feature_col[k]))
+            start += count
+        modes = [_POOLING[c.pooling] for c in self._embedding_bag_configs]
+        return CudaLookupPlan(batch, self._out_dim, modes, per_table)
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools each feature's bags into a ``KeyedTensor`` ordered as TorchRec's EBC orders it.
 
@@ -326,8 +385,16 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         plan = self._plan(features.keys())
         if plan.permute is not None:
             features = features.permute(plan.permute)
-        values, offsets, weights, _ = checked_kjt(features, self._is_weighted)
-        pooled = self._lookup(values, offsets, weights, plan.layout, self.training)
+        values, offsets, weights, batch = checked_kjt(features, self._is_weighted)
+        if values.device != self._device:
+            raise ValueError(
+                f"HashEmbeddingBagCollection is on {self._device} but the KeyedJaggedTensor of features "
+                f"{features.keys()} is on {values.device}"
+            )
+        if self._device.type == "cuda":
+            pooled = self._lookup(values, offsets, weights, self._cuda_plan(features, plan, batch), self.training)
+        else:
+            pooled = self._lookup(values, offsets, weights, plan.layout, self.training)
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,

@@ -23,7 +23,13 @@ from torchrec.modules.embedding_modules import EmbeddingCollectionInterface, get
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin, OptionsArg, build_tables, checked_kjt
+from recis_torchrec.modules.hash_embedding_bag import (
+    HashTablesMixin,
+    OptionsArg,
+    build_tables,
+    checked_kjt,
+    module_device,
+)
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
@@ -35,7 +41,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
     Args:
         tables: TorchRec ``EmbeddingConfig``s; all of one ``embedding_dim``, as TorchRec requires.
             ``num_embeddings`` is a capacity hint.
-        device: ``None`` or CPU.
+        device: ``None`` (CPU), ``"cpu"`` or ``"cuda"`` (CUDA tables; needs a ``RECIS_CUDA=1`` build).
         need_indices: also return each feature's ids as its JaggedTensor's weights (as TorchRec does).
         use_gather_select, use_gather_select_per_sharding: accepted for TorchRec's signature; TorchRec's
             gather strategies for its sharded lookups, with no effect on hash tables.
@@ -68,9 +74,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         share_tables_with: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
-        if device is not None and torch.device(device).type != "cpu":
-            raise NotImplementedError(f"HashEmbeddingCollection: device {device!r} is not supported yet; use 'cpu'")
-        self._device = torch.device("cpu")
+        self._device = module_device(device, "HashEmbeddingCollection")
         self._need_indices = need_indices
         self._embedding_configs = tables
         self._optimizer_config = parse_fused_params(fused_params)
@@ -82,15 +86,26 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
                 )
         borrowed = shared_tables(tables, share_tables_with, "HashEmbeddingCollection")
         own = [c for c in tables if c.name not in borrowed]
-        self._tables: Dict[str, HashTable] = build_tables(own, self._optimizer_config, options, EmbeddingConfig)
+        self._tables: Dict[str, HashTable] = build_tables(
+            own, self._optimizer_config, options, EmbeddingConfig, self._device
+        )
         self._embedding_dim = tables[0].embedding_dim if tables else -1
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
         # One lookup group per table: each backward counts one update of its own table,
         # through the optimizer of the module that owns the table.
+        group_type = LookupGroup
+        if self._device.type == "cuda":
+            from recis_torchrec.modules.cuda_table import CudaLookupGroup as group_type  # noqa: N813
+        for name, (table, _) in borrowed.items():
+            if getattr(table, "device", torch.device("cpu")).type != self._device.type:
+                raise ValueError(
+                    f"HashEmbeddingCollection: table {name!r} is shared with a module on another device "
+                    f"({getattr(table, 'device', 'cpu')}); this module is on {self._device}"
+                )
         self._groups = [
-            LookupGroup([borrowed[c.name][0]], borrowed[c.name][1])
+            group_type([borrowed[c.name][0]], borrowed[c.name][1])
             if c.name in borrowed
-            else LookupGroup([self._tables[c.name]], self._optim)
+            else group_type([self._tables[c.name]], self._optim)
             for c in tables
         ]
         self._embedding_names_by_table = get_embedding_names_by_table(tables)
@@ -134,7 +149,10 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         for t, names in enumerate(self._feature_names):
             spans: List[Tuple[int, int]] = [(starts[index[f]], starts[index[f] + 1]) for f in names]
             ids = torch.cat([values[a:b] for a, b in spans]) if len(spans) > 1 else values[spans[0][0] : spans[0][1]]
-            rows = sequence_lookup(self._groups[t], ids, self.training)
+            if self._device.type == "cuda":
+                rows = self._groups[t].sequence(ids, self.training)
+            else:
+                rows = sequence_lookup(self._groups[t], ids, self.training)
             pos = 0
             for j, f in enumerate(names):
                 k = index[f]

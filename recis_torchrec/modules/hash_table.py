@@ -21,6 +21,31 @@ def stable_name_hash(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def table_parameters(
+    name: str, options: HashTableOptions, num_embeddings: int, init_range: Tuple[float, float]
+) -> Tuple[int, float, float, int, int]:
+    """``(init kind, a, b, seed, initial capacity)`` of a table, the same on every device."""
+    if options.initializer == "uniform":
+        a = init_range[0] if options.init_min is None else options.init_min
+        b = init_range[1] if options.init_max is None else options.init_max
+        if a > b:
+            raise ValueError(f"HashTable {name!r}: uniform initializer bounds [{a}, {b}] are reversed")
+    elif options.initializer in ("normal", "truncated_normal"):
+        a, b = options.init_mean, options.init_std
+    else:
+        a, b = options.init_value, 0.0
+    if options.initial_capacity is not None:
+        capacity = options.initial_capacity
+    else:
+        # num_embeddings is only a hint, and TorchRec configs often hold a
+        # hash-space size (2**40, say): never reserve more than the cap for it.
+        capacity = min(max(num_embeddings, 0), HINT_CAPACITY_CAP)
+    seed = (stable_name_hash(name) ^ (options.seed * 0x9E3779B97F4A7C15)) % 2**64
+    if options.max_capacity is not None:
+        capacity = min(capacity, options.max_capacity)
+    return options.init_kind(), float(a), float(b), seed, int(capacity)
+
+
 class HashTable:
     """One dynamic table: an IdMap from int64 ids to rows, plus row blocks.
 
@@ -50,36 +75,24 @@ class HashTable:
         if dim <= 0:
             raise ValueError(f"HashTable {name!r}: dim must be > 0, got {dim}")
         options = options or HashTableOptions()
+        if options.host_rows or (options.device is not None and torch.device(options.device).type != "cpu"):
+            raise ValueError(
+                f"HashTable {name!r}: options ask for a CUDA table (device={options.device!r}, "
+                f"host_rows={options.host_rows}); CUDA tables are CudaHashTable (a module with device='cuda')"
+            )
         self.name = name
         self.dim = dim
         self.state_dim = state_dim
         self.options = options
         self.num_embeddings = num_embeddings
         self.init_range = init_range
-        if options.initializer == "uniform":
-            a = init_range[0] if options.init_min is None else options.init_min
-            b = init_range[1] if options.init_max is None else options.init_max
-            if a > b:
-                raise ValueError(f"HashTable {name!r}: uniform initializer bounds [{a}, {b}] are reversed")
-        elif options.initializer in ("normal", "truncated_normal"):
-            a, b = options.init_mean, options.init_std
-        else:
-            a, b = options.init_value, 0.0
-        if options.initial_capacity is not None:
-            capacity = options.initial_capacity
-        else:
-            # num_embeddings is only a hint, and TorchRec configs often hold a
-            # hash-space size (2**40, say): never reserve more than the cap for it.
-            capacity = min(max(num_embeddings, 0), HINT_CAPACITY_CAP)
-        seed = (stable_name_hash(name) ^ (options.seed * 0x9E3779B97F4A7C15)) % 2**64
-        if options.max_capacity is not None:
-            capacity = min(capacity, options.max_capacity)
+        kind, a, b, seed, capacity = table_parameters(name, options, num_embeddings, init_range)
         self.handle: int = C.create_table(
             dim,
             state_dim,
             int(capacity),
             options.block_rows,
-            options.init_kind(),
+            kind,
             float(a),
             float(b),
             seed,

@@ -48,6 +48,10 @@ class HashTableOptions:
             None: unbounded.
         eviction_policy: ``"lru"`` (least recently seen) or ``"lfu"`` (least
             often seen) under ``max_capacity``; ``"none"`` without a cap.
+        device: where the table lives: ``None`` (the module's device), ``"cpu"``
+            or ``"cuda"`` / ``"cuda:N"``; it must agree with the module's device.
+        host_rows: CUDA tables only: keep the rows in pinned host memory (the
+            IdMap stays on the GPU), for tables larger than GPU memory.
         version: schema version of this record, for ``to_dict``/``from_dict``.
     """
 
@@ -64,6 +68,8 @@ class HashTableOptions:
     ttl_steps: Optional[int] = None
     max_capacity: Optional[int] = None
     eviction_policy: str = "none"
+    device: Optional[str] = None
+    host_rows: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -85,6 +91,17 @@ class HashTableOptions:
             raise ValueError(
                 f"HashTableOptions.eviction_policy must be one of {EVICTION_POLICIES}, got {self.eviction_policy!r}"
             )
+        if self.device is not None:
+            import torch
+
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                raise ValueError(f"HashTableOptions.device {self.device!r} is not a device") from None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"HashTableOptions.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.host_rows and self.device is not None and not str(self.device).startswith("cuda"):
+            raise ValueError(f"HashTableOptions.host_rows applies to CUDA tables, but device is {self.device!r}")
         if self.version != 1:
             raise ValueError(f"HashTableOptions.version {self.version} is not supported (this release writes 1)")
         if self.admit_threshold < 0:
