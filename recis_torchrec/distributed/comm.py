@@ -147,6 +147,7 @@ class IdsSplitsAwaitable(Awaitable[Awaitable[KeyedJaggedTensor]]):
         send = torch.tensor(
             [[self._ids_splits[o], self._meta_splits[o], batch, int(dedup[o])] for o in range(world_size)],
             dtype=torch.int64,
+            device=kjt.values().device,  # NCCL exchanges device tensors only
         )
         rank = dist.get_rank(pg)
         self._ctx.bytes_sent = sum(
@@ -240,7 +241,7 @@ class _UniqueIdsTensorAwaitable(Awaitable[KeyedJaggedTensor]):
         return KeyedJaggedTensor(
             keys=[self._key],
             values=self._out_ids,
-            lengths=torch.tensor(self._recv, dtype=torch.int64),
+            lengths=torch.tensor(self._recv, dtype=torch.int64, device=self._out_ids.device),
             stride=len(self._recv),
         )
 
@@ -262,12 +263,13 @@ class UniqueIdsAwaitable(Awaitable[Awaitable[KeyedJaggedTensor]]):
         self._key = key
         world_size = dist.get_world_size(pg)
         n = ids.numel()
-        b = ops.bucketize_dedup(ids, torch.tensor([0, n], dtype=torch.int64), world_size)
+        device = ids.device
+        b = ops.bucketize_dedup(ids, torch.tensor([0, n], dtype=torch.int64, device=device), world_size)
         counts = b.unique_counts
         ctx.unique_counts = counts.tolist()
         starts = torch.cumsum(counts, 0) - counts
-        owner = torch.repeat_interleave(torch.arange(world_size), b.value_counts)
-        gather = torch.empty(n, dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(world_size, device=device), b.value_counts, output_size=n)
+        gather = torch.empty(n, dtype=torch.int64, device=device)
         gather[b.value_perm] = starts[owner] + b.inverse.to(torch.int64)
         ctx.gather = gather
         rank = dist.get_rank(pg)

@@ -38,7 +38,15 @@ from torchrec.streamable import Multistreamable
 
 from recis_torchrec import ops
 from recis_torchrec.distributed.comm import SeqDistContext, UniqueIdsAwaitable, sequence_output_dist
-from recis_torchrec.modules.hash_embedding_bag import OptionsArg, checked_kjt, load_tables, resolve_options, save_tables
+from recis_torchrec.distributed.embeddingbag import lookup_group, shard_table
+from recis_torchrec.modules.hash_embedding_bag import (
+    OptionsArg,
+    checked_kjt,
+    load_tables,
+    module_device,
+    resolve_options,
+    save_tables,
+)
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
@@ -109,6 +117,7 @@ class ShardedHashEmbeddingCollection(
             forward, when every module of the model has been sharded; the
             bag module owns, saves and updates them.
         shared_names: the names ``shared`` is asked for.
+        device: ``None``/CPU (gloo), or a CUDA device (CUDA tables, NCCL).
     """
 
     def __init__(
@@ -122,9 +131,11 @@ class ShardedHashEmbeddingCollection(
         module_fqn: Optional[str] = None,
         shared: Optional[SharedTableLookup] = None,
         shared_names: Tuple[str, ...] = (),
+        device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         self._fqn = module_fqn or "EmbeddingCollection"
+        self._device = module_device(device, self._fqn)
         if env.process_group is None:
             raise ValueError(f"{self._fqn}: hash sharding needs a process group (ShardingEnv.from_process_group)")
         self._pg = env.process_group
@@ -146,20 +157,13 @@ class ShardedHashEmbeddingCollection(
         self._optimizer_config = parse_fused_params(fused_params)
         per_table_options = resolve_options(self._hash_configs, options)
         self._tables: Dict[str, HashTable] = {
-            c.name: HashTable(
-                name=c.name,
-                dim=c.embedding_dim,
-                state_dim=self._optimizer_config.state_dim(c.embedding_dim),
-                options=per_table_options[c.name],
-                num_embeddings=(c.num_embeddings + self._world_size - 1) // self._world_size,
-                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
-            )
+            c.name: shard_table(c, self._optimizer_config, per_table_options[c.name], self._world_size, self._device)
             for c in own
         }
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
         # One lookup group per hash table, in config order; shared ones are filled in on first use.
         self._groups: List[Optional[LookupGroup]] = [
-            None if c.name in self._shared_names else LookupGroup([self._tables[c.name]], self._optim)
+            None if c.name in self._shared_names else lookup_group([self._tables[c.name]], self._optim, self._device)
             for c in self._hash_configs
         ]
         self.torchrec = torchrec_child
@@ -201,7 +205,12 @@ class ShardedHashEmbeddingCollection(
                     f"{self._fqn}: table {c.name!r} has embedding_dim {c.embedding_dim} but the shared table of "
                     f"that name has dim {table.dim}"
                 )
-            self._groups[t] = LookupGroup([table], optim)
+            if getattr(table, "device", torch.device("cpu")).type != self._device.type:
+                raise ValueError(
+                    f"{self._fqn}: table {c.name!r} is shared with an EmbeddingBagCollection sharded on another "
+                    f"device ({getattr(table, 'device', 'cpu')}); this module is on {self._device}"
+                )
+            self._groups[t] = lookup_group([table], optim, self._device)
 
     # -- TorchRec interface ----------------------------------------------------
 
@@ -214,6 +223,10 @@ class ShardedHashEmbeddingCollection(
         if self.torchrec is None:
             return self._optim
         return CombinedOptimizer([("", self._optim), ("torchrec", self.torchrec.fused_optimizer)])
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def embedding_configs(self) -> List[EmbeddingConfig]:
         return self._embedding_configs
@@ -258,6 +271,11 @@ class ShardedHashEmbeddingCollection(
                         f"{self._fqn}: feature {f!r} (table {self._hash_configs[t].name!r}) is missing from the "
                         f"KeyedJaggedTensor, whose keys are {list(keys)}"
                     )
+        if features.values().device.type != self._device.type:
+            raise ValueError(
+                f"{self._fqn} is sharded on {self._device} but the KeyedJaggedTensor of features "
+                f"{list(keys)} is on {features.values().device}"
+            )
         with torch.no_grad():
             values, _, _, batch = checked_kjt(features, False, self._fqn)
             lengths = features.lengths().to(torch.int64)
@@ -284,9 +302,13 @@ class ShardedHashEmbeddingCollection(
         n = ctx.num_torchrec_inputs
         if self.torchrec is not None:
             torchrec_out = self.torchrec.compute(ctx.torchrec_ctx, KJTList(list(dist_input)[:n]))
-        rows = [
-            sequence_lookup(group, dist_input[n + t].values(), self.training) for t, group in enumerate(self._groups)
-        ]
+        if self._device.type == "cuda":
+            rows = [group.sequence(dist_input[n + t].values(), self.training) for t, group in enumerate(self._groups)]
+        else:
+            rows = [
+                sequence_lookup(group, dist_input[n + t].values(), self.training)
+                for t, group in enumerate(self._groups)
+            ]
         return torchrec_out, rows
 
     def output_dist(

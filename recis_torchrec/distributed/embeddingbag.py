@@ -42,6 +42,7 @@ from recis_torchrec.modules.hash_embedding_bag import (
     OptionsArg,
     checked_kjt,
     load_tables,
+    module_device,
     resolve_options,
     save_tables,
 )
@@ -56,6 +57,46 @@ HASH_SHARDING = "recis_hash"
 HASH_SHARED = "recis_hash_shared"
 
 _POOLING = {PoolingType.SUM: ops.POOLING_SUM, PoolingType.MEAN: ops.POOLING_MEAN}
+
+
+def shard_table(config, optimizer_config, options, world_size: int, device: torch.device):
+    """One rank's shard of a hash table: a HashTable, or a CudaHashTable on a GPU."""
+    kwargs = dict(
+        name=config.name,
+        dim=config.embedding_dim,
+        state_dim=optimizer_config.state_dim(config.embedding_dim),
+        options=options,
+        num_embeddings=(config.num_embeddings + world_size - 1) // world_size,
+        init_range=(config.get_weight_init_min(), config.get_weight_init_max()),
+    )
+    if device.type == "cuda":
+        from recis_torchrec.modules.cuda_table import CudaHashTable
+
+        return CudaHashTable(device=device, **kwargs)
+    return HashTable(**kwargs)
+
+
+def lookup_group(tables, optimizer, device: torch.device):
+    """The differentiable lookup over ``tables``: LookupGroup, or CudaLookupGroup on a GPU."""
+    if device.type == "cuda":
+        from recis_torchrec.modules.cuda_table import CudaLookupGroup
+
+        return CudaLookupGroup(tables, optimizer)
+    return LookupGroup(tables, optimizer)
+
+
+def cuda_plan(layout: BagLayout, kjt: KeyedJaggedTensor, num_tables: int, modes: List[int]):
+    """The CUDA lookup's per-table view of a KJT laid out by ``layout``."""
+    from recis_torchrec.modules.cuda_table import CudaLookupPlan
+
+    per_table: List[List[Tuple[int, int, int, int]]] = [[] for _ in range(num_tables)]
+    start = 0
+    for k, count in enumerate(kjt.length_per_key()):
+        t = layout.feature_table[k]
+        if t >= 0:
+            per_table[t].append((k, start, count, layout.feature_col[k]))
+        start += count
+    return CudaLookupPlan(kjt.stride(), layout.out_dim, modes, per_table)
 
 
 class HashEBCContext(Multistreamable):
@@ -101,7 +142,7 @@ class _Group:
             return None
         batch = kjt.stride()
         lengths = kjt.lengths().view(len(self.keys), batch)
-        scale = torch.ones(batch, self.layout.out_dim)
+        scale = torch.ones(batch, self.layout.out_dim, device=lengths.device)
         for k in self.mean_keys:
             col, dim = self.layout.feature_col[k], self.dims[k]
             scale[:, col : col + dim] = (1.0 / lengths[k].clamp(min=1).to(torch.float32))[:, None]
@@ -168,6 +209,8 @@ class ShardedHashEmbeddingBagCollection(
             with False, one round per table.
         torchrec_child: TorchRec's sharded module for the other tables, if any.
         module_fqn: the module's path in the model, for messages.
+        device: ``None``/CPU (gloo), or a CUDA device: CUDA tables, and the
+            all-to-alls on device tensors (NCCL).
     """
 
     def __init__(
@@ -180,8 +223,10 @@ class ShardedHashEmbeddingBagCollection(
         merge_tables: bool = True,
         torchrec_child: Optional[ShardedModule] = None,
         module_fqn: Optional[str] = None,
+        device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
+        self._device = module_device(device, module_fqn or "EmbeddingBagCollection")
         if env.process_group is None:
             raise ValueError("ShardedHashEmbeddingBagCollection needs a process group (ShardingEnv.from_process_group)")
         self._pg = env.process_group
@@ -200,14 +245,7 @@ class ShardedHashEmbeddingBagCollection(
         self._optimizer_config = parse_fused_params(fused_params)
         per_table_options = resolve_options(self._hash_configs, options)
         self._tables: Dict[str, HashTable] = {
-            c.name: HashTable(
-                name=c.name,
-                dim=c.embedding_dim,
-                state_dim=self._optimizer_config.state_dim(c.embedding_dim),
-                options=per_table_options[c.name],
-                num_embeddings=(c.num_embeddings + self._world_size - 1) // self._world_size,
-                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
-            )
+            c.name: shard_table(c, self._optimizer_config, per_table_options[c.name], self._world_size, self._device)
             for c in self._hash_configs
         }
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
@@ -257,11 +295,15 @@ class ShardedHashEmbeddingBagCollection(
                     modes.append(_POOLING[c.pooling])
                     cols.append(col)
                     col += c.embedding_dim
-            lookup = LookupGroup([self._tables[c.name] for c in tables], self._optim)
+            lookup = lookup_group([self._tables[c.name] for c in tables], self._optim, self._device)
             mean_keys = [k for k, m in enumerate(modes) if m == ops.POOLING_MEAN]
             sum_modes = [ops.POOLING_SUM] * len(modes)
             groups.append(_Group(tables, keys, names, dims, BagLayout(ft, sum_modes, cols, col), mean_keys, lookup))
         return groups
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def _import_unsharded_weights(self, module: EmbeddingBagCollection) -> None:
         """Rows 0..num_embeddings-1 of the unsharded EBC become ids, each on its owner."""
@@ -331,6 +373,11 @@ class ShardedHashEmbeddingBagCollection(
             ctx.num_torchrec_inputs = len(request.awaitables)
             ctx.sharding_contexts = list(getattr(ctx.torchrec_ctx, "sharding_contexts", []))
         ctx.sharding_contexts += [None] * len(self._groups)
+        if features.values().device.type != self._device.type:
+            raise ValueError(
+                f"{self._fqn} is sharded on {self._device} but the KeyedJaggedTensor of features "
+                f"{features.keys()} is on {features.values().device}"
+            )
         with torch.no_grad():
             permute, sizes = self._group_permute(features.keys())
             ours = features.permute(permute)
@@ -355,7 +402,10 @@ class ShardedHashEmbeddingBagCollection(
         for g, group in enumerate(self._groups):
             kjt = dist_input[n + g]
             weights = kjt.weights_or_none() if self._is_weighted else None
-            pooled.append(group.lookup(kjt.values(), kjt.offsets(), weights, group.layout, self.training))
+            layout = group.layout
+            if self._device.type == "cuda":
+                layout = cuda_plan(group.layout, kjt, len(group.tables), [ops.POOLING_SUM] * len(group.tables))
+            pooled.append(group.lookup(kjt.values(), kjt.offsets(), weights, layout, self.training))
         return torchrec_out, pooled
 
     def output_dist(self, ctx: HashEBCContext, output: Tuple[Any, List[torch.Tensor]]) -> LazyAwaitable[KeyedTensor]:
@@ -397,4 +447,12 @@ class ShardedHashEmbeddingBagCollection(
         )
 
 
-__all__ = ["HASH_SHARDING", "HASH_SHARED", "HashEBCContext", "ShardedHashEmbeddingBagCollection"]
+__all__ = [
+    "HASH_SHARDING",
+    "HASH_SHARED",
+    "HashEBCContext",
+    "ShardedHashEmbeddingBagCollection",
+    "cuda_plan",
+    "lookup_group",
+    "shard_table",
+]

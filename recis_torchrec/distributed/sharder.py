@@ -47,8 +47,12 @@ def _check_hash_params(where: str, tables: Dict[str, Any], params: Dict[str, Par
     hash_params = {n: p for n, p in params.items() if p.sharding_type == HASH_SHARDING}
     if not hash_params:
         return hash_params
-    if device is not None and torch.device(device).type != "cpu":
-        raise NotImplementedError(f"{where}: hash sharding runs on CPU for now, got device {device}")
+    if device is not None and torch.device(device).type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"{where}: hash sharding runs on CPU (gloo) or CUDA (NCCL), got device {device}")
+    if device is not None and torch.device(device).type == "cuda":
+        from recis_torchrec.modules.cuda_table import _require_cuda
+
+        _require_cuda(f"{where}: hash sharding on {device}")
     for name, p in hash_params.items():
         if p.ranks is not None and len(p.ranks) != env.world_size:
             raise ValueError(
@@ -123,6 +127,7 @@ class HashEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
             merge_tables=self._merge_tables,
             torchrec_child=child,
             module_fqn=module_fqn,
+            device=device,
         )
         if self._shared_tables is not None:
             self._shared_tables.register(sharded)
@@ -192,6 +197,7 @@ class HashEmbeddingCollectionSharder(EmbeddingCollectionSharder):
             module_fqn=module_fqn,
             shared=self._shared_tables,
             shared_names=shared_names,
+            device=device,
         )
 
 

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recis_torchrec import ops
@@ -60,3 +60,36 @@ def test_opcheck_sharding_ops():
     ids = torch.tensor([5, -1, 5, 7, 2**62, 0], dtype=torch.int64)
     torch.library.opcheck(torch.ops.recis.owner_of.default, (ids, 3))
     torch.library.opcheck(torch.ops.recis.bucketize_dedup.default, (ids, torch.tensor([0, 2, 2, 6]), 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), min_size=0, max_size=60),
+    st.integers(min_value=1, max_value=5),
+    st.integers(min_value=0, max_value=4),
+    st.randoms(use_true_random=False),
+)
+def test_torch_bucketing_for_gpus_makes_the_same_buckets(values, world_size, extra_repeats, rnd):
+    """bucketize_dedup_torch (what GPU ids use) against the C++ op, on the CPU: the same owners,
+    counts, value order and bag lengths; the same set of unique ids per owner (ascending instead of
+    first-occurrence order) and an inverse that maps every value to its own id."""
+    from recis_torchrec.ops.sharding import bucketize_dedup_torch
+
+    values = values + [values[rnd.randrange(len(values))] for _ in range(extra_repeats)] if values else values
+    ids = torch.tensor(values, dtype=torch.int64)
+    cuts = sorted(rnd.randrange(len(values) + 1) for _ in range(3))
+    offsets = torch.tensor([0, *cuts, len(values)], dtype=torch.int64)
+    want = ops.bucketize_dedup(ids, offsets, world_size)
+    got = bucketize_dedup_torch(ids, offsets, world_size)
+    for name in ("unique_counts", "value_counts", "value_perm", "bag_lengths"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.inverse.dtype == torch.int32
+    for o, (a, b) in enumerate(zip(got.unique_ids.split(got.unique_counts.tolist()),
+                                   want.unique_ids.split(want.unique_counts.tolist()))):
+        assert torch.equal(a, torch.sort(b).values), o
+    # Rebuild each owner's values from the uniques and the inverse.
+    per_owner_values = ids[got.value_perm].split(got.value_counts.tolist())
+    inverse = got.inverse.split(got.value_counts.tolist())
+    uniques = got.unique_ids.split(got.unique_counts.tolist())
+    for v, inv, u in zip(per_owner_values, inverse, uniques):
+        assert torch.equal(u[inv.long()], v)
