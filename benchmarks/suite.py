@@ -21,7 +21,10 @@ hashtable (find / find_or_insert / insert keys per second per core against a
 sorted-array ``torch.searchsorted`` remap and ``std::unordered_map``),
 features (each fused op and the engine against per-feature torch ops), loader
 (against the plain pyarrow -> pandas -> KJT path) and dmp (a 2-rank DLRM step
-against TorchRec's row-wise sharding; not in smoke mode).
+against TorchRec's row-wise sharding; not in smoke mode), and, with a GPU and a
+RECIS_CUDA=1 build, gpu (``benchmarks/bench_cuda.py``: pooled forward MBU against
+the GPU's copy bandwidth, hashtable find in B keys/s, fwd+bwd+Adam against
+``nn.EmbeddingBag`` + ``SparseAdam``).
 """
 
 import argparse
@@ -335,10 +338,14 @@ def report(results: Dict[str, Any]) -> str:
         f"Memory ceiling (copy, read + write): {ceiling:.1f} GB/s. Ratios are ours / baseline "
         "(below 1: we are faster). MBU = effective GB/s over the ceiling.",
     ]
-    for section in ("embedding", "hashtable", "features", "loader", "dmp"):
+    if results.get("memory_gpu"):
+        lines.append(f"GPU copy bandwidth (device to device, read + write): {results['memory_gpu']['gb_s']:.1f} GB/s; "
+                     "the gpu section's MBU is against it.")
+    for section in ("embedding", "hashtable", "features", "loader", "dmp", "gpu"):
         rows = [Row(**r) if isinstance(r, dict) else r for r in results.get(section, {}).get("rows", [])]
         if not rows:
             continue
+        section_ceiling = results["memory_gpu"]["gb_s"] if section == "gpu" else ceiling
         lines += ["", f"## {section}", "",
                   "| benchmark | implementation | median ms | p10 | p90 | ratio | throughput | GB/s | MBU |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -350,13 +357,15 @@ def report(results: Dict[str, Any]) -> str:
             if section == "hashtable":
                 per_core = r.items / (st["median"] * 1e-3) / max(r.threads, 1)
                 thr = f"{per_core / 1e6:.1f} M {r.unit}/s/core"
+            elif section == "gpu" and r.unit == "keys":
+                thr = f"{r.items / (st['median'] * 1e-3) / 1e9:.2f} B keys/s"
             elif r.items:
                 thr = f"{r.items / (st['median'] * 1e-3) / 1e6:.2f} M {r.unit}/s"
             else:
                 thr = "-"
             if r.nbytes and section != "dmp":
                 gbs = r.nbytes / (st["median"] * 1e-3) / 1e9
-                bw, mbu = f"{gbs:.1f}", f"{100 * gbs / ceiling:.0f}%"
+                bw, mbu = f"{gbs:.1f}", f"{100 * gbs / section_ceiling:.0f}%"
             elif section == "dmp":
                 bw, mbu = f"{r.nbytes:,} B sent", "-"
             else:
@@ -404,7 +413,13 @@ def plots(results: Dict[str, Any], prefix: str) -> List[str]:
 
 def run(mode_name: str, sections: Optional[List[str]] = None, out_dir: str = RESULTS_DIR) -> Dict[str, Any]:
     mode = MODES[mode_name]
+    from recis_torchrec.modules.cuda_table import cuda_tables_available
+
     want = sections or ["embedding", "hashtable", "features", "loader"] + (["dmp"] if mode["dmp"] else [])
+    if sections is None and cuda_tables_available():
+        want.append("gpu")
+    if "gpu" in want and not cuda_tables_available():
+        raise SystemExit("benchmarks: the gpu section needs a GPU and an extension built with RECIS_CUDA=1")
     results: Dict[str, Any] = {"mode": mode_name, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                                "machine": machine(), "memory": copy_bandwidth(mode["copy_mb"]),
                                "config": {k: v for k, v in mode.items()}}
@@ -425,6 +440,10 @@ def run(mode_name: str, sections: Optional[List[str]] = None, out_dir: str = RES
                 results[section] = loader(mode, tmp)
             elif section == "dmp":
                 results[section] = dmp(mode)
+            elif section == "gpu":
+                from benchmarks.bench_cuda import gpu
+
+                results[section] = gpu(mode_name)
             timings[section] = time.perf_counter() - t0
     results["section_seconds"] = timings
     os.makedirs(out_dir, exist_ok=True)
@@ -449,7 +468,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions (a few minutes)")
     g.add_argument("--smoke", action="store_true", help="tiny shapes: checks the suite end to end in seconds")
-    p.add_argument("--only", nargs="*", choices=["embedding", "hashtable", "features", "loader", "dmp"],
+    p.add_argument("--only", nargs="*", choices=["embedding", "hashtable", "features", "loader", "dmp", "gpu"],
                    help="run only these sections")
     p.add_argument("--out", default=RESULTS_DIR, help="where the JSON, report and plots go")
     args = p.parse_args(argv)
