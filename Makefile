@@ -9,7 +9,7 @@ BUILT  := $(VENV)/.ext-built
 TORCHREC := torchrec==1.9.2
 EXT_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) setup.py pyproject.toml
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench gpu-check
 .DEFAULT_GOAL := setup
 
 setup: $(BUILT)
@@ -40,3 +40,12 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# On a machine with a GPU: rebuild the extension with the CUDA tables and kernels (RECIS_CUDA=1),
+# run every CUDA test (each also runs its CPU case) and the 2-rank sharded tests, then the GPU
+# benchmarks. PY may point at another interpreter that has torch (CUDA), torchrec and fbgemm-gpu-cpu.
+gpu-check:
+	RECIS_CUDA=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -m pytest -q -rs tests/cuda tests/features/test_cuda.py tests/distributed
+	$(PY) -m benchmarks --quick --only gpu
+

@@ -24,15 +24,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any], errors, threads: int) -> None:
+def _entry(
+    rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any], errors, threads: int, backend: str
+) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     torch.set_num_threads(threads)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
         )
         fn(rank, world_size, *args)
     except BaseException:  # noqa: B902 - report everything, then fail the rank
@@ -43,19 +47,22 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[A
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int = 2, args: Sequence[Any] = (), timeout: float = 300.0) -> None:
+def run_ranks(
+    fn: Callable, world_size: int = 2, args: Sequence[Any] = (), timeout: float = 300.0, backend: str = "gloo"
+) -> None:
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks.
 
     Raises AssertionError with every failing rank's traceback, or TimeoutError
     (after killing the ranks) if they do not finish in ``timeout`` seconds.
-    ``fn`` must be importable (a module-level function).
+    ``fn`` must be importable (a module-level function). With ``backend="nccl"``
+    each rank first selects GPU ``rank % device_count``.
     """
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, errors, threads), daemon=True)
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, errors, threads, backend), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
