@@ -153,16 +153,16 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
                 rows = self._groups[t].sequence(ids, self.training)
             else:
                 rows = sequence_lookup(self._groups[t], ids, self.training)
-            pos = 0
+            # One feature: its rows as they are. Several: split, whose backward concatenates the
+            # gradients in one pass (a slice's backward would zero-fill a rows-sized buffer per slice).
+            pieces = [rows] if len(names) == 1 else rows.split([b - a for a, b in spans])
             for j, f in enumerate(names):
                 k = index[f]
-                cnt = spans[j][1] - spans[j][0]
                 out[self._embedding_names_by_table[t][j]] = JaggedTensor(
-                    values=rows[pos : pos + cnt],
+                    values=pieces[j],
                     lengths=lengths[k * batch : (k + 1) * batch],
                     weights=values[spans[j][0] : spans[j][1]] if self._need_indices else None,
                 )
-                pos += cnt
         return out
 
 
