@@ -5,8 +5,16 @@
 
 #include <cub/cub.cuh>
 
+#include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <string>
+
+// A thread that meets a slot being claimed waits for the claiming thread, which
+// may sit in its own warp: that needs independent thread scheduling (Volta, sm_70+).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#error "recis CUDA tables need sm_70 or newer (independent thread scheduling)"
+#endif
 
 namespace recis {
 namespace cuda {
@@ -329,10 +337,15 @@ GpuHashTable::GpuHashTable(const GpuTableConfig& config) : config_(config) {
   check(cudaMalloc(&d_count_, sizeof(unsigned long long)), "cudaMalloc(row counter)");
   check(cudaMemset(d_count_, 0, sizeof(unsigned long long)), "cudaMemset(row counter)");
   reserve_slots(config.initial_capacity > 0 ? config.initial_capacity : 1024, nullptr);
-  reserve_rows(config.initial_capacity > 0 ? config.initial_capacity : 1);
+  reserve_rows(config.initial_capacity > 0 ? config.initial_capacity : 1, nullptr);
+  // Everything above ran on the legacy stream; the table is ready for any stream after this.
+  check(cudaDeviceSynchronize(), "table construction");
 }
 
 GpuHashTable::~GpuHashTable() {
+  int previous = 0;
+  cudaGetDevice(&previous);
+  cudaSetDevice(config_.device);
   cudaDeviceSynchronize();
   cudaFree(d_keys_);
   cudaFree(d_state_);
@@ -344,9 +357,10 @@ GpuHashTable::~GpuHashTable() {
   } else {
     for (float* b : h_blocks_) cudaFree(b);
   }
+  cudaSetDevice(previous);
 }
 
-void GpuHashTable::reserve_rows(int64_t rows) {
+void GpuHashTable::reserve_rows(int64_t rows, cudaStream_t stream) {
   const int64_t need = (rows + config_.block_rows - 1) / config_.block_rows;
   if (need <= static_cast<int64_t>(h_blocks_.size())) return;
   const size_t bytes = static_cast<size_t>(config_.block_rows) * static_cast<size_t>(stride()) * sizeof(float);
@@ -367,12 +381,17 @@ void GpuHashTable::reserve_rows(int64_t rows) {
     while (cap < need) cap *= 2;
     float** grown = nullptr;
     check(cudaMalloc(&grown, static_cast<size_t>(cap) * sizeof(float*)), "cudaMalloc(block table)");
-    cudaFree(d_blocks_);  // synchronises: no launch still reads the old table
+    // No launch on any stream may still read the old table.
+    check(cudaDeviceSynchronize(), "block table growth");
+    cudaFree(d_blocks_);
     d_blocks_ = grown;
     max_blocks_ = cap;
   }
-  check(cudaMemcpy(d_blocks_, h_blocks_.data(), h_blocks_.size() * sizeof(float*), cudaMemcpyHostToDevice),
-        "cudaMemcpy(block table)");
+  // Ordered before the launches that follow on `stream`; the host vector stays alive until the copy is done.
+  check(cudaMemcpyAsync(d_blocks_, h_blocks_.data(), h_blocks_.size() * sizeof(float*), cudaMemcpyHostToDevice,
+                        stream),
+        "block table copy");
+  check(cudaStreamSynchronize(stream), "block table copy");
 }
 
 void GpuHashTable::reserve_slots(int64_t keys, cudaStream_t stream) {
@@ -391,8 +410,9 @@ void GpuHashTable::reserve_slots(int64_t keys, cudaStream_t stream) {
     IdMapView to{keys_new, state_new, rows_new, static_cast<uint64_t>(slots - 1)};
     rehash_kernel<<<grid(capacity_, 256), 256, 0, stream>>>(from, static_cast<uint64_t>(capacity_), to);
     check(cudaGetLastError(), "rehash launch");
-    check(cudaStreamSynchronize(stream), "rehash");
   }
+  // The old arrays may still be read by launches on other streams: wait for all of them.
+  check(cudaDeviceSynchronize(), "IdMap growth");
   cudaFree(d_keys_);
   cudaFree(d_state_);
   cudaFree(d_slot_row_);
@@ -413,7 +433,7 @@ void GpuHashTable::find_or_insert(const int64_t* ids, int64_t n, int64_t* rows, 
   if (n == 0) return;
   // At most n new ids: make room for all of them before the launch.
   reserve_slots(rows_ + n, stream);
-  reserve_rows(rows_ + n);
+  reserve_rows(rows_ + n, stream);
   IdMapView m{d_keys_, d_state_, d_slot_row_, static_cast<uint64_t>(capacity_ - 1)};
   RowAddr addr{d_blocks_, config_.block_rows, stride()};
   insert_kernel<<<grid(n, 256), 256, 0, stream>>>(m, ids, n, rows, d_count_, addr, config_.dim, config_.state_dim,
@@ -477,6 +497,10 @@ void pooled_backward_update(GpuHashTable& table, const int64_t* rows, const int6
                             int64_t num_values, int64_t num_bags, int mode, const float* grad, int64_t grad_stride,
                             int64_t col, const OptimParams& params, cudaStream_t stream) {
   if (num_values == 0) return;
+  if (num_values > std::numeric_limits<int>::max()) {
+    throw std::invalid_argument("recis CUDA backward: at most 2**31 - 1 values per table and step, got " +
+                                std::to_string(num_values));
+  }
   const int64_t n = num_values;
   int64_t* bag_of = device_alloc<int64_t>(n, stream, "bag_of");
   int64_t* values_in = device_alloc<int64_t>(n, stream, "values");
@@ -501,9 +525,11 @@ void pooled_backward_update(GpuHashTable& table, const int64_t* rows, const int6
   void* temp = device_alloc<char>(static_cast<int64_t>(temp_bytes), stream, "cub scratch");
   check(cub::DeviceRadixSort::SortPairs(temp, sort_bytes, rows, sorted_rows, values_in, sorted_values,
                                         static_cast<int>(n), 0, 64, stream), "sort by row");
+  // Counts past num_runs are never written by the encode: zero them first, so that the scan
+  // reads defined values (its results for those runs are ignored anyway).
+  check(cudaMemsetAsync(run_counts, 0, static_cast<size_t>(n) * sizeof(int64_t), stream), "run counts");
   check(cub::DeviceRunLengthEncode::Encode(temp, rle_bytes, sorted_rows, unique_rows, run_counts, num_runs,
                                            static_cast<int>(n), stream), "runs of rows");
-  // Runs past num_runs hold garbage counts; the scan reads them but the update ignores those runs.
   check(cub::DeviceScan::ExclusiveSum(temp, scan_bytes, run_counts, run_starts, static_cast<int>(n), stream),
         "run starts");
   // n is an upper bound on the runs: the grid covers it and the warps past *num_runs exit (no sync).
@@ -530,6 +556,10 @@ void bucketize_by_owner(const int64_t* ids, int64_t n, int64_t world_size, int64
                         cudaStream_t stream) {
   check(cudaMemsetAsync(counts, 0, static_cast<size_t>(world_size) * sizeof(int64_t), stream), "counts");
   if (n == 0) return;
+  if (n > std::numeric_limits<int>::max()) {
+    throw std::invalid_argument("recis CUDA bucketize_by_owner: at most 2**31 - 1 ids per call, got " +
+                                std::to_string(n));
+  }
   int64_t* owner = device_alloc<int64_t>(n, stream, "owners");
   int64_t* sorted_owner = device_alloc<int64_t>(n, stream, "sorted owners");
   int64_t* positions = device_alloc<int64_t>(n, stream, "positions");

@@ -27,8 +27,12 @@
 //
 // Host-device synchronisation: find_or_insert reads the row counter back (8
 // bytes) after its launch, to know when to add row blocks and grow the IdMap
-// before the next launch; that is the one sync of the training forward.
+// before the next launch (one sync per call). Growth itself (rare) waits for
+// the whole device before it frees the old IdMap arrays or block table.
 // Nothing else on the forward or backward path waits for the device.
+// find_or_insert reserves room for every id of the call (it cannot know how
+// many are new before the launch), so a call of n ids may allocate up to n rows
+// ahead of need; they are used by later inserts.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -64,6 +68,7 @@ class GpuHashTable {
   GpuHashTable& operator=(const GpuHashTable&) = delete;
 
   int64_t dim() const { return config_.dim; }
+  int device() const { return config_.device; }
   int64_t state_dim() const { return config_.state_dim; }
   int64_t stride() const { return config_.dim + config_.state_dim; }
   int64_t size() const { return rows_; }  // rows (ids) held, as of the last insert
@@ -74,7 +79,7 @@ class GpuHashTable {
   void find(const int64_t* ids, int64_t n, int64_t* rows, cudaStream_t stream) const;
   // As find, inserting absent ids with their initial rows. Synchronises `stream` once (see above).
   void find_or_insert(const int64_t* ids, int64_t n, int64_t* rows, cudaStream_t stream);
-  // Every (id, row) pair, in slot order: ids (size()), rows (size()), device pointers.
+  // Every (id, row) pair, in no particular order: ids (size()), rows (size()), device pointers.
   void export_ids(int64_t* ids, int64_t* rows, cudaStream_t stream) const;
   // Copies rows [row(ids)] (stride floats each) into out (n x stride), device pointers.
   void gather_rows(const int64_t* rows, int64_t n, float* out, cudaStream_t stream) const;
@@ -85,7 +90,7 @@ class GpuHashTable {
   int64_t block_rows() const { return config_.block_rows; }
 
  private:
-  void reserve_rows(int64_t rows);
+  void reserve_rows(int64_t rows, cudaStream_t stream);
   void reserve_slots(int64_t keys, cudaStream_t stream);
 
   GpuTableConfig config_;

@@ -23,19 +23,26 @@ using cuda::GpuHashTable;
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 std::mutex g_mutex;
-std::vector<std::unique_ptr<GpuHashTable>> g_tables;
+std::vector<std::shared_ptr<GpuHashTable>> g_tables;
 
-GpuHashTable& table_of(int64_t handle, const char* op) {
+// A reference to the table that stays valid while the caller holds it, even if
+// the table is released concurrently.
+std::shared_ptr<GpuHashTable> table_ptr(int64_t handle, const char* op) {
   std::lock_guard<std::mutex> lock(g_mutex);
   TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(g_tables.size()) && g_tables[handle] != nullptr, op,
               ": no CUDA table with handle ", handle, " (released, or never created)");
-  return *g_tables[handle];
+  return g_tables[handle];
 }
 
 void check_cuda_1d(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void check_on_table_device(const at::Tensor& t, const GpuHashTable& table, const char* op, const char* name) {
+  TORCH_CHECK(t.device().index() == table.device(), op, ": ", name, " is on ", t.device(),
+              " but the table lives on cuda:", table.device());
 }
 
 int64_t gpu_table_create(int64_t dim, int64_t state_dim, int64_t capacity, int64_t block_rows, int64_t init_kind,
@@ -52,7 +59,7 @@ int64_t gpu_table_create(int64_t dim, int64_t state_dim, int64_t capacity, int64
   config.host_rows = host_rows;
   config.device = static_cast<int>(device);
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  auto table = std::make_unique<GpuHashTable>(config);
+  auto table = std::make_shared<GpuHashTable>(config);
   std::lock_guard<std::mutex> lock(g_mutex);
   g_tables.push_back(std::move(table));
   return static_cast<int64_t>(g_tables.size()) - 1;
@@ -63,15 +70,17 @@ void gpu_table_release(int64_t handle) {
   if (handle >= 0 && handle < static_cast<int64_t>(g_tables.size())) g_tables[handle].reset();
 }
 
-int64_t gpu_table_size(int64_t handle) { return table_of(handle, "recis::gpu_table_size").size(); }
+int64_t gpu_table_size(int64_t handle) { return table_ptr(handle, "recis::gpu_table_size")->size(); }
 
 at::Tensor gpu_find(int64_t handle, const at::Tensor& ids) {
   const char* op = "recis::gpu_find";
   check_cuda_1d(ids, op, "ids", at::kLong);
+  const auto table = table_ptr(handle, op);
+  check_on_table_device(ids, *table, op, "ids");
   c10::cuda::CUDAGuard guard(ids.device());
   auto ids_c = ids.contiguous();
   auto rows = at::empty_like(ids_c);
-  table_of(handle, op).find(ids_c.data_ptr<int64_t>(), ids_c.numel(), rows.data_ptr<int64_t>(),
+  table->find(ids_c.data_ptr<int64_t>(), ids_c.numel(), rows.data_ptr<int64_t>(),
                             current_stream());
   return rows;
 }
@@ -79,10 +88,12 @@ at::Tensor gpu_find(int64_t handle, const at::Tensor& ids) {
 at::Tensor gpu_find_or_insert(int64_t handle, const at::Tensor& ids) {
   const char* op = "recis::gpu_find_or_insert";
   check_cuda_1d(ids, op, "ids", at::kLong);
+  const auto table = table_ptr(handle, op);
+  check_on_table_device(ids, *table, op, "ids");
   c10::cuda::CUDAGuard guard(ids.device());
   auto ids_c = ids.contiguous();
   auto rows = at::empty_like(ids_c);
-  table_of(handle, op).find_or_insert(ids_c.data_ptr<int64_t>(), ids_c.numel(), rows.data_ptr<int64_t>(),
+  table->find_or_insert(ids_c.data_ptr<int64_t>(), ids_c.numel(), rows.data_ptr<int64_t>(),
                                       current_stream());
   return rows;
 }
@@ -98,7 +109,10 @@ void gpu_pooled_forward(int64_t handle, const at::Tensor& ids, const at::Tensor&
   TORCH_CHECK(out.is_cuda() && out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(), op,
               ": out must be a contiguous 2-D float32 CUDA tensor");
   TORCH_CHECK(mode == cuda::kPoolSum || mode == cuda::kPoolMean, op, ": unknown pooling mode ", mode);
-  auto& table = table_of(handle, op);
+  const auto table_holder = table_ptr(handle, op);
+  auto& table = *table_holder;
+  check_on_table_device(ids, table, op, "ids");
+  check_on_table_device(out, table, op, "out");
   const int64_t num_bags = offsets.numel() - 1;
   TORCH_CHECK(out.size(0) == num_bags && col >= 0 && col + table.dim() <= out.size(1), op, ": out has shape ",
               out.sizes(), ", which cannot hold ", num_bags, " bags at columns [", col, ", ", col + table.dim(), ")");
@@ -129,13 +143,26 @@ void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at
   TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.scalar_type() == at::kFloat, op,
               ": grad must be a 2-D float32 CUDA tensor");
   TORCH_CHECK(optimizer >= 0 && optimizer <= 3, op, ": unknown optimizer code ", optimizer);
-  auto& table = table_of(handle, op);
+  TORCH_CHECK(wd_mode >= 0 && wd_mode <= 2, op, ": unknown weight decay mode ", wd_mode);
+  TORCH_CHECK(mode == cuda::kPoolSum || mode == cuda::kPoolMean, op, ": unknown pooling mode ", mode);
+  TORCH_CHECK(optimizer != 3 || step >= 1, op, ": Adam's step must be >= 1, got ", step);
+  const auto table_holder = table_ptr(handle, op);
+  auto& table = *table_holder;
+  check_on_table_device(rows, table, op, "rows");
+  check_on_table_device(grad, table, op, "grad");
+  const int64_t need = hashtable::optimizer_state_dim(static_cast<hashtable::OptimType>(optimizer), table.dim());
+  TORCH_CHECK(table.state_dim() == need, op, ": the table holds ", table.state_dim(),
+              " optimizer-state floats per row, but optimizer code ", optimizer, " needs ", need,
+              " (create the table with the optimizer it is trained with)");
+  TORCH_CHECK(offsets.numel() >= 1, op, ": offsets must hold num_bags + 1 entries");
   const int64_t num_bags = offsets.numel() - 1;
-  TORCH_CHECK(grad.size(0) == num_bags && col + table.dim() <= grad.size(1), op, ": grad has shape ", grad.sizes());
+  TORCH_CHECK(grad.size(0) == num_bags && col >= 0 && col + table.dim() <= grad.size(1), op, ": grad has shape ",
+              grad.sizes(), ", which cannot hold ", num_bags, " bags at columns [", col, ", ", col + table.dim(), ")");
   const float* w = nullptr;
   at::Tensor weights_c;
   if (weights.has_value()) {
     check_cuda_1d(*weights, op, "weights", at::kFloat);
+    TORCH_CHECK(weights->numel() == rows.numel(), op, ": ", weights->numel(), " weights for ", rows.numel(), " rows");
     weights_c = weights->contiguous();
     w = weights_c.data_ptr<float>();
   }
@@ -159,7 +186,8 @@ void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at
 
 std::tuple<at::Tensor, at::Tensor> gpu_table_export(int64_t handle, int64_t device) {
   const char* op = "recis::gpu_table_export";
-  auto& table = table_of(handle, op);
+  const auto table_holder = table_ptr(handle, op);
+  auto& table = *table_holder;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const auto opts = at::TensorOptions().device(at::kCUDA, device);
   auto ids = at::empty({table.size()}, opts.dtype(at::kLong));
@@ -174,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor> gpu_table_export(int64_t handle, int64_t devi
 void gpu_table_import(int64_t handle, const at::Tensor& ids, const at::Tensor& data) {
   const char* op = "recis::gpu_table_import";
   check_cuda_1d(ids, op, "ids", at::kLong);
-  auto& table = table_of(handle, op);
+  const auto table_holder = table_ptr(handle, op);
+  auto& table = *table_holder;
   TORCH_CHECK(data.is_cuda() && data.dim() == 2 && data.scalar_type() == at::kFloat &&
                   data.size(0) == ids.numel() && data.size(1) == table.stride(),
               op, ": data must be float32 (", ids.numel(), ", ", table.stride(), ") on the GPU, got ", data.sizes());

@@ -45,15 +45,17 @@ RECIS_HD inline float std_normal(uint64_t w0, uint64_t w1) {
 
 }  // namespace detail
 
-// Element j of `key`'s initial row (what init_row writes at dst[j]).
+// Element j of `key`'s initial row (what init_row writes at dst[j]). The affine
+// steps are explicit fmaf, exactly rounded on host and device whatever the
+// compilers' contraction settings, so a row starts the same on the CPU and GPU.
 RECIS_HD inline float init_element(int64_t key, int64_t j, const InitSpec& spec) {
   const uint64_t stream = detail::row_stream(spec.seed, key);
   switch (spec.kind) {
     case InitKind::kUniform:
-      return spec.a + (spec.b - spec.a) * unit_float(splitmix64(stream + static_cast<uint64_t>(j)));
+      return fmaf(spec.b - spec.a, unit_float(splitmix64(stream + static_cast<uint64_t>(j))), spec.a);
     case InitKind::kNormal: {
       const uint64_t c = stream + 2 * static_cast<uint64_t>(j);
-      return spec.a + spec.b * detail::std_normal(splitmix64(c), splitmix64(c + 1));
+      return fmaf(spec.b, detail::std_normal(splitmix64(c), splitmix64(c + 1)), spec.a);
     }
     case InitKind::kTruncatedNormal: {
       float z = 0.0f;
@@ -63,7 +65,7 @@ RECIS_HD inline float init_element(int64_t key, int64_t j, const InitSpec& spec)
         if (z >= -2.0f && z <= 2.0f) break;
       }
       z = z < -2.0f ? -2.0f : (z > 2.0f ? 2.0f : z);
-      return spec.a + spec.b * z;
+      return fmaf(spec.b, z, spec.a);
     }
     case InitKind::kConstant:
       return spec.a;
@@ -78,14 +80,14 @@ inline void init_row(float* dst, int64_t key, int64_t dim, const InitSpec& spec)
     case InitKind::kUniform: {
       const float span = spec.b - spec.a;
       for (int64_t j = 0; j < dim; ++j) {
-        dst[j] = spec.a + span * unit_float(splitmix64(stream + static_cast<uint64_t>(j)));
+        dst[j] = fmaf(span, unit_float(splitmix64(stream + static_cast<uint64_t>(j))), spec.a);
       }
       break;
     }
     case InitKind::kNormal: {
       for (int64_t j = 0; j < dim; ++j) {
         const uint64_t c = stream + 2 * static_cast<uint64_t>(j);
-        dst[j] = spec.a + spec.b * detail::std_normal(splitmix64(c), splitmix64(c + 1));
+        dst[j] = fmaf(spec.b, detail::std_normal(splitmix64(c), splitmix64(c + 1)), spec.a);
       }
       break;
     }
@@ -101,7 +103,7 @@ inline void init_row(float* dst, int64_t key, int64_t dim, const InitSpec& spec)
           if (z >= -2.0f && z <= 2.0f) break;
         }
         z = z < -2.0f ? -2.0f : (z > 2.0f ? 2.0f : z);
-        dst[j] = spec.a + spec.b * z;
+        dst[j] = fmaf(spec.b, z, spec.a);
       }
       break;
     }

@@ -8,9 +8,9 @@ CPU tensors at the export/import boundary. An id's initial row is the CPU table'
 (``init_element`` is shared and the kernels are built without fused multiply-adds).
 
 Host-device synchronisation on the training path: ``find_or_insert`` reads the table's row count
-(8 bytes) once per call, to grow the table before the next launch; the KJT's per-feature value
-counts are read once per forward (as TorchRec does for its splits). The backward does not
-synchronise. Admission, TTL and capacity eviction are CPU-table features for now: options asking
+(8 bytes) once per call (one call per feature), to grow the table before the next launch; the KJT's
+per-feature value counts are read once per forward (as TorchRec does for its splits). The backward
+does not synchronise. Admission, TTL and capacity eviction are CPU-table features for now: options asking
 for them raise.
 
 Needs an extension built with ``RECIS_CUDA=1`` and a GPU (:func:`cuda_tables_available`).

@@ -45,21 +45,28 @@ def bucketize_dedup(ids: torch.Tensor, offsets: torch.Tensor, world_size: int) -
     return Buckets(*torch.ops.recis.bucketize_dedup(ids, offsets, world_size))
 
 
+def _counts(index: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of 0..size-1 occurs in ``index`` (bincount without its host sync)."""
+    out = torch.zeros(size, dtype=torch.int64, device=index.device)
+    return out.scatter_add_(0, index, torch.ones_like(index))
+
+
 def bucketize_dedup_torch(ids: torch.Tensor, offsets: torch.Tensor, world_size: int) -> Buckets:
     """:func:`bucketize_dedup` in torch ops, for ids on a GPU (the owner is the
     ``owner_of`` op's). The same buckets, except that each owner's unique ids
     come in ascending order rather than first-occurrence order (``inverse``
-    follows them). Host syncs: none beyond the ones torch.unique makes."""
+    follows them). Host syncs: the ones torch.unique makes (its output size);
+    the counts use scatter_add_, which needs none."""
     device = ids.device
     n, num_bags = ids.numel(), offsets.numel() - 1
     owner = owner_of(ids, world_size)
     value_perm = torch.sort(owner, stable=True).indices
-    value_counts = torch.bincount(owner, minlength=world_size)
+    value_counts = _counts(owner, world_size)
     unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
     unique_owner = owner_of(unique, world_size)
     # Owner-major order of the unique ids (an id's owner is a function of the id).
     by_owner = torch.sort(unique_owner, stable=True).indices
-    unique_counts = torch.bincount(unique_owner, minlength=world_size)
+    unique_counts = _counts(unique_owner, world_size)
     rank_of_unique = torch.empty_like(by_owner)
     rank_of_unique[by_owner] = torch.arange(unique.numel(), device=device)
     starts = torch.cumsum(unique_counts, 0) - unique_counts
@@ -67,9 +74,7 @@ def bucketize_dedup_torch(ids: torch.Tensor, offsets: torch.Tensor, world_size: 
     inverse_in_owner = (rank_of_unique[u] - starts[unique_owner[u]]).to(torch.int32)
     lengths = offsets[1:] - offsets[:-1]
     bag = torch.repeat_interleave(torch.arange(num_bags, device=device), lengths, output_size=n)
-    bag_lengths = torch.bincount(owner * num_bags + bag, minlength=world_size * num_bags) if num_bags else (
-        torch.zeros(0, dtype=torch.int64, device=device)
-    )
+    bag_lengths = _counts(owner * num_bags + bag, world_size * num_bags)
     return Buckets(
         unique_ids=unique[by_owner],
         unique_counts=unique_counts,
