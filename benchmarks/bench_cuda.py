@@ -18,8 +18,6 @@ Needs a GPU and an extension built with RECIS_CUDA=1:
     .venv/bin/python -m benchmarks --only gpu
 """
 
-import statistics
-import time
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -27,7 +25,8 @@ import torch
 GPU_MODES = {
     "smoke": dict(tables=2, rows=10_000, dim=128, batch=256, pooling=8, hash_keys=1 << 16, reps=3, warmup=1),
     "quick": dict(tables=8, rows=1_000_000, dim=128, batch=8192, pooling=20, hash_keys=1 << 24, reps=10, warmup=3),
-    "full": dict(tables=8, rows=4_000_000, dim=128, batch=16384, pooling=20, hash_keys=1 << 26, reps=20, warmup=5),
+    # Dense baselines hold T x E x D floats per copy (and SparseAdam two more): E=1e6 keeps them at 16 GB.
+    "full": dict(tables=8, rows=1_000_000, dim=128, batch=16384, pooling=20, hash_keys=1 << 26, reps=20, warmup=5),
 }
 
 
@@ -56,60 +55,62 @@ def _kjt(cfg: Dict[str, Any], generator: torch.Generator):
     return KeyedJaggedTensor(keys=[f"f{t}" for t in range(cfg["tables"])], values=values, lengths=lengths).to("cuda")
 
 
-def gpu(mode_name: str) -> Dict[str, Any]:
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+def _configs(cfg: Dict[str, Any]):
+    from torchrec import EmbeddingBagConfig
 
+    return [EmbeddingBagConfig(name=f"t{t}", embedding_dim=cfg["dim"], num_embeddings=cfg["rows"],
+                               feature_names=[f"f{t}"]) for t in range(cfg["tables"])]
+
+
+def _shape(cfg: Dict[str, Any]) -> str:
+    return f"T={cfg['tables']}, E={cfg['rows']:,}, D={cfg['dim']}, B={cfg['batch']}, L={cfg['pooling']}"
+
+
+def _forward_rows(cfg: Dict[str, Any], kjt) -> List[Any]:
     import recis_torchrec as rt
     from benchmarks.suite import Row
-    from recis_torchrec.modules.cuda_table import CudaHashTable
 
-    cfg = GPU_MODES[mode_name]
-    rows_out: List[Row] = []
-    g = torch.Generator().manual_seed(0)
     T, E, D, B, L = cfg["tables"], cfg["rows"], cfg["dim"], cfg["batch"], cfg["pooling"]
-    configs = [EmbeddingBagConfig(name=f"t{t}", embedding_dim=D, num_embeddings=E, feature_names=[f"f{t}"])
-               for t in range(T)]
-    ebc = EmbeddingBagCollection(configs, device=torch.device("meta"))
-    kjt = _kjt(cfg, g)
-    fwd_bytes = T * B * L * D * 4 + T * B * D * 4  # rows read + pooled output written
-
-    # 1. Forward.
-    hebc = rt.HashEmbeddingBagCollection(configs, device="cuda",
-                                         fused_params={"optimizer": "adam", "learning_rate": 0.01})
+    rows: List[Any] = []
+    hebc = rt.HashEmbeddingBagCollection(_configs(cfg), device="cuda")
     hebc.train()
     hebc(kjt)  # inserts every id once
     hebc.eval()
     table = hebc.tables()["t0"]
-    t0_values = kjt["f0"].values()
+    t0_values, t0_offsets = kjt["f0"].values(), kjt["f0"].offsets()
     t0_rows = table.find(t0_values)
-    t0_offsets = kjt["f0"].offsets()
     out = torch.empty(B, D, device="cuda")
     bags = [torch.nn.EmbeddingBag(E, D, mode="sum").cuda() for _ in range(T)]
     per_key = [kjt[f"f{t}"] for t in range(T)]
-    pool_bytes = B * L * D * 4 + B * D * 4
-    impls = {
-        "recis_torchrec (kernel, 1 table)": lambda: torch.ops.recis.gpu_pooled_forward(
-            table.handle, t0_values, t0_rows, t0_offsets, None, 0, out, 0),
-        "nn.EmbeddingBag (1 table)": lambda: bags[0](per_key[0].values(), per_key[0].offsets()[:-1]),
-    }
-    s = _time_gpu(impls, cfg["reps"], cfg["warmup"])
-    for name, samples in s.items():
-        rows_out.append(Row("gpu", f"pooled forward kernel (E={E:,}, D={D}, B={B}, L={L})", name, samples,
-                            "nn.EmbeddingBag (1 table)", pool_bytes, B, "samples"))
     with torch.no_grad():
-        impls = {
+        s = _time_gpu({
+            "recis_torchrec (kernel, 1 table)": lambda: torch.ops.recis.gpu_pooled_forward(
+                table.handle, t0_values, t0_rows, t0_offsets, None, 0, out, 0),
+            "nn.EmbeddingBag (1 table)": lambda: bags[0](per_key[0].values(), per_key[0].offsets()[:-1]),
+        }, cfg["reps"], cfg["warmup"])
+        for name, samples in s.items():
+            rows.append(Row("gpu", f"pooled forward kernel (E={E:,}, D={D}, B={B}, L={L})", name, samples,
+                            "nn.EmbeddingBag (1 table)", B * L * D * 4 + B * D * 4, B, "samples"))
+        s = _time_gpu({
             "recis_torchrec (eval forward: find + pool)": lambda: hebc(kjt),
             "nn.EmbeddingBag x T": lambda: [bags[t](per_key[t].values(), per_key[t].offsets()[:-1]) for t in range(T)],
-        }
-        s = _time_gpu(impls, cfg["reps"], cfg["warmup"])
+        }, cfg["reps"], cfg["warmup"])
     for name, samples in s.items():
-        rows_out.append(Row("gpu", f"EBC forward (T={T}, E={E:,}, D={D}, B={B}, L={L})", name, samples,
-                            "nn.EmbeddingBag x T", fwd_bytes, B, "samples"))
+        rows.append(Row("gpu", f"EBC forward ({_shape(cfg)})", name, samples, "nn.EmbeddingBag x T",
+                        T * B * (L + 1) * D * 4, B, "samples"))
+    return rows
 
-    # 2. Forward + backward + Adam.
-    hebc.train()
+
+def _train_rows(cfg: Dict[str, Any], kjt) -> List[Any]:
+    import recis_torchrec as rt
+    from benchmarks.suite import Row
+
+    T, E, D, B, L = cfg["tables"], cfg["rows"], cfg["dim"], cfg["batch"], cfg["pooling"]
+    hebc = rt.HashEmbeddingBagCollection(_configs(cfg), device="cuda",
+                                         fused_params={"optimizer": "adam", "learning_rate": 0.01})
     sparse_bags = [torch.nn.EmbeddingBag(E, D, mode="sum", sparse=True).cuda() for _ in range(T)]
     adam = torch.optim.SparseAdam([p for b in sparse_bags for p in b.parameters()], lr=0.01)
+    per_key = [kjt[f"f{t}"] for t in range(T)]
 
     def ours_step():
         hebc(kjt).values().sum().backward()
@@ -121,12 +122,15 @@ def gpu(mode_name: str) -> Dict[str, Any]:
 
     s = _time_gpu({"recis_torchrec (fused Adam)": ours_step, "nn.EmbeddingBag(sparse) + SparseAdam": torch_step},
                   cfg["reps"], cfg["warmup"])
-    for name, samples in s.items():
-        rows_out.append(Row("gpu", f"fwd+bwd+Adam (T={T}, E={E:,}, D={D}, B={B}, L={L})", name, samples,
-                            "nn.EmbeddingBag(sparse) + SparseAdam", 2 * fwd_bytes, B, "samples"))
-    del hebc, bags, sparse_bags, adam
+    return [Row("gpu", f"fwd+bwd+Adam ({_shape(cfg)})", name, samples, "nn.EmbeddingBag(sparse) + SparseAdam",
+                2 * T * B * (L + 1) * D * 4, B, "samples") for name, samples in s.items()]
 
-    # 3. Hashtable find at load factor 0.5.
+
+def _hashtable_rows(cfg: Dict[str, Any], g: torch.Generator) -> List[Any]:
+    import recis_torchrec as rt
+    from benchmarks.suite import Row
+    from recis_torchrec.modules.cuda_table import CudaHashTable
+
     n = cfg["hash_keys"]
     keys = torch.randint(-(2**62), 2**62, (n,), generator=g).cuda()
     ht = CudaHashTable("bench", 1, 0, rt.HashTableOptions(initial_capacity=n, block_rows=1 << 20),
@@ -135,15 +139,21 @@ def gpu(mode_name: str) -> Dict[str, Any]:
         ht.find_or_insert(chunk)
     probe = keys[torch.randperm(n, generator=g).cuda()]
     sorted_keys = torch.sort(keys).values
-    impls = {
+    s = _time_gpu({
         "recis_torchrec find": lambda: ht.find(probe),
         "torch.searchsorted (sorted keys)": lambda: torch.searchsorted(sorted_keys, probe),
-    }
-    s = _time_gpu(impls, max(3, cfg["reps"] // 2), 1)
-    for name, samples in s.items():
-        rows_out.append(Row("gpu", f"hashtable find ({n:,} keys, load factor 0.5)", name, samples,
-                            "torch.searchsorted (sorted keys)", n * 16, n, "keys"))
-    return {"rows": rows_out, "config": dict(cfg), "table_slots": ht.info()}
+    }, max(3, cfg["reps"] // 2), 1)
+    return [Row("gpu", f"hashtable find ({n:,} keys, load factor 0.5)", name, samples,
+                "torch.searchsorted (sorted keys)", n * 16, n, "keys") for name, samples in s.items()]
+
+
+def gpu(mode_name: str) -> Dict[str, Any]:
+    """The suite's gpu section: rows for the report (each part frees its GPU memory on return)."""
+    cfg = GPU_MODES[mode_name]
+    g = torch.Generator().manual_seed(0)
+    kjt = _kjt(cfg, g)
+    rows = _forward_rows(cfg, kjt) + _train_rows(cfg, kjt) + _hashtable_rows(cfg, g)
+    return {"rows": rows, "config": dict(cfg)}
 
 
 __all__ = ["GPU_MODES", "gpu"]

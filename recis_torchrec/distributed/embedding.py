@@ -25,7 +25,6 @@ the original EC's order.
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterSharding, ShardedModule, ShardingEnv
@@ -34,11 +33,10 @@ from torchrec.modules.embedding_modules import EmbeddingCollection, get_embeddin
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
-from torchrec.streamable import Multistreamable
 
 from recis_torchrec import ops
 from recis_torchrec.distributed.comm import SeqDistContext, UniqueIdsAwaitable, sequence_output_dist
-from recis_torchrec.distributed.embeddingbag import lookup_group, shard_table
+from recis_torchrec.distributed.embeddingbag import HashContext, checked_process_group, lookup_group, shard_table
 from recis_torchrec.modules.hash_embedding_bag import (
     OptionsArg,
     checked_kjt,
@@ -55,20 +53,14 @@ from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
 SharedTableLookup = Callable[[str], Optional[Tuple[HashTable, HashFusedOptimizer]]]
 
 
-class HashECContext(Multistreamable):
-    """Per-step state of a sharded hash EC, from input dist to output dist."""
+class HashECContext(HashContext):
+    """Per-step state of a sharded hash EC."""
 
     def __init__(self, num_tables: int) -> None:
+        super().__init__()
         self.tables = [SeqDistContext() for _ in range(num_tables)]
         # Per hash table: (embedding name, lengths, ids) of each of its features.
         self.features: List[List[Tuple[str, torch.Tensor, torch.Tensor]]] = []
-        self.torchrec_ctx: Optional[Multistreamable] = None
-        self.num_torchrec_inputs = 0
-        self.sharding_contexts: List[Any] = []
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        if self.torchrec_ctx is not None:
-            self.torchrec_ctx.record_stream(stream)
 
     def bytes_sent(self) -> int:
         """Bytes this rank put on the wire for the hash tables' input dist."""
@@ -136,16 +128,7 @@ class ShardedHashEmbeddingCollection(
         super().__init__()
         self._fqn = module_fqn or "EmbeddingCollection"
         self._device = module_device(device, self._fqn)
-        if env.process_group is None:
-            raise ValueError(f"{self._fqn}: hash sharding needs a process group (ShardingEnv.from_process_group)")
-        self._pg = env.process_group
-        self._world_size = env.world_size
-        self._rank = env.rank
-        if dist.get_world_size(self._pg) != self._world_size:
-            raise ValueError(
-                f"{self._fqn}: the sharding env says world size {self._world_size} "
-                f"but the process group has {dist.get_world_size(self._pg)} ranks"
-            )
+        self._pg, self._world_size, self._rank = checked_process_group(env, self._fqn)
         configs = module.embedding_configs()
         self._embedding_configs = configs
         self._need_indices = module.need_indices()

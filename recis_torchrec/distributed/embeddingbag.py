@@ -42,6 +42,7 @@ from recis_torchrec.modules.hash_embedding_bag import (
     OptionsArg,
     checked_kjt,
     load_tables,
+    make_table,
     module_device,
     resolve_options,
     save_tables,
@@ -60,20 +61,8 @@ _POOLING = {PoolingType.SUM: ops.POOLING_SUM, PoolingType.MEAN: ops.POOLING_MEAN
 
 
 def shard_table(config, optimizer_config, options, world_size: int, device: torch.device):
-    """One rank's shard of a hash table: a HashTable, or a CudaHashTable on a GPU."""
-    kwargs = dict(
-        name=config.name,
-        dim=config.embedding_dim,
-        state_dim=optimizer_config.state_dim(config.embedding_dim),
-        options=options,
-        num_embeddings=(config.num_embeddings + world_size - 1) // world_size,
-        init_range=(config.get_weight_init_min(), config.get_weight_init_max()),
-    )
-    if device.type == "cuda":
-        from recis_torchrec.modules.cuda_table import CudaHashTable
-
-        return CudaHashTable(device=device, **kwargs)
-    return HashTable(**kwargs)
+    """One rank's shard of a hash table (its capacity hint is the config's share per rank)."""
+    return make_table(config, optimizer_config, options, (config.num_embeddings + world_size - 1) // world_size, device)
 
 
 def lookup_group(tables, optimizer, device: torch.device):
@@ -99,26 +88,46 @@ def cuda_plan(layout: BagLayout, kjt: KeyedJaggedTensor, num_tables: int, modes:
     return CudaLookupPlan(kjt.stride(), layout.out_dim, modes, per_table)
 
 
-class HashEBCContext(Multistreamable):
-    """Per-step state of a sharded hash EBC, from input dist to output dist."""
+class HashContext(Multistreamable):
+    """Per-step state a sharded hash module keeps from input dist to output dist: the TorchRec
+    child's context, and the slots TorchRec's KJTListSplitsAwaitable reads."""
 
-    def __init__(self, num_groups: int) -> None:
-        self.groups = [GroupDistContext() for _ in range(num_groups)]
-        self.local_batch = 0
-        self.mean_scales: List[Optional[torch.Tensor]] = []
+    def __init__(self) -> None:
         self.torchrec_ctx: Optional[Multistreamable] = None
         self.num_torchrec_inputs = 0
         # Read by TorchRec's KJTListSplitsAwaitable: the TorchRec child's
-        # sharding contexts, then one empty slot per hash group.
+        # sharding contexts, then one empty slot per hash input.
         self.sharding_contexts: List[Any] = []
 
     def record_stream(self, stream: torch.Stream) -> None:
         if self.torchrec_ctx is not None:
             self.torchrec_ctx.record_stream(stream)
 
+
+class HashEBCContext(HashContext):
+    """Per-step state of a sharded hash EBC."""
+
+    def __init__(self, num_groups: int) -> None:
+        super().__init__()
+        self.groups = [GroupDistContext() for _ in range(num_groups)]
+        self.local_batch = 0
+        self.mean_scales: List[Optional[torch.Tensor]] = []
+
     def bytes_sent(self) -> int:
         """Bytes this rank put on the wire for the hash groups' input dist."""
         return sum(g.bytes_sent for g in self.groups)
+
+
+def checked_process_group(env: ShardingEnv, where: str) -> Tuple[dist.ProcessGroup, int, int]:
+    """(process group, world size, rank) of a sharding env, checked against each other."""
+    if env.process_group is None:
+        raise ValueError(f"{where}: hash sharding needs a process group (ShardingEnv.from_process_group)")
+    if dist.get_world_size(env.process_group) != env.world_size:
+        raise ValueError(
+            f"{where}: the sharding env says world size {env.world_size} "
+            f"but the process group has {dist.get_world_size(env.process_group)} ranks"
+        )
+    return env.process_group, env.world_size, env.rank
 
 
 @dataclass
@@ -227,17 +236,8 @@ class ShardedHashEmbeddingBagCollection(
     ) -> None:
         super().__init__()
         self._device = module_device(device, module_fqn or "EmbeddingBagCollection")
-        if env.process_group is None:
-            raise ValueError("ShardedHashEmbeddingBagCollection needs a process group (ShardingEnv.from_process_group)")
-        self._pg = env.process_group
-        self._world_size = env.world_size
-        self._rank = env.rank
-        if dist.get_world_size(self._pg) != self._world_size:
-            raise ValueError(
-                f"{module_fqn or 'EmbeddingBagCollection'}: the sharding env says world size {self._world_size} "
-                f"but the process group has {dist.get_world_size(self._pg)} ranks"
-            )
         self._fqn = module_fqn or "EmbeddingBagCollection"
+        self._pg, self._world_size, self._rank = checked_process_group(env, self._fqn)
         self._is_weighted = module.is_weighted()
         configs = module.embedding_bag_configs()
         self._embedding_bag_configs = configs
@@ -450,8 +450,10 @@ class ShardedHashEmbeddingBagCollection(
 __all__ = [
     "HASH_SHARDING",
     "HASH_SHARED",
+    "HashContext",
     "HashEBCContext",
     "ShardedHashEmbeddingBagCollection",
+    "checked_process_group",
     "cuda_plan",
     "lookup_group",
     "shard_table",

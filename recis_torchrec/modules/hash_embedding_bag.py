@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
 from torchrec.optim.fused import FusedOptimizerModule
@@ -153,32 +152,25 @@ def build_tables(
             )
         if not config.feature_names:
             config.feature_names = [config.name]
+    return {c.name: make_table(c, optimizer_config, per_table[c.name], c.num_embeddings, device) for c in configs}
+
+
+def make_table(config: Any, optimizer_config, options: HashTableOptions, num_embeddings: int, device: torch.device):
+    """The table of one TorchRec config: a ``HashTable``, or a ``CudaHashTable`` on a GPU.
+    ``num_embeddings`` is the capacity hint (a shard's share of the config's, when sharded)."""
+    kwargs = dict(
+        name=config.name,
+        dim=config.embedding_dim,
+        state_dim=optimizer_config.state_dim(config.embedding_dim),
+        options=options,
+        num_embeddings=num_embeddings,
+        init_range=(config.get_weight_init_min(), config.get_weight_init_max()),
+    )
     if device.type == "cuda":
         from recis_torchrec.modules.cuda_table import CudaHashTable
 
-        return {
-            c.name: CudaHashTable(
-                name=c.name,
-                dim=c.embedding_dim,
-                state_dim=optimizer_config.state_dim(c.embedding_dim),
-                options=per_table[c.name],
-                num_embeddings=c.num_embeddings,
-                init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
-                device=device,
-            )
-            for c in configs
-        }
-    return {
-        c.name: HashTable(
-            name=c.name,
-            dim=c.embedding_dim,
-            state_dim=optimizer_config.state_dim(c.embedding_dim),
-            options=per_table[c.name],
-            num_embeddings=c.num_embeddings,
-            init_range=(c.get_weight_init_min(), c.get_weight_init_max()),
-        )
-        for c in configs
-    }
+        return CudaHashTable(device=device, **kwargs)
+    return HashTable(**kwargs)
 
 
 class HashTablesMixin:
