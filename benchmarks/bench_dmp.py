@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -170,12 +170,35 @@ def _models(cfg: DmpConfig, world_size: int):
     return {"recis_torchrec": ours, "torchrec_row_wise": theirs}
 
 
+def measure_steps(models: Dict[str, Any], step, batches: List[Any], reps: int, warmup: int):
+    """Alternates training steps of the models after a barrier; returns (samples_ms, bytes_sent):
+    per model, the slower rank's step times, and the bytes this rank sent to other ranks in one
+    counted step (after a warm-up step)."""
+    samples: Dict[str, List[float]] = {name: [] for name in models}
+    sent: Dict[str, int] = {}
+    for name in models:
+        step(name, batches[0])
+        counter = {"bytes": 0}
+        with count_collective_bytes(counter):
+            step(name, batches[1])
+        sent[name] = counter["bytes"]
+    for r in range(warmup + reps):
+        for name in models:
+            batch = batches[r % len(batches)]
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(name, batch)
+            dt = torch.tensor([(time.perf_counter() - t0) * 1e3])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when the slower rank's does
+            if r >= warmup:
+                samples[name].append(float(dt))
+    return samples, sent
+
+
 def _worker(rank: int, world_size: int, cfg: DmpConfig, out_path: str) -> None:
     models = _models(cfg, world_size)
     opts = {name: torch.optim.SGD(m.parameters(), lr=0.01) for name, m in models.items()}
     batches = _batches(cfg, rank, 4)
-    samples: Dict[str, List[float]] = {name: [] for name in models}
-    sent: Dict[str, int] = {}
 
     def step(name: str, batch) -> None:
         model, opt = models[name], opts[name]
@@ -185,22 +208,7 @@ def _worker(rank: int, world_size: int, cfg: DmpConfig, out_path: str) -> None:
         loss.backward()
         opt.step()
 
-    for name in models:  # one counted step each, after a warm-up step
-        step(name, batches[0])
-        counter = {"bytes": 0}
-        with count_collective_bytes(counter):
-            step(name, batches[1])
-        sent[name] = counter["bytes"]
-    for r in range(cfg.warmup + cfg.reps):
-        for name in models:
-            batch = batches[r % len(batches)]
-            dist.barrier()
-            t0 = time.perf_counter()
-            step(name, batch)
-            dt = torch.tensor([(time.perf_counter() - t0) * 1e3])
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when the slower rank's does
-            if r >= cfg.warmup:
-                samples[name].append(float(dt))
+    samples, sent = measure_steps(models, step, batches, cfg.reps, cfg.warmup)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"samples_ms": samples, "bytes_sent_rank0": sent}, f)

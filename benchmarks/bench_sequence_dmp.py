@@ -27,16 +27,14 @@ import os
 import socket
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from benchmarks.bench_dmp import count_collective_bytes
+from benchmarks.bench_dmp import measure_steps
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -130,9 +128,7 @@ def _worker(rank: int, world_size: int, cfg: SeqDmpConfig, out_path: str) -> Non
     models = _models(cfg, world_size)
     opts = {name: torch.optim.SGD(m.parameters(), lr=0.01) for name, m in models.items()}
     batches = _batches(cfg, rank, 4)
-    samples: Dict[str, List[float]] = {name: [] for name in models}
-    sent: Dict[str, int] = {}
-    distinct = sum(int(torch.unique(kjt.values()).numel()) for kjt, _ in batches[1:2])
+    distinct = int(torch.unique(batches[1][0].values()).numel())
     values = int(batches[1][0].values().numel())
 
     def step(name: str, batch) -> None:
@@ -143,22 +139,7 @@ def _worker(rank: int, world_size: int, cfg: SeqDmpConfig, out_path: str) -> Non
         loss.backward()
         opt.step()
 
-    for name in models:  # one counted step each, after a warm-up step
-        step(name, batches[0])
-        counter = {"bytes": 0}
-        with count_collective_bytes(counter):
-            step(name, batches[1])
-        sent[name] = counter["bytes"]
-    for r in range(cfg.warmup + cfg.reps):
-        for name in models:
-            batch = batches[r % len(batches)]
-            dist.barrier()
-            t0 = time.perf_counter()
-            step(name, batch)
-            dt = torch.tensor([(time.perf_counter() - t0) * 1e3])
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            if r >= cfg.warmup:
-                samples[name].append(float(dt))
+    samples, sent = measure_steps(models, step, batches, cfg.reps, cfg.warmup)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(

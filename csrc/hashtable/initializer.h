@@ -43,25 +43,24 @@ RECIS_HD inline float std_normal(uint64_t w0, uint64_t w1) {
   return sqrtf(-2.0f * logf(u0)) * cosf(6.28318530717958647692f * u1);
 }
 
-}  // namespace detail
 
-// Element j of `key`'s initial row (what init_row writes at dst[j]). The affine
-// steps are explicit fmaf, exactly rounded on host and device whatever the
-// compilers' contraction settings, so a row starts the same on the CPU and GPU.
-RECIS_HD inline float init_element(int64_t key, int64_t j, const InitSpec& spec) {
-  const uint64_t stream = detail::row_stream(spec.seed, key);
+// One element of a row whose stream is `stream` (see row_stream).
+RECIS_HD inline float init_from_stream(uint64_t stream, int64_t j, const InitSpec& spec) {
   switch (spec.kind) {
     case InitKind::kUniform:
       return fmaf(spec.b - spec.a, unit_float(splitmix64(stream + static_cast<uint64_t>(j))), spec.a);
     case InitKind::kNormal: {
       const uint64_t c = stream + 2 * static_cast<uint64_t>(j);
-      return fmaf(spec.b, detail::std_normal(splitmix64(c), splitmix64(c + 1)), spec.a);
+      return fmaf(spec.b, std_normal(splitmix64(c), splitmix64(c + 1)), spec.a);
     }
     case InitKind::kTruncatedNormal: {
+      // Redraw (deterministically, from the next counter) until |z| <= 2.
+      // P(|z| > 2) ~ 4.6%, so the bounded loop virtually never runs out;
+      // if it does, clamp so the value stays inside the documented range.
       float z = 0.0f;
       for (uint64_t attempt = 0; attempt < 64; ++attempt) {
         const uint64_t c = stream ^ mix64((static_cast<uint64_t>(j) << 7) | (attempt << 1));
-        z = detail::std_normal(splitmix64(c), splitmix64(c + 1));
+        z = std_normal(splitmix64(c), splitmix64(c + 1));
         if (z >= -2.0f && z <= 2.0f) break;
       }
       z = z < -2.0f ? -2.0f : (z > 2.0f ? 2.0f : z);
@@ -73,45 +72,19 @@ RECIS_HD inline float init_element(int64_t key, int64_t j, const InitSpec& spec)
   return 0.0f;
 }
 
+}  // namespace detail
+
+// Element j of `key`'s initial row (what init_row writes at dst[j]). The affine
+// steps are explicit fmaf, exactly rounded on host and device whatever the
+// compilers' contraction settings, so a row starts the same on the CPU and GPU.
+RECIS_HD inline float init_element(int64_t key, int64_t j, const InitSpec& spec) {
+  return detail::init_from_stream(detail::row_stream(spec.seed, key), j, spec);
+}
+
 // Writes the initial `dim` floats of `key`'s row into dst (dim,).
 inline void init_row(float* dst, int64_t key, int64_t dim, const InitSpec& spec) {
   const uint64_t stream = detail::row_stream(spec.seed, key);
-  switch (spec.kind) {
-    case InitKind::kUniform: {
-      const float span = spec.b - spec.a;
-      for (int64_t j = 0; j < dim; ++j) {
-        dst[j] = fmaf(span, unit_float(splitmix64(stream + static_cast<uint64_t>(j))), spec.a);
-      }
-      break;
-    }
-    case InitKind::kNormal: {
-      for (int64_t j = 0; j < dim; ++j) {
-        const uint64_t c = stream + 2 * static_cast<uint64_t>(j);
-        dst[j] = fmaf(spec.b, detail::std_normal(splitmix64(c), splitmix64(c + 1)), spec.a);
-      }
-      break;
-    }
-    case InitKind::kTruncatedNormal: {
-      for (int64_t j = 0; j < dim; ++j) {
-        // Redraw (deterministically, from the next counter) until |z| <= 2.
-        // P(|z| > 2) ~ 4.6%, so the bounded loop virtually never runs out;
-        // if it does, clamp so the value stays inside the documented range.
-        float z = 0.0f;
-        for (uint64_t attempt = 0; attempt < 64; ++attempt) {
-          const uint64_t c = stream ^ mix64((static_cast<uint64_t>(j) << 7) | (attempt << 1));
-          z = detail::std_normal(splitmix64(c), splitmix64(c + 1));
-          if (z >= -2.0f && z <= 2.0f) break;
-        }
-        z = z < -2.0f ? -2.0f : (z > 2.0f ? 2.0f : z);
-        dst[j] = fmaf(spec.b, z, spec.a);
-      }
-      break;
-    }
-    case InitKind::kConstant: {
-      for (int64_t j = 0; j < dim; ++j) dst[j] = spec.a;
-      break;
-    }
-  }
+  for (int64_t j = 0; j < dim; ++j) dst[j] = detail::init_from_stream(stream, j, spec);
 }
 
 }  // namespace hashtable

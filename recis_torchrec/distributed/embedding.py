@@ -237,14 +237,7 @@ class ShardedHashEmbeddingCollection(
             raise TypeError(f"{self._fqn} expects a KeyedJaggedTensor, got {type(features).__name__}")
         if self._groups and any(g is None for g in self._groups):
             self._resolve_shared()
-        awaitables: List[Any] = []
-        if self.torchrec is not None:
-            ctx.torchrec_ctx = self.torchrec.create_context()
-            request = self.torchrec.input_dist(ctx.torchrec_ctx, features)
-            awaitables.extend(request.awaitables)
-            ctx.num_torchrec_inputs = len(request.awaitables)
-            ctx.sharding_contexts = list(getattr(ctx.torchrec_ctx, "sharding_contexts", []))
-        ctx.sharding_contexts += [None] * len(self._hash_configs)
+        awaitables = ctx.start_torchrec_input_dist(self.torchrec, features, len(self._hash_configs))
         keys = features.keys()
         index = {k: i for i, k in enumerate(keys)}
         for t, feats in enumerate(self._table_features):

@@ -103,6 +103,21 @@ class HashContext(Multistreamable):
         if self.torchrec_ctx is not None:
             self.torchrec_ctx.record_stream(stream)
 
+    def start_torchrec_input_dist(
+        self, torchrec: Optional[ShardedModule], features: KeyedJaggedTensor, num_hash_inputs: int
+    ) -> List[Any]:
+        """Starts the TorchRec child's input dist (if any) and lays out the sharding contexts:
+        the child's, then one empty slot per hash input. Returns the child's awaitables."""
+        awaitables: List[Any] = []
+        if torchrec is not None:
+            self.torchrec_ctx = torchrec.create_context()
+            request = torchrec.input_dist(self.torchrec_ctx, features)
+            awaitables.extend(request.awaitables)
+            self.num_torchrec_inputs = len(request.awaitables)
+            self.sharding_contexts = list(getattr(self.torchrec_ctx, "sharding_contexts", []))
+        self.sharding_contexts += [None] * num_hash_inputs
+        return awaitables
+
 
 class HashEBCContext(HashContext):
     """Per-step state of a sharded hash EBC."""
@@ -365,14 +380,7 @@ class ShardedHashEmbeddingBagCollection(
     def input_dist(self, ctx: HashEBCContext, features: KeyedJaggedTensor) -> KJTListSplitsAwaitable:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"{self._fqn} expects a KeyedJaggedTensor, got {type(features).__name__}")
-        awaitables: List[Any] = []
-        if self.torchrec is not None:
-            ctx.torchrec_ctx = self.torchrec.create_context()
-            request = self.torchrec.input_dist(ctx.torchrec_ctx, features)
-            awaitables.extend(request.awaitables)
-            ctx.num_torchrec_inputs = len(request.awaitables)
-            ctx.sharding_contexts = list(getattr(ctx.torchrec_ctx, "sharding_contexts", []))
-        ctx.sharding_contexts += [None] * len(self._groups)
+        awaitables = ctx.start_torchrec_input_dist(self.torchrec, features, len(self._groups))
         if features.values().device.type != self._device.type:
             raise ValueError(
                 f"{self._fqn} is sharded on {self._device} but the KeyedJaggedTensor of features "

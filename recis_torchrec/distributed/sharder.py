@@ -40,6 +40,22 @@ class SharedTables:
         return holders[0].tables()[name], holders[0]._optim
 
 
+def _split_plan(
+    torchrec_sharder: type, sharder, module, tables: Dict[str, Any], params, env, device, module_fqn, where, make_sub
+):
+    """The hash tables' plan entries, and TorchRec's sharded module for the other tables (None if
+    there are none), sharded by ``torchrec_sharder.shard`` from ``make_sub(names)``.
+    Returns (None, TorchRec's sharded module) when no table is hash-sharded."""
+    hash_params = _check_hash_params(where, tables, params, env, device)
+    if not hash_params:
+        return None, torchrec_sharder.shard(sharder, module, params, env, device, module_fqn)
+    other = {n: p for n, p in params.items() if n not in hash_params}
+    if not other:
+        return hash_params, None
+    sub = make_sub([n for n in tables if n in other])
+    return hash_params, torchrec_sharder.shard(sharder, sub, other, env, device, module_fqn)
+
+
 def _check_hash_params(where: str, tables: Dict[str, Any], params: Dict[str, ParameterSharding], env, device) -> Dict:
     unknown = sorted(set(params) - set(tables))
     if unknown:
@@ -108,16 +124,17 @@ class HashEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
     ) -> ShardedModule:
         where = module_fqn or "EmbeddingBagCollection"
         tables = {c.name: c for c in module.embedding_bag_configs()}
-        hash_params = _check_hash_params(where, tables, params, env, device)
-        if not hash_params:
-            return super().shard(module, params, env, device, module_fqn)
-        child = None
-        other = {n: p for n, p in params.items() if n not in hash_params}
-        if other:
-            sub = EmbeddingBagCollection(
-                [tables[n] for n in tables if n in other], is_weighted=module.is_weighted(), device=torch.device("meta")
+
+        def make_sub(names: List[str]) -> EmbeddingBagCollection:
+            return EmbeddingBagCollection(
+                [tables[n] for n in names], is_weighted=module.is_weighted(), device=torch.device("meta")
             )
-            child = super().shard(sub, other, env, device, module_fqn)
+
+        hash_params, child = _split_plan(
+            EmbeddingBagCollectionSharder, self, module, tables, params, env, device, module_fqn, where, make_sub
+        )
+        if hash_params is None:
+            return child
         sharded = ShardedHashEmbeddingBagCollection(
             module,
             hash_params,
@@ -169,18 +186,17 @@ class HashEmbeddingCollectionSharder(EmbeddingCollectionSharder):
     ) -> ShardedModule:
         where = module_fqn or "EmbeddingCollection"
         tables = {c.name: c for c in module.embedding_configs()}
-        hash_params = _check_hash_params(where, tables, params, env, device)
-        if not hash_params:
-            return super().shard(module, params, env, device, module_fqn)
-        child = None
-        other = {n: p for n, p in params.items() if n not in hash_params}
-        if other:
-            sub = EmbeddingCollection(
-                [tables[n] for n in tables if n in other],
-                need_indices=module.need_indices(),
-                device=torch.device("meta"),
+
+        def make_sub(names: List[str]) -> EmbeddingCollection:
+            return EmbeddingCollection(
+                [tables[n] for n in names], need_indices=module.need_indices(), device=torch.device("meta")
             )
-            child = super().shard(sub, other, env, device, module_fqn)
+
+        hash_params, child = _split_plan(
+            EmbeddingCollectionSharder, self, module, tables, params, env, device, module_fqn, where, make_sub
+        )
+        if hash_params is None:
+            return child
         shared_names = tuple(n for n, p in hash_params.items() if p.compute_kernel == HASH_SHARED)
         if shared_names and self._shared_tables is None:
             raise ValueError(
