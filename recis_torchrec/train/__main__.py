@@ -118,6 +118,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             trainer.fit()
         trainer.close()
+        if dist.is_initialized():
+            # Every rank is done with its collectives before any tears the group down: a rank
+            # destroying its gloo pairs while a peer still reads them makes the peer fail.
+            dist.barrier()
     except config_mod.ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
