@@ -138,7 +138,7 @@ class ShardedHashEmbeddingCollection(
         self._shared_names = set(shared_names) & {c.name for c in self._hash_configs}
         own = [c for c in self._hash_configs if c.name not in self._shared_names]
         self._optimizer_config = parse_fused_params(fused_params)
-        per_table_options = resolve_options(self._hash_configs, options)
+        per_table_options = resolve_options(self._hash_configs, options, strict=False)
         self._tables: Dict[str, HashTable] = {
             c.name: shard_table(c, self._optimizer_config, per_table_options[c.name], self._world_size, self._device)
             for c in own

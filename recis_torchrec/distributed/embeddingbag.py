@@ -258,7 +258,7 @@ class ShardedHashEmbeddingBagCollection(
         self._embedding_bag_configs = configs
         self._hash_configs = [c for c in configs if c.name in hash_params]
         self._optimizer_config = parse_fused_params(fused_params)
-        per_table_options = resolve_options(self._hash_configs, options)
+        per_table_options = resolve_options(self._hash_configs, options, strict=False)
         self._tables: Dict[str, HashTable] = {
             c.name: shard_table(c, self._optimizer_config, per_table_options[c.name], self._world_size, self._device)
             for c in self._hash_configs

@@ -228,7 +228,8 @@ def sharders(
     Args:
         fused_params: the sparse optimizer (TorchRec keys), for hash tables
             and for the tables TorchRec shards.
-        options: ``HashTableOptions`` for every hash table, or by table name.
+        options: ``HashTableOptions`` for every hash table, or a dict by table name over the whole model
+            (each sharded module takes the entries of its own tables).
         merge_tables: communicate an EBC's same-dim tables together.
 
     Tables that ``plan(..., share_tables=True)`` marks as shared between an

@@ -21,17 +21,25 @@ OptionsArg = Union[None, HashTableOptions, Mapping[str, HashTableOptions]]
 _POOLING = {PoolingType.SUM: ops.POOLING_SUM, PoolingType.MEAN: ops.POOLING_MEAN}
 
 
-def resolve_options(tables: Sequence[EmbeddingBagConfig], options: OptionsArg) -> Dict[str, HashTableOptions]:
-    """Per-table options from None, one ``HashTableOptions`` for all, or a dict by table name."""
+def resolve_options(
+    tables: Sequence[EmbeddingBagConfig], options: OptionsArg, strict: bool = True
+) -> Dict[str, HashTableOptions]:
+    """Per-table options from None, one ``HashTableOptions`` for all, or a dict by table name.
+
+    ``strict``: a dict naming a table that is not in ``tables`` is an error. The sharders pass
+    one dict to every module of a model, so the sharded modules read theirs with ``strict=False``.
+    """
     names = [t.name for t in tables]
     if options is None:
         return {n: HashTableOptions() for n in names}
     if isinstance(options, HashTableOptions):
         return {n: options for n in names}
     unknown = sorted(set(options) - set(names))
-    if unknown:
+    if unknown and strict:
         raise ValueError(f"options names tables {unknown} that are not in this collection (tables: {names})")
     for name, o in options.items():
+        if name in unknown:
+            continue
         if not isinstance(o, HashTableOptions):
             raise TypeError(f"options[{name!r}] must be a HashTableOptions, got {type(o).__name__}")
     return {n: options.get(n, HashTableOptions()) for n in names}

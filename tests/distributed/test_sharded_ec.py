@@ -212,7 +212,11 @@ def _pipeline_and_errors_worker(rank: int, world_size: int) -> None:
         torch.manual_seed(0)
         model = _PipelinedSeqTower(SeqTower(with_ebc=True))
         plan = rt.plan(model, world_size, share_tables=True)
-        dmp = DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=plan)
+        # One options dict for the whole model: each module takes the entries of its own tables.
+        options = {"users": rt.HashTableOptions(block_rows=64), "item": rt.HashTableOptions(block_rows=128)}
+        dmp = DistributedModelParallel(model, sharders=rt.sharders(FUSED, options=options), plan=plan)
+        assert dmp.module.tower.ec.tables()["users"].options.block_rows == 64
+        assert dmp.module.tower.ebc.tables()["item"].options.block_rows == 128
         opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
         outputs = []
         if pipelined:
