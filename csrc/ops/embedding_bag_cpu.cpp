@@ -645,7 +645,41 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
 
 }  // namespace
 
+at::Tensor segment_sum_rows_cpu(const at::Tensor& grads, const at::Tensor& inverse, int64_t num_unique) {
+  const char* op = "recis::segment_sum_rows";
+  TORCH_CHECK(grads.device().is_cpu() && grads.dim() == 2 && grads.scalar_type() == at::kFloat, op,
+              ": grads must be a 2-D float32 CPU tensor, got ", grads.sizes(), " ", grads.scalar_type());
+  check_cpu_1d(inverse, op, "inverse", at::kLong);
+  TORCH_CHECK(inverse.numel() == grads.size(0), op, ": ", inverse.numel(), " indices for ", grads.size(0), " rows");
+  TORCH_CHECK(num_unique >= 0, op, ": num_unique must be >= 0, got ", num_unique);
+  const int64_t n = grads.size(0), dim = grads.size(1);
+  const auto g = grads.contiguous();
+  const auto inv_c = inverse.contiguous();
+  const float* src = g.data_ptr<float>();
+  const int64_t* inv = inv_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(inv[i] >= 0 && inv[i] < num_unique, op, ": inverse[", i, "] = ", inv[i], " is not in [0, ",
+                num_unique, ")");
+  }
+  at::Tensor out = at::zeros({num_unique, dim}, at::kFloat);
+  float* dst = out.data_ptr<float>();
+  // Each thread owns a range of output rows and adds the gradient rows that
+  // map into it, in input order (so results do not depend on the thread count).
+  at::parallel_for(0, num_unique, 1024, [&](int64_t ub, int64_t ue) {
+    dispatch_dim(dim, [&](auto kd) {
+      constexpr int kD = decltype(kd)::value;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t u = inv[i];
+        if (u < ub || u >= ue) continue;
+        axpy<kD>(dst + u * dim, src + i * dim, 1.0f, dim);
+      }
+    });
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(recis, CPU, m) {
+  m.impl("segment_sum_rows", &segment_sum_rows_cpu);
   m.impl("pooled_forward", &pooled_forward_cpu);
   m.impl("lookup_pooled_forward", &lookup_pooled_forward_cpu);
   m.impl("pooled_backward", &pooled_backward_cpu);

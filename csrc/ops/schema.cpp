@@ -45,6 +45,10 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   m.def(
       "sparse_update(int table, Tensor rows, Tensor grads, int optimizer, float learning_rate, float eps, "
       "float beta1, float beta2, float weight_decay, int weight_decay_mode, int step) -> ()");
+  // segment_sum_rows: out[u] = sum of grads[i] over i with inverse[i] == u,
+  // (num_unique, D) float32; parallel over ranges of u, no atomics. The
+  // gradient grouping of the unpooled (sequence) lookup.
+  m.def("segment_sum_rows(Tensor grads, Tensor inverse, int num_unique) -> Tensor");
   // pooled_backward followed by sparse_update on every table, fused: the
   // per-row gradient never leaves the cache. steps[t] is table t's update
   // count (Adam's bias correction).

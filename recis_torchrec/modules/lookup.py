@@ -99,9 +99,9 @@ class _SequenceLookup(torch.autograd.Function):
 
     The forward is the bag module's fused lookup with every id as a bag of
     one. The backward groups the gradients by row with ``torch.unique`` and
-    ``index_add_`` (a scatter into the unique rows, which stay cache-resident)
-    and applies the fused optimizer with ``sparse_update``: for long
-    sequences this is several times faster than reducing bags of one.
+    ``segment_sum_rows`` (a parallel scatter into the unique rows, which stay
+    cache-resident) and applies the fused optimizer with ``sparse_update``:
+    for long sequences this is several times faster than reducing bags of one.
     """
 
     @staticmethod
@@ -126,7 +126,7 @@ class _SequenceLookup(torch.autograd.Function):
             rows, grad = rows[keep], grad[keep]
         if rows.numel():
             unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-            summed = torch.zeros(unique.numel(), grad.shape[1], dtype=torch.float32).index_add_(0, inverse, grad)
+            summed = ops.segment_sum_rows(grad.contiguous(), inverse, unique.numel())
             ops.sparse_update(group.tables[0], unique, summed, *args[:7], int(args[7][0]))
         return (None,) * 5
 

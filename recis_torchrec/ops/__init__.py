@@ -11,6 +11,7 @@ from recis_torchrec.ops.embedding_bag import (
     pooled_backward,
     pooled_backward_update,
     pooled_forward,
+    segment_sum_rows,
     sparse_update,
 )
 from recis_torchrec.ops.features import (
@@ -48,6 +49,7 @@ __all__ = [
     "pooled_backward",
     "pooled_backward_update",
     "pooled_forward",
+    "segment_sum_rows",
     "sparse_update",
     "table_export",
     "table_import",

@@ -170,6 +170,17 @@ def pooled_backward_update(
     )
 
 
+def segment_sum_rows(grads: torch.Tensor, inverse: torch.Tensor, num_unique: int) -> torch.Tensor:
+    """``out[u] = sum(grads[i] for i with inverse[i] == u)``, ``(num_unique, D)``: ``index_add_``
+    into zeros, parallel over ranges of ``u`` (each range summed in input order)."""
+    return torch.ops.recis.segment_sum_rows(grads, inverse, num_unique)
+
+
+@torch.library.register_fake("recis::segment_sum_rows")
+def _segment_sum_rows_fake(grads, inverse, num_unique):
+    return grads.new_empty((num_unique, grads.shape[1]))
+
+
 @torch.library.register_fake("recis::pooled_forward")
 def _pooled_forward_fake(
     tables, ids, rows, offsets, per_sample_weights, feature_table, feature_mode, feature_col, out_dim

@@ -251,3 +251,20 @@ def test_opcheck_lookup_pooled_forward():
             torch.ops.recis.lookup_pooled_forward.default,
             (handles, ids, offsets, psw, ft, modes, cols, out_dim, insert),
         )
+
+
+@pytest.mark.parametrize("dim", [7, 8, 64])
+def test_segment_sum_rows_equals_index_add(dim):
+    g = torch.Generator().manual_seed(dim)
+    n, unique = 5000, 300
+    grads = torch.randn(n, dim, generator=g)
+    inverse = torch.randint(0, unique, (n,), generator=g)
+    want = torch.zeros(unique, dim).index_add_(0, inverse, grads)
+    got = ops.segment_sum_rows(grads, inverse, unique)
+    assert torch.equal(got, want)  # each row summed in input order, as index_add_ does
+    assert ops.segment_sum_rows(grads[:0], inverse[:0], 4).shape == (4, dim)
+    torch.library.opcheck(torch.ops.recis.segment_sum_rows.default, (grads[:50], inverse[:50] % 7, 7))
+    with pytest.raises(RuntimeError, match=r"inverse\[3\] = 300 is not in \[0, 300\)"):
+        bad = inverse.clone()
+        bad[3] = unique
+        ops.segment_sum_rows(grads, bad, unique)
