@@ -31,19 +31,21 @@ from torchrec.distributed.types import Awaitable, LazyAwaitable, ParameterShardi
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection, get_embedding_names_by_table
 from torchrec.optim.fused import FusedOptimizerModule
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recis_torchrec import ops
 from recis_torchrec.distributed.comm import SeqDistContext, UniqueIdsAwaitable, sequence_output_dist
-from recis_torchrec.distributed.embeddingbag import HashContext, checked_process_group, lookup_group, shard_table
+from recis_torchrec.distributed.embeddingbag import (
+    HashContext,
+    ShardedTablesMixin,
+    checked_process_group,
+    lookup_group,
+    shard_table,
+)
 from recis_torchrec.modules.hash_embedding_bag import (
     OptionsArg,
     checked_kjt,
-    load_tables,
     module_device,
     resolve_options,
-    save_tables,
 )
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
@@ -89,6 +91,7 @@ class _MergedAwaitable(LazyAwaitable[Dict[str, JaggedTensor]]):
 
 
 class ShardedHashEmbeddingCollection(
+    ShardedTablesMixin,
     ShardedModule[KJTList, Tuple[Any, List[torch.Tensor]], Dict[str, JaggedTensor], HashECContext],
     FusedOptimizerModule,
 ):
@@ -111,6 +114,9 @@ class ShardedHashEmbeddingCollection(
         shared_names: the names ``shared`` is asked for.
         device: ``None``/CPU (gloo), or a CUDA device (CUDA tables, NCCL).
     """
+
+    # This rank's rows of each table it owns appear as "embeddings.{table}.weight" and ".ids".
+    _state_section = "embeddings"
 
     def __init__(
         self,
@@ -159,19 +165,6 @@ class ShardedHashEmbeddingCollection(
         ]
         self._import_unsharded_weights(module)
 
-    def _import_unsharded_weights(self, module: EmbeddingCollection) -> None:
-        """Rows 0..num_embeddings-1 of the unsharded EC become ids, each on its owner."""
-        embeddings = getattr(module, "embeddings", None)
-        for c in self._hash_configs:
-            if c.name not in self._tables or embeddings is None:
-                continue
-            weight = getattr(embeddings[c.name], "weight", None)
-            if weight is None or weight.is_meta:
-                continue
-            ids = torch.arange(weight.shape[0], dtype=torch.int64)
-            mine = ops.owner_of(ids, self._world_size) == self._rank
-            self._tables[c.name].import_(ids[mine], weight.detach()[mine].to(torch.float32).cpu().contiguous(), None)
-
     def _resolve_shared(self) -> None:
         for t, c in enumerate(self._hash_configs):
             if self._groups[t] is not None:
@@ -201,16 +194,6 @@ class ShardedHashEmbeddingCollection(
     def unsharded_module_type(self) -> type:
         return EmbeddingCollection
 
-    @property
-    def fused_optimizer(self) -> KeyedOptimizer:
-        if self.torchrec is None:
-            return self._optim
-        return CombinedOptimizer([("", self._optim), ("torchrec", self.torchrec.fused_optimizer)])
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
     def embedding_configs(self) -> List[EmbeddingConfig]:
         return self._embedding_configs
 
@@ -219,13 +202,6 @@ class ShardedHashEmbeddingCollection(
 
     def embedding_dim(self) -> int:
         return self._embedding_dim
-
-    def tables(self) -> Dict[str, HashTable]:
-        """This rank's shard of every hash table this module owns."""
-        return dict(self._tables)
-
-    def table_stats(self) -> Dict[str, Dict[str, int]]:
-        return {name: t.info() for name, t in self._tables.items()}
 
     def create_context(self) -> HashECContext:
         return HashECContext(len(self._hash_configs))
@@ -303,34 +279,6 @@ class ShardedHashEmbeddingCollection(
             self.torchrec.output_dist(ctx.torchrec_ctx, torchrec_out) if self.torchrec is not None else None
         )
         return _MergedAwaitable(ours, torchrec_awaitable, self._embedding_names)
-
-    # -- state dict ------------------------------------------------------------
-    # This rank's rows of each table it owns, as "embeddings.{table}.weight"
-    # and ".ids". Loading keeps only the ids this rank owns, so a full
-    # (unsharded) state dict loads on every rank.
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_tables(self._tables, destination, prefix, section="embeddings")
-
-    def _load_from_state_dict(  # type: ignore[override]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        def mine(ids: torch.Tensor) -> torch.Tensor:
-            return ops.owner_of(ids, self._world_size) == self._rank
-
-        used = load_tables(
-            self._tables, state_dict, prefix, missing_keys, error_msgs, keep=mine, section="embeddings"
-        )
-        super()._load_from_state_dict(
-            {k: v for k, v in state_dict.items() if k not in used},
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-        )
 
 
 __all__ = ["HashECContext", "ShardedHashEmbeddingCollection"]

@@ -16,7 +16,7 @@ Tables the plan gives to TorchRec's own sharding types live in a TorchRec
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,13 +39,13 @@ from torchrec.streamable import Multistreamable
 from recis_torchrec import ops
 from recis_torchrec.distributed.comm import GroupDistContext, IdsSplitsAwaitable, pooled_output_dist
 from recis_torchrec.modules.hash_embedding_bag import (
+    HashTablesMixin,
     OptionsArg,
     checked_kjt,
-    load_tables,
+    import_rows,
     make_table,
     module_device,
     resolve_options,
-    save_tables,
 )
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
@@ -133,6 +133,31 @@ class HashEBCContext(HashContext):
         return sum(g.bytes_sent for g in self.groups)
 
 
+class ShardedTablesMixin(HashTablesMixin):
+    """What the sharded hash modules add to the unsharded ones' table handling: each rank holds
+    the rows of the ids it owns (``self._world_size``, ``self._rank``) as
+    ``{section}.{table}.weight``/``.ids``; loading keeps only those ids, so a full (unsharded)
+    state dict loads on every rank; the unsharded module's weights are imported the same way;
+    the fused optimizer includes the TorchRec child's (``self.torchrec``), if any."""
+
+    def _row_filter(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda ids: ops.owner_of(ids, self._world_size) == self._rank
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        if self.torchrec is None:
+            return self._optim
+        return CombinedOptimizer([("", self._optim), ("torchrec", self.torchrec.fused_optimizer)])
+
+    def _import_unsharded_weights(self, module: torch.nn.Module) -> None:
+        """Rows 0..num_embeddings-1 of the unsharded module's tables become ids, each on its owner."""
+        unsharded = getattr(module, self._state_section, None)
+        if unsharded is None:
+            return
+        weights = {name: getattr(unsharded[name], "weight", None) for name in self._tables}
+        import_rows(self._tables, weights, keep=self._row_filter())
+
+
 def checked_process_group(env: ShardingEnv, where: str) -> Tuple[dist.ProcessGroup, int, int]:
     """(process group, world size, rank) of a sharding env, checked against each other."""
     if env.process_group is None:
@@ -214,6 +239,7 @@ class _MergedAwaitable(LazyAwaitable[KeyedTensor]):
 
 
 class ShardedHashEmbeddingBagCollection(
+    ShardedTablesMixin,
     ShardedModule[KJTList, Tuple[Any, List[torch.Tensor]], KeyedTensor, HashEBCContext],
     FusedOptimizerModule,
 ):
@@ -316,42 +342,14 @@ class ShardedHashEmbeddingBagCollection(
             groups.append(_Group(tables, keys, names, dims, BagLayout(ft, sum_modes, cols, col), mean_keys, lookup))
         return groups
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def _import_unsharded_weights(self, module: EmbeddingBagCollection) -> None:
-        """Rows 0..num_embeddings-1 of the unsharded EBC become ids, each on its owner."""
-        for c in self._hash_configs:
-            bag = module.embedding_bags[c.name] if hasattr(module, "embedding_bags") else None
-            weight = getattr(bag, "weight", None)
-            if weight is None or weight.is_meta:
-                continue
-            ids = torch.arange(weight.shape[0], dtype=torch.int64)
-            mine = ops.owner_of(ids, self._world_size) == self._rank
-            self._tables[c.name].import_(ids[mine], weight.detach()[mine].to(torch.float32).cpu().contiguous(), None)
-
     # -- TorchRec interface ----------------------------------------------------
 
     @property
     def unsharded_module_type(self) -> type:
         return EmbeddingBagCollection
 
-    @property
-    def fused_optimizer(self) -> KeyedOptimizer:
-        if self.torchrec is None:
-            return self._optim
-        return CombinedOptimizer([("", self._optim), ("torchrec", self.torchrec.fused_optimizer)])
-
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._embedding_bag_configs
-
-    def tables(self) -> Dict[str, HashTable]:
-        """This rank's shard of every hash table."""
-        return dict(self._tables)
-
-    def table_stats(self) -> Dict[str, Dict[str, int]]:
-        return {name: t.info() for name, t in self._tables.items()}
 
     def create_context(self) -> HashEBCContext:
         return HashEBCContext(len(self._groups))
@@ -428,38 +426,13 @@ class ShardedHashEmbeddingBagCollection(
         )
         return _MergedAwaitable(pieces, torchrec_awaitable, self._columns, self._embedding_names, self._embedding_dims)
 
-    # -- state dict ------------------------------------------------------------
-    # This rank's rows of each hash table, as "embedding_bags.{table}.weight"
-    # and ".ids". Loading keeps only the ids this rank owns, so a full
-    # (unsharded) state dict loads on every rank.
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        save_tables(self._tables, destination, prefix)
-
-    def _load_from_state_dict(  # type: ignore[override]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        def mine(ids: torch.Tensor) -> torch.Tensor:
-            return ops.owner_of(ids, self._world_size) == self._rank
-
-        used = load_tables(self._tables, state_dict, prefix, missing_keys, error_msgs, keep=mine)
-        super()._load_from_state_dict(
-            {k: v for k, v in state_dict.items() if k not in used},
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-        )
-
 
 __all__ = [
     "HASH_SHARDING",
     "HASH_SHARED",
     "HashContext",
     "HashEBCContext",
+    "ShardedTablesMixin",
     "ShardedHashEmbeddingBagCollection",
     "checked_process_group",
     "cuda_plan",

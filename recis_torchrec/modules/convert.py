@@ -8,20 +8,8 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection, OptionsArg
+from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection, OptionsArg, import_rows
 from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
-
-
-def _import_rows(tables: Dict[str, Any], weights: Dict[str, torch.Tensor]) -> None:
-    """Row i of each TorchRec table's weight becomes id i of the hash table of the same name."""
-    for name, weight in weights.items():
-        if weight.is_meta:
-            continue  # a meta model has no weights to import
-        tables[name].import_(
-            torch.arange(weight.shape[0], dtype=torch.int64),
-            weight.detach().to(device="cpu", dtype=torch.float32).contiguous(),
-            None,
-        )
 
 
 def convert_ebc(
@@ -41,7 +29,7 @@ def convert_ebc(
         options=options,
     )
     if import_weights:
-        _import_rows(hebc.tables(), {c.name: ebc.embedding_bags[c.name].weight for c in ebc.embedding_bag_configs()})
+        import_rows(hebc.tables(), {c.name: ebc.embedding_bags[c.name].weight for c in ebc.embedding_bag_configs()})
     hebc.train(ebc.training)
     return hebc
 
@@ -66,7 +54,7 @@ def convert_ec(
     )
     if import_weights:
         own = hec.tables()
-        _import_rows(own, {c.name: ec.embeddings[c.name].weight for c in ec.embedding_configs() if c.name in own})
+        import_rows(own, {c.name: ec.embeddings[c.name].weight for c in ec.embedding_configs() if c.name in own})
     hec.train(ec.training)
     return hec
 

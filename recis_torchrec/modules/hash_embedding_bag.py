@@ -207,6 +207,11 @@ class HashTablesMixin:
         """Rows, capacity and memory of every table."""
         return {name: t.info() for name, t in self._tables.items()}
 
+    def _row_filter(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """Which ids of loaded rows this module keeps (``ids -> bool mask``); None: all of them.
+        A shard keeps the ids its rank owns."""
+        return None
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
         super()._save_to_state_dict(destination, prefix, keep_vars)
         save_tables(self._tables, destination, prefix, section=self._state_section)
@@ -214,7 +219,10 @@ class HashTablesMixin:
     def _load_from_state_dict(  # type: ignore[override]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        ours = load_tables(self._tables, state_dict, prefix, missing_keys, error_msgs, section=self._state_section)
+        ours = load_tables(
+            self._tables, state_dict, prefix, missing_keys, error_msgs, keep=self._row_filter(),
+            section=self._state_section,
+        )
         # The base class loads nothing here (the module has no parameters) but
         # reports, when strict, keys under this prefix that are not ours.
         super()._load_from_state_dict(
@@ -457,3 +465,21 @@ def load_tables(
             ids, weight = ids[mask], weight[mask]
         table.import_(ids, weight.contiguous(), None)
     return used
+
+
+def import_rows(
+    tables: Mapping[str, Any],
+    weights: Mapping[str, Optional[torch.Tensor]],
+    keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> None:
+    """Row i of each TorchRec weight becomes id i of the table of the same name (only the ids
+    ``keep(ids)`` selects, when given). Missing or meta weights import nothing."""
+    for name, weight in weights.items():
+        if weight is None or weight.is_meta:
+            continue
+        ids = torch.arange(weight.shape[0], dtype=torch.int64)
+        weight = weight.detach().to(device="cpu", dtype=torch.float32)
+        if keep is not None:
+            mask = keep(ids)
+            ids, weight = ids[mask], weight[mask]
+        tables[name].import_(ids, weight.contiguous(), None)
