@@ -41,12 +41,8 @@ from recis_torchrec.distributed.embeddingbag import (
     lookup_group,
     shard_table,
 )
-from recis_torchrec.modules.hash_embedding_bag import (
-    OptionsArg,
-    checked_kjt,
-    module_device,
-    resolve_options,
-)
+from recis_torchrec.modules.hash_embedding_bag import OptionsArg, module_device, resolve_options
+from recis_torchrec.modules.hash_embedding_collection import jagged_outputs, sequences_by_table
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
@@ -214,37 +210,16 @@ class ShardedHashEmbeddingCollection(
         if self._groups and any(g is None for g in self._groups):
             self._resolve_shared()
         awaitables = ctx.start_torchrec_input_dist(self.torchrec, features, len(self._hash_configs))
-        keys = features.keys()
-        index = {k: i for i, k in enumerate(keys)}
-        for t, feats in enumerate(self._table_features):
-            for f, _ in feats:
-                if f not in index:
-                    raise KeyError(
-                        f"{self._fqn}: feature {f!r} (table {self._hash_configs[t].name!r}) is missing from the "
-                        f"KeyedJaggedTensor, whose keys are {list(keys)}"
-                    )
         if features.values().device.type != self._device.type:
             raise ValueError(
                 f"{self._fqn} is sharded on {self._device} but the KeyedJaggedTensor of features "
-                f"{list(keys)} is on {features.values().device}"
+                f"{features.keys()} is on {features.values().device}"
             )
+        table_names = [c.name for c in self._hash_configs]
         with torch.no_grad():
-            values, _, _, batch = checked_kjt(features, False, self._fqn)
-            lengths = features.lengths().to(torch.int64)
-            per_key = lengths.view(len(keys), batch).sum(1).tolist() if batch else [0] * len(keys)
-            starts = [0]
-            for n in per_key:
-                starts.append(starts[-1] + n)
-            for t, feats in enumerate(self._table_features):
-                pieces, described = [], []
-                for f, name in feats:
-                    k = index[f]
-                    ids = values[starts[k] : starts[k + 1]]
-                    pieces.append(ids)
-                    described.append((name, lengths[k * batch : (k + 1) * batch], ids))
-                ctx.features.append(described)
-                ids = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-                awaitables.append(UniqueIdsAwaitable(ids, self._hash_configs[t].name, self._pg, ctx.tables[t]))
+            for t, seq in enumerate(sequences_by_table(features, table_names, self._table_features, self._fqn)):
+                ctx.features.append(seq.features)
+                awaitables.append(UniqueIdsAwaitable(seq.ids, table_names[t], self._pg, ctx.tables[t]))
         return KJTListSplitsAwaitable(awaitables, ctx, self._fqn)
 
     # -- compute and output dist -------------------------------------------------
@@ -270,11 +245,7 @@ class ShardedHashEmbeddingCollection(
         ours: Dict[str, JaggedTensor] = {}
         for t, r in enumerate(rows):
             embeddings = sequence_output_dist(r, self._pg, ctx.tables[t])
-            sizes = [ids.numel() for _, _, ids in ctx.features[t]]
-            for (name, lengths, ids), values in zip(ctx.features[t], embeddings.split(sizes)):
-                ours[name] = JaggedTensor(
-                    values=values, lengths=lengths, weights=ids if self._need_indices else None
-                )
+            ours.update(jagged_outputs(embeddings, ctx.features[t], self._need_indices))
         torchrec_awaitable = (
             self.torchrec.output_dist(ctx.torchrec_ctx, torchrec_out) if self.torchrec is not None else None
         )

@@ -180,7 +180,9 @@ class CudaHashTable:
         if n == 0:
             return
         if weights is not None and tuple(weights.shape) != (n, self.dim):
-            raise ValueError(f"CudaHashTable {self.name!r}: weights must be ({n}, {self.dim}), got {tuple(weights.shape)}")
+            raise ValueError(
+                f"CudaHashTable {self.name!r}: weights must be ({n}, {self.dim}), got {tuple(weights.shape)}"
+            )
         if state is not None and tuple(state.shape) != (n, self.state_dim):
             raise ValueError(
                 f"CudaHashTable {self.name!r}: state must be ({n}, {self.state_dim}), got {tuple(state.shape)}"

@@ -14,6 +14,7 @@ history). The bag module owns them: it saves them, and its fused optimizer
 updates them for both modules.
 """
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -109,7 +110,9 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
             for c in tables
         ]
         self._embedding_names_by_table = get_embedding_names_by_table(tables)
-        self._feature_names = [c.feature_names for c in tables]
+        self._table_features = [
+            list(zip(c.feature_names, names)) for c, names in zip(tables, self._embedding_names_by_table)
+        ]
 
     # -- TorchRec interface ------------------------------------------------------
 
@@ -130,40 +133,71 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
     def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"HashEmbeddingCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
-        keys = features.keys()
-        for t, names in enumerate(self._feature_names):
-            for f in names:
-                if f not in keys:
-                    raise KeyError(
-                        f"HashEmbeddingCollection: feature {f!r} (table {self._embedding_configs[t].name!r}) is "
-                        f"missing from the KeyedJaggedTensor, whose keys are {list(keys)}"
-                    )
-        values, _, _, batch = checked_kjt(features, False, "HashEmbeddingCollection")
-        lengths = features.lengths().long()
-        per_key = lengths.view(len(keys), batch).sum(1).tolist() if batch else [0] * len(keys)
-        starts = [0]
-        for n in per_key:
-            starts.append(starts[-1] + n)
-        index = {k: i for i, k in enumerate(keys)}
+        table_names = [c.name for c in self._embedding_configs]
+        sequences = sequences_by_table(features, table_names, self._table_features, "HashEmbeddingCollection")
         out: Dict[str, JaggedTensor] = {}
-        for t, names in enumerate(self._feature_names):
-            spans: List[Tuple[int, int]] = [(starts[index[f]], starts[index[f] + 1]) for f in names]
-            ids = torch.cat([values[a:b] for a, b in spans]) if len(spans) > 1 else values[spans[0][0] : spans[0][1]]
+        for t, seq in enumerate(sequences):
             if self._device.type == "cuda":
-                rows = self._groups[t].sequence(ids, self.training)
+                rows = self._groups[t].sequence(seq.ids, self.training)
             else:
-                rows = sequence_lookup(self._groups[t], ids, self.training)
-            # One feature: its rows as they are. Several: split, whose backward concatenates the
-            # gradients in one pass (a slice's backward would zero-fill a rows-sized buffer per slice).
-            pieces = [rows] if len(names) == 1 else rows.split([b - a for a, b in spans])
-            for j, f in enumerate(names):
-                k = index[f]
-                out[self._embedding_names_by_table[t][j]] = JaggedTensor(
-                    values=pieces[j],
-                    lengths=lengths[k * batch : (k + 1) * batch],
-                    weights=values[spans[j][0] : spans[j][1]] if self._need_indices else None,
-                )
+                rows = sequence_lookup(self._groups[t], seq.ids, self.training)
+            out.update(jagged_outputs(rows, seq.features, self._need_indices))
         return out
+
+
+@dataclass
+class TableSequences:
+    """One table's ids in a KJT: its features' ids concatenated (looked up together), and per
+    feature (embedding name, lengths (B,), ids)."""
+
+    ids: torch.Tensor
+    features: List[Tuple[str, torch.Tensor, torch.Tensor]]
+
+
+def sequences_by_table(
+    features: KeyedJaggedTensor, table_names: List[str], table_features: List[List[Tuple[str, str]]], who: str
+) -> List[TableSequences]:
+    """Each table's ids from a KJT, checked (every feature present, int ids, consistent lengths).
+
+    ``table_features[t]``: table t's (feature name, embedding name) pairs."""
+    keys = features.keys()
+    index = {k: i for i, k in enumerate(keys)}
+    for t, feats in enumerate(table_features):
+        for f, _ in feats:
+            if f not in index:
+                raise KeyError(
+                    f"{who}: feature {f!r} (table {table_names[t]!r}) is missing from the KeyedJaggedTensor, "
+                    f"whose keys are {list(keys)}"
+                )
+    values, _, _, batch = checked_kjt(features, False, who)
+    lengths = features.lengths().to(torch.int64)
+    per_key = lengths.view(len(keys), batch).sum(1).tolist() if batch else [0] * len(keys)
+    starts = [0]
+    for n in per_key:
+        starts.append(starts[-1] + n)
+    out = []
+    for feats in table_features:
+        described = []
+        for f, name in feats:
+            k = index[f]
+            described.append((name, lengths[k * batch : (k + 1) * batch], values[starts[k] : starts[k + 1]]))
+        ids = torch.cat([d[2] for d in described]) if len(described) > 1 else described[0][2]
+        out.append(TableSequences(ids, described))
+    return out
+
+
+def jagged_outputs(
+    rows: torch.Tensor, features: List[Tuple[str, torch.Tensor, torch.Tensor]], need_indices: bool
+) -> Dict[str, JaggedTensor]:
+    """One JaggedTensor per feature of a table (``TableSequences.features``) from the rows of
+    its concatenated ids."""
+    # One feature: its rows as they are. Several: split, whose backward concatenates the gradients
+    # in one pass (a slice's backward would zero-fill a rows-sized buffer per slice).
+    pieces = [rows] if len(features) == 1 else rows.split([ids.numel() for _, _, ids in features])
+    return {
+        name: JaggedTensor(values=piece, lengths=lengths, weights=ids if need_indices else None)
+        for (name, lengths, ids), piece in zip(features, pieces)
+    }
 
 
 def shared_tables(
