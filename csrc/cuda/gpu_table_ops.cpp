@@ -72,30 +72,28 @@ void gpu_table_release(int64_t handle) {
 
 int64_t gpu_table_size(int64_t handle) { return table_ptr(handle, "recis::gpu_table_size")->size(); }
 
-at::Tensor gpu_find(int64_t handle, const at::Tensor& ids) {
-  const char* op = "recis::gpu_find";
+// The rows of ids (find), inserting absent ids first (find_or_insert) when `insert`.
+at::Tensor lookup_rows(int64_t handle, const at::Tensor& ids, bool insert, const char* op) {
   check_cuda_1d(ids, op, "ids", at::kLong);
   const auto table = table_ptr(handle, op);
   check_on_table_device(ids, *table, op, "ids");
   c10::cuda::CUDAGuard guard(ids.device());
   auto ids_c = ids.contiguous();
   auto rows = at::empty_like(ids_c);
-  table->find(ids_c.data_ptr<int64_t>(), ids_c.numel(), rows.data_ptr<int64_t>(),
-                            current_stream());
+  if (insert) {
+    table->find_or_insert(ids_c.data_ptr<int64_t>(), ids_c.numel(), rows.data_ptr<int64_t>(), current_stream());
+  } else {
+    table->find(ids_c.data_ptr<int64_t>(), ids_c.numel(), rows.data_ptr<int64_t>(), current_stream());
+  }
   return rows;
 }
 
+at::Tensor gpu_find(int64_t handle, const at::Tensor& ids) {
+  return lookup_rows(handle, ids, false, "recis::gpu_find");
+}
+
 at::Tensor gpu_find_or_insert(int64_t handle, const at::Tensor& ids) {
-  const char* op = "recis::gpu_find_or_insert";
-  check_cuda_1d(ids, op, "ids", at::kLong);
-  const auto table = table_ptr(handle, op);
-  check_on_table_device(ids, *table, op, "ids");
-  c10::cuda::CUDAGuard guard(ids.device());
-  auto ids_c = ids.contiguous();
-  auto rows = at::empty_like(ids_c);
-  table->find_or_insert(ids_c.data_ptr<int64_t>(), ids_c.numel(), rows.data_ptr<int64_t>(),
-                                      current_stream());
-  return rows;
+  return lookup_rows(handle, ids, true, "recis::gpu_find_or_insert");
 }
 
 void gpu_pooled_forward(int64_t handle, const at::Tensor& ids, const at::Tensor& rows, const at::Tensor& offsets,
