@@ -74,20 +74,6 @@ def lookup_group(tables, optimizer, device: torch.device):
     return LookupGroup(tables, optimizer)
 
 
-def cuda_plan(layout: BagLayout, kjt: KeyedJaggedTensor, num_tables: int, modes: List[int]):
-    """The CUDA lookup's per-table view of a KJT laid out by ``layout``."""
-    from recis_torchrec.modules.cuda_table import CudaLookupPlan
-
-    per_table: List[List[Tuple[int, int, int, int]]] = [[] for _ in range(num_tables)]
-    start = 0
-    for k, count in enumerate(kjt.length_per_key()):
-        t = layout.feature_table[k]
-        if t >= 0:
-            per_table[t].append((k, start, count, layout.feature_col[k]))
-        start += count
-    return CudaLookupPlan(kjt.stride(), layout.out_dim, modes, per_table)
-
-
 class HashContext(Multistreamable):
     """Per-step state a sharded hash module keeps from input dist to output dist: the TorchRec
     child's context, and the slots TorchRec's KJTListSplitsAwaitable reads."""
@@ -410,7 +396,9 @@ class ShardedHashEmbeddingBagCollection(
             weights = kjt.weights_or_none() if self._is_weighted else None
             layout = group.layout
             if self._device.type == "cuda":
-                layout = cuda_plan(group.layout, kjt, len(group.tables), [ops.POOLING_SUM] * len(group.tables))
+                from recis_torchrec.modules.cuda_table import CudaLookupPlan
+
+                layout = CudaLookupPlan.from_layout(group.layout, kjt, [ops.POOLING_SUM] * len(group.tables))
             pooled.append(group.lookup(kjt.values(), kjt.offsets(), weights, layout, self.training))
         return torchrec_out, pooled
 
@@ -435,7 +423,6 @@ __all__ = [
     "ShardedTablesMixin",
     "ShardedHashEmbeddingBagCollection",
     "checked_process_group",
-    "cuda_plan",
     "lookup_group",
     "shard_table",
 ]

@@ -260,13 +260,27 @@ class _CudaPooledLookup(torch.autograd.Function):
 
 
 class CudaLookupPlan:
-    """Which values each table reads, for one batch: built by the module's forward."""
+    """Which values each table reads, for one batch: per table t, ``features[t]`` holds
+    (key index, first value, value count, output column) of every key it reads."""
 
     def __init__(self, batch: int, out_dim: int, modes: List[int], features: List[List[Tuple[int, int, int, int]]]):
         self.batch = batch
         self.out_dim = out_dim
         self.modes = modes
         self.features = features
+
+    @classmethod
+    def from_layout(cls, layout, kjt, modes: List[int]) -> "CudaLookupPlan":
+        """The plan of a KJT whose keys map onto the tables by ``layout`` (a ``BagLayout``);
+        ``modes``: each table's pooling. Reads the per-key value counts once (a host sync)."""
+        features: List[List[Tuple[int, int, int, int]]] = [[] for _ in modes]
+        start = 0
+        for k, count in enumerate(kjt.length_per_key()):
+            t = layout.feature_table[k]
+            if t >= 0:
+                features[t].append((k, start, count, layout.feature_col[k]))
+            start += count
+        return cls(kjt.stride(), layout.out_dim, modes, features)
 
 
 class CudaLookupGroup:

@@ -314,6 +314,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
                 self._outputs.append((t, f, col))
                 col += c.embedding_dim
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
+        self._table_modes = [_POOLING[c.pooling] for c in tables]
         if self._device.type == "cuda":
             from recis_torchrec.modules.cuda_table import CudaLookupGroup
 
@@ -364,20 +365,6 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         self._plans[cache_key] = plan
         return plan
 
-    def _cuda_plan(self, features: KeyedJaggedTensor, plan: _KeyPlan, batch: int):
-        from recis_torchrec.modules.cuda_table import CudaLookupPlan
-
-        counts = features.length_per_key()  # one host read of the per-feature value counts
-        per_table: List[List[Tuple[int, int, int, int]]] = [[] for _ in self._table_list]
-        start = 0
-        for k, count in enumerate(counts):
-            t = plan.layout.feature_table[k]
-            if t >= 0:
-                per_table[t].append((k, start, count, plan.layout.feature_col[k]))
-            start += count
-        modes = [_POOLING[c.pooling] for c in self._embedding_bag_configs]
-        return CudaLookupPlan(batch, self._out_dim, modes, per_table)
-
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools each feature's bags into a ``KeyedTensor`` ordered as TorchRec's EBC orders it.
 
@@ -393,14 +380,17 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         plan = self._plan(features.keys())
         if plan.permute is not None:
             features = features.permute(plan.permute)
-        values, offsets, weights, batch = checked_kjt(features, self._is_weighted)
+        values, offsets, weights, _ = checked_kjt(features, self._is_weighted)
         if values.device != self._device:
             raise ValueError(
                 f"HashEmbeddingBagCollection is on {self._device} but the KeyedJaggedTensor of features "
                 f"{features.keys()} is on {values.device}"
             )
         if self._device.type == "cuda":
-            pooled = self._lookup(values, offsets, weights, self._cuda_plan(features, plan, batch), self.training)
+            from recis_torchrec.modules.cuda_table import CudaLookupPlan
+
+            cuda_plan = CudaLookupPlan.from_layout(plan.layout, features, self._table_modes)
+            pooled = self._lookup(values, offsets, weights, cuda_plan, self.training)
         else:
             pooled = self._lookup(values, offsets, weights, plan.layout, self.training)
         return KeyedTensor(

@@ -20,8 +20,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 import recis_torchrec as rt
 from recis_torchrec import ops
-from recis_torchrec.distributed.embeddingbag import cuda_plan
-from recis_torchrec.modules.cuda_table import CudaLookupGroup
+from recis_torchrec.modules.cuda_table import CudaLookupGroup, CudaLookupPlan
 from recis_torchrec.modules.hash_embedding_bag import checked_kjt
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.testing import random_kjt
@@ -98,8 +97,9 @@ def test_cuda_lookup_glue_equals_the_cpu_module(kernels, pooling, weighted):
         want = reference(kjt).values()
         plan = module._plan(kjt.keys())
         features = kjt.permute(plan.permute) if plan.permute is not None else kjt
-        values, offsets, weights, batch = checked_kjt(features, weighted)
-        got = group(values, offsets, weights, module._cuda_plan(features, plan, batch), True)
+        values, offsets, weights, _ = checked_kjt(features, weighted)
+        cuda_plan = CudaLookupPlan.from_layout(plan.layout, features, module._table_modes)
+        got = group(values, offsets, weights, cuda_plan, True)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         loss_of(want).backward()
         loss_of(got).backward()
@@ -129,14 +129,3 @@ def test_cuda_sequence_glue_equals_the_cpu_sequence_lookup(kernels):
         loss_of(got).backward()
     for x, y in zip(tables[0].export(), tables[1].export()):
         torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-6)
-
-
-def test_sharded_cuda_plan_matches_the_modules():
-    """The owner side's plan (cuda_plan, from a BagLayout) reads the KJT as the module's does."""
-    module = rt.HashEmbeddingBagCollection(configs(PoolingType.SUM))
-    kjt = random_kjt(KEYS, 3, 4, num_ids=30, seed=1)
-    plan = module._plan(kjt.keys())
-    features = kjt.permute(plan.permute)
-    ours = module._cuda_plan(features, plan, features.stride())
-    theirs = cuda_plan(plan.layout, features, len(module._table_list), ours.modes)
-    assert theirs.features == ours.features and theirs.batch == ours.batch and theirs.out_dim == ours.out_dim
