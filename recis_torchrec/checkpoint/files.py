@@ -176,21 +176,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def hash_tables(model: nn.Module) -> List[TableRef]:
     """Every hash table in the model, in module order (a table shared by an EBC and an EC once, under the EBC)."""
-    from recis_torchrec.distributed.embedding import ShardedHashEmbeddingCollection
-    from recis_torchrec.distributed.embeddingbag import ShardedHashEmbeddingBagCollection
-    from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
-    from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
+    from recis_torchrec.distributed.embeddingbag import ShardedTablesMixin
+    from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin
 
-    kinds = (
-        HashEmbeddingBagCollection,
-        ShardedHashEmbeddingBagCollection,
-        HashEmbeddingCollection,
-        ShardedHashEmbeddingCollection,
-    )
-    sharded_kinds = (ShardedHashEmbeddingBagCollection, ShardedHashEmbeddingCollection)
     refs = []
     for path, m in unwrap(model).named_modules():
-        if isinstance(m, kinds):
+        if isinstance(m, HashTablesMixin):
             optim = m._optim
             for name, table in m.tables().items():
                 refs.append(
@@ -199,7 +190,7 @@ def hash_tables(model: nn.Module) -> List[TableRef]:
                         module_path=path,
                         table=table,
                         optimizer=optim,
-                        sharded=isinstance(m, sharded_kinds),
+                        sharded=isinstance(m, ShardedTablesMixin),
                         optimizer_code=optim.config.code,
                     )
                 )
@@ -210,11 +201,10 @@ def check_supported(model: nn.Module) -> None:
     """TorchRec-sharded tables are not ours to checkpoint: say so instead of skipping them."""
     from torchrec.distributed.types import ShardedModule
 
-    from recis_torchrec.distributed.embedding import ShardedHashEmbeddingCollection
-    from recis_torchrec.distributed.embeddingbag import ShardedHashEmbeddingBagCollection
+    from recis_torchrec.distributed.embeddingbag import ShardedTablesMixin
 
     for path, m in unwrap(model).named_modules():
-        if isinstance(m, (ShardedHashEmbeddingBagCollection, ShardedHashEmbeddingCollection)):
+        if isinstance(m, ShardedTablesMixin):
             if m.torchrec is not None:
                 raise CheckpointError(
                     f"{path}: tables sharded by TorchRec sit beside hash tables here; recis_torchrec.checkpoint "
