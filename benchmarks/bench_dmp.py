@@ -214,14 +214,19 @@ def _worker(rank: int, world_size: int, cfg: DmpConfig, out_path: str) -> None:
             json.dump({"samples_ms": samples, "bytes_sent_rank0": sent}, f)
 
 
-def run(cfg: DmpConfig) -> Dict[str, object]:
+def run_workers(worker, cfg) -> Dict[str, object]:
+    """Runs ``worker(rank, world_size, cfg, out_path)`` on ``cfg.world_size`` ranks; returns the JSON rank 0 wrote."""
     from recis_torchrec.testing.multiprocess import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.json")
-        run_ranks(_worker, world_size=cfg.world_size, args=(cfg, path), timeout=1200)
+        run_ranks(worker, world_size=cfg.world_size, args=(cfg, path), timeout=1200)
         with open(path) as f:
             return json.load(f)
+
+
+def run(cfg: DmpConfig) -> Dict[str, object]:
+    return run_workers(_worker, cfg)
 
 
 def markdown(cfg: DmpConfig, result: Dict[str, object]) -> str:

@@ -26,7 +26,6 @@ import json
 import os
 import socket
 import statistics
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from benchmarks.bench_dmp import measure_steps
+from benchmarks.bench_dmp import measure_steps, run_workers
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -149,13 +148,7 @@ def _worker(rank: int, world_size: int, cfg: SeqDmpConfig, out_path: str) -> Non
 
 
 def run(cfg: SeqDmpConfig) -> Dict[str, object]:
-    from recis_torchrec.testing.multiprocess import run_ranks
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "out.json")
-        run_ranks(_worker, world_size=cfg.world_size, args=(cfg, path), timeout=1200)
-        with open(path) as f:
-            return json.load(f)
+    return run_workers(_worker, cfg)
 
 
 def markdown(cfg: SeqDmpConfig, result: Dict[str, object]) -> str:
