@@ -67,7 +67,6 @@ struct TableCounters {
 class HashTable {
  public:
   static constexpr int64_t kGrain = 2048;
-  static constexpr int64_t kPrefetchDistance = 16;
   // Marks a row as not yet numbered inside find_or_insert; real rows stay
   // far below it.
   static constexpr int64_t kPending = int64_t{1} << 62;
@@ -116,16 +115,7 @@ class HashTable {
   int64_t find(const int64_t* keys, int64_t n, int64_t* rows, ParFor&& par) const {
     std::atomic<int64_t> missing{0};
     par(int64_t{0}, n, kGrain, [&](int64_t b, int64_t e) {
-      int64_t local = 0;
-      for (int64_t i = b; i < e; ++i) {
-        if (i + kPrefetchDistance < e) {
-          map_.prefetch(mix64(static_cast<uint64_t>(keys[i + kPrefetchDistance])));
-        }
-        const int64_t r = map_.find(keys[i], mix64(static_cast<uint64_t>(keys[i])));
-        rows[i] = r;
-        local += r < 0;
-      }
-      missing.fetch_add(local, std::memory_order_relaxed);
+      missing.fetch_add(map_.find_batch(keys + b, e - b, rows + b), std::memory_order_relaxed);
     });
     return missing.load();
   }
@@ -340,7 +330,10 @@ class HashTable {
                      const std::vector<uint8_t>& admit, bool fill = true,
                      std::vector<int64_t>* created_rows = nullptr) {
     // Group the misses by IdMap shard (a stable counting sort) so that each
-    // shard is filled by exactly one thread, without locks.
+    // shard is filled by exactly one thread, without locks. The sort copies
+    // each miss's key into shard order (order_of[j]: where miss j went), so
+    // the shard pass reads and writes its arrays sequentially and only the
+    // buckets are random accesses (prefetched).
     const int num_shards = map_.num_shards();
     std::vector<int64_t> miss_pos;
     std::vector<int64_t> shard_begin(static_cast<size_t>(num_shards) + 1, 0);
@@ -353,52 +346,69 @@ class HashTable {
     const int64_t m = static_cast<int64_t>(miss_pos.size());
     if (m == 0) return 0;
     for (int s = 0; s < num_shards; ++s) shard_begin[s + 1] += shard_begin[s];
-    std::vector<int64_t> by_shard(static_cast<size_t>(m));  // miss indices
+    std::vector<int64_t> sorted_key(static_cast<size_t>(m)), order_of(static_cast<size_t>(m));
     {
       std::vector<int64_t> cursor(shard_begin.begin(), shard_begin.end() - 1);
       for (int64_t j = 0; j < m; ++j) {
-        by_shard[cursor[map_.shard_of(mix64(static_cast<uint64_t>(keys[miss_pos[j]])))]++] = j;
+        const int64_t key = keys[miss_pos[j]];
+        const int64_t k = cursor[map_.shard_of(mix64(static_cast<uint64_t>(key)))]++;
+        sorted_key[k] = key;
+        order_of[j] = k;
       }
     }
 
     // 1. Parallel over shards: insert each new key with a pending row
-    //    kPending + (position of its first occurrence); later duplicates
-    //    find it and copy that pending value.
-    std::vector<Slot*> slot_of(static_cast<size_t>(m), nullptr);
-    par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
-      for (int64_t s = sb; s < se; ++s) {
-        const int64_t begin = shard_begin[s], end = shard_begin[s + 1];
-        if (begin == end) continue;
-        map_.reserve_in_shard(static_cast<int>(s), end - begin);
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t j = by_shard[k];
-          const int64_t pos = miss_pos[j];
-          const int64_t key = keys[pos];
-          bool inserted = false;
-          Slot* slot = map_.find_or_insert_reserved(key, mix64(static_cast<uint64_t>(key)), kPending + pos, &inserted);
-          if (inserted) slot_of[j] = slot;
-          rows[pos] = slot->row;
+    //    kPending + (its miss index); a later duplicate finds it and keeps
+    //    that pending value, an inserted key keeps its slot.
+    std::vector<int64_t> pending(static_cast<size_t>(m));
+    std::vector<int64_t*> slot_of(static_cast<size_t>(m), nullptr);
+    {
+      std::vector<int64_t> first_miss(static_cast<size_t>(m));
+      for (int64_t j = 0; j < m; ++j) first_miss[order_of[j]] = j;
+      par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
+        for (int64_t s = sb; s < se; ++s) {
+          const int64_t begin = shard_begin[s], end = shard_begin[s + 1];
+          if (begin == end) continue;
+          map_.reserve_in_shard(static_cast<int>(s), end - begin);
+          for (int64_t k = begin; k < end; ++k) {
+            if (k + IdMap::kPrefetchDistance < end) {
+              map_.prefetch(mix64(static_cast<uint64_t>(sorted_key[k + IdMap::kPrefetchDistance])));
+            }
+            bool inserted = false;
+            int64_t* slot_row = map_.find_or_insert_reserved(
+                sorted_key[k], mix64(static_cast<uint64_t>(sorted_key[k])), kPending + first_miss[k], &inserted);
+            if (inserted) slot_of[k] = slot_row;
+            pending[k] = *slot_row;
+          }
         }
-      }
-    });
+      });
+    }
 
     // 2. Serial, in key order: number the new rows.
     blocks_.reserve(m);  // upper bound: duplicates share a row
     std::vector<int64_t> created;
     for (int64_t j = 0; j < m; ++j) {
-      if (slot_of[j] != nullptr) {
+      const int64_t k = order_of[j];
+      if (slot_of[k] != nullptr) {
         const int64_t r = blocks_.allocate();
-        slot_of[j]->row = r;
+        pending[k] = r;
         rows[miss_pos[j]] = r;
         created.push_back(j);
       }
     }
 
-    // 3. Parallel: resolve duplicates' pending rows, initialise new rows.
+    // 3. Parallel over shards: write the new rows into their slots. Then
+    //    parallel: duplicates take the row of their first occurrence.
+    par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
+      for (int64_t k = shard_begin[sb]; k < shard_begin[se]; ++k) {
+        if (slot_of[k] != nullptr) *slot_of[k] = pending[k];
+      }
+    });
     par(int64_t{0}, m, kGrain, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
-        const int64_t pos = miss_pos[j];
-        if (rows[pos] >= kPending) rows[pos] = rows[rows[pos] - kPending];
+        const int64_t k = order_of[j];
+        const int64_t v = pending[k];
+        if (slot_of[k] == nullptr) rows[miss_pos[j]] = v >= kPending ? rows[miss_pos[v - kPending]] : v;
       }
     });
     const int64_t num_created = static_cast<int64_t>(created.size());

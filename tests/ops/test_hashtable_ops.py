@@ -174,3 +174,55 @@ def test_opcheck(insert):
     op = torch.ops.recis.find_or_insert.default if insert else torch.ops.recis.find.default
     ids = torch.tensor([3, 5, -9, 3, 4], dtype=torch.int64)
     torch.library.opcheck(op, ([t.handle, -1], ids, torch.tensor([0, 3, 5])))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "erase"]),
+            st.integers(0, 3000),  # first key
+            st.integers(1, 1000),  # how many keys
+            st.integers(1, 5),  # every stride-th key of them
+        ),
+        max_size=10,
+    ),
+    st.sampled_from([0, 1 << 40, INT64_MIN]),
+)
+def test_insert_erase_find_match_dict_reference(steps, offset):
+    # Keys from a pool of 4,000, so that erased keys come back and the shards'
+    # buckets fill, overflow and empty again (erase must keep every later key
+    # findable).
+    t = make_table()
+    reference = {}
+    pool = torch.arange(offset, offset + 4000, dtype=torch.int64)
+    for op, first, count, stride in steps:
+        ids = pool[first : first + count : stride]
+        if op == "insert":
+            rows = ops.find_or_insert(t, ids)
+            for k, r in zip(ids.tolist(), rows.tolist()):
+                assert reference.setdefault(k, r) == r
+        else:
+            assert t.erase(ids) == sum(k in reference for k in ids.tolist())
+            for k in ids.tolist():
+                reference.pop(k, None)
+        assert ops.find(t, pool).tolist() == [reference.get(k, -1) for k in pool.tolist()]
+    assert len(t) == len(reference)
+
+
+def test_erase_half_of_a_loaded_map_keeps_the_rest():
+    # 200k keys in one table (shards near their 0.7 load, long overflow runs),
+    # every other one erased in random order, then re-inserted.
+    t = make_table(dim=1, block_rows=1 << 14)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(INT64_MIN, INT64_MAX, (200_000,), generator=gen, dtype=torch.int64).unique()
+    rows = ops.find_or_insert(t, ids)
+    gone = ids[torch.randperm(len(ids), generator=gen)[: len(ids) // 2]]
+    assert t.erase(gone) == len(gone)
+    found = ops.find(t, ids)
+    kept = ~torch.isin(ids, gone)
+    assert torch.equal(found[kept], rows[kept])
+    assert (found[~kept] == -1).all()
+    assert len(t) == int(kept.sum())
+    again = ops.find_or_insert(t, gone)
+    assert (again >= 0).all() and len(t) == len(ids)
+    assert torch.equal(ops.find(t, ids)[kept], rows[kept])
