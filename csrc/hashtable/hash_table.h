@@ -372,7 +372,7 @@ class HashTable {
           map_.reserve_in_shard(static_cast<int>(s), end - begin);
           for (int64_t k = begin; k < end; ++k) {
             if (k + IdMap::kPrefetchDistance < end) {
-              map_.prefetch(mix64(static_cast<uint64_t>(sorted_key[k + IdMap::kPrefetchDistance])));
+              map_.prefetch_for_insert(mix64(static_cast<uint64_t>(sorted_key[k + IdMap::kPrefetchDistance])));
             }
             bool inserted = false;
             int64_t* slot_row = map_.find_or_insert_reserved(
