@@ -346,43 +346,41 @@ class HashTable {
     const int64_t m = static_cast<int64_t>(miss_pos.size());
     if (m == 0) return 0;
     for (int s = 0; s < num_shards; ++s) shard_begin[s + 1] += shard_begin[s];
-    std::vector<int64_t> sorted_key(static_cast<size_t>(m)), order_of(static_cast<size_t>(m));
+    // pending[k] starts as kPending + (miss index of sorted key k).
+    std::vector<int64_t> sorted_key(static_cast<size_t>(m)), pending(static_cast<size_t>(m)),
+        order_of(static_cast<size_t>(m));
     {
       std::vector<int64_t> cursor(shard_begin.begin(), shard_begin.end() - 1);
       for (int64_t j = 0; j < m; ++j) {
         const int64_t key = keys[miss_pos[j]];
         const int64_t k = cursor[map_.shard_of(mix64(static_cast<uint64_t>(key)))]++;
         sorted_key[k] = key;
+        pending[k] = kPending + j;
         order_of[j] = k;
       }
     }
 
-    // 1. Parallel over shards: insert each new key with a pending row
-    //    kPending + (its miss index); a later duplicate finds it and keeps
-    //    that pending value, an inserted key keeps its slot.
-    std::vector<int64_t> pending(static_cast<size_t>(m));
+    // 1. Parallel over shards: insert each new key with its pending row; a
+    //    later duplicate finds it and takes that pending value, an inserted
+    //    key keeps its slot.
     std::vector<int64_t*> slot_of(static_cast<size_t>(m), nullptr);
-    {
-      std::vector<int64_t> first_miss(static_cast<size_t>(m));
-      for (int64_t j = 0; j < m; ++j) first_miss[order_of[j]] = j;
-      par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
-        for (int64_t s = sb; s < se; ++s) {
-          const int64_t begin = shard_begin[s], end = shard_begin[s + 1];
-          if (begin == end) continue;
-          map_.reserve_in_shard(static_cast<int>(s), end - begin);
-          for (int64_t k = begin; k < end; ++k) {
-            if (k + IdMap::kPrefetchDistance < end) {
-              map_.prefetch_for_insert(mix64(static_cast<uint64_t>(sorted_key[k + IdMap::kPrefetchDistance])));
-            }
-            bool inserted = false;
-            int64_t* slot_row = map_.find_or_insert_reserved(
-                sorted_key[k], mix64(static_cast<uint64_t>(sorted_key[k])), kPending + first_miss[k], &inserted);
-            if (inserted) slot_of[k] = slot_row;
-            pending[k] = *slot_row;
+    par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
+      for (int64_t s = sb; s < se; ++s) {
+        const int64_t begin = shard_begin[s], end = shard_begin[s + 1];
+        if (begin == end) continue;
+        map_.reserve_in_shard(static_cast<int>(s), end - begin);
+        for (int64_t k = begin; k < end; ++k) {
+          if (k + IdMap::kPrefetchDistance < end) {
+            map_.prefetch_for_insert(mix64(static_cast<uint64_t>(sorted_key[k + IdMap::kPrefetchDistance])));
           }
+          bool inserted = false;
+          int64_t* slot_row = map_.find_or_insert_reserved(sorted_key[k], mix64(static_cast<uint64_t>(sorted_key[k])),
+                                                           pending[k], &inserted);
+          if (inserted) slot_of[k] = slot_row;
+          pending[k] = *slot_row;
         }
-      });
-    }
+      }
+    });
 
     // 2. Serial, in key order: number the new rows.
     blocks_.reserve(m);  // upper bound: duplicates share a row
@@ -400,7 +398,11 @@ class HashTable {
     // 3. Parallel over shards: write the new rows into their slots. Then
     //    parallel: duplicates take the row of their first occurrence.
     par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
-      for (int64_t k = shard_begin[sb]; k < shard_begin[se]; ++k) {
+      const int64_t end = shard_begin[se];
+      for (int64_t k = shard_begin[sb]; k < end; ++k) {
+        if (k + IdMap::kPrefetchDistance < end && slot_of[k + IdMap::kPrefetchDistance] != nullptr) {
+          __builtin_prefetch(slot_of[k + IdMap::kPrefetchDistance], 1, 2);
+        }
         if (slot_of[k] != nullptr) *slot_of[k] = pending[k];
       }
     });
