@@ -1,0 +1,27 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""The IdMap (csrc/hashtable/id_map.h) on its own, against std::unordered_map, built with and without
+AVX2 so that both bucket compares are checked (the extension is built with -march=native, so the tests
+through torch only reach one of them)."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CXX = shutil.which("g++")
+
+
+@pytest.mark.skipif(CXX is None, reason="g++ is not installed")
+@pytest.mark.parametrize("isa", ["-mavx2", "-mno-avx2"])
+def test_id_map_matches_unordered_map(tmp_path, isa):
+    exe = str(tmp_path / "id_map_check")
+    src = os.path.join(ROOT, "tests", "ops", "cpp", "id_map_check.cc")
+    build = subprocess.run(
+        [CXX, "-std=c++17", "-O2", isa, "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src, "-o", exe],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
