@@ -55,7 +55,8 @@ struct alignas(64) Bucket {
 };
 static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
 
-// Bit j set: slot j of the bucket holds `key`, or is empty.
+// bucket_match: bit j set where slot j holds `key` (empty slots included, the
+// caller masks them); bucket_empty: bit j set where slot j is empty.
 #if defined(__AVX2__)
 inline unsigned bucket_match(const Bucket& b, int64_t key) {
   const __m256i keys = _mm256_load_si256(reinterpret_cast<const __m256i*>(b.key));
@@ -84,8 +85,8 @@ class IdMap {
   static constexpr double kMaxLoad = 0.7;
   static constexpr int64_t kMinShardBuckets = 4;
   // How many keys ahead find_batch and inserts prefetch buckets (measured
-  // at 9M keys: 32 and 48 best, 24 and 64 ~10% slower), and the ring that
-  // holds find_batch's buckets in flight.
+  // at 9M keys: 32 and 48 best; 24 and 64 up to ~10% slower in some runs,
+  // equal in others), and the ring that holds find_batch's buckets in flight.
   static constexpr int kPrefetchDistance = 32;
   static constexpr int kFindRing = 64;
 
@@ -120,9 +121,9 @@ class IdMap {
 
   // rows[i] = row of keys[i], or -1. Returns the number absent. A software
   // pipeline: key i + kPrefetchDistance is hashed and its home bucket
-  // prefetched (into L2: on the AMD EPYC we measure, an L2 prefetch keeps
-  // more misses in flight than an L1 one, 65 vs 46M finds/s at 9M keys)
-  // while key i is probed.
+  // prefetched (into L2: on the AMD EPYC we measure, prefetching into L2
+  // rather than L1 gave 1.2-1.4x the finds/s at 9M keys) while key i is
+  // probed.
   int64_t find_batch(const int64_t* keys, int64_t n, int64_t* rows) const {
     static_assert(kPrefetchDistance < kFindRing, "the ring holds the keys in flight");
     const Bucket* ahead[kFindRing];
