@@ -32,6 +32,8 @@ using hashtable::WeightDecayMode;
 // is best for both uniform and Zipf ids).
 constexpr int64_t kPrefetchDistance = 16;
 constexpr int64_t kUpdatePrefetch = 4;
+// Gradient rows prefetched ahead when summing a row's contributions.
+constexpr int64_t kGradPrefetch = 16;
 
 inline void prefetch_row(const float* p, int64_t dim) {
   for (int64_t k = 0; k < dim; k += 16) __builtin_prefetch(p + k);
@@ -443,6 +445,11 @@ inline void sum_row_grad(float* __restrict acc, int64_t dim_arg, const RowGroups
   float* a = kD > 0 ? local : acc;
   for (int64_t d = 0; d < D; ++d) a[d] = 0.0f;
   for (int64_t j = j0; j < j1; ++j) {
+    // The contributions' gradient rows lie at random in grad_out: fetch a
+    // few ahead (past j1 too: the next row's contributions come next).
+    if (j + kGradPrefetch < static_cast<int64_t>(vals.size())) {
+      prefetch_row(grad_out + g.src_off[vals[j + kGradPrefetch]], D);
+    }
     const int64_t i = vals[j];
     axpy<kD>(a, grad_out + g.src_off[i], g.scale[i], D);
   }
