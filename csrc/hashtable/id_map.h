@@ -108,15 +108,8 @@ class IdMap {
   // Returns the row of `key` (h = mix64(key)), or -1.
   int64_t find(int64_t key, uint64_t h) const {
     const Shard& s = shards_[shard_of(h)];
-    uint64_t i = h & s.mask;
-    for (;;) {
-      const Bucket& b = s.buckets[i];
-      const unsigned empty = bucket_empty(b);
-      const unsigned hit = bucket_match(b, key) & ~empty;
-      if (hit != 0) return b.row[__builtin_ctz(hit)];
-      if (empty != 0) return -1;
-      i = (i + 1) & s.mask;
-    }
+    const Probe p = s.probe(key, h);
+    return p.found ? s.buckets[p.bucket].row[p.slot] : -1;
   }
 
   // rows[i] = row of keys[i], or -1. Returns the number absent. A software
@@ -196,25 +189,15 @@ class IdMap {
   // of it is erased.
   int64_t* find_or_insert_reserved(int64_t key, uint64_t h, int64_t row, bool* inserted) {
     Shard& s = shards_[shard_of(h)];
-    uint64_t i = h & s.mask;
-    for (;;) {
-      Bucket& b = s.buckets[i];
-      const unsigned empty = bucket_empty(b);
-      const unsigned hit = bucket_match(b, key) & ~empty;
-      if (hit != 0) {
-        *inserted = false;
-        return &b.row[__builtin_ctz(hit)];
-      }
-      if (empty != 0) {
-        const int j = __builtin_ctz(empty);
-        b.key[j] = key;
-        b.row[j] = row;
-        ++s.size;
-        *inserted = true;
-        return &b.row[j];
-      }
-      i = (i + 1) & s.mask;
+    const Probe p = s.probe(key, h);
+    Bucket& b = s.buckets[p.bucket];
+    *inserted = !p.found;
+    if (!p.found) {
+      b.key[p.slot] = key;
+      b.row[p.slot] = row;
+      ++s.size;
     }
+    return &b.row[p.slot];
   }
 
   // Removes `key` (h = mix64(key)); returns its row or -1. Keeps the probing
@@ -224,19 +207,10 @@ class IdMap {
   // shard.
   int64_t erase(int64_t key, uint64_t h) {
     Shard& s = shards_[shard_of(h)];
-    uint64_t hb = h & s.mask;
-    int hs = -1;
-    for (;;) {
-      const Bucket& b = s.buckets[hb];
-      const unsigned empty = bucket_empty(b);
-      const unsigned hit = bucket_match(b, key) & ~empty;
-      if (hit != 0) {
-        hs = __builtin_ctz(hit);
-        break;
-      }
-      if (empty != 0) return -1;
-      hb = (hb + 1) & s.mask;
-    }
+    const Probe p = s.probe(key, h);
+    if (!p.found) return -1;
+    uint64_t hb = p.bucket;
+    int hs = p.slot;
     const int64_t row = s.buckets[hb].row[hs];
     uint64_t j = hb;
     for (;;) {
@@ -301,10 +275,32 @@ class IdMap {
     return static_cast<Bucket*>(p);
   }
 
+  // Where a probe for a key ended: its slot if found, else the first empty
+  // slot of the first bucket with one (where it would be inserted).
+  struct Probe {
+    uint64_t bucket;
+    int slot;
+    bool found;
+  };
+
   struct Shard {
     std::unique_ptr<Bucket[], FreeBuckets> buckets;
     uint64_t mask = 0;  // buckets - 1
     int64_t size = 0;
+
+    // The one probe loop of find, insert and erase. The shard must have an
+    // empty slot (it always does: load <= kMaxLoad).
+    Probe probe(int64_t key, uint64_t h) const {
+      uint64_t i = h & mask;
+      for (;;) {
+        const Bucket& b = buckets[i];
+        const unsigned empty = bucket_empty(b);
+        const unsigned hit = bucket_match(b, key) & ~empty;
+        if (hit != 0) return Probe{i, __builtin_ctz(hit), true};
+        if (empty != 0) return Probe{i, __builtin_ctz(empty), false};
+        i = (i + 1) & mask;
+      }
+    }
 
     int64_t num_slots() const { return static_cast<int64_t>(mask + 1) * kBucketSlots; }
 
