@@ -199,7 +199,9 @@ inline void pool_bag(float* __restrict dst, int64_t dim_arg, const hashtable::Ha
                      const int64_t* row, const int64_t* key, const float* weights, int64_t s, int64_t e,
                      int64_t prefetch_end, bool mean, float* init_buf) {
   const int64_t D = kD > 0 ? kD : dim_arg;
-  const int64_t num_rows = table.size();
+  // Row indices run up to the high-water mark: eviction frees rows without
+  // compacting the others, so live rows can sit above the live-row count.
+  const int64_t num_rows = table.row_limit();
   RegAcc<(kD > 0 ? kD : 8)> acc;
   if constexpr (kD > 0) {
     acc.zero();
@@ -214,8 +216,8 @@ inline void pool_bag(float* __restrict dst, int64_t dim_arg, const hashtable::Ha
     }
     const int64_t r = row[i];
     if (r >= num_rows) {
-      TORCH_CHECK(false, "recis::pooled_forward: rows[", i, "] = ", r, " is not a row of table ", t, " (", num_rows,
-                  " rows)");
+      TORCH_CHECK(false, "recis::pooled_forward: rows[", i, "] = ", r, " is not a row of table ", t, " (rows below ",
+                  num_rows, ")");
     }
     const float* p;
     if (r >= 0) {

@@ -1,6 +1,8 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """Admission and eviction: through the module, as training sees them."""
 
+import os
+
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
@@ -118,3 +120,43 @@ def test_rows_in_use_this_step_are_never_evicted():
     # The next step may evict the 8 rows (they are no longer in use) to admit others.
     step(m, list(range(100, 104)))
     assert len(t) == cap and (t.find(torch.arange(100, 104)) >= 0).all()
+
+
+def test_ttl_eviction_below_the_high_water_mark_does_not_break_the_forward():
+    # Ids 1 and 2 take rows 0 and 1, id 3 row 2; TTL then frees rows 0 and 1, so the
+    # one live row (id 3's) sits above the live-row count.
+    m = module(HashTableOptions(ttl_steps=4, block_rows=16))
+    t = m.tables()["t"]
+    initial = t.lookup(torch.tensor([1, 2, 3]))
+    step(m, [1, 2])
+    for _ in range(10):
+        step(m, [3])
+    assert int(t.find(torch.tensor([3]))[0]) == 2 and len(t) == 1
+    assert (t.find(torch.tensor([1, 2])) < 0).all() and t.info()["evicted"] == 2
+    trained_3 = t.lookup(torch.tensor([3]))
+    assert not torch.equal(trained_3, initial[2:])
+    m.eval()
+    kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2, 3]), lengths=torch.ones(3, dtype=torch.int64))
+    torch.testing.assert_close(m(kjt).values(), torch.cat([initial[:2], trained_3]))
+    m.train()
+    # Training over the evicted ids and the survivor: 1 and 2 come back at their initial
+    # values in freed rows, and the SGD step moves each row by lr * grad (grad = 1).
+    out = step(m, [1, 2, 3])
+    torch.testing.assert_close(out, torch.cat([initial[:2], trained_3]))
+    assert sorted(t.find(torch.tensor([1, 2, 3])).tolist()) == [0, 1, 2] and len(t) == 3
+    torch.testing.assert_close(t.lookup(torch.tensor([1, 2, 3])), out - 0.5)
+
+
+def test_trainer_with_ttl_eviction_runs_past_the_first_evictions(tmp_path):
+    from recis_torchrec.train import Trainer, build_run, load_config
+
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "synthetic_dlrm.toml")
+    run = build_run(load_config(config), overrides={
+        "trainer.output_dir": str(tmp_path), "trainer.steps": 40, "trainer.save_every": 0, "trainer.eval_every": 0,
+        "trainer.log_every": 10, "trainer.progress": False, "data.batch_size": 64, "data.eval_batches": 1,
+        "tables.options.ttl_steps": 8})
+    trainer = Trainer(run.model, run.args, run.train_data, run.eval_data, tasks=run.tasks,
+                      dense_optimizer=run.dense_optimizer, fused_params=run.fused_params,
+                      table_options=run.table_options)
+    assert trainer.fit()["steps"] == 40
+    assert trainer.table_stats()["evicted"] > 0
