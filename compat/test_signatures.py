@@ -26,7 +26,7 @@ def test_ebc_constructor_is_a_positional_prefix():
     assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
     for a, b in zip(ours, theirs):
         assert a.default == b.default, a.name
-    assert [p.name for p in ours[len(theirs) :]] == ["fused_params", "options"]
+    assert [p.name for p in ours[len(theirs) :]] == ["fused_params", "options", "table_fused_params"]
 
 
 def test_ebc_methods_match():
@@ -54,7 +54,7 @@ def test_ec_constructor_is_a_positional_prefix():
     assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
     for a, b in zip(ours, theirs):
         assert a.default == b.default, a.name
-    assert [p.name for p in ours[len(theirs) :]] == ["fused_params", "options", "share_tables_with"]
+    assert [p.name for p in ours[len(theirs) :]] == ["fused_params", "options", "share_tables_with", "table_fused_params"]
 
 
 def test_ec_methods_and_interfaces_match():

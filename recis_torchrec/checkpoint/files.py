@@ -191,7 +191,7 @@ def hash_tables(model: nn.Module) -> List[TableRef]:
                         table=table,
                         optimizer=optim,
                         sharded=isinstance(m, ShardedTablesMixin),
-                        optimizer_code=optim.config.code,
+                        optimizer_code=optim.config_of(name).code,
                     )
                 )
     return refs

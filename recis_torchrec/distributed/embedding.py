@@ -46,6 +46,7 @@ from recis_torchrec.modules.hash_embedding_collection import jagged_outputs, seq
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
+from recis_torchrec.optim.in_backward import in_backward_by_table, merge_fused_params, table_optimizers
 
 # Looks up a table shared with another module: name -> (table, its fused optimizer), or None.
 SharedTableLookup = Callable[[str], Optional[Tuple[HashTable, HashFusedOptimizer]]]
@@ -139,19 +140,31 @@ class ShardedHashEmbeddingCollection(
         self._shared = shared
         self._shared_names = set(shared_names) & {c.name for c in self._hash_configs}
         own = [c for c in self._hash_configs if c.name not in self._shared_names]
-        self._optimizer_config = parse_fused_params(fused_params)
+        in_backward = in_backward_by_table(module, "embeddings", self._fqn)
+        # A shared table's optimizer is its owner's; one set here must be the same (checked on first use).
+        self._shared_optimizers = {
+            n: parse_fused_params(merge_fused_params(fused_params, p, f"{self._fqn} table {n!r}"))
+            for n, p in in_backward.items()
+            if n in self._shared_names
+        }
+        self._optimizer_configs = table_optimizers(
+            [c.name for c in own], fused_params, {n: p for n, p in in_backward.items() if n in {c.name for c in own}},
+            self._fqn,
+        )
         per_table_options = resolve_options(self._hash_configs, options, strict=False)
         self._tables: Dict[str, HashTable] = {
-            c.name: shard_table(c, self._optimizer_config, per_table_options[c.name], self._world_size, self._device)
+            c.name: shard_table(
+                c, self._optimizer_configs[c.name], per_table_options[c.name], self._world_size, self._device
+            )
             for c in own
         }
-        self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
         # One lookup group per hash table, in config order; shared ones are filled in on first use.
         self._groups: List[Optional[LookupGroup]] = [
             None if c.name in self._shared_names else lookup_group([self._tables[c.name]], self._optim, self._device)
             for c in self._hash_configs
         ]
-        self.torchrec = torchrec_child
+        self._set_torchrec_child(torchrec_child)
 
         names_by_table = get_embedding_names_by_table(configs)
         self._embedding_names = [n for names in names_by_table for n in names]
@@ -172,6 +185,12 @@ class ShardedHashEmbeddingCollection(
                     "hash-sharded EmbeddingBagCollection of this model has a table of that name"
                 )
             table, optim = found
+            wanted = self._shared_optimizers.get(c.name)
+            if wanted is not None and wanted != optim.config_of(c.name):
+                raise ValueError(
+                    f"{self._fqn}: table {c.name!r} is shared with an EmbeddingBagCollection whose optimizer is "
+                    f"{optim.config_of(c.name)}, but apply_optimizer_in_backward here asks for {wanted}"
+                )
             if table.dim != c.embedding_dim:
                 raise ValueError(
                     f"{self._fqn}: table {c.name!r} has embedding_dim {c.embedding_dim} but the shared table of "

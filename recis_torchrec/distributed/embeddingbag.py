@@ -49,7 +49,8 @@ from recis_torchrec.modules.hash_embedding_bag import (
 )
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
-from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
+from recis_torchrec.optim.fused import HashFusedOptimizer
+from recis_torchrec.optim.in_backward import in_backward_by_table, table_optimizers
 
 # The sharding type (and compute kernel) of hash-sharded tables in a ShardingPlan.
 HASH_SHARDING = "recis_hash"
@@ -134,6 +135,42 @@ class ShardedTablesMixin(HashTablesMixin):
         if self.torchrec is None:
             return self._optim
         return CombinedOptimizer([("", self._optim), ("torchrec", self.torchrec.fused_optimizer)])
+
+    # The TorchRec child's state sits at the unsharded module's keys ("embedding_bags.{table}.weight",
+    # not "torchrec.embedding_bags..."), so a TorchRec state dict or checkpoint loads into a mixed
+    # plan, and the mixed module's state dict is keyed as TorchRec's sharded EBC's would be.
+    _CHILD = "torchrec."
+
+    def _set_torchrec_child(self, child: Optional[ShardedModule]) -> None:
+        self.torchrec = child
+        if child is not None:
+            self._register_state_dict_hook(ShardedTablesMixin._lift_child_keys)
+
+    @staticmethod
+    def _lift_child_keys(module, state_dict, prefix, local_metadata) -> None:
+        inner = prefix + ShardedTablesMixin._CHILD
+        for key in [k for k in state_dict if k.startswith(inner)]:
+            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if getattr(self, "torchrec", None) is not None:
+            # Hand the child its tables' keys (the loader passes this dict on to the children).
+            child_tables = {c.name for c in self._torchrec_configs()}
+            section = prefix + self._state_section + "."
+            for key in [k for k in state_dict if k.startswith(section)]:
+                if key[len(section):].split(".", 1)[0] in child_tables:
+                    state_dict[prefix + self._CHILD + key[len(prefix):]] = state_dict.pop(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _torchrec_configs(self) -> List[Any]:
+        """The configs of the tables TorchRec shards (the module's tables that are not ours)."""
+        configs = getattr(self, "_embedding_bag_configs", None) or getattr(self, "_embedding_configs")
+        ours = {c.name for c in self._hash_configs}
+        return [c for c in configs if c.name not in ours]
 
     def _import_unsharded_weights(self, module: torch.nn.Module) -> None:
         """Rows 0..num_embeddings-1 of the unsharded module's tables become ids, each on its owner."""
@@ -269,14 +306,20 @@ class ShardedHashEmbeddingBagCollection(
         configs = module.embedding_bag_configs()
         self._embedding_bag_configs = configs
         self._hash_configs = [c for c in configs if c.name in hash_params]
-        self._optimizer_config = parse_fused_params(fused_params)
+        hash_names = [c.name for c in self._hash_configs]
+        in_backward = in_backward_by_table(module, "embedding_bags", self._fqn)
+        self._optimizer_configs = table_optimizers(
+            hash_names, fused_params, {n: p for n, p in in_backward.items() if n in hash_names}, self._fqn
+        )
         per_table_options = resolve_options(self._hash_configs, options, strict=False)
         self._tables: Dict[str, HashTable] = {
-            c.name: shard_table(c, self._optimizer_config, per_table_options[c.name], self._world_size, self._device)
+            c.name: shard_table(
+                c, self._optimizer_configs[c.name], per_table_options[c.name], self._world_size, self._device
+            )
             for c in self._hash_configs
         }
-        self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
-        self.torchrec = torchrec_child
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
+        self._set_torchrec_child(torchrec_child)
 
         # Output names and dims in the original order, as TorchRec's EBC has them.
         all_names = get_embedding_names_by_table(configs)
@@ -307,7 +350,8 @@ class ShardedHashEmbeddingBagCollection(
     def _make_groups(self, per_table_options, merge_tables: bool, name_of) -> List[_Group]:
         buckets: Dict[Any, List[EmbeddingBagConfig]] = {}
         for c in self._hash_configs:
-            key = (c.embedding_dim, per_table_options[c.name]) if merge_tables else c.name
+            # Tables with different optimizers update apart, so they never share a group.
+            key = (c.embedding_dim, per_table_options[c.name], self._optimizer_configs[c.name]) if merge_tables else c.name
             buckets.setdefault(key, []).append(c)
         groups = []
         for tables in buckets.values():

@@ -53,7 +53,22 @@ def _split_plan(
     if not other:
         return hash_params, None
     sub = make_sub([n for n in tables if n in other])
+    _copy_in_backward_optimizers(module, sub)
     return hash_params, torchrec_sharder.shard(sharder, sub, other, env, device, module_fqn)
+
+
+_IN_BACKWARD_ATTRS = ("_optimizer_classes", "_optimizer_kwargs", "_in_backward_optimizers")
+
+
+def _copy_in_backward_optimizers(module: torch.nn.Module, sub: torch.nn.Module) -> None:
+    """``apply_optimizer_in_backward``'s tags of ``module``'s table weights onto the weights of
+    ``sub`` (a module rebuilt from some of its tables), so that TorchRec's sharder honours them."""
+    theirs = dict(module.named_parameters())
+    for name, param in sub.named_parameters():
+        src = theirs.get(name)
+        for attr in _IN_BACKWARD_ATTRS:
+            if src is not None and hasattr(src, attr):
+                setattr(param, attr, getattr(src, attr))
 
 
 def _check_hash_params(where: str, tables: Dict[str, Any], params: Dict[str, ParameterSharding], env, device) -> Dict:

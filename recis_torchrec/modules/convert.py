@@ -10,6 +10,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection, OptionsArg, import_rows
 from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
+from recis_torchrec.optim.in_backward import in_backward_by_table
 
 
 def convert_ebc(
@@ -27,6 +28,7 @@ def convert_ebc(
         device=device,
         fused_params=fused_params,
         options=options,
+        table_fused_params=in_backward_by_table(ebc, "embedding_bags", "convert: EmbeddingBagCollection"),
     )
     if import_weights:
         import_rows(hebc.tables(), {c.name: ebc.embedding_bags[c.name].weight for c in ebc.embedding_bag_configs()})
@@ -51,6 +53,7 @@ def convert_ec(
         fused_params=fused_params,
         options=options,
         share_tables_with=share_tables_with,
+        table_fused_params=in_backward_by_table(ec, "embeddings", "convert: EmbeddingCollection"),
     )
     if import_weights:
         own = hec.tables()
@@ -73,7 +76,9 @@ def convert(
 
     Args:
         model: any module; if it is itself an EBC or EC, the replacement is returned.
-        fused_params: the sparse optimizer of the new tables (TorchRec keys).
+        fused_params: the sparse optimizer of the new tables (TorchRec keys). An optimizer set on a
+            table's weight with ``apply_optimizer_in_backward`` takes effect too (merged with
+            ``fused_params``; a key both give must agree).
         options: ``HashTableOptions`` for every table, or a dict by table name.
         import_weights: copy each table's rows in, row i as id i, so the
             converted model computes what the original did on ids below

@@ -14,7 +14,8 @@ from recis_torchrec import ops
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.modules.options import HashTableOptions
-from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
+from recis_torchrec.optim.fused import HashFusedOptimizer
+from recis_torchrec.optim.in_backward import table_optimizers
 
 OptionsArg = Union[None, HashTableOptions, Mapping[str, HashTableOptions]]
 
@@ -51,6 +52,10 @@ class _KeyPlan:
 
     permute: Optional[List[int]]  # reorder/duplicate the KJT first (a feature shared by tables)
     layout: BagLayout
+    # Tables with different optimizers are looked up apart: per lookup group, its layout
+    # (group-local tables, its own columns), and the output's columns in the groups' concatenation.
+    group_layouts: Optional[List[BagLayout]] = None
+    columns: Optional[torch.Tensor] = None
 
 
 def checked_kjt(
@@ -131,13 +136,14 @@ def module_device(device: Optional[Any], who: str) -> torch.device:
 
 def build_tables(
     configs: Sequence[Any],
-    optimizer_config,
+    optimizer_configs: Mapping[str, Any],
     options: OptionsArg,
     config_type: type,
     device: torch.device = torch.device("cpu"),
 ) -> Dict[str, Any]:
     """A table per TorchRec table config (``EmbeddingBagConfig`` or ``EmbeddingConfig``), checked:
-    ``HashTable`` on the CPU, ``CudaHashTable`` on a GPU."""
+    ``HashTable`` on the CPU, ``CudaHashTable`` on a GPU. ``optimizer_configs``: each table's
+    ``SparseOptimizerConfig``, by name."""
     per_table = resolve_options(configs, options)
     for name, o in per_table.items():
         if o.device is not None and torch.device(o.device).type != device.type:
@@ -160,7 +166,9 @@ def build_tables(
             )
         if not config.feature_names:
             config.feature_names = [config.name]
-    return {c.name: make_table(c, optimizer_config, per_table[c.name], c.num_embeddings, device) for c in configs}
+    return {
+        c.name: make_table(c, optimizer_configs[c.name], per_table[c.name], c.num_embeddings, device) for c in configs
+    }
 
 
 def make_table(config: Any, optimizer_config, options: HashTableOptions, num_embeddings: int, device: torch.device):
@@ -257,6 +265,10 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             "eps", "beta1", "beta2", "weight_decay", "weight_decay_mode"}``.
             Defaults to EXACT_SGD with learning rate 0.01.
         options: one ``HashTableOptions`` for every table, or a dict by table name.
+        table_fused_params: per table name, fused parameters merged with ``fused_params`` (a key
+            both give must agree). ``rt.convert`` and the sharders fill it from
+            ``apply_optimizer_in_backward`` on the TorchRec module's weights. Tables with
+            different optimizers are looked up and updated apart.
 
     Example::
 
@@ -289,17 +301,20 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         device: Optional[torch.device] = None,
         fused_params: Optional[Dict[str, Any]] = None,
         options: OptionsArg = None,
+        table_fused_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
     ) -> None:
         super().__init__()
         self._device = module_device(device, "HashEmbeddingBagCollection")
         self._is_weighted = is_weighted
         self._embedding_bag_configs = tables
-        self._optimizer_config = parse_fused_params(fused_params)
         for config in tables:
             if isinstance(config, EmbeddingBagConfig) and config.pooling not in _POOLING:
                 raise NotImplementedError(f"table {config.name!r}: pooling {config.pooling} is not supported")
+        self._optimizer_configs = table_optimizers(
+            [getattr(c, "name", None) for c in tables], fused_params, table_fused_params, "HashEmbeddingBagCollection"
+        )
         self._tables: Dict[str, HashTable] = build_tables(
-            tables, self._optimizer_config, options, EmbeddingBagConfig, self._device
+            tables, self._optimizer_configs, options, EmbeddingBagConfig, self._device
         )
         self._table_list: List[HashTable] = [self._tables[c.name] for c in tables]
         self._embedding_names: List[str] = [n for names in get_embedding_names_by_table(tables) for n in names]
@@ -313,14 +328,17 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             for f in c.feature_names:
                 self._outputs.append((t, f, col))
                 col += c.embedding_dim
-        self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
         self._table_modes = [_POOLING[c.pooling] for c in tables]
+        group_type = LookupGroup
         if self._device.type == "cuda":
-            from recis_torchrec.modules.cuda_table import CudaLookupGroup
-
-            self._lookup = CudaLookupGroup(self._table_list, self._optim)
-        else:
-            self._lookup = LookupGroup(self._table_list, self._optim)
+            from recis_torchrec.modules.cuda_table import CudaLookupGroup as group_type  # noqa: N813
+        by_config: Dict[Any, List[int]] = {}
+        for t, c in enumerate(tables):
+            by_config.setdefault(self._optimizer_configs[c.name], []).append(t)
+        # Table indices of each lookup group: one group per distinct optimizer config.
+        self._group_tables: List[List[int]] = list(by_config.values()) or [[]]
+        self._lookups = [group_type([self._table_list[t] for t in g], self._optim) for g in self._group_tables]
         self._plans: Dict[Tuple[str, ...], _KeyPlan] = {}
 
     # -- TorchRec interface ----------------------------------------------------
@@ -361,9 +379,35 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         feature_mode = [
             _POOLING[self._embedding_bag_configs[t].pooling] if t >= 0 else ops.POOLING_SUM for t in feature_table
         ]
-        plan = _KeyPlan(permute, BagLayout(feature_table, feature_mode, feature_col, self._out_dim))
+        layout = BagLayout(feature_table, feature_mode, feature_col, self._out_dim)
+        plan = _KeyPlan(permute, layout, *self._split_by_group(layout))
         self._plans[cache_key] = plan
         return plan
+
+    def _split_by_group(self, layout: BagLayout) -> Tuple[Optional[List[BagLayout]], Optional[torch.Tensor]]:
+        """Per lookup group, the layout of its own features (group-local tables, columns packed in
+        key order); and where each output column lies in the groups' outputs side by side."""
+        if len(self._group_tables) == 1:
+            return None, None
+        layouts, source = [], {}
+        base = 0
+        for g, members in enumerate(self._group_tables):
+            local = {t: i for i, t in enumerate(members)}
+            ft, cols, col = [], [], 0
+            for k, t in enumerate(layout.feature_table):
+                if t in local:
+                    dim = self._embedding_bag_configs[t].embedding_dim
+                    ft.append(local[t])
+                    cols.append(col)
+                    source[layout.feature_col[k]] = (base + col, dim)
+                    col += dim
+                else:
+                    ft.append(-1)
+                    cols.append(0)
+            layouts.append(BagLayout(ft, list(layout.feature_mode), cols, col))
+            base += col
+        columns = torch.cat([torch.arange(src, src + dim) for _, (src, dim) in sorted(source.items())])
+        return layouts, columns
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools each feature's bags into a ``KeyedTensor`` ordered as TorchRec's EBC orders it.
@@ -386,13 +430,15 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
                 f"HashEmbeddingBagCollection is on {self._device} but the KeyedJaggedTensor of features "
                 f"{features.keys()} is on {values.device}"
             )
-        if self._device.type == "cuda":
-            from recis_torchrec.modules.cuda_table import CudaLookupPlan
+        layouts = plan.group_layouts or [plan.layout]
+        pieces = []
+        for lookup, members, layout in zip(self._lookups, self._group_tables, layouts):
+            if self._device.type == "cuda":
+                from recis_torchrec.modules.cuda_table import CudaLookupPlan
 
-            cuda_plan = CudaLookupPlan.from_layout(plan.layout, features, self._table_modes)
-            pooled = self._lookup(values, offsets, weights, cuda_plan, self.training)
-        else:
-            pooled = self._lookup(values, offsets, weights, plan.layout, self.training)
+                layout = CudaLookupPlan.from_layout(layout, features, [self._table_modes[t] for t in members])
+            pieces.append(lookup(values, offsets, weights, layout, self.training))
+        pooled = pieces[0] if plan.columns is None else torch.cat(pieces, dim=1).index_select(1, plan.columns)
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,

@@ -15,7 +15,7 @@ updates them for both modules.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,7 +33,8 @@ from recis_torchrec.modules.hash_embedding_bag import (
 )
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
-from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
+from recis_torchrec.optim.fused import HashFusedOptimizer
+from recis_torchrec.optim.in_backward import table_optimizers
 
 
 class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, FusedOptimizerModule):
@@ -48,6 +49,9 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
             gather strategies for its sharded lookups, with no effect on hash tables.
         fused_params: the fused sparse optimizer (TorchRec keys; default exact SGD).
         options: ``HashTableOptions`` for every table, or by table name.
+        table_fused_params: per table name, fused parameters merged with ``fused_params`` (a key
+            both give must agree); filled by ``rt.convert`` and the sharders from
+            ``apply_optimizer_in_backward``.
         share_tables_with: a hash module (usually a ``HashEmbeddingBagCollection``); each of this
             module's tables whose name it also holds is that module's table, with its rows, options and
             fused optimizer. ``tables()``, the state dict and ``fused_optimizer`` here cover only the
@@ -73,12 +77,12 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         fused_params: Optional[Dict[str, Any]] = None,
         options: OptionsArg = None,
         share_tables_with: Optional[nn.Module] = None,
+        table_fused_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
     ) -> None:
         super().__init__()
         self._device = module_device(device, "HashEmbeddingCollection")
         self._need_indices = need_indices
         self._embedding_configs = tables
-        self._optimizer_config = parse_fused_params(fused_params)
         for c in tables[1:]:
             if c.embedding_dim != tables[0].embedding_dim:
                 raise ValueError(
@@ -87,11 +91,20 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
                 )
         borrowed = shared_tables(tables, share_tables_with, "HashEmbeddingCollection")
         own = [c for c in tables if c.name not in borrowed]
+        borrowed_with_optimizer = sorted(set(table_fused_params or {}) & set(borrowed))
+        if borrowed_with_optimizer:
+            raise ValueError(
+                f"HashEmbeddingCollection: tables {borrowed_with_optimizer} are shared with another module, whose "
+                "optimizer updates them; set their optimizer on that module"
+            )
+        self._optimizer_configs = table_optimizers(
+            [getattr(c, "name", None) for c in own], fused_params, table_fused_params, "HashEmbeddingCollection"
+        )
         self._tables: Dict[str, HashTable] = build_tables(
-            own, self._optimizer_config, options, EmbeddingConfig, self._device
+            own, self._optimizer_configs, options, EmbeddingConfig, self._device
         )
         self._embedding_dim = tables[0].embedding_dim if tables else -1
-        self._optim = HashFusedOptimizer(self._tables, self._optimizer_config)
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
         # One lookup group per table: each backward counts one update of its own table,
         # through the optimizer of the module that owns the table.
         group_type = LookupGroup

@@ -9,8 +9,9 @@ through ``state_dict()``.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -76,6 +77,12 @@ class SparseOptimizerConfig:
             raise ValueError(
                 f"fused_params['weight_decay_mode']={self.weight_decay_mode!r}: unsupported; supported: {supported}"
             )
+        for name in ("learning_rate", "eps", "beta1", "beta2", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"fused_params['{name}'] must be a number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"fused_params['{name}'] must be finite, got {value}")
         if not self.learning_rate >= 0:
             raise ValueError(f"fused_params['learning_rate'] must be >= 0, got {self.learning_rate}")
         if not self.eps > 0:
@@ -85,6 +92,12 @@ class SparseOptimizerConfig:
                 raise ValueError(f"fused_params['{name}'] must be in [0, 1), got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ValueError(f"fused_params['weight_decay'] must be >= 0, got {self.weight_decay}")
+        if self.weight_decay != 0 and self.weight_decay_mode == WeightDecayMode.NONE:
+            # FBGEMM ignores weight_decay in this mode; a setting that does nothing is refused.
+            raise ValueError(
+                f"fused_params['weight_decay']={self.weight_decay} has no effect with weight_decay_mode NONE; "
+                "set weight_decay_mode to WeightDecayMode.L2 or WeightDecayMode.DECOUPLE"
+            )
 
     @property
     def code(self) -> int:
@@ -127,7 +140,10 @@ def parse_fused_params(fused_params: Optional[Mapping[str, Any]]) -> SparseOptim
             ) from None
     for name in ("learning_rate", "eps", "beta1", "beta2", "weight_decay"):
         if name in kwargs:
-            kwargs[name] = float(kwargs[name])
+            value = kwargs[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"fused_params['{name}'] must be a number, got {type(value).__name__} {value!r}")
+            kwargs[name] = float(value)
     return SparseOptimizerConfig(**kwargs)
 
 
@@ -178,37 +194,68 @@ class HashFusedOptimizer(FusedOptimizer):
 
     ``params`` are keyed ``"{table}.weight"``; each table's state holds its
     slots (``"{table}.momentum1"``, ...) and its update count
-    ``"{table}.step"``. One param group holds every table, with ``lr``,
-    ``eps``, ``beta1``, ``beta2`` and ``weight_decay``; the next backward
-    reads them.
+    ``"{table}.step"``. Tables with the same optimizer config share a param
+    group, which holds ``lr``, ``eps``, ``beta1``, ``beta2`` and
+    ``weight_decay``; the next backward reads them.
+
+    Args:
+        tables: the tables by name.
+        config: one optimizer config for every table, or one per table name.
     """
 
-    def __init__(self, tables: Mapping[str, HashTable], config: SparseOptimizerConfig) -> None:
-        self.config = config
+    def __init__(
+        self,
+        tables: Mapping[str, HashTable],
+        config: Union[SparseOptimizerConfig, Mapping[str, SparseOptimizerConfig]],
+    ) -> None:
         self._tables = dict(tables)
+        if isinstance(config, SparseOptimizerConfig):
+            self.configs: Dict[str, SparseOptimizerConfig] = {name: config for name in self._tables}
+        else:
+            self.configs = {name: config[name] for name in self._tables}
         self._steps: Dict[str, torch.Tensor] = {name: torch.zeros((), dtype=torch.int64) for name in self._tables}
         # Table rows are not tensors; each table is keyed by a 0-element
         # placeholder, as KeyedOptimizer needs a tensor per parameter key.
         params: Dict[str, torch.Tensor] = {}
         state: Dict[Any, Any] = {}
+        groups: Dict[SparseOptimizerConfig, Dict[str, Any]] = {}
+        self._group_of: Dict[str, int] = {}
         for name, table in self._tables.items():
+            cfg = self.configs[name]
             placeholder = torch.empty(0)
             params[f"{name}.weight"] = placeholder
             slots: Dict[str, Any] = {
-                f"{name}.{slot}": _TableStateSlot(table, offset, width)
-                for slot, offset, width in _STATE_SLOTS[config.code]
+                f"{name}.{slot}": _TableStateSlot(table, offset, width) for slot, offset, width in _STATE_SLOTS[cfg.code]
             }
             slots[f"{name}.step"] = self._steps[name]
             state[placeholder] = slots
-        param_group = {
-            "params": list(params.values()),
-            "lr": config.learning_rate,
-            "eps": config.eps,
-            "beta1": config.beta1,
-            "beta2": config.beta2,
-            "weight_decay": config.weight_decay,
-        }
-        super().__init__(params, state, [param_group])
+            if cfg not in groups:
+                groups[cfg] = {
+                    "params": [],
+                    "lr": cfg.learning_rate,
+                    "eps": cfg.eps,
+                    "beta1": cfg.beta1,
+                    "beta2": cfg.beta2,
+                    "weight_decay": cfg.weight_decay,
+                }
+            self._group_of[name] = list(groups).index(cfg)
+            groups[cfg]["params"].append(placeholder)
+        param_groups = list(groups.values()) or [
+            {"params": [], "lr": SparseOptimizerConfig().learning_rate, "eps": 1e-8, "beta1": 0.9, "beta2": 0.999,
+             "weight_decay": 0.0}
+        ]
+        super().__init__(params, state, param_groups)
+
+    @property
+    def config(self) -> SparseOptimizerConfig:
+        """The optimizer config, when every table has the same one."""
+        distinct = set(self.configs.values())
+        if len(distinct) != 1:
+            raise ValueError(f"the tables have {len(distinct)} different optimizer configs; use config_of(table)")
+        return next(iter(distinct))
+
+    def config_of(self, table: str) -> SparseOptimizerConfig:
+        return self.configs[table]
 
     @property
     def step_count(self) -> int:
@@ -223,19 +270,23 @@ class HashFusedOptimizer(FusedOptimizer):
         """Counts one more update of the named tables and returns the
         ``pooled_backward_update`` optimizer arguments: ``[optimizer, lr, eps,
         beta1, beta2, weight_decay, weight_decay_mode, steps]``."""
+        groups = {self._group_of[name] for name in table_names}
+        if len(groups) > 1:
+            raise ValueError(f"tables {list(table_names)} do not share one optimizer config; they update apart")
         steps = []
         for name in table_names:
             self._steps[name] += 1
             steps.append(int(self._steps[name].item()))
-        g = self.param_groups[0]  # type: ignore[index]
+        g = self.param_groups[groups.pop() if groups else 0]  # type: ignore[index]
+        cfg = self.configs[table_names[0]] if table_names else SparseOptimizerConfig()
         return [
-            self.config.code,
+            cfg.code,
             float(g["lr"]),
             float(g["eps"]),
             float(g["beta1"]),
             float(g["beta2"]),
             float(g["weight_decay"]),
-            self.config.weight_decay_code,
+            cfg.weight_decay_code,
             steps,
         ]
 

@@ -230,7 +230,8 @@ def _mixed_plan_worker(rank: int, world_size: int) -> None:
     sharded = dmp.module.ebc
     assert sorted(sharded.tables()) == ["t0", "t1"] and sharded.torchrec is not None
     # TorchRec does not copy unsharded weights into its shards; do it so both start equal.
-    shard_tensor = dmp.state_dict()["ebc.torchrec.embedding_bags.t2.weight"]
+    # The TorchRec child's table sits at the unsharded EBC's key.
+    shard_tensor = dmp.state_dict()["ebc.embedding_bags.t2.weight"]
     for shard in shard_tensor.local_shards():
         rows = shard.metadata.shard_offsets[0]
         with torch.no_grad():
@@ -256,7 +257,7 @@ def _mixed_plan_worker(rank: int, world_size: int) -> None:
         ref_opt.step()
     # The TorchRec shard trained as the unsharded reference did.
     ref_t2 = rows_of(reference.ebc.tables()["t2"])
-    for shard in dmp.state_dict()["ebc.torchrec.embedding_bags.t2.weight"].local_shards():
+    for shard in dmp.state_dict()["ebc.embedding_bags.t2.weight"].local_shards():
         rows = shard.metadata.shard_offsets[0]
         for i in range(shard.tensor.shape[0]):
             torch.testing.assert_close(shard.tensor[i], ref_t2[rows + i], atol=1e-5, rtol=1e-5)

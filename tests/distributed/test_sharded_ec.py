@@ -266,3 +266,32 @@ def _pipeline_and_errors_worker(rank: int, world_size: int) -> None:
 
 def test_train_pipeline_equals_plain_loop_and_errors_name_the_culprit():
     run_ranks(_pipeline_and_errors_worker, world_size=2, timeout=300)
+
+
+def _in_backward_worker(rank: int, world_size: int) -> None:
+    import warnings
+
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from recis_torchrec.optim.fused import parse_fused_params
+
+    torch.manual_seed(0)
+    model = SeqTower()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        apply_optimizer_in_backward(torch.optim.Adam, model.ec.parameters(), {"lr": 0.05, "eps": 1e-6})
+    dmp = DistributedModelParallel(model, sharders=rt.sharders(), plan=rt.plan(model, world_size))
+    sharded = next(m for m in dmp.modules() if type(m).__name__ == "ShardedHashEmbeddingCollection")
+    assert sharded._optim.config == parse_fused_params(FUSED), sharded._optim.config
+    # Given both ways with different learning rates, the sharder refuses.
+    torch.manual_seed(0)
+    model = SeqTower()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        apply_optimizer_in_backward(torch.optim.Adam, model.ec.parameters(), {"lr": 0.5})
+    with pytest.raises(ValueError, match="learning_rate.*disagrees"):
+        DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=rt.plan(model, world_size))
+
+
+def test_sharded_ec_takes_its_optimizer_from_apply_optimizer_in_backward():
+    run_ranks(_in_backward_worker, world_size=2, timeout=120)
