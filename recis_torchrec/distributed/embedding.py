@@ -159,6 +159,7 @@ class ShardedHashEmbeddingCollection(
             for c in own
         }
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
+        self._optim.set_sharding(*self._state_sharding(), self._row_filter())
         # One lookup group per hash table, in config order; shared ones are filled in on first use.
         self._groups: List[Optional[LookupGroup]] = [
             None if c.name in self._shared_names else lookup_group([self._tables[c.name]], self._optim, self._device)

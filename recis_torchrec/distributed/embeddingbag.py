@@ -49,6 +49,7 @@ from recis_torchrec.modules.hash_embedding_bag import (
 )
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
+from recis_torchrec.modules.state_rows import Owner
 from recis_torchrec.optim.fused import HashFusedOptimizer
 from recis_torchrec.optim.in_backward import in_backward_by_table, table_optimizers
 
@@ -130,11 +131,16 @@ class ShardedTablesMixin(HashTablesMixin):
     def _row_filter(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda ids: ops.owner_of(ids, self._world_size) == self._rank
 
+    def _state_sharding(self) -> Tuple[Any, Owner, torch.device]:
+        return self._pg, Owner(self._world_size, self._rank), self._device
+
     @property
     def fused_optimizer(self) -> KeyedOptimizer:
         if self.torchrec is None:
             return self._optim
-        return CombinedOptimizer([("", self._optim), ("torchrec", self.torchrec.fused_optimizer)])
+        # No prefix for the child: its keys ("embedding_bags.{table}.weight") are those of the unsharded
+        # module, as its state dict's are.
+        return CombinedOptimizer([("", self._optim), ("", self.torchrec.fused_optimizer)])
 
     # The TorchRec child's state sits at the unsharded module's keys ("embedding_bags.{table}.weight",
     # not "torchrec.embedding_bags..."), so a TorchRec state dict or checkpoint loads into a mixed
@@ -319,6 +325,7 @@ class ShardedHashEmbeddingBagCollection(
             for c in self._hash_configs
         }
         self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
+        self._optim.set_sharding(*self._state_sharding(), self._row_filter())
         self._set_torchrec_child(torchrec_child)
 
         # Output names and dims in the original order, as TorchRec's EBC has them.

@@ -11,7 +11,7 @@ through ``state_dict()``.
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -23,6 +23,7 @@ except ImportError:  # older fbgemm_gpu
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode  # type: ignore
 
 from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.state_rows import Owner, RowShards, gather_counts, is_partial, put_rows
 
 # C++ OptimType codes (csrc/hashtable/optimizers.h).
 OPTIM_SGD, OPTIM_ADAGRAD, OPTIM_ROWWISE_ADAGRAD, OPTIM_ADAM = 0, 1, 2, 3
@@ -152,13 +153,16 @@ class _TableStateSlot:
 
     KeyedOptimizer calls ``state_dict()``/``load_state_dict()`` on state
     entries that have them, so the slot exports from, and imports into, the
-    table rows on demand instead of holding a copy.
+    table rows on demand instead of holding a copy. On a sharded table the two
+    are this rank's shard of a global row group (``state_rows.py``), and loading
+    keeps the ids this rank owns.
     """
 
-    def __init__(self, table: HashTable, offset: int, width: Optional[int]) -> None:
+    def __init__(self, table: HashTable, offset: int, width: Optional[int], optimizer: "HashFusedOptimizer") -> None:
         self.table = table
         self.offset = offset
         self.width = width  # None: one float per row
+        self._optimizer = optimizer
 
     def _cols(self) -> slice:
         dim = self.table.dim
@@ -168,14 +172,33 @@ class _TableStateSlot:
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         ids, _, state = self.table.export()
-        values = state[:, self._cols()]
-        return {"ids": ids, "values": values.squeeze(1) if self.width is None else values}
+        order = torch.argsort(ids)
+        values = state[order][:, self._cols()]
+        members = {"ids": ids[order], "values": values.squeeze(1) if self.width is None else values}
+        out: Dict[str, torch.Tensor] = {}
+        sharding = self._optimizer._sharding
+        shards = None
+        if sharding is not None:
+            pg, owner, device, _ = sharding
+            shards = RowShards(owner, tuple(gather_counts(pg, [ids.numel()], device)[0]))
+        put_rows(out, None, members, shards)
+        return out
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        ids = sd["ids"].to(torch.int64)
-        values = sd["values"].to(torch.float32)
+        ids = sd["ids"].to(torch.int64).cpu()
+        values = sd["values"].to(torch.float32).cpu()
         if self.width is None:
             values = values.reshape(-1, 1)
+        sharding = self._optimizer._sharding
+        if sharding is not None:
+            mask = sharding[3](ids)
+            if is_partial(sd["ids"]) and not bool(mask.all()):
+                raise ValueError(
+                    f"table {self.table.name!r}: the optimizer state holds one rank's shard with rows this rank "
+                    "does not own; load a torch.distributed.checkpoint with "
+                    "planner=recis_torchrec.checkpoint.DCPLoadPlanner()"
+                )
+            ids, values = ids[mask], values[mask]
         # Rows already in the table keep their other slots.
         state = torch.zeros(ids.numel(), self.table.state_dim)
         cur_ids, _, cur_state = self.table.export()
@@ -209,6 +232,7 @@ class HashFusedOptimizer(FusedOptimizer):
         config: Union[SparseOptimizerConfig, Mapping[str, SparseOptimizerConfig]],
     ) -> None:
         self._tables = dict(tables)
+        self._sharding: Optional[Tuple[Any, Owner, torch.device, Callable[[torch.Tensor], torch.Tensor]]] = None
         if isinstance(config, SparseOptimizerConfig):
             self.configs: Dict[str, SparseOptimizerConfig] = {name: config for name in self._tables}
         else:
@@ -225,7 +249,8 @@ class HashFusedOptimizer(FusedOptimizer):
             placeholder = torch.empty(0)
             params[f"{name}.weight"] = placeholder
             slots: Dict[str, Any] = {
-                f"{name}.{slot}": _TableStateSlot(table, offset, width) for slot, offset, width in _STATE_SLOTS[cfg.code]
+                f"{name}.{slot}": _TableStateSlot(table, offset, width, self)
+                for slot, offset, width in _STATE_SLOTS[cfg.code]
             }
             slots[f"{name}.step"] = self._steps[name]
             state[placeholder] = slots
@@ -245,6 +270,13 @@ class HashFusedOptimizer(FusedOptimizer):
              "weight_decay": 0.0}
         ]
         super().__init__(params, state, param_groups)
+
+    def set_sharding(
+        self, pg: Any, owner: Owner, device: torch.device, keep: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """The tables are one rank's shards: state dicts hold this rank's rows as shards of global
+        row groups (collective), and loading keeps the ids ``keep`` selects."""
+        self._sharding = (pg, owner, device, keep)
 
     @property
     def config(self) -> SparseOptimizerConfig:

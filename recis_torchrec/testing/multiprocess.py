@@ -7,6 +7,7 @@ ranks that hang are killed when the timeout expires, so no test can hang CI.
 """
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -43,6 +44,11 @@ def _entry(
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
+        # Free what the rank built (modules, DDP reducers, exception tracebacks holding them) while
+        # the process group is alive: freed during interpreter shutdown instead, gloo's objects
+        # can be destroyed after the runtime they need, and the rank aborts
+        # ("terminate called without an active exception").
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
