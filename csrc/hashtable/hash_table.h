@@ -138,6 +138,11 @@ class HashTable {
   // Runs the TTL scan when a quarter of ttl_steps has passed since the last
   // one, so that no row outlives its TTL by more than a quarter of it.
   void tick(int64_t clock) {
+    if (log_restarted_) {
+      // The first update after a restore: the evictions before it are not in the log.
+      log_dropped_through_ = std::max(log_dropped_through_, clock);
+      log_restarted_ = false;
+    }
     if (cfg_.ttl_steps > 0 && clock - last_ttl_scan_ >= std::max<int64_t>(1, cfg_.ttl_steps / 4)) {
       evict_stale(clock);
     }
@@ -196,6 +201,8 @@ class HashTable {
     evicted_ids_.clear();
     evicted_steps_.clear();
     log_dropped_through_ = -1;
+    // A restore follows: the log cannot answer for the evictions before it (see tick()).
+    log_restarted_ = true;
     last_ttl_scan_ = 0;
   }
 
@@ -204,7 +211,7 @@ class HashTable {
   // most max_capacity / 2 entries, or kEvictedLogMin without a cap, dropping
   // the oldest half when full, so that it cannot grow without bound).
   bool evicted_since(int64_t since, std::vector<int64_t>* ids, std::vector<int64_t>* steps) const {
-    if (since < log_dropped_through_) return false;
+    if (log_restarted_ || since < log_dropped_through_) return false;
     for (size_t i = 0; i < evicted_ids_.size(); ++i) {
       if (evicted_steps_[i] > since) {
         ids->push_back(evicted_ids_[i]);
@@ -212,6 +219,13 @@ class HashTable {
       }
     }
     return true;
+  }
+
+  // After a restore of the table as it was at update `clock`: the log answers for the
+  // evictions after it, and refuses to answer for earlier ones.
+  void restart_eviction_log(int64_t clock) {
+    log_dropped_through_ = clock;
+    log_restarted_ = false;
   }
 
   // The admission counters of ids that have no row yet.
@@ -382,8 +396,11 @@ class HashTable {
       }
     });
 
-    // 2. Serial, in key order: number the new rows.
-    blocks_.reserve(m);  // upper bound: duplicates share a row
+    // 2. Serial, in key order: number the new rows. Room for the distinct new keys only:
+    //    reserving one row per miss would grow the blocks by a batch's length when it
+    //    repeats a new id.
+    blocks_.reserve(static_cast<int64_t>(std::count_if(slot_of.begin(), slot_of.end(),
+                                                       [](const int64_t* p) { return p != nullptr; })));
     std::vector<int64_t> created;
     for (int64_t j = 0; j < m; ++j) {
       const int64_t k = order_of[j];
@@ -560,6 +577,7 @@ class HashTable {
   std::unordered_map<int64_t, int64_t> pending_;  // admission: sightings of ids without a row
   std::vector<int64_t> evicted_ids_, evicted_steps_;  // the eviction log, for delta exports
   int64_t log_dropped_through_ = -1;  // the log has no evictions up to this clock
+  bool log_restarted_ = false;        // cleared for a restore; no update since
   int64_t last_ttl_scan_ = 0;
 };
 

@@ -104,8 +104,14 @@ std::tuple<at::Tensor, at::Tensor> py_evicted_since(int64_t handle, int64_t sinc
   std::vector<int64_t> ids, steps;
   TORCH_CHECK(entry->table.evicted_since(since, &ids, &steps), "evicted_since: the eviction log of table ", handle,
               " no longer reaches back to step ", since,
-              " (too many evictions since); export a full checkpoint instead of a delta");
+              " (too many evictions since, or the table was restored after it); export a full checkpoint instead of a delta");
   return {at::tensor(ids, at::kLong), at::tensor(steps, at::kLong)};
+}
+
+void py_restart_eviction_log(int64_t handle, int64_t clock) {
+  const auto entry = get_table(handle, "restart_eviction_log");
+  TableLocks lock({entry}, /*exclusive=*/true);
+  entry->table.restart_eviction_log(clock);
 }
 
 std::tuple<at::Tensor, at::Tensor> py_export_pending(int64_t handle) {
@@ -140,6 +146,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("evict_stale", &recis::py_evict_stale, py::arg("handle"), py::arg("clock"));
   m.def("erase", &recis::py_erase, py::arg("handle"), py::arg("ids"), py::arg("clock"));
   m.def("evicted_since", &recis::py_evicted_since, py::arg("handle"), py::arg("since"));
+  m.def("restart_eviction_log", &recis::py_restart_eviction_log, py::arg("handle"), py::arg("clock"));
   m.def("export_pending", &recis::py_export_pending, py::arg("handle"));
   m.def("import_pending", &recis::py_import_pending, py::arg("handle"), py::arg("ids"), py::arg("counts"));
   m.def("release_table", &recis::release_table, py::arg("handle"));

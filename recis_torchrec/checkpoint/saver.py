@@ -464,6 +464,7 @@ def load(
         saved_steps = index["tables"][ref.key]["steps"].values()
         if saved_steps:
             ref.optimizer._steps[ref.table.name].fill_(max(saved_steps))
+            ref.table.restart_eviction_log(max(saved_steps))
         hp = index.get("fused_optimizer", {}).get(ref.key)
         if hp:
             ref.optimizer.param_groups[0].update(hp)

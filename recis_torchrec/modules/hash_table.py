@@ -174,6 +174,12 @@ class HashTable:
         """``(ids, steps)`` evicted after update ``since``."""
         return C.evicted_since(self.handle, since)
 
+    def restart_eviction_log(self, clock: int) -> None:
+        """Declares the table restored as it was at update ``clock``: ``evicted_since`` answers for
+        the evictions after it and refuses earlier ones. After ``clear()`` and before this (or the
+        next training lookup, which does the same at its clock), it refuses every ``since``."""
+        C.restart_eviction_log(self.handle, clock)
+
     def export_pending(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(ids, counts)``: sightings of ids still waiting for admission."""
         return C.export_pending(self.handle)
