@@ -14,11 +14,14 @@ from recis_torchrec import ops
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.modules.options import HashTableOptions
+from recis_torchrec.modules.tracing import ForwardRef, hash_forward, refuse_scripting
 from recis_torchrec.modules.state_rows import SHARDS, Owner, RowShards, gather_counts, is_partial, put_rows
 from recis_torchrec.optim.fused import HashFusedOptimizer
 from recis_torchrec.optim.in_backward import table_optimizers
 
 OptionsArg = Union[None, HashTableOptions, Mapping[str, HashTableOptions]]
+
+torch.fx.wrap("hash_forward")  # one fx node per module (see tracing.py)
 
 _POOLING = {PoolingType.SUM: ops.POOLING_SUM, PoolingType.MEAN: ops.POOLING_MEAN}
 
@@ -60,10 +63,15 @@ class _KeyPlan:
 
 
 def checked_kjt(
-    features: KeyedJaggedTensor, is_weighted: bool, who: str = "HashEmbeddingBagCollection"
+    features: KeyedJaggedTensor, is_weighted: bool, who: str = "HashEmbeddingBagCollection", check_values: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
     """Validates a KJT for a hash-backed module; returns (values int64, offsets int64,
-    weights or None, batch size). Errors name the features at fault."""
+    weights or None, batch size). Errors name the features at fault.
+
+    ``check_values=False`` leaves out the checks that read the lengths' values (a negative length,
+    lengths that do not sum to the ids): the ops check those themselves, and skipping them keeps
+    the forward free of data-dependent branches (fx, torch.export). Call :func:`explain_kjt`
+    when an op fails, for the error that names the feature."""
     keys = features.keys()
     if features.variable_stride_per_key():
         raise NotImplementedError(
@@ -77,6 +85,30 @@ def checked_kjt(
         raise TypeError(
             f"{who}: ids of features {keys} must be int64 or int32, got {values.dtype}"
         )
+    batch = features.stride()
+    if check_values:
+        explain_kjt(features, is_weighted, who)
+    offsets = features.offsets().to(torch.int64)
+    weights = None
+    if is_weighted:
+        weights = features.weights_or_none()
+        if weights is None:
+            raise ValueError(
+                f"{who} is weighted (is_weighted=True) but the KeyedJaggedTensor of "
+                f"features {keys} has no weights"
+            )
+        if weights.dtype != torch.float32:
+            raise TypeError(
+                f"{who}: weights of features {keys} must be float32, got {weights.dtype}"
+            )
+        weights = weights.contiguous()
+    return values.contiguous(), offsets.contiguous(), weights, batch
+
+
+def explain_kjt(features: KeyedJaggedTensor, is_weighted: bool, who: str) -> None:
+    """Raises, naming the feature, if the KJT's lengths are inconsistent with its ids or weights."""
+    keys = features.keys()
+    values = features.values()
     batch = features.stride()
     lengths = features.lengths()
     if lengths.numel() != len(keys) * batch:
@@ -97,26 +129,9 @@ def checked_kjt(
             f"{who}: the KeyedJaggedTensor's lengths sum to {total} but it holds "
             f"{values.numel()} ids; lengths per feature: {per_key}"
         )
-    offsets = features.offsets().to(torch.int64)
-    weights = None
-    if is_weighted:
-        weights = features.weights_or_none()
-        if weights is None:
-            raise ValueError(
-                f"{who} is weighted (is_weighted=True) but the KeyedJaggedTensor of "
-                f"features {keys} has no weights"
-            )
-        if weights.dtype != torch.float32:
-            raise TypeError(
-                f"{who}: weights of features {keys} must be float32, got {weights.dtype}"
-            )
-        if weights.numel() != values.numel():
-            raise ValueError(
-                f"{who}: features {keys} have {weights.numel()} weights for "
-                f"{values.numel()} ids"
-            )
-        weights = weights.contiguous()
-    return values.contiguous(), offsets.contiguous(), weights, batch
+    weights = features.weights_or_none()
+    if is_weighted and weights is not None and weights.numel() != values.numel():
+        raise ValueError(f"{who}: features {keys} have {weights.numel()} weights for {values.numel()} ids")
 
 
 def module_device(device: Optional[Any], who: str) -> torch.device:
@@ -204,6 +219,10 @@ class HashTablesMixin:
     @property
     def fused_optimizer(self) -> HashFusedOptimizer:
         return self._optim
+
+    def __prepare_scriptable__(self) -> "HashTablesMixin":
+        refuse_scripting(self)
+        return self
 
     def reset_parameters(self) -> None:
         """Tables start empty and rows are initialised when ids arrive; nothing to reset."""
@@ -309,6 +328,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         table_fused_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
     ) -> None:
         super().__init__()
+        self._fx_forward = ForwardRef(self)
         self._device = module_device(device, "HashEmbeddingBagCollection")
         self._is_weighted = is_weighted
         self._embedding_bag_configs = tables
@@ -424,12 +444,15 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         Returns:
             KeyedTensor: keys = the embedding names, values ``(B, sum(dims))``.
         """
+        return hash_forward(self._fx_forward, features)
+
+    def _forward_impl(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"HashEmbeddingBagCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
         plan = self._plan(features.keys())
         if plan.permute is not None:
             features = features.permute(plan.permute)
-        values, offsets, weights, _ = checked_kjt(features, self._is_weighted)
+        values, offsets, weights, _ = checked_kjt(features, self._is_weighted, check_values=False)
         if values.device != self._device:
             raise ValueError(
                 f"HashEmbeddingBagCollection is on {self._device} but the KeyedJaggedTensor of features "
@@ -442,7 +465,11 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
                 from recis_torchrec.modules.cuda_table import CudaLookupPlan
 
                 layout = CudaLookupPlan.from_layout(layout, features, [self._table_modes[t] for t in members])
-            pieces.append(lookup(values, offsets, weights, layout, self.training))
+            try:
+                pieces.append(lookup(values, offsets, weights, layout, self.training))
+            except RuntimeError:
+                explain_kjt(features, self._is_weighted, "HashEmbeddingBagCollection")
+                raise
         pooled = pieces[0] if plan.columns is None else torch.cat(pieces, dim=1).index_select(1, plan.columns)
         return KeyedTensor(
             keys=self._embedding_names,

@@ -29,12 +29,17 @@ from recis_torchrec.modules.hash_embedding_bag import (
     OptionsArg,
     build_tables,
     checked_kjt,
+    explain_kjt,
     module_device,
 )
+from recis_torchrec.modules.tracing import ForwardRef, hash_forward
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.optim.fused import HashFusedOptimizer
 from recis_torchrec.optim.in_backward import table_optimizers
+
+
+torch.fx.wrap("hash_forward")  # one fx node per module (see tracing.py)
 
 
 class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, FusedOptimizerModule):
@@ -80,6 +85,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         table_fused_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
     ) -> None:
         super().__init__()
+        self._fx_forward = ForwardRef(self)
         self._device = module_device(device, "HashEmbeddingCollection")
         self._need_indices = need_indices
         self._embedding_configs = tables
@@ -144,17 +150,26 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
     # -- forward -------------------------------------------------------------------
 
     def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
+        return hash_forward(self._fx_forward, features)
+
+    def _forward_impl(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"HashEmbeddingCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
         table_names = [c.name for c in self._embedding_configs]
-        sequences = sequences_by_table(features, table_names, self._table_features, "HashEmbeddingCollection")
-        out: Dict[str, JaggedTensor] = {}
-        for t, seq in enumerate(sequences):
-            if self._device.type == "cuda":
-                rows = self._groups[t].sequence(seq.ids, self.training)
-            else:
-                rows = sequence_lookup(self._groups[t], seq.ids, self.training)
-            out.update(jagged_outputs(rows, seq.features, self._need_indices))
+        try:
+            sequences = sequences_by_table(
+                features, table_names, self._table_features, "HashEmbeddingCollection", check_values=False
+            )
+            out: Dict[str, JaggedTensor] = {}
+            for t, seq in enumerate(sequences):
+                if self._device.type == "cuda":
+                    rows = self._groups[t].sequence(seq.ids, self.training)
+                else:
+                    rows = sequence_lookup(self._groups[t], seq.ids, self.training)
+                out.update(jagged_outputs(rows, seq.features, self._need_indices))
+        except RuntimeError:
+            explain_kjt(features, False, "HashEmbeddingCollection")
+            raise
         return out
 
 
@@ -168,9 +183,14 @@ class TableSequences:
 
 
 def sequences_by_table(
-    features: KeyedJaggedTensor, table_names: List[str], table_features: List[List[Tuple[str, str]]], who: str
+    features: KeyedJaggedTensor,
+    table_names: List[str],
+    table_features: List[List[Tuple[str, str]]],
+    who: str,
+    check_values: bool = True,
 ) -> List[TableSequences]:
-    """Each table's ids from a KJT, checked (every feature present, int ids, consistent lengths).
+    """Each table's ids from a KJT, checked (every feature present, int ids, consistent lengths;
+    ``check_values=False`` leaves the lengths' values to the ops, see ``checked_kjt``).
 
     ``table_features[t]``: table t's (feature name, embedding name) pairs."""
     keys = features.keys()
@@ -182,18 +202,15 @@ def sequences_by_table(
                     f"{who}: feature {f!r} (table {table_names[t]!r}) is missing from the KeyedJaggedTensor, "
                     f"whose keys are {list(keys)}"
                 )
-    values, _, _, batch = checked_kjt(features, False, who)
-    lengths = features.lengths().to(torch.int64)
-    per_key = lengths.view(len(keys), batch).sum(1).tolist() if batch else [0] * len(keys)
-    starts = [0]
-    for n in per_key:
-        starts.append(starts[-1] + n)
+    checked_kjt(features, False, who, check_values=check_values)
+    # TorchRec's split of the KJT by key (it keeps per-key sizes symbolic under torch.export).
+    per_key = features.to_dict()
     out = []
     for feats in table_features:
         described = []
         for f, name in feats:
-            k = index[f]
-            described.append((name, lengths[k * batch : (k + 1) * batch], values[starts[k] : starts[k + 1]]))
+            jt = per_key[f]
+            described.append((name, jt.lengths().to(torch.int64), jt.values().to(torch.int64)))
         ids = torch.cat([d[2] for d in described]) if len(described) > 1 else described[0][2]
         out.append(TableSequences(ids, described))
     return out
