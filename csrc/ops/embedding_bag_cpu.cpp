@@ -652,6 +652,51 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
       [&](int64_t t, int64_t r) { prefetch_row(tables[t]->table.row(r), row_floats[t]); });
 }
 
+at::Tensor pooled_weight_grad_cpu(at::IntArrayRef handles, const at::Tensor& grad_output, const at::Tensor& ids,
+                                  const at::Tensor& rows, const at::Tensor& offsets, at::IntArrayRef feature_table,
+                                  at::IntArrayRef feature_mode, at::IntArrayRef feature_col) {
+  const char* op = "recis::pooled_weight_grad";
+  std::vector<int64_t> dims;
+  const auto tables = resolve_tables(handles, op, &dims);
+  TORCH_CHECK(grad_output.dim() == 2, op, ": grad_output must be 2-D, got ", grad_output.sizes());
+  const int64_t out_dim = grad_output.size(1);
+  const BagLayout l = make_layout(op, rows, offsets, std::nullopt, feature_table, feature_mode, feature_col, dims,
+                                  out_dim);
+  check_cpu_1d(ids, op, "ids", at::kLong);
+  TORCH_CHECK(ids.numel() == l.num_values, op, ": ", ids.numel(), " ids for ", l.num_values, " rows");
+  const at::Tensor go = checked_grad(op, grad_output, l.batch);
+  const auto ids_c = ids.contiguous();
+  const int64_t* key = ids_c.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
+  const float* g = go.data_ptr<float>();
+  at::Tensor out = at::zeros({l.num_values}, at::kFloat);
+  float* w = out.data_ptr<float>();
+  TableLocks locks(tables, /*exclusive=*/false);
+  const int64_t max_dim = dims.empty() ? 0 : *std::max_element(dims.begin(), dims.end());
+  const int64_t B = l.batch;
+  at::parallel_for(0, l.num_features * B, 64, [&](int64_t qb, int64_t qe) {
+    std::vector<float> init(static_cast<size_t>(max_dim));
+    for (int64_t q = qb; q < qe; ++q) {
+      const int64_t f = q / B, b = q % B, t = l.table[f];
+      if (t < 0) continue;
+      const auto& table = tables[t]->table;
+      const int64_t D = dims[t], limit = table.row_limit();
+      const int64_t s = l.bag_begin(q), e = l.bag_end(q);
+      const float scale = l.mode[f] == 1 && e > s ? 1.0f / static_cast<float>(e - s) : 1.0f;
+      const float* gb = g + b * out_dim + l.col[f];
+      for (int64_t i = s; i < e; ++i) {
+        const int64_t r = row[i];
+        TORCH_CHECK(r < limit, op, ": rows[", i, "] = ", r, " is not a row of table ", t);
+        const float* v = r >= 0 ? table.row(r) : (table.initial_row(key[i], init.data()), init.data());
+        float acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc += gb[d] * v[d];
+        w[i] = acc * scale;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor segment_sum_rows_cpu(const at::Tensor& grads, const at::Tensor& inverse, int64_t num_unique) {
@@ -694,6 +739,7 @@ TORCH_LIBRARY_IMPL(recis, CPU, m) {
   m.impl("pooled_backward", &pooled_backward_cpu);
   m.impl("sparse_update", &sparse_update_cpu);
   m.impl("pooled_backward_update", &pooled_backward_update_cpu);
+  m.impl("pooled_weight_grad", &pooled_weight_grad_cpu);
 }
 
 }  // namespace recis

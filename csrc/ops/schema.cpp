@@ -49,6 +49,14 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // (num_unique, D) float32; parallel over ranges of u, no atomics. The
   // gradient grouping of the unpooled (sequence) lookup.
   m.def("segment_sum_rows(Tensor grads, Tensor inverse, int num_unique) -> Tensor");
+  // The gradient of the pooled output w.r.t. the per-sample weights: for value
+  // i in bag b of feature f, dot(grad_output[b, col_f:col_f + dim], v_i),
+  // divided by the bag length for mean pooling, with v_i the value the forward
+  // pooled (the row, or the id's initial value where rows[i] is -1). (N,)
+  // float32; 0 for features no table reads. Call it before the update.
+  m.def(
+      "pooled_weight_grad(int[] tables, Tensor grad_output, Tensor ids, Tensor rows, Tensor offsets, "
+      "int[] feature_table, int[] feature_mode, int[] feature_col) -> Tensor");
   // pooled_backward followed by sparse_update on every table, fused: the
   // per-row gradient never leaves the cache. steps[t] is table t's update
   // count (Adam's bias correction).

@@ -421,6 +421,13 @@ class ShardedHashEmbeddingBagCollection(
                 f"{self._fqn} is sharded on {self._device} but the KeyedJaggedTensor of features "
                 f"{features.keys()} is on {features.values().device}"
             )
+        weights = features.weights_or_none() if self._is_weighted else None
+        if weights is not None and weights.requires_grad:
+            raise NotImplementedError(
+                f"{self._fqn}: per-sample weights that require grad (a feature processor's) are not supported by "
+                "hash sharding yet: their gradient would be dropped; use the unsharded module "
+                "(rt.convert) or weights that do not require grad"
+            )
         with torch.no_grad():
             permute, sizes = self._group_permute(features.keys())
             ours = features.permute(permute)

@@ -290,7 +290,7 @@ class CudaLookupGroup:
         self.tables = list(tables)
         self.table_names = [t.name for t in tables]
         self.optimizer = optimizer
-        self._anchor = torch.zeros(0, requires_grad=True)
+        self._anchor = torch.zeros(0, device="cpu", requires_grad=True)
 
     def __call__(self, ids, offsets, weights, plan: CudaLookupPlan, insert: bool) -> torch.Tensor:
         return _CudaPooledLookup.apply(self._anchor, self, ids, offsets, weights, plan, insert)

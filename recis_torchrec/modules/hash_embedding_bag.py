@@ -105,6 +105,27 @@ def checked_kjt(
     return values.contiguous(), offsets.contiguous(), weights, batch
 
 
+def permute_keys(features: KeyedJaggedTensor, permute: List[int]) -> KeyedJaggedTensor:
+    """``features.permute(permute)``; with weights that require grad, by torch ops instead: the
+    backward of FBGEMM's CPU ``permute_2D_sparse_data`` crashes (segfault) on weighted KJTs."""
+    weights = features.weights_or_none()
+    if weights is None or not weights.requires_grad:
+        return features.permute(permute)
+    keys, batch = features.keys(), features.stride()
+    bounds = features.offset_per_key()
+    index = torch.cat(
+        [torch.arange(bounds[k], bounds[k + 1], dtype=torch.int64) for k in permute]
+        or [torch.zeros(0, dtype=torch.int64)]
+    )
+    return KeyedJaggedTensor(
+        keys=[keys[k] for k in permute],
+        values=features.values()[index],
+        weights=weights[index],
+        lengths=features.lengths().view(len(keys), batch)[permute].reshape(-1),
+        stride=batch,
+    )
+
+
 def explain_kjt(features: KeyedJaggedTensor, is_weighted: bool, who: str) -> None:
     """Raises, naming the feature, if the KJT's lengths are inconsistent with its ids or weights."""
     keys = features.keys()
@@ -135,12 +156,14 @@ def explain_kjt(features: KeyedJaggedTensor, is_weighted: bool, who: str) -> Non
 
 
 def module_device(device: Optional[Any], who: str) -> torch.device:
-    """The device of a hash-backed module: CPU (None) or CUDA."""
+    """The device of a hash-backed module: CPU (None, outside a ``torch.device("meta")`` context),
+    CUDA, or meta (configs only: the tables are built when the module is moved off it)."""
     if device is None:
-        return torch.device("cpu")
+        default = torch.get_default_device()
+        return torch.device("meta") if default.type == "meta" else torch.device("cpu")
     device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise NotImplementedError(f"{who}: device {device} is not supported; use 'cpu' or 'cuda'")
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise NotImplementedError(f"{who}: device {device} is not supported; use 'cpu', 'cuda' or 'meta'")
     if device.type == "cuda":
         from recis_torchrec.modules.cuda_table import _require_cuda
 
@@ -182,6 +205,11 @@ def build_tables(
             )
         if not config.feature_names:
             config.feature_names = [config.name]
+        repeated = sorted({f for f in config.feature_names if config.feature_names.count(f) > 1})
+        if repeated:
+            raise ValueError(f"table {config.name!r}: feature_names lists {repeated} more than once")
+    if device.type == "meta":
+        return {}  # built when the module leaves the meta device
     return {
         c.name: make_table(c, optimizer_configs[c.name], per_table[c.name], c.num_embeddings, device) for c in configs
     }
@@ -225,10 +253,90 @@ class HashTablesMixin:
         return self
 
     def reset_parameters(self) -> None:
-        """Tables start empty and rows are initialised when ids arrive; nothing to reset."""
+        """Re-initialises every row: each id keeps its row, with its initial value and zero optimizer
+        state and metadata (as TorchRec re-initialises its weights). Admission counts and the eviction
+        log are dropped."""
+        for table in self._tables.values():
+            ids = table.export()[0]
+            table.clear()
+            if ids.numel():
+                table.import_(ids)
+
+    # -- devices and dtypes: each either takes effect or raises ---------------------
+
+    def _move(self, device: Optional[torch.device], how: str) -> None:
+        if device is None:
+            return
+        device = torch.device(device)
+        who = type(self).__name__
+        if self._device.type == "meta":
+            if device.type != "meta":  # materialise: build the (empty) tables there
+                self._device = module_device(device, who)
+                self._build()
+            return
+        if device.type == self._device.type and (device.index is None or device == self._device):
+            return
+        if device.type == "meta":
+            raise RuntimeError(
+                f"{who}.{how}(meta): moving a module with hash tables to the meta device would drop its rows; "
+                "build it on meta instead (device='meta')"
+            )
+        raise RuntimeError(
+            f"{who}.{how}({device}): its tables live on {self._device}; build the module on {device} "
+            f"(device=...) or convert the TorchRec model there (rt.convert(model, device=...))"
+        )
+
+    def _check_dtype(self, dtype: Optional[torch.dtype], how: str) -> None:
+        if dtype is not None and dtype != torch.float32:
+            raise RuntimeError(
+                f"{type(self).__name__}.{how}({dtype}): the tables' dtype comes from each config's data_type "
+                "(EmbeddingBagConfig(data_type=...)); converting a module's tables is not supported"
+            )
+
+    def to(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        self._check_dtype(dtype, "to")
+        self._move(device, "to")
+        return super().to(*args, **kwargs)  # children (a TorchRec child of a mixed plan) as usual
+
+    def to_empty(self, *, device: Any, recurse: bool = True):  # type: ignore[override]
+        if self._device.type != "meta":
+            raise RuntimeError(
+                f"{type(self).__name__}.to_empty({device}): the module holds tables with rows; to_empty "
+                "materialises a module built on the meta device"
+            )
+        self._move(device, "to_empty")
+        return self
+
+    def cuda(self, device: Any = None):  # type: ignore[override]
+        self._move(torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int)
+                   else torch.device(device), "cuda")
+        return self
+
+    def cpu(self):  # type: ignore[override]
+        self._move(torch.device("cpu"), "cpu")
+        return self
+
+    def half(self):  # type: ignore[override]
+        self._check_dtype(torch.float16, "half")
+        return self
+
+    def bfloat16(self):  # type: ignore[override]
+        self._check_dtype(torch.bfloat16, "bfloat16")
+        return self
+
+    def double(self):  # type: ignore[override]
+        self._check_dtype(torch.float64, "double")
+        return self
+
+    def float(self):  # type: ignore[override]
+        return self
+
+    def type(self, dst_type: Any):  # type: ignore[override]
+        raise RuntimeError(f"{type(self).__name__}.type({dst_type}): not supported on hash tables")
 
     def tables(self) -> Dict[str, HashTable]:
-        """The tables by name."""
+        """The tables by name (none while the module is on the meta device)."""
         return dict(self._tables)
 
     def table_stats(self) -> Dict[str, Dict[str, int]]:
@@ -338,10 +446,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         self._optimizer_configs = table_optimizers(
             [getattr(c, "name", None) for c in tables], fused_params, table_fused_params, "HashEmbeddingBagCollection"
         )
-        self._tables: Dict[str, HashTable] = build_tables(
-            tables, self._optimizer_configs, options, EmbeddingBagConfig, self._device
-        )
-        self._table_list: List[HashTable] = [self._tables[c.name] for c in tables]
+        self._options_arg = options
         self._embedding_names: List[str] = [n for names in get_embedding_names_by_table(tables) for n in names]
         self._lengths_per_embedding: List[int] = [c.embedding_dim for c in tables for _ in c.feature_names]
         self._out_dim = sum(self._lengths_per_embedding)
@@ -353,18 +458,31 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             for f in c.feature_names:
                 self._outputs.append((t, f, col))
                 col += c.embedding_dim
-        self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
         self._table_modes = [_POOLING[c.pooling] for c in tables]
-        group_type = LookupGroup
-        if self._device.type == "cuda":
-            from recis_torchrec.modules.cuda_table import CudaLookupGroup as group_type  # noqa: N813
         by_config: Dict[Any, List[int]] = {}
         for t, c in enumerate(tables):
             by_config.setdefault(self._optimizer_configs[c.name], []).append(t)
         # Table indices of each lookup group: one group per distinct optimizer config.
         self._group_tables: List[List[int]] = list(by_config.values()) or [[]]
-        self._lookups = [group_type([self._table_list[t] for t in g], self._optim) for g in self._group_tables]
         self._plans: Dict[Tuple[str, ...], _KeyPlan] = {}
+        self._build()
+
+    def _build(self) -> None:
+        """The tables, fused optimizer and lookup groups, on ``self._device`` (none on meta)."""
+        tables = self._embedding_bag_configs
+        self._tables: Dict[str, HashTable] = build_tables(
+            tables, self._optimizer_configs, self._options_arg, EmbeddingBagConfig, self._device
+        )
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
+        if self._device.type == "meta":
+            self._table_list: List[HashTable] = []
+            self._lookups: List[Any] = []
+            return
+        self._table_list = [self._tables[c.name] for c in tables]
+        group_type = LookupGroup
+        if self._device.type == "cuda":
+            from recis_torchrec.modules.cuda_table import CudaLookupGroup as group_type  # noqa: N813
+        self._lookups = [group_type([self._table_list[t] for t in g], self._optim) for g in self._group_tables]
 
     # -- TorchRec interface ----------------------------------------------------
 
@@ -385,7 +503,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         for t, f, _ in self._outputs:
             if f not in index:
                 raise KeyError(
-                    f"HashEmbeddingBagCollection: feature {f!r} (table {self._table_list[t].name!r}) is missing "
+                    f"HashEmbeddingBagCollection: feature {f!r} (table {self._embedding_bag_configs[t].name!r}) is missing "
                     f"from the KeyedJaggedTensor, whose keys are {list(keys)}"
                 )
         used_by = {}
@@ -450,8 +568,14 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"HashEmbeddingBagCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
         plan = self._plan(features.keys())
+        if self._device.type == "meta":  # shapes only, as TorchRec's EBC on meta
+            return KeyedTensor(
+                keys=self._embedding_names,
+                length_per_key=self._lengths_per_embedding,
+                values=torch.empty(features.stride(), self._out_dim, device="meta"),
+            )
         if plan.permute is not None:
-            features = features.permute(plan.permute)
+            features = permute_keys(features, plan.permute)
         values, offsets, weights, _ = checked_kjt(features, self._is_weighted, check_values=False)
         if values.device != self._device:
             raise ValueError(

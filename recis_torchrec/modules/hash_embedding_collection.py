@@ -103,34 +103,47 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
                 f"HashEmbeddingCollection: tables {borrowed_with_optimizer} are shared with another module, whose "
                 "optimizer updates them; set their optimizer on that module"
             )
+        if borrowed and self._device.type == "meta":
+            raise ValueError("HashEmbeddingCollection: tables shared with another module cannot be on the meta device")
         self._optimizer_configs = table_optimizers(
             [getattr(c, "name", None) for c in own], fused_params, table_fused_params, "HashEmbeddingCollection"
         )
-        self._tables: Dict[str, HashTable] = build_tables(
-            own, self._optimizer_configs, options, EmbeddingConfig, self._device
-        )
+        self._own_configs = own
+        self._borrowed = borrowed
+        self._options_arg = options
         self._embedding_dim = tables[0].embedding_dim if tables else -1
-        self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
-        # One lookup group per table: each backward counts one update of its own table,
-        # through the optimizer of the module that owns the table.
-        group_type = LookupGroup
-        if self._device.type == "cuda":
-            from recis_torchrec.modules.cuda_table import CudaLookupGroup as group_type  # noqa: N813
         for name, (table, _) in borrowed.items():
             if getattr(table, "device", torch.device("cpu")).type != self._device.type:
                 raise ValueError(
                     f"HashEmbeddingCollection: table {name!r} is shared with a module on another device "
                     f"({getattr(table, 'device', 'cpu')}); this module is on {self._device}"
                 )
+        self._build()
+        self._embedding_names_by_table = get_embedding_names_by_table(tables)
+        self._table_features = [
+            list(zip(c.feature_names, names)) for c, names in zip(tables, self._embedding_names_by_table)
+        ]
+
+    def _build(self) -> None:
+        """The owned tables, fused optimizer and lookup groups, on ``self._device`` (none on meta)."""
+        self._tables: Dict[str, HashTable] = build_tables(
+            self._own_configs, self._optimizer_configs, self._options_arg, EmbeddingConfig, self._device
+        )
+        self._optim = HashFusedOptimizer(self._tables, self._optimizer_configs)
+        if self._device.type == "meta":
+            self._groups: List[Any] = []
+            return
+        # One lookup group per table: each backward counts one update of its own table,
+        # through the optimizer of the module that owns the table.
+        group_type = LookupGroup
+        if self._device.type == "cuda":
+            from recis_torchrec.modules.cuda_table import CudaLookupGroup as group_type  # noqa: N813
+        borrowed = self._borrowed
         self._groups = [
             group_type([borrowed[c.name][0]], borrowed[c.name][1])
             if c.name in borrowed
             else group_type([self._tables[c.name]], self._optim)
-            for c in tables
-        ]
-        self._embedding_names_by_table = get_embedding_names_by_table(tables)
-        self._table_features = [
-            list(zip(c.feature_names, names)) for c, names in zip(tables, self._embedding_names_by_table)
+            for c in self._embedding_configs
         ]
 
     # -- TorchRec interface ------------------------------------------------------
@@ -156,6 +169,15 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"HashEmbeddingCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
         table_names = [c.name for c in self._embedding_configs]
+        if self._device.type == "meta":  # shapes only, as TorchRec's EC on meta
+            sequences = sequences_by_table(
+                features, table_names, self._table_features, "HashEmbeddingCollection", check_values=False
+            )
+            out = {}
+            for seq in sequences:
+                rows = torch.empty(seq.ids.shape[0], self._embedding_dim, device="meta")
+                out.update(jagged_outputs(rows, seq.features, self._need_indices))
+            return out
         try:
             sequences = sequences_by_table(
                 features, table_names, self._table_features, "HashEmbeddingCollection", check_values=False

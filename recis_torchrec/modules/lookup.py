@@ -44,16 +44,24 @@ class _PooledLookup(torch.autograd.Function):
         )
         ctx.group = group
         ctx.layout = layout
-        ctx.save_for_backward(rows, offsets, weights)
+        ctx.save_for_backward(rows, offsets, weights, ids)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        rows, offsets, weights = ctx.saved_tensors
+        rows, offsets, weights, ids = ctx.saved_tensors
         group, layout = ctx.group, ctx.layout
+        grad_output = grad_output.to(torch.float32).contiguous()
+        grad_weights = None
+        if weights is not None and ctx.needs_input_grad[4]:
+            # Per-sample weights' gradient, from the rows as the forward read them: before the update.
+            grad_weights = ops.pooled_weight_grad(
+                group.tables, grad_output, ids, rows, offsets, layout.feature_table, layout.feature_mode,
+                layout.feature_col,
+            )
         ops.pooled_backward_update(
             group.tables,
-            grad_output.to(torch.float32).contiguous(),
+            grad_output,
             rows,
             offsets,
             weights,
@@ -62,7 +70,7 @@ class _PooledLookup(torch.autograd.Function):
             layout.feature_col,
             *group.optimizer.next_update_args(group.table_names),
         )
-        return (None,) * 7
+        return None, None, None, None, grad_weights, None, None
 
 
 class LookupGroup:
@@ -74,7 +82,7 @@ class LookupGroup:
         self.optimizer = optimizer
         # Gives the pooled output a grad_fn even when nothing else requires
         # grad, so that backward reaches the fused update. Not a parameter.
-        self._anchor = torch.zeros(0, requires_grad=True)
+        self._anchor = torch.zeros(0, device="cpu", requires_grad=True)
 
     def clock(self) -> int:
         """The group's update count: lookups mark rows with it, and the update

@@ -82,6 +82,25 @@ def lookup_pooled_forward(
     )
 
 
+def pooled_weight_grad(
+    tables: Sequence[TableRef],
+    grad_output: torch.Tensor,
+    ids: torch.Tensor,
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+    feature_table: Sequence[int],
+    feature_mode: Sequence[int],
+    feature_col: Sequence[int],
+) -> torch.Tensor:
+    """Gradient of the pooled output w.r.t. the per-sample weights, ``(N,)``: each value's
+    ``dot(grad_output[bag, cols], value)`` (over the bag length for mean pooling), the value being
+    its row, or its initial value where ``rows`` is -1. Read before the rows are updated."""
+    return torch.ops.recis.pooled_weight_grad(
+        [_handle(t) for t in tables], grad_output, ids, rows, offsets,
+        list(feature_table), list(feature_mode), list(feature_col),
+    )
+
+
 def pooled_backward(
     table_dims: Sequence[int],
     grad_output: torch.Tensor,
@@ -216,6 +235,11 @@ def _pooled_backward_fake(
 @torch.library.register_fake("recis::sparse_update")
 def _sparse_update_fake(*args):
     return None
+
+
+@torch.library.register_fake("recis::pooled_weight_grad")
+def _(tables, grad_output, ids, rows, offsets, feature_table, feature_mode, feature_col):
+    return rows.new_empty(rows.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("recis::pooled_backward_update")

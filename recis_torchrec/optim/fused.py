@@ -237,7 +237,9 @@ class HashFusedOptimizer(FusedOptimizer):
             self.configs: Dict[str, SparseOptimizerConfig] = {name: config for name in self._tables}
         else:
             self.configs = {name: config[name] for name in self._tables}
-        self._steps: Dict[str, torch.Tensor] = {name: torch.zeros((), dtype=torch.int64) for name in self._tables}
+        self._steps: Dict[str, torch.Tensor] = {
+            name: torch.zeros((), dtype=torch.int64, device="cpu") for name in self._tables
+        }
         # Table rows are not tensors; each table is keyed by a 0-element
         # placeholder, as KeyedOptimizer needs a tensor per parameter key.
         params: Dict[str, torch.Tensor] = {}
@@ -246,7 +248,7 @@ class HashFusedOptimizer(FusedOptimizer):
         self._group_of: Dict[str, int] = {}
         for name, table in self._tables.items():
             cfg = self.configs[name]
-            placeholder = torch.empty(0)
+            placeholder = torch.empty(0, device="cpu")
             params[f"{name}.weight"] = placeholder
             slots: Dict[str, Any] = {
                 f"{name}.{slot}": _TableStateSlot(table, offset, width, self)
