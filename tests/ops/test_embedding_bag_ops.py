@@ -190,6 +190,14 @@ def test_opcheck_pooled_forward_and_backward():
     )
 
 
+def test_opcheck_pooled_weight_grad():
+    tables, ids, rows, offsets, psw, ft, modes, cols, out_dim = _opcheck_case()
+    grad = torch.randn(4, out_dim)
+    torch.library.opcheck(
+        torch.ops.recis.pooled_weight_grad.default, ([t.handle for t in tables], grad, ids, rows, offsets, ft, modes, cols)
+    )
+
+
 def test_opcheck_updates():
     tables, ids, rows, offsets, psw, ft, modes, cols, out_dim = _opcheck_case()
     handles = [t.handle for t in tables]
