@@ -42,10 +42,13 @@ from recis_torchrec.modules.hash_embedding_bag import (
     HashTablesMixin,
     OptionsArg,
     checked_kjt,
+    expand_batch,
+    expand_kjt,
     import_rows,
     make_table,
     module_device,
     resolve_options,
+    uniform_batch,
 )
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
@@ -115,6 +118,7 @@ class HashEBCContext(HashContext):
         self.groups = [GroupDistContext() for _ in range(num_groups)]
         self.local_batch = 0
         self.mean_scales: List[Optional[torch.Tensor]] = []
+        self.inverse_indices: Optional[Tuple[List[str], torch.Tensor]] = None
 
     def bytes_sent(self) -> int:
         """Bytes this rank put on the wire for the hash groups' input dist."""
@@ -415,7 +419,14 @@ class ShardedHashEmbeddingBagCollection(
     def input_dist(self, ctx: HashEBCContext, features: KeyedJaggedTensor) -> KJTListSplitsAwaitable:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"{self._fqn} expects a KeyedJaggedTensor, got {type(features).__name__}")
-        awaitables = ctx.start_torchrec_input_dist(self.torchrec, features, len(self._groups))
+        # A variable batch per feature (VBE): for the hash tables every feature is padded to the
+        # largest batch here, and expanded to the output batch by the inverse indices after the
+        # output dist; TorchRec's child gets the KJT expanded to the output batch.
+        vbe = features.variable_stride_per_key()
+        hash_features, ctx.inverse_indices = uniform_batch(features, self._fqn)
+        child_features = expand_kjt(features) if vbe and self.torchrec is not None else features
+        awaitables = ctx.start_torchrec_input_dist(self.torchrec, child_features, len(self._groups))
+        features = hash_features
         if features.values().device.type != self._device.type:
             raise ValueError(
                 f"{self._fqn} is sharded on {self._device} but the KeyedJaggedTensor of features "
@@ -466,7 +477,13 @@ class ShardedHashEmbeddingBagCollection(
         for g, p in enumerate(pooled):
             piece = pooled_output_dist(p, self._pg, ctx.groups[g], ctx.local_batch)
             scale = ctx.mean_scales[g]
-            pieces.append(piece if scale is None else piece * scale)
+            piece = piece if scale is None else piece * scale
+            if ctx.inverse_indices is not None:
+                group = self._groups[g]
+                piece = expand_batch(
+                    piece, list(zip(group.names, group.layout.feature_col, group.dims)), ctx.inverse_indices
+                )
+            pieces.append(piece)
         torchrec_awaitable = (
             self.torchrec.output_dist(ctx.torchrec_ctx, torchrec_out) if self.torchrec is not None else None
         )

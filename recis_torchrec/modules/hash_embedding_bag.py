@@ -74,9 +74,9 @@ def checked_kjt(
     when an op fails, for the error that names the feature."""
     keys = features.keys()
     if features.variable_stride_per_key():
-        raise NotImplementedError(
-            f"{who}: KeyedJaggedTensors with a variable batch size per feature "
-            f"(features {keys}) are not supported yet"
+        raise ValueError(
+            f"{who}: the KeyedJaggedTensor of features {keys} has a variable batch size per feature; "
+            "pass it through uniform_batch() first"
         )
     values = features.values()
     if values.dtype == torch.int32:
@@ -103,6 +103,78 @@ def checked_kjt(
             )
         weights = weights.contiguous()
     return values.contiguous(), offsets.contiguous(), weights, batch
+
+
+def uniform_batch(
+    features: KeyedJaggedTensor, who: str
+) -> Tuple[KeyedJaggedTensor, Optional[Tuple[List[str], torch.Tensor]]]:
+    """A KJT with a variable batch size per feature (VBE) as one with every feature at the largest
+    batch (bags past a feature's own batch are empty), plus its ``inverse_indices``; other KJTs as
+    they are, with None. :func:`expand_batch` then gives every feature the output batch."""
+    if not features.variable_stride_per_key():
+        return features, None
+    keys = features.keys()
+    inverse = features.inverse_indices_or_none()
+    if inverse is None:
+        raise ValueError(
+            f"{who}: the KeyedJaggedTensor of features {keys} has a variable batch size per feature but no "
+            "inverse_indices; as for TorchRec's EBC, they map each feature's bags to the output's batch"
+        )
+    strides = features.stride_per_key()
+    batch = max(strides) if strides else 0
+    lengths = features.lengths()
+    padded = torch.cat(
+        [torch.cat([part, part.new_zeros(batch - part.numel())]) for part in lengths.split(strides)]
+        or [lengths.new_zeros(0)]
+    )
+    missing = sorted({k.split("@")[0] for k in keys} - set(inverse[0]))
+    if missing:
+        raise ValueError(f"{who}: inverse_indices has no entry for features {missing} (it has {inverse[0]})")
+    uniform = KeyedJaggedTensor(
+        keys=keys, values=features.values(), weights=features.weights_or_none(), lengths=padded, stride=batch
+    )
+    return uniform, inverse
+
+
+def expand_batch(
+    pooled: torch.Tensor, outputs: List[Tuple[str, int, int]], inverse: Tuple[List[str], torch.Tensor]
+) -> torch.Tensor:
+    """Each output ``(embedding name, first column, dim)`` of ``pooled`` expanded to the output
+    batch by its feature's inverse indices (``feature@table`` reads ``feature``'s), side by side."""
+    index_of = {name: i for i, name in enumerate(inverse[0])}
+    pieces = [
+        pooled[:, col : col + dim].index_select(0, inverse[1][index_of[name.split("@")[0]]].to(torch.int64))
+        for name, col, dim in outputs
+    ]
+    return torch.cat(pieces, dim=1) if pieces else pooled.new_zeros(inverse[1].shape[-1], 0)
+
+
+def expand_kjt(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """A VBE KJT as a plain one at the output batch: feature k's bag b is its bag
+    ``inverse_indices[k][b]`` (bags repeat; ``to_dict`` semantics are kept)."""
+    keys = features.keys()
+    inverse = features.inverse_indices()
+    index_of = {name: i for i, name in enumerate(inverse[0])}
+    strides = features.stride_per_key()
+    lengths = features.lengths().to(torch.int64)
+    starts = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])[:-1]
+    base = 0
+    bag_index = []
+    for k, key in enumerate(keys):
+        bag_index.append(inverse[1][index_of[key]].to(torch.int64) + base)
+        base += strides[k]
+    bags = torch.cat(bag_index) if bag_index else lengths.new_zeros(0)
+    new_lengths = lengths[bags]
+    first = torch.repeat_interleave(starts[bags], new_lengths)
+    within = torch.arange(int(new_lengths.sum())) - torch.repeat_interleave(
+        torch.cat([new_lengths.new_zeros(1), new_lengths.cumsum(0)])[:-1], new_lengths
+    )
+    index = first + within
+    weights = features.weights_or_none()
+    return KeyedJaggedTensor(
+        keys=keys, values=features.values()[index], weights=weights[index] if weights is not None else None,
+        lengths=new_lengths, stride=inverse[1].shape[-1],
+    )
 
 
 def permute_keys(features: KeyedJaggedTensor, permute: List[int]) -> KeyedJaggedTensor:
@@ -459,6 +531,10 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
                 self._outputs.append((t, f, col))
                 col += c.embedding_dim
         self._table_modes = [_POOLING[c.pooling] for c in tables]
+        # (embedding name, first column, dim) of every output, in output order.
+        self._output_columns = [
+            (name, col, tables[t].embedding_dim) for name, (t, _, col) in zip(self._embedding_names, self._outputs)
+        ]
         by_config: Dict[Any, List[int]] = {}
         for t, c in enumerate(tables):
             by_config.setdefault(self._optimizer_configs[c.name], []).append(t)
@@ -567,12 +643,15 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
     def _forward_impl(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"HashEmbeddingBagCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
+        features, inverse = uniform_batch(features, "HashEmbeddingBagCollection")
         plan = self._plan(features.keys())
         if self._device.type == "meta":  # shapes only, as TorchRec's EBC on meta
             return KeyedTensor(
                 keys=self._embedding_names,
                 length_per_key=self._lengths_per_embedding,
-                values=torch.empty(features.stride(), self._out_dim, device="meta"),
+                values=torch.empty(
+                    features.stride() if inverse is None else inverse[1].shape[-1], self._out_dim, device="meta"
+                ),
             )
         if plan.permute is not None:
             features = permute_keys(features, plan.permute)
@@ -595,6 +674,8 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
                 explain_kjt(features, self._is_weighted, "HashEmbeddingBagCollection")
                 raise
         pooled = pieces[0] if plan.columns is None else torch.cat(pieces, dim=1).index_select(1, plan.columns)
+        if inverse is not None:
+            pooled = expand_batch(pooled, self._output_columns, inverse)
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,

@@ -216,6 +216,11 @@ def sequences_by_table(
 
     ``table_features[t]``: table t's (feature name, embedding name) pairs."""
     keys = features.keys()
+    if features.variable_stride_per_key():
+        raise NotImplementedError(
+            f"{who}: KeyedJaggedTensors with a variable batch size per feature (features {keys}) are supported by "
+            "the bag modules (HashEmbeddingBagCollection), not by the sequence modules"
+        )
     index = {k: i for i, k in enumerate(keys)}
     for t, feats in enumerate(table_features):
         for f, _ in feats:
