@@ -3,11 +3,14 @@
 // EmbeddingBlocks: row storage that grows by appending fixed-size blocks.
 // Torch-free.
 //
-// Row r lives in block r >> block_shift at offset (r & block_mask) * stride.
-// Each row holds `dim` embedding floats followed by `state_dim` optimizer-state
-// floats; the stride is padded to a multiple of 16 floats so every row starts
-// on a 64-byte cache line. Growth appends a block and never moves or copies
-// existing rows, so row pointers stay valid for the table's lifetime.
+// Row r lives in block r >> block_shift at byte offset (r & block_mask) * stride.
+// Each row holds `dim` embedding elements (float32, float16 or bfloat16, see
+// row_types.h) followed, at a 4-byte aligned offset, by `state_dim` float32
+// optimizer-state values. A float32 row's stride is padded to 64 bytes, so
+// every row starts on a cache line; a 16-bit row's to 16 bytes, which keeps
+// the half-width rows' memory near half of the float32 rows' (rows then share
+// cache lines). Growth appends a block and never moves or copies existing
+// rows, so row pointers stay valid for the table's lifetime.
 // Each row also records the id that owns it and its metadata (RowMeta). Rows
 // freed by eviction go on a free list and are handed out again first.
 #pragma once
@@ -19,6 +22,8 @@
 #include <new>
 #include <stdexcept>
 #include <vector>
+
+#include "row_types.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -37,8 +42,12 @@ struct RowMeta {
 
 class EmbeddingBlocks {
  public:
-  EmbeddingBlocks(int64_t dim, int64_t state_dim, int64_t block_rows)
-      : dim_(dim), state_dim_(state_dim), stride_(round_up(dim + state_dim, 16)) {
+  EmbeddingBlocks(int64_t dim, int64_t state_dim, int64_t block_rows, RowType type = RowType::kF32)
+      : dim_(dim),
+        state_dim_(state_dim),
+        type_(type),
+        state_offset_(round_up(dim * element_bytes(type), 4)),
+        stride_(round_up(state_offset_ + 4 * state_dim, type == RowType::kF32 ? 64 : 16)) {
     if (dim <= 0) throw std::invalid_argument("EmbeddingBlocks: dim must be > 0");
     if (state_dim < 0) throw std::invalid_argument("EmbeddingBlocks: state_dim must be >= 0");
     if (block_rows <= 0 || (block_rows & (block_rows - 1)) != 0) {
@@ -54,7 +63,9 @@ class EmbeddingBlocks {
 
   int64_t dim() const { return dim_; }
   int64_t state_dim() const { return state_dim_; }
-  int64_t stride() const { return stride_; }
+  RowType type() const { return type_; }
+  // Bytes from one row to the next.
+  int64_t stride_bytes() const { return stride_; }
   int64_t block_rows() const { return block_mask_ + 1; }
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
   int64_t capacity() const { return num_blocks() * block_rows(); }
@@ -63,10 +74,17 @@ class EmbeddingBlocks {
   // Rows holding an id now.
   int64_t live_rows() const { return row_limit() - static_cast<int64_t>(free_.size()); }
 
-  float* row(int64_t r) { return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_; }
-  const float* row(int64_t r) const {
+  // The row's first byte: its embedding elements (of type()), then its state.
+  uint8_t* row_bytes(int64_t r) { return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_; }
+  const uint8_t* row_bytes(int64_t r) const {
     return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_;
   }
+  // The embedding of a float32 row (type() == kF32 only), its state following it.
+  float* row(int64_t r) { return reinterpret_cast<float*>(row_bytes(r)); }
+  const float* row(int64_t r) const { return reinterpret_cast<const float*>(row_bytes(r)); }
+  // The row's optimizer state (state_dim floats).
+  float* state(int64_t r) { return reinterpret_cast<float*>(row_bytes(r) + state_offset_); }
+  const float* state(int64_t r) const { return reinterpret_cast<const float*>(row_bytes(r) + state_offset_); }
   int64_t& row_id(int64_t r) { return blocks_[r >> block_shift_].ids[r & block_mask_]; }
   int64_t row_id(int64_t r) const { return blocks_[r >> block_shift_].ids[r & block_mask_]; }
   RowMeta& meta(int64_t r) { return blocks_[r >> block_shift_].meta[r & block_mask_]; }
@@ -77,8 +95,8 @@ class EmbeddingBlocks {
     extra -= static_cast<int64_t>(free_.size());
     while (row_limit() + extra > capacity()) {
       Block b;
-      const size_t bytes = static_cast<size_t>(block_rows() * stride_) * sizeof(float);
-      b.data = static_cast<float*>(allocate_rows(bytes));
+      const size_t bytes = static_cast<size_t>(block_rows() * stride_);
+      b.data = static_cast<uint8_t*>(allocate_rows(bytes));
       b.ids = new int64_t[static_cast<size_t>(block_rows())];
       b.meta = new RowMeta[static_cast<size_t>(block_rows())];
       blocks_.push_back(b);
@@ -107,8 +125,7 @@ class EmbeddingBlocks {
   }
 
   int64_t memory_bytes() const {
-    return num_blocks() * block_rows() *
-               static_cast<int64_t>(stride_ * sizeof(float) + sizeof(int64_t) + sizeof(RowMeta)) +
+    return num_blocks() * block_rows() * static_cast<int64_t>(stride_ + sizeof(int64_t) + sizeof(RowMeta)) +
            static_cast<int64_t>(free_.capacity() * sizeof(int64_t));
   }
 
@@ -122,7 +139,7 @@ class EmbeddingBlocks {
 
  private:
   struct Block {
-    float* data = nullptr;
+    uint8_t* data = nullptr;
     int64_t* ids = nullptr;
     RowMeta* meta = nullptr;
   };
@@ -145,7 +162,9 @@ class EmbeddingBlocks {
 
   int64_t dim_;
   int64_t state_dim_;
-  int64_t stride_;
+  RowType type_;
+  int64_t state_offset_;  // bytes
+  int64_t stride_;        // bytes
   int block_shift_ = 0;
   int64_t block_mask_ = 0;
   std::vector<Block> blocks_;

@@ -34,6 +34,7 @@
 #include "hash.h"
 #include "id_map.h"
 #include "initializer.h"
+#include "row_types.h"
 
 namespace recis {
 namespace hashtable {
@@ -54,6 +55,7 @@ struct HashTableConfig {
   int64_t ttl_steps = 0;        // evict rows unseen for this many updates; 0: never
   int64_t max_capacity = 0;     // most live rows; 0: unbounded
   EvictionPolicy policy = EvictionPolicy::kNone;  // how to make room under max_capacity
+  RowType row_type = RowType::kF32;  // how the embedding elements are stored (state is float32)
 
   bool tracks_access() const { return ttl_steps > 0 || max_capacity > 0; }
 };
@@ -81,7 +83,7 @@ class HashTable {
         map_(cfg.max_capacity > 0 ? std::max(cfg.initial_capacity, cfg.max_capacity + cfg.max_capacity / 4)
                                   : cfg.initial_capacity,
              cfg.max_capacity > 0 ? capped_shard_bits(cfg.max_capacity) : 6),
-        blocks_(cfg.dim, cfg.state_dim, cfg.block_rows) {
+        blocks_(cfg.dim, cfg.state_dim, cfg.block_rows, cfg.row_type) {
     if (cfg.initial_capacity > 0) blocks_.reserve(cfg.initial_capacity);
   }
 
@@ -103,12 +105,30 @@ class HashTable {
   EmbeddingBlocks& blocks() { return blocks_; }
   const EmbeddingBlocks& blocks() const { return blocks_; }
 
-  // Embedding floats of row r: (dim,), followed by state_dim state floats.
+  RowType row_type() const { return cfg_.row_type; }
+  // The embedding of float32 row r (row_type() == kF32): (dim,), followed by its state.
   float* row(int64_t r) { return blocks_.row(r); }
   const float* row(int64_t r) const { return blocks_.row(r); }
+  // Row r's embedding elements (of row_type()) and its state_dim state floats.
+  uint8_t* row_bytes(int64_t r) { return blocks_.row_bytes(r); }
+  const uint8_t* row_bytes(int64_t r) const { return blocks_.row_bytes(r); }
+  float* state(int64_t r) { return blocks_.state(r); }
+  // Row r's embedding as float32 values, into dst (dim,).
+  void read_row(int64_t r, float* dst) const { load_elements(blocks_.row_bytes(r), cfg_.row_type, dst, cfg_.dim); }
 
-  // The initial embedding of `key` (what find_or_insert would write).
-  void initial_row(int64_t key, float* dst) const { init_row(dst, key, cfg_.dim, cfg_.init); }
+  // The initial embedding of `key` (what find_or_insert would write, as stored: rounded to the
+  // row type), as float32 values.
+  void initial_row(int64_t key, float* dst) const {
+    init_row(dst, key, cfg_.dim, cfg_.init);
+    if (cfg_.row_type != RowType::kF32) round_to_row_type(dst, cfg_.dim);
+  }
+
+  // v rounded to the row type and back, in place.
+  void round_to_row_type(float* v, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) {
+      v[i] = cfg_.row_type == RowType::kF16 ? half_to_float(float_to_half(v[i])) : bf16_to_float(float_to_bf16(v[i]));
+    }
+  }
 
   // rows[i] = row of keys[i], or -1 where absent. Returns the number absent.
   template <typename ParFor>
@@ -446,25 +466,25 @@ class HashTable {
  public:
 
   // Copies the live rows out, in row order, whose last_update is after
-  // `since` (-1: all): ids (n,), emb (n, dim), state (n, state_dim) or
-  // nullptr, meta (n, 3) = (last_seen, last_update, freq) or nullptr.
-  // Returns n; the buffers must hold size() rows.
+  // `since` (-1: all): ids (n,), emb (n, dim) elements of row_type(), state
+  // (n, state_dim) or nullptr, meta (n, 3) = (last_seen, last_update, freq) or
+  // nullptr. Returns n; the buffers must hold size() rows.
   template <typename ParFor>
-  int64_t export_rows(int64_t* ids, float* emb, float* state, int64_t* meta, int64_t since, ParFor&& par) const {
+  int64_t export_rows(int64_t* ids, void* emb, float* state, int64_t* meta, int64_t since, ParFor&& par) const {
     std::vector<int64_t> picked;
     picked.reserve(static_cast<size_t>(size()));
     for (int64_t r = 0; r < row_limit(); ++r) {
       const RowMeta& m = blocks_.meta(r);
       if (m.live && m.last_update > since) picked.push_back(r);
     }
-    const int64_t n = static_cast<int64_t>(picked.size()), dim = cfg_.dim, sdim = cfg_.state_dim;
+    const int64_t n = static_cast<int64_t>(picked.size()), sdim = cfg_.state_dim;
+    const int64_t emb_bytes = cfg_.dim * element_bytes(cfg_.row_type);
     par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t r = picked[i];
-        const float* src = blocks_.row(r);
         ids[i] = blocks_.row_id(r);
-        std::memcpy(emb + i * dim, src, sizeof(float) * dim);
-        if (sdim > 0 && state != nullptr) std::memcpy(state + i * sdim, src + dim, sizeof(float) * sdim);
+        std::memcpy(static_cast<uint8_t*>(emb) + i * emb_bytes, blocks_.row_bytes(r), emb_bytes);
+        if (sdim > 0 && state != nullptr) std::memcpy(state + i * sdim, blocks_.state(r), sizeof(float) * sdim);
         if (meta != nullptr) {
           const RowMeta& m = blocks_.meta(r);
           meta[3 * i] = m.last_seen;
@@ -482,7 +502,7 @@ class HashTable {
   // row_limit() when the table is done. Lets a saver stream a table through
   // fixed buffers.
   template <typename ParFor>
-  std::pair<int64_t, int64_t> export_chunk(int64_t start, int64_t max_rows, int64_t since, int64_t* ids, float* emb,
+  std::pair<int64_t, int64_t> export_chunk(int64_t start, int64_t max_rows, int64_t since, int64_t* ids, void* emb,
                                            float* state, int64_t* meta, ParFor&& par) const {
     std::vector<int64_t> picked;
     int64_t r = start;
@@ -490,14 +510,14 @@ class HashTable {
       const RowMeta& m = blocks_.meta(r);
       if (m.live && m.last_update > since) picked.push_back(r);
     }
-    const int64_t n = static_cast<int64_t>(picked.size()), dim = cfg_.dim, sdim = cfg_.state_dim;
+    const int64_t n = static_cast<int64_t>(picked.size()), sdim = cfg_.state_dim;
+    const int64_t emb_bytes = cfg_.dim * element_bytes(cfg_.row_type);
     par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t row = picked[i];
-        const float* src = blocks_.row(row);
         ids[i] = blocks_.row_id(row);
-        std::memcpy(emb + i * dim, src, sizeof(float) * dim);
-        if (sdim > 0) std::memcpy(state + i * sdim, src + dim, sizeof(float) * sdim);
+        std::memcpy(static_cast<uint8_t*>(emb) + i * emb_bytes, blocks_.row_bytes(row), emb_bytes);
+        if (sdim > 0) std::memcpy(state + i * sdim, blocks_.state(row), sizeof(float) * sdim);
         const RowMeta& m = blocks_.meta(row);
         meta[3 * i] = m.last_seen;
         meta[3 * i + 1] = m.last_update;
@@ -508,12 +528,12 @@ class HashTable {
   }
 
   // Writes rows for n distinct keys, inserting absent ones regardless of
-  // admission and the cap (a restore): emb (n, dim), state (n, state_dim) and
+  // admission and the cap (a restore): emb (n, dim) elements of row_type(), state (n, state_dim) and
   // meta (n, 3); a nullptr keeps the current value (the initial value for
   // rows this call creates). Returns false, writing nothing, if a key repeats
   // (rows created for new keys then hold their initial values).
   template <typename ParFor>
-  bool import_rows(const int64_t* keys, int64_t n, const float* emb, const float* state, const int64_t* meta,
+  bool import_rows(const int64_t* keys, int64_t n, const void* emb, const float* state, const int64_t* meta,
                    ParFor&& par) {
     std::vector<int64_t> rows(static_cast<size_t>(n));
     const int64_t missing = find(keys, n, rows.data(), par);
@@ -537,12 +557,13 @@ class HashTable {
       }
       return false;
     }
-    const int64_t dim = cfg_.dim, sdim = cfg_.state_dim;
+    const int64_t sdim = cfg_.state_dim, emb_bytes = cfg_.dim * element_bytes(cfg_.row_type);
     par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        float* dst = blocks_.row(rows[i]);
-        if (emb != nullptr) std::memcpy(dst, emb + i * dim, sizeof(float) * dim);
-        if (sdim > 0 && state != nullptr) std::memcpy(dst + dim, state + i * sdim, sizeof(float) * sdim);
+        if (emb != nullptr) {
+          std::memcpy(blocks_.row_bytes(rows[i]), static_cast<const uint8_t*>(emb) + i * emb_bytes, emb_bytes);
+        }
+        if (sdim > 0 && state != nullptr) std::memcpy(blocks_.state(rows[i]), state + i * sdim, sizeof(float) * sdim);
         if (meta != nullptr) {
           RowMeta& m = blocks_.meta(rows[i]);
           m.last_seen = meta[3 * i];
@@ -559,10 +580,16 @@ class HashTable {
 
  private:
   void init_new_row(int64_t r, int64_t key, int64_t clock, bool fill = true) {
-    float* dst = blocks_.row(r);
     if (fill) {
-      init_row(dst, key, cfg_.dim, cfg_.init);
-      if (cfg_.state_dim > 0) std::memset(dst + cfg_.dim, 0, sizeof(float) * cfg_.state_dim);
+      if (cfg_.row_type == RowType::kF32) {
+        init_row(blocks_.row(r), key, cfg_.dim, cfg_.init);
+      } else {
+        thread_local std::vector<float> buf;
+        buf.resize(static_cast<size_t>(cfg_.dim));
+        init_row(buf.data(), key, cfg_.dim, cfg_.init);
+        store_elements(blocks_.row_bytes(r), cfg_.row_type, buf.data(), cfg_.dim);
+      }
+      if (cfg_.state_dim > 0) std::memset(blocks_.state(r), 0, sizeof(float) * cfg_.state_dim);
     }
     blocks_.row_id(r) = key;
     RowMeta& m = blocks_.meta(r);

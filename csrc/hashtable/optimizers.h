@@ -75,11 +75,11 @@ struct OptimParams {
 // the caller's scratch). adam_step_size: p.adam_step_size(), hoisted out of the
 // per-row loop. The `omp simd` hints let the compiler vectorise the row-wise
 // reduction too (they are ignored without OpenMP; results stay correct).
+// `state` is the row's optimizer state (w + dim in a float32 row).
 template <int kDim = 0>
-inline void update_row(float* __restrict w, float* __restrict g, int64_t dim_arg, const OptimParams& p,
-                       float adam_step_size) {
+inline void update_row(float* __restrict w, float* __restrict state, float* __restrict g, int64_t dim_arg,
+                       const OptimParams& p, float adam_step_size) {
   const int64_t dim = kDim > 0 ? kDim : dim_arg;
-  float* __restrict state = w + dim;  // state follows the embedding in the row
   if (p.wd_mode == WeightDecayMode::kL2 && p.weight_decay != 0.0f) {
     const float wd = p.weight_decay;
 #pragma omp simd

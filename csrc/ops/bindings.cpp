@@ -13,7 +13,7 @@ namespace {
 
 int64_t py_create_table(int64_t dim, int64_t state_dim, int64_t initial_capacity, int64_t block_rows,
                         int64_t init_kind, double init_a, double init_b, uint64_t seed, int64_t admit_threshold,
-                        int64_t ttl_steps, int64_t max_capacity, int64_t policy) {
+                        int64_t ttl_steps, int64_t max_capacity, int64_t policy, int64_t row_type) {
   TORCH_CHECK(dim > 0, "create_table: dim must be > 0, got ", dim);
   TORCH_CHECK(state_dim >= 0, "create_table: state_dim must be >= 0, got ", state_dim);
   TORCH_CHECK(initial_capacity >= 0, "create_table: initial_capacity must be >= 0, got ", initial_capacity);
@@ -24,6 +24,8 @@ int64_t py_create_table(int64_t dim, int64_t state_dim, int64_t initial_capacity
               "create_table: admit_threshold, ttl_steps and max_capacity must be >= 0");
   TORCH_CHECK(policy >= 0 && policy <= 2, "create_table: unknown eviction policy ", policy);
   TORCH_CHECK(max_capacity == 0 || policy != 0, "create_table: max_capacity needs an eviction policy (LRU or LFU)");
+  TORCH_CHECK(row_type >= 0 && row_type <= 2, "create_table: unknown row_type ", row_type,
+              " (0 = float32, 1 = float16, 2 = bfloat16)");
   hashtable::HashTableConfig cfg;
   cfg.dim = dim;
   cfg.state_dim = state_dim;
@@ -37,6 +39,7 @@ int64_t py_create_table(int64_t dim, int64_t state_dim, int64_t initial_capacity
   cfg.ttl_steps = ttl_steps;
   cfg.max_capacity = max_capacity;
   cfg.policy = static_cast<hashtable::EvictionPolicy>(policy);
+  cfg.row_type = static_cast<hashtable::RowType>(row_type);
   return create_table(cfg);
 }
 
@@ -50,7 +53,7 @@ py::dict py_table_info(int64_t handle) {
   d["memory_bytes"] = t.memory_bytes();
   d["dim"] = t.dim();
   d["state_dim"] = t.state_dim();
-  d["row_stride"] = t.blocks().stride();
+  d["row_bytes"] = t.blocks().stride_bytes();
   d["num_blocks"] = t.blocks().num_blocks();
   d["block_rows"] = t.blocks().block_rows();
   d["admitted"] = t.counters().admitted;
@@ -65,14 +68,14 @@ std::tuple<int64_t, int64_t> py_export_chunk(int64_t handle, int64_t start, int6
   const auto entry = get_table(handle, "export_chunk");
   const auto& t = entry->table;
   const int64_t cap = ids.numel();
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && emb.scalar_type() == at::kFloat &&
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && emb.scalar_type() == row_scalar_type(t.row_type()) &&
                   emb.is_contiguous() && emb.numel() == cap * t.dim() && state.scalar_type() == at::kFloat &&
                   state.is_contiguous() && state.numel() == cap * t.state_dim() && meta.scalar_type() == at::kLong &&
                   meta.is_contiguous() && meta.numel() == cap * 3,
-              "export_chunk: buffers must be contiguous: ids int64 (n,), emb float32 (n, ", t.dim(),
+              "export_chunk: buffers must be contiguous: ids int64 (n,), emb ", row_scalar_type(t.row_type()), " (n, ", t.dim(),
               "), state float32 (n, ", t.state_dim(), "), meta int64 (n, 3)");
   TableLocks lock({entry}, /*exclusive=*/false);
-  const auto out = t.export_chunk(start, cap, since, ids.data_ptr<int64_t>(), emb.data_ptr<float>(),
+  const auto out = t.export_chunk(start, cap, since, ids.data_ptr<int64_t>(), emb.data_ptr(),
                                   t.state_dim() > 0 ? state.data_ptr<float>() : nullptr, meta.data_ptr<int64_t>(),
                                   AtParallelFor{});
   return {out.first, out.second};
@@ -139,7 +142,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "recis_torchrec C++ extension: table lifetime; ops are under torch.ops.recis";
   m.def("create_table", &recis::py_create_table, py::arg("dim"), py::arg("state_dim"), py::arg("initial_capacity"),
         py::arg("block_rows"), py::arg("init_kind"), py::arg("init_a"), py::arg("init_b"), py::arg("seed"),
-        py::arg("admit_threshold") = 0, py::arg("ttl_steps") = 0, py::arg("max_capacity") = 0, py::arg("policy") = 0);
+        py::arg("admit_threshold") = 0, py::arg("ttl_steps") = 0, py::arg("max_capacity") = 0, py::arg("policy") = 0,
+        py::arg("row_type") = 0);
   m.def("clear", &recis::py_clear, py::arg("handle"));
   m.def("export_chunk", &recis::py_export_chunk, py::arg("handle"), py::arg("start"), py::arg("since"),
         py::arg("ids"), py::arg("emb"), py::arg("state"), py::arg("meta"));

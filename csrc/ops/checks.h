@@ -5,6 +5,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "../hashtable/row_types.h"
 #include <c10/util/Exception.h>
 
 namespace recis {
@@ -32,6 +34,18 @@ inline void check_bag_offsets(const at::Tensor& offsets, int64_t num_features, i
   }
   TORCH_CHECK(o[n - 1] == num_values, op, ": offsets end at ", o[n - 1], " but there are ", num_values,
               " values (lengths do not sum to the number of values)");
+}
+
+// The torch dtype of a table's embedding elements.
+inline at::ScalarType row_scalar_type(hashtable::RowType t) {
+  switch (t) {
+    case hashtable::RowType::kF16:
+      return at::kHalf;
+    case hashtable::RowType::kBF16:
+      return at::kBFloat16;
+    default:
+      return at::kFloat;
+  }
 }
 
 }  // namespace recis

@@ -39,6 +39,69 @@ inline void prefetch_row(const float* p, int64_t dim) {
   for (int64_t k = 0; k < dim; k += 16) __builtin_prefetch(p + k);
 }
 
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(c + k);
+}
+
+// Row element types as compile-time tags: T is the stored element; load8 widens 8 of them.
+typedef float v8f __attribute__((vector_size(32)));
+
+struct ElemF32 {
+  using T = float;
+  static inline v8f load8(const float* p) {
+    v8f v;
+    __builtin_memcpy(&v, p, sizeof(v8f));
+    return v;
+  }
+  static inline float load1(const float* p) { return *p; }
+};
+
+struct ElemF16 {
+  using T = uint16_t;
+  static inline v8f load8(const uint16_t* p) {
+    v8f v;
+#if defined(__F16C__)
+    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    __builtin_memcpy(&v, &x, sizeof(v8f));
+#else
+    for (int k = 0; k < 8; ++k) v[k] = hashtable::half_to_float(p[k]);
+#endif
+    return v;
+  }
+  static inline float load1(const uint16_t* p) { return hashtable::half_to_float(*p); }
+};
+
+struct ElemBF16 {
+  using T = uint16_t;
+  static inline v8f load8(const uint16_t* p) {
+    v8f v;
+#if defined(__AVX2__)
+    const __m256i x = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    __builtin_memcpy(&v, &x, sizeof(v8f));
+#else
+    for (int k = 0; k < 8; ++k) v[k] = hashtable::bf16_to_float(p[k]);
+#endif
+    return v;
+  }
+  static inline float load1(const uint16_t* p) { return hashtable::bf16_to_float(*p); }
+};
+
+// Calls fn(Elem tag) for a table's row type.
+template <typename Fn>
+inline void dispatch_row_type(hashtable::RowType t, Fn&& fn) {
+  switch (t) {
+    case hashtable::RowType::kF16:
+      fn(ElemF16{});
+      break;
+    case hashtable::RowType::kBF16:
+      fn(ElemBF16{});
+      break;
+    default:
+      fn(ElemF32{});
+  }
+}
+
 // Calls fn(std::integral_constant<int, D>) for the common dims, so the
 // per-row loops unroll and vectorise with the accumulator in registers;
 // other dims take the runtime-dim path (kD = 0).
@@ -162,7 +225,6 @@ inline void axpy(float* __restrict y, const float* __restrict x, float a, int64_
 
 // A fixed-size accumulator held in vector registers: kD / 8 vectors of 8
 // floats (the compiler maps them onto AVX-512, AVX2 or SSE registers).
-typedef float v8f __attribute__((vector_size(32)));
 
 template <int kD>
 struct RegAcc {
@@ -173,13 +235,10 @@ struct RegAcc {
 #pragma GCC unroll 64
     for (int k = 0; k < kD / 8; ++k) v[k] = v8f{};
   }
-  inline void fma(const float* __restrict x, float a) {
+  template <typename E = ElemF32>
+  inline void fma(const typename E::T* __restrict x, float a) {
 #pragma GCC unroll 64
-    for (int k = 0; k < kD / 8; ++k) {
-      v8f xk;
-      __builtin_memcpy(&xk, x + 8 * k, sizeof(v8f));
-      v[k] += a * xk;
-    }
+    for (int k = 0; k < kD / 8; ++k) v[k] += a * E::load8(x + 8 * k);
   }
   inline void store(float* __restrict y, float scale) const {
 #pragma GCC unroll 64
@@ -193,8 +252,8 @@ struct RegAcc {
 // Pools one bag, values [s, e), into dst (dim,). Rows of -1 read the id's
 // initial value. Rows up to prefetch_end (the end of the feature) are
 // prefetched kPrefetchDistance ahead. With kD > 0 the accumulator lives in
-// registers; otherwise it is dst itself.
-template <int kD>
+// registers; otherwise it is dst itself. E: the rows' element type.
+template <int kD, typename E>
 inline void pool_bag(float* __restrict dst, int64_t dim_arg, const hashtable::HashTable& table, int64_t t,
                      const int64_t* row, const int64_t* key, const float* weights, int64_t s, int64_t e,
                      int64_t prefetch_end, bool mean, float* init_buf) {
@@ -212,25 +271,28 @@ inline void pool_bag(float* __restrict dst, int64_t dim_arg, const hashtable::Ha
     const int64_t j = i + kPrefetchDistance;
     if (j < prefetch_end) {
       const int64_t rj = row[j];
-      if (rj >= 0 && rj < num_rows) prefetch_row(table.row(rj), D);
+      if (rj >= 0 && rj < num_rows) prefetch_bytes(table.row_bytes(rj), D * static_cast<int64_t>(sizeof(typename E::T)));
     }
     const int64_t r = row[i];
     if (r >= num_rows) {
       TORCH_CHECK(false, "recis::pooled_forward: rows[", i, "] = ", r, " is not a row of table ", t, " (rows below ",
                   num_rows, ")");
     }
-    const float* p;
+    const float w = weights ? weights[i] : 1.0f;
     if (r >= 0) {
-      p = table.row(r);
+      const auto* p = reinterpret_cast<const typename E::T*>(table.row_bytes(r));
+      if constexpr (kD > 0) {
+        acc.template fma<E>(p, w);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] += w * E::load1(p + d);
+      }
     } else {
       table.initial_row(key[i], init_buf);
-      p = init_buf;
-    }
-    const float w = weights ? weights[i] : 1.0f;
-    if constexpr (kD > 0) {
-      acc.fma(p, w);
-    } else {
-      axpy<0>(dst, p, w, D);
+      if constexpr (kD > 0) {
+        acc.fma(init_buf, w);
+      } else {
+        axpy<0>(dst, init_buf, w, D);
+      }
     }
   }
   const float scale = (mean && e > s) ? 1.0f / static_cast<float>(e - s) : 1.0f;
@@ -266,11 +328,14 @@ int64_t pool_range(const BagLayout& l, const std::vector<TablePtr>& tables, cons
       absent += table.find(key + s, l.bag_begin(tile_end) - s, row + s, SerialFor{});
     }
     const int64_t feature_end = l.offsets[(f + 1) * B];
-    dispatch_dim(dims[t], [&](auto kd) {
-      for (; q < tile_end; ++q) {
-        pool_bag<decltype(kd)::value>(o + (q % B) * out_dim + l.col[f], dims[t], table, t, row, key, l.weights,
-                                      l.bag_begin(q), l.bag_end(q), feature_end, l.mode[f] == 1, init_buf);
-      }
+    dispatch_row_type(table.row_type(), [&](auto elem) {
+      dispatch_dim(dims[t], [&](auto kd) {
+        for (; q < tile_end; ++q) {
+          pool_bag<decltype(kd)::value, decltype(elem)>(o + (q % B) * out_dim + l.col[f], dims[t], table, t, row,
+                                                        key, l.weights, l.bag_begin(q), l.bag_end(q), feature_end,
+                                                        l.mode[f] == 1, init_buf);
+        }
+      });
     });
   }
   return absent;
@@ -555,6 +620,22 @@ OptimParams make_optim_params(const char* op, int64_t optimizer, double learning
   return p;
 }
 
+// One optimizer step on row r of a table with its summed gradient g (scratch). Rows of 16-bit
+// elements are widened, updated in float32 and rounded back (to nearest even).
+template <int kD>
+inline void apply_update(hashtable::HashTable& table, int64_t r, float* g, const OptimParams& p, float step_size) {
+  const int64_t D = kD > 0 ? kD : table.dim();
+  if (table.row_type() == hashtable::RowType::kF32) {
+    hashtable::update_row<kD>(table.row(r), table.state(r), g, D, p, step_size);
+    return;
+  }
+  thread_local std::vector<float> w;
+  w.resize(static_cast<size_t>(D));
+  table.read_row(r, w.data());
+  hashtable::update_row<kD>(w.data(), table.state(r), g, D, p, step_size);
+  hashtable::store_elements(table.row_bytes(r), table.row_type(), w.data(), D);
+}
+
 void check_state_dim(const char* op, const hashtable::HashTable& table, const OptimParams& p, int64_t t) {
   const int64_t need = hashtable::optimizer_state_dim(p.type, table.dim());
   TORCH_CHECK(table.state_dim() == need, op, ": table ", t, " holds ", table.state_dim(),
@@ -596,9 +677,7 @@ void sparse_update_cpu(int64_t handle, const at::Tensor& rows, const at::Tensor&
     std::vector<float> g(static_cast<size_t>(D));
     for (int64_t i = b; i < e; ++i) {
       std::copy(gp + i * D, gp + (i + 1) * D, g.begin());
-      dispatch_dim(D, [&](auto kd) {
-        hashtable::update_row<decltype(kd)::value>(table.row(r[i]), g.data(), D, p, step_size);
-      });
+      dispatch_dim(D, [&](auto kd) { apply_update<decltype(kd)::value>(table, r[i], g.data(), p, step_size); });
       table.mark_updated(r[i], step);
     }
   });
@@ -640,16 +719,16 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
   std::vector<int64_t> sizes;
   for (const auto& t : tables) sizes.push_back(t->table.row_limit());
   const RowGroups g = group_rows(op, l, rows.data_ptr<int64_t>(), T, out_dim, &sizes);
-  std::vector<int64_t> row_floats;
-  for (int64_t t = 0; t < T; ++t) row_floats.push_back(dims[t] + tables[t]->table.state_dim());
+  std::vector<int64_t> row_bytes;
+  for (int64_t t = 0; t < T; ++t) row_bytes.push_back(tables[t]->table.blocks().stride_bytes());
   reduce_rows(
       l, g, dims, go.data_ptr<float>(), out_dim,
       [&](int64_t t, int64_t, int64_t r, float* acc, auto kd) {
         auto& table = tables[t]->table;
-        hashtable::update_row<decltype(kd)::value>(table.row(r), acc, dims[t], params[t], step_size[t]);
+        apply_update<decltype(kd)::value>(table, r, acc, params[t], step_size[t]);
         table.mark_updated(r, steps[t]);
       },
-      [&](int64_t t, int64_t r) { prefetch_row(tables[t]->table.row(r), row_floats[t]); });
+      [&](int64_t t, int64_t r) { prefetch_bytes(tables[t]->table.row_bytes(r), row_bytes[t]); });
 }
 
 at::Tensor pooled_weight_grad_cpu(at::IntArrayRef handles, const at::Tensor& grad_output, const at::Tensor& ids,
@@ -687,7 +766,16 @@ at::Tensor pooled_weight_grad_cpu(at::IntArrayRef handles, const at::Tensor& gra
       for (int64_t i = s; i < e; ++i) {
         const int64_t r = row[i];
         TORCH_CHECK(r < limit, op, ": rows[", i, "] = ", r, " is not a row of table ", t);
-        const float* v = r >= 0 ? table.row(r) : (table.initial_row(key[i], init.data()), init.data());
+        const float* v;
+        if (r < 0) {
+          table.initial_row(key[i], init.data());
+          v = init.data();
+        } else if (table.row_type() == hashtable::RowType::kF32) {
+          v = table.row(r);
+        } else {
+          table.read_row(r, init.data());
+          v = init.data();
+        }
         float acc = 0.0f;
         for (int64_t d = 0; d < D; ++d) acc += gb[d] * v[d];
         w[i] = acc * scale;

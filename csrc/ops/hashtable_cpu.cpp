@@ -81,12 +81,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> table_export_cpu(int6
   const auto& table = t->table;
   const int64_t cap = table.size();
   auto ids = at::empty({cap}, at::kLong);
-  auto weights = at::empty({cap, table.dim()}, at::kFloat);
+  auto weights = at::empty({cap, table.dim()}, row_scalar_type(table.row_type()));
   auto state = at::empty({cap, table.state_dim()}, at::kFloat);
   auto meta = at::empty({cap, 3}, at::kLong);
   int64_t n = 0;
   if (cap > 0) {
-    n = table.export_rows(ids.data_ptr<int64_t>(), weights.data_ptr<float>(),
+    n = table.export_rows(ids.data_ptr<int64_t>(), weights.data_ptr(),
                           table.state_dim() > 0 ? state.data_ptr<float>() : nullptr, meta.data_ptr<int64_t>(), since,
                           AtParallelFor{});
   }
@@ -94,12 +94,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> table_export_cpu(int6
 }
 
 at::Tensor checked_rows_arg(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t n,
-                            int64_t width) {
+                            int64_t width, at::ScalarType dtype = at::kFloat) {
   if (!t.has_value()) return at::Tensor();
   TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == width, op, ": ", name, " must have shape (", n,
               ", ", width, "), got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), op, ": ", name,
-              " must be a float32 CPU tensor, got ", t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(t->scalar_type() == dtype && t->device().is_cpu(), op, ": ", name, " must be a ", dtype,
+              " CPU tensor (the table's row dtype), got ", t->scalar_type(), " on ", t->device());
   return t->contiguous();
 }
 
@@ -110,7 +110,7 @@ void table_import_cpu(int64_t handle, const at::Tensor& ids, const std::optional
   auto& table = t->table;
   check_cpu_1d(ids, op, "ids", at::kLong);
   const int64_t n = ids.numel();
-  const at::Tensor w_c = checked_rows_arg(op, "weights", weights, n, table.dim());
+  const at::Tensor w_c = checked_rows_arg(op, "weights", weights, n, table.dim(), row_scalar_type(table.row_type()));
   const at::Tensor s_c = checked_rows_arg(op, "state", state, n, table.state_dim());
   at::Tensor m_c;
   if (meta.has_value()) {
@@ -124,7 +124,7 @@ void table_import_cpu(int64_t handle, const at::Tensor& ids, const std::optional
   const auto ids_c = ids.contiguous();
   TableLocks lock({t}, /*exclusive=*/true);
   const bool distinct =
-      table.import_rows(ids_c.data_ptr<int64_t>(), n, w_c.defined() ? w_c.data_ptr<float>() : nullptr,
+      table.import_rows(ids_c.data_ptr<int64_t>(), n, w_c.defined() ? w_c.data_ptr() : nullptr,
                         s_c.defined() && table.state_dim() > 0 ? s_c.data_ptr<float>() : nullptr,
                         m_c.defined() ? m_c.data_ptr<int64_t>() : nullptr, AtParallelFor{});
   TORCH_CHECK(distinct, op, ": ids must be distinct (nothing was written)");

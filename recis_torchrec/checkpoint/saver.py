@@ -142,10 +142,11 @@ def write_table_files(
     # The table streams through buffers of one file's worth of rows, reused
     # for every file (no fresh allocation, and its page faults, per file).
     table = ref.table
-    row_bytes = 8 + 4 * (table.dim + table.state_dim) + 8 * 3
+    dtype = getattr(table, "dtype", torch.float32)
+    row_bytes = 8 + dtype.itemsize * table.dim + 4 * table.state_dim + 8 * 3
     per_file = max(1, min(max_file_bytes // row_bytes, max(len(table), 1)))
     ids = torch.empty(per_file, dtype=torch.int64)
-    weights = torch.empty(per_file, table.dim)
+    weights = torch.empty(per_file, table.dim, dtype=dtype)
     state = torch.empty(per_file, table.state_dim)
     meta = torch.empty(per_file, 3, dtype=torch.int64)
     entries = []
@@ -177,6 +178,7 @@ def table_config(ref: TableRef) -> Dict[str, Any]:
         "table": ref.table.name,
         "dim": ref.table.dim,
         "state_dim": ref.table.state_dim,
+        "dtype": str(getattr(ref.table, "dtype", torch.float32)).replace("torch.", ""),
         "optimizer": ref.optimizer_code,
         "sharded": ref.sharded,
         "options": ref.table.options.to_dict(),

@@ -271,9 +271,14 @@ def build_tables(
         seen.add(config.name)
         if config.embedding_dim <= 0:
             raise ValueError(f"table {config.name!r}: embedding_dim must be > 0, got {config.embedding_dim}")
-        if config.data_type != DataType.FP32:
+        if config.data_type not in ROW_DTYPES:
             raise NotImplementedError(
-                f"table {config.name!r}: data_type {config.data_type} is not supported; hash tables are FP32"
+                f"table {config.name!r}: data_type {config.data_type} is not supported; hash tables store "
+                f"{sorted(d.name for d in ROW_DTYPES)}"
+            )
+        if device.type == "cuda" and config.data_type != DataType.FP32:
+            raise NotImplementedError(
+                f"table {config.name!r}: data_type {config.data_type} on CUDA tables is not supported yet (FP32 only)"
             )
         if not config.feature_names:
             config.feature_names = [config.name]
@@ -285,6 +290,10 @@ def build_tables(
     return {
         c.name: make_table(c, optimizer_configs[c.name], per_table[c.name], c.num_embeddings, device) for c in configs
     }
+
+
+# TorchRec's table data types that hash tables store, and their torch dtypes.
+ROW_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}
 
 
 def make_table(config: Any, optimizer_config, options: HashTableOptions, num_embeddings: int, device: torch.device):
@@ -302,7 +311,7 @@ def make_table(config: Any, optimizer_config, options: HashTableOptions, num_emb
         from recis_torchrec.modules.cuda_table import CudaHashTable
 
         return CudaHashTable(device=device, **kwargs)
-    return HashTable(**kwargs)
+    return HashTable(**kwargs, dtype=ROW_DTYPES[config.data_type])
 
 
 class HashTablesMixin:
@@ -766,7 +775,7 @@ def load_tables(
         if weight.is_meta:
             continue
         ids = ids.to(torch.int64).cpu()
-        weight = weight.detach().to(torch.float32).cpu()
+        weight = weight.detach().cpu()
         pending = (state_dict.get(f"{pkey}.ids"), state_dict.get(f"{pkey}.counts"))
         if keep is not None:
             mask = keep(ids)
@@ -800,7 +809,7 @@ def import_rows(
         if weight is None or weight.is_meta:
             continue
         ids = torch.arange(weight.shape[0], dtype=torch.int64)
-        weight = weight.detach().to(device="cpu", dtype=torch.float32)
+        weight = weight.detach().to(device="cpu")
         if keep is not None:
             mask = keep(ids)
             ids, weight = ids[mask], weight[mask]

@@ -15,6 +15,9 @@ from recis_torchrec.modules.options import HashTableOptions
 # The most rows reserved up front from a config's num_embeddings hint.
 HINT_CAPACITY_CAP = 1 << 20
 
+# Row element dtypes and their C++ RowType codes (csrc/hashtable/row_types.h).
+ROW_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
 
 def stable_name_hash(name: str) -> int:
     """A 64-bit hash of a table name that is the same in every process."""
@@ -61,6 +64,9 @@ class HashTable:
         num_embeddings: the config's capacity hint, used when
             ``options.initial_capacity`` is None.
         init_range: default uniform bounds when the options leave them None.
+        dtype: how the embedding elements are stored: ``torch.float32``, ``torch.float16`` or
+            ``torch.bfloat16`` (optimizer state is float32 either way; arithmetic is float32, and
+            16-bit rows are rounded to nearest even when written).
     """
 
     def __init__(
@@ -71,7 +77,10 @@ class HashTable:
         options: Optional[HashTableOptions] = None,
         num_embeddings: int = 0,
         init_range: Tuple[float, float] = (-0.01, 0.01),
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        if dtype not in ROW_TYPES:
+            raise ValueError(f"HashTable {name!r}: dtype {dtype} is not supported; use one of {list(ROW_TYPES)}")
         if dim <= 0:
             raise ValueError(f"HashTable {name!r}: dim must be > 0, got {dim}")
         options = options or HashTableOptions()
@@ -86,6 +95,7 @@ class HashTable:
         self.options = options
         self.num_embeddings = num_embeddings
         self.init_range = init_range
+        self.dtype = dtype
         kind, a, b, seed, capacity = table_parameters(name, options, num_embeddings, init_range)
         self.handle: int = C.create_table(
             dim,
@@ -100,6 +110,7 @@ class HashTable:
             ttl_steps=options.ttl_steps or 0,
             max_capacity=options.max_capacity or 0,
             policy=options.policy_code(),
+            row_type=ROW_TYPES[dtype],
         )
 
     def __del__(self) -> None:
@@ -114,7 +125,7 @@ class HashTable:
         return C.table_info(self.handle)["rows"]
 
     def info(self) -> Dict[str, int]:
-        """rows, capacity, memory_bytes, dim, state_dim, row_stride, num_blocks, block_rows,
+        """rows, capacity, memory_bytes, dim, state_dim, row_bytes (bytes from one row to the next), num_blocks, block_rows,
         and the hygiene counters: admitted, evicted, rejected (lookups refused a row),
         pending (ids counted toward admission)."""
         return C.table_info(self.handle)
@@ -139,7 +150,8 @@ class HashTable:
         return ops.find_or_insert(self, ids)
 
     def export(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ids (n,), weights (n, dim), state (n, state_dim))`` of the live rows, in row order."""
+        """``(ids (n,), weights (n, dim) of the table's dtype, state (n, state_dim))`` of the live rows, in row
+        order."""
         ids, weights, state, _ = ops.table_export(self)
         return ids, weights, state
 
@@ -155,7 +167,10 @@ class HashTable:
         state: Optional[torch.Tensor] = None,
         meta: Optional[torch.Tensor] = None,
     ) -> None:
-        """Writes rows for distinct ids (bypassing admission and the cap); a None part keeps its value."""
+        """Writes rows for distinct ids (bypassing admission and the cap); a None part keeps its value.
+        Weights of another float dtype are converted to the table's (rounded to nearest even)."""
+        if weights is not None and weights.dtype != self.dtype:
+            weights = weights.to(self.dtype)
         ops.table_import(self, ids, weights, state, meta)
 
     def clear(self) -> None:
@@ -200,7 +215,7 @@ class HashTable:
     # -- copying -------------------------------------------------------------
 
     def _spec(self):
-        return (self.name, self.dim, self.state_dim, self.options, self.num_embeddings, self.init_range)
+        return (self.name, self.dim, self.state_dim, self.options, self.num_embeddings, self.init_range, self.dtype)
 
     def __getstate__(self):
         ids, weights, state, meta = self.export_rows()

@@ -25,3 +25,25 @@ def test_id_map_matches_unordered_map(tmp_path, isa):
     assert build.returncode == 0, build.stderr
     run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+def _has_f16c() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " f16c" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(CXX is None or not _has_f16c(), reason="needs g++ and a CPU with F16C")
+def test_portable_half_conversions_match_f16c(tmp_path):
+    exe = str(tmp_path / "row_types_check")
+    src = os.path.join(ROOT, "tests", "ops", "cpp", "row_types_check.cc")
+    build = subprocess.run(
+        [CXX, "-std=c++17", "-O2", "-mf16c", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src,
+         "-o", exe],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
