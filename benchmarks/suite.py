@@ -20,7 +20,8 @@ batch size, pooling factor, table size and Zipf exponent for the plots),
 hashtable (find / find_or_insert / insert keys per second per core against a
 sorted-array ``torch.searchsorted`` remap and ``std::unordered_map``),
 features (each fused op and the engine against per-feature torch ops), loader
-(against the plain pyarrow -> pandas -> KJT path) and dmp (a 2-rank DLRM step
+(against the plain pyarrow -> pandas -> KJT path), paths (FP16/BF16 tables against FP32: memory
+per id and the training step; a torch.export-ed forward against eager) and dmp (a 2-rank DLRM step
 against TorchRec's row-wise sharding; not in smoke mode), and, with a GPU and a
 RECIS_CUDA=1 build, gpu (``benchmarks/bench_cuda.py``: pooled forward MBU against
 the GPU's copy bandwidth, hashtable find in B keys/s, fwd+bwd+Adam against
@@ -341,7 +342,7 @@ def report(results: Dict[str, Any]) -> str:
     if results.get("memory_gpu"):
         lines.append(f"GPU copy bandwidth (device to device, read + write): {results['memory_gpu']['gb_s']:.1f} GB/s; "
                      "the gpu section's MBU is against it.")
-    for section in ("embedding", "hashtable", "features", "loader", "dmp", "gpu"):
+    for section in ("embedding", "hashtable", "features", "loader", "paths", "dmp", "gpu"):
         rows = [Row(**r) if isinstance(r, dict) else r for r in results.get(section, {}).get("rows", [])]
         if not rows:
             continue
@@ -372,6 +373,12 @@ def report(results: Dict[str, Any]) -> str:
                 bw, mbu = "-", "-"
             lines.append(f"| {r.bench} | {r.impl} | {st['median']:.3f} | {st['p10']:.3f} | {st['p90']:.3f} | "
                          f"{ratio} | {thr} | {bw} | {mbu} |")
+    mem = results.get("paths", {}).get("memory_per_id")
+    if mem:
+        lines += ["", "Memory per id, one table of {:,} ids, D=64, row-wise Adagrad (rows, state, metadata, IdMap, "
+                  "block slack): ".format(results["paths"]["config"]["ids"])
+                  + ", ".join(f"{k} {mem[k]:.0f} B (row stride {mem[k + '_row_bytes']} B)" for k in ("FP32", "FP16", "BF16"))
+                  + f"; FP16 / FP32 = {mem['FP16'] / mem['FP32']:.2f}."]
     if results.get("plots"):
         lines += ["", "Plots: " + ", ".join(os.path.basename(p) for p in results["plots"])]
     return "\n".join(lines) + "\n"
@@ -415,7 +422,7 @@ def run(mode_name: str, sections: Optional[List[str]] = None, out_dir: str = RES
     mode = MODES[mode_name]
     from recis_torchrec.modules.cuda_table import cuda_tables_available
 
-    want = sections or ["embedding", "hashtable", "features", "loader"] + (["dmp"] if mode["dmp"] else [])
+    want = sections or ["embedding", "hashtable", "features", "loader", "paths"] + (["dmp"] if mode["dmp"] else [])
     if sections is None and cuda_tables_available():
         want.append("gpu")
     if "gpu" in want and not cuda_tables_available():
@@ -438,6 +445,10 @@ def run(mode_name: str, sections: Optional[List[str]] = None, out_dir: str = RES
                 results[section] = features(mode)
             elif section == "loader":
                 results[section] = loader(mode, tmp)
+            elif section == "paths":
+                from benchmarks.bench_paths import paths
+
+                results[section] = paths(mode_name)
             elif section == "dmp":
                 results[section] = dmp(mode)
             elif section == "gpu":
@@ -468,7 +479,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions (a few minutes)")
     g.add_argument("--smoke", action="store_true", help="tiny shapes: checks the suite end to end in seconds")
-    p.add_argument("--only", nargs="*", choices=["embedding", "hashtable", "features", "loader", "dmp", "gpu"],
+    p.add_argument("--only", nargs="*", choices=["embedding", "hashtable", "features", "loader", "paths", "dmp", "gpu"],
                    help="run only these sections")
     p.add_argument("--out", default=RESULTS_DIR, help="where the JSON, report and plots go")
     args = p.parse_args(argv)

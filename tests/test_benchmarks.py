@@ -29,15 +29,17 @@ def test_suite_smoke_writes_report_json_and_plots(tmp_path):
     assert len(json_file) == 1
     results = json.load(open(tmp_path / json_file[0]))
     assert results["memory"]["gb_s"] > 0 and results["machine"]["cores"] >= 1
-    for section in ("embedding", "hashtable", "features", "loader"):
+    for section in ("embedding", "hashtable", "features", "loader", "paths"):
         rows = results[section]["rows"]
         assert rows, section
         for r in rows:
             assert r["samples_ms"] and all(math.isfinite(x) and x > 0 for x in r["samples_ms"]), (section, r["bench"])
         impls = {r["impl"] for r in rows}
-        assert "recis_torchrec" in impls and len(impls) >= 2, section
+        ours = {"recis_fp16", "exported_program"} if section == "paths" else {"recis_torchrec"}
+        assert ours <= impls and len(impls) >= 2, section
     report = open(tmp_path / json_file[0].replace(".json", ".md")).read()
-    for heading in ("## embedding", "## hashtable", "## features", "## loader", "MBU", "fbgemm_tbe"):
+    for heading in ("## embedding", "## hashtable", "## features", "## loader", "## paths", "Memory per id", "MBU",
+                    "fbgemm_tbe"):
         assert heading in report
     pngs = [f for f in files if f.endswith(".png")]
     assert len(pngs) == 4 and all(os.path.getsize(tmp_path / p) > 1000 for p in pngs)

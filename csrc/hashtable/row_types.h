@@ -111,10 +111,22 @@ inline void load_elements(const void* src, RowType t, float* dst, int64_t n) {
     return;
   }
   const uint16_t* s = static_cast<const uint16_t*>(src);
+  int64_t i = 0;
   if (t == RowType::kF16) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) {
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = half_to_float(s[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+#if defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) {
+      const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = bf16_to_float(s[i]);
   }
 }
 
@@ -125,10 +137,17 @@ inline void store_elements(void* dst, RowType t, const float* src, int64_t n) {
     return;
   }
   uint16_t* d = static_cast<uint16_t*>(dst);
+  int64_t i = 0;
   if (t == RowType::kF16) {
-    for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; i < n; ++i) d[i] = float_to_half(src[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+    for (; i < n; ++i) d[i] = float_to_bf16(src[i]);
   }
 }
 

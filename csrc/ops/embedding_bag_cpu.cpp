@@ -629,11 +629,16 @@ inline void apply_update(hashtable::HashTable& table, int64_t r, float* g, const
     hashtable::update_row<kD>(table.row(r), table.state(r), g, D, p, step_size);
     return;
   }
-  thread_local std::vector<float> w;
-  w.resize(static_cast<size_t>(D));
-  table.read_row(r, w.data());
-  hashtable::update_row<kD>(w.data(), table.state(r), g, D, p, step_size);
-  hashtable::store_elements(table.row_bytes(r), table.row_type(), w.data(), D);
+  float fixed[kD > 0 ? kD : 1];
+  thread_local std::vector<float> any;
+  float* w = fixed;
+  if constexpr (kD == 0) {
+    any.resize(static_cast<size_t>(D));
+    w = any.data();
+  }
+  table.read_row(r, w);
+  hashtable::update_row<kD>(w, table.state(r), g, D, p, step_size);
+  hashtable::store_elements(table.row_bytes(r), table.row_type(), w, D);
 }
 
 void check_state_dim(const char* op, const hashtable::HashTable& table, const OptimParams& p, int64_t t) {
