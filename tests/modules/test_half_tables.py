@@ -182,3 +182,23 @@ def test_torchrec_fp16_ebc_converts_with_its_dtype():
     assert ours.tables()["t"].dtype == torch.float16
     kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([2, 2]))
     torch.testing.assert_close(ours(kjt).values(), theirs(kjt).values().float(), atol=1e-3, rtol=1e-3)
+
+
+def test_half_tables_keep_their_dtype_through_dcp(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    ours = module(DataType.FP16)
+    for values, lengths in batches():
+        loss_of(ours(KeyedJaggedTensor(keys=["f"], values=values, lengths=lengths)).values()).backward()
+    dcp.save({"model": ours.state_dict(), "optim": ours.fused_optimizer.state_dict()}, checkpoint_id=str(tmp_path))
+    md = dcp.FileSystemReader(str(tmp_path)).read_metadata()
+    assert md.state_dict_metadata["model.embedding_bags.t.weight"].properties.dtype == torch.float16
+    fresh = module(DataType.FP16)
+    state = {"model": fresh.state_dict(), "optim": fresh.fused_optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=str(tmp_path), planner=checkpoint.DCPLoadPlanner())
+    fresh.load_state_dict(state["model"])
+    fresh.fused_optimizer.load_state_dict(state["optim"])
+    ids = torch.arange(ROWS)
+    assert torch.equal(fresh.tables()["t"].lookup(ids), ours.tables()["t"].lookup(ids))
+    a, b = ours.tables()["t"].export(), fresh.tables()["t"].export()
+    assert torch.equal(a[2][torch.argsort(a[0])], b[2][torch.argsort(b[0])])  # row-wise Adagrad state
