@@ -1,7 +1,7 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """Hash-sharded EBC under DistributedModelParallel: real 2-rank runs (gloo, CPU).
 
-Each rank checks its own results against issue A's unsharded
+Each rank checks its own results against the unsharded
 HashEmbeddingBagCollection, which every rank can compute on the union of the
 ranks' batches. DDP averages the dense gradients over ranks and TorchRec's
 gradient division does the same for the embedding gradients, so the sharded
