@@ -41,16 +41,13 @@ from recis_torchrec.distributed.comm import GroupDistContext, IdsSplitsAwaitable
 from recis_torchrec.modules.hash_embedding_bag import (
     HashTablesMixin,
     OptionsArg,
-    checked_kjt,
-    expand_batch,
-    expand_kjt,
-    import_rows,
     make_table,
     module_device,
     resolve_options,
-    uniform_batch,
 )
 from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.kjt import checked_kjt, expand_batch, expand_kjt, uniform_batch
+from recis_torchrec.modules.state_dict import import_rows
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.modules.state_rows import Owner
 from recis_torchrec.optim.fused import HashFusedOptimizer

@@ -24,17 +24,11 @@ from torchrec.modules.embedding_modules import EmbeddingCollectionInterface, get
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recis_torchrec.modules.hash_embedding_bag import (
-    HashTablesMixin,
-    OptionsArg,
-    build_tables,
-    checked_kjt,
-    explain_kjt,
-    module_device,
-)
-from recis_torchrec.modules.tracing import ForwardRef, hash_forward
+from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin, OptionsArg, build_tables, module_device
 from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.kjt import checked_kjt, explain_kjt
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
+from recis_torchrec.modules.tracing import ForwardRef, hash_forward
 from recis_torchrec.optim.fused import HashFusedOptimizer
 from recis_torchrec.optim.in_backward import table_optimizers
 

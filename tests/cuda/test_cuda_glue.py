@@ -21,7 +21,7 @@ from torchrec.modules.embedding_configs import PoolingType
 import recis_torchrec as rt
 from recis_torchrec import ops
 from recis_torchrec.modules.cuda_table import CudaLookupGroup, CudaLookupPlan
-from recis_torchrec.modules.hash_embedding_bag import checked_kjt
+from recis_torchrec.modules.kjt import checked_kjt
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.testing import random_kjt
 
