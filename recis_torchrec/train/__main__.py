@@ -16,6 +16,7 @@ The config (TOML) has these sections; every error names the key it is about.
 """
 
 import argparse
+import gc
 import os
 import sys
 from typing import List, Optional
@@ -118,6 +119,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             trainer.fit()
         trainer.close()
+        del trainer, run  # freed now, while the process group is alive (see Trainer.close)
+        gc.collect()
         if dist.is_initialized():
             # Every rank is done with its collectives before any tears the group down: a rank
             # destroying its gloo pairs while a peer still reads them makes the peer fail.

@@ -12,6 +12,7 @@ with the loader position and RNG state, and resumes exactly.
 """
 
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -591,11 +592,21 @@ class Trainer:
         return results
 
     def close(self) -> None:
+        """Ends the run: stops the data threads, closes the logs, and frees the distributed
+        objects (DMP, DDP's reducer, the pipeline) while the process group is alive. Freed only at
+        interpreter exit, after the group is destroyed, gloo's objects can be destroyed after the
+        runtime they need and the process aborts ("terminate called without an active exception")."""
+        self._drain_pipeline()
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        self.pipeline = None
+        self.optimizer = None
+        self.model = None
+        gc.collect()
 
 
 def summary_line(summary: Dict[str, Any], world_size: int = 1) -> str:

@@ -43,6 +43,8 @@ def main() -> None:
     )
     trainer.fit()
     trainer.close()
+    del trainer, run
+    dist.barrier()
     dist.destroy_process_group()
 
 
