@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
+from recis_torchrec.ops import hash_string
+
 MAX_INT = 2**63 - 1
 
 
@@ -25,8 +27,6 @@ class FeatureSpecError(ValueError):
 
 def _salt_of(name: str) -> int:
     """The salt `hash(salt=True)` derives from a feature's name: its XXH64, in [0, 2**63)."""
-    from recis_torchrec.io import hash_string
-
     return hash_string(name) & MAX_INT
 
 

@@ -27,17 +27,6 @@ class ColumnError(ValueError):
     """A column that is missing, or of a type the schema cannot use; names the file and the column."""
 
 
-def hash_string(s: str, seed: int = 0) -> int:
-    """The int64 id of a string id: XXH64 (``seed``) of its UTF-8 bytes, as a signed int64.
-
-    This is the one string hash of the project; the loader and the feature
-    engine both use it.
-    """
-    b = s.encode("utf-8")
-    data = torch.tensor(list(b), dtype=torch.uint8)
-    return int(ops.hash_strings(data, torch.tensor([0, len(b)], dtype=torch.int64), _seed(seed))[0])
-
-
 def _seed(seed: int) -> int:
     return seed - 2**64 if seed >= 2**63 else seed
 
@@ -111,7 +100,7 @@ def sparse_column(col: pa.Array, column: str, where: str, schema: Schema) -> Spa
             "(or lists of them)"
         )
     if default is not None:
-        default_id = default if isinstance(default, int) else hash_string(str(default), schema.hash_seed)
+        default_id = default if isinstance(default, int) else ops.hash_string(str(default), schema.hash_seed)
     if not is_list:
         if col.null_count == 0:
             ones = torch.ones(len(col), dtype=torch.int64)

@@ -26,7 +26,7 @@ from recis_torchrec.ops.features import (
 )
 from recis_torchrec.ops.hashtable import find, find_or_insert, table_export, table_import
 from recis_torchrec.ops.sharding import Buckets, bucketize_dedup, owner_of
-from recis_torchrec.ops.strings import arrow_dense, arrow_scalar_ids, hash_strings
+from recis_torchrec.ops.strings import arrow_dense, arrow_scalar_ids, hash_string, hash_strings
 
 __all__ = [
     "arrow_dense",
@@ -45,6 +45,7 @@ __all__ = [
     "feature_truncate",
     "find",
     "find_or_insert",
+    "hash_string",
     "hash_strings",
     "lookup_pooled_forward",
     "pooled_backward",

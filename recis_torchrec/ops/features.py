@@ -13,7 +13,7 @@ and moduli are in [0, 2**63).
 
 - ``hash``: XXH64 of the id's 8 little-endian bytes, seeded with the
   feature's salt (salt 0 for none), then the modulus. String ids hashed by the
-  loader (:func:`recis_torchrec.io.hash_string`) use the same function over
+  loader (:func:`recis_torchrec.ops.hash_string`) use the same function over
   the UTF-8 bytes, so all of the project's hashes are one family.
 - ``multi_hash``: ``num_hashes`` independent hashes of every id, output
   ``g * num_hashes + r`` holding hash r of feature g, seeded

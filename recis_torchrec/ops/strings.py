@@ -6,6 +6,16 @@ import torch
 from recis_torchrec import _ext  # noqa: F401  (registers torch.ops.recis)
 
 
+def hash_string(s: str, seed: int = 0) -> int:
+    """The int64 id of a string id: XXH64 (``seed``, taken mod 2**64) of its UTF-8 bytes, as a
+    signed int64. This is the one string hash of the project; the loader and the feature engine
+    both use it."""
+    b = s.encode("utf-8")
+    data = torch.tensor(list(b), dtype=torch.uint8)
+    seed = seed - 2**64 if seed >= 2**63 else seed
+    return int(hash_strings(data, torch.tensor([0, len(b)], dtype=torch.int64), seed)[0])
+
+
 def hash_strings(data: torch.Tensor, offsets: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """XXH64 (``seed``) of strings in Arrow's layout, as int64.
 
