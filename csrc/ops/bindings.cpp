@@ -155,5 +155,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("import_pending", &recis::py_import_pending, py::arg("handle"), py::arg("ids"), py::arg("counts"));
   m.def("release_table", &recis::release_table, py::arg("handle"));
   m.def("table_info", &recis::py_table_info, py::arg("handle"));
-  m.def("live_tables", &recis::live_tables);
 }

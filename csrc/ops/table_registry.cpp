@@ -44,12 +44,6 @@ TablePtr get_table(int64_t handle, const char* op) {
   return it->second;
 }
 
-int64_t live_tables() {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> g(r.mutex);
-  return static_cast<int64_t>(r.tables.size());
-}
-
 TableLocks::TableLocks(const std::vector<TablePtr>& tables, bool exclusive) : exclusive_(exclusive) {
   for (const auto& t : tables) locked_.push_back(t.get());
   std::sort(locked_.begin(), locked_.end());

@@ -45,7 +45,6 @@ int64_t create_table(const hashtable::HashTableConfig& cfg);
 void release_table(int64_t handle);
 // Throws a c10::Error naming the handle if it is unknown or released.
 TablePtr get_table(int64_t handle, const char* op);
-int64_t live_tables();
 
 // Locks a set of tables (each once, in handle order, so no two ops can
 // deadlock) for reading or writing.

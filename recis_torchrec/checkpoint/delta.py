@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from recis_torchrec.checkpoint.files import (
+    broadcast_object,
+    gather_objects,
     CheckpointError,
     all_ok,
     barrier,
@@ -31,10 +33,8 @@ from recis_torchrec.checkpoint.files import (
 )
 from recis_torchrec.checkpoint.saver import (
     FORMAT_VERSION,
-    _broadcast,
-    _gather,
-    _owned,
-    _safe,
+    owned_mask,
+    safe_key,
     apply_table,
     resolve,
     stage_table,
@@ -66,7 +66,7 @@ def export_delta(
     check_supported(model)
     rank, world = rank_and_world()
     per_table = _since_per_table(since_step)
-    tmp = _broadcast(f"{path}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    tmp = broadcast_object(f"{path}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
     if rank == 0:
         os.makedirs(tmp)
     barrier()
@@ -78,11 +78,11 @@ def export_delta(
         since = per_table.get(ref.key, since_step if isinstance(since_step, int) else 0)
         entries = write_table_files(tmp, ref, rank, max_file_bytes, since=since)
         evicted, at = ref.table.evicted_since(since)
-        table_dir = os.path.join(tmp, "tables", _safe(ref.key))
+        table_dir = os.path.join(tmp, "tables", safe_key(ref.key))
         ev = write_tensors(os.path.join(table_dir, f"rank{rank}-evicted.safetensors"), {"ids": evicted, "steps": at})
         ev["file"] = os.path.relpath(os.path.join(table_dir, f"rank{rank}-evicted.safetensors"), tmp)
         files += [dict(e, table=ref.key) for e in entries] + [dict(ev, table=ref.key, evicted=True, rank=rank)]
-    gathered = _gather(files)
+    gathered = gather_objects(files)
     if rank == 0:
         tables = {ref.key: dict(table_config(ref), since=per_table.get(ref.key, since_step), files=[], evicted=[])
                   for ref in refs}
@@ -118,7 +118,7 @@ def apply_delta(path: str, model: nn.Module) -> None:
             staged[ref.key] = stage_table(path, ref, entry, rank, world)
             ids = [read_tensors(path, e)["ids"] for e in entry["evicted"]]
             ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64)
-            dropped[ref.key] = ids[_owned(ref, ids, rank, world)]
+            dropped[ref.key] = ids[owned_mask(ref, ids, rank, world)]
     except (CheckpointError, OSError, KeyError, ValueError) as e:
         error = str(e) if isinstance(e, CheckpointError) else f"{path}: {type(e).__name__}: {e}"
     all_ok(not error, error)

@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from recis_torchrec import ops
+from recis_torchrec.distributed.embeddingbag import ShardedTablesMixin
+from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin
 from recis_torchrec.modules.hash_table import HashTable
 
 
@@ -176,13 +178,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def hash_tables(model: nn.Module) -> List[TableRef]:
     """Every hash table in the model, in module order (a table shared by an EBC and an EC once, under the EBC)."""
-    from recis_torchrec.distributed.embeddingbag import ShardedTablesMixin
-    from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin
-
     refs = []
     for path, m in unwrap(model).named_modules():
         if isinstance(m, HashTablesMixin):
-            optim = m._optim
+            optim = m.hash_optimizer
             for name, table in m.tables().items():
                 refs.append(
                     TableRef(
@@ -200,8 +199,6 @@ def hash_tables(model: nn.Module) -> List[TableRef]:
 def check_supported(model: nn.Module) -> None:
     """TorchRec-sharded tables are not ours to checkpoint: say so instead of skipping them."""
     from torchrec.distributed.types import ShardedModule
-
-    from recis_torchrec.distributed.embeddingbag import ShardedTablesMixin
 
     for path, m in unwrap(model).named_modules():
         if isinstance(m, ShardedTablesMixin):
@@ -256,3 +253,21 @@ def all_ok(ok: bool, message: str) -> None:
             raise CheckpointError("; ".join(f"rank {r}: {m}" for r, m in bad))
     elif not ok:
         raise CheckpointError(message)
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def gather_objects(obj) -> List:
+    """Every rank's ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

@@ -38,6 +38,8 @@ from torch import nn
 from recis_torchrec import ops
 from recis_torchrec.checkpoint.files import (
     CheckpointError,
+    broadcast_object,
+    gather_objects,
     TableRef,
     all_ok,
     barrier,
@@ -50,7 +52,7 @@ from recis_torchrec.checkpoint.files import (
     write_json,
     write_tensors,
 )
-from recis_torchrec.optim.fused import _STATE_SLOTS
+from recis_torchrec.optim.fused import STATE_SLOTS
 
 FORMAT_VERSION = 1
 META_COLUMNS = ("last_seen", "last_update", "freq")
@@ -62,7 +64,7 @@ def _step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:010d}-{time.time_ns():x}")
 
 
-def _safe(key: str) -> str:
+def safe_key(key: str) -> str:
     return key.replace("/", "__")
 
 
@@ -91,26 +93,10 @@ def resolve(path: str) -> str:
     return found[-1][1]
 
 
-def _broadcast(obj):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _gather(obj) -> List:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
 def _slot_tensors(ref: TableRef, state: torch.Tensor) -> Dict[str, torch.Tensor]:
     dim = ref.table.dim
     out = {}
-    for slot, offset, width in _STATE_SLOTS[ref.optimizer_code]:
+    for slot, offset, width in STATE_SLOTS[ref.optimizer_code]:
         if width is None:
             out[slot] = state[:, offset * dim]
         else:
@@ -123,7 +109,7 @@ def _state_from_slots(ref: TableRef, tensors: Dict[str, torch.Tensor], n: int) -
         return None
     dim = ref.table.dim
     state = torch.zeros(n, ref.table.state_dim)
-    for slot, offset, width in _STATE_SLOTS[ref.optimizer_code]:
+    for slot, offset, width in STATE_SLOTS[ref.optimizer_code]:
         if width is None:
             state[:, offset * dim] = tensors[slot]
         else:
@@ -135,7 +121,7 @@ def write_table_files(
     directory: str, ref: TableRef, rank: int, max_file_bytes: int, since: int = -1, durable: bool = True
 ) -> List[Dict[str, Any]]:
     """Writes this rank's rows of a table (updated after `since`); returns the index entries."""
-    table_dir = os.path.join(directory, "tables", _safe(ref.key))
+    table_dir = os.path.join(directory, "tables", safe_key(ref.key))
     os.makedirs(table_dir, exist_ok=True)
     from recis_torchrec._ext import C
 
@@ -237,8 +223,8 @@ def save(
     check_supported(model)
     rank, world = rank_and_world()
     t0 = time.perf_counter()
-    final = _broadcast(_step_dir(path, step) if rank == 0 else None)
-    tmp = _broadcast(f"{final}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    final = broadcast_object(_step_dir(path, step) if rank == 0 else None)
+    tmp = broadcast_object(f"{final}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
     if rank == 0:
         os.makedirs(tmp, exist_ok=True)
     barrier()
@@ -263,7 +249,7 @@ def save(
             tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
             opt_entry = write_tensors(os.path.join(tmp, "optimizer.safetensors"), tensors, durable=durable)
     written = sum(e["bytes"] for e in files)
-    gathered = _gather((files, steps, loader_file, written))
+    gathered = gather_objects((files, steps, loader_file, written))
 
     if rank == 0:
         tables: Dict[str, Any] = {}
@@ -321,7 +307,7 @@ def _selected(refs: List[TableRef], include: Optional[Iterable[str]], exclude: O
     return out
 
 
-def _owned(ref: TableRef, ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+def owned_mask(ref: TableRef, ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     if not ref.sharded or world == 1:
         return torch.ones(ids.numel(), dtype=torch.bool)
     return ops.owner_of(ids, world) == rank
@@ -353,13 +339,13 @@ def stage_table(
         if "ids" not in tensors or tensors["ids"].numel() != f["rows"]:
             raise CheckpointError(f"{os.path.join(directory, f['file'])}: holds no ids or not the {f['rows']} rows listed")
         everything = not ref.sharded or world == 1 or same_layout
-        keep = None if everything else _owned(ref, tensors["ids"], rank, world)
+        keep = None if everything else owned_mask(ref, tensors["ids"], rank, world)
         for name, t in tensors.items():
             if name.startswith("pending_"):
                 continue
             parts.setdefault(name, []).append(t if keep is None else t[keep])
         if "pending_ids" in tensors:
-            pk = _owned(ref, tensors["pending_ids"], rank, world)
+            pk = owned_mask(ref, tensors["pending_ids"], rank, world)
             parts.setdefault("pending_ids", []).append(tensors["pending_ids"][pk])
             parts.setdefault("pending_counts", []).append(tensors["pending_counts"][pk])
     # Parts stay separate (no concatenating copy); apply_table imports them one by one.

@@ -37,7 +37,7 @@ class SharedTables:
             )
         if not holders:
             return None
-        return holders[0].tables()[name], holders[0]._optim
+        return holders[0].tables()[name], holders[0].hash_optimizer
 
 
 def _split_plan(
@@ -81,9 +81,9 @@ def _check_hash_params(where: str, tables: Dict[str, Any], params: Dict[str, Par
     if device is not None and torch.device(device).type not in ("cpu", "cuda"):
         raise NotImplementedError(f"{where}: hash sharding runs on CPU (gloo) or CUDA (NCCL), got device {device}")
     if device is not None and torch.device(device).type == "cuda":
-        from recis_torchrec.modules.cuda_table import _require_cuda
+        from recis_torchrec.modules.cuda_table import require_cuda
 
-        _require_cuda(f"{where}: hash sharding on {device}")
+        require_cuda(f"{where}: hash sharding on {device}")
     for name, p in hash_params.items():
         if p.ranks is not None and len(p.ranks) != env.world_size:
             raise ValueError(

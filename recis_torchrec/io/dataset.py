@@ -269,11 +269,11 @@ class ColumnarDataset:
         stream = self._stream(epoch, start)
         if self.prefetch > 0:
             # Decode the next units while this thread cuts and converts batches.
-            stream = _Prefetcher(stream, 2)
+            stream = Prefetcher(stream, 2)
         try:
             yield from self._cut(stream, sizes, k, epoch)
         finally:
-            if isinstance(stream, _Prefetcher):
+            if isinstance(stream, Prefetcher):
                 stream.close()
 
     def _cut(self, stream: Iterator[pa.Table], sizes: List[int], k: int, epoch: int) -> Iterator[Tuple[int, Batch]]:
@@ -315,7 +315,7 @@ class ColumnarDataset:
         epoch = self._epoch
         source = self._batches(epoch, self._batches_done)
         if self.prefetch > 0:
-            source = _Prefetcher(source, self.prefetch)
+            source = Prefetcher(source, self.prefetch)
         try:
             for k, batch in source:
                 if self.device is not None:
@@ -323,7 +323,7 @@ class ColumnarDataset:
                 self._batches_done = k + 1
                 yield batch
         finally:
-            if isinstance(source, _Prefetcher):
+            if isinstance(source, Prefetcher):
                 source.close()
 
     def set_epoch(self, epoch: int) -> None:
@@ -366,7 +366,7 @@ class ColumnarDataset:
         self._batches_done = int(state["batches_done"])
 
 
-class _Prefetcher:
+class Prefetcher:
     """Runs a generator in a background thread, `depth` items ahead."""
 
     _DONE = object()

@@ -32,7 +32,7 @@ def cuda_tables_available() -> bool:
     return torch.cuda.is_available() and hasattr(torch.ops.recis, "gpu_table_create")
 
 
-def _require_cuda(what: str) -> None:
+def require_cuda(what: str) -> None:
     if not hasattr(torch.ops.recis, "gpu_table_create"):
         raise NotImplementedError(
             f"{what}: this build of recis_torchrec has no CUDA tables; rebuild with RECIS_CUDA=1 "
@@ -63,7 +63,7 @@ class CudaHashTable:
         init_range: Tuple[float, float] = (-0.01, 0.01),
         device: Optional[torch.device] = None,
     ) -> None:
-        _require_cuda(f"CudaHashTable {name!r}")
+        require_cuda(f"CudaHashTable {name!r}")
         options = options or HashTableOptions()
         if dim <= 0:
             raise ValueError(f"CudaHashTable {name!r}: dim must be > 0, got {dim}")

@@ -74,9 +74,9 @@ def module_device(device: Optional[Any], who: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "meta"):
         raise NotImplementedError(f"{who}: device {device} is not supported; use 'cpu', 'cuda' or 'meta'")
     if device.type == "cuda":
-        from recis_torchrec.modules.cuda_table import _require_cuda
+        from recis_torchrec.modules.cuda_table import require_cuda
 
-        _require_cuda(who)
+        require_cuda(who)
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -164,6 +164,12 @@ class HashTablesMixin:
 
     @property
     def fused_optimizer(self) -> HashFusedOptimizer:
+        return self._optim
+
+    @property
+    def hash_optimizer(self) -> HashFusedOptimizer:
+        """The fused optimizer of this module's hash tables (``fused_optimizer`` of a mixed plan's
+        sharded module also holds TorchRec's)."""
         return self._optim
 
     def __prepare_scriptable__(self) -> "HashTablesMixin":

@@ -2,7 +2,6 @@
 """``HashTable``: the Python owner of one C++ dynamic table."""
 
 import hashlib
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -234,9 +233,3 @@ class HashTable:
         new.__setstate__(self.__getstate__())
         memo[id(self)] = new
         return new
-
-
-def default_init_range(num_embeddings: int) -> Tuple[float, float]:
-    """TorchRec's default uniform bounds, -/+ sqrt(1 / num_embeddings)."""
-    bound = math.sqrt(1.0 / max(num_embeddings, 1))
-    return (-bound, bound)

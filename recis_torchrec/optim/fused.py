@@ -41,7 +41,7 @@ _WD_MODES = {WeightDecayMode.NONE: 0, WeightDecayMode.L2: 1, WeightDecayMode.DEC
 # State slots per optimizer, named as TorchRec names FBGEMM's (the first is
 # always "momentum1"), with (offset, width) in the row's state in units of dim
 # (None = one float per row).
-_STATE_SLOTS = {
+STATE_SLOTS = {
     OPTIM_SGD: [],
     OPTIM_ADAGRAD: [("momentum1", 0, 1)],
     OPTIM_ROWWISE_ADAGRAD: [("momentum1", 0, None)],
@@ -252,7 +252,7 @@ class HashFusedOptimizer(FusedOptimizer):
             params[f"{name}.weight"] = placeholder
             slots: Dict[str, Any] = {
                 f"{name}.{slot}": _TableStateSlot(table, offset, width, self)
-                for slot, offset, width in _STATE_SLOTS[cfg.code]
+                for slot, offset, width in STATE_SLOTS[cfg.code]
             }
             slots[f"{name}.step"] = self._steps[name]
             state[placeholder] = slots

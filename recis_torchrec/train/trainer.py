@@ -29,6 +29,8 @@ from torchmetrics.classification import BinaryAUROC
 import recis_torchrec as rt
 from recis_torchrec import checkpoint
 from recis_torchrec.checkpoint.files import hash_tables, rank_and_world
+from recis_torchrec.datasets.synthetic import SyntheticClicks
+from recis_torchrec.io.dataset import ColumnarDataset, Prefetcher
 from recis_torchrec.train.args import Task, TrainingArguments
 
 
@@ -128,15 +130,10 @@ class BatchStream:
             return False
 
     def iter_from(self, k: int) -> Iterator[Any]:
-        from recis_torchrec.datasets.synthetic import SyntheticClicks
-        from recis_torchrec.io.dataset import ColumnarDataset
-
         src = self.source
         if isinstance(src, SyntheticClicks):
-            from recis_torchrec.io.dataset import _Prefetcher
-
             # Generated in a background thread (numpy releases the GIL), like the loader's batches.
-            return _Prefetcher((src.batch(i) for i in itertools.count(k)), depth=4)
+            return Prefetcher((src.batch(i) for i in itertools.count(k)), depth=4)
         if isinstance(src, ColumnarDataset):
             n = len(src)
             src.seek(k // n, k % n)

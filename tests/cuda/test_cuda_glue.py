@@ -91,7 +91,7 @@ def test_cuda_lookup_glue_equals_the_cpu_module(kernels, pooling, weighted):
     torch.manual_seed(0)
     reference = rt.HashEmbeddingBagCollection(configs(pooling), is_weighted=weighted, fused_params=FUSED)
     module = rt.HashEmbeddingBagCollection(configs(pooling), is_weighted=weighted, fused_params=FUSED)
-    group = CudaLookupGroup([_CpuBehindCuda(t) for t in module._table_list], module._optim)
+    group = CudaLookupGroup([_CpuBehindCuda(t) for t in module._table_list], module.hash_optimizer)
     for step in range(5):
         kjt = random_kjt(KEYS, 5, 4, num_ids=30, weighted=weighted, seed=step)
         want = reference(kjt).values()

@@ -107,7 +107,7 @@ def _worker(rank: int, world_size: int, mixed: bool) -> None:
     )
     sharded = [m for m in ours.modules() if type(m).__name__ == "ShardedHashEmbeddingBagCollection"]
     assert len(sharded) == 1
-    config = sharded[0]._optim.config
+    config = sharded[0].hash_optimizer.config
     assert config.optimizer.name == "EXACT_ROWWISE_ADAGRAD" and config.learning_rate == LR, config
     # Start from TorchRec's initial rows (ids below num_embeddings; each rank keeps its own ids).
     ours.load_state_dict(start, strict=False)

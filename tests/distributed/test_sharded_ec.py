@@ -282,7 +282,7 @@ def _in_backward_worker(rank: int, world_size: int) -> None:
         apply_optimizer_in_backward(torch.optim.Adam, model.ec.parameters(), {"lr": 0.05, "eps": 1e-6})
     dmp = DistributedModelParallel(model, sharders=rt.sharders(), plan=rt.plan(model, world_size))
     sharded = next(m for m in dmp.modules() if type(m).__name__ == "ShardedHashEmbeddingCollection")
-    assert sharded._optim.config == parse_fused_params(FUSED), sharded._optim.config
+    assert sharded.hash_optimizer.config == parse_fused_params(FUSED), sharded.hash_optimizer.config
     # Given both ways with different learning rates, the sharder refuses.
     torch.manual_seed(0)
     model = SeqTower()
