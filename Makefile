@@ -36,6 +36,7 @@ train: setup
 		--output-dir $(RUN) $(if $(DATA),--data $(DATA)) $(if $(EVAL),--eval-data $(EVAL))
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: setup

@@ -10,7 +10,6 @@
 """
 
 import argparse
-import copy
 import statistics
 from typing import Any, Dict, List, Optional
 

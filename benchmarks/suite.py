@@ -225,7 +225,7 @@ def hashtable(mode: Dict[str, Any]) -> Dict[str, Any]:
                 times.append((time.perf_counter() - t0) * 1e3)
             rows.append(Row("hashtable", f"find_or_insert (half new) | {bench}", "recis_torchrec", times,
                             "recis_torchrec", 16 * queries, queries, "keys", threads))
-            del table, keys, sorted_keys
+            table = keys = sorted_keys = None  # free them before the next size (the closures read them)
     return {"rows": rows}
 
 

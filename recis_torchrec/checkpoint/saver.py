@@ -24,7 +24,6 @@ any world size, sharded or not.
 
 import fnmatch
 import json
-import math
 import os
 import shutil
 import time
@@ -32,7 +31,6 @@ import uuid
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from recis_torchrec import ops

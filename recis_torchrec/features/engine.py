@@ -21,7 +21,6 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recis_torchrec.features.spec import (
-    Bucketize,
     Cross,
     Feature,
     FeatureSpecError,

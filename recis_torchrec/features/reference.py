@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recis_torchrec.features.spec import Bucketize, Cross, Feature, Hash, Mod, MultiHash, Spec, Truncate
+from recis_torchrec.features.spec import Cross, Hash, Mod, MultiHash, Spec, Truncate
 
 _M64 = 2**64
 

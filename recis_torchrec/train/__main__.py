@@ -17,7 +17,6 @@ The config (TOML) has these sections; every error names the key it is about.
 
 import argparse
 import gc
-import os
 import sys
 from typing import List, Optional
 

@@ -1,7 +1,6 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """Checkpoints: exact resume, resharding between world sizes, crash safety, errors, deltas."""
 
-import copy
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import time
 import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec import KeyedJaggedTensor
 
 import recis_torchrec as rt
 from recis_torchrec import checkpoint

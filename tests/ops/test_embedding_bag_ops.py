@@ -1,7 +1,6 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """pooled_forward / pooled_backward / sparse_update against plain-PyTorch references."""
 
-import math
 
 import pytest
 import torch
