@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../hashtable/constants.h"
 #include "../hashtable/initializer.h"
 #include "../hashtable/optimizers.h"
 
@@ -56,9 +57,9 @@ struct GpuTableConfig {
   int device = 0;
 };
 
-// Pooling modes, as the CPU ops number them.
-constexpr int kPoolSum = 0;
-constexpr int kPoolMean = 1;
+// Pooling modes (hashtable/constants.h), as the CPU ops number them.
+constexpr int kPoolSum = static_cast<int>(hashtable::PoolingMode::kSum);
+constexpr int kPoolMean = static_cast<int>(hashtable::PoolingMode::kMean);
 
 class GpuHashTable {
  public:

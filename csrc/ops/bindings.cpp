@@ -5,6 +5,8 @@
 // describe tables.
 #include <torch/extension.h>
 
+#include "../hashtable/constants.h"
+#include "../hashtable/optimizers.h"
 #include "checks.h"
 #include "table_registry.h"
 
@@ -135,6 +137,41 @@ void py_import_pending(int64_t handle, const at::Tensor& ids, const at::Tensor& 
   entry->table.import_pending(i.data_ptr<int64_t>(), c.data_ptr<int64_t>(), i.numel());
 }
 
+// Every enum Python needs, by name, from the C++ definitions (recis_torchrec/ops/constants.py).
+py::dict py_constants() {
+  using namespace hashtable;
+  auto code = [](auto e) { return static_cast<int64_t>(e); };
+  py::dict init, policy, pooling, optimizer, wd, row;
+  init["uniform"] = code(InitKind::kUniform);
+  init["normal"] = code(InitKind::kNormal);
+  init["truncated_normal"] = code(InitKind::kTruncatedNormal);
+  init["constant"] = code(InitKind::kConstant);
+  policy["none"] = code(EvictionPolicy::kNone);
+  policy["lru"] = code(EvictionPolicy::kLRU);
+  policy["lfu"] = code(EvictionPolicy::kLFU);
+  pooling["sum"] = code(PoolingMode::kSum);
+  pooling["mean"] = code(PoolingMode::kMean);
+  optimizer["sgd"] = code(OptimType::kSGD);
+  optimizer["adagrad"] = code(OptimType::kAdagrad);
+  optimizer["rowwise_adagrad"] = code(OptimType::kRowWiseAdagrad);
+  optimizer["adam"] = code(OptimType::kAdam);
+  wd["none"] = code(WeightDecayMode::kNone);
+  wd["l2"] = code(WeightDecayMode::kL2);
+  wd["decoupled"] = code(WeightDecayMode::kDecoupled);
+  row["float32"] = code(RowType::kF32);
+  row["float16"] = code(RowType::kF16);
+  row["bfloat16"] = code(RowType::kBF16);
+  py::dict d;
+  d["init_kind"] = init;
+  d["eviction_policy"] = policy;
+  d["pooling"] = pooling;
+  d["optimizer"] = optimizer;
+  d["weight_decay_mode"] = wd;
+  d["row_type"] = row;
+  d["row_meta_columns"] = kRowMetaColumns;
+  return d;
+}
+
 }  // namespace
 }  // namespace recis
 
@@ -150,6 +187,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("evict_stale", &recis::py_evict_stale, py::arg("handle"), py::arg("clock"));
   m.def("erase", &recis::py_erase, py::arg("handle"), py::arg("ids"), py::arg("clock"));
   m.def("evicted_since", &recis::py_evicted_since, py::arg("handle"), py::arg("since"));
+  m.def("constants", &recis::py_constants);
   m.def("restart_eviction_log", &recis::py_restart_eviction_log, py::arg("handle"), py::arg("clock"));
   m.def("export_pending", &recis::py_export_pending, py::arg("handle"));
   m.def("import_pending", &recis::py_import_pending, py::arg("handle"), py::arg("ids"), py::arg("counts"));

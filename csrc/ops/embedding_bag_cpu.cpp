@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../hashtable/constants.h"
 #include "../hashtable/optimizers.h"
 #include "checks.h"
 #include "radix_sort.h"
@@ -27,6 +28,8 @@ namespace {
 using hashtable::OptimParams;
 using hashtable::OptimType;
 using hashtable::WeightDecayMode;
+constexpr int64_t kSum = static_cast<int64_t>(hashtable::PoolingMode::kSum);
+constexpr int64_t kMean = static_cast<int64_t>(hashtable::PoolingMode::kMean);
 
 // Rows prefetched ahead in the pooled forward (tuned on the DESIGN.md shape: 10-16
 // is best for both uniform and Zipf ids).
@@ -178,7 +181,7 @@ BagLayout make_layout(const char* op, const at::Tensor& rows, const at::Tensor& 
     TORCH_CHECK(t >= -1 && t < num_tables, op, ": feature index ", f, " names table ", t, " but there are ",
                 num_tables, " tables");
     if (t < 0) continue;
-    TORCH_CHECK(l.mode[f] == 0 || l.mode[f] == 1, op, ": feature index ", f, " has pooling mode ", l.mode[f],
+    TORCH_CHECK(l.mode[f] == kSum || l.mode[f] == kMean, op, ": feature index ", f, " has pooling mode ", l.mode[f],
                 " (0 = sum, 1 = mean)");
     TORCH_CHECK(l.col[f] >= 0 && l.col[f] + dims[t] <= out_dim, op, ": feature index ", f, " writes columns [",
                 l.col[f], ", ", l.col[f] + dims[t], ") outside the output's ", out_dim, " columns");
@@ -333,7 +336,7 @@ int64_t pool_range(const BagLayout& l, const std::vector<TablePtr>& tables, cons
         for (; q < tile_end; ++q) {
           pool_bag<decltype(kd)::value, decltype(elem)>(o + (q % B) * out_dim + l.col[f], dims[t], table, t, row,
                                                         key, l.weights, l.bag_begin(q), l.bag_end(q), feature_end,
-                                                        l.mode[f] == 1, init_buf);
+                                                        l.mode[f] == kMean, init_buf);
         }
       });
     });
@@ -470,7 +473,7 @@ RowGroups group_rows(const char* op, const BagLayout& l, const int64_t* row, int
         for (int64_t b = 0; b < B; ++b) {
           const int64_t q = f * B + b;
           const int64_t s = l.bag_begin(q), e = l.bag_end(q);
-          const float bag_scale = l.mode[f] == 1 ? 1.0f / static_cast<float>(e - s) : 1.0f;
+          const float bag_scale = l.mode[f] == kMean ? 1.0f / static_cast<float>(e - s) : 1.0f;
           const int64_t off = b * out_dim + l.col[f];
           for (int64_t i = s; i < e; ++i) {
             const int64_t r = row[i];
@@ -766,7 +769,7 @@ at::Tensor pooled_weight_grad_cpu(at::IntArrayRef handles, const at::Tensor& gra
       const auto& table = tables[t]->table;
       const int64_t D = dims[t], limit = table.row_limit();
       const int64_t s = l.bag_begin(q), e = l.bag_end(q);
-      const float scale = l.mode[f] == 1 && e > s ? 1.0f / static_cast<float>(e - s) : 1.0f;
+      const float scale = l.mode[f] == kMean && e > s ? 1.0f / static_cast<float>(e - s) : 1.0f;
       const float* gb = g + b * out_dim + l.col[f];
       for (int64_t i = s; i < e; ++i) {
         const int64_t r = row[i];

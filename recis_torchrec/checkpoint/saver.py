@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from recis_torchrec import ops
+from recis_torchrec.ops.constants import ROW_META_COLUMNS
 from recis_torchrec.checkpoint.files import (
     CheckpointError,
     broadcast_object,
@@ -54,6 +55,7 @@ from recis_torchrec.optim.fused import STATE_SLOTS
 
 FORMAT_VERSION = 1
 META_COLUMNS = ("last_seen", "last_update", "freq")
+assert len(META_COLUMNS) == ROW_META_COLUMNS, "csrc/hashtable/constants.h changed the row metadata"
 
 
 def _step_dir(root: str, step: int) -> str:

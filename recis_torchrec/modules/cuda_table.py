@@ -23,8 +23,7 @@ import torch
 from recis_torchrec import _ext  # noqa: F401  (registers torch.ops.recis)
 from recis_torchrec.modules.hash_table import table_parameters
 from recis_torchrec.modules.options import HashTableOptions
-
-POOLING_SUM, POOLING_MEAN = 0, 1
+from recis_torchrec.ops.constants import POOLING_MEAN, POOLING_SUM  # noqa: F401
 
 
 def cuda_tables_available() -> bool:

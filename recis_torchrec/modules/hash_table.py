@@ -7,6 +7,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from recis_torchrec import ops
+from recis_torchrec.ops import constants
 from recis_torchrec._ext import C
 from recis_torchrec.modules.options import HashTableOptions
 
@@ -15,7 +16,7 @@ from recis_torchrec.modules.options import HashTableOptions
 HINT_CAPACITY_CAP = 1 << 20
 
 # Row element dtypes and their C++ RowType codes (csrc/hashtable/row_types.h).
-ROW_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ROW_TYPES = {getattr(torch, name): code for name, code in constants.ROW_TYPES.items()}
 
 
 def stable_name_hash(name: str) -> int:

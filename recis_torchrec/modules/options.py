@@ -5,11 +5,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-INITIALIZERS = ("uniform", "normal", "truncated_normal", "constant")
-EVICTION_POLICIES = ("none", "lru", "lfu")
+from recis_torchrec.ops.constants import EVICTION_POLICIES as POLICY_CODES
+from recis_torchrec.ops.constants import INIT_KINDS
 
-# The C++ InitKind codes (csrc/hashtable/initializer.h).
-_INIT_KIND = {"uniform": 0, "normal": 1, "truncated_normal": 2, "constant": 3}
+# Names as the options take them; their codes are C++'s (ops.constants).
+INITIALIZERS = tuple(INIT_KINDS)
+EVICTION_POLICIES = tuple(POLICY_CODES)
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ class HashTableOptions:
         return cls(**d)
 
     def init_kind(self) -> int:
-        return _INIT_KIND[self.initializer]
+        return INIT_KINDS[self.initializer]
 
     def policy_code(self) -> int:
         """The C++ EvictionPolicy code."""
-        return {"none": 0, "lru": 1, "lfu": 2}[self.eviction_policy]
+        return POLICY_CODES[self.eviction_policy]

@@ -16,8 +16,7 @@ import torch
 from recis_torchrec import _ext  # noqa: F401  (registers torch.ops.recis)
 from recis_torchrec.ops.hashtable import TableRef, _handle
 
-POOLING_SUM = 0
-POOLING_MEAN = 1
+from recis_torchrec.ops.constants import POOLING_MEAN, POOLING_SUM  # noqa: F401  (the C++ codes)
 
 
 def pooled_forward(

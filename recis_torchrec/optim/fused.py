@@ -23,10 +23,13 @@ except ImportError:  # older fbgemm_gpu
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode  # type: ignore
 
 from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.ops.constants import OPTIMIZERS, WEIGHT_DECAY_MODES
 from recis_torchrec.modules.state_rows import Owner, RowShards, gather_counts, is_partial, put_rows
 
-# C++ OptimType codes (csrc/hashtable/optimizers.h).
-OPTIM_SGD, OPTIM_ADAGRAD, OPTIM_ROWWISE_ADAGRAD, OPTIM_ADAM = 0, 1, 2, 3
+# C++ OptimType codes (csrc/hashtable/optimizers.h), read from the op library.
+OPTIM_SGD, OPTIM_ADAGRAD, OPTIM_ROWWISE_ADAGRAD, OPTIM_ADAM = (
+    OPTIMIZERS[k] for k in ("sgd", "adagrad", "rowwise_adagrad", "adam")
+)
 
 _OPTIM_CODES = {
     EmbOptimType.SGD: OPTIM_SGD,
@@ -36,7 +39,11 @@ _OPTIM_CODES = {
     EmbOptimType.ROWWISE_ADAGRAD: OPTIM_ROWWISE_ADAGRAD,
     EmbOptimType.ADAM: OPTIM_ADAM,
 }
-_WD_MODES = {WeightDecayMode.NONE: 0, WeightDecayMode.L2: 1, WeightDecayMode.DECOUPLE: 2}
+_WD_MODES = {
+    WeightDecayMode.NONE: WEIGHT_DECAY_MODES["none"],
+    WeightDecayMode.L2: WEIGHT_DECAY_MODES["l2"],
+    WeightDecayMode.DECOUPLE: WEIGHT_DECAY_MODES["decoupled"],
+}
 
 # State slots per optimizer, named as TorchRec names FBGEMM's (the first is
 # always "momentum1"), with (offset, width) in the row's state in units of dim
