@@ -213,6 +213,29 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// A warp's update of one row with the optimizer's shared element function
+// (csrc/hashtable/optimizers.h); lane l holds g for dims l, l + 32, ...
+template <typename O, int kPerLane = kMaxDim / kWarp>
+__device__ __forceinline__ void warp_update(float* w, float* state, const float (&g)[kPerLane], int lane, int64_t dim,
+                                            const OptimParams& p, float step_size) {
+  float row = 0.0f;
+  if constexpr (O::kRowState) {
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) sq += g[k] * g[k];  // zero beyond dim
+    sq = warp_sum(sq);
+    const float m = O::row_state(state[0], sq, dim);
+    row = O::row_factor(m, p);
+    __syncwarp();  // every lane has read state[0]
+    if (lane == 0) state[0] = m;
+  }
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+    if (d < dim) O::element(w[d], state, g[k], d, dim, p, step_size, row);
+  }
+}
+
 // One warp per distinct row: sum its gradient contributions, update it in place.
 __global__ void update_kernel(RowAddr addr, const int64_t* unique_rows, const int64_t* run_counts,
                               const int64_t* run_starts, const int* num_runs, const int64_t* sorted_values,
@@ -243,60 +266,24 @@ __global__ void update_kernel(RowAddr addr, const int64_t* unique_rows, const in
   }
   float* w = addr(row);
   float* state = w + dim;
-  const float lr = p.lr, eps = p.eps;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
-    if (d >= dim) continue;
-    if (p.wd_mode == WeightDecayMode::kL2 && p.weight_decay != 0.0f) {
-      g[k] += p.weight_decay * w[d];
-    } else if (p.wd_mode == WeightDecayMode::kDecoupled && p.weight_decay != 0.0f) {
-      w[d] *= 1.0f - lr * p.weight_decay;
-    }
+    if (d < dim) hashtable::apply_weight_decay(w[d], g[k], p);
   }
-  if (p.type == OptimType::kRowWiseAdagrad) {
-    float sq = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) sq += g[k] * g[k];  // zero beyond dim
-    sq = warp_sum(sq);
-    const float m = state[0] + sq / static_cast<float>(dim);
-    const float mult = lr / (sqrtf(m) + eps);
-    __syncwarp();
-    if (lane == 0) state[0] = m;
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) {
-      const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
-      if (d < dim) w[d] -= mult * g[k];
-    }
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
-    if (d >= dim) continue;
-    switch (p.type) {
-      case OptimType::kSGD:
-        w[d] -= lr * g[k];
-        break;
-      case OptimType::kAdagrad: {
-        const float s = state[d] + g[k] * g[k];
-        state[d] = s;
-        w[d] -= lr * g[k] / (sqrtf(s) + eps);
-        break;
-      }
-      case OptimType::kAdam: {
-        float* m = state;
-        float* v = state + dim;
-        const float md = m[d] + (g[k] - m[d]) * (1.0f - p.beta1);
-        const float vd = v[d] + (g[k] * g[k] - v[d]) * (1.0f - p.beta2);
-        m[d] = md;
-        v[d] = vd;
-        w[d] -= adam_step_size * md / (sqrtf(vd) + eps);
-        break;
-      }
-      default:
-        break;
-    }
+  switch (p.type) {
+    case OptimType::kSGD:
+      warp_update<hashtable::SgdUpdate>(w, state, g, lane, dim, p, adam_step_size);
+      break;
+    case OptimType::kAdagrad:
+      warp_update<hashtable::AdagradUpdate>(w, state, g, lane, dim, p, adam_step_size);
+      break;
+    case OptimType::kRowWiseAdagrad:
+      warp_update<hashtable::RowWiseAdagradUpdate>(w, state, g, lane, dim, p, adam_step_size);
+      break;
+    case OptimType::kAdam:
+      warp_update<hashtable::AdamUpdate>(w, state, g, lane, dim, p, adam_step_size);
+      break;
   }
 }
 

@@ -151,10 +151,9 @@ py::dict py_constants() {
   policy["lfu"] = code(EvictionPolicy::kLFU);
   pooling["sum"] = code(PoolingMode::kSum);
   pooling["mean"] = code(PoolingMode::kMean);
-  optimizer["sgd"] = code(OptimType::kSGD);
-  optimizer["adagrad"] = code(OptimType::kAdagrad);
-  optimizer["rowwise_adagrad"] = code(OptimType::kRowWiseAdagrad);
-  optimizer["adam"] = code(OptimType::kAdam);
+#define RECIS_OPTIM_NAME(name, value, str) optimizer[str] = code(OptimType::name);
+  RECIS_OPTIMIZERS(RECIS_OPTIM_NAME)
+#undef RECIS_OPTIM_NAME
   wd["none"] = code(WeightDecayMode::kNone);
   wd["l2"] = code(WeightDecayMode::kL2);
   wd["decoupled"] = code(WeightDecayMode::kDecoupled);

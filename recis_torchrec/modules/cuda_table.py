@@ -234,8 +234,7 @@ class _CudaPooledLookup(torch.autograd.Function):
         group, plan = ctx.group, ctx.plan
         grad = grad_output.to(torch.float32).contiguous()
         batch = plan.batch
-        args = group.optimizer.next_update_args(group.table_names)
-        steps = args[7]
+        update = group.optimizer.next_update_args(group.table_names)
         for t, feats in enumerate(plan.features):
             if not feats:
                 continue
@@ -253,7 +252,7 @@ class _CudaPooledLookup(torch.autograd.Function):
             table_grad = torch.cat([grad[:, col : col + dim] for _, _, _, col in feats]).contiguous()
             torch.ops.recis.gpu_pooled_backward_update(
                 table.handle, table_rows, table_offsets, table_weights, plan.modes[t], table_grad, 0,
-                args[0], args[1], args[2], args[3], args[4], args[5], args[6], steps[t],
+                *update.hyperparameters(), update.steps[t],
             )
         return (None,) * 7
 

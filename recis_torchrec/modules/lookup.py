@@ -68,7 +68,7 @@ class _PooledLookup(torch.autograd.Function):
             layout.feature_table,
             layout.feature_mode,
             layout.feature_col,
-            *group.optimizer.next_update_args(group.table_names),
+            update=group.optimizer.next_update_args(group.table_names),
         )
         return None, None, None, None, grad_weights, None, None
 
@@ -135,7 +135,7 @@ class _SequenceLookup(torch.autograd.Function):
         if rows.numel():
             unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
             summed = ops.segment_sum_rows(grad.contiguous(), inverse, unique.numel())
-            ops.sparse_update(group.tables[0], unique, summed, *args[:7], int(args[7][0]))
+            ops.sparse_update(group.tables[0], unique, summed, update=args)
         return (None,) * 5
 
 

@@ -15,6 +15,7 @@ import torch
 
 from recis_torchrec import _ext  # noqa: F401  (registers torch.ops.recis)
 from recis_torchrec.ops.hashtable import TableRef, _handle
+from recis_torchrec.ops.update_args import UpdateArgs
 
 from recis_torchrec.ops.constants import POOLING_MEAN, POOLING_SUM  # noqa: F401  (the C++ codes)
 
@@ -127,23 +128,10 @@ def pooled_backward(
     )
 
 
-def sparse_update(
-    table: TableRef,
-    rows: torch.Tensor,
-    grads: torch.Tensor,
-    optimizer: int,
-    learning_rate: float,
-    eps: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    weight_decay_mode: int,
-    step: int,
-) -> None:
-    """One optimizer step on unique, ascending ``rows`` with gradients ``(n, dim)``, in place."""
-    torch.ops.recis.sparse_update(
-        _handle(table), rows, grads, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode, step
-    )
+def sparse_update(table: TableRef, rows: torch.Tensor, grads: torch.Tensor, update: UpdateArgs, index: int = 0) -> None:
+    """One optimizer step on unique, ascending ``rows`` with gradients ``(n, dim)``, in place;
+    ``update.steps[index]`` is the table's update count."""
+    torch.ops.recis.sparse_update(_handle(table), rows, grads, *update.hyperparameters(), update.steps[index])
 
 
 def pooled_backward_update(
@@ -155,18 +143,11 @@ def pooled_backward_update(
     feature_table: Sequence[int],
     feature_mode: Sequence[int],
     feature_col: Sequence[int],
-    optimizer: int,
-    learning_rate: float,
-    eps: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    weight_decay_mode: int,
-    steps: Sequence[int],
+    update: UpdateArgs,
 ) -> None:
     """:func:`pooled_backward` then :func:`sparse_update` on every table, fused.
 
-    ``steps[t]`` is table t's update count, counting this one (Adam's bias correction).
+    ``update.steps[t]`` is table t's update count, counting this one (Adam's bias correction).
     """
     torch.ops.recis.pooled_backward_update(
         [_handle(t) for t in tables],
@@ -177,14 +158,8 @@ def pooled_backward_update(
         list(feature_table),
         list(feature_mode),
         list(feature_col),
-        optimizer,
-        learning_rate,
-        eps,
-        beta1,
-        beta2,
-        weight_decay,
-        weight_decay_mode,
-        list(steps),
+        *update.hyperparameters(),
+        list(update.steps),
     )
 
 

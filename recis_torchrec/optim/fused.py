@@ -11,7 +11,7 @@ through ``state_dict()``.
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -23,37 +23,24 @@ except ImportError:  # older fbgemm_gpu
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode  # type: ignore
 
 from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.ops.constants import OPTIMIZERS, WEIGHT_DECAY_MODES
+from recis_torchrec.ops.constants import WEIGHT_DECAY_MODES
+from recis_torchrec.ops.update_args import UpdateArgs
+from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, OPTIMIZERS, OptimizerDef
 from recis_torchrec.modules.state_rows import Owner, RowShards, gather_counts, is_partial, put_rows
 
 # C++ OptimType codes (csrc/hashtable/optimizers.h), read from the op library.
 OPTIM_SGD, OPTIM_ADAGRAD, OPTIM_ROWWISE_ADAGRAD, OPTIM_ADAM = (
-    OPTIMIZERS[k] for k in ("sgd", "adagrad", "rowwise_adagrad", "adam")
+    OPTIMIZERS[k].code for k in ("sgd", "adagrad", "rowwise_adagrad", "adam")
 )
-
-_OPTIM_CODES = {
-    EmbOptimType.SGD: OPTIM_SGD,
-    EmbOptimType.EXACT_SGD: OPTIM_SGD,
-    EmbOptimType.EXACT_ADAGRAD: OPTIM_ADAGRAD,
-    EmbOptimType.EXACT_ROWWISE_ADAGRAD: OPTIM_ROWWISE_ADAGRAD,
-    EmbOptimType.ROWWISE_ADAGRAD: OPTIM_ROWWISE_ADAGRAD,
-    EmbOptimType.ADAM: OPTIM_ADAM,
-}
 _WD_MODES = {
     WeightDecayMode.NONE: WEIGHT_DECAY_MODES["none"],
     WeightDecayMode.L2: WEIGHT_DECAY_MODES["l2"],
     WeightDecayMode.DECOUPLE: WEIGHT_DECAY_MODES["decoupled"],
 }
 
-# State slots per optimizer, named as TorchRec names FBGEMM's (the first is
-# always "momentum1"), with (offset, width) in the row's state in units of dim
-# (None = one float per row).
-STATE_SLOTS = {
-    OPTIM_SGD: [],
-    OPTIM_ADAGRAD: [("momentum1", 0, 1)],
-    OPTIM_ROWWISE_ADAGRAD: [("momentum1", 0, None)],
-    OPTIM_ADAM: [("momentum1", 0, 1), ("exp_avg_sq", 1, 1)],
-}
+# State slots per optimizer code: (name, offset, width) in the row's state in units of dim
+# (width None: one float per row), from each optimizer's declaration (optim/registry.py).
+STATE_SLOTS = {d.code: d.slot_layout() for d in OPTIMIZERS.values()}
 
 
 @dataclass(frozen=True)
@@ -77,8 +64,8 @@ class SparseOptimizerConfig:
     weight_decay_mode: WeightDecayMode = WeightDecayMode.NONE
 
     def __post_init__(self) -> None:
-        if self.optimizer not in _OPTIM_CODES:
-            supported = ", ".join(sorted(o.name for o in _OPTIM_CODES))
+        if self.optimizer not in BY_EMB_OPTIM_TYPE:
+            supported = ", ".join(sorted(o.name for o in BY_EMB_OPTIM_TYPE))
             raise ValueError(f"fused_params['optimizer']={self.optimizer}: unsupported; supported: {supported}")
         if self.weight_decay_mode not in _WD_MODES:
             supported = ", ".join(m.name for m in _WD_MODES)
@@ -109,7 +96,12 @@ class SparseOptimizerConfig:
 
     @property
     def code(self) -> int:
-        return _OPTIM_CODES[self.optimizer]
+        return BY_EMB_OPTIM_TYPE[self.optimizer].code
+
+    @property
+    def definition(self) -> OptimizerDef:
+        """The optimizer's declaration (state slots, hyperparameters)."""
+        return BY_EMB_OPTIM_TYPE[self.optimizer]
 
     @property
     def weight_decay_code(self) -> int:
@@ -117,7 +109,7 @@ class SparseOptimizerConfig:
 
     def state_dim(self, dim: int) -> int:
         """Optimizer-state floats per row of a table of this dim."""
-        return {OPTIM_SGD: 0, OPTIM_ADAGRAD: dim, OPTIM_ROWWISE_ADAGRAD: 1, OPTIM_ADAM: 2 * dim}[self.code]
+        return self.definition.state_dim(dim)
 
 
 def parse_fused_params(fused_params: Optional[Mapping[str, Any]]) -> SparseOptimizerConfig:
@@ -137,7 +129,7 @@ def parse_fused_params(fused_params: Optional[Mapping[str, Any]]) -> SparseOptim
         except ValueError:
             raise ValueError(
                 f"fused_params['optimizer']={kwargs['optimizer']!r} is not an EmbOptimType; "
-                f"supported: {', '.join(sorted(o.name for o in _OPTIM_CODES))}"
+                f"supported: {', '.join(sorted(o.name for o in BY_EMB_OPTIM_TYPE))}"
             ) from None
     if "weight_decay_mode" in kwargs and not isinstance(kwargs["weight_decay_mode"], WeightDecayMode):
         try:
@@ -152,7 +144,14 @@ def parse_fused_params(fused_params: Optional[Mapping[str, Any]]) -> SparseOptim
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"fused_params['{name}'] must be a number, got {type(value).__name__} {value!r}")
             kwargs[name] = float(value)
-    return SparseOptimizerConfig(**kwargs)
+    config = SparseOptimizerConfig(**kwargs)
+    ignored = sorted(set(kwargs) - {"optimizer"} - set(config.definition.hyperparameters))
+    if ignored:
+        raise ValueError(
+            f"fused_params {ignored} have no effect with optimizer {config.optimizer.name} (it reads "
+            f"{list(config.definition.hyperparameters)}); remove them"
+        )
+    return config
 
 
 class _TableStateSlot:
@@ -307,10 +306,9 @@ class HashFusedOptimizer(FusedOptimizer):
         """Updates applied so far, per table."""
         return {name: int(s.item()) for name, s in self._steps.items()}
 
-    def next_update_args(self, table_names: Sequence[str]) -> List[Any]:
-        """Counts one more update of the named tables and returns the
-        ``pooled_backward_update`` optimizer arguments: ``[optimizer, lr, eps,
-        beta1, beta2, weight_decay, weight_decay_mode, steps]``."""
+    def next_update_args(self, table_names: Sequence[str]) -> UpdateArgs:
+        """Counts one more update of the named tables and returns the update's hyperparameters
+        (as the param group holds them now) and each table's update count."""
         groups = {self._group_of[name] for name in table_names}
         if len(groups) > 1:
             raise ValueError(f"tables {list(table_names)} do not share one optimizer config; they update apart")
@@ -320,16 +318,16 @@ class HashFusedOptimizer(FusedOptimizer):
             steps.append(int(self._steps[name].item()))
         g = self.param_groups[groups.pop() if groups else 0]  # type: ignore[index]
         cfg = self.configs[table_names[0]] if table_names else SparseOptimizerConfig()
-        return [
-            cfg.code,
-            float(g["lr"]),
-            float(g["eps"]),
-            float(g["beta1"]),
-            float(g["beta2"]),
-            float(g["weight_decay"]),
-            cfg.weight_decay_code,
-            steps,
-        ]
+        return UpdateArgs(
+            optimizer=cfg.code,
+            learning_rate=float(g["lr"]),
+            eps=float(g["eps"]),
+            beta1=float(g["beta1"]),
+            beta2=float(g["beta2"]),
+            weight_decay=float(g["weight_decay"]),
+            weight_decay_mode=cfg.weight_decay_code,
+            steps=steps,
+        )
 
     def step(self, closure: Any = None) -> None:
         """A no-op: the update already ran in backward."""

@@ -36,28 +36,9 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from recis_torchrec.optim.fused import SparseOptimizerConfig, WeightDecayMode, parse_fused_params
+from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, optimizer_classes
 
 
-def _torchrec_classes() -> Dict[type, str]:
-    from torchrec.optim import optimizers as trec
-    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
-    return {trec.SGD: "sgd", trec.Adagrad: "adagrad", RowWiseAdagrad: "rowwise_adagrad", trec.Adam: "adam"}
-
-
-_TORCH_CLASSES = {
-    torch.optim.SGD: "sgd",
-    torch.optim.Adagrad: "adagrad",
-    torch.optim.Adam: "adam",
-    torch.optim.AdamW: "adamw",
-}
-_KIND_TO_OPTIM = {
-    "sgd": EmbOptimType.EXACT_SGD,
-    "adagrad": EmbOptimType.EXACT_ADAGRAD,
-    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-    "adam": EmbOptimType.ADAM,
-    "adamw": EmbOptimType.ADAM,
-}
 # Arguments with no fused equivalent, accepted at their neutral value only.
 _NEUTRAL = {
     "momentum": 0.0,
@@ -86,17 +67,19 @@ def _as_float(where: str, name: str, value: Any) -> float:
 def fused_params_from_optimizer(optimizer_class: type, kwargs: Mapping[str, Any], where: str) -> Dict[str, Any]:
     """The ``fused_params`` equivalent of ``optimizer_class(params, **kwargs)`` (see the module
     docstring); raises, naming the class and argument, for what cannot be fused."""
-    kind = _TORCH_CLASSES.get(optimizer_class) or _torchrec_classes().get(optimizer_class)
+    definition = optimizer_classes().get(optimizer_class)
     name = f"{getattr(optimizer_class, '__module__', '')}.{getattr(optimizer_class, '__name__', optimizer_class)}"
-    if kind is None:
+    if definition is None:
         raise ValueError(
             f"{where}: apply_optimizer_in_backward({name}) cannot be fused into hash tables; supported: "
             "torch.optim.SGD/Adagrad/Adam/AdamW and torchrec.optim.SGD/Adagrad/Adam/RowWiseAdagrad"
         )
     where = f"{where}: apply_optimizer_in_backward({name})"
-    out: Dict[str, Any] = {"optimizer": _KIND_TO_OPTIM[kind]}
-    decoupled = kind == "adamw"
-    weight_decay: Optional[float] = 0.01 if kind == "adamw" else None
+    target = definition.emb_optim_types[0]
+    out: Dict[str, Any] = {"optimizer": target}
+    adamw = optimizer_class is torch.optim.AdamW
+    decoupled = adamw
+    weight_decay: Optional[float] = 0.01 if adamw else None  # torch's AdamW default
     for key, value in kwargs.items():
         if key == "lr":
             out["learning_rate"] = _as_float(where, key, value)
@@ -106,7 +89,7 @@ def fused_params_from_optimizer(optimizer_class: type, kwargs: Mapping[str, Any]
             out["beta1"], out["beta2"] = (_as_float(where, "betas", b) for b in value)
         elif key == "weight_decay":
             weight_decay = _as_float(where, key, value)
-        elif key == "decoupled_weight_decay" and kind in ("adam", "adamw"):
+        elif key == "decoupled_weight_decay" and definition.name == "adam":
             decoupled = decoupled or bool(value)
         elif key in _NEUTRAL:
             if value != _NEUTRAL[key]:
@@ -126,7 +109,7 @@ def fused_params_from_optimizer(optimizer_class: type, kwargs: Mapping[str, Any]
     optim = out["optimizer"]
     if not isinstance(optim, EmbOptimType):
         optim = parse_fused_params({"optimizer": optim}).optimizer
-    if _KIND_TO_OPTIM[kind] != optim:
+    if BY_EMB_OPTIM_TYPE[optim] is not definition:
         raise ValueError(f"{where}: optimizer={out['optimizer']!r} contradicts the optimizer class")
     return out
 
@@ -157,20 +140,26 @@ def merge_fused_params(
         return in_backward
     if isinstance(fused_params, SparseOptimizerConfig):
         fused_params = dataclasses.asdict(fused_params)
-    mine = parse_fused_params(in_backward)
-    theirs = parse_fused_params(fused_params)
     for key in set(in_backward) & set(fused_params):
-        a, b = getattr(mine, key), getattr(theirs, key)
-        if key == "optimizer":
-            a, b = mine.code, theirs.code  # EXACT_ROWWISE_ADAGRAD and ROWWISE_ADAGRAD are one optimizer
+        a, b = _normalized(key, in_backward[key]), _normalized(key, fused_params[key])
         if a != b:
             raise ValueError(
-                f"{where}: fused_params[{key!r}]={getattr(theirs, key)!r} disagrees with "
-                f"apply_optimizer_in_backward's {getattr(mine, key)!r}; give the optimizer once"
+                f"{where}: fused_params[{key!r}]={fused_params[key]!r} disagrees with "
+                f"apply_optimizer_in_backward's {in_backward[key]!r}; give the optimizer once"
             )
     merged = dict(fused_params)
     merged.update(in_backward)
     return merged
+
+
+def _normalized(key: str, value: Any) -> Any:
+    """A fused_params value in a comparable form (an optimizer by its code: EXACT_ROWWISE_ADAGRAD and
+    ROWWISE_ADAGRAD are one optimizer)."""
+    if key == "optimizer":
+        return parse_fused_params({"optimizer": value}).code
+    if key == "weight_decay_mode":
+        return WeightDecayMode(value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def in_backward_by_table(module: torch.nn.Module, section: str, where: str) -> Dict[str, Dict[str, Any]]:

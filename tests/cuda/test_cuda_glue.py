@@ -22,6 +22,7 @@ import recis_torchrec as rt
 from recis_torchrec import ops
 from recis_torchrec.modules.cuda_table import CudaLookupGroup, CudaLookupPlan
 from recis_torchrec.modules.kjt import checked_kjt
+from recis_torchrec.ops.update_args import UpdateArgs
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.testing import random_kjt
 
@@ -61,7 +62,7 @@ def _backward_kernel(handle, rows, offsets, weights, mode, grad, col, optimizer,
     assert int(offsets[0]) == 0 and int(offsets[-1]) == rows.numel()
     assert grad.shape[0] == offsets.numel() - 1 and col + table.dim <= grad.shape[1]
     ops.pooled_backward_update([table], grad[:, col : col + table.dim].contiguous(), rows, offsets, weights, [0], [mode],
-                               [0], optimizer, lr, eps, beta1, beta2, wd, wd_mode, [step])
+                               [0], UpdateArgs(optimizer, lr, eps, beta1, beta2, wd, wd_mode, [step]))
 
 
 @pytest.fixture

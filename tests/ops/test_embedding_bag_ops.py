@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recis_torchrec import HashTable, HashTableOptions, ops
+from recis_torchrec.ops.update_args import UpdateArgs
 from recis_torchrec.optim.fused import OPTIM_ADAGRAD, OPTIM_ADAM, OPTIM_ROWWISE_ADAGRAD, OPTIM_SGD
 from recis_torchrec.testing import (
     reference_adam_rows,
@@ -100,7 +101,7 @@ def test_sparse_update_matches_formulas(optimizer, wd_mode):
     w, s = w[rows], s[rows]
     for step in (1, 2, 3):
         g = torch.randn(n, dim, generator=torch.Generator().manual_seed(step))
-        ops.sparse_update(t, rows, g, optimizer, lr, eps, b1, b2, wd, wd_mode, step)
+        ops.sparse_update(t, rows, g, UpdateArgs(optimizer, lr, eps, b1, b2, wd, wd_mode, [step]))
         ge = g + wd * w if wd_mode == 1 else g
         we = w * (1 - lr * wd) if wd_mode == 2 else w
         if optimizer == OPTIM_SGD:
@@ -135,13 +136,13 @@ def test_fused_backward_update_equals_backward_then_update(optimizer):
     psw = torch.rand(ids.numel(), generator=g)
     seg = offsets[::batch].contiguous()
     grad = torch.randn(batch, 16, generator=g)
-    args = (optimizer, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, 1)
+    update = UpdateArgs(optimizer, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, [1, 1])
     rows_a = ops.find_or_insert([pair[0][t] for t in ft], ids, seg)
     rows_b = ops.find_or_insert([pair[1][t] for t in ft], ids, seg)
-    ops.pooled_backward_update(pair[0], grad, rows_a, offsets, psw, ft, modes, cols, *args[:-1], [1, 1])
+    ops.pooled_backward_update(pair[0], grad, rows_a, offsets, psw, ft, modes, cols, update)
     urows, grads = ops.pooled_backward(dims, grad, rows_b, offsets, psw, ft, modes, cols)
     for t, r, gr in zip(pair[1], urows, grads):
-        ops.sparse_update(t, r, gr, *args)
+        ops.sparse_update(t, r, gr, update)
     for ta, tb in zip(*pair):
         for a, b in zip(ta.export(), tb.export()):
             assert torch.equal(a, b)
@@ -165,11 +166,11 @@ def test_layout_errors_name_the_problem():
     with pytest.raises(RuntimeError, match="is not a row of table 0"):
         ops.pooled_forward([t], ids, torch.tensor([0, 1, 99]), torch.tensor([0, 3]), None, [0], [0], [0], 4)
     with pytest.raises(RuntimeError, match="needs 8"):
-        ops.sparse_update(t, rows, torch.zeros(3, 4), OPTIM_ADAM, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, 1)
+        ops.sparse_update(t, rows, torch.zeros(3, 4), UpdateArgs(OPTIM_ADAM, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, [1]))
     with pytest.raises(RuntimeError, match="unique and sorted"):
-        ops.sparse_update(t, torch.tensor([1, 1, 2]), torch.zeros(3, 4), OPTIM_SGD, 0.1, 1e-8, 0.9, 0.99, 0, 0, 1)
+        ops.sparse_update(t, torch.tensor([1, 1, 2]), torch.zeros(3, 4), UpdateArgs(OPTIM_SGD, 0.1, 1e-8, 0.9, 0.99, 0, 0, [1]))
     with pytest.raises(RuntimeError, match="unknown optimizer code 9"):
-        ops.sparse_update(t, rows.sort().values, torch.zeros(3, 4), 9, 0.1, 1e-8, 0.9, 0.99, 0, 0, 1)
+        ops.sparse_update(t, rows.sort().values, torch.zeros(3, 4), UpdateArgs(9, 0.1, 1e-8, 0.9, 0.99, 0, 0, [1]))
 
 
 def _opcheck_case():

@@ -168,3 +168,21 @@ def test_embedding_collection_in_backward_optimizer():
     plain = rt.convert(ec(), fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.5})
     assert tagged.fused_optimizer.config == plain.fused_optimizer.config
     torch.testing.assert_close(run(tagged), run(plain), atol=0, rtol=0)
+
+
+def test_fused_params_that_would_have_no_effect_raise():
+    from recis_torchrec.optim.fused import parse_fused_params
+
+    with pytest.raises(ValueError, match=r"\['eps'\] have no effect with optimizer EXACT_SGD"):
+        parse_fused_params({"optimizer": EmbOptimType.EXACT_SGD, "eps": 1e-6})
+    with pytest.raises(ValueError, match=r"\['beta1'\] have no effect with optimizer EXACT_ROWWISE_ADAGRAD"):
+        parse_fused_params({"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "beta1": 0.8})
+    with pytest.raises(ValueError, match="weight_decay.*no effect with weight_decay_mode NONE"):
+        parse_fused_params({"optimizer": EmbOptimType.ADAM, "weight_decay": 0.1})
+    for bad, match in [({"learning_rate": float("nan")}, "finite"), ({"learning_rate": float("inf")}, "finite"),
+                       ({"learning_rate": "0.1"}, "must be a number"), ({"learning_rate": -1.0}, ">= 0")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            parse_fused_params({"optimizer": EmbOptimType.ADAM, **bad})
+    cfg = parse_fused_params({"optimizer": EmbOptimType.ADAM, "eps": 1e-6, "beta1": 0.8, "beta2": 0.9,
+                              "weight_decay": 0.1, "weight_decay_mode": 2})
+    assert (cfg.eps, cfg.beta1, cfg.beta2, cfg.weight_decay) == (1e-6, 0.8, 0.9, 0.1)

@@ -1,0 +1,105 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""The fused optimizers, each declared once on the Python side: its name (its C++ code is read from
+the op library), the ``EmbOptimType`` values that select it, its state slots and their widths, the
+hyperparameters it reads, and the torch / TorchRec optimizer classes that
+``apply_optimizer_in_backward`` maps onto it. Its update is one function shared by the CPU and CUDA
+kernels (``csrc/hashtable/optimizers.h``).
+
+Adding an optimizer: an entry in ``RECIS_OPTIMIZERS``, its update struct and its ``dispatch_optimizer``
+case in ``optimizers.h``, and an ``OptimizerDef`` here (see the README's "Contributing").
+"""
+
+import importlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+from recis_torchrec.ops.constants import OPTIMIZERS as CODES
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One optimizer-state slot of a row: ``dim`` floats (``per_element``) or one float per row."""
+
+    name: str
+    per_element: bool = True
+
+
+@dataclass(frozen=True)
+class OptimizerDef:
+    """One fused optimizer.
+
+    Attributes:
+        name: the C++ name (``RECIS_OPTIMIZERS``); ``code`` is its C++ code.
+        emb_optim_types: the ``fused_params["optimizer"]`` values that select it.
+        slots: its state, in row order, named as TorchRec names FBGEMM's (the first is "momentum1").
+        hyperparameters: the ``fused_params`` keys its update reads (besides ``optimizer``).
+        optimizer_classes: dotted names of the classes ``apply_optimizer_in_backward`` maps onto it.
+    """
+
+    name: str
+    emb_optim_types: Tuple[EmbOptimType, ...]
+    slots: Tuple[Slot, ...]
+    hyperparameters: Tuple[str, ...]
+    optimizer_classes: Tuple[str, ...] = ()
+
+    @property
+    def code(self) -> int:
+        return CODES[self.name]
+
+    def state_dim(self, dim: int) -> int:
+        """Optimizer-state floats per row of a table of this dim."""
+        return sum(dim if s.per_element else 1 for s in self.slots)
+
+    def slot_layout(self) -> List[Tuple[str, int, Optional[int]]]:
+        """``(name, offset, width)`` per slot, in units of dim (width None: one float per row)."""
+        out, offset = [], 0
+        for s in self.slots:
+            out.append((s.name, offset, 1 if s.per_element else None))
+            offset += 1
+        return out
+
+
+_DECAY = ("weight_decay", "weight_decay_mode")
+OPTIMIZERS: Dict[str, OptimizerDef] = {
+    d.name: d
+    for d in (
+        OptimizerDef(
+            "sgd", (EmbOptimType.EXACT_SGD, EmbOptimType.SGD), (), ("learning_rate",) + _DECAY,
+            ("torch.optim.SGD", "torchrec.optim.optimizers.SGD"),
+        ),
+        OptimizerDef(
+            "adagrad", (EmbOptimType.EXACT_ADAGRAD,), (Slot("momentum1"),), ("learning_rate", "eps") + _DECAY,
+            ("torch.optim.Adagrad", "torchrec.optim.optimizers.Adagrad"),
+        ),
+        OptimizerDef(
+            "rowwise_adagrad", (EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.ROWWISE_ADAGRAD),
+            (Slot("momentum1", per_element=False),), ("learning_rate", "eps") + _DECAY,
+            ("torchrec.optim.rowwise_adagrad.RowWiseAdagrad",),
+        ),
+        OptimizerDef(
+            "adam", (EmbOptimType.ADAM,), (Slot("momentum1"), Slot("exp_avg_sq")),
+            ("learning_rate", "eps", "beta1", "beta2") + _DECAY,
+            # AdamW is Adam with decoupled weight decay (in_backward.py sets the mode and torch's default).
+            ("torch.optim.Adam", "torch.optim.AdamW", "torchrec.optim.optimizers.Adam"),
+        ),
+    )
+}
+assert set(OPTIMIZERS) == set(CODES), f"optim/registry.py and csrc/hashtable/optimizers.h disagree: {set(CODES)}"
+
+BY_EMB_OPTIM_TYPE: Dict[EmbOptimType, OptimizerDef] = {t: d for d in OPTIMIZERS.values() for t in d.emb_optim_types}
+BY_CODE: Dict[int, OptimizerDef] = {d.code: d for d in OPTIMIZERS.values()}
+
+
+def optimizer_classes() -> Dict[type, OptimizerDef]:
+    """The torch / TorchRec optimizer classes that map onto each fused optimizer."""
+    out = {}
+    for d in OPTIMIZERS.values():
+        for dotted in d.optimizer_classes:
+            module, _, name = dotted.rpartition(".")
+            out[getattr(importlib.import_module(module), name)] = d
+    return out
+
+
+__all__ = ["BY_CODE", "BY_EMB_OPTIM_TYPE", "OPTIMIZERS", "OptimizerDef", "Slot", "optimizer_classes"]
