@@ -140,10 +140,11 @@ void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at
   check_cuda_1d(offsets, op, "offsets", at::kLong);
   TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.scalar_type() == at::kFloat, op,
               ": grad must be a 2-D float32 CUDA tensor");
-  TORCH_CHECK(optimizer >= 0 && optimizer <= 3, op, ": unknown optimizer code ", optimizer);
+  TORCH_CHECK(hashtable::is_optimizer_code(optimizer), op, ": unknown optimizer code ", optimizer);
   TORCH_CHECK(wd_mode >= 0 && wd_mode <= 2, op, ": unknown weight decay mode ", wd_mode);
   TORCH_CHECK(mode == cuda::kPoolSum || mode == cuda::kPoolMean, op, ": unknown pooling mode ", mode);
-  TORCH_CHECK(optimizer != 3 || step >= 1, op, ": Adam's step must be >= 1, got ", step);
+  TORCH_CHECK(optimizer != static_cast<int64_t>(hashtable::OptimType::kAdam) || step >= 1, op,
+              ": Adam's step must be >= 1, got ", step);
   const auto table_holder = table_ptr(handle, op);
   auto& table = *table_holder;
   check_on_table_device(rows, table, op, "rows");

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "embedding_blocks.h"
+#include "eviction.h"
 #include "hash.h"
 #include "id_map.h"
 #include "initializer.h"
@@ -38,12 +39,6 @@
 
 namespace recis {
 namespace hashtable {
-
-enum class EvictionPolicy : int32_t {
-  kNone = 0,
-  kLRU = 1,  // evict the rows seen longest ago
-  kLFU = 2,  // evict the rows seen least often (ties: longest ago)
-};
 
 struct HashTableConfig {
   int64_t dim = 0;
@@ -54,7 +49,8 @@ struct HashTableConfig {
   int64_t admit_threshold = 0;  // sightings before an id gets a row; <= 1 admits at once
   int64_t ttl_steps = 0;        // evict rows unseen for this many updates; 0: never
   int64_t max_capacity = 0;     // most live rows; 0: unbounded
-  EvictionPolicy policy = EvictionPolicy::kNone;  // how to make room under max_capacity
+  EvictionPolicy policy = EvictionPolicy::kNone;  // how to make room under max_capacity (eviction.h)
+  ScoreFn custom_score = nullptr;                 // the score of EvictionPolicy::kCustom
   RowType row_type = RowType::kF32;  // how the embedding elements are stored (state is float32)
 
   bool tracks_access() const { return ttl_steps > 0 || max_capacity > 0; }
@@ -189,7 +185,7 @@ class HashTable {
     std::vector<int64_t> stale;
     for (int64_t r = 0; r < row_limit(); ++r) {
       const RowMeta& m = blocks_.meta(r);
-      if (m.live && m.last_seen < clock - cfg_.ttl_steps) stale.push_back(r);
+      if (m.live && is_stale(m, clock, cfg_.ttl_steps)) stale.push_back(r);
     }
     for (int64_t r : stale) evict_row(r, clock);
     return static_cast<int64_t>(stale.size());
@@ -285,18 +281,23 @@ class HashTable {
     ++counters_.evicted;
   }
 
-  // Frees up to `want` live rows not seen at `clock`, by the cap's policy.
+  // Frees up to `want` live rows not seen at `clock`: the lowest scores of the
+  // cap's policy (eviction.h), ties broken by row index.
   void evict_for_capacity(int64_t want, int64_t clock) {
-    std::vector<std::pair<std::pair<int64_t, int64_t>, int64_t>> cand;  // ((key1, key2), row)
+    const ScoreFn score = cfg_.policy == EvictionPolicy::kCustom ? cfg_.custom_score : policy_score(cfg_.policy);
+    if (score == nullptr) return;
+    std::vector<std::pair<RowScore, int64_t>> cand;  // (score, row)
     for (int64_t r = 0; r < row_limit(); ++r) {
       const RowMeta& m = blocks_.meta(r);
       if (!m.live || m.last_seen >= clock) continue;
-      const int64_t k1 = cfg_.policy == EvictionPolicy::kLFU ? static_cast<int64_t>(m.freq) : m.last_seen;
-      cand.push_back({{k1, m.last_seen}, r});
+      cand.push_back({score(m), r});
     }
     want = std::min<int64_t>(want, static_cast<int64_t>(cand.size()));
     if (want <= 0) return;
-    std::nth_element(cand.begin(), cand.begin() + (want - 1), cand.end());
+    auto less = [](const std::pair<RowScore, int64_t>& a, const std::pair<RowScore, int64_t>& b) {
+      return a.first < b.first || (!(b.first < a.first) && a.second < b.second);
+    };
+    std::nth_element(cand.begin(), cand.begin() + (want - 1), cand.end(), less);
     for (int64_t i = 0; i < want; ++i) evict_row(cand[i].second, clock);
   }
 

@@ -150,6 +150,15 @@ inline bool dispatch_optimizer(OptimType t, Fn&& fn) {
   return false;
 }
 
+// Whether `code` is an optimizer's.
+inline bool is_optimizer_code(int64_t code) {
+#define RECIS_OPTIM_KNOWN(name, value, str) \
+  if (code == value) return true;
+  RECIS_OPTIMIZERS(RECIS_OPTIM_KNOWN)
+#undef RECIS_OPTIM_KNOWN
+  return false;
+}
+
 // Optimizer-state floats per row for a given embedding dim (-1: unknown optimizer).
 inline int64_t optimizer_state_dim(OptimType t, int64_t dim) {
   int64_t n = -1;

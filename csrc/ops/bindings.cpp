@@ -24,7 +24,11 @@ int64_t py_create_table(int64_t dim, int64_t state_dim, int64_t initial_capacity
   TORCH_CHECK(init_kind >= 0 && init_kind <= 3, "create_table: unknown init_kind ", init_kind);
   TORCH_CHECK(admit_threshold >= 0 && ttl_steps >= 0 && max_capacity >= 0,
               "create_table: admit_threshold, ttl_steps and max_capacity must be >= 0");
-  TORCH_CHECK(policy >= 0 && policy <= 2, "create_table: unknown eviction policy ", policy);
+  bool known_policy = false;
+#define RECIS_POLICY_KNOWN(name, value, str) known_policy = known_policy || policy == value;
+  RECIS_EVICTION_POLICIES(RECIS_POLICY_KNOWN)
+#undef RECIS_POLICY_KNOWN
+  TORCH_CHECK(known_policy, "create_table: unknown eviction policy ", policy);
   TORCH_CHECK(max_capacity == 0 || policy != 0, "create_table: max_capacity needs an eviction policy (LRU or LFU)");
   TORCH_CHECK(row_type >= 0 && row_type <= 2, "create_table: unknown row_type ", row_type,
               " (0 = float32, 1 = float16, 2 = bfloat16)");
@@ -146,9 +150,9 @@ py::dict py_constants() {
   init["normal"] = code(InitKind::kNormal);
   init["truncated_normal"] = code(InitKind::kTruncatedNormal);
   init["constant"] = code(InitKind::kConstant);
-  policy["none"] = code(EvictionPolicy::kNone);
-  policy["lru"] = code(EvictionPolicy::kLRU);
-  policy["lfu"] = code(EvictionPolicy::kLFU);
+#define RECIS_POLICY_NAME(name, value, str) policy[str] = code(EvictionPolicy::name);
+  RECIS_EVICTION_POLICIES(RECIS_POLICY_NAME)
+#undef RECIS_POLICY_NAME
   pooling["sum"] = code(PoolingMode::kSum);
   pooling["mean"] = code(PoolingMode::kMean);
 #define RECIS_OPTIM_NAME(name, value, str) optimizer[str] = code(OptimType::name);

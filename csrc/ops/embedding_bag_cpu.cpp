@@ -604,8 +604,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_backward_cpu
 
 OptimParams make_optim_params(const char* op, int64_t optimizer, double learning_rate, double eps, double beta1,
                               double beta2, double weight_decay, int64_t weight_decay_mode, int64_t step) {
-  TORCH_CHECK(optimizer >= 0 && optimizer <= 3, op, ": unknown optimizer code ", optimizer,
-              " (0 = SGD, 1 = Adagrad, 2 = row-wise Adagrad, 3 = Adam)");
+  TORCH_CHECK(hashtable::is_optimizer_code(optimizer), op, ": unknown optimizer code ", optimizer,
+              " (the codes are recis_torchrec.ops.constants.OPTIMIZERS)");
   TORCH_CHECK(weight_decay_mode >= 0 && weight_decay_mode <= 2, op, ": unknown weight_decay_mode ",
               weight_decay_mode, " (0 = none, 1 = L2, 2 = decoupled)");
   OptimParams p;

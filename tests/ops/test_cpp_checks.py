@@ -1,7 +1,8 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
-"""The IdMap (csrc/hashtable/id_map.h) on its own, against std::unordered_map, built with and without
-AVX2 so that both bucket compares are checked (the extension is built with -march=native, so the tests
-through torch only reach one of them)."""
+"""The torch-free C++ core on its own, compiled with g++: the IdMap against std::unordered_map, built
+with and without AVX2 so that both bucket compares are checked (the extension is built with
+-march=native, so the tests through torch only reach one of them); the portable float16 conversions
+against F16C; a custom eviction policy."""
 
 import os
 import shutil
@@ -42,6 +43,19 @@ def test_portable_half_conversions_match_f16c(tmp_path):
     build = subprocess.run(
         [CXX, "-std=c++17", "-O2", "-mf16c", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src,
          "-o", exe],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+@pytest.mark.skipif(CXX is None, reason="g++ is not installed")
+def test_a_custom_eviction_policy_from_cpp(tmp_path):
+    exe = str(tmp_path / "eviction_check")
+    src = os.path.join(ROOT, "tests", "ops", "cpp", "eviction_check.cc")
+    build = subprocess.run(
+        [CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src, "-o", exe],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
