@@ -25,13 +25,20 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 std::mutex g_mutex;
 std::vector<std::shared_ptr<GpuHashTable>> g_tables;
 
+// CUDA handles start far above the CPU registry's (which counts from 1), so a
+// CUDA handle given to a CPU op, or the reverse, is an unknown handle (an
+// error) and never another table's (a checkpoint once wrote a CPU table's rows
+// for a CUDA table with the same number).
+constexpr int64_t kHandleBase = int64_t{1} << 40;
+
 // A reference to the table that stays valid while the caller holds it, even if
 // the table is released concurrently.
 std::shared_ptr<GpuHashTable> table_ptr(int64_t handle, const char* op) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(g_tables.size()) && g_tables[handle] != nullptr, op,
-              ": no CUDA table with handle ", handle, " (released, or never created)");
-  return g_tables[handle];
+  const int64_t i = handle - kHandleBase;
+  TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(g_tables.size()) && g_tables[i] != nullptr, op,
+              ": no CUDA table with handle ", handle, " (released, never created, or a CPU table's)");
+  return g_tables[i];
 }
 
 void check_cuda_1d(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
@@ -62,12 +69,13 @@ int64_t gpu_table_create(int64_t dim, int64_t state_dim, int64_t capacity, int64
   auto table = std::make_shared<GpuHashTable>(config);
   std::lock_guard<std::mutex> lock(g_mutex);
   g_tables.push_back(std::move(table));
-  return static_cast<int64_t>(g_tables.size()) - 1;
+  return kHandleBase + static_cast<int64_t>(g_tables.size()) - 1;
 }
 
 void gpu_table_release(int64_t handle) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (handle >= 0 && handle < static_cast<int64_t>(g_tables.size())) g_tables[handle].reset();
+  const int64_t i = handle - kHandleBase;
+  if (i >= 0 && i < static_cast<int64_t>(g_tables.size())) g_tables[i].reset();
 }
 
 int64_t gpu_table_size(int64_t handle) { return table_ptr(handle, "recis::gpu_table_size")->size(); }

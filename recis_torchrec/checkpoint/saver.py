@@ -123,8 +123,6 @@ def write_table_files(
     """Writes this rank's rows of a table (updated after `since`); returns the index entries."""
     table_dir = os.path.join(directory, "tables", safe_key(ref.key))
     os.makedirs(table_dir, exist_ok=True)
-    from recis_torchrec._ext import C
-
     # The table streams through buffers of one file's worth of rows, reused
     # for every file (no fresh allocation, and its page faults, per file).
     table = ref.table
@@ -138,7 +136,7 @@ def write_table_files(
     entries = []
     start, k = 0, 0
     while True:
-        n, start = C.export_chunk(table.handle, start, since, ids, weights, state, meta)
+        n, start = table.export_chunk(start, since, ids, weights, state, meta)
         if n == 0 and k > 0:
             break
         tensors = {"ids": ids[:n], "weights": weights[:n]}

@@ -199,8 +199,62 @@ class CudaHashTable:
         data = torch.cat([weights.to(torch.float32), state.to(torch.float32)], 1).to(self.device)
         torch.ops.recis.gpu_table_import(self.handle, ids.to(self.device), data.contiguous())
 
+    def export_chunk(
+        self, start: int, since: int, ids: torch.Tensor, weights: torch.Tensor, state: torch.Tensor,
+        meta: torch.Tensor,
+    ) -> Tuple[int, int]:
+        """As ``HashTable.export_chunk``, with ``start`` an index into the rows ordered by id. Each
+        call exports the table to the host once (CUDA tables have no chunked export kernel yet)."""
+        all_ids, all_w, all_s, all_m = self.export_rows(since)
+        n = max(0, min(ids.numel(), all_ids.numel() - start))
+        ids[:n] = all_ids[start : start + n]
+        weights[:n] = all_w[start : start + n]
+        if self.state_dim:
+            state[:n] = all_s[start : start + n]
+        meta[:n] = all_m[start : start + n]
+        return n, start + n
+
     def clear(self) -> None:
-        raise NotImplementedError(f"CudaHashTable {self.name!r}: clear() is a CPU-table feature for now")
+        """Drops every row: the table is replaced by an empty one with the same configuration."""
+        old = self.handle
+        kind, a, b, seed, capacity = table_parameters(self.name, self.options, self.num_embeddings, self.init_range)
+        self.handle = torch.ops.recis.gpu_table_create(
+            self.dim, self.state_dim, capacity, self.options.block_rows, kind, a, b, _signed64(seed),
+            self.options.host_rows, self.device.index,
+        )
+        torch.ops.recis.gpu_table_release(old)
+
+    # CUDA tables have no admission and no eviction (both raise at construction), so these are trivial.
+    def export_pending(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+
+    def import_pending(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        if ids.numel():
+            raise ValueError(f"CudaHashTable {self.name!r}: admission counts given, but CUDA tables have no admission")
+
+    def evicted_since(self, since: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+
+    def restart_eviction_log(self, clock: int) -> None:
+        """Nothing to restart: CUDA tables evict nothing."""
+
+    # -- copying: each copy owns its own GPU table ------------------------------------
+
+    def __getstate__(self):
+        ids, weights, state = self.export()
+        spec = (self.name, self.dim, self.state_dim, self.options, self.num_embeddings, self.init_range, self.device)
+        return {"spec": spec, "ids": ids, "weights": weights, "state": state}
+
+    def __setstate__(self, d) -> None:
+        self.__init__(*d["spec"])
+        if d["ids"].numel():
+            self.import_(d["ids"], d["weights"], d["state"] if self.state_dim else None)
+
+    def __deepcopy__(self, memo) -> "CudaHashTable":
+        new = CudaHashTable.__new__(CudaHashTable)
+        new.__setstate__(self.__getstate__())
+        memo[id(self)] = new
+        return new
 
 
 class _CudaPooledLookup(torch.autograd.Function):

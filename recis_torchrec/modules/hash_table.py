@@ -160,6 +160,15 @@ class HashTable:
         live rows written after update ``since`` (-1: all)."""
         return ops.table_export(self, since)
 
+    def export_chunk(
+        self, start: int, since: int, ids: torch.Tensor, weights: torch.Tensor, state: torch.Tensor,
+        meta: torch.Tensor,
+    ) -> Tuple[int, int]:
+        """Copies up to ``ids.numel()`` live rows written after update ``since``, from row index
+        ``start`` on, into the buffers; returns ``(rows copied, the start of the next chunk)``. A saver
+        streams a table through fixed buffers with it."""
+        return C.export_chunk(self.handle, start, since, ids, weights, state, meta)
+
     def import_(
         self,
         ids: torch.Tensor,
