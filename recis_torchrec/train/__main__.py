@@ -91,16 +91,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     import torch.distributed as dist
 
-    from recis_torchrec.train.trainer import Trainer, init_distributed
+    from recis_torchrec.train.trainer import Trainer, backend_for, init_distributed, resolve_device
 
-    init_distributed()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
     try:
         cfg = config_mod.load_config(args.config)
-        run = config_mod.build_run(cfg, rank, world_size, overrides_from(args, cfg))
+        overrides = overrides_from(args, cfg)
+        choice = overrides.get("trainer.device", cfg.get("trainer", {}).get("device", "auto"))
+        try:
+            device = resolve_device(choice)
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            raise config_mod.ConfigError(f"config [trainer].device = {choice!r}: {e}") from None
+        init_distributed(backend_for(device), device)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        run = config_mod.build_run(cfg, rank, world_size, overrides)
         if rank == 0:
-            mode = f"sharded over {world_size} ranks (gloo)" if world_size > 1 else "unsharded"
+            mode = (f"sharded over {world_size} ranks ({backend_for(device)}, {device.type})" if world_size > 1
+                    else f"unsharded ({device.type})")
             print(f"{type(run.model).__name__} on {run.description}, {mode}, tasks "
                   f"{[t.name for t in run.tasks]}, output {run.args.output_dir}", flush=True)
         trainer = Trainer(

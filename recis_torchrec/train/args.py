@@ -51,6 +51,9 @@ class TrainingArguments:
         pipeline: use TorchRec's TrainPipelineSparseDist when sharded.
         resume: continue from the newest checkpoint in ``output_dir``.
         progress: show a tqdm progress bar on rank 0.
+        device: where the model trains: ``"auto"`` (``cuda:LOCAL_RANK`` when a GPU and a
+            ``RECIS_CUDA=1`` build are there, else ``"cpu"``), ``"cpu"`` or ``"cuda"``. Under torchrun the
+            process group's backend follows it (NCCL on CUDA, gloo on the CPU).
         save_delta: after each window (``fit_windows``), export a delta
             instead of a full checkpoint (a full one is still written first).
         version: schema version, for ``to_dict``/``from_dict``.
@@ -71,6 +74,7 @@ class TrainingArguments:
     resume: bool = True
     progress: bool = True
     save_delta: bool = False
+    device: str = "auto"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -95,6 +99,8 @@ class TrainingArguments:
             raise ValueError(
                 f"TrainingArguments.gradient_accumulation must be > 0, got {self.gradient_accumulation}"
             )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"TrainingArguments.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.version != 1:
             raise ValueError(f"TrainingArguments.version {self.version} is not supported")
 

@@ -31,6 +31,7 @@ from recis_torchrec import checkpoint
 from recis_torchrec.checkpoint.files import hash_tables, rank_and_world
 from recis_torchrec.datasets.synthetic import SyntheticClicks
 from recis_torchrec.io.dataset import ColumnarDataset, Prefetcher
+from recis_torchrec.modules.cuda_table import cuda_tables_available, require_cuda
 from recis_torchrec.train.args import Task, TrainingArguments
 
 
@@ -40,8 +41,25 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def init_distributed(backend: str = "gloo") -> bool:
-    """Joins the process group torchrun describes (``WORLD_SIZE`` > 1); False when alone.
+def resolve_device(choice: str = "auto") -> torch.device:
+    """The training device of ``TrainingArguments.device``: ``cuda:LOCAL_RANK`` for ``"cuda"``, and for
+    ``"auto"`` when a GPU and a ``RECIS_CUDA=1`` build are there; else the CPU."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "auto" and not (torch.cuda.is_available() and cuda_tables_available()):
+        return torch.device("cpu")
+    require_cuda("TrainingArguments(device='cuda')")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for training on ``device``: NCCL on GPUs, gloo on the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(backend: str = "gloo", device: Optional[torch.device] = None) -> bool:
+    """Joins the process group torchrun describes (``WORLD_SIZE`` > 1); False when alone. On a CUDA
+    ``device`` the process first selects it.
 
     After ``torchrun --max-restarts`` restarts the workers, the store the
     agent shares with them still holds the previous attempt's rendezvous keys
@@ -52,6 +70,8 @@ def init_distributed(backend: str = "gloo") -> bool:
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
         dist.init_process_group(backend)
@@ -239,6 +259,7 @@ class Trainer:
     ) -> None:
         self.args = args
         self.rank, self.world_size = rank_and_world()
+        self.device = resolve_device(args.device)
         seed_all(args.seed)
         self.tasks = list(tasks or [Task("ctr")])
         task_model = TaskModel(model, self.tasks, args.bf16)
@@ -248,21 +269,19 @@ class Trainer:
             self.model: nn.Module = DistributedModelParallel(
                 task_model,
                 sharders=rt.sharders(fused_params, table_options),
-                plan=rt.plan(task_model, self.world_size),
-                device=torch.device("cpu"),
+                plan=rt.plan(task_model, self.world_size, device_type=self.device.type),
+                device=self.device,
             )
         else:
-            rt.convert(task_model, fused_params=fused_params, options=table_options)
-            self.model = task_model
+            rt.convert(task_model, fused_params=fused_params, options=table_options, device=self.device)
+            self.model = task_model.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = dense_optimizer(params) if dense_optimizer else torch.optim.Adam(params, lr=1e-3)
         self.pipeline = None
         if self.world_size > 1 and args.pipeline and args.gradient_accumulation == 1:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-            self.pipeline = TrainPipelineSparseDist(
-                self.model, self.optimizer, torch.device("cpu"), execute_all_batches=True
-            )
+            self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
         self.train_stream = BatchStream(train_data)
         self.eval_data = eval_data
         self.callbacks = list(callbacks)
@@ -303,10 +322,10 @@ class Trainer:
     def table_stats(self) -> Dict[str, int]:
         """Rows, admitted, evicted, rejected and bytes of every hash table, summed over ranks."""
         keys = ("rows", "admitted", "evicted", "rejected", "memory_bytes")
-        totals = torch.zeros(len(keys), dtype=torch.float64)
+        totals = torch.zeros(len(keys), dtype=torch.float64, device=self._collective_device())
         for ref in hash_tables(self.model):
             info = ref.table.info()
-            totals += torch.tensor([float(info[k]) for k in keys], dtype=torch.float64)
+            totals += torch.tensor([float(info[k]) for k in keys], dtype=torch.float64, device=totals.device)
         if self.world_size > 1:
             dist.all_reduce(totals)
         return {k: int(v) for k, v in zip(keys, totals.tolist())}
@@ -341,14 +360,14 @@ class Trainer:
         max_batches = max_batches if max_batches is not None else self.args.eval_batches
         self._drain_pipeline()
         self.model.eval()
-        aucs = [BinaryAUROC() for _ in self.tasks]
-        sums = torch.zeros(len(self.tasks) + 1, dtype=torch.float64)  # log-loss sums, then the count
+        aucs = [BinaryAUROC().to(self.device) for _ in self.tasks]
+        sums = torch.zeros(len(self.tasks) + 1, dtype=torch.float64, device=self._collective_device())
         source = data if not hasattr(data, "batch") else (data.batch(i) for i in itertools.count())
         if max_batches is None and hasattr(data, "batch"):
             raise ValueError("evaluating on an endless stream needs eval_batches")
         with torch.no_grad():
             for batch in itertools.islice(iter(source), max_batches):
-                _, (_, logits, labels) = self.model(batch)
+                _, (_, logits, labels) = self.model(self._on_device(batch))
                 for k, auc in enumerate(aucs):
                     auc.update(torch.sigmoid(logits[:, k]), labels[:, k].long())
                 losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
@@ -391,6 +410,19 @@ class Trainer:
             self._it.close()
             self._it = None
 
+    def _collective_device(self) -> torch.device:
+        """Where tensors for collectives live: NCCL reduces CUDA tensors only."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _on_device(self, batch: Any) -> Any:
+        """The batch on the training device (pinned and copied without blocking on GPUs; the
+        pipeline moves its own)."""
+        if self.device.type == "cpu" or not hasattr(batch, "to"):
+            return batch
+        if hasattr(batch, "pin_memory"):
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
     def _total_steps(self) -> int:
         if self.args.steps is not None:
             return self.args.steps
@@ -408,7 +440,7 @@ class Trainer:
         self.optimizer.zero_grad()
         total, last = 0.0, None
         for _ in range(acc):
-            batch = next(it)
+            batch = self._on_device(next(it))
             loss, (_, logits, labels) = self.model(batch)
             (loss / acc).backward()
             total += float(loss.detach()) / acc
@@ -446,7 +478,7 @@ class Trainer:
         t0, ex0, wait0 = time.perf_counter(), self.examples, self.data_wait["wait"]
         window_loss: List[float] = []
         window_t, window_ex = time.perf_counter(), self.examples
-        train_auc = [BinaryAUROC() for _ in self.tasks]  # progressive: each batch is scored before its update
+        train_auc = [BinaryAUROC().to(self.device) for _ in self.tasks]  # progressive: each batch is scored before its update
         while self.step < total:
             try:
                 loss, logits, labels = self._one_step(self._batches())

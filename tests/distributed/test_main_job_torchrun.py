@@ -29,7 +29,7 @@ def final_aucs(stdout):
 def test_main_job_two_ranks(tmp_path):
     out = torchrun_train("synthetic_dlrm.toml", tmp_path / "run", "--steps", "100",
                          "--set", "trainer.eval_every=50", "--set", "trainer.save_every=50")
-    assert "DLRM on synthetic clicks, sharded over 2 ranks (gloo)" in out
+    assert "DLRM on synthetic clicks, sharded over 2 ranks (gloo, cpu)" in out
     assert "examples/s" in out and "checkpoint" in out
     assert final_aucs(out)["ctr"] > 0.7
     records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]

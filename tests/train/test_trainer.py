@@ -343,3 +343,30 @@ ops = [{ op = "bucketize", boundaries = [0.5, 1.0, 2.0] }]
     batch = next(iter(run.train_data))
     assert batch.sparse_features.keys() == ["cat_0", "cat_1_x_cat_2", "I1_bucket"]
     assert int(batch.sparse_features["cat_0"].values().max()) < 1000
+
+
+def test_device_choice_follows_the_machine_and_the_setting(monkeypatch):
+    from recis_torchrec.train import trainer as trainer_mod
+
+    assert trainer_mod.resolve_device("auto") == torch.device("cpu")  # no GPU here
+    assert trainer_mod.resolve_device("cpu") == torch.device("cpu")
+    assert trainer_mod.backend_for(torch.device("cpu")) == "gloo"
+    with pytest.raises((RuntimeError, NotImplementedError), match="CUDA"):
+        trainer_mod.resolve_device("cuda")
+    # A GPU machine with a RECIS_CUDA=1 build, faked: auto picks cuda:LOCAL_RANK, and NCCL.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(trainer_mod, "cuda_tables_available", lambda: True)
+    monkeypatch.setattr(trainer_mod, "require_cuda", lambda what: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    device = trainer_mod.resolve_device("auto")
+    assert device == torch.device("cuda", 1) and trainer_mod.backend_for(device) == "nccl"
+    assert trainer_mod.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda'"):
+        TrainingArguments(output_dir="x", steps=1, device="tpu")
+
+
+def test_cli_refuses_a_cuda_device_without_one(tmp_path, capsys):
+    argv = ["--config", SYNTHETIC, "--output-dir", str(tmp_path / "r"), "--steps", "2", "--set", 'trainer.device="cuda"']
+    assert main(argv + QUIET) == 2
+    assert "[trainer].device" in capsys.readouterr().err
