@@ -129,12 +129,10 @@ def _train_rows(cfg: Dict[str, Any], kjt) -> List[Any]:
 def _hashtable_rows(cfg: Dict[str, Any], g: torch.Generator) -> List[Any]:
     import recis_torchrec as rt
     from benchmarks.suite import Row
-    from recis_torchrec.modules.cuda_table import CudaHashTable
 
     n = cfg["hash_keys"]
     keys = torch.randint(-(2**62), 2**62, (n,), generator=g).cuda()
-    ht = CudaHashTable("bench", 1, 0, rt.HashTableOptions(initial_capacity=n, block_rows=1 << 20),
-                       device=torch.device("cuda"))
+    ht = rt.HashTable("bench", 1, 0, rt.HashTableOptions(initial_capacity=n, block_rows=1 << 20), device="cuda")
     for chunk in keys.split(1 << 22):
         ht.find_or_insert(chunk)
     probe = keys[torch.randperm(n, generator=g).cuda()]

@@ -420,7 +420,7 @@ def plots(results: Dict[str, Any], prefix: str) -> List[str]:
 
 def run(mode_name: str, sections: Optional[List[str]] = None, out_dir: str = RESULTS_DIR) -> Dict[str, Any]:
     mode = MODES[mode_name]
-    from recis_torchrec.modules.cuda_table import cuda_tables_available
+    from recis_torchrec.ops.devices import cuda_tables_available
 
     want = sections or ["embedding", "hashtable", "features", "loader", "paths"] + (["dmp"] if mode["dmp"] else [])
     if sections is None and cuda_tables_available():

@@ -246,6 +246,201 @@ std::tuple<at::Tensor, at::Tensor> gpu_bucketize_by_owner(const at::Tensor& ids,
   return {perm, counts};
 }
 
+// -- The shared ops (csrc/ops/schema.cpp) under the CUDA dispatch key ------------------
+//
+// The same ops as the CPU's, on CUDA tensors and CUDA tables. Host-device
+// synchronisation: the segment and feature boundaries (F + 1 values) are read
+// to the host once per call; find_or_insert reads the row counter back once per
+// table (csrc/cuda/gpu_table.h). Nothing else waits for the device.
+
+// Host copies of `offsets` at the given bag indices.
+std::vector<int64_t> boundaries(const at::Tensor& offsets, int64_t num_features, int64_t batch) {
+  auto idx = at::arange(0, num_features * batch + 1, batch > 0 ? batch : 1, offsets.options());
+  if (batch == 0) idx = at::zeros({num_features + 1}, offsets.options());
+  const auto host = offsets.index_select(0, idx).cpu();
+  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+}
+
+std::vector<int64_t> host_values(const at::Tensor& t) {
+  const auto host = t.to(at::kCPU, at::kLong).contiguous();
+  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+}
+
+at::Tensor segmented_lookup(at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& segment_offsets,
+                            bool insert, const char* op) {
+  check_cuda_1d(ids, op, "ids", at::kLong);
+  const auto seg = host_values(segment_offsets);
+  TORCH_CHECK(seg.size() == tables.size() + 1 && seg.front() == 0 && seg.back() == ids.numel(), op,
+              ": segment_offsets must hold len(tables) + 1 offsets from 0 to ", ids.numel());
+  c10::cuda::CUDAGuard guard(ids.device());
+  const auto ids_c = ids.contiguous();
+  auto rows = at::full_like(ids_c, -1);
+  for (size_t s = 0; s < tables.size(); ++s) {
+    const int64_t b = seg[s], n = seg[s + 1] - seg[s];
+    TORCH_CHECK(n >= 0, op, ": segment_offsets decrease at segment ", s);
+    if (tables[s] < 0 || n == 0) continue;
+    rows.narrow(0, b, n).copy_(lookup_rows(tables[s], ids_c.narrow(0, b, n), insert, op));
+  }
+  return rows;
+}
+
+at::Tensor find_cuda(at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& segment_offsets) {
+  return segmented_lookup(tables, ids, segment_offsets, false, "recis::find");
+}
+
+at::Tensor find_or_insert_cuda(at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& segment_offsets,
+                               int64_t clock) {
+  (void)clock;  // CUDA tables keep no access metadata (no TTL or cap): nothing to mark
+  return segmented_lookup(tables, ids, segment_offsets, true, "recis::find_or_insert");
+}
+
+struct CudaLayout {
+  int64_t num_features = 0, batch = 0;
+  std::vector<int64_t> bounds;  // value offset of each feature's first bag, and the end
+};
+
+CudaLayout cuda_layout(const char* op, const at::Tensor& ids, const at::Tensor& offsets, at::IntArrayRef feature_table,
+                       at::IntArrayRef feature_mode, at::IntArrayRef feature_col, at::IntArrayRef tables,
+                       int64_t out_dim) {
+  check_cuda_1d(offsets, op, "offsets", at::kLong);
+  CudaLayout l;
+  l.num_features = static_cast<int64_t>(feature_table.size());
+  TORCH_CHECK(l.num_features > 0 && feature_mode.size() == feature_table.size() &&
+                  feature_col.size() == feature_table.size(),
+              op, ": feature_table, feature_mode and feature_col must be non-empty and of one length");
+  TORCH_CHECK((offsets.numel() - 1) % l.num_features == 0, op, ": offsets has ", offsets.numel(),
+              " entries, which is not num_features * batch_size + 1");
+  l.batch = (offsets.numel() - 1) / l.num_features;
+  l.bounds = boundaries(offsets, l.num_features, l.batch);
+  TORCH_CHECK(l.bounds.front() == 0 && l.bounds.back() == ids.numel(), op, ": offsets run from ", l.bounds.front(),
+              " to ", l.bounds.back(), " over ", ids.numel(), " ids");
+  for (int64_t f = 0; f < l.num_features; ++f) {
+    const int64_t t = feature_table[f];
+    TORCH_CHECK(t >= -1 && t < static_cast<int64_t>(tables.size()), op, ": feature index ", f, " names table ", t);
+    TORCH_CHECK(l.bounds[f + 1] >= l.bounds[f], op, ": offsets decrease inside feature index ", f);
+    if (t < 0) continue;
+    TORCH_CHECK(feature_mode[f] == cuda::kPoolSum || feature_mode[f] == cuda::kPoolMean, op, ": feature index ", f,
+                " has pooling mode ", feature_mode[f]);
+    TORCH_CHECK(feature_col[f] >= 0 && feature_col[f] + table_ptr(tables[t], op)->dim() <= out_dim, op,
+                ": feature index ", f, " writes columns outside the output's ", out_dim);
+  }
+  return l;
+}
+
+// The bags of feature f, rebased to its own values (num_bags + 1 offsets).
+at::Tensor feature_offsets(const at::Tensor& offsets, const CudaLayout& l, int64_t f) {
+  return offsets.narrow(0, f * l.batch, l.batch + 1) - l.bounds[f];
+}
+
+void pool_features(at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& rows, const at::Tensor& offsets,
+                   const c10::optional<at::Tensor>& weights, const CudaLayout& l, at::IntArrayRef feature_table,
+                   at::IntArrayRef feature_mode, at::IntArrayRef feature_col, const at::Tensor& out) {
+  for (int64_t f = 0; f < l.num_features; ++f) {
+    const int64_t t = feature_table[f];
+    if (t < 0 || l.batch == 0) continue;
+    const int64_t b = l.bounds[f], n = l.bounds[f + 1] - b;
+    c10::optional<at::Tensor> w;
+    if (weights.has_value()) w = weights->narrow(0, b, n);
+    gpu_pooled_forward(tables[t], ids.narrow(0, b, n), rows.narrow(0, b, n), feature_offsets(offsets, l, f), w,
+                       feature_mode[f], out, feature_col[f]);
+  }
+}
+
+at::Tensor pooled_forward_cuda(at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& rows,
+                               const at::Tensor& offsets, const c10::optional<at::Tensor>& per_sample_weights,
+                               at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
+                               at::IntArrayRef feature_col, int64_t out_dim) {
+  const char* op = "recis::pooled_forward";
+  check_cuda_1d(ids, op, "ids", at::kLong);
+  c10::cuda::CUDAGuard guard(ids.device());
+  const CudaLayout l = cuda_layout(op, ids, offsets, feature_table, feature_mode, feature_col, tables, out_dim);
+  auto out = at::zeros({l.batch, out_dim}, ids.options().dtype(at::kFloat));
+  pool_features(tables, ids.contiguous(), rows.contiguous(), offsets.contiguous(), per_sample_weights, l,
+                feature_table, feature_mode, feature_col, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lookup_pooled_forward_cuda(
+    at::IntArrayRef tables, const at::Tensor& ids, const at::Tensor& offsets,
+    const c10::optional<at::Tensor>& per_sample_weights, at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
+    at::IntArrayRef feature_col, int64_t out_dim, bool insert, int64_t clock) {
+  (void)clock;
+  const char* op = "recis::lookup_pooled_forward";
+  check_cuda_1d(ids, op, "ids", at::kLong);
+  c10::cuda::CUDAGuard guard(ids.device());
+  const CudaLayout l = cuda_layout(op, ids, offsets, feature_table, feature_mode, feature_col, tables, out_dim);
+  const auto ids_c = ids.contiguous();
+  auto rows = at::full_like(ids_c, -1);
+  // One lookup per table, over all its features' values (one row-counter read per table).
+  for (int64_t t = 0; t < static_cast<int64_t>(tables.size()); ++t) {
+    std::vector<at::Tensor> parts;
+    for (int64_t f = 0; f < l.num_features; ++f) {
+      if (feature_table[f] == t) parts.push_back(ids_c.narrow(0, l.bounds[f], l.bounds[f + 1] - l.bounds[f]));
+    }
+    if (parts.empty()) continue;
+    const auto found = lookup_rows(tables[t], at::cat(parts), insert, op);
+    int64_t at_ = 0;
+    for (int64_t f = 0; f < l.num_features; ++f) {
+      if (feature_table[f] != t) continue;
+      const int64_t n = l.bounds[f + 1] - l.bounds[f];
+      rows.narrow(0, l.bounds[f], n).copy_(found.narrow(0, at_, n));
+      at_ += n;
+    }
+  }
+  auto out = at::zeros({l.batch, out_dim}, ids.options().dtype(at::kFloat));
+  pool_features(tables, ids_c, rows, offsets.contiguous(), per_sample_weights, l, feature_table, feature_mode,
+                feature_col, out);
+  return {out, rows};
+}
+
+void pooled_backward_update_cuda(at::IntArrayRef tables, const at::Tensor& grad_output, const at::Tensor& rows,
+                                 const at::Tensor& offsets, const c10::optional<at::Tensor>& per_sample_weights,
+                                 at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
+                                 at::IntArrayRef feature_col, int64_t optimizer, double learning_rate, double eps,
+                                 double beta1, double beta2, double weight_decay, int64_t weight_decay_mode,
+                                 at::IntArrayRef steps) {
+  const char* op = "recis::pooled_backward_update";
+  check_cuda_1d(rows, op, "rows", at::kLong);
+  TORCH_CHECK(steps.size() == tables.size(), op, ": steps must hold one update count per table");
+  c10::cuda::CUDAGuard guard(rows.device());
+  const CudaLayout l =
+      cuda_layout(op, rows, offsets, feature_table, feature_mode, feature_col, tables, grad_output.size(1));
+  const auto grad = grad_output.contiguous();
+  // Per table, its features' bags as one list (their gradient columns stacked, offsets rebased), so
+  // a row read by several features gets one optimizer update.
+  for (int64_t t = 0; t < static_cast<int64_t>(tables.size()); ++t) {
+    std::vector<int64_t> feats;
+    for (int64_t f = 0; f < l.num_features; ++f) {
+      if (feature_table[f] == t) feats.push_back(f);
+    }
+    if (feats.empty() || l.batch == 0) continue;
+    const int64_t dim = table_ptr(tables[t], op)->dim();
+    std::vector<at::Tensor> r, w, o, g;
+    int64_t base = 0;
+    for (size_t j = 0; j < feats.size(); ++j) {
+      const int64_t f = feats[j], b = l.bounds[f], n = l.bounds[f + 1] - b;
+      r.push_back(rows.narrow(0, b, n));
+      if (per_sample_weights.has_value()) w.push_back(per_sample_weights->narrow(0, b, n));
+      auto fo = feature_offsets(offsets, l, f) + base;
+      o.push_back(j + 1 == feats.size() ? fo : fo.narrow(0, 0, l.batch));
+      g.push_back(grad.narrow(1, feature_col[f], dim));
+      base += n;
+    }
+    c10::optional<at::Tensor> tw;
+    if (!w.empty()) tw = at::cat(w);
+    gpu_pooled_backward_update(tables[t], at::cat(r), at::cat(o), tw, feature_mode[feats[0]], at::cat(g).contiguous(),
+                               0, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode,
+                               steps[t]);
+  }
+}
+
+at::Tensor pooled_weight_grad_cuda(at::IntArrayRef, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef) {
+  TORCH_CHECK(false, "recis::pooled_weight_grad: per-sample weight gradients are not implemented on CUDA tables yet "
+                     "(use weights that do not require grad, or CPU tables)");
+  return at::Tensor();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(recis, m) {
@@ -267,6 +462,12 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
 }
 
 TORCH_LIBRARY_IMPL(recis, CUDA, m) {
+  m.impl("find", &find_cuda);
+  m.impl("find_or_insert", &find_or_insert_cuda);
+  m.impl("pooled_forward", &pooled_forward_cuda);
+  m.impl("lookup_pooled_forward", &lookup_pooled_forward_cuda);
+  m.impl("pooled_backward_update", &pooled_backward_update_cuda);
+  m.impl("pooled_weight_grad", &pooled_weight_grad_cuda);
   m.impl("gpu_find", &gpu_find);
   m.impl("gpu_find_or_insert", &gpu_find_or_insert);
   m.impl("gpu_pooled_forward", &gpu_pooled_forward);

@@ -38,7 +38,6 @@ from recis_torchrec.distributed.embeddingbag import (
     HashContext,
     ShardedTablesMixin,
     checked_process_group,
-    lookup_group,
     shard_table,
 )
 from recis_torchrec.modules.hash_embedding_bag import OptionsArg, module_device, resolve_options
@@ -162,7 +161,7 @@ class ShardedHashEmbeddingCollection(
         self._optim.set_sharding(*self._state_sharding(), self._row_filter())
         # One lookup group per hash table, in config order; shared ones are filled in on first use.
         self._groups: List[Optional[LookupGroup]] = [
-            None if c.name in self._shared_names else lookup_group([self._tables[c.name]], self._optim, self._device)
+            None if c.name in self._shared_names else LookupGroup([self._tables[c.name]], self._optim)
             for c in self._hash_configs
         ]
         self._set_torchrec_child(torchrec_child)
@@ -202,7 +201,7 @@ class ShardedHashEmbeddingCollection(
                     f"{self._fqn}: table {c.name!r} is shared with an EmbeddingBagCollection sharded on another "
                     f"device ({getattr(table, 'device', 'cpu')}); this module is on {self._device}"
                 )
-            self._groups[t] = lookup_group([table], optim, self._device)
+            self._groups[t] = LookupGroup([table], optim)
 
     # -- TorchRec interface ----------------------------------------------------
 
@@ -249,13 +248,7 @@ class ShardedHashEmbeddingCollection(
         n = ctx.num_torchrec_inputs
         if self.torchrec is not None:
             torchrec_out = self.torchrec.compute(ctx.torchrec_ctx, KJTList(list(dist_input)[:n]))
-        if self._device.type == "cuda":
-            rows = [group.sequence(dist_input[n + t].values(), self.training) for t, group in enumerate(self._groups)]
-        else:
-            rows = [
-                sequence_lookup(group, dist_input[n + t].values(), self.training)
-                for t, group in enumerate(self._groups)
-            ]
+        rows = [sequence_lookup(group, dist_input[n + t].values(), self.training) for t, group in enumerate(self._groups)]
         return torchrec_out, rows
 
     def output_dist(

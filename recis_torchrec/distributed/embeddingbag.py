@@ -67,15 +67,6 @@ def shard_table(config, optimizer_config, options, world_size: int, device: torc
     return make_table(config, optimizer_config, options, (config.num_embeddings + world_size - 1) // world_size, device)
 
 
-def lookup_group(tables, optimizer, device: torch.device):
-    """The differentiable lookup over ``tables``: LookupGroup, or CudaLookupGroup on a GPU."""
-    if device.type == "cuda":
-        from recis_torchrec.modules.cuda_table import CudaLookupGroup
-
-        return CudaLookupGroup(tables, optimizer)
-    return LookupGroup(tables, optimizer)
-
-
 class HashContext(Multistreamable):
     """Per-step state a sharded hash module keeps from input dist to output dist: the TorchRec
     child's context, and the slots TorchRec's KJTListSplitsAwaitable reads."""
@@ -374,7 +365,7 @@ class ShardedHashEmbeddingBagCollection(
                     modes.append(_POOLING[c.pooling])
                     cols.append(col)
                     col += c.embedding_dim
-            lookup = lookup_group([self._tables[c.name] for c in tables], self._optim, self._device)
+            lookup = LookupGroup([self._tables[c.name] for c in tables], self._optim)
             mean_keys = [k for k, m in enumerate(modes) if m == ops.POOLING_MEAN]
             sum_modes = [ops.POOLING_SUM] * len(modes)
             groups.append(_Group(tables, keys, names, dims, BagLayout(ft, sum_modes, cols, col), mean_keys, lookup))
@@ -460,12 +451,7 @@ class ShardedHashEmbeddingBagCollection(
         for g, group in enumerate(self._groups):
             kjt = dist_input[n + g]
             weights = kjt.weights_or_none() if self._is_weighted else None
-            layout = group.layout
-            if self._device.type == "cuda":
-                from recis_torchrec.modules.cuda_table import CudaLookupPlan
-
-                layout = CudaLookupPlan.from_layout(group.layout, kjt, [ops.POOLING_SUM] * len(group.tables))
-            pooled.append(group.lookup(kjt.values(), kjt.offsets(), weights, layout, self.training))
+            pooled.append(group.lookup(kjt.values(), kjt.offsets(), weights, group.layout, self.training))
         return torchrec_out, pooled
 
     def output_dist(self, ctx: HashEBCContext, output: Tuple[Any, List[torch.Tensor]]) -> LazyAwaitable[KeyedTensor]:
@@ -495,6 +481,5 @@ __all__ = [
     "ShardedTablesMixin",
     "ShardedHashEmbeddingBagCollection",
     "checked_process_group",
-    "lookup_group",
     "shard_table",
 ]

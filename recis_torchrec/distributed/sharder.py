@@ -81,7 +81,7 @@ def _check_hash_params(where: str, tables: Dict[str, Any], params: Dict[str, Par
     if device is not None and torch.device(device).type not in ("cpu", "cuda"):
         raise NotImplementedError(f"{where}: hash sharding runs on CPU (gloo) or CUDA (NCCL), got device {device}")
     if device is not None and torch.device(device).type == "cuda":
-        from recis_torchrec.modules.cuda_table import require_cuda
+        from recis_torchrec.ops.devices import require_cuda
 
         require_cuda(f"{where}: hash sharding on {device}")
     for name, p in hash_params.items():

@@ -16,6 +16,7 @@ from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.modules.options import HashTableOptions
 from recis_torchrec.modules.kjt import checked_kjt, expand_batch, explain_kjt, permute_keys, uniform_batch
 from recis_torchrec.modules.state_dict import load_tables, save_tables
+from recis_torchrec.ops.devices import require_cuda
 from recis_torchrec.modules.state_rows import Owner
 from recis_torchrec.modules.tracing import ForwardRef, hash_forward, refuse_scripting
 from recis_torchrec.optim.fused import HashFusedOptimizer
@@ -74,8 +75,6 @@ def module_device(device: Optional[Any], who: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "meta"):
         raise NotImplementedError(f"{who}: device {device} is not supported; use 'cpu', 'cuda' or 'meta'")
     if device.type == "cuda":
-        from recis_torchrec.modules.cuda_table import require_cuda
-
         require_cuda(who)
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -90,7 +89,7 @@ def build_tables(
     device: torch.device = torch.device("cpu"),
 ) -> Dict[str, Any]:
     """A table per TorchRec table config (``EmbeddingBagConfig`` or ``EmbeddingConfig``), checked:
-    ``HashTable`` on the CPU, ``CudaHashTable`` on a GPU. ``optimizer_configs``: each table's
+    ``HashTable``s on ``device``. ``optimizer_configs``: each table's
     ``SparseOptimizerConfig``, by name."""
     per_table = resolve_options(configs, options)
     for name, o in per_table.items():
@@ -113,10 +112,6 @@ def build_tables(
                 f"table {config.name!r}: data_type {config.data_type} is not supported; hash tables store "
                 f"{sorted(d.name for d in ROW_DTYPES)}"
             )
-        if device.type == "cuda" and config.data_type != DataType.FP32:
-            raise NotImplementedError(
-                f"table {config.name!r}: data_type {config.data_type} on CUDA tables is not supported yet (FP32 only)"
-            )
         if not config.feature_names:
             config.feature_names = [config.name]
         repeated = sorted({f for f in config.feature_names if config.feature_names.count(f) > 1})
@@ -134,7 +129,7 @@ ROW_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataTy
 
 
 def make_table(config: Any, optimizer_config, options: HashTableOptions, num_embeddings: int, device: torch.device):
-    """The table of one TorchRec config: a ``HashTable``, or a ``CudaHashTable`` on a GPU.
+    """The table of one TorchRec config, a ``HashTable`` on ``device``.
     ``num_embeddings`` is the capacity hint (a shard's share of the config's, when sharded)."""
     kwargs = dict(
         name=config.name,
@@ -144,11 +139,7 @@ def make_table(config: Any, optimizer_config, options: HashTableOptions, num_emb
         num_embeddings=num_embeddings,
         init_range=(config.get_weight_init_min(), config.get_weight_init_max()),
     )
-    if device.type == "cuda":
-        from recis_torchrec.modules.cuda_table import CudaHashTable
-
-        return CudaHashTable(device=device, **kwargs)
-    return HashTable(**kwargs, dtype=ROW_DTYPES[config.data_type])
+    return HashTable(**kwargs, dtype=ROW_DTYPES[config.data_type], device=device)
 
 
 class HashTablesMixin:
@@ -407,10 +398,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             self._lookups: List[Any] = []
             return
         self._table_list = [self._tables[c.name] for c in tables]
-        group_type = LookupGroup
-        if self._device.type == "cuda":
-            from recis_torchrec.modules.cuda_table import CudaLookupGroup as group_type  # noqa: N813
-        self._lookups = [group_type([self._table_list[t] for t in g], self._optim) for g in self._group_tables]
+        self._lookups = [LookupGroup([self._table_list[t] for t in g], self._optim) for g in self._group_tables]
 
     # -- TorchRec interface ----------------------------------------------------
 
@@ -515,11 +503,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             )
         layouts = plan.group_layouts or [plan.layout]
         pieces = []
-        for lookup, members, layout in zip(self._lookups, self._group_tables, layouts):
-            if self._device.type == "cuda":
-                from recis_torchrec.modules.cuda_table import CudaLookupPlan
-
-                layout = CudaLookupPlan.from_layout(layout, features, [self._table_modes[t] for t in members])
+        for lookup, layout in zip(self._lookups, layouts):
             try:
                 pieces.append(lookup(values, offsets, weights, layout, self.training))
             except RuntimeError:

@@ -129,14 +129,11 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
             return
         # One lookup group per table: each backward counts one update of its own table,
         # through the optimizer of the module that owns the table.
-        group_type = LookupGroup
-        if self._device.type == "cuda":
-            from recis_torchrec.modules.cuda_table import CudaLookupGroup as group_type  # noqa: N813
         borrowed = self._borrowed
         self._groups = [
-            group_type([borrowed[c.name][0]], borrowed[c.name][1])
+            LookupGroup([borrowed[c.name][0]], borrowed[c.name][1])
             if c.name in borrowed
-            else group_type([self._tables[c.name]], self._optim)
+            else LookupGroup([self._tables[c.name]], self._optim)
             for c in self._embedding_configs
         ]
 
@@ -178,10 +175,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
             )
             out: Dict[str, JaggedTensor] = {}
             for t, seq in enumerate(sequences):
-                if self._device.type == "cuda":
-                    rows = self._groups[t].sequence(seq.ids, self.training)
-                else:
-                    rows = sequence_lookup(self._groups[t], seq.ids, self.training)
+                rows = sequence_lookup(self._groups[t], seq.ids, self.training)
                 out.update(jagged_outputs(rows, seq.features, self._need_indices))
         except RuntimeError:
             explain_kjt(features, False, "HashEmbeddingCollection")

@@ -2,7 +2,7 @@
 """``HashTable``: the Python owner of one C++ dynamic table."""
 
 import hashlib
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -10,6 +10,7 @@ from recis_torchrec import ops
 from recis_torchrec.ops import constants
 from recis_torchrec._ext import C
 from recis_torchrec.modules.options import HashTableOptions
+from recis_torchrec.ops.devices import require_cuda
 
 
 # The most rows reserved up front from a config's num_embeddings hint.
@@ -50,11 +51,12 @@ def table_parameters(
 
 
 class HashTable:
-    """One dynamic table: an IdMap from int64 ids to rows, plus row blocks.
+    """One dynamic table: an IdMap from int64 ids to rows, plus row blocks, on the CPU or a GPU.
 
-    Each row holds ``dim`` embedding floats and ``state_dim`` optimizer-state
+    Each row holds ``dim`` embedding values and ``state_dim`` optimizer-state
     floats. The table is released when this object is garbage collected.
-    Copying (``copy.deepcopy``) and pickling copy the rows.
+    Copying (``copy.deepcopy``) and pickling copy the rows into a new table.
+    The ``recis`` ops run on whichever device the table and the ids are on.
 
     Args:
         name: the table's name; it seeds the per-id initialiser.
@@ -66,7 +68,10 @@ class HashTable:
         init_range: default uniform bounds when the options leave them None.
         dtype: how the embedding elements are stored: ``torch.float32``, ``torch.float16`` or
             ``torch.bfloat16`` (optimizer state is float32 either way; arithmetic is float32, and
-            16-bit rows are rounded to nearest even when written).
+            16-bit rows are rounded to nearest even when written). CUDA tables: float32.
+        device: ``"cpu"`` (None) or a CUDA device (a ``RECIS_CUDA=1`` build); ``options.device``
+            and ``options.host_rows`` choose it too. CUDA tables have no admission, TTL or cap
+            (they raise) and dims up to 1024.
     """
 
     def __init__(
@@ -78,17 +83,14 @@ class HashTable:
         num_embeddings: int = 0,
         init_range: Tuple[float, float] = (-0.01, 0.01),
         dtype: torch.dtype = torch.float32,
+        device: Optional[Any] = None,
     ) -> None:
         if dtype not in ROW_TYPES:
             raise ValueError(f"HashTable {name!r}: dtype {dtype} is not supported; use one of {list(ROW_TYPES)}")
         if dim <= 0:
             raise ValueError(f"HashTable {name!r}: dim must be > 0, got {dim}")
         options = options or HashTableOptions()
-        if options.host_rows or (options.device is not None and torch.device(options.device).type != "cpu"):
-            raise ValueError(
-                f"HashTable {name!r}: options ask for a CUDA table (device={options.device!r}, "
-                f"host_rows={options.host_rows}); CUDA tables are CudaHashTable (a module with device='cuda')"
-            )
+        self.device = _table_device(name, device, options)
         self.name = name
         self.dim = dim
         self.state_dim = state_dim
@@ -96,68 +98,114 @@ class HashTable:
         self.num_embeddings = num_embeddings
         self.init_range = init_range
         self.dtype = dtype
-        kind, a, b, seed, capacity = table_parameters(name, options, num_embeddings, init_range)
-        self.handle: int = C.create_table(
-            dim,
-            state_dim,
-            int(capacity),
-            options.block_rows,
-            kind,
-            float(a),
-            float(b),
-            seed,
-            admit_threshold=options.admit_threshold,
-            ttl_steps=options.ttl_steps or 0,
-            max_capacity=options.max_capacity or 0,
-            policy=options.policy_code(),
-            row_type=ROW_TYPES[dtype],
+        self.handle: Optional[int] = None
+        if self.device.type == "cuda":
+            _check_cuda_table(name, dim, dtype, options)
+        self.handle = self._create()
+
+    def _create(self) -> int:
+        kind, a, b, seed, capacity = table_parameters(self.name, self.options, self.num_embeddings, self.init_range)
+        o = self.options
+        if self.device.type == "cuda":  # CUDA tables live in the CUDA library's registry
+            return torch.ops.recis.gpu_table_create(
+                self.dim, self.state_dim, capacity, o.block_rows, kind, a, b, _signed64(seed), o.host_rows,
+                self.device.index,
+            )
+        return C.create_table(
+            self.dim, self.state_dim, int(capacity), o.block_rows, kind, float(a), float(b), seed,
+            admit_threshold=o.admit_threshold, ttl_steps=o.ttl_steps or 0, max_capacity=o.max_capacity or 0,
+            policy=o.policy_code(), row_type=ROW_TYPES[self.dtype],
         )
+
+    def _release(self, handle: int) -> None:
+        if self.device.type == "cuda":
+            torch.ops.recis.gpu_table_release(handle)
+        else:
+            C.release_table(handle)
 
     def __del__(self) -> None:
         handle = getattr(self, "handle", None)
         if handle is not None and C is not None:
-            C.release_table(handle)
+            try:
+                self._release(handle)
+            except Exception:  # noqa: BLE001 - interpreter shutdown may have torn the ops down
+                pass
             self.handle = None
 
     # -- introspection -------------------------------------------------------
 
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
     def __len__(self) -> int:
-        return C.table_info(self.handle)["rows"]
+        return self.info()["rows"]
 
     def info(self) -> Dict[str, int]:
-        """rows, capacity, memory_bytes, dim, state_dim, row_bytes (bytes from one row to the next), num_blocks, block_rows,
-        and the hygiene counters: admitted, evicted, rejected (lookups refused a row),
+        """rows, capacity, memory_bytes, dim, state_dim, row_bytes (bytes from one row to the next), num_blocks,
+        block_rows, and the hygiene counters: admitted, evicted, rejected (lookups refused a row),
         pending (ids counted toward admission)."""
+        if self.is_cuda:  # the CUDA table reports its row count only
+            rows = int(torch.ops.recis.gpu_table_size(self.handle))
+            row_bytes = 4 * (self.dim + self.state_dim)
+            return {"rows": rows, "capacity": rows, "memory_bytes": rows * row_bytes, "dim": self.dim,
+                    "state_dim": self.state_dim, "row_bytes": row_bytes, "num_blocks": 0, "block_rows": 0,
+                    "admitted": rows, "evicted": 0, "rejected": 0, "pending": 0}
         return C.table_info(self.handle)
 
     def memory_bytes(self) -> int:
         """Bytes held by the IdMap and the row blocks."""
-        return C.table_info(self.handle)["memory_bytes"]
+        return self.info()["memory_bytes"]
 
     def __repr__(self) -> str:
         info = self.info()
         return (
-            f"HashTable(name={self.name!r}, dim={self.dim}, state_dim={self.state_dim}, rows={info['rows']}, "
-            f"memory={info['memory_bytes'] / 2**20:.1f} MiB)"
+            f"HashTable(name={self.name!r}, dim={self.dim}, state_dim={self.state_dim}, device={self.device}, "
+            f"rows={info['rows']}, memory={info['memory_bytes'] / 2**20:.1f} MiB)"
         )
 
     # -- data ------------------------------------------------------------------
 
+    def _ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.reshape(-1).to(device=self.device, dtype=torch.int64)
+
     def find(self, ids: torch.Tensor) -> torch.Tensor:
-        return ops.find(self, ids)
+        return ops.find(self, self._ids(ids))
 
     def find_or_insert(self, ids: torch.Tensor) -> torch.Tensor:
-        return ops.find_or_insert(self, ids)
+        return ops.find_or_insert(self, self._ids(ids))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings ``(n, dim)`` of ids, as the model sees them, inserting nothing.
+
+        Ids without a row read their initial value.
+        """
+        ids = self._ids(ids)
+        rows = self.find(ids)
+        offsets = torch.arange(ids.numel() + 1, dtype=torch.int64, device=self.device)
+        return ops.pooled_forward([self], ids, rows, offsets, None, [0], [ops.POOLING_SUM], [0], self.dim)
 
     def export(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ids (n,), weights (n, dim) of the table's dtype, state (n, state_dim))`` of the live rows, in row
-        order."""
-        ids, weights, state, _ = ops.table_export(self)
+        """``(ids (n,), weights (n, dim) of the table's dtype, state (n, state_dim))`` of the live rows, on the
+        CPU (in row order; a CUDA table's ordered by id)."""
+        ids, weights, state, _ = self.export_rows()
         return ids, weights, state
 
     def export_rows(self, since: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids, weights, state, meta (n, 3) = (last_seen, last_update, freq))`` of the
-        live rows written after update ``since`` (-1: all)."""
+        live rows written after update ``since`` (-1: all), on the CPU."""
+        if self.is_cuda:  # the CUDA table exports ids and whole rows; it keeps no row metadata
+            if since != -1:
+                raise NotImplementedError(
+                    f"HashTable {self.name!r}: delta exports (rows written since an update) are not supported on "
+                    "CUDA tables yet"
+                )
+            ids, data = torch.ops.recis.gpu_table_export(self.handle, self.device.index)
+            ids, data = ids.cpu(), data.cpu()
+            order = torch.argsort(ids)
+            ids, data = ids[order], data[order]
+            meta = torch.zeros(ids.numel(), 3, dtype=torch.int64)
+            return ids, data[:, : self.dim].contiguous(), data[:, self.dim :].contiguous(), meta
         return ops.table_export(self, since)
 
     def export_chunk(
@@ -166,7 +214,17 @@ class HashTable:
     ) -> Tuple[int, int]:
         """Copies up to ``ids.numel()`` live rows written after update ``since``, from row index
         ``start`` on, into the buffers; returns ``(rows copied, the start of the next chunk)``. A saver
-        streams a table through fixed buffers with it."""
+        streams a table through fixed buffers with it. (A CUDA table: ``start`` indexes its rows ordered
+        by id, and each call exports the table once.)"""
+        if self.is_cuda:
+            all_ids, all_w, all_s, all_m = self.export_rows(since)
+            n = max(0, min(ids.numel(), all_ids.numel() - start))
+            ids[:n] = all_ids[start : start + n]
+            weights[:n] = all_w[start : start + n]
+            if self.state_dim:
+                state[:n] = all_s[start : start + n]
+            meta[:n] = all_m[start : start + n]
+            return n, start + n
         return C.export_chunk(self.handle, start, since, ids, weights, state, meta)
 
     def import_(
@@ -180,51 +238,85 @@ class HashTable:
         Weights of another float dtype are converted to the table's (rounded to nearest even)."""
         if weights is not None and weights.dtype != self.dtype:
             weights = weights.to(self.dtype)
-        ops.table_import(self, ids, weights, state, meta)
+        if not self.is_cuda:
+            ops.table_import(self, ids, weights, state, meta)
+            return
+        # The CUDA table writes whole rows (embedding and state): absent parts are filled in here.
+        ids = ids.reshape(-1).to(torch.int64).cpu()
+        n = ids.numel()
+        if n == 0:
+            return
+        if weights is not None and tuple(weights.shape) != (n, self.dim):
+            raise ValueError(f"HashTable {self.name!r}: weights must be ({n}, {self.dim}), got {tuple(weights.shape)}")
+        if state is not None and tuple(state.shape) != (n, self.state_dim):
+            raise ValueError(
+                f"HashTable {self.name!r}: state must be ({n}, {self.state_dim}), got {tuple(state.shape)}"
+            )
+        if weights is None:
+            weights = self.lookup(ids).cpu()
+        if state is None:
+            state = torch.zeros(n, self.state_dim)
+            if self.state_dim:
+                cur_ids, _, cur_state = self.export()
+                if cur_ids.numel():
+                    pos = torch.searchsorted(cur_ids, ids).clamp(max=cur_ids.numel() - 1)
+                    hit = cur_ids[pos] == ids
+                    state[hit] = cur_state[pos[hit]]
+        data = torch.cat([weights.to(torch.float32), state.to(torch.float32)], 1).to(self.device)
+        torch.ops.recis.gpu_table_import(self.handle, ids.to(self.device), data.contiguous())
 
     def clear(self) -> None:
-        """Drops every row, the admission counters and the eviction log (rows' memory is kept)."""
-        C.clear(self.handle)
+        """Drops every row, the admission counters and the eviction log (a CPU table keeps the rows' memory;
+        a CUDA table is replaced by an empty one)."""
+        if self.is_cuda:
+            old, self.handle = self.handle, self._create()
+            self._release(old)
+        else:
+            C.clear(self.handle)
+
+    # Admission and eviction (CPU tables: CUDA tables have neither, so these are trivial there).
 
     def evict_stale(self, clock: int) -> int:
         """Evicts now every row not looked up since update ``clock - ttl_steps``; returns how many."""
-        return C.evict_stale(self.handle, clock)
+        return 0 if self.is_cuda else C.evict_stale(self.handle, clock)
 
     def erase(self, ids: torch.Tensor, clock: int = 0) -> int:
         """Frees the rows of ``ids`` (recorded as evicted at ``clock``); returns how many had one."""
+        if self.is_cuda:
+            raise NotImplementedError(f"HashTable {self.name!r}: erase is not supported on CUDA tables yet")
         return C.erase(self.handle, ids.to(torch.int64), clock)
 
     def evicted_since(self, since: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(ids, steps)`` evicted after update ``since``."""
+        if self.is_cuda:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         return C.evicted_since(self.handle, since)
 
     def restart_eviction_log(self, clock: int) -> None:
         """Declares the table restored as it was at update ``clock``: ``evicted_since`` answers for
         the evictions after it and refuses earlier ones. After ``clear()`` and before this (or the
         next training lookup, which does the same at its clock), it refuses every ``since``."""
-        C.restart_eviction_log(self.handle, clock)
+        if not self.is_cuda:
+            C.restart_eviction_log(self.handle, clock)
 
     def export_pending(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(ids, counts)``: sightings of ids still waiting for admission."""
+        if self.is_cuda:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         return C.export_pending(self.handle)
 
     def import_pending(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        if self.is_cuda:
+            if ids.numel():
+                raise ValueError(f"HashTable {self.name!r}: admission counts given to a CUDA table (no admission)")
+            return
         C.import_pending(self.handle, ids.to(torch.int64), counts.to(torch.int64))
-
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """The embeddings ``(n, dim)`` of ids, as the model sees them, inserting nothing.
-
-        Ids without a row read their initial value.
-        """
-        ids = ids.reshape(-1).to(torch.int64)
-        rows = self.find(ids)
-        offsets = torch.arange(ids.numel() + 1, dtype=torch.int64)
-        return ops.pooled_forward([self], ids, rows, offsets, None, [0], [ops.POOLING_SUM], [0], self.dim)
 
     # -- copying -------------------------------------------------------------
 
     def _spec(self):
-        return (self.name, self.dim, self.state_dim, self.options, self.num_embeddings, self.init_range, self.dtype)
+        return (self.name, self.dim, self.state_dim, self.options, self.num_embeddings, self.init_range, self.dtype,
+                self.device)
 
     def __getstate__(self):
         ids, weights, state, meta = self.export_rows()
@@ -243,3 +335,45 @@ class HashTable:
         new.__setstate__(self.__getstate__())
         memo[id(self)] = new
         return new
+
+
+def _signed64(x: int) -> int:
+    return x - 2**64 if x >= 2**63 else x
+
+
+def _table_device(name: str, device: Optional[Any], options: HashTableOptions) -> torch.device:
+    """A table's device: ``device``, else ``options.device`` (CUDA with ``host_rows``), else the CPU."""
+    chosen = device if device is not None else options.device
+    if chosen is None and options.host_rows:
+        chosen = "cuda"
+    chosen = torch.device(chosen if chosen is not None else "cpu")
+    if options.device is not None and torch.device(options.device).type != chosen.type:
+        raise ValueError(f"HashTable {name!r}: HashTableOptions.device={options.device!r} but the table is on {chosen}")
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"HashTable {name!r}: device must be the CPU or a CUDA device, got {chosen}")
+    if options.host_rows and chosen.type != "cuda":
+        raise ValueError(f"HashTable {name!r}: host_rows applies to CUDA tables, but the table is on {chosen}")
+    if chosen.type == "cuda":
+        require_cuda(f"HashTable {name!r}")
+        if chosen.index is None:
+            chosen = torch.device("cuda", torch.cuda.current_device())
+    return chosen
+
+
+def _check_cuda_table(name: str, dim: int, dtype: torch.dtype, options: HashTableOptions) -> None:
+    if dim > 1024:
+        raise ValueError(f"HashTable {name!r}: dim must be <= 1024 on CUDA, got {dim}")
+    if dtype != torch.float32:
+        raise NotImplementedError(f"HashTable {name!r}: CUDA tables store float32 rows only, got {dtype}")
+    unsupported = [
+        f for f, on in (
+            ("admit_threshold", options.admit_threshold > 1),
+            ("ttl_steps", options.ttl_steps is not None),
+            ("max_capacity", options.max_capacity is not None),
+        ) if on
+    ]
+    if unsupported:
+        raise NotImplementedError(
+            f"HashTable {name!r}: {', '.join(unsupported)} (admission and eviction) are not supported on CUDA "
+            "tables yet; use a CPU table or leave them unset"
+        )

@@ -116,10 +116,11 @@ class _SequenceLookup(torch.autograd.Function):
     def forward(ctx, anchor, group, ids, layout, insert):  # type: ignore[override]
         n = ids.numel()
         out, rows = ops.lookup_pooled_forward(
-            group.tables, ids, torch.arange(n + 1, dtype=torch.int64), None, layout.feature_table,
+            group.tables, ids, torch.arange(n + 1, dtype=torch.int64, device=ids.device), None, layout.feature_table,
             layout.feature_mode, layout.feature_col, layout.out_dim, insert, group.clock(),
         )
         ctx.group = group
+        ctx.layout = layout
         ctx.save_for_backward(rows)
         return out
 
@@ -128,6 +129,16 @@ class _SequenceLookup(torch.autograd.Function):
         (rows,) = ctx.saved_tensors
         group = ctx.group
         args = group.optimizer.next_update_args(group.table_names)
+        if rows.is_cuda:
+            # The CUDA backward sorts and reduces the rows itself (segment_sum_rows and sparse_update are
+            # CPU kernels): the bags-of-one gradient goes to it directly.
+            layout = ctx.layout
+            offsets = torch.arange(rows.numel() + 1, dtype=torch.int64, device=rows.device)
+            ops.pooled_backward_update(
+                group.tables, grad_output.to(torch.float32).contiguous(), rows, offsets, None, layout.feature_table,
+                layout.feature_mode, layout.feature_col, update=args,
+            )
+            return (None,) * 5
         keep = rows >= 0  # ids not admitted (or eval lookups) get no update
         grad = grad_output.to(torch.float32)
         if not bool(keep.all()):

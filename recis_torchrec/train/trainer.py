@@ -31,7 +31,7 @@ from recis_torchrec import checkpoint
 from recis_torchrec.checkpoint.files import hash_tables, rank_and_world
 from recis_torchrec.datasets.synthetic import SyntheticClicks
 from recis_torchrec.io.dataset import ColumnarDataset, Prefetcher
-from recis_torchrec.modules.cuda_table import cuda_tables_available, require_cuda
+from recis_torchrec.ops.devices import cuda_tables_available, require_cuda
 from recis_torchrec.train.args import Task, TrainingArguments
 
 

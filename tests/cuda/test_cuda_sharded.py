@@ -13,7 +13,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 
 import recis_torchrec as rt
 from recis_torchrec import ops
-from recis_torchrec.modules.cuda_table import cuda_tables_available
+from recis_torchrec.ops.devices import cuda_tables_available
 from recis_torchrec.testing.multiprocess import run_ranks
 from tests.distributed import test_sharded_ebc as ebc_case
 from tests.distributed import test_sharded_ec as ec_case

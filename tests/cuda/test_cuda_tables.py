@@ -22,7 +22,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 import recis_torchrec as rt
 from recis_torchrec import ops
-from recis_torchrec.modules.cuda_table import CudaHashTable, cuda_tables_available
+from recis_torchrec.ops.devices import cuda_tables_available
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.optim.fused import WeightDecayMode
 from recis_torchrec.testing import random_kjt, reference_adam_rows, reference_rowwise_adagrad_rows
@@ -76,10 +76,7 @@ def test_without_cuda_tables_the_error_says_how_to_get_them():
 
 
 def make_table(device: str, name="t", dim=8, state_dim=0, **options):
-    opts = rt.HashTableOptions(**options)
-    if device == "cpu":
-        return HashTable(name, dim, state_dim, opts, num_embeddings=16)
-    return CudaHashTable(name, dim, state_dim, opts, num_embeddings=16, device=torch.device("cuda"))
+    return HashTable(name, dim, state_dim, rt.HashTableOptions(**options), num_embeddings=16, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
