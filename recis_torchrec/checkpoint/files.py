@@ -14,7 +14,7 @@ from torch import nn
 
 from recis_torchrec import ops
 from recis_torchrec.distributed.embeddingbag import ShardedTablesMixin
-from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin
+from recis_torchrec.modules.hash_module import HashTablesMixin
 from recis_torchrec.modules.hash_table import HashTable
 
 

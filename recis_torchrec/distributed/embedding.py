@@ -40,7 +40,8 @@ from recis_torchrec.distributed.embeddingbag import (
     checked_process_group,
     shard_table,
 )
-from recis_torchrec.modules.hash_embedding_bag import OptionsArg, module_device, resolve_options
+from recis_torchrec.modules.device import module_device
+from recis_torchrec.modules.options import OptionsArg, resolve_options
 from recis_torchrec.modules.hash_embedding_collection import jagged_outputs, sequences_by_table
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup

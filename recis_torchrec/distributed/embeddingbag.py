@@ -38,13 +38,10 @@ from torchrec.streamable import Multistreamable
 
 from recis_torchrec import ops
 from recis_torchrec.distributed.comm import GroupDistContext, IdsSplitsAwaitable, pooled_output_dist
-from recis_torchrec.modules.hash_embedding_bag import (
-    HashTablesMixin,
-    OptionsArg,
-    make_table,
-    module_device,
-    resolve_options,
-)
+from recis_torchrec.modules.device import module_device
+from recis_torchrec.modules.hash_module import HashTablesMixin
+from recis_torchrec.modules.options import OptionsArg, resolve_options
+from recis_torchrec.modules.tables import make_table
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.kjt import checked_kjt, expand_batch, expand_kjt, uniform_batch
 from recis_torchrec.modules.state_dict import import_rows

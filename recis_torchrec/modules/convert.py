@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection, OptionsArg
+from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
+from recis_torchrec.modules.options import OptionsArg
 from recis_torchrec.modules.state_dict import import_rows
 from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
 from recis_torchrec.optim.in_backward import in_backward_by_table

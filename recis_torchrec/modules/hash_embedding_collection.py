@@ -24,7 +24,10 @@ from torchrec.modules.embedding_modules import EmbeddingCollectionInterface, get
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recis_torchrec.modules.hash_embedding_bag import HashTablesMixin, OptionsArg, build_tables, module_device
+from recis_torchrec.modules.device import module_device
+from recis_torchrec.modules.hash_module import HashTablesMixin
+from recis_torchrec.modules.options import OptionsArg
+from recis_torchrec.modules.tables import build_tables
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.kjt import checked_kjt, explain_kjt
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup

@@ -3,7 +3,7 @@
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from recis_torchrec.ops.constants import EVICTION_POLICIES as POLICY_CODES
 from recis_torchrec.ops.constants import INIT_KINDS
@@ -135,3 +135,30 @@ class HashTableOptions:
     def policy_code(self) -> int:
         """The C++ EvictionPolicy code."""
         return POLICY_CODES[self.eviction_policy]
+
+
+OptionsArg = Union[None, HashTableOptions, Mapping[str, HashTableOptions]]
+
+
+def resolve_options(
+    tables: Sequence[Any], options: OptionsArg, strict: bool = True
+) -> Dict[str, HashTableOptions]:
+    """Per-table options from None, one ``HashTableOptions`` for all, or a dict by table name.
+
+    ``strict``: a dict naming a table that is not in ``tables`` is an error. The sharders pass
+    one dict to every module of a model, so the sharded modules read theirs with ``strict=False``.
+    """
+    names = [t.name for t in tables]
+    if options is None:
+        return {n: HashTableOptions() for n in names}
+    if isinstance(options, HashTableOptions):
+        return {n: options for n in names}
+    unknown = sorted(set(options) - set(names))
+    if unknown and strict:
+        raise ValueError(f"options names tables {unknown} that are not in this collection (tables: {names})")
+    for name, o in options.items():
+        if name in unknown:
+            continue
+        if not isinstance(o, HashTableOptions):
+            raise TypeError(f"options[{name!r}] must be a HashTableOptions, got {type(o).__name__}")
+    return {n: options.get(n, HashTableOptions()) for n in names}

@@ -1,0 +1,163 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""What the hash-backed modules share: their tables, fused optimizer, devices and dtypes, and
+state-dict form."""
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from recis_torchrec.modules.device import module_device
+from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.modules.state_dict import load_tables, save_tables
+from recis_torchrec.modules.state_rows import Owner
+from recis_torchrec.modules.tracing import refuse_scripting
+from recis_torchrec.optim.fused import HashFusedOptimizer
+
+
+class HashTablesMixin:
+    """What the hash-backed TorchRec modules share: their tables (``self._tables``), fused
+    optimizer (``self._optim``), CPU device, and state-dict form ``{section}.{table}.weight``
+    plus ``.ids`` (``_state_section``: ``"embedding_bags"`` for the EBC, ``"embeddings"`` for the EC)."""
+
+    _state_section = "embedding_bags"
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def fused_optimizer(self) -> HashFusedOptimizer:
+        return self._optim
+
+    @property
+    def hash_optimizer(self) -> HashFusedOptimizer:
+        """The fused optimizer of this module's hash tables (``fused_optimizer`` of a mixed plan's
+        sharded module also holds TorchRec's)."""
+        return self._optim
+
+    def __prepare_scriptable__(self) -> "HashTablesMixin":
+        refuse_scripting(self)
+        return self
+
+    def reset_parameters(self) -> None:
+        """Re-initialises every row: each id keeps its row, with its initial value and zero optimizer
+        state and metadata (as TorchRec re-initialises its weights). Admission counts and the eviction
+        log are dropped."""
+        for table in self._tables.values():
+            ids = table.export()[0]
+            table.clear()
+            if ids.numel():
+                table.import_(ids)
+
+    # -- devices and dtypes: each either takes effect or raises ---------------------
+
+    def _move(self, device: Optional[torch.device], how: str) -> None:
+        if device is None:
+            return
+        device = torch.device(device)
+        who = type(self).__name__
+        if self._device.type == "meta":
+            if device.type != "meta":  # materialise: build the (empty) tables there
+                self._device = module_device(device, who)
+                self._build()
+            return
+        if device.type == self._device.type and (device.index is None or device == self._device):
+            return
+        if device.type == "meta":
+            raise RuntimeError(
+                f"{who}.{how}(meta): moving a module with hash tables to the meta device would drop its rows; "
+                "build it on meta instead (device='meta')"
+            )
+        raise RuntimeError(
+            f"{who}.{how}({device}): its tables live on {self._device}; build the module on {device} "
+            f"(device=...) or convert the TorchRec model there (rt.convert(model, device=...))"
+        )
+
+    def _check_dtype(self, dtype: Optional[torch.dtype], how: str) -> None:
+        if dtype is not None and dtype != torch.float32:
+            raise RuntimeError(
+                f"{type(self).__name__}.{how}({dtype}): the tables' dtype comes from each config's data_type "
+                "(EmbeddingBagConfig(data_type=...)); converting a module's tables is not supported"
+            )
+
+    def to(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        self._check_dtype(dtype, "to")
+        self._move(device, "to")
+        return super().to(*args, **kwargs)  # children (a TorchRec child of a mixed plan) as usual
+
+    def to_empty(self, *, device: Any, recurse: bool = True):  # type: ignore[override]
+        if self._device.type != "meta":
+            raise RuntimeError(
+                f"{type(self).__name__}.to_empty({device}): the module holds tables with rows; to_empty "
+                "materialises a module built on the meta device"
+            )
+        self._move(device, "to_empty")
+        return self
+
+    def cuda(self, device: Any = None):  # type: ignore[override]
+        self._move(torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int)
+                   else torch.device(device), "cuda")
+        return self
+
+    def cpu(self):  # type: ignore[override]
+        self._move(torch.device("cpu"), "cpu")
+        return self
+
+    def half(self):  # type: ignore[override]
+        self._check_dtype(torch.float16, "half")
+        return self
+
+    def bfloat16(self):  # type: ignore[override]
+        self._check_dtype(torch.bfloat16, "bfloat16")
+        return self
+
+    def double(self):  # type: ignore[override]
+        self._check_dtype(torch.float64, "double")
+        return self
+
+    def float(self):  # type: ignore[override]
+        return self
+
+    def type(self, dst_type: Any):  # type: ignore[override]
+        raise RuntimeError(f"{type(self).__name__}.type({dst_type}): not supported on hash tables")
+
+    def tables(self) -> Dict[str, HashTable]:
+        """The tables by name (none while the module is on the meta device)."""
+        return dict(self._tables)
+
+    def table_stats(self) -> Dict[str, Dict[str, int]]:
+        """Rows, capacity and memory of every table."""
+        return {name: t.info() for name, t in self._tables.items()}
+
+    def _state_sharding(self) -> Optional[Tuple[Any, Owner, torch.device]]:
+        """(process group, this rank, collective device) when the rows are a shard; None: all rows."""
+        return None
+
+    def _row_filter(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """Which ids of loaded rows this module keeps (``ids -> bool mask``); None: all of them.
+        A shard keeps the ids its rank owns."""
+        return None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        save_tables(self._tables, destination, prefix, section=self._state_section, sharding=self._state_sharding())
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        ours = load_tables(
+            self._tables, state_dict, prefix, missing_keys, error_msgs, keep=self._row_filter(),
+            section=self._state_section,
+        )
+        # The base class loads nothing here (the module has no parameters) but
+        # reports, when strict, keys under this prefix that are not ours.
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k not in ours},
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
