@@ -43,10 +43,10 @@ bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 # On a machine with a GPU: rebuild the extension with the CUDA tables and kernels (RECIS_CUDA=1),
-# run every CUDA test (each also runs its CPU case) and the 2-rank sharded tests, then the GPU
-# benchmarks. PY may point at another interpreter that has torch (CUDA), torchrec and fbgemm-gpu-cpu.
+# run every test's CUDA case (the tests parametrised over devices(), the GPU-only ones and the NCCL
+# sharded tests: their ids name cuda or gpu), then the GPU benchmarks. PY may point at another interpreter that has torch (CUDA), torchrec and fbgemm-gpu-cpu.
 gpu-check:
 	RECIS_CUDA=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	$(PY) -m pytest -q -rs tests/cuda tests/features/test_cuda.py tests/distributed
+	$(PY) -m pytest -q -rs tests -k "cuda or gpu"
 	$(PY) -m benchmarks --quick --only gpu
 

@@ -5,7 +5,7 @@ A Criteo-shaped batch: 26 categorical features (one raw id per sample, Zipf
 over 1e6 values, some missing) hashed with a per-feature salt and modded to
 2**24; 13 dense columns bucketized against 16 boundaries each (log-spaced, as
 Criteo's counts are); 3 crosses of categorical pairs, modded to 2**24. Batch
-4096. The baseline is ``recis_torchrec.features.reference_engine``: the same
+4096. The baseline is ``recis_torchrec.testing.feature_reference.reference_engine``: the same
 specs, one feature and one torch op at a time (the hashes as torch integer
 arithmetic), which is what a user writes without the engine. Both produce the
 same KJT (checked). Runs alternate; medians of the runs.
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from recis_torchrec.features import Cross, Feature, FeatureEngine, reference_engine
+from recis_torchrec.features import Cross, Feature, FeatureEngine
+from recis_torchrec.testing.feature_reference import reference_engine
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 

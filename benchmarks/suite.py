@@ -209,7 +209,7 @@ def hashtable(mode: Dict[str, Any]) -> Dict[str, Any]:
                             16 * queries, queries, "keys", threads))
             rows.append(Row("hashtable", f"find | {bench}", "sorted_searchsorted", s["remap"], "sorted_searchsorted",
                             16 * queries, queries, "keys", threads))
-            um = torch.ops.recis.bench_unordered_map(keys, q)
+            um = torch.ops.recis_bench.unordered_map(keys, q)
             rows.append(Row("hashtable", f"find | {bench}", "std_unordered_map", [float(um[1]) * 1e3],
                             "sorted_searchsorted", 16 * queries, queries, "keys", 1))
             rows.append(Row("hashtable", f"insert | {bench}", "recis_torchrec", [insert_s * 1e3], "std_unordered_map",
@@ -235,8 +235,9 @@ def hashtable(mode: Dict[str, Any]) -> Dict[str, Any]:
 def features(mode: Dict[str, Any]) -> Dict[str, Any]:
     from benchmarks.bench_features import criteo_batch, criteo_specs
     from recis_torchrec import ops
-    from recis_torchrec.features import FeatureEngine, reference_engine
-    from recis_torchrec.features import reference as ref
+    from recis_torchrec.features import FeatureEngine
+    from recis_torchrec.testing import feature_reference as ref
+    from recis_torchrec.testing.feature_reference import reference_engine
 
     B = mode["feature_batch"]
     kjt, dense = criteo_batch(B)

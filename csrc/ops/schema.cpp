@@ -143,9 +143,4 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   m.def(
       "feature_concat(Tensor[] values, Tensor[] lengths, Tensor[] weights, int batch, int[] buffers, "
       "int[] features) -> (Tensor, Tensor, Tensor?)");
-
-  // Benchmark baseline: std::unordered_map<int64, int64> (reserved, one
-  // thread) inserts insert_keys, then finds find_keys; returns float64
-  // (insert seconds, find seconds, keys found, checksum).
-  m.def("bench_unordered_map(Tensor insert_keys, Tensor find_keys) -> Tensor");
 }

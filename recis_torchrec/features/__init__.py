@@ -13,7 +13,6 @@
 """
 
 from recis_torchrec.features.engine import FeatureEngine
-from recis_torchrec.features.reference import reference_engine
 from recis_torchrec.features.spec import (
     Bucketize,
     Cross,
@@ -36,6 +35,5 @@ __all__ = [
     "Mod",
     "MultiHash",
     "Truncate",
-    "reference_engine",
     "spec_from_dict",
 ]

@@ -22,6 +22,7 @@ from torchrec.modules.embedding_configs import PoolingType
 import recis_torchrec as rt
 from recis_torchrec import ops
 from recis_torchrec.testing.multiprocess import run_ranks
+from tests.devices import backend_of, devices, gpu_world_size, needs_cuda
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 KEYS = ["f0", "f1", "f2", "f3"]
@@ -280,33 +281,37 @@ class _PipelinedTower(torch.nn.Module):
         return loss_of(logits), (logits.detach(), pooled.detach())
 
 
-def _pipeline_worker(rank: int, world_size: int) -> None:
+def _pipeline_worker(rank: int, world_size: int, device_type: str = "cpu") -> None:
     from torchrec.datasets.utils import Batch
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+    device = torch.device("cpu") if device_type == "cpu" else torch.device("cuda", torch.cuda.current_device())
+    # The plain loop gets its batches on the device; the pipeline copies them there itself (on its
+    # memcpy stream, then the data-dist stream on CUDA).
     batches = [
         Batch(
-            dense_features=torch.zeros(BATCH[rank], 1),
+            dense_features=torch.zeros(BATCH[rank % len(BATCH)], 1),
             sparse_features=rank_batch(step, rank, world_size),
-            labels=torch.zeros(BATCH[rank]),
+            labels=torch.zeros(BATCH[rank % len(BATCH)]),
         )
         for step in range(STEPS)
     ]
     results = []
     for pipelined in (False, True):
         model = _PipelinedTower(make_model())
-        dmp = DistributedModelParallel(model, sharders=rt.sharders(FUSED), plan=rt.plan(model, world_size))
+        dmp = DistributedModelParallel(model, device=device, sharders=rt.sharders(FUSED),
+                                       plan=rt.plan(model, world_size, device_type=device_type))
         opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
         outputs = []
         if pipelined:
-            pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), execute_all_batches=True)
+            pipeline = TrainPipelineSparseDist(dmp, opt, device, execute_all_batches=True)
             it = iter(batches)
             for _ in range(STEPS):
                 outputs.append(pipeline.progress(it))
         else:
             for batch in batches:
                 opt.zero_grad()
-                loss, out = dmp(batch)
+                loss, out = dmp(batch.to(device))
                 loss.backward()
                 opt.step()
                 outputs.append(out)
@@ -322,8 +327,10 @@ def _pipeline_worker(rank: int, world_size: int) -> None:
             torch.testing.assert_close(piped_tables[n][i], plain_tables[n][i], atol=1e-6, rtol=1e-6)
 
 
-def test_train_pipeline_sparse_dist_equals_plain_loop():
-    run_ranks(_pipeline_worker, world_size=2, timeout=300)
+@pytest.mark.parametrize("device", devices())
+def test_train_pipeline_sparse_dist_equals_plain_loop(device):
+    world_size = 2 if device == "cpu" else gpu_world_size()
+    run_ranks(_pipeline_worker, world_size=world_size, args=(device,), backend=backend_of(device), timeout=300)
 
 
 def _gradient_division_worker(rank: int, world_size: int) -> None:
@@ -353,3 +360,54 @@ def _gradient_division_worker(rank: int, world_size: int) -> None:
 
 def test_gradient_division_is_honoured():
     run_ranks(_gradient_division_worker, world_size=2, timeout=300)
+
+
+# -- on GPUs ---------------------------------------------------------------------------------
+
+
+def _gpu_rows_of(table) -> dict:
+    ids, weights, _ = table.export()
+    return {i: w for i, w in zip(ids.tolist(), weights)}
+
+
+def _check_gpu_rows(sharded_tables, ref_tables, rank, world_size):
+    for name, table in sharded_tables.items():
+        mine, ref = _gpu_rows_of(table), _gpu_rows_of(ref_tables[name])
+        owned = [i for i in ref if int(ops.owner_of(torch.tensor([i]), world_size)) == rank]
+        assert sorted(mine) == sorted(owned), name
+        for i, w in mine.items():
+            torch.testing.assert_close(w, ref[i], atol=1e-5, rtol=1e-5)
+
+
+def _gpu_ebc_worker(rank: int, world_size: int) -> None:
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = make_model()
+    reference = copy.deepcopy(model)
+    reference.ebc = rt.convert(reference.ebc, fused_params=FUSED)
+    ref_opt = torch.optim.SGD(reference.dense.parameters(), lr=0.05)
+    dmp = DistributedModelParallel(
+        model, device=device, sharders=rt.sharders(FUSED), plan=rt.plan(model, world_size, device_type="cuda")
+    )
+    assert dmp.module.ebc.device.type == "cuda"
+    opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
+    batch = BATCH
+    offset = sum(batch[r % len(batch)] for r in range(rank))
+    b = batch[rank % len(batch)]
+    bounds = [0] + torch.tensor([batch[r % len(batch)] for r in range(world_size)]).cumsum(0).tolist()
+    for step in range(STEPS):
+        logits, pooled = dmp(rank_batch(step, rank, world_size).to(device))
+        ref_logits, ref_pooled = reference(union_batch(step, world_size))
+        torch.testing.assert_close(pooled.cpu(), ref_pooled[offset : offset + b], atol=1e-5, rtol=1e-5)
+        opt.zero_grad()
+        loss_of(logits).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        (sum(loss_of(ref_logits[bounds[r] : bounds[r + 1]]) for r in range(world_size)) / world_size).backward()
+        ref_opt.step()
+    _check_gpu_rows(dmp.module.ebc.tables(), reference.ebc.tables(), rank, world_size)
+
+
+@needs_cuda
+def test_sharded_ebc_on_gpus_equals_unsharded_cpu():
+    """NCCL, one rank per GPU (one GPU still runs every all-to-all), against the unsharded CPU modules."""
+    run_ranks(_gpu_ebc_worker, world_size=gpu_world_size(), backend="nccl", timeout=600)

@@ -18,6 +18,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 import recis_torchrec as rt
 from recis_torchrec import ops
 from recis_torchrec.testing.multiprocess import run_ranks
+from tests.devices import gpu_world_size, needs_cuda
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 KEYS = ["hist", "cand", "user", "extra"]  # "extra" is read by no table
@@ -295,3 +296,56 @@ def _in_backward_worker(rank: int, world_size: int) -> None:
 
 def test_sharded_ec_takes_its_optimizer_from_apply_optimizer_in_backward():
     run_ranks(_in_backward_worker, world_size=2, timeout=120)
+
+
+# -- on GPUs ---------------------------------------------------------------------------------
+
+
+def _gpu_rows_of(table) -> dict:
+    ids, weights, _ = table.export()
+    return {i: w for i, w in zip(ids.tolist(), weights)}
+
+
+def _check_gpu_rows(sharded_tables, ref_tables, rank, world_size):
+    for name, table in sharded_tables.items():
+        mine, ref = _gpu_rows_of(table), _gpu_rows_of(ref_tables[name])
+        owned = [i for i in ref if int(ops.owner_of(torch.tensor([i]), world_size)) == rank]
+        assert sorted(mine) == sorted(owned), name
+        for i, w in mine.items():
+            torch.testing.assert_close(w, ref[i], atol=1e-5, rtol=1e-5)
+
+
+def _gpu_ec_worker(rank: int, world_size: int) -> None:
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    model = SeqTower(with_ebc=True)
+    reference = copy.deepcopy(model)
+    rt.convert(reference, fused_params=FUSED, share_tables=True)
+    ref_opt = torch.optim.SGD(reference.dense.parameters(), lr=0.05)
+    plan = rt.plan(model, world_size, share_tables=True, device_type="cuda")
+    dmp = DistributedModelParallel(model, device=device, sharders=rt.sharders(FUSED), plan=plan)
+    opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "dense" in n], lr=0.05)
+    batch = BATCH
+    offset = sum(batch[r % len(batch)] for r in range(rank))
+    bounds = [0] + torch.tensor([batch[r % len(batch)] for r in range(world_size)]).cumsum(0).tolist()
+    for step in range(STEPS):
+        logits, _ = dmp(rank_batch(step, rank, world_size).to(device))
+        ref_logits, _ = reference(union_batch(step, world_size))
+        torch.testing.assert_close(logits.cpu(), ref_logits[offset : offset + batch[rank % 2]], atol=1e-5, rtol=1e-5)
+        opt.zero_grad()
+        loss_of(logits).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        (sum(loss_of(ref_logits[bounds[r] : bounds[r + 1]]) for r in range(world_size)) / world_size).backward()
+        ref_opt.step()
+    tables = dict(dmp.module.ec.tables())
+    tables.update(dmp.module.ebc.tables())
+    ref_tables = dict(reference.ec.tables())
+    ref_tables.update(reference.ebc.tables())
+    _check_gpu_rows(tables, ref_tables, rank, world_size)
+
+
+@needs_cuda
+def test_sharded_ec_with_a_shared_table_on_gpus_equals_unsharded_cpu():
+    """NCCL, one rank per GPU, against the unsharded CPU modules."""
+    run_ranks(_gpu_ec_worker, world_size=gpu_world_size(), backend="nccl", timeout=600)

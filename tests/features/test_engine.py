@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torchrec import KeyedJaggedTensor, KeyedTensor
 
-from recis_torchrec.features import Cross, Feature, FeatureEngine, FeatureSpecError, reference_engine
+from recis_torchrec.features import Cross, Feature, FeatureEngine, FeatureSpecError
+from recis_torchrec.testing.feature_reference import reference_engine
 from recis_torchrec.features import engine as engine_mod
 
 KEYS = ["user", "item", "clicks", "city"]

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recis_torchrec import ops
-from recis_torchrec.features import reference as ref
+from recis_torchrec.testing import feature_reference as ref
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 
