@@ -48,6 +48,7 @@ from torchrec.distributed.types import Awaitable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recis_torchrec import ops
+from recis_torchrec.modules.kjt import kjt_offsets
 
 
 class GroupDistContext:
@@ -123,7 +124,7 @@ class IdsSplitsAwaitable(Awaitable[Awaitable[KeyedJaggedTensor]]):
         self._keys = kjt.keys()
         world_size = dist.get_world_size(pg)
         batch, num_features = kjt.stride(), len(self._keys)
-        b = ops.bucketize_dedup(kjt.values(), kjt.offsets(), world_size)
+        b = ops.bucketize_dedup(kjt.values(), kjt_offsets(kjt), world_size)
         unique_counts = b.unique_counts.tolist()
         value_counts = b.value_counts.tolist()
         inverse = b.inverse.split(value_counts)

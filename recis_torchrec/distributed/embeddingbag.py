@@ -43,7 +43,7 @@ from recis_torchrec.modules.hash_module import HashTablesMixin
 from recis_torchrec.modules.options import OptionsArg, resolve_options
 from recis_torchrec.modules.tables import make_table
 from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.kjt import checked_kjt, expand_batch, expand_kjt, uniform_batch
+from recis_torchrec.modules.kjt import checked_kjt, expand_batch, expand_kjt, kjt_offsets, permute_keys, uniform_batch
 from recis_torchrec.modules.state_dict import import_rows
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.modules.state_rows import Owner
@@ -64,6 +64,32 @@ def shard_table(config, optimizer_config, options, world_size: int, device: torc
     return make_table(config, optimizer_config, options, (config.num_embeddings + world_size - 1) // world_size, device)
 
 
+def context_tensors(ctx: Any) -> List[torch.Tensor]:
+    """Every tensor a per-step context holds: in its fields, nested lists, tuples, dicts and plain
+    objects (the group and table contexts); the TorchRec child's context records its own."""
+    out: List[torch.Tensor] = []
+    seen = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif hasattr(x, "__dict__") and not isinstance(x, (type, Multistreamable)) and id(x) not in seen:
+            seen.add(id(x))
+            for v in vars(x).values():
+                walk(v)
+
+    for name, value in vars(ctx).items():
+        if name != "torchrec_ctx":
+            walk(value)
+    return out
+
+
 class HashContext(Multistreamable):
     """Per-step state a sharded hash module keeps from input dist to output dist: the TorchRec
     child's context, and the slots TorchRec's KJTListSplitsAwaitable reads."""
@@ -76,8 +102,19 @@ class HashContext(Multistreamable):
         self.sharding_contexts: List[Any] = []
 
     def record_stream(self, stream: torch.Stream) -> None:
+        """Tells the caching allocator that ``stream`` uses every tensor of this step.
+
+        Under ``TrainPipelineSparseDist`` on CUDA the input dist runs on the data-dist stream and
+        the lookup and output dist on the default stream; TorchRec calls this with the default
+        stream, so a tensor made in input dist (mean scales, the sequence gather index, the
+        received lengths) is not reused by the data-dist stream's next batch while the default
+        stream still reads it. It walks every field, so a field added later is covered too.
+        """
         if self.torchrec_ctx is not None:
             self.torchrec_ctx.record_stream(stream)
+        for t in context_tensors(self):
+            if t.is_cuda:
+                t.record_stream(stream)
 
     def start_torchrec_input_dist(
         self, torchrec: Optional[ShardedModule], features: KeyedJaggedTensor, num_hash_inputs: int
@@ -426,7 +463,7 @@ class ShardedHashEmbeddingBagCollection(
             )
         with torch.no_grad():
             permute, sizes = self._group_permute(features.keys())
-            ours = features.permute(permute)
+            ours = permute_keys(features, permute)
             values, offsets, weights, batch = checked_kjt(ours, self._is_weighted, self._fqn)
             ctx.local_batch = batch
             ours = KeyedJaggedTensor(
@@ -448,7 +485,7 @@ class ShardedHashEmbeddingBagCollection(
         for g, group in enumerate(self._groups):
             kjt = dist_input[n + g]
             weights = kjt.weights_or_none() if self._is_weighted else None
-            pooled.append(group.lookup(kjt.values(), kjt.offsets(), weights, group.layout, self.training))
+            pooled.append(group.lookup(kjt.values(), kjt_offsets(kjt), weights, group.layout, self.training))
         return torchrec_out, pooled
 
     def output_dist(self, ctx: HashEBCContext, output: Tuple[Any, List[torch.Tensor]]) -> LazyAwaitable[KeyedTensor]:

@@ -34,7 +34,7 @@ def checked_kjt(
     batch = features.stride()
     if check_values:
         explain_kjt(features, is_weighted, who)
-    offsets = features.offsets().to(torch.int64)
+    offsets = kjt_offsets(features)
     weights = None
     if is_weighted:
         weights = features.weights_or_none()
@@ -49,6 +49,23 @@ def checked_kjt(
             )
         weights = weights.contiguous()
     return values.contiguous(), offsets.contiguous(), weights, batch
+
+
+def kjt_offsets(features: KeyedJaggedTensor) -> torch.Tensor:
+    """The KJT's offsets as int64: its own if it has them; else from the lengths, by FBGEMM's
+    ``asynchronous_complete_cumsum`` on the CPU (as ``features.offsets()``) and by torch's cumsum
+    on other devices, so that no FBGEMM op runs on a GPU tensor (``fbgemm-gpu-cpu`` has no CUDA
+    kernels)."""
+    offsets = features.offsets_or_none()
+    if offsets is None and features.device().type != "cpu":
+        return offsets_from_lengths(features.lengths())
+    return (offsets if offsets is not None else features.offsets()).to(torch.int64)
+
+
+def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """``[0, cumsum(lengths)...]`` as int64, by torch ops on any device."""
+    lengths = lengths.to(torch.int64)
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
 
 
 def uniform_batch(
@@ -124,21 +141,30 @@ def expand_kjt(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
 
 
 def permute_keys(features: KeyedJaggedTensor, permute: List[int]) -> KeyedJaggedTensor:
-    """``features.permute(permute)``; with weights that require grad, by torch ops instead: the
-    backward of FBGEMM's CPU ``permute_2D_sparse_data`` crashes (segfault) on weighted KJTs."""
+    """``features.permute(permute)`` (FBGEMM's ``permute_2D_sparse_data``) on the CPU; by torch
+    ops instead on other devices (``fbgemm-gpu-cpu`` has no CUDA kernel for it) and with weights
+    that require grad (the backward of FBGEMM's CPU op crashes, a segfault, on weighted KJTs)."""
     weights = features.weights_or_none()
-    if weights is None or not weights.requires_grad:
+    on_cpu = features.device().type == "cpu"
+    if on_cpu and (weights is None or not weights.requires_grad):
         return features.permute(permute)
+    return permute_keys_by_torch(features, permute)
+
+
+def permute_keys_by_torch(features: KeyedJaggedTensor, permute: List[int]) -> KeyedJaggedTensor:
+    """``features.permute(permute)`` by torch indexing, on any device, differentiable in the weights."""
+    weights = features.weights_or_none()
     keys, batch = features.keys(), features.stride()
     bounds = features.offset_per_key()
+    device = features.values().device
     index = torch.cat(
-        [torch.arange(bounds[k], bounds[k + 1], dtype=torch.int64) for k in permute]
-        or [torch.zeros(0, dtype=torch.int64)]
+        [torch.arange(bounds[k], bounds[k + 1], dtype=torch.int64, device=device) for k in permute]
+        or [torch.zeros(0, dtype=torch.int64, device=device)]
     )
     return KeyedJaggedTensor(
         keys=[keys[k] for k in permute],
         values=features.values()[index],
-        weights=weights[index],
+        weights=weights[index] if weights is not None else None,
         lengths=features.lengths().view(len(keys), batch)[permute].reshape(-1),
         stride=batch,
     )

@@ -411,3 +411,22 @@ def _gpu_ebc_worker(rank: int, world_size: int) -> None:
 def test_sharded_ebc_on_gpus_equals_unsharded_cpu():
     """NCCL, one rank per GPU (one GPU still runs every all-to-all), against the unsharded CPU modules."""
     run_ranks(_gpu_ebc_worker, world_size=gpu_world_size(), backend="nccl", timeout=600)
+
+
+def test_context_record_stream_reaches_every_tensor_the_step_keeps():
+    """What input dist leaves in a context (mean scales, the inverse indices, each sequence table's
+    gather index and its features' lengths and ids) is found by the walk record_stream makes."""
+    from recis_torchrec.distributed.embedding import HashECContext
+    from recis_torchrec.distributed.embeddingbag import HashEBCContext, context_tensors
+
+    ebc_ctx = HashEBCContext(num_groups=2)
+    ebc_ctx.mean_scales = [torch.ones(3), None, torch.ones(2)]
+    ebc_ctx.inverse_indices = (["f0"], torch.zeros(1, 4, dtype=torch.int64))
+    want = [ebc_ctx.mean_scales[0], ebc_ctx.mean_scales[2], ebc_ctx.inverse_indices[1]]
+    assert {id(t) for t in context_tensors(ebc_ctx)} == {id(t) for t in want}
+    ec_ctx = HashECContext(num_tables=2)
+    ec_ctx.tables[1].gather = torch.arange(5)
+    ec_ctx.features = [[("e", torch.ones(2, dtype=torch.int64), torch.arange(2))]]
+    want = [ec_ctx.tables[0].gather, ec_ctx.tables[1].gather, *ec_ctx.features[0][0][1:]]
+    assert {id(t) for t in context_tensors(ec_ctx)} == {id(t) for t in want}
+    ec_ctx.record_stream(None)  # CPU tensors: nothing to record, and no error

@@ -162,3 +162,46 @@ def test_a_non_default_stream_gives_the_default_streams_results():
         torch.testing.assert_close(y, x, atol=0, rtol=0)
     for n in a_rows:
         torch.testing.assert_close(b_rows[n], a_rows[n], atol=0, rtol=0)
+
+
+def test_torch_kjt_paths_equal_fbgemms():
+    """The torch ops used off the CPU give what FBGEMM's CPU ops give (permute_2D_sparse_data,
+    asynchronous_complete_cumsum), weights included."""
+    from recis_torchrec.modules.kjt import offsets_from_lengths, permute_keys_by_torch
+
+    kjt = random_kjt(["a", "b", "c", "d"], 5, 4, num_ids=50, weighted=True, seed=3)
+    for permute in ([2, 0, 3, 1], [1], [3, 3, 0], []):
+        want, got = kjt.permute(permute), permute_keys_by_torch(kjt, permute)
+        assert got.keys() == want.keys()
+        for a, b in ((got.values(), want.values()), (got.lengths(), want.lengths()), (got.weights(), want.weights())):
+            assert torch.equal(a, b.to(a.dtype)), permute
+    assert torch.equal(offsets_from_lengths(kjt.lengths()), kjt.offsets().to(torch.int64))
+    assert torch.equal(offsets_from_lengths(torch.zeros(0, dtype=torch.int32)), torch.zeros(1, dtype=torch.int64))
+
+
+@needs_cuda
+def test_no_fbgemm_op_sees_a_gpu_tensor():
+    """On our CUDA path every KJT op is a torch op, so it runs with fbgemm-gpu-cpu (no CUDA kernels)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fbgemm":
+                flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                if any(isinstance(a, torch.Tensor) and a.is_cuda for a in flat):
+                    seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    hebc = rt.HashEmbeddingBagCollection(configs(PoolingType.MEAN), device="cuda", fused_params=OPTIMIZERS["adam"],
+                                         is_weighted=True)
+    ec = EmbeddingCollection([EmbeddingConfig(name="item", embedding_dim=8, num_embeddings=40,
+                                              feature_names=["hist", "cand"])])
+    hec = rt.convert(ec, fused_params=OPTIMIZERS["sgd"], device="cuda")
+    with Spy():
+        kjt = random_kjt(KEYS[::-1], 4, 4, num_ids=30, weighted=True, seed=0).to("cuda")
+        loss_of(hebc(kjt).values()).backward()
+        out = hec(random_kjt(["cand", "hist"], 4, 4, num_ids=40, seed=1).to("cuda"))
+        sum(loss_of(v.values()) for v in out.values()).backward()
+    assert not seen, seen
