@@ -69,6 +69,8 @@ def _shape(cfg: Dict[str, Any]) -> str:
 def _forward_rows(cfg: Dict[str, Any], kjt) -> List[Any]:
     import recis_torchrec as rt
     from benchmarks.suite import Row
+    from recis_torchrec import ops
+    from recis_torchrec.modules.kjt import offsets_from_lengths
 
     T, E, D, B, L = cfg["tables"], cfg["rows"], cfg["dim"], cfg["batch"], cfg["pooling"]
     rows: List[Any] = []
@@ -77,23 +79,24 @@ def _forward_rows(cfg: Dict[str, Any], kjt) -> List[Any]:
     hebc(kjt)  # inserts every id once
     hebc.eval()
     table = hebc.tables()["t0"]
-    t0_values, t0_offsets = kjt["f0"].values(), kjt["f0"].offsets()
+    t0_values, t0_offsets = kjt["f0"].values(), offsets_from_lengths(kjt["f0"].lengths())
     t0_rows = table.find(t0_values)
-    out = torch.empty(B, D, device="cuda")
     bags = [torch.nn.EmbeddingBag(E, D, mode="sum").cuda() for _ in range(T)]
     per_key = [kjt[f"f{t}"] for t in range(T)]
+    # Bag starts by torch ops, once, outside the timed calls (JaggedTensor.offsets() is an FBGEMM op).
+    starts = [offsets_from_lengths(jt.lengths())[:-1] for jt in per_key]
     with torch.no_grad():
         s = _time_gpu({
-            "recis_torchrec (kernel, 1 table)": lambda: torch.ops.recis.gpu_pooled_forward(
-                table.handle, t0_values, t0_rows, t0_offsets, None, 0, out, 0),
-            "nn.EmbeddingBag (1 table)": lambda: bags[0](per_key[0].values(), per_key[0].offsets()[:-1]),
+            "recis_torchrec (kernel, 1 table)": lambda: ops.pooled_forward(
+                [table], t0_values, t0_rows, t0_offsets, None, [0], [ops.POOLING_SUM], [0], D),
+            "nn.EmbeddingBag (1 table)": lambda: bags[0](per_key[0].values(), starts[0]),
         }, cfg["reps"], cfg["warmup"])
         for name, samples in s.items():
             rows.append(Row("gpu", f"pooled forward kernel (E={E:,}, D={D}, B={B}, L={L})", name, samples,
                             "nn.EmbeddingBag (1 table)", B * L * D * 4 + B * D * 4, B, "samples"))
         s = _time_gpu({
             "recis_torchrec (eval forward: find + pool)": lambda: hebc(kjt),
-            "nn.EmbeddingBag x T": lambda: [bags[t](per_key[t].values(), per_key[t].offsets()[:-1]) for t in range(T)],
+            "nn.EmbeddingBag x T": lambda: [bags[t](per_key[t].values(), starts[t]) for t in range(T)],
         }, cfg["reps"], cfg["warmup"])
     for name, samples in s.items():
         rows.append(Row("gpu", f"EBC forward ({_shape(cfg)})", name, samples, "nn.EmbeddingBag x T",
@@ -104,6 +107,7 @@ def _forward_rows(cfg: Dict[str, Any], kjt) -> List[Any]:
 def _train_rows(cfg: Dict[str, Any], kjt) -> List[Any]:
     import recis_torchrec as rt
     from benchmarks.suite import Row
+    from recis_torchrec.modules.kjt import offsets_from_lengths
 
     T, E, D, B, L = cfg["tables"], cfg["rows"], cfg["dim"], cfg["batch"], cfg["pooling"]
     hebc = rt.HashEmbeddingBagCollection(_configs(cfg), device="cuda",
@@ -111,13 +115,15 @@ def _train_rows(cfg: Dict[str, Any], kjt) -> List[Any]:
     sparse_bags = [torch.nn.EmbeddingBag(E, D, mode="sum", sparse=True).cuda() for _ in range(T)]
     adam = torch.optim.SparseAdam([p for b in sparse_bags for p in b.parameters()], lr=0.01)
     per_key = [kjt[f"f{t}"] for t in range(T)]
+    # Bag starts by torch ops, once, outside the timed calls (JaggedTensor.offsets() is an FBGEMM op).
+    starts = [offsets_from_lengths(jt.lengths())[:-1] for jt in per_key]
 
     def ours_step():
         hebc(kjt).values().sum().backward()
 
     def torch_step():
         adam.zero_grad()
-        torch.cat([sparse_bags[t](per_key[t].values(), per_key[t].offsets()[:-1]) for t in range(T)], 1).sum().backward()
+        torch.cat([sparse_bags[t](per_key[t].values(), starts[t]) for t in range(T)], 1).sum().backward()
         adam.step()
 
     s = _time_gpu({"recis_torchrec (fused Adam)": ours_step, "nn.EmbeddingBag(sparse) + SparseAdam": torch_step},

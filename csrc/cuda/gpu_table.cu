@@ -236,22 +236,18 @@ __device__ __forceinline__ void warp_update(float* w, float* state, const float 
   }
 }
 
-// One warp per distinct row: sum its gradient contributions, update it in place.
-__global__ void update_kernel(RowAddr addr, const int64_t* unique_rows, const int64_t* run_counts,
-                              const int64_t* run_starts, const int* num_runs, const int64_t* sorted_values,
-                              const int64_t* bag_of, const int64_t* offsets, const float* weights, int mode,
-                              const float* grad, int64_t grad_stride, int64_t col, int64_t dim, OptimParams p,
-                              float adam_step_size) {
-  const int64_t run = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (run >= *num_runs) return;
-  const int64_t row = unique_rows[run];
-  if (row < 0) return;  // not admitted, or looked up in evaluation
-  const int64_t begin = run_starts[run], end = begin + run_counts[run];
-  constexpr int kPerLane = kMaxDim / kWarp;
-  float g[kPerLane];
-#pragma unroll
-  for (int k = 0; k < kPerLane; ++k) g[k] = 0.0f;
+// Values of one row that one warp sums; a row with more (a hot id) is split
+// into chunks of this many, summed by as many warps into a scratch buffer,
+// so its backward does not serialise on one warp.
+constexpr int64_t kChunk = 256;
+
+// The gradient contributions of sorted values [begin, end) into a lane's g.
+template <int kPerLane>
+__device__ __forceinline__ void add_contributions(float (&g)[kPerLane], int64_t begin, int64_t end,
+                                                  const int64_t* sorted_values, const int64_t* bag_of,
+                                                  const int64_t* offsets, const float* weights, int mode,
+                                                  const float* grad, int64_t grad_stride, int64_t col, int64_t dim,
+                                                  int lane) {
   for (int64_t j = begin; j < end; ++j) {
     const int64_t v = sorted_values[j];
     const int64_t b = bag_of[v];
@@ -262,6 +258,81 @@ __global__ void update_kernel(RowAddr addr, const int64_t* unique_rows, const in
     for (int k = 0; k < kPerLane; ++k) {
       const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
       if (d < dim) g[k] += s * gb[d];
+    }
+  }
+}
+
+// Chunks per run: ceil(count / kChunk) for a run longer than kChunk, else 0 (runs
+// past *num_runs: 0).
+__global__ void chunk_count_kernel(const int64_t* run_counts, const int* num_runs, int64_t n, int64_t* chunks) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= n) return;
+  const int64_t c = r < *num_runs ? run_counts[r] : 0;
+  chunks[r] = c > kChunk ? (c + kChunk - 1) / kChunk : 0;
+}
+
+// One warp per chunk of a long run: its partial gradient sum into partial[chunk, :dim].
+// chunk_end is the inclusive scan of the chunk counts; chunk_end[n - 1] is their total.
+__global__ void partial_kernel(const int64_t* chunk_end, const int64_t* chunks, const int64_t* run_starts,
+                               const int64_t* run_counts, const int* num_runs, int64_t n, int64_t max_chunks,
+                               const int64_t* sorted_values, const int64_t* bag_of, const int64_t* offsets,
+                               const float* weights, int mode, const float* grad, int64_t grad_stride, int64_t col,
+                               int64_t dim, float* partial) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (c >= max_chunks || c >= chunk_end[n - 1]) return;
+  int64_t lo = 0, hi = *num_runs;  // the first run whose chunk_end exceeds c
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (chunk_end[mid] <= c) lo = mid + 1; else hi = mid;
+  }
+  const int64_t k = c - (chunk_end[lo] - chunks[lo]);
+  const int64_t begin = run_starts[lo] + k * kChunk;
+  const int64_t end = min(run_starts[lo] + run_counts[lo], begin + kChunk);
+  constexpr int kPerLane = kMaxDim / kWarp;
+  float g[kPerLane];
+#pragma unroll
+  for (int q = 0; q < kPerLane; ++q) g[q] = 0.0f;
+  add_contributions<kPerLane>(g, begin, end, sorted_values, bag_of, offsets, weights, mode, grad, grad_stride, col,
+                              dim, lane);
+  float* out = partial + c * dim;
+#pragma unroll
+  for (int q = 0; q < kPerLane; ++q) {
+    const int64_t d = lane + static_cast<int64_t>(q) * kWarp;
+    if (d < dim) out[d] = g[q];
+  }
+}
+
+// One warp per distinct row: sum its gradient contributions (a long run: its
+// chunks' partial sums, in chunk order, so the result is deterministic), update
+// the row in place.
+__global__ void update_kernel(RowAddr addr, const int64_t* unique_rows, const int64_t* run_counts,
+                              const int64_t* run_starts, const int* num_runs, const int64_t* sorted_values,
+                              const int64_t* bag_of, const int64_t* offsets, const float* weights, int mode,
+                              const float* grad, int64_t grad_stride, int64_t col, int64_t dim, OptimParams p,
+                              float adam_step_size, const int64_t* chunk_end, const int64_t* chunks,
+                              const float* partial) {
+  const int64_t run = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (run >= *num_runs) return;
+  const int64_t row = unique_rows[run];
+  if (row < 0) return;  // not admitted, or looked up in evaluation
+  const int64_t begin = run_starts[run], end = begin + run_counts[run];
+  constexpr int kPerLane = kMaxDim / kWarp;
+  float g[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) g[k] = 0.0f;
+  if (chunks[run] == 0) {
+    add_contributions<kPerLane>(g, begin, end, sorted_values, bag_of, offsets, weights, mode, grad, grad_stride, col,
+                                dim, lane);
+  } else {
+    for (int64_t c = chunk_end[run] - chunks[run]; c < chunk_end[run]; ++c) {
+      const float* part = partial + c * dim;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+        if (d < dim) g[k] += part[d];
+      }
     }
   }
   float* w = addr(row);
@@ -299,18 +370,50 @@ __global__ void count_kernel(const int64_t* owner, int64_t n, unsigned long long
 
 unsigned grid(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
 
+const DeviceAllocator* g_allocator = nullptr;
+
+// Scratch for one call, ordered on `stream` (freed on it after its last use).
 template <typename T>
 T* device_alloc(int64_t n, cudaStream_t stream, const char* what) {
+  const size_t bytes = static_cast<size_t>(n > 0 ? n : 1) * sizeof(T);
+  if (g_allocator != nullptr) return static_cast<T*>(g_allocator->allocate(bytes, stream));
   void* p = nullptr;
-  check(cudaMallocAsync(&p, static_cast<size_t>(n > 0 ? n : 1) * sizeof(T), stream), what);
+  check(cudaMallocAsync(&p, bytes, stream), what);
   return static_cast<T*>(p);
 }
 
 void device_free(void* p, cudaStream_t stream) {
-  if (p != nullptr) check(cudaFreeAsync(p, stream), "cudaFreeAsync");
+  if (p == nullptr) return;
+  if (g_allocator != nullptr) {
+    g_allocator->release(p);
+  } else {
+    check(cudaFreeAsync(p, stream), "cudaFreeAsync");
+  }
+}
+
+// A table's own arrays, used from any stream: every free of one is preceded by a
+// device synchronisation (growth, destruction), so no launch still reads it.
+template <typename T>
+T* table_alloc(int64_t n, const char* what) {
+  const size_t bytes = static_cast<size_t>(n > 0 ? n : 1) * sizeof(T);
+  if (g_allocator != nullptr) return static_cast<T*>(g_allocator->allocate(bytes, nullptr));
+  void* p = nullptr;
+  check(cudaMalloc(&p, bytes), what);
+  return static_cast<T*>(p);
+}
+
+void table_free(void* p) {
+  if (p == nullptr) return;
+  if (g_allocator != nullptr) {
+    g_allocator->release(p);
+  } else {
+    cudaFree(p);
+  }
 }
 
 }  // namespace
+
+void set_device_allocator(const DeviceAllocator* allocator) { g_allocator = allocator; }
 
 // -- GpuHashTable ------------------------------------------------------------------
 
@@ -321,7 +424,7 @@ GpuHashTable::GpuHashTable(const GpuTableConfig& config) : config_(config) {
   }
   if (config.block_rows <= 0) throw std::invalid_argument("recis CUDA table: block_rows must be > 0");
   check(cudaSetDevice(config.device), "cudaSetDevice");
-  check(cudaMalloc(&d_count_, sizeof(unsigned long long)), "cudaMalloc(row counter)");
+  d_count_ = table_alloc<unsigned long long>(1, "row counter");
   check(cudaMemset(d_count_, 0, sizeof(unsigned long long)), "cudaMemset(row counter)");
   reserve_slots(config.initial_capacity > 0 ? config.initial_capacity : 1024, nullptr);
   reserve_rows(config.initial_capacity > 0 ? config.initial_capacity : 1, nullptr);
@@ -334,15 +437,15 @@ GpuHashTable::~GpuHashTable() {
   cudaGetDevice(&previous);
   cudaSetDevice(config_.device);
   cudaDeviceSynchronize();
-  cudaFree(d_keys_);
-  cudaFree(d_state_);
-  cudaFree(d_slot_row_);
-  cudaFree(d_count_);
-  cudaFree(d_blocks_);
+  table_free(d_keys_);
+  table_free(d_state_);
+  table_free(d_slot_row_);
+  table_free(d_count_);
+  table_free(d_blocks_);
   if (config_.host_rows) {
     for (float* b : host_allocs_) cudaFreeHost(b);
   } else {
-    for (float* b : h_blocks_) cudaFree(b);
+    for (float* b : h_blocks_) table_free(b);
   }
   cudaSetDevice(previous);
 }
@@ -359,18 +462,17 @@ void GpuHashTable::reserve_rows(int64_t rows, cudaStream_t stream) {
       check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&block), host, 0), "cudaHostGetDevicePointer");
       host_allocs_.push_back(host);
     } else {
-      check(cudaMalloc(&block, bytes), "cudaMalloc(row block)");
+      block = table_alloc<float>(static_cast<int64_t>(bytes / sizeof(float)), "row block");
     }
     h_blocks_.push_back(block);
   }
   if (need > max_blocks_) {
     int64_t cap = max_blocks_ > 0 ? max_blocks_ : 16;
     while (cap < need) cap *= 2;
-    float** grown = nullptr;
-    check(cudaMalloc(&grown, static_cast<size_t>(cap) * sizeof(float*)), "cudaMalloc(block table)");
+    float** grown = table_alloc<float*>(cap, "block table");
     // No launch on any stream may still read the old table.
     check(cudaDeviceSynchronize(), "block table growth");
-    cudaFree(d_blocks_);
+    table_free(d_blocks_);
     d_blocks_ = grown;
     max_blocks_ = cap;
   }
@@ -385,12 +487,9 @@ void GpuHashTable::reserve_slots(int64_t keys, cudaStream_t stream) {
   int64_t slots = 1024;
   while (slots < 2 * keys) slots *= 2;  // load factor <= 0.5
   if (slots <= capacity_) return;
-  int64_t* keys_new = nullptr;
-  uint32_t* state_new = nullptr;
-  int64_t* rows_new = nullptr;
-  check(cudaMalloc(&keys_new, slots * sizeof(int64_t)), "cudaMalloc(IdMap keys)");
-  check(cudaMalloc(&state_new, slots * sizeof(uint32_t)), "cudaMalloc(IdMap state)");
-  check(cudaMalloc(&rows_new, slots * sizeof(int64_t)), "cudaMalloc(IdMap rows)");
+  int64_t* keys_new = table_alloc<int64_t>(slots, "IdMap keys");
+  uint32_t* state_new = table_alloc<uint32_t>(slots, "IdMap state");
+  int64_t* rows_new = table_alloc<int64_t>(slots, "IdMap rows");
   check(cudaMemsetAsync(state_new, 0, slots * sizeof(uint32_t), stream), "cudaMemset(IdMap state)");
   if (capacity_ > 0) {
     IdMapView from{d_keys_, d_state_, d_slot_row_, static_cast<uint64_t>(capacity_ - 1)};
@@ -400,9 +499,9 @@ void GpuHashTable::reserve_slots(int64_t keys, cudaStream_t stream) {
   }
   // The old arrays may still be read by launches on other streams: wait for all of them.
   check(cudaDeviceSynchronize(), "IdMap growth");
-  cudaFree(d_keys_);
-  cudaFree(d_state_);
-  cudaFree(d_slot_row_);
+  table_free(d_keys_);
+  table_free(d_state_);
+  table_free(d_slot_row_);
   d_keys_ = keys_new;
   d_state_ = state_new;
   d_slot_row_ = rows_new;
@@ -519,13 +618,35 @@ void pooled_backward_update(GpuHashTable& table, const int64_t* rows, const int6
                                            static_cast<int>(n), stream), "runs of rows");
   check(cub::DeviceScan::ExclusiveSum(temp, scan_bytes, run_counts, run_starts, static_cast<int>(n), stream),
         "run starts");
+  // Hot rows: runs longer than kChunk are summed in chunks first. Their number is
+  // at most 2n / kChunk (each such run has more than kChunk values), so the
+  // partial buffer is bounded without reading anything back (no sync).
+  int64_t* chunks = device_alloc<int64_t>(n, stream, "chunks per run");
+  int64_t* chunk_end = device_alloc<int64_t>(n, stream, "chunk ends");
+  const int64_t max_chunks = 2 * n / kChunk + 1;
+  float* partial = device_alloc<float>(max_chunks * table.dim(), stream, "partial gradients");
+  chunk_count_kernel<<<grid(n, 256), 256, 0, stream>>>(run_counts, num_runs, n, chunks);
+  check(cudaGetLastError(), "chunk count launch");
+  size_t chunk_scan_bytes = 0;
+  check(cub::DeviceScan::InclusiveSum(nullptr, chunk_scan_bytes, chunks, chunk_end, static_cast<int>(n), stream),
+        "chunk scan size");
+  void* chunk_temp = device_alloc<char>(static_cast<int64_t>(chunk_scan_bytes), stream, "chunk scan scratch");
+  check(cub::DeviceScan::InclusiveSum(chunk_temp, chunk_scan_bytes, chunks, chunk_end, static_cast<int>(n), stream),
+        "chunk scan");
+  partial_kernel<<<grid(max_chunks, kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
+      chunk_end, chunks, run_starts, run_counts, num_runs, n, max_chunks, sorted_values, bag_of, offsets, weights,
+      mode, grad, grad_stride, col, table.dim(), partial);
+  check(cudaGetLastError(), "partial sums launch");
   // n is an upper bound on the runs: the grid covers it and the warps past *num_runs exit (no sync).
   RowAddr a{table.blocks(), table.block_rows(), table.stride()};
   const float adam_step_size = params.type == OptimType::kAdam ? params.adam_step_size() : 0.0f;
   update_kernel<<<grid(n, kWarpsPerBlock), kWarp * kWarpsPerBlock, 0, stream>>>(
       a, unique_rows, run_counts, run_starts, num_runs, sorted_values, bag_of, offsets, weights, mode, grad,
-      grad_stride, col, table.dim(), params, adam_step_size);
+      grad_stride, col, table.dim(), params, adam_step_size, chunk_end, chunks, partial);
   check(cudaGetLastError(), "update launch");
+  for (void* p : {static_cast<void*>(chunks), static_cast<void*>(chunk_end), static_cast<void*>(partial), chunk_temp}) {
+    device_free(p, stream);
+  }
   for (void* p : {static_cast<void*>(bag_of), static_cast<void*>(values_in), static_cast<void*>(sorted_rows),
                   static_cast<void*>(sorted_values), static_cast<void*>(unique_rows), static_cast<void*>(run_counts),
                   static_cast<void*>(run_starts), static_cast<void*>(num_runs), temp}) {

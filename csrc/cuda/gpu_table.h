@@ -47,6 +47,18 @@
 namespace recis {
 namespace cuda {
 
+// Where the tables' device memory comes from: their row blocks, IdMap arrays
+// and per-call scratch. The op library installs torch's caching allocator
+// (gpu_table_ops.cpp), so tables share one cache with the model, scratch is
+// reused across calls without cudaMalloc, and an out-of-memory frees torch's
+// cached blocks and retries before it raises (torch.OutOfMemoryError). Without
+// one installed (this file's own tests), cudaMallocAsync / cudaMalloc.
+struct DeviceAllocator {
+  void* (*allocate)(size_t bytes, cudaStream_t stream);
+  void (*release)(void* ptr);
+};
+void set_device_allocator(const DeviceAllocator* allocator);
+
 struct GpuTableConfig {
   int64_t dim = 0;
   int64_t state_dim = 0;
@@ -116,8 +128,9 @@ void pooled_forward(const GpuHashTable& table, const int64_t* ids, const int64_t
 
 // The fused backward: sorts the values by row, sums each row's gradient
 // contributions (grad of its bag, times its weight, divided by the bag length
-// for mean) in one warp per distinct row, and applies the optimizer to the row
-// in place. No float atomics; no host synchronisation (the number of distinct
+// for mean) in one warp per distinct row (a row with more than 256 values, a
+// hot id, is summed in chunks of 256 by as many warps first, then its warp adds
+// the chunks in order), and applies the optimizer to the row in place. No float atomics; no host synchronisation (the number of distinct
 // rows stays on the device). Values with rows < 0 get no update.
 void pooled_backward_update(GpuHashTable& table, const int64_t* rows, const int64_t* offsets, const float* weights,
                             int64_t num_values, int64_t num_bags, int mode, const float* grad, int64_t grad_stride,

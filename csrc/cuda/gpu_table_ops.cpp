@@ -5,6 +5,7 @@
 // the CPU tables are (csrc/ops/table_registry.h). Every op runs on the
 // current CUDA stream of the tensors' device.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -21,6 +22,15 @@ namespace {
 using cuda::GpuHashTable;
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The tables allocate through torch's caching allocator (gpu_table.h): on the
+// current device, ordered on the given stream.
+void* torch_allocate(size_t bytes, cudaStream_t stream) {
+  return c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(bytes, stream);
+}
+void torch_release(void* ptr) { c10::cuda::CUDACachingAllocator::raw_delete(ptr); }
+const cuda::DeviceAllocator kTorchAllocator{&torch_allocate, &torch_release};
+[[maybe_unused]] const bool kAllocatorInstalled = (cuda::set_device_allocator(&kTorchAllocator), true);
 
 std::mutex g_mutex;
 std::vector<std::shared_ptr<GpuHashTable>> g_tables;
@@ -96,14 +106,8 @@ at::Tensor lookup_rows(int64_t handle, const at::Tensor& ids, bool insert, const
   return rows;
 }
 
-at::Tensor gpu_find(int64_t handle, const at::Tensor& ids) {
-  return lookup_rows(handle, ids, false, "recis::gpu_find");
-}
-
-at::Tensor gpu_find_or_insert(int64_t handle, const at::Tensor& ids) {
-  return lookup_rows(handle, ids, true, "recis::gpu_find_or_insert");
-}
-
+// One table's pooled forward and fused backward, the bodies of the shared ops
+// below (which run them per table of a call).
 void gpu_pooled_forward(int64_t handle, const at::Tensor& ids, const at::Tensor& rows, const at::Tensor& offsets,
                         const c10::optional<at::Tensor>& weights, int64_t mode, const at::Tensor& out, int64_t col) {
   const char* op = "recis::gpu_pooled_forward";
@@ -191,19 +195,37 @@ void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at
                                current_stream());
 }
 
-std::tuple<at::Tensor, at::Tensor> gpu_table_export(int64_t handle, int64_t device) {
-  const char* op = "recis::gpu_table_export";
+// Every (id, row) of the table, ordered by id, on its device (16 bytes a row:
+// an export then gathers the rows chunk by chunk, never a second copy of the
+// whole table on the GPU).
+std::tuple<at::Tensor, at::Tensor> gpu_table_export_ids(int64_t handle, int64_t device) {
+  const char* op = "recis::gpu_table_export_ids";
   const auto table_holder = table_ptr(handle, op);
   auto& table = *table_holder;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const auto opts = at::TensorOptions().device(at::kCUDA, device);
   auto ids = at::empty({table.size()}, opts.dtype(at::kLong));
   auto rows = at::empty({table.size()}, opts.dtype(at::kLong));
-  cudaStream_t stream = current_stream();
-  table.export_ids(ids.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), stream);
-  auto data = at::empty({table.size(), table.stride()}, opts.dtype(at::kFloat));
-  table.gather_rows(rows.data_ptr<int64_t>(), rows.numel(), data.data_ptr<float>(), stream);
-  return {ids, data};
+  table.export_ids(ids.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), current_stream());
+  auto [sorted, order] = ids.sort();
+  return {sorted, rows.index_select(0, order)};
+}
+
+// The stored rows (weights then optimizer state, (n, stride) float32) at `rows`.
+at::Tensor gpu_table_gather(int64_t handle, const at::Tensor& rows) {
+  const char* op = "recis::gpu_table_gather";
+  check_cuda_1d(rows, op, "rows", at::kLong);
+  const auto table_holder = table_ptr(handle, op);
+  auto& table = *table_holder;
+  check_on_table_device(rows, table, op, "rows");
+  c10::cuda::CUDAGuard guard(rows.device());
+  auto rows_c = rows.contiguous();
+  TORCH_CHECK(rows_c.numel() == 0 || (rows_c.min().item<int64_t>() >= 0 &&
+                                       rows_c.max().item<int64_t>() < table.size()),
+              op, ": rows must be in [0, ", table.size(), ")");
+  auto data = at::empty({rows_c.numel(), table.stride()}, rows.options().dtype(at::kFloat));
+  table.gather_rows(rows_c.data_ptr<int64_t>(), rows_c.numel(), data.data_ptr<float>(), current_stream());
+  return data;
 }
 
 void gpu_table_import(int64_t handle, const at::Tensor& ids, const at::Tensor& data) {
@@ -449,14 +471,8 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
         &gpu_table_create);
   m.def("gpu_table_release(int handle) -> ()", &gpu_table_release);
   m.def("gpu_table_size(int handle) -> int", &gpu_table_size);
-  m.def("gpu_table_export(int handle, int device) -> (Tensor, Tensor)", &gpu_table_export);
-  m.def("gpu_find(int handle, Tensor ids) -> Tensor");
-  m.def("gpu_find_or_insert(int handle, Tensor ids) -> Tensor");
-  m.def("gpu_pooled_forward(int handle, Tensor ids, Tensor rows, Tensor offsets, Tensor? weights, int mode, "
-        "Tensor(a!) out, int col) -> ()");
-  m.def("gpu_pooled_backward_update(int handle, Tensor rows, Tensor offsets, Tensor? weights, int mode, "
-        "Tensor grad, int col, int optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, "
-        "int wd_mode, int step) -> ()");
+  m.def("gpu_table_export_ids(int handle, int device) -> (Tensor, Tensor)", &gpu_table_export_ids);
+  m.def("gpu_table_gather(int handle, Tensor rows) -> Tensor", &gpu_table_gather);
   m.def("gpu_table_import(int handle, Tensor ids, Tensor data) -> ()");
   m.def("gpu_bucketize_by_owner(Tensor ids, int world_size) -> (Tensor, Tensor)");
 }
@@ -468,10 +484,6 @@ TORCH_LIBRARY_IMPL(recis, CUDA, m) {
   m.impl("lookup_pooled_forward", &lookup_pooled_forward_cuda);
   m.impl("pooled_backward_update", &pooled_backward_update_cuda);
   m.impl("pooled_weight_grad", &pooled_weight_grad_cuda);
-  m.impl("gpu_find", &gpu_find);
-  m.impl("gpu_find_or_insert", &gpu_find_or_insert);
-  m.impl("gpu_pooled_forward", &gpu_pooled_forward);
-  m.impl("gpu_pooled_backward_update", &gpu_pooled_backward_update);
   m.impl("gpu_table_import", &gpu_table_import);
   m.impl("gpu_bucketize_by_owner", &gpu_bucketize_by_owner);
   m.impl("owner_of", &owner_of_cuda);

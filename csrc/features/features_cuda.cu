@@ -99,45 +99,50 @@ __global__ void bucketize_kernel(const float* dense, int64_t num_columns, const 
 
 }  // namespace
 
-void launch_hash(const int64_t* values, const int64_t* seg_in, const int64_t* seg_out, int64_t num_segments,
+cudaError_t launch_hash(const int64_t* values, const int64_t* seg_in, const int64_t* seg_out, int64_t num_segments,
                  const uint64_t* seeds, const uint64_t* moduli, int64_t total, int64_t* out, cudaStream_t stream) {
-  if (total == 0) return;
+  if (total == 0) return cudaSuccess;
   hash_kernel<<<blocks_for(total), kThreads, 0, stream>>>(values, seg_in, seg_out, num_segments, seeds, moduli, total,
                                                           out);
+  return cudaGetLastError();
 }
 
-void launch_copy_weights(const float* weights, const int64_t* seg_in, const int64_t* seg_out, int64_t num_segments,
+cudaError_t launch_copy_weights(const float* weights, const int64_t* seg_in, const int64_t* seg_out, int64_t num_segments,
                          int64_t total, float* out, cudaStream_t stream) {
-  if (total == 0) return;
+  if (total == 0) return cudaSuccess;
   copy_weights_kernel<<<blocks_for(total), kThreads, 0, stream>>>(weights, seg_in, seg_out, num_segments, total, out);
+  return cudaGetLastError();
 }
 
-void launch_truncate(const int64_t* values, const float* weights, const int64_t* in_bag_offsets,
+cudaError_t launch_truncate(const int64_t* values, const float* weights, const int64_t* in_bag_offsets,
                      const int64_t* src_bag, const int64_t* out_offsets, const int64_t* out_lengths,
                      const int64_t* from_end_per_bag, int64_t num_bags, int64_t* out, float* out_w,
                      cudaStream_t stream) {
-  if (num_bags == 0) return;
+  if (num_bags == 0) return cudaSuccess;
   truncate_kernel<<<blocks_for(num_bags), kThreads, 0, stream>>>(values, weights, in_bag_offsets, src_bag,
                                                                   out_offsets, out_lengths, from_end_per_bag,
                                                                   num_bags, out, out_w);
+  return cudaGetLastError();
 }
 
-void launch_cross(const int64_t* values, const float* weights, const int64_t* in_bag_offsets, const int64_t* left_bag,
+cudaError_t launch_cross(const int64_t* values, const float* weights, const int64_t* in_bag_offsets, const int64_t* left_bag,
                   const int64_t* right_bag, const int64_t* out_offsets, const uint64_t* seeds,
                   const uint64_t* moduli, int64_t batch, int64_t num_bags, int64_t* out, float* out_w,
                   cudaStream_t stream) {
-  if (num_bags == 0) return;
+  if (num_bags == 0) return cudaSuccess;
   cross_kernel<<<blocks_for(num_bags), kThreads, 0, stream>>>(values, weights, in_bag_offsets, left_bag, right_bag,
                                                                out_offsets, seeds, moduli, batch, num_bags, out,
                                                                out_w);
+  return cudaGetLastError();
 }
 
-void launch_bucketize(const float* dense, int64_t num_columns, const int64_t* columns, const float* boundaries,
+cudaError_t launch_bucketize(const float* dense, int64_t num_columns, const int64_t* columns, const float* boundaries,
                       const int64_t* boundary_offsets, int64_t batch, int64_t total, int64_t* out,
                       cudaStream_t stream) {
-  if (total == 0) return;
+  if (total == 0) return cudaSuccess;
   bucketize_kernel<<<blocks_for(total), kThreads, 0, stream>>>(dense, num_columns, columns, boundaries,
                                                                 boundary_offsets, batch, total, out);
+  return cudaGetLastError();
 }
 
 }  // namespace features

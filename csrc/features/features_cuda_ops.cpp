@@ -1,15 +1,22 @@
 // Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 //
 // CUDA dispatch of the fused feature ops (built only with RECIS_CUDA=1, see
-// setup.py). Output sizes come from torch ops on the device (one host read of
-// the total per call); the kernels in features_cuda.cu fill the outputs. The
-// arguments and results are the CPU ops' (csrc/ops/schema.cpp).
+// setup.py). Each call copies its lengths to the host once (a synchronising
+// read: the output sizes depend on them), checks its arguments there with the
+// CPU ops' checks (feature_checks.h, same messages), sizes the outputs, and
+// launches the kernels of features_cuda.cu on the current stream of the
+// inputs' device, checking every launch. The arguments and results are the CPU
+// ops' (csrc/ops/schema.cpp).
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "feature_checks.h"
 #include "feature_kernels.h"
 #include "features_cuda.h"
 
@@ -25,43 +32,39 @@ at::Tensor on(const at::Tensor& like, const std::vector<int64_t>& xs) {
 }
 
 struct DeviceJagged {
-  at::Tensor values, lengths, weights, per_feature, begin;
+  at::Tensor values, lengths, weights, lengths_host;
+  std::vector<int64_t> begin;  // (F + 1,) each feature's first value, on the host
   int64_t F, B;
   bool weighted;
 
   DeviceJagged(const at::Tensor& v, const at::Tensor& l, const c10::optional<at::Tensor>& w, int64_t num_features,
                const char* op)
       : F(num_features), weighted(w.has_value()) {
-    TORCH_CHECK(v.is_cuda() && l.is_cuda(), op, ": values and lengths must be on the same CUDA device");
-    TORCH_CHECK(v.scalar_type() == at::kLong && l.scalar_type() == at::kLong, op,
-                ": values and lengths must be int64");
-    TORCH_CHECK(F > 0 && l.numel() % F == 0, op, ": lengths has ", l.numel(), " entries, not a multiple of ", F);
+    TORCH_CHECK(v.is_cuda(), op, ": values must be a CUDA tensor, got ", v.device());
+    B = features::check_jagged(v, l, w, F, op);
     values = v.contiguous();
     lengths = l.contiguous();
-    B = l.numel() / F;
-    per_feature = lengths.view({F, B}).sum(1);
-    begin = at::cat({at::zeros({1}, lengths.options()), per_feature.cumsum(0)});
-    TORCH_CHECK(begin[F].item<int64_t>() == v.numel(), op, ": lengths do not sum to the number of values");
-    TORCH_CHECK(B == 0 || lengths.min().item<int64_t>() >= 0, op, ": negative length");
-    if (weighted) {
-      TORCH_CHECK(w->is_cuda() && w->scalar_type() == at::kFloat && w->numel() == v.numel(), op,
-                  ": weights must be float32 on the device, one per value");
-      weights = w->contiguous();
-    }
+    lengths_host = lengths.to(at::kCPU);
+    begin = features::feature_begin(lengths_host.data_ptr<int64_t>(), F, B, v.numel(), op);
+    if (weighted) weights = w->contiguous();
   }
 };
 
 // Output segments for `feats` (each repeated `repeat` times): (seg_in, seg_out, lengths out, total).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> segments(const DeviceJagged& in, at::IntArrayRef feats,
                                                                 int64_t repeat, const char* op) {
-  for (auto f : feats) TORCH_CHECK(f >= 0 && f < in.F, op, ": feature index ", f, " out of range for ", in.F);
-  at::Tensor idx = on(in.lengths, std::vector<int64_t>(feats.begin(), feats.end()));
-  if (repeat > 1) idx = idx.repeat_interleave(repeat);
-  at::Tensor seg_in = in.begin.index_select(0, idx);
-  at::Tensor counts = in.per_feature.index_select(0, idx);
-  at::Tensor seg_out = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
-  at::Tensor out_lengths = in.lengths.view({in.F, in.B}).index_select(0, idx).reshape(-1);
-  return {seg_in, seg_out, out_lengths, seg_out[-1].item<int64_t>()};
+  features::check_features(feats, in.F, op, "feature");
+  std::vector<int64_t> seg_in, seg_out{0}, rows;
+  for (auto f : feats) {
+    for (int64_t r = 0; r < repeat; ++r) {
+      seg_in.push_back(in.begin[f]);
+      seg_out.push_back(seg_out.back() + in.begin[f + 1] - in.begin[f]);
+      rows.push_back(f);
+    }
+  }
+  at::Tensor out_lengths = in.lengths.view({in.F, in.B}).index_select(0, on(in.lengths, rows)).reshape(-1);
+  const int64_t total = seg_out.back();
+  return {on(in.lengths, seg_in), on(in.lengths, seg_out), out_lengths, total};
 }
 
 Result elementwise(const DeviceJagged& in, at::IntArrayRef feats, int64_t repeat, const std::vector<int64_t>* seeds,
@@ -71,15 +74,16 @@ Result elementwise(const DeviceJagged& in, at::IntArrayRef feats, int64_t repeat
   at::Tensor out = at::empty({total}, in.values.options());
   at::Tensor mod_t = on(in.values, moduli);
   at::Tensor seed_t = seeds != nullptr ? on(in.values, *seeds) : at::Tensor();
-  features::launch_hash(in.values.data_ptr<int64_t>(), seg_in.data_ptr<int64_t>(), seg_out.data_ptr<int64_t>(), S,
-                        seeds != nullptr ? reinterpret_cast<const uint64_t*>(seed_t.data_ptr<int64_t>()) : nullptr,
-                        reinterpret_cast<const uint64_t*>(mod_t.data_ptr<int64_t>()), total,
-                        out.data_ptr<int64_t>(), stream());
+  C10_CUDA_CHECK(features::launch_hash(
+      in.values.data_ptr<int64_t>(), seg_in.data_ptr<int64_t>(), seg_out.data_ptr<int64_t>(), S,
+      seeds != nullptr ? reinterpret_cast<const uint64_t*>(seed_t.data_ptr<int64_t>()) : nullptr,
+      reinterpret_cast<const uint64_t*>(mod_t.data_ptr<int64_t>()), total, out.data_ptr<int64_t>(), stream()));
   c10::optional<at::Tensor> out_w;
   if (in.weighted) {
     out_w = at::empty({total}, in.weights.options());
-    features::launch_copy_weights(in.weights.data_ptr<float>(), seg_in.data_ptr<int64_t>(),
-                                  seg_out.data_ptr<int64_t>(), S, total, out_w->data_ptr<float>(), stream());
+    C10_CUDA_CHECK(features::launch_copy_weights(in.weights.data_ptr<float>(), seg_in.data_ptr<int64_t>(),
+                                                 seg_out.data_ptr<int64_t>(), S, total, out_w->data_ptr<float>(),
+                                                 stream()));
   }
   return {out, out_lengths, out_w};
 }
@@ -87,8 +91,10 @@ Result elementwise(const DeviceJagged& in, at::IntArrayRef feats, int64_t repeat
 Result feature_hash_cuda(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
                          int64_t num_features, at::IntArrayRef feats, at::IntArrayRef salts, at::IntArrayRef moduli) {
   const char* op = "recis::feature_hash";
-  TORCH_CHECK(salts.size() == feats.size() && moduli.size() == feats.size(), op,
-              ": salts and moduli need one entry per feature");
+  const c10::cuda::CUDAGuard guard(values.device());
+  features::check_same_size(salts.size(), feats.size(), op, "salts");
+  features::check_same_size(moduli.size(), feats.size(), op, "moduli");
+  features::check_moduli(moduli, /*zero_means_none=*/true, op);
   DeviceJagged in(values, lengths, weights, num_features, op);
   std::vector<int64_t> s(salts.begin(), salts.end()), m(moduli.begin(), moduli.end());
   return elementwise(in, feats, 1, &s, m, op);
@@ -97,8 +103,9 @@ Result feature_hash_cuda(const at::Tensor& values, const at::Tensor& lengths, co
 Result feature_mod_cuda(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
                         int64_t num_features, at::IntArrayRef feats, at::IntArrayRef moduli) {
   const char* op = "recis::feature_mod";
-  TORCH_CHECK(moduli.size() == feats.size(), op, ": moduli needs one entry per feature");
-  for (auto x : moduli) TORCH_CHECK(x > 0, op, ": moduli must be > 0, got ", x);
+  const c10::cuda::CUDAGuard guard(values.device());
+  features::check_same_size(moduli.size(), feats.size(), op, "moduli");
+  features::check_moduli(moduli, /*zero_means_none=*/false, op);
   DeviceJagged in(values, lengths, weights, num_features, op);
   return elementwise(in, feats, 1, nullptr, std::vector<int64_t>(moduli.begin(), moduli.end()), op);
 }
@@ -107,9 +114,11 @@ Result feature_multi_hash_cuda(const at::Tensor& values, const at::Tensor& lengt
                                const c10::optional<at::Tensor>& weights, int64_t num_features, at::IntArrayRef feats,
                                at::IntArrayRef salts, at::IntArrayRef moduli, int64_t num_hashes) {
   const char* op = "recis::feature_multi_hash";
-  TORCH_CHECK(num_hashes >= 1, op, ": num_hashes must be >= 1");
-  TORCH_CHECK(salts.size() == feats.size() && moduli.size() == feats.size(), op,
-              ": salts and moduli need one entry per feature");
+  const c10::cuda::CUDAGuard guard(values.device());
+  features::check_same_size(salts.size(), feats.size(), op, "salts");
+  features::check_same_size(moduli.size(), feats.size(), op, "moduli");
+  features::check_num_hashes(num_hashes, op);
+  features::check_moduli(moduli, /*zero_means_none=*/true, op);
   DeviceJagged in(values, lengths, weights, num_features, op);
   std::vector<int64_t> s, m;
   for (size_t g = 0; g < feats.size(); ++g) {
@@ -126,11 +135,12 @@ Result feature_truncate_cuda(const at::Tensor& values, const at::Tensor& lengths
                              const c10::optional<at::Tensor>& weights, int64_t num_features, at::IntArrayRef feats,
                              at::IntArrayRef max_lengths, at::IntArrayRef from_end) {
   const char* op = "recis::feature_truncate";
-  TORCH_CHECK(max_lengths.size() == feats.size() && from_end.size() == feats.size(), op,
-              ": max_lengths and from_end need one entry per feature");
-  for (auto n : max_lengths) TORCH_CHECK(n > 0, op, ": max_lengths must be > 0, got ", n);
+  const c10::cuda::CUDAGuard guard(values.device());
+  features::check_same_size(max_lengths.size(), feats.size(), op, "max_lengths");
+  features::check_same_size(from_end.size(), feats.size(), op, "from_end");
+  features::check_max_lengths(max_lengths, op);
   DeviceJagged in(values, lengths, weights, num_features, op);
-  for (auto f : feats) TORCH_CHECK(f >= 0 && f < in.F, op, ": feature index ", f, " out of range");
+  features::check_features(feats, in.F, op, "feature");
   const int64_t B = in.B;
   at::Tensor arange = at::arange(B, in.lengths.options());
   at::Tensor src_bag = (on(in.lengths, std::vector<int64_t>(feats.begin(), feats.end())).unsqueeze(1) * B + arange)
@@ -140,15 +150,19 @@ Result feature_truncate_cuda(const at::Tensor& values, const at::Tensor& lengths
   at::Tensor out_lengths = at::minimum(in.lengths.index_select(0, src_bag), caps);
   at::Tensor out_offsets = at::cat({at::zeros({1}, out_lengths.options()), out_lengths.cumsum(0)});
   at::Tensor in_offsets = at::cat({at::zeros({1}, in.lengths.options()), in.lengths.cumsum(0)});
-  const int64_t total = out_offsets[-1].item<int64_t>();
+  const int64_t* lh = in.lengths_host.data_ptr<int64_t>();
+  int64_t total = 0;  // from the host copy: no second read of the device
+  for (size_t g = 0; g < feats.size(); ++g) {
+    for (int64_t b = 0; b < B; ++b) total += std::min(lh[feats[g] * B + b], max_lengths[g]);
+  }
   at::Tensor out = at::empty({total}, in.values.options());
   c10::optional<at::Tensor> out_w;
   if (in.weighted) out_w = at::empty({total}, in.weights.options());
-  features::launch_truncate(in.values.data_ptr<int64_t>(), in.weighted ? in.weights.data_ptr<float>() : nullptr,
-                            in_offsets.data_ptr<int64_t>(), src_bag.data_ptr<int64_t>(),
-                            out_offsets.data_ptr<int64_t>(), out_lengths.data_ptr<int64_t>(),
-                            ends.data_ptr<int64_t>(), src_bag.numel(), out.data_ptr<int64_t>(),
-                            in.weighted ? out_w->data_ptr<float>() : nullptr, stream());
+  C10_CUDA_CHECK(features::launch_truncate(
+      in.values.data_ptr<int64_t>(), in.weighted ? in.weights.data_ptr<float>() : nullptr,
+      in_offsets.data_ptr<int64_t>(), src_bag.data_ptr<int64_t>(), out_offsets.data_ptr<int64_t>(),
+      out_lengths.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), src_bag.numel(), out.data_ptr<int64_t>(),
+      in.weighted ? out_w->data_ptr<float>() : nullptr, stream()));
   return {out, out_lengths, out_w};
 }
 
@@ -156,11 +170,14 @@ Result feature_cross_cuda(const at::Tensor& values, const at::Tensor& lengths, c
                           int64_t num_features, at::IntArrayRef left, at::IntArrayRef right, at::IntArrayRef salts,
                           at::IntArrayRef moduli) {
   const char* op = "recis::feature_cross";
-  TORCH_CHECK(right.size() == left.size() && salts.size() == left.size() && moduli.size() == left.size(), op,
-              ": right, salts and moduli need one entry per cross");
+  const c10::cuda::CUDAGuard guard(values.device());
+  features::check_same_size(right.size(), left.size(), op, "right");
+  features::check_same_size(salts.size(), left.size(), op, "salts");
+  features::check_same_size(moduli.size(), left.size(), op, "moduli");
+  features::check_moduli(moduli, /*zero_means_none=*/true, op);
   DeviceJagged in(values, lengths, weights, num_features, op);
-  for (auto f : left) TORCH_CHECK(f >= 0 && f < in.F, op, ": left feature index ", f, " out of range");
-  for (auto f : right) TORCH_CHECK(f >= 0 && f < in.F, op, ": right feature index ", f, " out of range");
+  features::check_features(left, in.F, op, "left feature");
+  features::check_features(right, in.F, op, "right feature");
   const int64_t B = in.B;
   at::Tensor arange = at::arange(B, in.lengths.options());
   at::Tensor lb = (on(in.lengths, std::vector<int64_t>(left.begin(), left.end())).unsqueeze(1) * B + arange).reshape(-1);
@@ -168,17 +185,22 @@ Result feature_cross_cuda(const at::Tensor& values, const at::Tensor& lengths, c
   at::Tensor out_lengths = in.lengths.index_select(0, lb) * in.lengths.index_select(0, rb);
   at::Tensor out_offsets = at::cat({at::zeros({1}, out_lengths.options()), out_lengths.cumsum(0)});
   at::Tensor in_offsets = at::cat({at::zeros({1}, in.lengths.options()), in.lengths.cumsum(0)});
-  const int64_t total = out_offsets[-1].item<int64_t>();
+  const int64_t* lh = in.lengths_host.data_ptr<int64_t>();
+  int64_t total = 0;  // from the host copy: no second read of the device
+  for (size_t g = 0; g < left.size(); ++g) {
+    for (int64_t b = 0; b < B; ++b) total += lh[left[g] * B + b] * lh[right[g] * B + b];
+  }
   at::Tensor out = at::empty({total}, in.values.options());
   c10::optional<at::Tensor> out_w;
   if (in.weighted) out_w = at::empty({total}, in.weights.options());
   at::Tensor seed_t = on(in.values, std::vector<int64_t>(salts.begin(), salts.end()));
   at::Tensor mod_t = on(in.values, std::vector<int64_t>(moduli.begin(), moduli.end()));
-  features::launch_cross(in.values.data_ptr<int64_t>(), in.weighted ? in.weights.data_ptr<float>() : nullptr,
-                         in_offsets.data_ptr<int64_t>(), lb.data_ptr<int64_t>(), rb.data_ptr<int64_t>(),
-                         out_offsets.data_ptr<int64_t>(), reinterpret_cast<const uint64_t*>(seed_t.data_ptr<int64_t>()),
-                         reinterpret_cast<const uint64_t*>(mod_t.data_ptr<int64_t>()), B, lb.numel(),
-                         out.data_ptr<int64_t>(), in.weighted ? out_w->data_ptr<float>() : nullptr, stream());
+  C10_CUDA_CHECK(features::launch_cross(
+      in.values.data_ptr<int64_t>(), in.weighted ? in.weights.data_ptr<float>() : nullptr,
+      in_offsets.data_ptr<int64_t>(), lb.data_ptr<int64_t>(), rb.data_ptr<int64_t>(), out_offsets.data_ptr<int64_t>(),
+      reinterpret_cast<const uint64_t*>(seed_t.data_ptr<int64_t>()),
+      reinterpret_cast<const uint64_t*>(mod_t.data_ptr<int64_t>()), B, lb.numel(), out.data_ptr<int64_t>(),
+      in.weighted ? out_w->data_ptr<float>() : nullptr, stream()));
   return {out, out_lengths, out_w};
 }
 
@@ -186,43 +208,42 @@ std::tuple<at::Tensor, at::Tensor> feature_bucketize_cuda(const at::Tensor& dens
                                                           const at::Tensor& boundaries,
                                                           at::IntArrayRef boundary_offsets) {
   const char* op = "recis::feature_bucketize";
-  TORCH_CHECK(dense.is_cuda() && dense.dim() == 2 && dense.scalar_type() == at::kFloat, op,
-              ": dense must be a (B, D) float32 CUDA tensor");
-  const int64_t G = static_cast<int64_t>(columns.size()), B = dense.size(0), D = dense.size(1);
-  TORCH_CHECK(static_cast<int64_t>(boundary_offsets.size()) == G + 1, op, ": boundary_offsets needs G + 1 entries");
-  for (auto c : columns) TORCH_CHECK(c >= 0 && c < D, op, ": column ", c, " out of range for ", D);
+  TORCH_CHECK(dense.is_cuda(), op, ": dense must be a CUDA tensor, got ", dense.device());
+  const c10::cuda::CUDAGuard guard(dense.device());
   at::Tensor bnd_cpu = boundaries.to(at::kCPU).contiguous();
   const float* bp = bnd_cpu.data_ptr<float>();
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t i = boundary_offsets[g] + 1; i < boundary_offsets[g + 1]; ++i) {
-      TORCH_CHECK(bp[i - 1] <= bp[i], op, ": the boundaries of column ", columns[g], " must be sorted");
-    }
-  }
+  features::check_bucketize(dense, columns, boundaries, bp, boundary_offsets, op);
+  const int64_t G = static_cast<int64_t>(columns.size()), B = dense.size(0), D = dense.size(1);
   at::Tensor x = dense.contiguous();
   at::Tensor bnd = bnd_cpu.to(dense.device());
   at::Tensor cols = on(dense, std::vector<int64_t>(columns.begin(), columns.end()));
   at::Tensor offs = on(dense, std::vector<int64_t>(boundary_offsets.begin(), boundary_offsets.end()));
   at::Tensor out = at::empty({G * B}, dense.options().dtype(at::kLong));
-  features::launch_bucketize(x.data_ptr<float>(), D, cols.data_ptr<int64_t>(), bnd.data_ptr<float>(),
-                             offs.data_ptr<int64_t>(), B, G * B, out.data_ptr<int64_t>(), stream());
+  C10_CUDA_CHECK(features::launch_bucketize(x.data_ptr<float>(), D, cols.data_ptr<int64_t>(), bnd.data_ptr<float>(),
+                                            offs.data_ptr<int64_t>(), B, G * B, out.data_ptr<int64_t>(), stream()));
   return {out, at::ones({G * B}, out.options())};
 }
 
 Result feature_concat_cuda(at::TensorList values, at::TensorList lengths, at::TensorList weights, int64_t batch,
                            at::IntArrayRef buffers, at::IntArrayRef feats) {
   const char* op = "recis::feature_concat";
-  TORCH_CHECK(values.size() == lengths.size() && buffers.size() == feats.size(), op, ": mismatched argument sizes");
-  std::vector<std::vector<int64_t>> begin(values.size());
-  for (size_t i = 0; i < values.size(); ++i) {
-    const int64_t F = batch == 0 ? 0 : lengths[i].numel() / batch;
-    at::Tensor per = F ? lengths[i].view({F, batch}).sum(1).cumsum(0).to(at::kCPU) : at::zeros({0}, at::kLong);
-    begin[i].assign(1, 0);
-    for (int64_t f = 0; f < F; ++f) begin[i].push_back(per[f].item<int64_t>());
+  TORCH_CHECK(!values.empty() || feats.empty(), op, ": no buffers to take features from");
+  if (values.empty()) return {at::empty({0}, at::kLong), at::empty({0}, at::kLong), c10::nullopt};
+  TORCH_CHECK(values[0].is_cuda(), op, ": values must be CUDA tensors, got ", values[0].device());
+  const c10::cuda::CUDAGuard guard(values[0].device());
+  // One copy of every buffer's lengths to the host, for the checks and the output sizes.
+  std::vector<at::Tensor> host(lengths.size());
+  std::vector<const int64_t*> host_lengths(lengths.size());
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    features::check_tensor_1d(lengths[i], values[0].device(), op, "lengths", at::kLong);
+    host[i] = lengths[i].to(at::kCPU).contiguous();
+    host_lengths[i] = host[i].data_ptr<int64_t>();
   }
+  const std::vector<std::vector<int64_t>> begin =
+      features::check_concat(values, lengths, weights, batch, buffers, feats, host_lengths, op);
   std::vector<at::Tensor> vs, ls, ws;
   for (size_t k = 0; k < feats.size(); ++k) {
     const int64_t i = buffers[k], f = feats[k];
-    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(values.size()), op, ": buffer index ", i, " out of range");
     if (batch == 0) continue;
     const int64_t s = begin[i][f], n = begin[i][f + 1] - s;
     vs.push_back(values[i].narrow(0, s, n));

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../features/feature_checks.h"
 #include "../features/feature_kernels.h"
 #include "checks.h"
 
@@ -35,45 +36,27 @@ struct Jagged {
 
   Jagged(const at::Tensor& v, const at::Tensor& l, const c10::optional<at::Tensor>& w, int64_t F, const char* op)
       : num_features(F) {
-    check_cpu_1d(v, op, "values", at::kLong);
-    check_cpu_1d(l, op, "lengths", at::kLong);
-    TORCH_CHECK(F > 0, op, ": num_features must be > 0, got ", F);
-    TORCH_CHECK(l.numel() % F == 0, op, ": lengths has ", l.numel(), " entries, not a multiple of num_features ", F);
-    batch = l.numel() / F;
+    TORCH_CHECK(v.device().is_cpu(), op, ": values must be a CPU tensor, got ", v.device());
+    batch = features::check_jagged(v, l, w, F, op);
     values_t = v.contiguous();
     lengths_t = l.contiguous();
     values = values_t.data_ptr<int64_t>();
     lengths = lengths_t.data_ptr<int64_t>();
+    begin = features::feature_begin(lengths, F, batch, v.numel(), op);
     weights = nullptr;
     if (w.has_value()) {
-      check_cpu_1d(*w, op, "weights", at::kFloat);
-      TORCH_CHECK(w->numel() == v.numel(), op, ": weights has ", w->numel(), " entries but values has ", v.numel());
       weights_t = w->contiguous();
       weights = weights_t.data_ptr<float>();
       weighted = true;
     }
-    begin.assign(F + 1, 0);
-    for (int64_t f = 0; f < F; ++f) {
-      int64_t sum = 0;
-      for (int64_t b = 0; b < batch; ++b) {
-        const int64_t n = lengths[f * batch + b];
-        TORCH_CHECK(n >= 0, op, ": negative length ", n, " in feature ", f, ", bag ", b);
-        sum += n;
-      }
-      begin[f + 1] = begin[f] + sum;
-    }
-    TORCH_CHECK(begin[F] == v.numel(), op, ": lengths sum to ", begin[F], " but there are ", v.numel(), " values");
   }
 
   void check_feature(int64_t f, const char* op, const char* what) const {
-    TORCH_CHECK(f >= 0 && f < num_features, op, ": ", what, " index ", f, " is out of range for ", num_features,
-                " features");
+    features::check_feature(f, num_features, op, what);
   }
 };
 
-void check_same_size(size_t n, size_t want, const char* op, const char* name) {
-  TORCH_CHECK(n == want, op, ": ", name, " has ", n, " entries but there are ", want, " features to transform");
-}
+using features::check_same_size;
 
 // Selected features' lengths (G*B,) and, if weighted, weights, gathered in order.
 std::tuple<at::Tensor, c10::optional<at::Tensor>, std::vector<int64_t>> gather_layout(
@@ -272,28 +255,12 @@ std::tuple<at::Tensor, at::Tensor> feature_bucketize_cpu(const at::Tensor& dense
                                                          const at::Tensor& boundaries,
                                                          at::IntArrayRef boundary_offsets) {
   const char* op = "recis::feature_bucketize";
-  TORCH_CHECK(dense.device().is_cpu() && dense.dim() == 2 && dense.scalar_type() == at::kFloat, op,
-              ": dense must be a (B, D) float32 CPU tensor, got ", dense.scalar_type(), " ", dense.sizes());
+  TORCH_CHECK(dense.device().is_cpu(), op, ": dense must be a CPU tensor, got ", dense.device());
   check_cpu_1d(boundaries, op, "boundaries", at::kFloat);
-  const int64_t G = static_cast<int64_t>(columns.size()), B = dense.size(0), D = dense.size(1);
-  TORCH_CHECK(static_cast<int64_t>(boundary_offsets.size()) == G + 1, op, ": boundary_offsets has ",
-              boundary_offsets.size(), " entries; expected one more than the ", G, " columns");
-  TORCH_CHECK(G == 0 || (boundary_offsets[0] == 0 && boundary_offsets[G] == boundaries.numel()), op,
-              ": boundary_offsets must run from 0 to the ", boundaries.numel(), " boundaries");
   const at::Tensor bnd = boundaries.contiguous();
   const float* bp = bnd.data_ptr<float>();
-  for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK(columns[g] >= 0 && columns[g] < D, op, ": column ", columns[g], " is out of range for ", D,
-                " dense columns");
-    TORCH_CHECK(boundary_offsets[g] <= boundary_offsets[g + 1], op, ": boundary_offsets decrease at ", g);
-    for (int64_t i = boundary_offsets[g] + 1; i < boundary_offsets[g + 1]; ++i) {
-      TORCH_CHECK(bp[i - 1] <= bp[i], op, ": the boundaries of column ", columns[g],
-                  " must be sorted (non-decreasing)");
-    }
-    for (int64_t i = boundary_offsets[g]; i < boundary_offsets[g + 1]; ++i) {
-      TORCH_CHECK(bp[i] == bp[i], op, ": the boundaries of column ", columns[g], " hold NaN");
-    }
-  }
+  features::check_bucketize(dense, columns, boundaries, bp, boundary_offsets, op);
+  const int64_t G = static_cast<int64_t>(columns.size()), B = dense.size(0), D = dense.size(1);
   const at::Tensor x = dense.contiguous();
   const float* xp = x.data_ptr<float>();
   at::Tensor out = at::empty({G * B}, at::kLong);
@@ -312,45 +279,23 @@ Result feature_concat_cpu(at::TensorList values, at::TensorList lengths, at::Ten
                           at::IntArrayRef buffers, at::IntArrayRef feats) {
   const char* op = "recis::feature_concat";
   const int64_t nb = static_cast<int64_t>(values.size());
-  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == nb, op, ": ", nb, " values but ", lengths.size(), " lengths");
-  TORCH_CHECK(weights.empty() || static_cast<int64_t>(weights.size()) == nb, op, ": ", nb, " values but ",
-              weights.size(), " weights");
-  TORCH_CHECK(buffers.size() == feats.size(), op, ": buffers and features differ in length");
-  TORCH_CHECK(batch >= 0, op, ": batch must be >= 0");
   const bool weighted = !weights.empty();
   std::vector<at::Tensor> vc(nb), lc(nb), wc(weighted ? nb : 0);
-  std::vector<std::vector<int64_t>> begin(nb);
+  std::vector<const int64_t*> host_lengths(nb);
   for (int64_t i = 0; i < nb; ++i) {
     check_cpu_1d(values[i], op, "values", at::kLong);
     check_cpu_1d(lengths[i], op, "lengths", at::kLong);
     vc[i] = values[i].contiguous();
     lc[i] = lengths[i].contiguous();
-    const int64_t n = lc[i].numel();
-    TORCH_CHECK(batch == 0 ? n == 0 : n % batch == 0, op, ": buffer ", i, " has ", n,
-                " lengths, not a multiple of the batch size ", batch);
-    const int64_t F = batch == 0 ? 0 : n / batch;
-    const int64_t* l = lc[i].data_ptr<int64_t>();
-    begin[i].assign(F + 1, 0);
-    for (int64_t f = 0; f < F; ++f) {
-      int64_t sum = 0;
-      for (int64_t b = 0; b < batch; ++b) sum += l[f * batch + b];
-      begin[i][f + 1] = begin[i][f] + sum;
-    }
-    TORCH_CHECK(begin[i][F] == vc[i].numel(), op, ": buffer ", i, "'s lengths sum to ", begin[i][F], " but it has ",
-                vc[i].numel(), " values");
-    if (weighted) {
-      check_cpu_1d(weights[i], op, "weights", at::kFloat);
-      TORCH_CHECK(weights[i].numel() == vc[i].numel(), op, ": buffer ", i, "'s weights and values differ in size");
-      wc[i] = weights[i].contiguous();
-    }
+    host_lengths[i] = lc[i].data_ptr<int64_t>();
+    if (weighted && i < static_cast<int64_t>(weights.size())) wc[i] = weights[i].contiguous();
   }
+  const std::vector<std::vector<int64_t>> begin =
+      features::check_concat(values, lengths, weights, batch, buffers, feats, host_lengths, op);
   const int64_t K = static_cast<int64_t>(feats.size());
   std::vector<int64_t> out_begin(K + 1, 0);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t i = buffers[k], f = feats[k];
-    TORCH_CHECK(i >= 0 && i < nb, op, ": buffer index ", i, " out of range");
-    TORCH_CHECK(batch == 0 || (f >= 0 && f + 1 < static_cast<int64_t>(begin[i].size())), op, ": feature ", f,
-                " out of range in buffer ", i);
     out_begin[k + 1] = out_begin[k] + (batch == 0 ? 0 : begin[i][f + 1] - begin[i][f]);
   }
   at::Tensor out_v = at::empty({out_begin[K]}, at::kLong);

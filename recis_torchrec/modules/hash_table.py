@@ -99,6 +99,7 @@ class HashTable:
         self.init_range = init_range
         self.dtype = dtype
         self.handle: Optional[int] = None
+        self._export_index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a CUDA export pass's (ids, rows)
         if self.device.type == "cuda":
             _check_cuda_table(name, dim, dtype, options)
         self.handle = self._create()
@@ -194,18 +195,19 @@ class HashTable:
     def export_rows(self, since: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids, weights, state, meta (n, 3) = (last_seen, last_update, freq))`` of the
         live rows written after update ``since`` (-1: all), on the CPU."""
-        if self.is_cuda:  # the CUDA table exports ids and whole rows; it keeps no row metadata
-            if since != -1:
-                raise NotImplementedError(
-                    f"HashTable {self.name!r}: delta exports (rows written since an update) are not supported on "
-                    "CUDA tables yet"
-                )
-            ids, data = torch.ops.recis.gpu_table_export(self.handle, self.device.index)
-            ids, data = ids.cpu(), data.cpu()
-            order = torch.argsort(ids)
-            ids, data = ids[order], data[order]
-            meta = torch.zeros(ids.numel(), 3, dtype=torch.int64)
-            return ids, data[:, : self.dim].contiguous(), data[:, self.dim :].contiguous(), meta
+        if self.is_cuda:
+            # A CUDA table keeps no row metadata; its rows come out ordered by id, gathered chunk by
+            # chunk into CPU memory (no second copy of the table on the GPU).
+            n = len(self)
+            ids, weights = torch.empty(n, dtype=torch.int64), torch.empty(n, self.dim, dtype=self.dtype)
+            state, meta = torch.empty(n, self.state_dim), torch.zeros(n, 3, dtype=torch.int64)
+            start = 0
+            while start < n:
+                copied, start = self.export_chunk(start, since, ids[start:], weights[start:], state[start:],
+                                                  meta[start:])
+                if copied == 0:
+                    break
+            return ids[:start], weights[:start], state[:start], meta[:start]
         return ops.table_export(self, since)
 
     def export_chunk(
@@ -217,13 +219,25 @@ class HashTable:
         streams a table through fixed buffers with it. (A CUDA table: ``start`` indexes its rows ordered
         by id, and each call exports the table once.)"""
         if self.is_cuda:
-            all_ids, all_w, all_s, all_m = self.export_rows(since)
+            if since != -1:
+                raise NotImplementedError(
+                    f"HashTable {self.name!r}: delta exports (rows written since an update) are not supported on "
+                    "CUDA tables yet"
+                )
+            # The (id, row) index, ordered by id, is read once per pass (at start 0) and reused by the
+            # pass's later chunks; each chunk gathers only its own rows on the GPU.
+            if start == 0 or self._export_index is None:
+                self._export_index = torch.ops.recis.gpu_table_export_ids(self.handle, self.device.index)
+            all_ids, all_rows = self._export_index
             n = max(0, min(ids.numel(), all_ids.numel() - start))
-            ids[:n] = all_ids[start : start + n]
-            weights[:n] = all_w[start : start + n]
+            data = torch.ops.recis.gpu_table_gather(self.handle, all_rows[start : start + n]).cpu()
+            ids[:n] = all_ids[start : start + n].cpu()
+            weights[:n] = data[:, : self.dim]
             if self.state_dim:
-                state[:n] = all_s[start : start + n]
-            meta[:n] = all_m[start : start + n]
+                state[:n] = data[:, self.dim :]
+            meta[:n] = 0
+            if start + n >= all_ids.numel():
+                self._export_index = None
             return n, start + n
         return C.export_chunk(self.handle, start, since, ids, weights, state, meta)
 
