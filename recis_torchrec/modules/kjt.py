@@ -17,7 +17,12 @@ def checked_kjt(
     ``check_values=False`` leaves out the checks that read the lengths' values (a negative length,
     lengths that do not sum to the ids): the ops check those themselves, and skipping them keeps
     the forward free of data-dependent branches (fx, torch.export). Call :func:`explain_kjt`
-    when an op fails, for the error that names the feature."""
+    when an op fails, for the error that names the feature.
+
+    Host synchronisation: with ``check_values`` on a GPU KJT, the checks read two values back (any
+    negative length; the lengths' sum), each a sync of the current stream. The unsharded modules
+    pass ``check_values=False`` (the ops' own checks read the F + 1 feature boundaries once);
+    the sharded input dist keeps them (it reads the per-rank splits back for the all-to-all anyway)."""
     keys = features.keys()
     if features.variable_stride_per_key():
         raise ValueError(
