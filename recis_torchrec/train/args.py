@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 
+MODEL_OUTPUTS = ("auto", "logits", "probabilities")
+
+
 @dataclass(frozen=True)
 class Task:
     """One prediction head: a column of the model's logits against a label column.
@@ -56,6 +59,15 @@ class TrainingArguments:
             process group's backend follows it (NCCL on CUDA, gloo on the CPU).
         save_delta: after each window (``fit_windows``), export a delta
             instead of a full checkpoint (a full one is still written first).
+        model_output: what the model returns per task: ``"logits"``, ``"probabilities"`` (already
+            through a sigmoid, as TorchRec's ``SimpleDeepFMNN``: the loss and the metrics then use
+            them as they are, with no second sigmoid), or ``"auto"``: probabilities for a
+            ``SimpleDeepFMNN`` or a model whose last module is an ``nn.Sigmoid``, else logits.
+        import_weights: convert the model's ``EmbeddingBagCollection`` weights into the hash tables
+            (row i becomes id i). Off by default: a freshly built EBC's rows are placeholders, and
+            importing them would fill every table with ``num_embeddings`` rows no id has touched.
+        share_tables: tables of the same name in several collections are one hash table (see
+            :func:`recis_torchrec.convert`), unsharded and under torchrun alike.
         version: schema version, for ``to_dict``/``from_dict``.
     """
 
@@ -75,6 +87,9 @@ class TrainingArguments:
     progress: bool = True
     save_delta: bool = False
     device: str = "auto"
+    model_output: str = "auto"
+    import_weights: bool = False
+    share_tables: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -101,6 +116,10 @@ class TrainingArguments:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainingArguments.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.model_output not in MODEL_OUTPUTS:
+            raise ValueError(
+                f"TrainingArguments.model_output must be one of {MODEL_OUTPUTS}, got {self.model_output!r}"
+            )
         if self.version != 1:
             raise ValueError(f"TrainingArguments.version {self.version} is not supported")
 

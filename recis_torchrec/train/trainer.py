@@ -103,18 +103,77 @@ def _per_task(logits: torch.Tensor, labels: torch.Tensor, names: List[str]):
 torch.fx.wrap("_per_task")
 
 
+def outputs_probabilities(model: nn.Module, choice: str = "auto") -> bool:
+    """Whether ``model`` returns probabilities (``TrainingArguments.model_output``): for ``"auto"``,
+    a TorchRec ``SimpleDeepFMNN`` (its over arch ends in a sigmoid) or a model whose last module is
+    an ``nn.Sigmoid``."""
+    if choice != "auto":
+        return choice == "probabilities"
+    from torchrec.models.deepfm import SimpleDeepFMNN
+
+    if isinstance(model, SimpleDeepFMNN):
+        return True
+    last = None
+    for m in model.modules():
+        if not list(m.children()):
+            last = m
+    return isinstance(last, nn.Sigmoid)
+
+
+# Probabilities are clamped to [eps, 1 - eps] before their logit is taken: the float32 logit of
+# 1 - 1e-7 is about 16, so the loss of a saturated wrong prediction stays finite (about 16).
+_PROB_EPS = 1e-7
+
+
+def _logits_of_probabilities(p: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))``: binary cross-entropy with logits of it is the cross-entropy of p."""
+    p = p.clamp(_PROB_EPS, 1 - _PROB_EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def drop_table_weights(model: nn.Module) -> None:
+    """Moves the weights of the model's TorchRec EBCs and ECs to the meta device: the hash tables
+    then start empty (rows are made as ids arrive) instead of importing a fresh module's placeholder
+    rows 0..num_embeddings-1."""
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection
+
+    for m in model.modules():
+        if type(m) in (EmbeddingBagCollection, EmbeddingCollection):
+            m.to_empty(device=torch.device("meta"))
+
+
+def refuse_converted_modules(model: nn.Module, world_size: int) -> None:
+    """Under a process group, hash modules that are already converted (``rt.convert``) would train
+    their ids separately on every rank; only TorchRec's EBCs and ECs are sharded."""
+    from recis_torchrec.modules.hash_module import HashTablesMixin
+
+    converted = [n for n, m in model.named_modules() if isinstance(m, HashTablesMixin)]
+    if converted:
+        raise ValueError(
+            f"Trainer: the model holds hash modules that are already converted ({converted}); under {world_size} "
+            "ranks they would not be sharded and each rank would train its own copy of every id. Give the Trainer "
+            "the TorchRec model (with its EmbeddingBagCollections / EmbeddingCollections) and set "
+            "TrainingArguments(share_tables=True) where tables are shared"
+        )
+
+
 class TaskModel(nn.Module):
-    """``batch -> (loss, (loss detached, logits, labels))`` for a TorchRec model with one logit per task.
+    """``batch -> (loss, (loss detached, logits, labels))`` for a TorchRec model with one output per task.
 
     The loss is the weighted sum of each task's binary cross-entropy (mean
-    over the batch). This is the shape TorchRec's train pipelines expect.
+    over the batch). This is the shape TorchRec's train pipelines expect. A
+    model that outputs probabilities (``probabilities=True``) has them turned
+    into logits first, so the loss is their cross-entropy, not that of a
+    second sigmoid.
     """
 
-    def __init__(self, model: nn.Module, tasks: Sequence[Task], bf16: bool = False) -> None:
+    def __init__(self, model: nn.Module, tasks: Sequence[Task], bf16: bool = False,
+                 probabilities: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tasks = list(tasks)
         self.bf16 = bf16
+        self.probabilities = probabilities
         self.register_buffer("_weights", torch.tensor([t.weight for t in self.tasks]), persistent=False)
 
     def forward(self, batch):
@@ -122,6 +181,8 @@ class TaskModel(nn.Module):
         with autocast:
             logits = self.model(batch.dense_features, batch.sparse_features)
         logits, labels = _per_task(logits, batch.labels, [t.name for t in self.tasks])
+        if self.probabilities:
+            logits = _logits_of_probabilities(logits)
         per_task = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
         loss = (per_task * self._weights).sum()
         # The output repeats the loss (detached): TorchRec's pipelines hand back only the output.
@@ -262,22 +323,29 @@ class Trainer:
         self.device = resolve_device(args.device)
         seed_all(args.seed)
         self.tasks = list(tasks or [Task("ctr")])
-        task_model = TaskModel(model, self.tasks, args.bf16)
+        self.probabilities = outputs_probabilities(model, args.model_output)
+        task_model = TaskModel(model, self.tasks, args.bf16, self.probabilities)
+        if not args.import_weights:
+            drop_table_weights(task_model)
         if self.world_size > 1:
             from torchrec.distributed.model_parallel import DistributedModelParallel
 
+            refuse_converted_modules(task_model, self.world_size)
             self.model: nn.Module = DistributedModelParallel(
                 task_model,
                 sharders=rt.sharders(fused_params, table_options),
-                plan=rt.plan(task_model, self.world_size, device_type=self.device.type),
+                plan=rt.plan(task_model, self.world_size, device_type=self.device.type,
+                             share_tables=args.share_tables),
                 device=self.device,
             )
         else:
-            rt.convert(task_model, fused_params=fused_params, options=table_options, device=self.device)
+            rt.convert(task_model, fused_params=fused_params, options=table_options, device=self.device,
+                       import_weights=args.import_weights, share_tables=args.share_tables)
             self.model = task_model.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = dense_optimizer(params) if dense_optimizer else torch.optim.Adam(params, lr=1e-3)
         self.pipeline = None
+        self._pipeline_traced = False
         if self.world_size > 1 and args.pipeline and args.gradient_accumulation == 1:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -430,10 +498,30 @@ class Trainer:
             raise ValueError("TrainingArguments.epochs needs training data with a length")
         return self.args.epochs * len(self.train_stream) // self.args.gradient_accumulation
 
+    def _pipeline_progress(self, it: Iterator) -> Any:
+        """One step of TorchRec's pipeline. Its first step traces the model with ``torch.fx`` (to
+        find the sharded modules' inputs); a model that cannot be traced gets an error saying so."""
+        if self._pipeline_traced:
+            return self.pipeline.progress(it)
+        try:
+            out = self.pipeline.progress(it)
+        except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError) as e:
+            if "trac" not in str(e).lower() and "proxy" not in str(e).lower() and "symbolic" not in str(e).lower():
+                raise
+            raise RuntimeError(
+                f"Trainer: TorchRec's TrainPipelineSparseDist traces the model with torch.fx, and tracing "
+                f"{type(self.model.module.model).__name__ if hasattr(self.model, 'module') else 'the model'} "
+                f"failed ({type(e).__name__}: {e}). Make its forward fx-traceable (no Python control flow on "
+                "tensor values; wrap such helpers with torch.fx.wrap), or train without the pipeline: "
+                "TrainingArguments(pipeline=False) / [trainer].pipeline = false"
+            ) from e
+        self._pipeline_traced = True
+        return out
+
     def _one_step(self, it: Iterator) -> Any:
         acc = self.args.gradient_accumulation
         if self.pipeline is not None:
-            loss, logits, labels = self.pipeline.progress(it)
+            loss, logits, labels = self._pipeline_progress(it)
             self.batches_done += 1
             self.examples += labels.shape[0]
             return float(loss), logits, labels
