@@ -7,10 +7,10 @@ where the types allow), and string ids are hashed in C++ straight from
 Arrow's offset and data buffers.
 """
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
-
+import re
 import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +20,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recis_torchrec import ops
-from recis_torchrec.io.schema import Schema
+from recis_torchrec.io.schema import WEIGHTS_SUFFIX, Schema
 
 
 class ColumnError(ValueError):
@@ -88,9 +88,91 @@ class SparseColumn:
     insert_at: Optional[torch.Tensor] = None
 
 
+# An id written as a decimal integer without a leading zero, within int64 (19-digit ones are
+# compared with the bounds as strings: at equal lengths that is the numeric order).
+_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
+
+
+def _int64_strings(arr: pa.Array) -> pa.Array:
+    """Which strings are canonical decimal int64 values."""
+    m = pc.match_substring_regex(arr, _CANONICAL_INT)
+    n = pc.utf8_length(arr)
+    neg = pc.starts_with(arr, "-")
+    too_big = pc.or_(
+        pc.and_(pc.and_(pc.invert(neg), pc.equal(n, 19)), pc.greater(arr, "9223372036854775807")),
+        pc.and_(pc.and_(neg, pc.equal(n, 20)), pc.greater(arr, "-9223372036854775808")),
+    )
+    return pc.and_(m, pc.invert(too_big))
+
+
+def ids_of_strings(arr: pa.Array, seed: int) -> torch.Tensor:
+    """int64 ids of a string array without nulls: decimal integers as those integers, other strings
+    hashed (XXH64). One rule for every field, so an id does not depend on what else its column holds."""
+    if len(arr) == 0:
+        return torch.empty(0, dtype=torch.int64)
+    is_int = _int64_strings(arr)
+    hashed = _hash_string_array(arr, seed)
+    if not pc.any(is_int).as_py():
+        return hashed
+    ints = _tensor(_numpy(pc.cast(pc.if_else(is_int, arr, "0"), pa.int64()), np.int64))
+    return torch.where(torch.from_numpy(_numpy(is_int, np.bool_)), ints, hashed)
+
+
+def _list_array(offsets: np.ndarray, values: pa.Array, nulls: Optional[np.ndarray]) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values,
+                                    mask=pa.array(nulls) if nulls is not None and nulls.any() else None)
+
+
+def normalize_csv(table: pa.Table, schema: Schema, where: str) -> pa.Table:
+    """A CSV/TSV table's id columns as int64 (or ``list<int64>`` for delimited lists, with a
+    ``list<float>`` weights column beside it for ``id:weight`` items): ids by ``ids_of_strings``,
+    empty fields and empty list items dropped (null), so that a null field is an empty bag."""
+    for c in schema.sparse_columns():
+        if c not in table.column_names:
+            continue
+        col = table.column(c).combine_chunks()
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+            continue
+        if pa.types.is_null(col.type):
+            col = pa.nulls(len(col), pa.string())
+        nulls = _numpy(col.is_null(), np.bool_)
+        delim = schema.delimiter_of(c)
+        i = table.column_names.index(c)
+        if delim is None:
+            ids = ids_of_strings(col.fill_null(""), schema.hash_seed).numpy()
+            table = table.set_column(i, c, pa.array(ids, mask=nulls if nulls.any() else None))
+            continue
+        lists = pc.split_pattern(col, delim)
+        flat = pc.list_flatten(lists)
+        parent = _numpy(pc.list_parent_indices(lists), np.int64)
+        keep = _numpy(pc.not_equal(flat, ""), np.bool_) if len(flat) else np.zeros(0, dtype=np.bool_)
+        flat, parent = flat.filter(pa.array(keep)), parent[keep]
+        weights = None
+        if schema.weight_delimiter is not None:
+            w = re.escape(schema.weight_delimiter)
+            parts = pc.extract_regex(flat, rf"^(?P<id>.*?)(?:{w}(?P<w>[^{w}]*))?$")
+            flat = pc.struct_field(parts, [0])
+            wtext = pc.struct_field(parts, [1])
+            wtext = pc.if_else(pc.equal(wtext, ""), "1", wtext)
+            try:
+                weights = pc.cast(wtext, pa.float32())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ValueError(f"{where}: column {c!r}: an item's weight is not a number ({e})") from None
+        counts = np.bincount(parent, minlength=len(col)) if len(col) else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        ids = pa.array(ids_of_strings(flat, schema.hash_seed).numpy())
+        table = table.set_column(i, c, _list_array(offsets, ids, nulls))
+        if weights is not None:
+            table = table.append_column(c + WEIGHTS_SUFFIX, _list_array(offsets, weights, nulls))
+    return table
+
+
 def sparse_column(col: pa.Array, column: str, where: str, schema: Schema) -> SparseColumn:
     """One sparse column as int64 lengths (B,) and values."""
     t = col.type
+    if pa.types.is_null(t):  # an all-null column: every bag empty
+        zeros = torch.zeros(len(col), dtype=torch.int64)
+        return SparseColumn(zeros, torch.empty(0, dtype=torch.int64), zeros)
     default = schema.defaults.get(column)
     is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
     value_type = t.value_type if is_list else t
@@ -198,7 +280,11 @@ def dense_matrix(table: pa.Table, columns: Tuple[str, ...], schema: Schema, wher
     if not columns:
         return torch.empty(table.num_rows, 0)
     arrays = [_column(table, c) for c in columns]
-    if all(a.type in _FAST_DENSE for a in arrays):  # one C++ pass over Arrow's buffers
+    all_null = any(pa.types.is_null(a.type) or (len(a) and a.null_count == len(a)) for a in arrays)
+    if all_null:  # a column of nulls only (Arrow's null type): every value is the column's default
+        arrays = [pa.nulls(len(a), pa.float64()) if pa.types.is_null(a.type) else a for a in arrays]
+        table = pa.table(dict(zip(columns, arrays)))
+    elif all(a.type in _FAST_DENSE for a in arrays):  # one C++ pass over Arrow's buffers
         parts = [_buffers(a, _FAST_DENSE[a.type]) for a in arrays]
         defaults = [float(schema.defaults.get(c, schema.dense_default)) for c in columns]
         return ops.arrow_dense(
@@ -224,26 +310,79 @@ def check_columns(names: List[str], schema: Schema, where: str) -> None:
             raise ColumnError(f"{where}: column {c!r} is missing (the file has {sorted(have)})")
 
 
-def to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
-    """A TorchRec ``Batch`` from an Arrow table holding the schema's columns."""
+def transform_dense(dense: torch.Tensor, schema: Schema) -> torch.Tensor:
+    """``schema.dense_transform`` applied to raw ``dense_features`` (columns ``schema.dense``)."""
+    if isinstance(schema.dense_transform, str) and schema.dense_transform == "none":
+        return dense
+    out = dense.clone()
+    for j, c in enumerate(schema.dense):
+        t = schema.transform_of(c)
+        if t == "log1p":
+            out[:, j] = torch.log1p(out[:, j].clamp(min=0))
+        elif t == "standardize":
+            if c not in schema.dense_stats:
+                raise ColumnError(f"dense column {c!r}: dense_transform 'standardize' needs Schema.dense_stats[{c!r}]")
+            mean, std = schema.dense_stats[c]
+            out[:, j] = (out[:, j] - float(mean)) / max(float(std), 1e-12)
+    return out
+
+
+def _gathered(table: pa.Table, key: str, columns: Sequence[str], masks: Optional[Sequence[str]], where: str,
+              schema: Schema) -> Tuple[SparseColumn, Optional[torch.Tensor]]:
+    """One KJT key from several columns: each row's ids of the columns in order (a column whose
+    mask is 0 at a row, or null, gives none); and their weights, if any column has some."""
+    b = table.num_rows
+    pieces = []
+    for j, c in enumerate(columns):
+        col = _column(table, c)
+        if masks is not None:
+            m = _column(table, masks[j])
+            if not (pa.types.is_integer(m.type) or pa.types.is_boolean(m.type) or pa.types.is_floating(m.type)
+                    or pa.types.is_null(m.type)):
+                raise ColumnError(f"{where}: mask column {masks[j]!r} of KJT key {key!r} must be numeric, got {m.type}")
+            off = pc.fill_null(pc.equal(pc.cast(m, pa.float64()), 0.0), True) if not pa.types.is_null(m.type) \
+                else pa.array(np.ones(len(m), dtype=np.bool_))
+            col = pc.if_else(off, pa.scalar(None, type=col.type), col)
+        sc = sparse_column(col, c, where, schema)
+        w = None
+        if c + WEIGHTS_SUFFIX in table.column_names:
+            w = weight_column(_column(table, c + WEIGHTS_SUFFIX), c, key, sc, where)
+        pieces.append((sc, w))
+    lengths = torch.stack([sc.lengths for sc, _ in pieces]).sum(0) if pieces else torch.zeros(b, dtype=torch.int64)
+    rows = torch.cat([torch.repeat_interleave(torch.arange(b), sc.lengths) for sc, _ in pieces])
+    order = torch.sort(rows, stable=True).indices
+    values = torch.cat([sc.values for sc, _ in pieces])[order]
+    weights = None
+    if any(w is not None for _, w in pieces):
+        weights = torch.cat([w if w is not None else torch.ones(sc.values.numel()) for sc, w in pieces])[order]
+    return SparseColumn(lengths, values, lengths), weights
+
+
+def to_batch(table: pa.Table, schema: Schema, where: str, transform: bool = True) -> Batch:
+    """A TorchRec ``Batch`` from an Arrow table holding the schema's columns (with ``transform``
+    False, ``dense_features`` are the raw values, before ``schema.dense_transform``)."""
     check_columns(table.column_names, schema, where)
     dense = dense_matrix(table, schema.dense, schema, where, "dense")
-    if schema.dense_transform == "log1p":
-        dense = torch.log1p(dense.clamp_(min=0))
+    if transform:
+        dense = transform_dense(dense, schema)
     labels = dense_matrix(table, schema.labels, schema, where, "label")
     if labels.shape[1] == 1:
         labels = labels[:, 0]
     keys = list(schema.sparse)
+    names = set(table.column_names)
+    delimited_weights = {k for k, c in schema.sparse.items()
+                         if any(x + WEIGHTS_SUFFIX in names for x in ([c] if isinstance(c, str) else c))}
     # Integer scalar id columns without defaults (the common, pre-hashed
     # case) take one C++ pass over Arrow's buffers.
     fast = [
         k
         for k, c in schema.sparse.items()
-        if table.schema.field(c).type in _FAST_IDS and c not in schema.defaults and k not in schema.weights
+        if isinstance(c, str) and k not in schema.masks and table.schema.field(c).type in _FAST_IDS
+        and c not in schema.defaults and k not in schema.weights
     ]
     lengths: List[torch.Tensor] = []
     values: List[torch.Tensor] = []
-    weights: Optional[List[torch.Tensor]] = [] if schema.weights else None
+    weights: Optional[List[torch.Tensor]] = [] if schema.weights or delimited_weights else None
     fast_out = {}
     if fast:
         arrays = [_column(table, schema.sparse[k]) for k in fast]
@@ -256,12 +395,23 @@ def to_batch(table: pa.Table, schema: Schema, where: str) -> Batch:
         for k, lk, vk in zip(fast, per_key, v.split(per_key.sum(1).tolist())):
             fast_out[k] = SparseColumn(lk, vk, lk)
     for key, column in schema.sparse.items():
-        sc = fast_out.get(key) or sparse_column(_column(table, column), column, where, schema)
+        gathered_w = None
+        if key in fast_out:
+            sc = fast_out[key]
+        elif isinstance(column, str) and key not in schema.masks and key not in delimited_weights:
+            sc = sparse_column(_column(table, column), column, where, schema)
+        else:
+            cols = [column] if isinstance(column, str) else list(column)
+            mask = schema.masks.get(key)
+            sc, gathered_w = _gathered(table, key, cols, None if mask is None else (
+                [mask] if isinstance(mask, str) else list(mask)), where, schema)
         lengths.append(sc.lengths)
         values.append(sc.values)
         if weights is not None:
             wcol = schema.weights.get(key)
-            if wcol is None:
+            if gathered_w is not None:
+                weights.append(gathered_w)
+            elif wcol is None:
                 weights.append(torch.ones(sc.values.numel()))
             else:
                 weights.append(weight_column(_column(table, wcol), wcol, key, sc, where))

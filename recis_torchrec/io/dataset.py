@@ -11,8 +11,8 @@ import pyarrow.fs as pafs
 import torch
 from torchrec.datasets.utils import Batch
 
-from recis_torchrec.io.arrow import ColumnError, check_columns, to_batch
-from recis_torchrec.io.schema import Schema
+from recis_torchrec.io.arrow import ColumnError, check_columns, to_batch, transform_dense
+from recis_torchrec.io.schema import WEIGHTS_SUFFIX, Schema
 from recis_torchrec.io.sources import File, Unit, expand
 
 _STATE_VERSION = 1
@@ -79,13 +79,18 @@ def _check_types(f: File, schema: Schema) -> None:
         for c in cols:
             if not numeric(types[c]):
                 raise ColumnError(f"{f.path}: {role} column {c!r} must be numeric, got {types[c]}")
-    for key, c in schema.sparse.items():
-        t = types[c]
-        if not (id_type(t) or (is_list(t) and id_type(t.value_type))):
-            raise ColumnError(
-                f"{f.path}: column {c!r} (KJT key {key!r}) holds {t}, but sparse ids must be integers or "
-                "strings (or lists of them)"
-            )
+    for key, spec in schema.sparse.items():
+        for c in [spec] if isinstance(spec, str) else spec:
+            t = types[c]
+            if not (id_type(t) or (is_list(t) and id_type(t.value_type))):
+                raise ColumnError(
+                    f"{f.path}: column {c!r} (KJT key {key!r}) holds {t}, but sparse ids must be integers or "
+                    "strings (or lists of them)"
+                )
+    for key, spec in schema.masks.items():
+        for c in [spec] if isinstance(spec, str) else spec:
+            if not numeric(types[c]):
+                raise ColumnError(f"{f.path}: mask column {c!r} (KJT key {key!r}) must be numeric, got {types[c]}")
     for key, c in schema.weights.items():
         t = types[c]
         if not (is_list(t) and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type))):
@@ -186,13 +191,34 @@ class ColumnarDataset:
         self.prefetch = prefetch
         self.pin_memory = pin_memory
         self.device = torch.device(device) if device is not None else None
-        self._columns = list(schema.columns())
         self._files: List[File] = []
+        resolved: Optional[Schema] = None
+        first_repeated: Dict[str, List[str]] = {}
         for fs, path in expand(paths, filesystem):
-            f = File(fs, path, format)
-            check_columns(f.column_names, schema, path)
-            _check_types(f, schema)
+            f = File(fs, path, format, schema=schema)
+            if resolved is None:
+                resolved, first_repeated = schema.resolve(f.repeated), f.repeated
+            elif {k: len(v) for k, v in f.repeated.items()} != {k: len(v) for k, v in first_repeated.items()}:
+                raise ColumnError(
+                    f"{path}: its header repeats names {sorted(f.repeated)} a different number of times than "
+                    f"{self._files[0].path} does ({sorted(first_repeated)}); a key gathered from repeated columns "
+                    "needs the same columns in every file"
+                )
+            check_columns(f.column_names, resolved, path)
+            _check_types(f, resolved)
             self._files.append(f)
+        if resolved is not None:
+            schema = resolved
+            self.schema = schema
+        for c in schema.dense:
+            if schema.transform_of(c) == "standardize" and c not in schema.dense_stats:
+                raise ValueError(
+                    f"ColumnarDataset: dense column {c!r} is to be standardized but Schema.dense_stats has no "
+                    f"(mean, std) for it (see recis_torchrec.io.dense_stats)"
+                )
+        self._columns = [c for c in schema.columns()]
+        self._columns += [c + WEIGHTS_SUFFIX for c in schema.sparse_columns()
+                          if any(c + WEIGHTS_SUFFIX in f.column_names for f in self._files)]
         self._units: List[Tuple[int, Unit]] = [(i, u) for i, f in enumerate(self._files) for u in f.units]
         self.num_rows = sum(u.num_rows for _, u in self._units)
         self._epoch = 0
@@ -289,14 +315,16 @@ class ColumnarDataset:
             batch_table, rest = table.slice(0, need), table.slice(need)
             pending, have = ([rest] if rest.num_rows else []), rest.num_rows
             where = f"{self._describe()} (rank {self.rank}, epoch {epoch}, batch {k})"
-            batch = to_batch(batch_table, self.schema, where)
+            batch = to_batch(batch_table, self.schema, where, transform=self.features is None)
             if self.features is not None:
                 # forward, not __call__: this runs in the loader's thread, and a tracer in the main one
                 # (TorchRec's pipeline rewrites the model with torch.fx) patches nn.Module.__call__.
+                # The engine (its bucketize) reads the raw dense values; the model gets the transformed ones.
                 kjt = self.features.forward(
                     batch.sparse_features, dense=batch.dense_features, dense_keys=self.schema.dense
                 )
-                batch = Batch(dense_features=batch.dense_features, sparse_features=kjt, labels=batch.labels)
+                batch = Batch(dense_features=transform_dense(batch.dense_features, self.schema), sparse_features=kjt,
+                              labels=batch.labels)
             if self.pin_memory:
                 batch = batch.pin_memory()
             yield k, batch

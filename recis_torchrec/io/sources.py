@@ -11,7 +11,7 @@ filesystem ``pyarrow.fs`` supports.
 import fnmatch
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -19,8 +19,11 @@ import pyarrow.fs as pafs
 import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
+from recis_torchrec.io.arrow import normalize_csv
+
 FORMATS = ("parquet", "orc", "csv", "tsv")
-_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".orc": "orc", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
+# ".txt" is CSV or TSV by its first line (a tab: TSV); "format=" overrides any extension.
+_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".orc": "orc", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
 
 
 class SourceError(IOError):
@@ -46,7 +49,7 @@ def _filesystem(path: str, filesystem: Optional[pafs.FileSystem]) -> Tuple[pafs.
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def format_of(path: str, fmt: Optional[str]) -> str:
+def format_of(path: str, fmt: Optional[str], fs: Optional[pafs.FileSystem] = None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -54,7 +57,38 @@ def format_of(path: str, fmt: Optional[str]) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
         raise SourceError(f"{path}: cannot tell the format from the extension {ext!r}; pass format=")
+    if _EXTENSIONS[ext] == "txt":
+        return _sniff_delimited(fs or pafs.LocalFileSystem(), path)
     return _EXTENSIONS[ext]
+
+
+def _sniff_delimited(fs: pafs.FileSystem, path: str) -> str:
+    """"tsv" if the file's first line holds a tab, else "csv"."""
+    try:
+        with fs.open_input_stream(path) as f:
+            head = f.read(1 << 16)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e})") from e
+    first = head.split(b"\n", 1)[0]
+    return "tsv" if b"\t" in first else "csv"
+
+
+def dedupe_names(names: Sequence[str], path: str) -> Tuple[List[str], Dict[str, List[str]]]:
+    """Header names made unique the way pandas does (``x``, ``x.1``, ``x.2``, ...), and each repeated
+    name's columns in order."""
+    seen: Dict[str, int] = {}
+    out: List[str] = []
+    groups: Dict[str, List[str]] = {}
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        new = n if k == 0 else f"{n}.{k}"
+        out.append(new)
+        groups.setdefault(n, []).append(new)
+    if len(set(out)) != len(out):
+        clash = sorted({n for n in out if out.count(n) > 1})
+        raise SourceError(f"{path}: the header repeats names and also holds {clash}; rename the columns")
+    return out, {n: g for n, g in groups.items() if len(g) > 1}
 
 
 def expand(
@@ -96,17 +130,31 @@ def expand(
     return out
 
 
-def _csv_options(fmt: str, columns: Optional[Sequence[str]]):
+def _csv_options(fmt: str, columns: Optional[Sequence[str]], schema: Any = None):
     parse = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
-    convert = pacsv.ConvertOptions(strings_can_be_null=True, include_columns=list(columns) if columns else None)
-    return parse, convert
+    # Id columns are read as strings, so that a column's ids never depend on the type the reader
+    # infers for one file (an all-digit part as int64, the next as string): normalize_csv makes the ids.
+    types = {}
+    if schema is not None:
+        for c in schema.sparse_columns():
+            types[c] = pa.string()
+            base, _, k = c.rpartition(".")
+            if base and k.isdigit():
+                types[base] = pa.string()
+    convert = pacsv.ConvertOptions(
+        strings_can_be_null=True, include_columns=list(columns) if columns else None, column_types=types
+    )
+    read = pacsv.ReadOptions(column_names=list(schema.column_names)) if schema is not None and schema.column_names \
+        else pacsv.ReadOptions()
+    return parse, convert, read
 
 
-def read_csv(fs: pafs.FileSystem, path: str, fmt: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    parse, convert = _csv_options(fmt, columns)
+def read_csv(fs: pafs.FileSystem, path: str, fmt: str, columns: Optional[Sequence[str]] = None,
+             schema: Any = None) -> pa.Table:
+    parse, convert, read = _csv_options(fmt, columns, schema)
     try:
         with fs.open_input_stream(path) as f:
-            return pacsv.read_csv(f, parse_options=parse, convert_options=convert)
+            return pacsv.read_csv(f, parse_options=parse, convert_options=convert, read_options=read)
     except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as e:
         raise SourceError(f"{path}: cannot read as {fmt.upper()} ({e})") from e
 
@@ -114,10 +162,11 @@ def read_csv(fs: pafs.FileSystem, path: str, fmt: str, columns: Optional[Sequenc
 class File:
     """One open source file: its units and a reader per unit."""
 
-    def __init__(self, fs: pafs.FileSystem, path: str, fmt: Optional[str] = None) -> None:
+    def __init__(self, fs: pafs.FileSystem, path: str, fmt: Optional[str] = None, schema: Any = None) -> None:
         self.fs, self.path = fs, path
-        self.format = format_of(path, fmt)
+        self.format = format_of(path, fmt, fs)
         self._csv: Optional[pa.Table] = None
+        self.repeated: Dict[str, List[str]] = {}  # CSV/TSV: repeated header names -> their columns
         try:
             if self.format == "parquet":
                 self._pq = pq.ParquetFile(fs.open_input_file(path))
@@ -129,7 +178,11 @@ class File:
                 self.column_names = list(self._orc.schema.names)
                 self.units = [Unit(path, "orc", 0, self._orc.nrows)]
             else:
-                self._csv = read_csv(fs, path, self.format)
+                self._csv = read_csv(fs, path, self.format, schema=schema)
+                names, self.repeated = dedupe_names(self._csv.column_names, path)
+                self._csv = self._csv.rename_columns(names)
+                if schema is not None:
+                    self._csv = normalize_csv(self._csv, schema.resolve(self.repeated), path)
                 self.column_names = list(self._csv.column_names)
                 self.units = [Unit(path, self.format, 0, self._csv.num_rows)]
         except SourceError:
