@@ -157,7 +157,7 @@ def normalize_csv(table: pa.Table, schema: Schema, where: str) -> pa.Table:
             try:
                 weights = pc.cast(wtext, pa.float32())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise ValueError(f"{where}: column {c!r}: an item's weight is not a number ({e})") from None
+                raise ColumnError(f"{where}: column {c!r}: an item's weight is not a number ({e})") from None
         counts = np.bincount(parent, minlength=len(col)) if len(col) else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         ids = pa.array(ids_of_strings(flat, schema.hash_seed).numpy())

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
-from recis_torchrec.io.arrow import normalize_csv
+from recis_torchrec.io.arrow import ColumnError, normalize_csv
 
 FORMATS = ("parquet", "orc", "csv", "tsv")
 # ".txt" is CSV or TSV by its first line (a tab: TSV); "format=" overrides any extension.
@@ -185,7 +185,7 @@ class File:
                     self._csv = normalize_csv(self._csv, schema.resolve(self.repeated), path)
                 self.column_names = list(self._csv.column_names)
                 self.units = [Unit(path, self.format, 0, self._csv.num_rows)]
-        except SourceError:
+        except (SourceError, ColumnError):
             raise
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as e:
             raise SourceError(f"{path}: cannot read as {self.format} ({e})") from e
