@@ -73,13 +73,16 @@ class FeatureEngine(nn.Module):
         specs: ``Feature``/``Cross`` specs; the output KJT has their keys, in this order.
         dense_keys: the names of the dense tensor's columns, for ``bucketize`` sources
             (or pass them per call, or pass a ``KeyedTensor`` or a dict of columns).
+        passthrough: input KJT keys that no spec reads (and no spec's output replaces) follow
+            the specs' keys in the output unchanged, in their input order; False drops them.
 
     ``engine(kjt, dense=None) -> KeyedJaggedTensor``. If ``kjt`` has weights, so
     does the output: weights follow their ids (truncate keeps them, cross
     multiplies them, hashes keep them) and bucket ids weigh 1.
     """
 
-    def __init__(self, specs: Sequence[Spec], dense_keys: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, specs: Sequence[Spec], dense_keys: Optional[Sequence[str]] = None,
+                 passthrough: bool = False) -> None:
         super().__init__()
         specs = list(specs)
         if not specs:
@@ -94,11 +97,20 @@ class FeatureEngine(nn.Module):
             raise FeatureSpecError(f"FeatureEngine: output keys {dupes} are produced more than once")
         self.specs: Tuple[Spec, ...] = tuple(specs)
         self.dense_keys = list(dense_keys) if dense_keys is not None else None
+        self.passthrough = bool(passthrough)
         self._keys = names
         self._plans: Dict[Tuple, List[_Chain]] = {}
 
-    def output_keys(self) -> List[str]:
-        return list(self._keys)
+    def output_keys(self, input_keys: Optional[Sequence[str]] = None) -> List[str]:
+        """The output KJT's keys: the specs', then (with ``passthrough``) the ``input_keys`` no spec uses."""
+        return list(self._keys) + (self.passed_keys(input_keys) if input_keys is not None else [])
+
+    def passed_keys(self, input_keys: Sequence[str]) -> List[str]:
+        """The input keys that pass through unchanged (none without ``passthrough``)."""
+        if not self.passthrough:
+            return []
+        used = set(self.input_keys()) | set(self._keys)
+        return [k for k in input_keys if k not in used]
 
     def input_keys(self) -> List[str]:
         """The KJT keys the specs read (sources of non-dense features and both sides of crosses)."""
@@ -115,13 +127,14 @@ class FeatureEngine(nn.Module):
     # -- serialisation -----------------------------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"version": 1, "dense_keys": self.dense_keys, "features": [s.to_dict() for s in self.specs]}
+        return {"version": 1, "dense_keys": self.dense_keys, "passthrough": self.passthrough,
+                "features": [s.to_dict() for s in self.specs]}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "FeatureEngine":
         if not isinstance(d, dict) or d.get("version") != 1 or "features" not in d:
             raise FeatureSpecError(f"FeatureEngine.from_dict: expected {{'version': 1, 'features': [...]}}, got {d!r}")
-        return cls([spec_from_dict(x) for x in d["features"]], d.get("dense_keys"))
+        return cls([spec_from_dict(x) for x in d["features"]], d.get("dense_keys"), bool(d.get("passthrough", False)))
 
     def extra_repr(self) -> str:
         return f"{len(self.specs)} specs -> {len(self._keys)} keys"
@@ -257,7 +270,11 @@ class FeatureEngine(nn.Module):
                 buffers.append((*out, len(feats) * (k or 1)))
                 self._relocate(locs, members, len(buffers) - 1, k or 1)
 
-        return self._assemble([loc for chain_locs in locs for loc in chain_locs], buffers, batch, weights is not None)
+        out_locs = [loc for chain_locs in locs for loc in chain_locs]
+        passed = self.passed_keys(kjt.keys())
+        index = {k: i for i, k in enumerate(kjt.keys())}
+        out_locs += [(0, index[k]) for k in passed]
+        return self._assemble(out_locs, buffers, batch, weights is not None, self._keys + passed)
 
     @staticmethod
     def _relocate(locs: List[List[Tuple[int, int]]], members: List[int], buf: int, k: int) -> None:
@@ -268,11 +285,12 @@ class FeatureEngine(nn.Module):
             locs[i] = [(buf, p * k + r) for p in range(first, first + n) for r in range(k)]
             first += n
 
-    def _assemble(self, locs: List[Tuple[int, int]], buffers, batch: int, weighted: bool) -> KeyedJaggedTensor:
+    def _assemble(self, locs: List[Tuple[int, int]], buffers, batch: int, weighted: bool,
+                  keys: List[str]) -> KeyedJaggedTensor:
         first = locs[0][0]
         if all(b == first for b, _ in locs) and [f for _, f in locs] == list(range(buffers[first][3])):
             v, l, w, _ = buffers[first]  # one buffer, already in order
-            return KeyedJaggedTensor(self._keys, v, w if weighted else None, lengths=l, stride=batch)
+            return KeyedJaggedTensor(keys, v, w if weighted else None, lengths=l, stride=batch)
         used = sorted({b for b, _ in locs})
         remap = {b: i for i, b in enumerate(used)}
         v, l, w = fops.feature_concat(
@@ -280,7 +298,7 @@ class FeatureEngine(nn.Module):
             [buffers[b][2] for b in used] if weighted else [], batch,
             [remap[b] for b, _ in locs], [f for _, f in locs],
         )
-        return KeyedJaggedTensor(self._keys, v, w, lengths=l, stride=batch)
+        return KeyedJaggedTensor(keys, v, w, lengths=l, stride=batch)
 
     def _dense(self, dense: DenseInput, dense_keys, batch: int):
         if not any(isinstance(s, Feature) and s.is_dense for s in self.specs):

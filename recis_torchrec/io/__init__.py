@@ -3,7 +3,7 @@
 
 from recis_torchrec.io.arrow import ColumnError, to_batch
 from recis_torchrec.ops import hash_string
-from recis_torchrec.io.dataset import ColumnarDataset, rank_batch_sizes
+from recis_torchrec.io.dataset import ColumnarDataset, dense_stats, rank_batch_sizes
 from recis_torchrec.io.schema import Schema, criteo_schema
 from recis_torchrec.io.sources import SourceError
 
@@ -13,6 +13,7 @@ __all__ = [
     "Schema",
     "SourceError",
     "criteo_schema",
+    "dense_stats",
     "hash_string",
     "rank_batch_sizes",
     "to_batch",

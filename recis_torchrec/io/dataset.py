@@ -394,6 +394,34 @@ class ColumnarDataset:
         self._batches_done = int(state["batches_done"])
 
 
+def dense_stats(
+    paths: Union[str, Sequence[str]], schema: Schema, batch_size: int = 8192, max_batches: Optional[int] = None,
+    format: Optional[str] = None,
+) -> Dict[str, Tuple[float, float, float]]:
+    """``(mean, std, max |x|)`` of each raw dense column (before ``dense_transform``, nulls as their
+    defaults) over the files' rows (the first ``max_batches`` batches of them, if given): the
+    ``Schema.dense_stats`` that ``"standardize"`` needs, and a check of the columns' scale."""
+    import dataclasses
+
+    if not schema.dense:
+        return {}
+    raw = dataclasses.replace(schema, dense_transform="none", dense_stats={})
+    ds = ColumnarDataset(paths, raw, batch_size, prefetch=0, format=format)
+    n, s1, s2 = 0, torch.zeros(len(schema.dense), dtype=torch.float64), torch.zeros(len(schema.dense), dtype=torch.float64)
+    amax = torch.zeros(len(schema.dense), dtype=torch.float64)
+    for k, b in enumerate(ds):
+        if max_batches is not None and k >= max_batches:
+            break
+        x = b.dense_features.double()
+        n += x.shape[0]
+        s1 += x.sum(0)
+        s2 += (x * x).sum(0)
+        amax = torch.maximum(amax, x.abs().max(0).values)
+    mean = s1 / max(n, 1)
+    std = (s2 / max(n, 1) - mean * mean).clamp(min=0).sqrt()
+    return {c: (float(mean[j]), float(std[j]), float(amax[j])) for j, c in enumerate(schema.dense)}
+
+
 class Prefetcher:
     """Runs a generator in a background thread, `depth` items ahead."""
 

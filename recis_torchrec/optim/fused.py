@@ -124,8 +124,10 @@ def parse_fused_params(fused_params: Optional[Mapping[str, Any]]) -> SparseOptim
         raise ValueError(f"fused_params: unsupported keys {unknown}; supported keys: {sorted(known)}")
     kwargs = dict(fused_params)
     if "optimizer" in kwargs and not isinstance(kwargs["optimizer"], EmbOptimType):
-        try:
-            kwargs["optimizer"] = EmbOptimType(str(kwargs["optimizer"]).lower())
+        text = str(kwargs["optimizer"])
+        by_name = {o.name: o for o in EmbOptimType}
+        try:  # an EmbOptimType's value ("exact_row_wise_adagrad") or its name ("EXACT_ROWWISE_ADAGRAD")
+            kwargs["optimizer"] = by_name[text.upper()] if text.upper() in by_name else EmbOptimType(text.lower())
         except ValueError:
             raise ValueError(
                 f"fused_params['optimizer']={kwargs['optimizer']!r} is not an EmbOptimType; "

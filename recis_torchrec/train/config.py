@@ -138,8 +138,9 @@ def _task_labels(tasks: List[Task], available: List[str], fixed: bool) -> List[s
     return out
 
 
-def build_features(cfg: Dict[str, Any]):
-    """The ``[[features]]`` specs as a FeatureEngine (None without them)."""
+def build_features(cfg: Dict[str, Any], passthrough: bool = True):
+    """The ``[[features]]`` specs as a FeatureEngine (None without them); with ``passthrough``
+    (``[data].passthrough``, default true) the schema's keys no spec reads stay in the KJT."""
     from recis_torchrec.features import FeatureEngine, spec_from_dict
 
     raw = cfg.get("features")
@@ -154,7 +155,7 @@ def build_features(cfg: Dict[str, Any]):
         except (FeatureSpecError, TypeError, ValueError) as e:
             raise ConfigError(f"config [[features]] #{i}: {e}") from None
     try:
-        return FeatureEngine(specs)
+        return FeatureEngine(specs, passthrough=passthrough)
     except FeatureSpecError as e:
         raise ConfigError(f"config [[features]]: {e}") from None
 
@@ -169,7 +170,10 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
     if source not in SOURCES:
         raise ConfigError(f"config [data].source: unknown source {source!r}; choose one of {list(SOURCES)}")
     batch = _int(data, "batch_size", "data", 512)
-    engine = build_features(cfg)
+    passthrough = data.get("passthrough", True)
+    if not isinstance(passthrough, bool):
+        raise ConfigError(f"config [data].passthrough must be true or false, got {passthrough!r}")
+    engine = build_features(cfg, passthrough)
     if source == "synthetic":
         if engine is not None:
             raise ConfigError("config [[features]]: feature specs apply to files and movielens data, not synthetic")
@@ -197,7 +201,7 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
     if source == "movielens":
         from recis_torchrec.datasets.movielens import movielens_schema, prepare
 
-        _check_keys(data, {"source", "batch_size", "path", "eval_fraction", "shuffle"}, "[data]")
+        _check_keys(data, {"source", "batch_size", "path", "eval_fraction", "shuffle", "passthrough"}, "[data]")
         if "path" not in data:
             raise ConfigError("config [data].path: the MovieLens-100k directory is required")
         out = os.path.join(work_dir, "movielens")
@@ -221,7 +225,8 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         window_names = None
     else:
         _check_keys(
-            data, {"source", "batch_size", "train", "windows", "eval", "format", "schema", "shuffle"}, "[data]"
+            data, {"source", "batch_size", "train", "windows", "eval", "format", "schema", "shuffle", "passthrough"},
+            "[data]"
         )
         if ("train" in data) == ("windows" in data):
             raise ConfigError(
@@ -260,6 +265,10 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
     labels = _task_labels(tasks, list(schema.labels), fixed=False)
     schema = dataclasses.replace(schema, labels=labels)
     fmt = data.get("format")
+    try:
+        schema = _check_dense_scale(schema, train_path if train_path is not None else window_paths[0], fmt, rank)
+    except (ColumnError, SourceError) as e:
+        raise ConfigError(f"config [data]: {e}") from None
     shuffle = bool(data.get("shuffle", True))
     try:
         if train_path is None:
@@ -298,8 +307,38 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
                 f"config [data].batch_size: {ds.num_rows} {role} rows ({shown}) make no full batch of {batch} "
                 f"on each of {world_size} rank(s)"
             )
-    keys = engine.output_keys() if engine is not None else list(schema.sparse)
+    keys = engine.output_keys(list(schema.sparse)) if engine is not None else list(schema.sparse)
     return train, held, keys, len(schema.dense), labels, None, description, window_names
+
+
+# A raw dense value above this (in absolute value) makes TorchRec's dense arches diverge at their
+# default learning rates (an Avazu-shaped column of counts reached a loss of 11,597 untransformed).
+DENSE_SCALE_LIMIT = 1e3
+
+
+def _check_dense_scale(schema, paths, fmt, rank: int):
+    """The schema with the training files' ``dense_stats`` for columns to standardize (computed from
+    them when not given); warns about raw dense columns whose scale would make training diverge."""
+    import warnings
+
+    from recis_torchrec.io import dense_stats
+
+    if not schema.dense:
+        return schema
+    missing = [c for c in schema.dense if schema.transform_of(c) == "standardize" and c not in schema.dense_stats]
+    stats = dense_stats(paths, schema, format=fmt, max_batches=None if missing else 16)
+    if missing:
+        schema = dataclasses.replace(schema, dense_stats={**schema.dense_stats, **{c: stats[c][:2] for c in missing}})
+    big = {c: stats[c][2] for c in schema.dense if schema.transform_of(c) == "none" and stats[c][2] > DENSE_SCALE_LIMIT}
+    if big and rank == 0:
+        shown = ", ".join(f"{c!r} (|x| up to {v:.3g})" for c, v in big.items())
+        warnings.warn(
+            f"config [data]: dense columns {shown} are unscaled; inputs this large make the dense layers diverge. "
+            "Set [data.schema].dense_transform for them, e.g. dense_transform = {" + ", ".join(
+                f'{c} = "log1p"' for c in big) + '} (or "standardize")',
+            stacklevel=2,
+        )
+    return schema
 
 
 def build_model(cfg: Dict[str, Any], keys: List[str], num_dense: int, num_tasks: int) -> nn.Module:
@@ -336,21 +375,33 @@ def build_model(cfg: Dict[str, Any], keys: List[str], num_dense: int, num_tasks:
     if not dense_arch or dense_arch[-1] != dim:
         raise ConfigError(f"config [model].dense_arch must end with embedding_dim ({dim}), got {dense_arch}")
     over_arch = list(m.get("over_arch", [64, 32])) + [num_tasks]
-    if num_dense < 1:
-        raise ConfigError("config [data]: DLRM needs at least one dense column")
     kwargs = dict(
         embedding_bag_collection=ebc,
-        dense_in_features=num_dense,
+        dense_in_features=max(num_dense, 1),
         dense_arch_layer_sizes=dense_arch,
         over_arch_layer_sizes=over_arch,
     )
     if name == "DLRM_DCN":
-        return DLRM_DCN(
+        model = DLRM_DCN(
             **kwargs,
             dcn_num_layers=_int(m, "dcn_num_layers", "model", 2),
             dcn_low_rank_dim=_int(m, "dcn_low_rank_dim", "model", 8),
         )
-    return DLRM(**kwargs)
+    else:
+        model = DLRM(**kwargs)
+    return model if num_dense >= 1 else ConstantDense(model)
+
+
+class ConstantDense(nn.Module):
+    """A model with a dense input (TorchRec's DLRM) on data without dense columns: its dense
+    input is one constant column of ones (so its dense arch learns a bias vector)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, dense_features: torch.Tensor, sparse_features):
+        return self.model(dense_features.new_ones(dense_features.shape[0], 1), sparse_features)
 
 
 def build_run(

@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from recis_torchrec.io import ColumnarDataset, Schema, hash_string
 

@@ -338,11 +338,21 @@ ops = [{ op = "bucketize", boundaries = [0.5, 1.0, 2.0] }]
     run = build_run(load_config(str(config)), overrides={"data": {"source": "files", "train": str(tmp_path / "train.tsv"),
                                                                    "batch_size": 32},
                                                           "trainer.output_dir": str(tmp_path / "b")})
+    # The schema's keys no spec reads pass through unchanged (cat_1 and cat_2 feed the cross).
+    passed = [f"cat_{i}" for i in range(3, 26)]
     assert [c.name for c in run.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()] == [
-        "t_cat_0", "t_cat_1_x_cat_2", "t_I1_bucket"]
+        "t_cat_0", "t_cat_1_x_cat_2", "t_I1_bucket"] + [f"t_{k}" for k in passed]
     batch = next(iter(run.train_data))
-    assert batch.sparse_features.keys() == ["cat_0", "cat_1_x_cat_2", "I1_bucket"]
+    assert batch.sparse_features.keys() == ["cat_0", "cat_1_x_cat_2", "I1_bucket"] + passed
     assert int(batch.sparse_features["cat_0"].values().max()) < 1000
+    plain = next(iter(build_run(load_config(os.path.join(ROOT, "examples", "criteo_dlrm.toml")), overrides={
+        "data": {"source": "files", "train": str(tmp_path / "train.tsv"), "batch_size": 32},
+        "trainer.output_dir": str(tmp_path / "c")}).train_data))  # no [[features]]
+    assert torch.equal(batch.sparse_features["cat_5"].values(), plain.sparse_features["cat_5"].values())
+    run = build_run(load_config(str(config)), overrides={
+        "data": {"source": "files", "train": str(tmp_path / "train.tsv"), "batch_size": 32, "passthrough": False},
+        "trainer.output_dir": str(tmp_path / "d")})
+    assert next(iter(run.train_data)).sparse_features.keys() == ["cat_0", "cat_1_x_cat_2", "I1_bucket"]
 
 
 def test_device_choice_follows_the_machine_and_the_setting(monkeypatch):
