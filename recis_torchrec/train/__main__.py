@@ -33,10 +33,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--data",
         default=None,
-        help="train on these Criteo files instead of the config's data (raw TSV, Parquet, ORC or CSV; "
-        "a comma-separated list, a directory or a glob)",
+        help="train on these files: in place of the training files of a config with [data].source = 'files' "
+        "(its schema reads them), else as Criteo files (raw TSV, Parquet, ORC or CSV); a comma-separated list, "
+        "a directory or a glob",
     )
-    p.add_argument("--eval-data", default=None, help="with --data: the held-out Criteo files (comma-separated)")
+    p.add_argument("--eval-data", default=None, help="with --data: the held-out files (comma-separated)")
     p.add_argument("--output-dir", default=None, help="overrides [trainer].output_dir")
     p.add_argument("--steps", type=int, default=None, help="overrides [trainer].steps")
     p.add_argument(
@@ -52,8 +53,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def overrides_from(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict:
     """The command line's overrides of the config, as ``{"section.key": value}``.
 
-    ``--data`` replaces the whole ``[data]`` section (keeping its batch_size
-    and shuffle) with Criteo files.
+    ``--data`` replaces the training files of a ``source = "files"`` config
+    (keeping its schema, format and the rest), and the whole ``[data]`` section
+    of other configs (keeping its batch_size and shuffle) with Criteo files.
     """
     import tomllib
 
@@ -63,8 +65,12 @@ def overrides_from(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict
         if not paths:
             raise config_mod.ConfigError("--data: no files given")
         old = (cfg or {}).get("data", {})
-        data = {k: old[k] for k in ("batch_size", "shuffle") if k in old}
-        data.update(source="files", schema="criteo", train=paths if len(paths) > 1 else paths[0])
+        if old.get("source") == "files":  # the config's own files: keep its schema, format and the rest
+            data = {k: v for k, v in old.items() if k not in ("train", "windows", "eval")}
+            data["train"] = paths if len(paths) > 1 else paths[0]
+        else:
+            data = {k: old[k] for k in ("batch_size", "shuffle") if k in old}
+            data.update(source="files", schema="criteo", train=paths if len(paths) > 1 else paths[0])
         if args.eval_data:
             evals = [p for p in args.eval_data.split(",") if p]
             data["eval"] = evals if len(evals) > 1 else evals[0]

@@ -3,9 +3,13 @@
 
 A config has these sections (see ``examples/*.toml``)::
 
-    [model]      name = "DLRM" | "DLRM_DCN" | "DeepFM" (torchrec.models), embedding_dim,
+    [model]      name = "DLRM" | "DLRM_DCN" | "DeepFM" (torchrec.models) | "DIN" | "SequenceTransformer"
+                 (recis_torchrec.models), embedding_dim,
                  dense_arch, over_arch (DLRM*), dcn_num_layers, dcn_low_rank_dim (DLRM_DCN),
-                 hidden_layer_size, deep_fm_dimension (DeepFM)
+                 hidden_layer_size, deep_fm_dimension (DeepFM),
+                 target, history (the KJT keys of the target item and its behaviour sequence: one EC
+                 table), max_length, top_arch, bf16, and attention_arch, pooling = "sum" | "softmax" (DIN)
+                 or num_heads, num_layers, causal, pooling = "target" | "mean" (SequenceTransformer)
     [data]       source = "synthetic" | "files" | "movielens"; batch_size;
                  synthetic: num_sparse, vocab_size, zipf_alpha, max_bag, eval_batches
                  files: train, eval (paths, dirs, globs or URIs; raw Criteo TSV is converted),
@@ -39,7 +43,7 @@ from recis_torchrec.features.spec import FeatureSpecError
 from recis_torchrec.modules.options import HashTableOptions
 from recis_torchrec.train.args import Task, TrainingArguments
 
-MODELS = ("DLRM", "DLRM_DCN", "DeepFM")
+MODELS = ("DLRM", "DLRM_DCN", "DeepFM", "DIN", "SequenceTransformer")
 SOURCES = ("synthetic", "files", "movielens")
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 _SECTIONS = ("model", "data", "features", "tables", "optimizer", "tasks", "trainer")
@@ -353,6 +357,8 @@ def build_model(cfg: Dict[str, Any], keys: List[str], num_dense: int, num_tasks:
     dim = _int(m, "embedding_dim", "model", 16)
     tables_cfg = _section(cfg, "tables")
     hint = _int(tables_cfg, "num_embeddings", "tables", 100_000)
+    if name in ("DIN", "SequenceTransformer"):
+        return _sequence_model(name, m, keys, num_dense, num_tasks, dim, hint)
     tables = [
         EmbeddingBagConfig(name=f"t_{k}", embedding_dim=dim, num_embeddings=hint, feature_names=[k]) for k in keys
     ]
@@ -390,6 +396,54 @@ def build_model(cfg: Dict[str, Any], keys: List[str], num_dense: int, num_tasks:
     else:
         model = DLRM(**kwargs)
     return model if num_dense >= 1 else ConstantDense(model)
+
+
+def _sequence_model(name: str, m: Dict[str, Any], keys: List[str], num_dense: int, num_tasks: int, dim: int,
+                    hint: int) -> nn.Module:
+    """DIN or SequenceTransformer: the target and history keys in one EC table, the other keys in an EBC."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+
+    from recis_torchrec.models import DIN, SequenceTransformer
+
+    common = {"name", "embedding_dim", "target", "history", "max_length", "top_arch", "bf16", "pooling"}
+    own = {"attention_arch"} if name == "DIN" else {"num_heads", "num_layers", "causal"}
+    _check_keys(m, common | own, "[model]")
+    for key in ("target", "history"):
+        if key not in m:
+            raise ConfigError(f"config [model].{key}: {name} needs the KJT key of the {key} (one of {keys})")
+        if m[key] not in keys:
+            raise ConfigError(f"config [model].{key}: {m[key]!r} is not a sparse key of the data ({keys})")
+    if m["target"] == m["history"]:
+        raise ConfigError("config [model]: target and history must be different keys")
+    ec = EmbeddingCollection(
+        [EmbeddingConfig(name=f"t_{m['target']}", embedding_dim=dim, num_embeddings=hint,
+                         feature_names=[m["target"], m["history"]])],
+        device=torch.device("meta"),
+    )
+    rest = [k for k in keys if k not in (m["target"], m["history"])]
+    ebc = EmbeddingBagCollection(
+        [EmbeddingBagConfig(name=f"t_{k}", embedding_dim=dim, num_embeddings=hint, feature_names=[k]) for k in rest],
+        device=torch.device("meta"),
+    ) if rest else None
+    top = m.get("top_arch", [64, 32])
+    if not isinstance(top, list) or not all(isinstance(x, int) and x > 0 for x in top):
+        raise ConfigError(f"config [model].top_arch must be a list of positive integers, got {top!r}")
+    kw = dict(max_length=_int(m, "max_length", "model", 50), dense_in_features=num_dense, top_arch=top,
+              num_tasks=num_tasks, embedding_bag_collection=ebc, bf16=bool(m.get("bf16", False)))
+    try:
+        if name == "DIN":
+            pooling = m.get("pooling", "sum")
+            if pooling not in ("sum", "softmax"):
+                raise ConfigError(f"config [model].pooling: DIN pools its attention by 'sum' or 'softmax', got {pooling!r}")
+            return DIN(ec, m["target"], m["history"], attention_arch=m.get("attention_arch", [64, 16]),
+                       softmax=pooling == "softmax", **kw)
+        return SequenceTransformer(ec, m["target"], m["history"], num_heads=_int(m, "num_heads", "model", 2),
+                                   num_layers=_int(m, "num_layers", "model", 1), causal=bool(m.get("causal", True)),
+                                   pooling=m.get("pooling", "target"), **kw)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config [model]: {e}") from None
 
 
 class ConstantDense(nn.Module):
