@@ -83,6 +83,14 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // XXH64 (seed `seed`, read as int64) of every string in Arrow's layout:
   // string i is data[offsets[i] : offsets[i+1]]. The project's one string hash.
   m.def("hash_strings(Tensor data, Tensor offsets, int seed=0) -> Tensor");
+  // parse_id_lists: each string (rows of Arrow-style data/offsets; nulls: rows
+  // that are null) split by `delimiter` (empty: the whole string is one item)
+  // into its non-empty items; each item an id (a canonical decimal int64 is that
+  // integer, any other text its XXH64 with `seed`) and, with a non-empty
+  // weight_delimiter, "id<weight_delimiter>weight" a weight (default 1).
+  // Returns (items per row, ids, weights or None). `column` names the errors.
+  m.def("parse_id_lists(Tensor data, Tensor offsets, Tensor? nulls, str delimiter, str weight_delimiter, int seed, "
+        "str column) -> (Tensor, Tensor, Tensor?)");
   // Arrow columns -> tensors, one pass each. Column c has values[c] (its
   // value buffer from its first row on), validity[c] (its validity bitmap,
   // empty if it has no nulls) and bit_offsets[c] (the bitmap's first bit).

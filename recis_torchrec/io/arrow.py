@@ -7,7 +7,6 @@ where the types allow), and string ids are hashed in C++ straight from
 Arrow's offset and data buffers.
 """
 
-import re
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -88,82 +87,54 @@ class SparseColumn:
     insert_at: Optional[torch.Tensor] = None
 
 
-# An id written as a decimal integer without a leading zero, within int64 (19-digit ones are
-# compared with the bounds as strings: at equal lengths that is the numeric order).
-_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,18})$"
-
-
-def _int64_strings(arr: pa.Array) -> pa.Array:
-    """Which strings are canonical decimal int64 values."""
-    m = pc.match_substring_regex(arr, _CANONICAL_INT)
-    n = pc.utf8_length(arr)
-    neg = pc.starts_with(arr, "-")
-    too_big = pc.or_(
-        pc.and_(pc.and_(pc.invert(neg), pc.equal(n, 19)), pc.greater(arr, "9223372036854775807")),
-        pc.and_(pc.and_(neg, pc.equal(n, 20)), pc.greater(arr, "-9223372036854775808")),
-    )
-    return pc.and_(m, pc.invert(too_big))
-
-
-def ids_of_strings(arr: pa.Array, seed: int) -> torch.Tensor:
-    """int64 ids of a string array without nulls: decimal integers as those integers, other strings
-    hashed (XXH64). One rule for every field, so an id does not depend on what else its column holds."""
-    if len(arr) == 0:
-        return torch.empty(0, dtype=torch.int64)
-    is_int = _int64_strings(arr)
-    hashed = _hash_string_array(arr, seed)
-    if not pc.any(is_int).as_py():
-        return hashed
-    ints = _tensor(_numpy(pc.cast(pc.if_else(is_int, arr, "0"), pa.int64()), np.int64))
-    return torch.where(torch.from_numpy(_numpy(is_int, np.bool_)), ints, hashed)
-
-
 def _list_array(offsets: np.ndarray, values: pa.Array, nulls: Optional[np.ndarray]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values,
                                     mask=pa.array(nulls) if nulls is not None and nulls.any() else None)
 
 
+def _string_buffers(arr: pa.Array) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(data uint8, offsets (n + 1,)) of a string array, zero-copy."""
+    large = pa.types.is_large_string(arr.type)
+    _, offsets_buf, data_buf = arr.buffers()
+    off_dtype = np.int64 if large else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=off_dtype, count=len(arr) + 1, offset=arr.offset * off_dtype().itemsize)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    return _tensor(data), _tensor(offsets)
+
+
 def normalize_csv(table: pa.Table, schema: Schema, where: str) -> pa.Table:
     """A CSV/TSV table's id columns as int64 (or ``list<int64>`` for delimited lists, with a
-    ``list<float>`` weights column beside it for ``id:weight`` items): ids by ``ids_of_strings``,
-    empty fields and empty list items dropped (null), so that a null field is an empty bag."""
+    ``list<float>`` weights column beside it for ``id:weight`` items), in one C++ pass over each
+    column's bytes (``ops.parse_id_lists``): a canonical decimal integer is that integer, any other
+    text hashed; empty fields and empty list items are dropped (null), so a null field is an empty bag."""
     for c in schema.sparse_columns():
         if c not in table.column_names:
             continue
         col = table.column(c).combine_chunks()
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
-            continue
         if pa.types.is_null(col.type):
             col = pa.nulls(len(col), pa.string())
-        nulls = _numpy(col.is_null(), np.bool_)
-        delim = schema.delimiter_of(c)
-        i = table.column_names.index(c)
-        if delim is None:
-            ids = ids_of_strings(col.fill_null(""), schema.hash_seed).numpy()
-            table = table.set_column(i, c, pa.array(ids, mask=nulls if nulls.any() else None))
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
             continue
-        lists = pc.split_pattern(col, delim)
-        flat = pc.list_flatten(lists)
-        parent = _numpy(pc.list_parent_indices(lists), np.int64)
-        keep = _numpy(pc.not_equal(flat, ""), np.bool_) if len(flat) else np.zeros(0, dtype=np.bool_)
-        flat, parent = flat.filter(pa.array(keep)), parent[keep]
-        weights = None
-        if schema.weight_delimiter is not None:
-            w = re.escape(schema.weight_delimiter)
-            parts = pc.extract_regex(flat, rf"^(?P<id>.*?)(?:{w}(?P<w>[^{w}]*))?$")
-            flat = pc.struct_field(parts, [0])
-            wtext = pc.struct_field(parts, [1])
-            wtext = pc.if_else(pc.equal(wtext, ""), "1", wtext)
-            try:
-                weights = pc.cast(wtext, pa.float32())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise ColumnError(f"{where}: column {c!r}: an item's weight is not a number ({e})") from None
-        counts = np.bincount(parent, minlength=len(col)) if len(col) else np.zeros(0, dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        ids = pa.array(ids_of_strings(flat, schema.hash_seed).numpy())
-        table = table.set_column(i, c, _list_array(offsets, ids, nulls))
+        delim = schema.delimiter_of(c)
+        wdelim = schema.weight_delimiter if delim is not None and schema.weight_delimiter else ""
+        nulls = torch.from_numpy(_numpy(col.is_null(), np.bool_)) if col.null_count else None
+        data, offsets = _string_buffers(col)
+        try:
+            lengths, ids, weights = ops.parse_id_lists(data, offsets, nulls, delim or "", wdelim,
+                                                       _seed(schema.hash_seed), c)
+        except RuntimeError as e:
+            raise ColumnError(f"{where}: {str(e).splitlines()[0]}") from None
+        i = table.column_names.index(c)
+        empty = (lengths == 0).numpy()
+        if delim is None:  # a scalar column: one id, or null where the field is empty
+            full = np.zeros(len(col), dtype=np.int64)
+            full[~empty] = ids.numpy()
+            table = table.set_column(i, c, pa.array(full, mask=empty if empty.any() else None))
+            continue
+        offs = np.concatenate([[0], np.cumsum(lengths.numpy())])
+        table = table.set_column(i, c, _list_array(offs, pa.array(ids.numpy()), empty if col.null_count else None))
         if weights is not None:
-            table = table.append_column(c + WEIGHTS_SUFFIX, _list_array(offsets, weights, nulls))
+            table = table.append_column(c + WEIGHTS_SUFFIX, _list_array(offs, pa.array(weights.numpy()), None))
     return table
 
 

@@ -26,7 +26,7 @@ from recis_torchrec.ops.features import (
 )
 from recis_torchrec.ops.hashtable import find, find_or_insert, table_export, table_import
 from recis_torchrec.ops.sharding import Buckets, bucketize_dedup, owner_of
-from recis_torchrec.ops.strings import arrow_dense, arrow_scalar_ids, hash_string, hash_strings
+from recis_torchrec.ops.strings import arrow_dense, arrow_scalar_ids, hash_string, hash_strings, parse_id_lists
 
 __all__ = [
     "arrow_dense",
@@ -47,6 +47,7 @@ __all__ = [
     "find_or_insert",
     "hash_string",
     "hash_strings",
+    "parse_id_lists",
     "lookup_pooled_forward",
     "pooled_backward",
     "pooled_backward_update",

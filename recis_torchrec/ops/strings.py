@@ -35,6 +35,18 @@ def _hash_strings_fake(data, offsets, seed=0):
     return offsets.new_empty((offsets.shape[0] - 1,), dtype=torch.int64)
 
 
+def parse_id_lists(data: torch.Tensor, offsets: torch.Tensor, nulls, delimiter: str, weight_delimiter: str,
+                   seed: int, column: str):
+    """Delimited id lists in Arrow's string layout -> ``(items per row, ids, weights or None)``.
+
+    Each row's string is split by ``delimiter`` (empty: the whole string is one item) into its
+    non-empty items. An item written as a canonical decimal int64 (no leading zero) is that
+    integer, any other its XXH64 (``seed``); with a ``weight_delimiter``, ``id<sep>weight`` items
+    carry a weight (split at the last separator; none weighs 1). Null rows (``nulls``) are empty.
+    """
+    return torch.ops.recis.parse_id_lists(data, offsets, nulls, delimiter, weight_delimiter, seed, column)
+
+
 def arrow_scalar_ids(values, validity, bit_offsets, num_rows: int):
     """Integer id columns (Arrow buffers) -> (values, lengths (C * num_rows,)) of a KJT, one key per column."""
     return torch.ops.recis.arrow_scalar_ids(values, validity, bit_offsets, num_rows)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from recis_torchrec.io import ColumnarDataset, Schema, hash_string
 
@@ -141,7 +142,7 @@ def test_per_column_dense_transforms(tmp_path):
 
 def test_bad_inputs_name_the_file_and_column(tmp_path):
     path = _write(tmp_path / "bad.csv", ["y,tags", "1,3:x"])
-    with pytest.raises(ValueError, match="bad.csv: column 'tags': an item's weight is not a number"):
+    with pytest.raises(ValueError, match="bad.csv: .*column 'tags': row 0: an item's weight 'x' is not a number"):
         ColumnarDataset(path, Schema(sparse={"tags": "tags"}, labels=["y"], list_delimiter="|", weight_delimiter=":"), 1)
     a = _write(tmp_path / "a.csv", ["y,h,h", "1,1,2"])
     b = _write(tmp_path / "b.csv", ["y,h,h,h", "1,1,2,3"])
@@ -152,3 +153,57 @@ def test_bad_inputs_name_the_file_and_column(tmp_path):
     with pytest.raises(ValueError, match="weight_delimiter splits the items of delimited lists"):
         Schema(sparse={"h": "h"}, weight_delimiter=":")
     assert os.path.exists(a)
+
+
+def _reference_id(item: str, seed: int = 0) -> int:
+    """The id rule, in plain Python: a canonical decimal int64 is itself, anything else hashed."""
+    import re
+
+    if re.fullmatch(r"0|-?[1-9][0-9]{0,18}", item) and -(2**63) <= int(item) < 2**63:
+        return int(item)
+    return hash_string(item, seed)
+
+
+@pytest.mark.parametrize("delimiter,wdelim", [("^", ""), ("||", ""), (",", ":"), ("", "")])
+def test_parse_id_lists_against_a_python_reference(delimiter, wdelim):
+    import random
+
+    from recis_torchrec import ops
+
+    rnd = random.Random(0)
+    atoms = ["0", "-0", "7", "007", "-5", "9223372036854775807", "9223372036854775808", "-9223372036854775808",
+             "-9223372036854775809", "abc", "x y", "é", "", "12345678901234567890"]
+    rows, want_ids, want_w, want_len = [], [], [], []
+    for _ in range(200):
+        items = [rnd.choice(atoms) for _ in range(rnd.randint(0, 5))]
+        if not delimiter:
+            items = items[:1]
+        ws = [rnd.choice(["", "0.5", "2", "-1e-3"]) for _ in items]
+        text = delimiter.join(f"{i}{wdelim}{w}" if wdelim and w else i for i, w in zip(items, ws))
+        rows.append(text)
+        kept = [(i, w) for i, w in zip(items, ws) if (f"{i}{wdelim}{w}" if wdelim and w else i)]
+        want_len.append(len(kept))
+        want_ids += [_reference_id(i, 5) for i, _ in kept]
+        want_w += [float(w) if w else 1.0 for _, w in kept]
+    data = "".join(rows).encode()
+    offsets = [0]
+    for r in rows:
+        offsets.append(offsets[-1] + len(r.encode()))
+    lengths, ids, w = ops.parse_id_lists(torch.tensor(list(data), dtype=torch.uint8), torch.tensor(offsets), None,
+                                         delimiter, wdelim, 5, "c")
+    assert lengths.tolist() == want_len
+    assert ids.tolist() == want_ids
+    if wdelim:
+        assert w.tolist() == pytest.approx(want_w)
+    else:
+        assert w is None
+
+
+def test_parse_id_lists_rejects_corrupt_buffers():
+    from recis_torchrec import ops
+
+    with pytest.raises(RuntimeError, match="column 'tags': row 1 spans bytes"):
+        ops.parse_id_lists(torch.zeros(3, dtype=torch.uint8), torch.tensor([0, 2, 9]), None, "^", "", 0, "tags")
+    with pytest.raises(RuntimeError, match="nulls has 1 entries for 2 rows"):
+        ops.parse_id_lists(torch.zeros(3, dtype=torch.uint8), torch.tensor([0, 1, 2]), torch.zeros(1, dtype=torch.bool),
+                           "^", "", 0, "tags")
