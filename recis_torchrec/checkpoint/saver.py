@@ -207,7 +207,9 @@ def save(
         path: the checkpoint root; this save becomes ``{path}/step_{step:010d}-{time}``.
         model: an unsharded model, or a DistributedModelParallel one.
         optimizer: the dense optimizer (the sparse one lives in the tables).
-        dataloader: anything with ``state_dict()`` (each rank's position).
+        dataloader: anything with ``state_dict()`` (each rank's position); :func:`load` at another
+            world size calls its ``load_resharded(states, rank, world_size)`` with every saved rank's
+            state, if it has one.
         step: the training step, returned by :func:`load`.
         keep_last: keep only the newest K checkpoints under `path`.
         max_file_bytes: the largest table file; bigger tables are split.
@@ -432,12 +434,20 @@ def load(
             if index.get("loader") is None:
                 raise CheckpointError(f"{directory}: holds no loader state")
             if index["world_size"] != world:
-                raise CheckpointError(
-                    f"{directory}: the loader positions were saved at world size {index['world_size']}, not {world}; "
-                    "pass dataloader=None to load the model only"
-                )
-            with open(os.path.join(directory, index["loader"][rank])) as f:
-                loader_state = json.load(f)
+                if not hasattr(dataloader, "load_resharded"):
+                    raise CheckpointError(
+                        f"{directory}: the loader positions were saved at world size {index['world_size']}, not "
+                        f"{world}, and {type(dataloader).__name__} has no load_resharded(states, rank, world_size) "
+                        "to re-derive them; pass dataloader=None to load the model only"
+                    )
+                saved_states = []
+                for name in index["loader"]:
+                    with open(os.path.join(directory, name)) as f:
+                        saved_states.append(json.load(f))
+                loader_state = ("resharded", saved_states)
+            else:
+                with open(os.path.join(directory, index["loader"][rank])) as f:
+                    loader_state = json.load(f)
     except (CheckpointError, OSError, KeyError, ValueError) as e:
         error = str(e) if isinstance(e, CheckpointError) else f"{directory}: {type(e).__name__}: {e}"
     all_ok(not error, error)
@@ -461,7 +471,9 @@ def load(
                 have[name].copy_(t)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
-    if loader_state is not None:
+    if isinstance(loader_state, tuple):  # saved at another world size: the loader re-derives its position
+        dataloader.load_resharded(loader_state[1], rank, world)
+    elif loader_state is not None:
         dataloader.load_state_dict(loader_state)
     barrier()
     return int(index["step"])

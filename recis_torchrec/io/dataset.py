@@ -393,6 +393,26 @@ class ColumnarDataset:
         self._epoch = int(state["epoch"])
         self._batches_done = int(state["batches_done"])
 
+    def load_resharded(self, states: List[Dict[str, Any]], rank: int, world_size: int) -> None:
+        """The position of states saved by a different number of ranks (one state per saved rank),
+        re-derived from the rows they consumed: this epoch's batches over every saved rank, divided
+        by this dataset's world size (rounded down: at most ``world_size - 1`` batches are read again).
+        The batch size, shuffle and data must be the ones saved."""
+        for st in states:
+            if st.get("version") != _STATE_VERSION:
+                raise ValueError(f"ColumnarDataset.load_resharded: unknown state version {st.get('version')!r}")
+            for key in ("batch_size", "seed", "shuffle", "shuffle_buffer", "drop_last", "num_rows"):
+                if st[key] != getattr(self, key):
+                    raise ValueError(
+                        f"ColumnarDataset.load_resharded: the state has {key}={st[key]!r} but this dataset has "
+                        f"{getattr(self, key)!r}; a loader position only carries over on the same data and batches"
+                    )
+        epochs = {int(st["epoch"]) for st in states}
+        if len(epochs) != 1:
+            raise ValueError(f"ColumnarDataset.load_resharded: the saved ranks are in different epochs {sorted(epochs)}")
+        self._epoch = epochs.pop()
+        self._batches_done = min(len(self), sum(int(st["batches_done"]) for st in states) // world_size)
+
 
 def dense_stats(
     paths: Union[str, Sequence[str]], schema: Schema, batch_size: int = 8192, max_batches: Optional[int] = None,

@@ -278,6 +278,20 @@ class _RankState:
             "python_rng": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
         }
 
+    def load_resharded(self, states: List[Dict[str, Any]], rank: int, world_size: int) -> None:
+        """The position of a checkpoint saved at another world size, re-derived from the rows consumed:
+        every rank read the same number of batches, so this rank resumes at the saved ranks' batches
+        over the new world size (rounded down: at most ``world_size - 1`` batches' rows are read
+        again). The step counter carries over; the RNG states are those of saved rank
+        ``rank % saved ranks``."""
+        self.load_state_dict(states[rank % len(states)])
+        t = self.trainer
+        t.batches_done = sum(int(s["batches"]) for s in states) // world_size
+        t.examples = sum(int(s["examples"]) for s in states) // world_size
+        if rank == 0:
+            print(f"the checkpoint was saved by {len(states)} rank(s); this run has {world_size}: each resumes at "
+                  f"batch {t.batches_done} (the rows consumed so far)", flush=True)
+
     def load_state_dict(self, s: Dict[str, Any]) -> None:
         t = self.trainer
         t.step, t.batches_done, t.examples = int(s["step"]), int(s["batches"]), int(s["examples"])

@@ -2,6 +2,8 @@
 """What the Trainer makes of the model it is given: probability outputs (TorchRec's DeepFM), the
 tables it starts from, modules converted by hand, and models the pipeline cannot trace."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ import recis_torchrec as rt
 from recis_torchrec.testing.multiprocess import run_ranks
 from recis_torchrec.train import Task, Trainer, build_run, load_config
 from recis_torchrec.train.trainer import TaskModel, outputs_probabilities
-from tests.train.test_trainer import SYNTHETIC
+from tests.train.test_trainer import ROOT, SYNTHETIC
 
 
 def _run(out, model=None, **overrides):
@@ -135,3 +137,26 @@ def _untraceable_worker(rank, world_size, out):
 
 def test_an_untraceable_model_under_the_pipeline_says_so(tmp_path):
     run_ranks(_untraceable_worker, world_size=2, args=(str(tmp_path / "run"),), timeout=300)
+
+
+def test_a_two_rank_cli_run_resumes_in_one_process(tmp_path):
+    """A 2-rank run's checkpoint, resumed by one process: the model at any world size (as always),
+    and the loader position re-derived from the rows the two ranks consumed."""
+    import json
+
+    from recis_torchrec.train.__main__ import main
+    from tests.distributed.test_main_job_torchrun import torchrun_train
+
+    out = tmp_path / "run"
+    torchrun_train("synthetic_dlrm.toml", out, "--steps", "6", "--set", "trainer.save_every=6",
+                   "--set", "data.batch_size=64")
+    assert main(["--config", os.path.join(ROOT, "examples", "synthetic_dlrm.toml"), "--output-dir", str(out),
+                 "--steps", "9", "--set", "data.batch_size=64", "--set", "trainer.progress=false"]) == 0
+    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    summary = records[-1]["summary"]
+    assert summary["steps"] == 9
+    # 2 ranks x 6 batches were read; alone, this process resumed at batch 12 and read 3 more.
+    from recis_torchrec import checkpoint
+
+    with open(os.path.join(checkpoint.resolve(str(out / "checkpoints")), "loader-rank0.json")) as f:
+        assert json.load(f)["batches"] == 15
