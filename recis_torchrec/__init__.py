@@ -32,3 +32,15 @@ __all__ = [
     "sharders",
     "__version__",
 ]
+
+# The subpackages, as attributes on first use (``rt.checkpoint.DCPLoadPlanner``), without importing
+# them (and pyarrow, safetensors, torchmetrics) with the package.
+_SUBPACKAGES = ("checkpoint", "datasets", "features", "io", "models", "ops", "optim", "testing", "train")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"recis_torchrec.{name}")
+    raise AttributeError(f"module 'recis_torchrec' has no attribute {name!r}")

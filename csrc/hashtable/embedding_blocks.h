@@ -128,6 +128,10 @@ class EmbeddingBlocks {
     return num_blocks() * block_rows() * static_cast<int64_t>(stride_ + sizeof(int64_t) + sizeof(RowMeta)) +
            static_cast<int64_t>(free_.capacity() * sizeof(int64_t));
   }
+  // Of memory_bytes(), the bytes of the live rows (their embedding, state, id and metadata).
+  int64_t used_bytes() const {
+    return live_rows() * static_cast<int64_t>(stride_ + sizeof(int64_t) + sizeof(RowMeta));
+  }
 
   ~EmbeddingBlocks() {
     for (auto& b : blocks_) {

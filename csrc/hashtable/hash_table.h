@@ -93,10 +93,17 @@ class HashTable {
   const TableCounters& counters() const { return counters_; }
   int64_t pending() const { return static_cast<int64_t>(pending_.size()); }
   int64_t capacity() const { return blocks_.capacity(); }
+  // Bytes reserved: the IdMap's slots and every allocated row block (a fresh table reserves its
+  // initial capacity), the pending and eviction logs.
   int64_t memory_bytes() const {
     return map_.memory_bytes() + blocks_.memory_bytes() +
            static_cast<int64_t>(pending_.bucket_count() * sizeof(void*) + pending_.size() * 32) +
            static_cast<int64_t>((evicted_ids_.capacity() + evicted_steps_.capacity()) * sizeof(int64_t));
+  }
+  // Bytes in use: the live rows, and the IdMap slots they fill.
+  int64_t used_bytes() const {
+    const int64_t slots = map_.num_slots();
+    return blocks_.used_bytes() + (slots > 0 ? map_.memory_bytes() / slots * size() : 0);
   }
   EmbeddingBlocks& blocks() { return blocks_; }
   const EmbeddingBlocks& blocks() const { return blocks_; }

@@ -57,6 +57,7 @@ py::dict py_table_info(int64_t handle) {
   d["rows"] = t.size();
   d["capacity"] = t.capacity();
   d["memory_bytes"] = t.memory_bytes();
+  d["used_bytes"] = t.used_bytes();
   d["dim"] = t.dim();
   d["state_dim"] = t.state_dim();
   d["row_bytes"] = t.blocks().stride_bytes();

@@ -143,26 +143,34 @@ class HashTable:
         return self.info()["rows"]
 
     def info(self) -> Dict[str, int]:
-        """rows, capacity, memory_bytes, dim, state_dim, row_bytes (bytes from one row to the next), num_blocks,
+        """rows, capacity, memory_bytes (reserved: the IdMap's slots and every allocated row block; a new table
+        reserves its initial capacity), used_bytes (of those, the live rows' and their IdMap slots'), dim,
+        state_dim, row_bytes (bytes from one row to the next), num_blocks,
         block_rows, and the hygiene counters: admitted, evicted, rejected (lookups refused a row),
         pending (ids counted toward admission)."""
         if self.is_cuda:  # the CUDA table reports its row count only
             rows = int(torch.ops.recis.gpu_table_size(self.handle))
             row_bytes = 4 * (self.dim + self.state_dim)
-            return {"rows": rows, "capacity": rows, "memory_bytes": rows * row_bytes, "dim": self.dim,
+            return {"rows": rows, "capacity": rows, "memory_bytes": rows * row_bytes, "used_bytes": rows * row_bytes,
+                    "dim": self.dim,
                     "state_dim": self.state_dim, "row_bytes": row_bytes, "num_blocks": 0, "block_rows": 0,
                     "admitted": rows, "evicted": 0, "rejected": 0, "pending": 0}
         return C.table_info(self.handle)
 
     def memory_bytes(self) -> int:
-        """Bytes held by the IdMap and the row blocks."""
+        """Bytes reserved by the IdMap and the row blocks (see ``info()``; ``used_bytes()``: in use)."""
         return self.info()["memory_bytes"]
+
+    def used_bytes(self) -> int:
+        """Bytes of the live rows and the IdMap slots they fill."""
+        return self.info()["used_bytes"]
 
     def __repr__(self) -> str:
         info = self.info()
         return (
             f"HashTable(name={self.name!r}, dim={self.dim}, state_dim={self.state_dim}, device={self.device}, "
-            f"rows={info['rows']}, memory={info['memory_bytes'] / 2**20:.1f} MiB)"
+            f"rows={info['rows']}, memory={info['used_bytes'] / 2**20:.1f} MiB used of "
+            f"{info['memory_bytes'] / 2**20:.1f} MiB reserved)"
         )
 
     # -- data ------------------------------------------------------------------

@@ -402,8 +402,9 @@ class Trainer:
                     self._tb.add_scalar(key, value, record.get("step", self.step))
 
     def table_stats(self) -> Dict[str, int]:
-        """Rows, admitted, evicted, rejected and bytes of every hash table, summed over ranks."""
-        keys = ("rows", "admitted", "evicted", "rejected", "memory_bytes")
+        """Rows, admitted, evicted, rejected, and bytes reserved (memory_bytes) and used of every hash table,
+        summed over ranks."""
+        keys = ("rows", "admitted", "evicted", "rejected", "memory_bytes", "used_bytes")
         totals = torch.zeros(len(keys), dtype=torch.float64, device=self._collective_device())
         for ref in hash_tables(self.model):
             info = ref.table.info()
