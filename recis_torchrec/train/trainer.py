@@ -578,7 +578,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True, leave=False)
-        t0, ex0, wait0 = time.perf_counter(), self.examples, self.data_wait["wait"]
+        t0, ex0, wait0, step0 = time.perf_counter(), self.examples, self.data_wait["wait"], self.step
+        aside = {"eval": 0.0, "save": 0.0}  # seconds spent evaluating and saving inside the loop
         window_loss: List[float] = []
         window_t, window_ex = time.perf_counter(), self.examples
         train_auc = [BinaryAUROC().to(self.device) for _ in self.tasks]  # progressive: each batch is scored before its update
@@ -617,23 +618,37 @@ class Trainer:
                 for auc in train_auc:
                     auc.reset()
             if args.eval_every and self.step % args.eval_every == 0 and self.eval_data is not None:
+                te = time.perf_counter()
                 self.last_eval = self.evaluate()
                 self.log({"step": self.step, "eval": self.last_eval})
+                aside["eval"] += time.perf_counter() - te
+                window_t += time.perf_counter() - te
             if args.save_every and self.step % args.save_every == 0:
+                ts = time.perf_counter()
                 path = self.save()
-        seconds = time.perf_counter() - t0
+                aside["save"] += time.perf_counter() - ts
+                window_t += time.perf_counter() - ts
+        # Training time: the loop's, less the evaluations and saves inside it (reported apart).
+        seconds = time.perf_counter() - t0 - aside["eval"] - aside["save"]
         if bar is not None:
             bar.close()
+        te = time.perf_counter()
         if self.eval_data is not None and self._eval_step != self.step:
             self.last_eval = self.evaluate()
             self.log({"step": self.step, "eval": self.last_eval})
+        aside["eval"] += time.perf_counter() - te
+        ts = time.perf_counter()
         if not args.save_every or self.step % args.save_every:
             path = self.save()
+        aside["save"] += time.perf_counter() - ts
         self._drain_pipeline()
         wait = self.data_wait["wait"] - wait0
         summary = {
             "steps": self.step,
+            "steps_this_run": self.step - step0,
             "seconds": seconds,
+            "eval_seconds": aside["eval"],
+            "save_seconds": aside["save"],
             "examples_per_s": (self.examples - ex0) * self.world_size / max(seconds, 1e-9),
             "data_wait_fraction": wait / max(seconds, 1e-9),
             "eval": self.last_eval,
@@ -746,8 +761,13 @@ def summary_line(summary: Dict[str, Any], world_size: int = 1) -> str:
     evals = ", ".join(
         f"{name} AUC {m['auc']:.4f} (log loss {m['logloss']:.4f})" for name, m in (summary.get("eval") or {}).items()
     )
+    run = summary.get("steps_this_run", summary["steps"])
+    steps = f"{summary['steps']} steps" + (f" ({run} this run)" if run != summary["steps"] else "")
+    aside = ""
+    if summary.get("eval_seconds") or summary.get("save_seconds"):
+        aside = f" (+{summary.get('eval_seconds', 0.0):.1f} s eval, +{summary.get('save_seconds', 0.0):.1f} s saving)"
     return (
-        f"done: {summary['steps']} steps in {summary['seconds']:.1f} s on {world_size} rank(s), "
+        f"done: {steps} in {summary['seconds']:.1f} s of training{aside} on {world_size} rank(s), "
         f"{summary['examples_per_s']:,.0f} examples/s, data wait {100 * summary['data_wait_fraction']:.1f}%"
         + (f"; eval {evals}" if evals else "")
         + f"; {summary['tables']['rows']:,} table rows; checkpoint {summary['checkpoint']}"
