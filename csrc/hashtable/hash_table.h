@@ -47,6 +47,9 @@ struct HashTableConfig {
   int64_t block_rows = 8192;   // power of two
   InitSpec init;
   int64_t admit_threshold = 0;  // sightings before an id gets a row; <= 1 admits at once
+  // Ids counted toward admission at most (0: 2 * max_capacity under a cap, else 2**20): past it the
+  // candidates seen least recently are forgotten (5% at a time), so the counter's memory is bounded.
+  int64_t admit_capacity = 0;
   int64_t ttl_steps = 0;        // evict rows unseen for this many updates; 0: never
   int64_t max_capacity = 0;     // most live rows; 0: unbounded
   EvictionPolicy policy = EvictionPolicy::kNone;  // how to make room under max_capacity (eviction.h)
@@ -69,7 +72,6 @@ class HashTable {
   // far below it.
   static constexpr int64_t kPending = int64_t{1} << 62;
   // The eviction log's length without a capacity cap.
-  static constexpr int64_t kEvictedLogMin = 1 << 20;
 
   explicit HashTable(const HashTableConfig& cfg)
       : cfg_(cfg),
@@ -95,9 +97,12 @@ class HashTable {
   int64_t capacity() const { return blocks_.capacity(); }
   // Bytes reserved: the IdMap's slots and every allocated row block (a fresh table reserves its
   // initial capacity), the pending and eviction logs.
+  // The admission counter's bytes (its hash map: buckets and nodes), part of memory_bytes().
+  int64_t pending_bytes() const {
+    return static_cast<int64_t>(pending_.bucket_count() * sizeof(void*) + pending_.size() * 40);
+  }
   int64_t memory_bytes() const {
-    return map_.memory_bytes() + blocks_.memory_bytes() +
-           static_cast<int64_t>(pending_.bucket_count() * sizeof(void*) + pending_.size() * 32) +
+    return map_.memory_bytes() + blocks_.memory_bytes() + pending_bytes() +
            static_cast<int64_t>((evicted_ids_.capacity() + evicted_steps_.capacity()) * sizeof(int64_t));
   }
   // Bytes in use: the live rows, and the IdMap slots they fill.
@@ -231,8 +236,9 @@ class HashTable {
 
   // Ids evicted after `since` (clock values), with the clock of each eviction.
   // Returns false if the log no longer reaches back to `since` (it keeps at
-  // most max_capacity / 2 entries, or kEvictedLogMin without a cap, dropping
-  // the oldest half when full, so that it cannot grow without bound).
+  // most max_capacity / 2 entries, or twice the rows the table has held
+  // without a cap, dropping the oldest half when full, so that it cannot grow
+  // without bound).
   bool evicted_since(int64_t since, std::vector<int64_t>* ids, std::vector<int64_t>* steps) const {
     if (log_restarted_ || since < log_dropped_through_) return false;
     for (size_t i = 0; i < evicted_ids_.size(); ++i) {
@@ -255,11 +261,12 @@ class HashTable {
   void export_pending(std::vector<int64_t>* ids, std::vector<int64_t>* counts) const {
     for (const auto& kv : pending_) {
       ids->push_back(kv.first);
-      counts->push_back(kv.second);
+      counts->push_back(kv.second.count);
     }
   }
   void import_pending(const int64_t* ids, const int64_t* counts, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) pending_[ids[i]] = counts[i];
+    bound_pending(n);
+    for (int64_t i = 0; i < n; ++i) pending_[ids[i]] = Pending{counts[i], 0};
   }
 
  private:
@@ -273,10 +280,10 @@ class HashTable {
     const int64_t key = blocks_.row_id(r);
     map_.erase(key, mix64(static_cast<uint64_t>(key)));
     blocks_.release(r);
-    // Under a cap the log holds max_capacity / 2 entries (16 bytes each, a few
-    // percent of the rows' memory), else kEvictedLogMin.
-    const int64_t limit =
-        cfg_.max_capacity > 0 ? std::max<int64_t>(64, cfg_.max_capacity / 2) : kEvictedLogMin;
+    // The log holds max_capacity / 2 entries under a cap, else twice the rows the table has
+    // held (16 bytes each: a small share of the rows' memory, and bounded as they are).
+    const int64_t limit = cfg_.max_capacity > 0 ? std::max<int64_t>(64, cfg_.max_capacity / 2)
+                                                : std::max<int64_t>(4096, 2 * row_limit());
     if (static_cast<int64_t>(evicted_ids_.size()) >= limit) {
       const size_t drop = evicted_ids_.size() / 2;
       log_dropped_through_ = std::max(log_dropped_through_, evicted_steps_[drop - 1]);
@@ -317,10 +324,14 @@ class HashTable {
     if (cfg_.admit_threshold > 1) {
       admit.assign(static_cast<size_t>(n), 0);
       std::vector<int64_t> reached;
+      int64_t misses = 0;
+      for (int64_t i = 0; i < n; ++i) misses += rows[i] < 0;
+      bound_pending(misses);
       for (int64_t i = 0; i < n; ++i) {
         if (rows[i] >= 0) continue;
-        int64_t& c = pending_[keys[i]];
-        if (++c == cfg_.admit_threshold) reached.push_back(keys[i]);
+        Pending& c = pending_[keys[i]];
+        c.last = clock;
+        if (++c.count == cfg_.admit_threshold) reached.push_back(keys[i]);
       }
       for (int64_t k : reached) pending_.erase(k);
       std::sort(reached.begin(), reached.end());
@@ -609,7 +620,30 @@ class HashTable {
   IdMap map_;
   EmbeddingBlocks blocks_;
   TableCounters counters_;
-  std::unordered_map<int64_t, int64_t> pending_;  // admission: sightings of ids without a row
+  // Admission: sightings of ids without a row, and the clock each was last seen at.
+  struct Pending {
+    int64_t count = 0;
+    int64_t last = 0;
+  };
+  std::unordered_map<int64_t, Pending> pending_;
+  int64_t pending_limit() const {
+    if (cfg_.admit_capacity > 0) return cfg_.admit_capacity;
+    return cfg_.max_capacity > 0 ? std::max<int64_t>(4096, 2 * cfg_.max_capacity) : int64_t{1} << 20;
+  }
+  // Makes room for `incoming` new candidates: forgets the least recently seen 5% (at least what is
+  // needed) when the counter would pass its limit.
+  void bound_pending(int64_t incoming) {
+    const int64_t limit = pending_limit();
+    if (static_cast<int64_t>(pending_.size()) + incoming <= limit) return;
+    const int64_t drop = std::min<int64_t>(
+        static_cast<int64_t>(pending_.size()),
+        std::max<int64_t>(static_cast<int64_t>(pending_.size()) + incoming - limit, std::max<int64_t>(1, limit / 20)));
+    std::vector<std::pair<int64_t, int64_t>> by_age;  // (last seen, id)
+    by_age.reserve(pending_.size());
+    for (const auto& kv : pending_) by_age.push_back({kv.second.last, kv.first});
+    std::nth_element(by_age.begin(), by_age.begin() + (drop - 1), by_age.end());
+    for (int64_t i = 0; i < drop; ++i) pending_.erase(by_age[i].second);
+  }
   std::vector<int64_t> evicted_ids_, evicted_steps_;  // the eviction log, for delta exports
   int64_t log_dropped_through_ = -1;  // the log has no evictions up to this clock
   bool log_restarted_ = false;        // cleared for a restore; no update since

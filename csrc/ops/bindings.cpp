@@ -15,15 +15,16 @@ namespace {
 
 int64_t py_create_table(int64_t dim, int64_t state_dim, int64_t initial_capacity, int64_t block_rows,
                         int64_t init_kind, double init_a, double init_b, uint64_t seed, int64_t admit_threshold,
-                        int64_t ttl_steps, int64_t max_capacity, int64_t policy, int64_t row_type) {
+                        int64_t ttl_steps, int64_t max_capacity, int64_t policy, int64_t row_type,
+                        int64_t admit_capacity) {
   TORCH_CHECK(dim > 0, "create_table: dim must be > 0, got ", dim);
   TORCH_CHECK(state_dim >= 0, "create_table: state_dim must be >= 0, got ", state_dim);
   TORCH_CHECK(initial_capacity >= 0, "create_table: initial_capacity must be >= 0, got ", initial_capacity);
   TORCH_CHECK(block_rows > 0 && (block_rows & (block_rows - 1)) == 0,
               "create_table: block_rows must be a power of two, got ", block_rows);
   TORCH_CHECK(init_kind >= 0 && init_kind <= 3, "create_table: unknown init_kind ", init_kind);
-  TORCH_CHECK(admit_threshold >= 0 && ttl_steps >= 0 && max_capacity >= 0,
-              "create_table: admit_threshold, ttl_steps and max_capacity must be >= 0");
+  TORCH_CHECK(admit_threshold >= 0 && ttl_steps >= 0 && max_capacity >= 0 && admit_capacity >= 0,
+              "create_table: admit_threshold, admit_capacity, ttl_steps and max_capacity must be >= 0");
   bool known_policy = false;
 #define RECIS_POLICY_KNOWN(name, value, str) known_policy = known_policy || policy == value;
   RECIS_EVICTION_POLICIES(RECIS_POLICY_KNOWN)
@@ -42,6 +43,7 @@ int64_t py_create_table(int64_t dim, int64_t state_dim, int64_t initial_capacity
   cfg.init.b = static_cast<float>(init_b);
   cfg.init.seed = seed;
   cfg.admit_threshold = admit_threshold;
+  cfg.admit_capacity = admit_capacity;
   cfg.ttl_steps = ttl_steps;
   cfg.max_capacity = max_capacity;
   cfg.policy = static_cast<hashtable::EvictionPolicy>(policy);
@@ -58,6 +60,7 @@ py::dict py_table_info(int64_t handle) {
   d["capacity"] = t.capacity();
   d["memory_bytes"] = t.memory_bytes();
   d["used_bytes"] = t.used_bytes();
+  d["pending_bytes"] = t.pending_bytes();
   d["dim"] = t.dim();
   d["state_dim"] = t.state_dim();
   d["row_bytes"] = t.blocks().stride_bytes();
@@ -184,7 +187,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("create_table", &recis::py_create_table, py::arg("dim"), py::arg("state_dim"), py::arg("initial_capacity"),
         py::arg("block_rows"), py::arg("init_kind"), py::arg("init_a"), py::arg("init_b"), py::arg("seed"),
         py::arg("admit_threshold") = 0, py::arg("ttl_steps") = 0, py::arg("max_capacity") = 0, py::arg("policy") = 0,
-        py::arg("row_type") = 0);
+        py::arg("row_type") = 0, py::arg("admit_capacity") = 0);
   m.def("clear", &recis::py_clear, py::arg("handle"));
   m.def("export_chunk", &recis::py_export_chunk, py::arg("handle"), py::arg("start"), py::arg("since"),
         py::arg("ids"), py::arg("emb"), py::arg("state"), py::arg("meta"));

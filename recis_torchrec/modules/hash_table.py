@@ -115,6 +115,7 @@ class HashTable:
         return C.create_table(
             self.dim, self.state_dim, int(capacity), o.block_rows, kind, float(a), float(b), seed,
             admit_threshold=o.admit_threshold, ttl_steps=o.ttl_steps or 0, max_capacity=o.max_capacity or 0,
+            admit_capacity=o.admit_capacity or 0,
             policy=o.policy_code(), row_type=ROW_TYPES[self.dtype],
         )
 

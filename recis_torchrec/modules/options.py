@@ -41,6 +41,11 @@ class HashTableOptions:
         admit_threshold: admission by frequency: an id gets a row at its
             ``admit_threshold``-th sighting in training lookups. Until then it
             reads its initial value and is not trained. 0 or 1: at once.
+        admit_capacity: the most ids counted toward admission at once (the
+            counter's memory, reported in ``memory_bytes``, is bounded by it);
+            past it, the candidates seen least recently are forgotten and start
+            counting again. None: ``2 * max_capacity`` (at least 4096) under a
+            cap, else 2**20.
         ttl_steps: evict rows not looked up for this many training steps
             (updates of the table); scanned every ``ttl_steps // 4`` steps.
             None: never.
@@ -66,6 +71,7 @@ class HashTableOptions:
     init_value: float = 0.0
     seed: int = 0
     admit_threshold: int = 0
+    admit_capacity: Optional[int] = None
     ttl_steps: Optional[int] = None
     max_capacity: Optional[int] = None
     eviction_policy: str = "none"
@@ -107,6 +113,8 @@ class HashTableOptions:
             raise ValueError(f"HashTableOptions.version {self.version} is not supported (this release writes 1)")
         if self.admit_threshold < 0:
             raise ValueError(f"HashTableOptions.admit_threshold must be >= 0, got {self.admit_threshold}")
+        if self.admit_capacity is not None and (not isinstance(self.admit_capacity, int) or self.admit_capacity <= 0):
+            raise ValueError(f"HashTableOptions.admit_capacity must be a positive int or None, got {self.admit_capacity!r}")
         if self.ttl_steps is not None and self.ttl_steps <= 0:
             raise ValueError(f"HashTableOptions.ttl_steps must be > 0 or None, got {self.ttl_steps}")
         if self.max_capacity is not None and self.max_capacity <= 0:

@@ -3,6 +3,7 @@
 
 import os
 
+import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
@@ -160,3 +161,45 @@ def test_trainer_with_ttl_eviction_runs_past_the_first_evictions(tmp_path):
                       table_options=run.table_options)
     assert trainer.fit()["steps"] == 40
     assert trainer.table_stats()["evicted"] > 0
+
+
+BOUNDED = {
+    "lru_cap": HashTableOptions(max_capacity=4000, eviction_policy="lru", block_rows=256),
+    "lfu_cap": HashTableOptions(max_capacity=4000, eviction_policy="lfu", block_rows=256),
+    "ttl": HashTableOptions(ttl_steps=20, block_rows=256),
+    "admission": HashTableOptions(admit_threshold=3, admit_capacity=50_000, block_rows=256),
+    "admission_cap": HashTableOptions(admit_threshold=3, max_capacity=4000, eviction_policy="lru", block_rows=256),
+}
+
+
+@pytest.mark.parametrize("name", list(BOUNDED))
+def test_memory_is_bounded_under_two_million_distinct_ids(name):
+    """2M distinct ids (2,000 new a step, plus 200 hot ones that every step sees): after warm-up
+    (the first quarter), memory_bytes stays within 5%. A capped table with admission once grew
+    16x here, one pending entry per unseen id."""
+    m = module(BOUNDED[name], dim=8)
+    t = m.tables()["t"]
+    hot = list(range(10**9, 10**9 + 200))
+    samples = []
+    for s in range(1000):
+        step(m, list(range(s * 2000, (s + 1) * 2000)) + hot)
+        if s >= 250 and s % 50 == 0:
+            samples.append(t.memory_bytes())
+    assert max(samples) <= 1.05 * samples[0], (name, samples)
+    assert t.info()["pending_bytes"] <= t.memory_bytes()
+    if BOUNDED[name].admit_threshold:
+        assert (t.find(torch.tensor(hot)) >= 0).all()  # the hot ids were admitted
+        assert t.info()["pending"] <= (BOUNDED[name].admit_capacity or 8000)
+
+
+def test_a_forgotten_candidate_counts_again():
+    """Past admit_capacity, the candidates seen least recently are forgotten."""
+    m = module(HashTableOptions(admit_threshold=2, admit_capacity=100, block_rows=16))
+    t = m.tables()["t"]
+    step(m, [7])  # one sighting of 7
+    for s in range(5):
+        step(m, list(range(1000 + 100 * s, 1100 + 100 * s)))  # 500 newer candidates push 7 out
+    step(m, [7])
+    assert int(t.find(torch.tensor([7]))[0]) == -1  # counted once again, not twice
+    step(m, [7])
+    assert int(t.find(torch.tensor([7]))[0]) >= 0
