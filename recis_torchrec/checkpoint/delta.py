@@ -8,9 +8,7 @@ checkpoint it was taken against: evicted ids are dropped first, then the rows
 are written.
 """
 
-import json
 import os
-import shutil
 import uuid
 from typing import Any, Dict, List, Union
 
@@ -26,7 +24,9 @@ from recis_torchrec.checkpoint.files import (
     check_supported,
     fsync_dir,
     hash_tables,
+    index_checksum,
     rank_and_world,
+    read_index,
     read_tensors,
     write_json,
     write_tensors,
@@ -46,8 +46,7 @@ from recis_torchrec.checkpoint.saver import (
 def _since_per_table(since: Union[int, str]) -> Dict[str, int]:
     if isinstance(since, int):
         return {}
-    with open(os.path.join(resolve(since), "index.json")) as f:
-        index = json.load(f)
+    index = read_index(resolve(since))
     return {key: max(t["steps"].values(), default=0) for key, t in index["tables"].items()}
 
 
@@ -65,6 +64,9 @@ def export_delta(
     """
     check_supported(model)
     rank, world = rank_and_world()
+    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
+        raise CheckpointError(f"export_delta: {path} exists and is not an empty directory; a delta is written "
+                              "to a new path (nothing was deleted)")
     per_table = _since_per_table(since_step)
     tmp = broadcast_object(f"{path}.tmp-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
     if rank == 0:
@@ -90,11 +92,13 @@ def export_delta(
             for e in r_files:
                 slot = "evicted" if e.get("evicted") else "files"
                 tables[e["table"]][slot].append({k: v for k, v in e.items() if k not in ("table", "evicted")})
-        write_json(os.path.join(tmp, "index.json"), {"format": FORMAT_VERSION, "kind": "delta", "tables": tables})
+        index = {"format": FORMAT_VERSION, "kind": "delta", "tables": tables}
+        index["xxh64"] = index_checksum(index)
+        write_json(os.path.join(tmp, "index.json"), index)
         for root, _, _ in os.walk(tmp):
             fsync_dir(root)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        if os.path.isdir(path):
+            os.rmdir(path)  # empty (checked above)
         os.replace(tmp, path)
     barrier()
     return path
@@ -107,8 +111,7 @@ def apply_delta(path: str, model: nn.Module) -> None:
     staged, dropped = {}, {}
     refs = hash_tables(model)
     try:
-        with open(os.path.join(path, "index.json")) as f:
-            index = json.load(f)
+        index = read_index(path)
         if index.get("kind") != "delta":
             raise CheckpointError(f"{path}: not a delta (kind {index.get('kind')!r})")
         for ref in refs:

@@ -2,10 +2,11 @@
 """Checksummed safetensors files, the model's hash tables, and the process group."""
 
 import json
+import mmap
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,76 +35,80 @@ def checksum(data) -> str:
     return f"{h & (2**64 - 1):016x}"
 
 
-_DTYPES = {
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_FROM_NAME = {v: k for k, v in _DTYPES.items()}
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().cpu().reshape(-1)
-    if t.numel() and t.stride(0) != 1:
-        # A one-element slice of a column (meta[:1, j]) counts as contiguous but keeps its stride.
-        t = t.new_empty(t.shape).copy_(t)
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-
-
 def _combine(header: bytes, digests: List[str]) -> str:
-    """The file checksum: XXH64 of the header followed by every tensor's XXH64."""
+    """The checksum of files written before whole-file checksums: XXH64 of the header followed by
+    every tensor's XXH64 (still read, so older checkpoints load)."""
     return checksum(header + "".join(digests).encode())
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    if not t.is_contiguous() or (t.numel() and t.dim() and t.stride(-1) != 1):
+        t = t.contiguous()
+    if t.dim() == 2 and t.shape[0] == 1 and t.stride(0) != t.shape[1]:
+        t = t.clone()  # a one-row slice keeps its parent's row stride
+    return t
 
 
 def write_tensors(
     path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None, durable: bool = True
 ) -> dict:
-    """Writes a safetensors file straight from the tensors' memory (no copy);
-    returns its index entry (name, bytes, checksum). With `durable`, the file
-    is fsync'd before returning."""
-    header: Dict[str, object] = {}
-    offset = 0
-    views = []
-    # Widest elements first (as safetensors itself orders them), so that every
-    # tensor starts aligned to its element size and loads as a zero-copy view.
-    ordered = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
-    for name, t in ordered:
-        v = _tensor_bytes(t)
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + v.nbytes]}
-        offset += v.nbytes
-        views.append(v)
-    if metadata:
-        header["__metadata__"] = metadata
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
-    prefix = len(head).to_bytes(8, "little") + head
-    digests = [checksum(v) for v in views]
-    with open(path, "wb") as f:
-        f.write(prefix)
-        for v in views:
-            f.write(v)
+    """Writes a safetensors file with the ``safetensors`` library (``save_file``: from the tensors'
+    memory, no copy); returns its index entry (name, bytes, XXH64 of the whole file, header
+    included). With `durable`, the file is fsync'd before returning."""
+    from safetensors.torch import save_file
+
+    save_file({k: _contiguous(v) for k, v in tensors.items()}, path, metadata=metadata)
+    with open(path, "rb+" if durable else "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+        try:
+            digest = checksum(data)
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
         if durable:
-            f.flush()
             os.fsync(f.fileno())  # on disk before the checkpoint's directory is renamed into place
-    return {"file": os.path.basename(path), "bytes": len(prefix) + offset, "xxh64": _combine(prefix, digests)}
+    return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "xxh64_file": digest}
 
 
 def read_tensors(directory: str, entry: dict) -> Dict[str, torch.Tensor]:
-    """Reads and verifies a file listed in the index; tensors share the read buffer."""
-    path = os.path.join(directory, entry["file"])
+    """Reads and verifies a file listed in the index: its size and XXH64 over the memory-mapped file,
+    then its tensors through ``safetensors.safe_open``."""
+    from safetensors import SafetensorError, safe_open
+
+    name = entry.get("file")
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+        raise CheckpointError(f"{directory}: the index lists a file {name!r} outside the checkpoint directory")
+    path = os.path.join(directory, name)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: missing (the index lists it)")
     size = os.path.getsize(path)
-    if size != entry["bytes"]:
-        raise CheckpointError(f"{path}: {size} bytes but the index says {entry['bytes']} (truncated?)")
-    storage = torch.empty(size, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+    if size != entry.get("bytes"):
+        raise CheckpointError(f"{path}: {size} bytes but the index says {entry.get('bytes')} (truncated?)")
+    if "xxh64_file" in entry:
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            try:
+                ok = checksum(data) == entry["xxh64_file"]
+            finally:
+                if isinstance(data, mmap.mmap):
+                    data.close()
+        if not ok:
+            raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt)")
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    return _read_combined(path, size, entry)
+
+
+def _read_combined(path: str, size: int, entry: dict) -> Dict[str, torch.Tensor]:
+    """A file of a checkpoint written before whole-file checksums (see _combine)."""
+    dtypes = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    storage = torch.empty(size, dtype=torch.uint8)
     data = storage.numpy()
     with open(path, "rb", buffering=0) as f:
         got = f.readinto(memoryview(data))
@@ -120,17 +125,53 @@ def read_tensors(directory: str, entry: dict) -> Dict[str, torch.Tensor]:
     for name, spec in header.items():
         if name == "__metadata__":
             continue
-        lo, hi = spec["data_offsets"]
-        view = buf[base + lo : base + hi]
-        digests.append(checksum(view))
-        dtype = _FROM_NAME[spec["dtype"]]
-        raw = storage[base + lo : base + hi]
-        if (base + lo) % torch.empty(0, dtype=dtype).element_size():
-            raw = raw.clone()  # a file from another writer, with an unaligned tensor
-        out[name] = raw.view(dtype).reshape(spec["shape"])
-    if _combine(bytes(buf[:base]), digests) != entry["xxh64"]:
+        try:
+            lo, hi = spec["data_offsets"]
+            dtype = dtypes[spec["dtype"]]
+            digests.append(checksum(buf[base + lo : base + hi]))
+            raw = storage[base + lo : base + hi].clone()
+            out[name] = raw.view(dtype).reshape(spec["shape"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({e})") from e
+    if _combine(bytes(buf[:base]), digests) != entry.get("xxh64"):
         raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt)")
     return out
+
+
+def index_checksum(index: dict) -> str:
+    """XXH64 of an index's canonical JSON, without its own ``xxh64`` field."""
+    body = {k: v for k, v in index.items() if k != "xxh64"}
+    return checksum(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def read_index(directory: str) -> dict:
+    """A checkpoint's (or delta's) ``index.json``, verified against the checksum it carries (an edited
+    step, loader position or file entry is caught; an index without one, from before, is read as is)."""
+    path = os.path.join(directory, "index.json")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path}: not an index (a JSON object)")
+    if "xxh64" in index and index["xxh64"] != index_checksum(index):
+        raise CheckpointError(f"{path}: checksum mismatch (the index was edited or is corrupt)")
+    return index
+
+
+def read_json_checked(path: str, digest: Optional[str]) -> Any:
+    """A JSON file the index lists, verified against its XXH64 when the index records one."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    if digest is not None and checksum(data) != digest:
+        raise CheckpointError(f"{path}: checksum mismatch (the file was edited or is corrupt)")
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
 def write_json(path: str, obj, durable: bool = True) -> None:

@@ -23,7 +23,6 @@ any world size, sharded or not.
 """
 
 import fnmatch
-import json
 import os
 import shutil
 import time
@@ -44,9 +43,13 @@ from recis_torchrec.checkpoint.files import (
     barrier,
     check_supported,
     dense_state,
+    checksum,
     fsync_dir,
     hash_tables,
+    index_checksum,
     rank_and_world,
+    read_index,
+    read_json_checked,
     read_tensors,
     write_json,
     write_tensors,
@@ -77,7 +80,7 @@ def checkpoints(root: str) -> List[Tuple[int, str]]:
         d = os.path.join(root, name)
         if name.startswith("step_") and ".tmp-" not in name and os.path.exists(os.path.join(d, "index.json")):
             try:
-                out.append((int(name[5:15]), name, d))
+                out.append((int(name[5:].split("-", 1)[0]), name, d))  # steps of any number of digits
             except ValueError:
                 continue
     return [(step, d) for step, _, d in sorted(out)]
@@ -221,6 +224,10 @@ def save(
         The checkpoint's directory.
     """
     check_supported(model)
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last <= 0):
+        raise CheckpointError(f"checkpoint.save: keep_last must be a positive int or None, got {keep_last!r}")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint.save: step must be an int >= 0, got {step!r}")
     rank, world = rank_and_world()
     t0 = time.perf_counter()
     final = broadcast_object(_step_dir(path, step) if rank == 0 else None)
@@ -237,10 +244,11 @@ def save(
             continue  # an unsharded table is the same on every rank
         files += [dict(e, table=ref.key) for e in write_table_files(tmp, ref, rank, max_file_bytes, durable=durable)]
         steps[ref.key] = ref.optimizer.steps()[ref.table.name]
-    loader_file = None
+    loader_file = loader_digest = None
     if dataloader is not None:
         loader_file = f"loader-rank{rank}.json"
         write_json(os.path.join(tmp, loader_file), dataloader.state_dict(), durable)
+        loader_digest = checksum(open(os.path.join(tmp, loader_file), "rb").read())
     dense_entry = opt_entry = opt_rest = None
     if rank == 0:
         dense = {name: t.detach().cpu() for name, t in dense_state(model)}
@@ -249,13 +257,13 @@ def save(
             tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
             opt_entry = write_tensors(os.path.join(tmp, "optimizer.safetensors"), tensors, durable=durable)
     written = sum(e["bytes"] for e in files)
-    gathered = gather_objects((files, steps, loader_file, written))
+    gathered = gather_objects((files, steps, loader_file, written, loader_digest))
 
     if rank == 0:
         tables: Dict[str, Any] = {}
         for ref in refs:
             tables[ref.key] = dict(table_config(ref), files=[], steps={})
-        for r, (r_files, r_steps, _, _) in enumerate(gathered):
+        for r, (r_files, r_steps, _, _, _) in enumerate(gathered):
             for e in r_files:
                 tables[e["table"]]["files"].append({k: v for k, v in e.items() if k != "table"})
             for key, s in r_steps.items():
@@ -274,9 +282,11 @@ def save(
             "dense": dense_entry,
             "optimizer": {"file": opt_entry, "rest": opt_rest} if opt_entry else None,
             "loader": [g[2] for g in gathered] if dataloader is not None else None,
+            "loader_xxh64": [g[4] for g in gathered] if dataloader is not None else None,
             "extra": extra or {},
             "bytes": sum(g[3] for g in gathered) + (dense_entry["bytes"] if dense_entry else 0),
         }
+        index["xxh64"] = index_checksum(index)
         write_json(os.path.join(tmp, "index.json"), index, durable)
         if durable:
             for root, _, _ in os.walk(tmp):
@@ -293,6 +303,13 @@ def save(
     save.last_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
     save.last_bytes = written  # type: ignore[attr-defined]
     return final
+
+
+def _inside(directory: str, name: Any) -> str:
+    """``directory/name`` for a file the index lists, refused if it would lie outside the checkpoint."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+        raise CheckpointError(f"{directory}: the index lists a file {name!r} outside the checkpoint directory")
+    return os.path.join(directory, name)
 
 
 def _selected(refs: List[TableRef], include: Optional[Iterable[str]], exclude: Optional[Iterable[str]]):
@@ -400,11 +417,7 @@ def load(
         # Errors raised on one rank reach every rank through all_ok below, so
         # that no rank waits forever in a collective.
         directory = resolve(path)
-        try:
-            with open(os.path.join(directory, "index.json")) as f:
-                index = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{directory}/index.json: unreadable ({e})") from e
+        index = read_index(directory)
         if index.get("format") != FORMAT_VERSION or index.get("kind") != "full":
             raise CheckpointError(f"{directory}: not a full checkpoint of format {FORMAT_VERSION}")
         for ref in refs:
@@ -440,14 +453,13 @@ def load(
                         f"{world}, and {type(dataloader).__name__} has no load_resharded(states, rank, world_size) "
                         "to re-derive them; pass dataloader=None to load the model only"
                     )
-                saved_states = []
-                for name in index["loader"]:
-                    with open(os.path.join(directory, name)) as f:
-                        saved_states.append(json.load(f))
+                digests = index.get("loader_xxh64") or [None] * len(index["loader"])
+                saved_states = [read_json_checked(_inside(directory, name), d)
+                                for name, d in zip(index["loader"], digests)]
                 loader_state = ("resharded", saved_states)
             else:
-                with open(os.path.join(directory, index["loader"][rank])) as f:
-                    loader_state = json.load(f)
+                digests = index.get("loader_xxh64") or [None] * world
+                loader_state = read_json_checked(_inside(directory, index["loader"][rank]), digests[rank])
     except (CheckpointError, OSError, KeyError, ValueError) as e:
         error = str(e) if isinstance(e, CheckpointError) else f"{directory}: {type(e).__name__}: {e}"
     all_ok(not error, error)

@@ -144,6 +144,9 @@ def test_errors_name_the_file_or_table_and_load_nothing(tmp_path):
         f.write(original)
     index["tables"]["ebc/t1"]["dim"] = 16
     json.dump(index, open(os.path.join(ckpt, "index.json"), "w"))
+    expect("index.json: checksum mismatch")  # an edited index
+    index["xxh64"] = checkpoint.files.index_checksum(index)  # a consistent one of another model
+    json.dump(index, open(os.path.join(ckpt, "index.json"), "w"))
     expect("table 'ebc/t1': the checkpoint has dim 16 but the model's table has dim 8")
 
 
@@ -361,3 +364,103 @@ def test_sequence_and_shared_tables_save_sharded_and_load_unsharded(tmp_path):
     fresh.eval()
     reference.eval()
     torch.testing.assert_close(fresh(kjt)[0], reference(kjt)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_every_file_reads_with_the_safetensors_library(tmp_path):
+    """The files are plain safetensors: safetensors.safe_open reads each, and its tensors are the
+    model's rows and dense state."""
+    import glob
+
+    from safetensors import safe_open
+
+    model, opt = unsharded()
+    train_union(model, opt, range(2))
+    path = checkpoint.save(str(tmp_path), model, opt, step=2)
+    files = sorted(glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True))
+    assert len(files) >= 3
+    seen = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                seen[(os.path.relpath(f, path), k)] = st.get_tensor(k)
+    dense = {k: v for (f, k), v in seen.items() if f == "dense.safetensors"}
+    for name, p in model.dense.named_parameters():
+        assert any(torch.equal(v, p.detach()) for k, v in dense.items() if k.endswith(name)), name
+    rows = table_rows(model)
+    for key, (ids, w, _) in rows.items():
+        folder = os.path.join("tables", key.replace("/", "__")) + os.sep
+        got_ids = torch.cat([v for (f, k), v in seen.items() if k == "ids" and f.startswith(folder)])
+        assert sorted(got_ids.tolist()) == sorted(ids.tolist()), key
+
+
+def test_index_entries_cannot_leave_the_checkpoint_and_headers_are_checksummed(tmp_path):
+    model, opt = unsharded()
+    train_union(model, opt, range(1))
+    path = checkpoint.save(str(tmp_path), model, opt, step=1)
+    index_path = os.path.join(path, "index.json")
+    index = json.load(open(index_path))
+    # A header edit that keeps the file's size (a shape's digit changed) is caught by the checksum.
+    dense = os.path.join(path, index["dense"]["file"]) if isinstance(index.get("dense"), dict) else None
+    target = dense or sorted(
+        os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs if f.endswith(".safetensors"))[0]
+    raw = bytearray(open(target, "rb").read())
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].decode()
+    digit = next(i for i, ch in enumerate(header) if ch.isdigit() and header[i - 1] in "[,")
+    header = header[:digit] + ("1" if header[digit] != "1" else "2") + header[digit + 1:]
+    raw[8:8 + n] = header.encode()
+    open(target, "wb").write(bytes(raw))
+    fresh, fresh_opt = unsharded(seed=1)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load(str(tmp_path), fresh, fresh_opt)
+    # An entry naming a file outside the directory (an absolute or a .. path) is refused, not read.
+    for bad in ("/etc/hostname", "../outside.safetensors"):
+        mangled = json.loads(json.dumps(index))
+        mangled["tables"][next(iter(mangled["tables"]))]["files"][0]["file"] = bad
+        mangled["xxh64"] = checkpoint.files.index_checksum(mangled)  # past the index's own checksum
+        json.dump(mangled, open(index_path, "w"))
+        with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+            checkpoint.load(str(tmp_path), fresh, fresh_opt)
+
+
+def test_index_and_loader_edits_are_caught_and_bad_arguments_refused(tmp_path):
+    model, opt = unsharded()
+    train_union(model, opt, range(1))
+
+    class Loader:
+        def __init__(self):
+            self.pos = 3
+
+        def state_dict(self):
+            return {"pos": self.pos}
+
+        def load_state_dict(self, s):
+            self.pos = s["pos"]
+
+    path = checkpoint.save(str(tmp_path / "a"), model, opt, Loader(), step=1)
+    fresh, fresh_opt = unsharded(seed=1)
+    index_path = os.path.join(path, "index.json")
+    original = open(index_path).read()
+    index = json.loads(original)
+    index["step"] = 999  # an edited step
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(CheckpointError, match="index.json: checksum mismatch"):
+        checkpoint.load(path, fresh, fresh_opt)
+    open(index_path, "w").write(original)
+    loader_path = os.path.join(path, "loader-rank0.json")
+    json.dump({"pos": 0}, open(loader_path, "w"))  # an edited loader position
+    with pytest.raises(CheckpointError, match="loader-rank0.json: checksum mismatch"):
+        checkpoint.load(path, fresh, fresh_opt, Loader())
+    for keep in (0, -1):
+        with pytest.raises(CheckpointError, match="keep_last must be a positive int"):
+            checkpoint.save(str(tmp_path / "b"), model, opt, step=2, keep_last=keep)
+    with pytest.raises(CheckpointError, match="step must be an int >= 0"):
+        checkpoint.save(str(tmp_path / "b"), model, opt, step=-1)
+    big = checkpoint.save(str(tmp_path / "c"), model, opt, step=12_345_678_901)
+    checkpoint.save(str(tmp_path / "c"), model, opt, step=99)
+    assert checkpoint.resolve(str(tmp_path / "c")) == big  # 11 digits sort after 2
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="exists and is not an empty directory"):
+        checkpoint.export_delta(str(tmp_path / "d"), model, since_step=0)
+    assert (tmp_path / "d" / "keep.txt").read_text() == "mine"
