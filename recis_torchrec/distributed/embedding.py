@@ -33,6 +33,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection, get_embeddin
 from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from recis_torchrec.modules.kjt import check_unique_keys
 from recis_torchrec.distributed.comm import SeqDistContext, UniqueIdsAwaitable, sequence_output_dist
 from recis_torchrec.distributed.embeddingbag import (
     HashContext,
@@ -227,6 +228,7 @@ class ShardedHashEmbeddingCollection(
     def input_dist(self, ctx: HashECContext, features: KeyedJaggedTensor) -> KJTListSplitsAwaitable:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"{self._fqn} expects a KeyedJaggedTensor, got {type(features).__name__}")
+        check_unique_keys(features, self._fqn)
         if self._groups and any(g is None for g in self._groups):
             self._resolve_shared()
         awaitables = ctx.start_torchrec_input_dist(self.torchrec, features, len(self._hash_configs))

@@ -43,7 +43,15 @@ from recis_torchrec.modules.hash_module import HashTablesMixin
 from recis_torchrec.modules.options import OptionsArg, resolve_options
 from recis_torchrec.modules.tables import make_table
 from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.kjt import checked_kjt, expand_batch, expand_kjt, kjt_offsets, permute_keys, uniform_batch
+from recis_torchrec.modules.kjt import (
+    check_unique_keys,
+    checked_kjt,
+    expand_batch,
+    expand_kjt,
+    kjt_offsets,
+    permute_keys,
+    uniform_batch,
+)
 from recis_torchrec.modules.state_dict import import_rows
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.modules.state_rows import Owner
@@ -441,6 +449,7 @@ class ShardedHashEmbeddingBagCollection(
     def input_dist(self, ctx: HashEBCContext, features: KeyedJaggedTensor) -> KJTListSplitsAwaitable:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"{self._fqn} expects a KeyedJaggedTensor, got {type(features).__name__}")
+        check_unique_keys(features, self._fqn)
         # A variable batch per feature (VBE): for the hash tables every feature is padded to the
         # largest batch here, and expanded to the output batch by the inverse indices after the
         # output dist; TorchRec's child gets the KJT expanded to the output batch.

@@ -15,9 +15,9 @@ from recis_torchrec.modules.device import module_device
 from recis_torchrec.modules.hash_module import HashTablesMixin
 from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.options import OptionsArg
-from recis_torchrec.modules.tables import build_tables
+from recis_torchrec.modules.tables import build_tables, check_table_configs
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
-from recis_torchrec.modules.kjt import checked_kjt, expand_batch, explain_kjt, permute_keys, uniform_batch
+from recis_torchrec.modules.kjt import check_unique_keys, checked_kjt, expand_batch, explain_kjt, permute_keys, uniform_batch
 from recis_torchrec.modules.tracing import ForwardRef, hash_forward
 from recis_torchrec.optim.fused import HashFusedOptimizer
 from recis_torchrec.optim.in_backward import table_optimizers
@@ -102,6 +102,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
         self._fx_forward = ForwardRef(self)
         self._device = module_device(device, "HashEmbeddingBagCollection")
         self._is_weighted = is_weighted
+        check_table_configs(tables, EmbeddingBagConfig)
         self._embedding_bag_configs = tables
         for config in tables:
             if isinstance(config, EmbeddingBagConfig) and config.pooling not in _POOLING:
@@ -231,6 +232,7 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
     def _forward_impl(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"HashEmbeddingBagCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
+        check_unique_keys(features, "HashEmbeddingBagCollection")
         features, inverse = uniform_batch(features, "HashEmbeddingBagCollection")
         plan = self._plan(features.keys())
         if self._device.type == "meta":  # shapes only, as TorchRec's EBC on meta

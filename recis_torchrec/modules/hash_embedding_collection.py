@@ -27,9 +27,9 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from recis_torchrec.modules.device import module_device
 from recis_torchrec.modules.hash_module import HashTablesMixin
 from recis_torchrec.modules.options import OptionsArg
-from recis_torchrec.modules.tables import build_tables
+from recis_torchrec.modules.tables import build_tables, check_table_configs
 from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.kjt import checked_kjt, explain_kjt
+from recis_torchrec.modules.kjt import check_unique_keys, checked_kjt, explain_kjt
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.modules.tracing import ForwardRef, hash_forward
 from recis_torchrec.optim.fused import HashFusedOptimizer
@@ -85,6 +85,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
         self._fx_forward = ForwardRef(self)
         self._device = module_device(device, "HashEmbeddingCollection")
         self._need_indices = need_indices
+        check_table_configs(tables, EmbeddingConfig)
         self._embedding_configs = tables
         for c in tables[1:]:
             if c.embedding_dim != tables[0].embedding_dim:
@@ -162,6 +163,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
     def _forward_impl(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(f"HashEmbeddingCollection expects a KeyedJaggedTensor, got {type(features).__name__}")
+        check_unique_keys(features, "HashEmbeddingCollection")
         table_names = [c.name for c in self._embedding_configs]
         if self._device.type == "meta":  # shapes only, as TorchRec's EC on meta
             sequences = sequences_by_table(

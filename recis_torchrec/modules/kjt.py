@@ -56,6 +56,14 @@ def checked_kjt(
     return values.contiguous(), offsets.contiguous(), weights, batch
 
 
+def check_unique_keys(features: KeyedJaggedTensor, who: str) -> None:
+    """A user's KJT names each feature once (a repeated key would be read as whichever came first)."""
+    keys = features.keys()
+    if len(set(keys)) != len(keys):
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"{who}: the KeyedJaggedTensor names features {repeated} more than once (keys {keys})")
+
+
 def kjt_offsets(features: KeyedJaggedTensor) -> torch.Tensor:
     """The KJT's offsets as int64: its own if it has them; else from the lengths, by FBGEMM's
     ``asynchronous_complete_cumsum`` on the CPU (as ``features.offsets()``) and by torch's cumsum

@@ -2,6 +2,7 @@
 """``HashTableOptions``: how one dynamic table is sized and initialised."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -80,6 +81,16 @@ class HashTableOptions:
     version: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("init_min", "init_max", "init_mean", "init_std", "init_value"):
+            value = getattr(self, name)
+            if value is None and name in ("init_min", "init_max"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"HashTableOptions.{name} must be a finite number, got {value!r}")
+        for name in ("initial_capacity", "block_rows", "seed", "admit_threshold", "ttl_steps", "max_capacity"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"HashTableOptions.{name} must be an int, got {value!r}")
         if self.initial_capacity is not None and self.initial_capacity < 0:
             raise ValueError(f"HashTableOptions.initial_capacity must be >= 0 or None, got {self.initial_capacity}")
         if self.block_rows <= 0 or self.block_rows & (self.block_rows - 1):

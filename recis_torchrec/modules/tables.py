@@ -10,32 +10,22 @@ from recis_torchrec.modules.hash_table import HashTable
 from recis_torchrec.modules.options import HashTableOptions, OptionsArg, resolve_options
 
 
-def build_tables(
-    configs: Sequence[Any],
-    optimizer_configs: Mapping[str, Any],
-    options: OptionsArg,
-    config_type: type,
-    device: torch.device = torch.device("cpu"),
-) -> Dict[str, Any]:
-    """A table per TorchRec table config (``EmbeddingBagConfig`` or ``EmbeddingConfig``), checked:
-    ``HashTable``s on ``device``. ``optimizer_configs``: each table's
-    ``SparseOptimizerConfig``, by name."""
-    per_table = resolve_options(configs, options)
-    for name, o in per_table.items():
-        if o.device is not None and torch.device(o.device).type != device.type:
-            raise ValueError(
-                f"table {name!r}: HashTableOptions.device={o.device!r} but the module is on {device}; "
-                "a module's tables share its device"
-            )
+def check_table_configs(configs: Sequence[Any], config_type: type) -> None:
+    """TorchRec table configs a hash module can build, or an error naming the table (or the position of
+    an entry that is not a config)."""
+    if isinstance(configs, (str, bytes)) or not isinstance(configs, (list, tuple)):
+        raise TypeError(f"tables must be a list of {config_type.__name__}, got {type(configs).__name__}")
     seen = set()
-    for config in configs:
+    for i, config in enumerate(configs):
         if not isinstance(config, config_type):
-            raise TypeError(f"tables must be {config_type.__name__}, got {type(config).__name__}")
+            raise TypeError(f"tables[{i}] must be a {config_type.__name__}, got {type(config).__name__}")
         if config.name in seen:
             raise ValueError(f"Duplicate table name {config.name}")
         seen.add(config.name)
-        if config.embedding_dim <= 0:
-            raise ValueError(f"table {config.name!r}: embedding_dim must be > 0, got {config.embedding_dim}")
+        for field in ("embedding_dim", "num_embeddings"):
+            value = getattr(config, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"table {config.name!r}: {field} must be a positive int, got {value!r}")
         if config.data_type not in ROW_DTYPES:
             raise NotImplementedError(
                 f"table {config.name!r}: data_type {config.data_type} is not supported; hash tables store "
@@ -46,6 +36,26 @@ def build_tables(
         repeated = sorted({f for f in config.feature_names if config.feature_names.count(f) > 1})
         if repeated:
             raise ValueError(f"table {config.name!r}: feature_names lists {repeated} more than once")
+
+
+def build_tables(
+    configs: Sequence[Any],
+    optimizer_configs: Mapping[str, Any],
+    options: OptionsArg,
+    config_type: type,
+    device: torch.device = torch.device("cpu"),
+) -> Dict[str, Any]:
+    """A table per TorchRec table config (``EmbeddingBagConfig`` or ``EmbeddingConfig``), checked:
+    ``HashTable``s on ``device``. ``optimizer_configs``: each table's
+    ``SparseOptimizerConfig``, by name."""
+    check_table_configs(configs, config_type)
+    per_table = resolve_options(configs, options)
+    for name, o in per_table.items():
+        if o.device is not None and torch.device(o.device).type != device.type:
+            raise ValueError(
+                f"table {name!r}: HashTableOptions.device={o.device!r} but the module is on {device}; "
+                "a module's tables share its device"
+            )
     if device.type == "meta":
         return {}  # built when the module leaves the meta device
     return {
