@@ -22,9 +22,12 @@ keeps the ids it owns under the current world size, so a checkpoint loads at
 any world size, sharded or not.
 """
 
+import dataclasses
 import fnmatch
+import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -193,6 +196,49 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], rest: Dict[str, Any])
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+class _TableSnapshot:
+    """A copy of a table's rows, state, metadata and admission counters in host memory, taken when a
+    background save starts: what :func:`write_table_files` reads instead of the live table."""
+
+    def __init__(self, table: Any) -> None:
+        self.name, self.dim, self.state_dim = table.name, table.dim, table.state_dim
+        self.dtype = getattr(table, "dtype", torch.float32)
+        self.options = table.options
+        self._ids, self._weights, self._state, self._meta = table.export_rows()
+        self._pending = table.export_pending()
+
+    def __len__(self) -> int:
+        return self._ids.numel()
+
+    def export_chunk(self, start, since, ids, weights, state, meta):
+        n = max(0, min(ids.numel(), self._ids.numel() - start))
+        ids[:n] = self._ids[start:start + n]
+        weights[:n] = self._weights[start:start + n]
+        if self.state_dim:
+            state[:n] = self._state[start:start + n]
+        meta[:n] = self._meta[start:start + n]
+        return n, start + n
+
+    def export_pending(self):
+        return self._pending
+
+
+# The background save in progress (one at a time per process), and its error, if it failed.
+_background: Dict[str, Any] = {"thread": None, "error": None, "path": None}
+
+
+def wait() -> Optional[str]:
+    """Waits for this process's background save (``save(..., blocking=False)``) to finish; returns its
+    checkpoint directory (None without one) and raises its error if it failed. Every rank calls it."""
+    thread, _background["thread"] = _background["thread"], None
+    if thread is not None:
+        thread.join()
+    error, _background["error"] = _background["error"], None
+    if error is not None:
+        raise CheckpointError(f"the background save to {_background['path']} failed: {error}") from error
+    return _background["path"] if thread is not None else None
+
+
 def save(
     path: str,
     model: nn.Module,
@@ -203,6 +249,8 @@ def save(
     max_file_bytes: int = 256 << 20,
     extra: Optional[Dict[str, Any]] = None,
     durable: bool = True,
+    blocking: bool = True,
+    timeout: float = 3600.0,
 ) -> str:
     """Saves a checkpoint of `model` under the root `path`; call it on every rank.
 
@@ -219,11 +267,19 @@ def save(
         extra: JSON-serialisable data to keep in the index (e.g. RNG seeds).
         durable: fsync every file before the checkpoint is renamed into place,
             so that it survives a power loss, not only a process crash.
+        blocking: False snapshots the tables, the dense state and the positions to host memory and
+            returns; a background thread writes the files while training goes on (no collective runs
+            there: each rank leaves a manifest, rank 0 writes the index when every rank's is in and
+            renames the checkpoint into place). The next save, or :func:`wait`, joins it. Until then
+            the previous checkpoint is the newest complete one; a crash leaves it loadable.
+        timeout: seconds rank 0's background writer waits for the other ranks' manifests.
 
     Returns:
-        The checkpoint's directory.
+        The checkpoint's directory (complete once this returns, or, with ``blocking=False``, once
+        :func:`wait` returns).
     """
     check_supported(model)
+    wait()  # one save at a time: the previous background one finishes (or fails) first
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last <= 0):
         raise CheckpointError(f"checkpoint.save: keep_last must be a positive int or None, got {keep_last!r}")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -237,72 +293,128 @@ def save(
     barrier()
 
     refs = hash_tables(model)
-    files: List[Dict[str, Any]] = []
-    steps: Dict[str, int] = {}
-    for ref in refs:
-        if not ref.sharded and rank != 0:
-            continue  # an unsharded table is the same on every rank
-        files += [dict(e, table=ref.key) for e in write_table_files(tmp, ref, rank, max_file_bytes, durable=durable)]
-        steps[ref.key] = ref.optimizer.steps()[ref.table.name]
-    loader_file = loader_digest = None
-    if dataloader is not None:
-        loader_file = f"loader-rank{rank}.json"
-        write_json(os.path.join(tmp, loader_file), dataloader.state_dict(), durable)
-        loader_digest = checksum(open(os.path.join(tmp, loader_file), "rb").read())
-    dense_entry = opt_entry = opt_rest = None
+    mine = [ref for ref in refs if ref.sharded or rank == 0]  # an unsharded table is the same on every rank
+    configs = {ref.key: table_config(ref) for ref in refs}
+    fused = {ref.key: {k: ref.optimizer.param_groups[0][k] for k in ("lr", "eps", "beta1", "beta2", "weight_decay")}
+             for ref in refs}
+    steps = {ref.key: ref.optimizer.steps()[ref.table.name] for ref in mine}
+    loader_state = json.loads(json.dumps(dataloader.state_dict())) if dataloader is not None else None
+    dense = opt = None
     if rank == 0:
         dense = {name: t.detach().cpu() for name, t in dense_state(model)}
-        dense_entry = write_tensors(os.path.join(tmp, "dense.safetensors"), dense, durable=durable)
         if optimizer is not None:
-            tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
-            opt_entry = write_tensors(os.path.join(tmp, "optimizer.safetensors"), tensors, durable=durable)
-    written = sum(e["bytes"] for e in files)
-    gathered = gather_objects((files, steps, loader_file, written, loader_digest))
+            opt = _flatten_optimizer(optimizer.state_dict())
+    spec = dict(path=path, final=final, tmp=tmp, rank=rank, world=world, step=step, keep_last=keep_last,
+                max_file_bytes=max_file_bytes, extra=extra, durable=durable, configs=configs, fused=fused,
+                steps=steps, loader_state=loader_state, has_loader=dataloader is not None, dense=dense, opt=opt)
+    if blocking:
+        mine_written = _write_rank_files(spec, mine)
+        gathered = gather_objects(mine_written)
+        if rank == 0:
+            _finish(spec, gathered)
+        barrier()
+        save.last_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+        save.last_bytes = mine_written[3]  # type: ignore[attr-defined]
+        return final
+    # Background: snapshot now (the only part training waits for), write later.
+    snapshot = [dataclasses.replace(ref, table=_TableSnapshot(ref.table)) for ref in mine]
+    if dense is not None:
+        spec["dense"] = {k: v.clone() for k, v in dense.items()}
+    if opt is not None:
+        spec["opt"] = ({k: v.clone() for k, v in opt[0].items()}, json.loads(json.dumps(opt[1])))
+    save.last_blocking_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
 
-    if rank == 0:
-        tables: Dict[str, Any] = {}
-        for ref in refs:
-            tables[ref.key] = dict(table_config(ref), files=[], steps={})
-        for r, (r_files, r_steps, _, _, _) in enumerate(gathered):
-            for e in r_files:
-                tables[e["table"]]["files"].append({k: v for k, v in e.items() if k != "table"})
-            for key, s in r_steps.items():
-                tables[key]["steps"][str(r)] = s
-        fused = {}
-        for ref in refs:
-            g = ref.optimizer.param_groups[0]
-            fused[ref.key] = {k: g[k] for k in ("lr", "eps", "beta1", "beta2", "weight_decay")}
-        index = {
-            "format": FORMAT_VERSION,
-            "kind": "full",
-            "step": step,
-            "world_size": world,
-            "tables": tables,
-            "fused_optimizer": fused,
-            "dense": dense_entry,
-            "optimizer": {"file": opt_entry, "rest": opt_rest} if opt_entry else None,
-            "loader": [g[2] for g in gathered] if dataloader is not None else None,
-            "loader_xxh64": [g[4] for g in gathered] if dataloader is not None else None,
-            "extra": extra or {},
-            "bytes": sum(g[3] for g in gathered) + (dense_entry["bytes"] if dense_entry else 0),
-        }
-        index["xxh64"] = index_checksum(index)
-        write_json(os.path.join(tmp, "index.json"), index, durable)
-        if durable:
-            for root, _, _ in os.walk(tmp):
-                fsync_dir(root)
-        os.replace(tmp, final)
-        fsync_dir(path)
-        if keep_last is not None:
-            for _, old in checkpoints(path)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-            for name in os.listdir(path):  # leftovers of interrupted saves
-                if ".tmp-" in name and os.path.join(path, name) != tmp:
-                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
-    barrier()
-    save.last_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
-    save.last_bytes = written  # type: ignore[attr-defined]
+    def run() -> None:
+        try:
+            written = _write_rank_files(spec, snapshot)
+            manifest = os.path.join(tmp, f"rank{rank}.manifest.json")
+            write_json(manifest + ".part", list(written), durable)
+            os.replace(manifest + ".part", manifest)
+            if rank == 0:
+                deadline = time.monotonic() + timeout
+                names = [os.path.join(tmp, f"rank{r}.manifest.json") for r in range(world)]
+                while not all(os.path.exists(n) for n in names):
+                    if time.monotonic() > deadline:
+                        raise CheckpointError(f"{tmp}: not every rank's files arrived within {timeout:.0f} s")
+                    time.sleep(0.05)
+                gathered = []
+                for n in names:
+                    with open(n) as f:
+                        gathered.append(tuple(json.load(f)))
+                for n in names:
+                    os.remove(n)
+                _finish(spec, gathered)
+        except BaseException as e:  # noqa: B902 - handed to wait()
+            _background["error"] = e
+
+    thread = threading.Thread(target=run, name=f"checkpoint-save-{step}", daemon=True)
+    _background.update(thread=thread, error=None, path=final)
+    thread.start()
     return final
+
+
+def _write_rank_files(spec: Dict[str, Any], refs: List[TableRef]) -> Tuple[Any, ...]:
+    """This rank's files in the temporary directory: its tables' rows (``refs``: live tables, or
+    snapshots), its loader position and, on rank 0, the dense state and optimizer. Returns what the
+    index needs from it: (files, steps, loader file, bytes, loader checksum)."""
+    tmp, rank, durable = spec["tmp"], spec["rank"], spec["durable"]
+    files: List[Dict[str, Any]] = []
+    for ref in refs:
+        files += [dict(e, table=ref.key) for e in write_table_files(tmp, ref, rank, spec["max_file_bytes"],
+                                                                      durable=durable)]
+    loader_file = loader_digest = None
+    if spec["has_loader"]:
+        loader_file = f"loader-rank{rank}.json"
+        write_json(os.path.join(tmp, loader_file), spec["loader_state"], durable)
+        loader_digest = checksum(open(os.path.join(tmp, loader_file), "rb").read())
+    if rank == 0:
+        spec["dense_entry"] = write_tensors(os.path.join(tmp, "dense.safetensors"), spec["dense"], durable=durable)
+        spec["opt_entry"] = None
+        if spec["opt"] is not None:
+            spec["opt_entry"] = write_tensors(os.path.join(tmp, "optimizer.safetensors"), spec["opt"][0],
+                                              durable=durable)
+    written = sum(e["bytes"] for e in files)
+    return files, spec["steps"], loader_file, written, loader_digest
+
+
+def _finish(spec: Dict[str, Any], gathered: List[Tuple[Any, ...]]) -> None:
+    """Rank 0: the index over every rank's files, then the rename that makes the checkpoint complete."""
+    tmp, final, path = spec["tmp"], spec["final"], spec["path"]
+    tables: Dict[str, Any] = {key: dict(cfg, files=[], steps={}) for key, cfg in spec["configs"].items()}
+    for r, (r_files, r_steps, _, _, _) in enumerate(gathered):
+        for e in r_files:
+            tables[e["table"]]["files"].append({k: v for k, v in e.items() if k != "table"})
+        for key, st in r_steps.items():
+            tables[key]["steps"][str(r)] = st
+    dense_entry, opt_entry = spec.get("dense_entry"), spec.get("opt_entry")
+    index = {
+        "format": FORMAT_VERSION,
+        "kind": "full",
+        "step": spec["step"],
+        "world_size": spec["world"],
+        "tables": tables,
+        "fused_optimizer": spec["fused"],
+        "dense": dense_entry,
+        "optimizer": {"file": opt_entry, "rest": spec["opt"][1]} if opt_entry else None,
+        "loader": [g[2] for g in gathered] if spec["has_loader"] else None,
+        "loader_xxh64": [g[4] for g in gathered] if spec["has_loader"] else None,
+        "extra": spec["extra"] or {},
+        "bytes": sum(g[3] for g in gathered) + (dense_entry["bytes"] if dense_entry else 0),
+    }
+    index["xxh64"] = index_checksum(index)
+    write_json(os.path.join(tmp, "index.json"), index, spec["durable"])
+    if spec["durable"]:
+        for root, _, _ in os.walk(tmp):
+            fsync_dir(root)
+    os.replace(tmp, final)
+    fsync_dir(path)
+    if spec["keep_last"] is not None:
+        for _, old in checkpoints(path)[:-spec["keep_last"]]:
+            shutil.rmtree(old, ignore_errors=True)
+        for name in os.listdir(path):  # leftovers of interrupted saves
+            if ".tmp-" in name and os.path.join(path, name) != tmp:
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
 
 
 def _inside(directory: str, name: Any) -> str:

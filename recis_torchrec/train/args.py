@@ -66,6 +66,8 @@ class TrainingArguments:
         import_weights: convert the model's ``EmbeddingBagCollection`` weights into the hash tables
             (row i becomes id i). Off by default: a freshly built EBC's rows are placeholders, and
             importing them would fill every table with ``num_embeddings`` rows no id has touched.
+        async_save: write checkpoints in the background (``checkpoint.save(blocking=False)``): a
+            save costs the step only its snapshot to host memory.
         share_tables: tables of the same name in several collections are one hash table (see
             :func:`recis_torchrec.convert`), unsharded and under torchrun alike.
         version: schema version, for ``to_dict``/``from_dict``.
@@ -90,6 +92,7 @@ class TrainingArguments:
     model_output: str = "auto"
     import_weights: bool = False
     share_tables: bool = False
+    async_save: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:

@@ -415,8 +415,10 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------
 
-    def save(self) -> str:
-        """A full checkpoint of the model, both optimizers, the position and the RNG states."""
+    def save(self, blocking: Optional[bool] = None) -> str:
+        """A full checkpoint of the model, both optimizers, the position and the RNG states; in the
+        background (``TrainingArguments.async_save``, training goes on while it writes) unless
+        ``blocking``. The directory is complete once the next save, or :meth:`wait_for_save`, returns."""
         return checkpoint.save(
             self.checkpoint_dir,
             self.model,
@@ -424,10 +426,16 @@ class Trainer:
             _RankState(self),
             step=self.step,
             keep_last=self.args.keep_last,
+            blocking=not self.args.async_save if blocking is None else blocking,
         )
+
+    def wait_for_save(self) -> None:
+        """Joins the background save in progress, if any (raising its error)."""
+        checkpoint.wait()
 
     def resume(self) -> bool:
         """Loads the newest checkpoint in ``output_dir``, if there is one."""
+        checkpoint.wait()
         if not checkpoint.checkpoints(self.checkpoint_dir):
             return False
         checkpoint.load(self.checkpoint_dir, self.model, self.optimizer, _RankState(self))
@@ -640,6 +648,7 @@ class Trainer:
         ts = time.perf_counter()
         if not args.save_every or self.step % args.save_every:
             path = self.save()
+        checkpoint.wait()  # the summary names a complete checkpoint
         aside["save"] += time.perf_counter() - ts
         self._drain_pipeline()
         wait = self.data_wait["wait"] - wait0
@@ -708,10 +717,12 @@ class Trainer:
             if args.save_delta and self.windows_done > 0:
                 # Before the new checkpoint is saved: keep_last may prune the one the delta starts from.
                 delta = os.path.join(args.output_dir, "deltas", names[i])
+                checkpoint.wait()  # the checkpoint the delta starts from is complete
                 checkpoint.export_delta(delta, self.model, since_step=checkpoint.resolve(self.checkpoint_dir))
                 record["delta"] = delta
             self.windows_done = i + 1
             record["checkpoint"] = self.save()
+            checkpoint.wait()
             record["tables"] = self.table_stats()
             self.log(record)
             if self.rank == 0:
@@ -743,6 +754,7 @@ class Trainer:
         objects (DMP, DDP's reducer, the pipeline) while the process group is alive. Freed only at
         interpreter exit, after the group is destroyed, gloo's objects can be destroyed after the
         runtime they need and the process aborts ("terminate called without an active exception")."""
+        checkpoint.wait()
         self._drain_pipeline()
         if self._metrics_file is not None:
             self._metrics_file.close()
