@@ -227,6 +227,12 @@ class _TableSnapshot:
 _background: Dict[str, Any] = {"thread": None, "error": None, "path": None}
 
 
+def _background_running() -> bool:
+    """Whether this process's background save is still writing."""
+    thread = _background["thread"]
+    return thread is not None and thread.is_alive()
+
+
 def wait() -> Optional[str]:
     """Waits for this process's background save (``save(..., blocking=False)``) to finish; returns its
     checkpoint directory (None without one) and raises its error if it failed. Every rank calls it."""
@@ -326,6 +332,10 @@ def save(
 
     def run() -> None:
         try:
+            try:  # the writer yields the CPU to training (Linux sets a nice value per thread)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (AttributeError, OSError):
+                pass
             written = _write_rank_files(spec, snapshot)
             manifest = os.path.join(tmp, f"rank{rank}.manifest.json")
             write_json(manifest + ".part", list(written), durable)

@@ -212,3 +212,74 @@ def test_huge_num_embeddings_is_only_a_hint():
     assert info["memory_bytes"] < 2**31
     out = hebc(KeyedJaggedTensor(keys=["f"], values=torch.tensor([2**39, 5]), lengths=torch.tensor([1, 1])))
     assert out.values().shape == (2, 32)
+
+
+def test_eval_forward_from_four_threads_equals_one_thread():
+    import threading
+
+    hebc = rt.HashEmbeddingBagCollection(configs(), fused_params={"optimizer": EmbOptimType.EXACT_ADAGRAD})
+    for s in range(3):
+        hebc(random_kjt(["f0", "f1", "f2", "f3"], 8, 4, num_ids=200, seed=s)).values().sum().backward()
+    hebc.eval()
+    kjts = [random_kjt(["f0", "f1", "f2", "f3"], 16, 6, num_ids=400, seed=100 + i) for i in range(40)]
+    with torch.no_grad():
+        want = [hebc(k).values() for k in kjts]
+    got, errors = {}, []
+
+    def worker(t):
+        try:
+            with torch.no_grad():
+                for i in range(t, len(kjts), 4):
+                    got[i] = hebc(kjts[i]).values()
+        except BaseException as e:  # noqa: B902
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for i, w in enumerate(want):
+        assert torch.equal(got[i], w), i
+
+
+def test_training_and_eval_on_one_module_from_two_threads_do_not_corrupt_it():
+    """The table ops take the table's lock (shared for lookups, exclusive for inserts and updates),
+    so a training thread and an eval thread interleave whole ops; the table stays consistent."""
+    import copy
+    import threading
+
+    hebc = rt.HashEmbeddingBagCollection(
+        configs(), fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1},
+        options=rt.HashTableOptions(max_capacity=300, eviction_policy="lru", block_rows=64))
+    evaluator = copy.copy(hebc)  # the same tables; its own training flag
+    evaluator.eval()
+    errors = []
+
+    def train():
+        try:
+            for s in range(60):
+                hebc(random_kjt(["f0", "f1", "f2", "f3"], 16, 6, num_ids=5000, seed=s)).values().sum().backward()
+        except BaseException as e:  # noqa: B902
+            errors.append(e)
+
+    def evaluate():
+        try:
+            with torch.no_grad():
+                for s in range(60):
+                    out = evaluator(random_kjt(["f0", "f1", "f2", "f3"], 16, 6, num_ids=5000, seed=1000 + s)).values()
+                    assert torch.isfinite(out).all()
+        except BaseException as e:  # noqa: B902
+            errors.append(e)
+
+    threads = [threading.Thread(target=train), threading.Thread(target=evaluate)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t in hebc.tables().values():
+        ids, w, _ = t.export()
+        assert len(t) <= 300 and ids.unique().numel() == ids.numel() and torch.isfinite(w).all()
+        assert torch.equal(t.find(ids) >= 0, torch.ones_like(ids, dtype=torch.bool))
