@@ -284,7 +284,7 @@ def _two_rank_worker(rank, world_size, root, mode):
     else:  # load a checkpoint (saved at world size 1 or 2) and continue
         assert checkpoint.load(os.path.join(root, mode), dmp, opt) == 2
         cont = steps([2, 3, 4])
-        torch.save(cont, os.path.join(root, f"{mode}-loaded2-rank{rank}.pt"))
+        torch.save(cont, os.path.join(root, f"{mode}-loaded{world_size if world_size != 2 else 2}-rank{rank}.pt"))
 
 
 def test_save_at_two_load_at_one_and_two_and_back(tmp_path):
@@ -314,6 +314,20 @@ def test_save_at_two_load_at_one_and_two_and_back(tmp_path):
     got = [torch.load(os.path.join(root, f"from1-loaded2-rank{r}.pt")) for r in range(2)]
     for i in range(3):
         torch.testing.assert_close(torch.cat([got[0][i], got[1][i]]), expected[i], atol=1e-5, rtol=1e-5)
+
+
+def test_save_at_two_load_at_three(tmp_path):
+    """N -> M with both above 1: every id moves to its owner among three ranks, and the 3-rank run
+    continues as the unsharded model on the 3-rank union batch does."""
+    root = str(tmp_path)
+    run_ranks(_two_rank_worker, 2, args=(root, "save"), timeout=300)
+    model, opt = unsharded(seed=11)
+    assert checkpoint.load(os.path.join(root, "from2"), model, opt) == 2
+    expected = train_union(model, opt, [2, 3, 4], world_size=3)
+    run_ranks(_two_rank_worker, 3, args=(root, "from2"), timeout=300)
+    got = [torch.load(os.path.join(root, f"from2-loaded3-rank{r}.pt")) for r in range(3)]
+    for i in range(3):
+        torch.testing.assert_close(torch.cat([g[i] for g in got]), expected[i], atol=1e-5, rtol=1e-5)
 
 
 # -- sequence tables -------------------------------------------------------------------

@@ -251,3 +251,16 @@ def test_concat_picks_features_from_several_buffers():
     assert v.tolist() == [3] and l.tolist() == [1, 0] and w is None
     with pytest.raises(RuntimeError, match="lengths sum to 3 but it has 2 values"):
         ops.feature_concat([a[0][:2]], [a[1]], [], 2, [0], [0])
+
+
+@pytest.mark.parametrize("n", [65, 100, 1000])
+def test_bucketize_with_more_than_64_boundaries_takes_the_binary_search(n):
+    """Past 64 boundaries the kernel binary-searches (the count below runs only up to 64)."""
+    g = torch.Generator().manual_seed(n)
+    bounds = torch.sort(torch.randn(n, generator=g) * 10).values
+    bounds[n // 2] = bounds[n // 2 + 1]  # a duplicate
+    dense = torch.cat([torch.randn(500, 1, generator=g) * 12, bounds[:, None], torch.tensor([[math.nan], [math.inf],
+                                                                                               [-math.inf]])])
+    got = ops.feature_bucketize(dense, [0], bounds, [0, n])[0]
+    want = ref.bucketize(dense[:, 0], bounds.tolist())
+    assert torch.equal(got, want)

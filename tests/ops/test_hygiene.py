@@ -203,3 +203,64 @@ def test_a_forgotten_candidate_counts_again():
     assert int(t.find(torch.tensor([7]))[0]) == -1  # counted once again, not twice
     step(m, [7])
     assert int(t.find(torch.tensor([7]))[0]) >= 0
+
+
+def test_ttl_keeps_a_row_seen_exactly_ttl_steps_ago_and_drops_it_one_update_later():
+    """The boundary: a row last seen at clock c survives every scan up to clock c + ttl_steps and
+    is gone at the first scan after."""
+    m = module(HashTableOptions(ttl_steps=5, block_rows=16))
+    t = m.tables()["t"]
+    step(m, [1])  # seen at clock 0
+    for clock in range(1, 6):  # clocks 1..5: 5 - 0 == ttl_steps is not yet stale
+        t.evict_stale(clock)
+        assert int(t.find(torch.tensor([1]))[0]) >= 0, clock
+    t.evict_stale(6)
+    assert int(t.find(torch.tensor([1]))[0]) == -1
+
+
+def test_truncated_normal_redraws_instead_of_clamping():
+    """Values outside mean +/- 2 std are redrawn: none sits on a bound (clamping would pile ~4.6%
+    of them there), and the spread matches the truncated normal's (std about 0.88 of the normal's)."""
+    t = HashTable("tn", 8, 0, HashTableOptions(initializer="truncated_normal", init_mean=1.0, init_std=0.5,
+                                              block_rows=1024))
+    t.find_or_insert(torch.arange(20_000))
+    w = t.export()[1].reshape(-1)
+    assert float(w.min()) > 0.0 and float(w.max()) < 2.0
+    at_bounds = ((w - 0.0).abs() < 1e-6) | ((w - 2.0).abs() < 1e-6)
+    assert int(at_bounds.sum()) == 0
+    assert abs(float(w.mean()) - 1.0) < 0.01
+    assert abs(float(w.std()) - 0.5 * 0.8796) < 0.01
+
+
+def test_admission_counts_survive_a_checkpoint(tmp_path):
+    """Ids counted toward admission but not yet admitted are saved and loaded: one more sighting
+    after the load admits an id seen threshold - 1 times before it."""
+    from recis_torchrec import checkpoint
+
+    m = torch.nn.ModuleDict({"m": module(HashTableOptions(admit_threshold=3, block_rows=16))})
+    step(m["m"], [5, 6])
+    step(m["m"], [5])  # 5 seen twice, 6 once: neither has a row
+    checkpoint.save(str(tmp_path), m, step=2)
+    fresh = torch.nn.ModuleDict({"m": module(HashTableOptions(admit_threshold=3, block_rows=16))})
+    checkpoint.load(str(tmp_path), fresh)
+    t = fresh["m"].tables()["t"]
+    assert int(t.find(torch.tensor([5]))[0]) == -1
+    step(fresh["m"], [5, 6])
+    assert int(t.find(torch.tensor([5]))[0]) >= 0  # third sighting
+    assert int(t.find(torch.tensor([6]))[0]) == -1  # second
+
+
+def test_rows_in_use_this_step_are_never_evicted_even_when_new_ids_compete():
+    """A full table, then a step whose batch holds old ids and more new ids than the cap frees:
+    every old id of the batch keeps its row (and its trained value), only the others go."""
+    cap = 64
+    m = module(HashTableOptions(max_capacity=cap, eviction_policy="lru", block_rows=16), dim=4)
+    t = m.tables()["t"]
+    step(m, list(range(cap)))  # full, all seen at clock 0
+    keep = list(range(0, cap, 2))  # half of them come back, with more new ids than room
+    before = t.lookup(torch.tensor(keep)).clone()
+    step(m, keep + list(range(1000, 1000 + cap)))
+    assert (t.find(torch.tensor(keep)) >= 0).all()
+    assert len(t) <= cap
+    moved = t.lookup(torch.tensor(keep)) - before
+    torch.testing.assert_close(moved, torch.full_like(moved, -0.5))  # SGD, lr 0.5, grad 1: trained once more

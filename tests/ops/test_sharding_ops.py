@@ -93,3 +93,40 @@ def test_torch_bucketing_for_gpus_makes_the_same_buckets(values, world_size, ext
     uniques = got.unique_ids.split(got.unique_counts.tolist())
     for v, inv, u in zip(per_owner_values, inverse, uniques):
         assert torch.equal(u[inv.long()], v)
+
+
+def test_owner_of_is_pinned_and_independent_of_the_id_map():
+    """Fixed values: a change of the owner hash moves every id to another rank (a checkpoint then
+    loads rows onto ranks that do not own them); the owner does not depend on any table."""
+    from recis_torchrec import HashTable
+
+    ids = torch.tensor([0, 1, 2, 3, 12345, -1, 2**62, -(2**63), 2**63 - 1])
+    first = ops.owner_of(ids, 8).tolist()
+    t = HashTable("x", 4)
+    t.find_or_insert(torch.arange(100_000))  # a table of any size, with the IdMap grown
+    assert ops.owner_of(ids, 8).tolist() == first
+    for world in (2, 3, 8):
+        owners = ops.owner_of(torch.arange(100_000), world)
+        counts = torch.bincount(owners, minlength=world).float()
+        assert (counts / counts.mean() - 1).abs().max() < 0.05, world  # balanced
+    assert first == [_reference_owner(int(i), 8) for i in ids], first
+    assert first == [1, 2, 0, 2, 5, 5, 6, 4, 7]
+
+
+def _reference_owner(key: int, world: int) -> int:
+    """The owner in plain Python: MurmurHash3's fmix64 of the salted id, reduced by multiply-shift."""
+    m = 2**64 - 1
+    k = (key & m) ^ 0x5851F42D4C957F2D
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & m
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & m
+    k ^= k >> 33
+    return (k * world) >> 64
+
+
+def test_owner_of_matches_the_reference_on_random_ids():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(-(2**63), 2**63 - 1, (2000,), generator=g)
+    for world in (2, 3, 7, 64):
+        assert ops.owner_of(ids, world).tolist() == [_reference_owner(int(i), world) for i in ids], world
