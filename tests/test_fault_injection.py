@@ -66,6 +66,12 @@ CASES = [
     ("ec duplicate keys", lambda: ec()(kjt(["s", "s"], L([1, 2]), L([1, 1]))), ValueError, r"\['s'\] more than once"),
     ("ec float ids", lambda: ec()(kjt(["s"], L([1.5]), L([1]))), TypeError, "int64 or int32"),
     ("ec lengths", lambda: ec()(kjt(["s"], L([1, 2]), L([1]))), (ValueError, RuntimeError), "'s'|lengths"),
+    ("ec lengths overflow int64", lambda: ec()(kjt(["s"], torch.empty(0, dtype=I64), L([2**62] * 4))), ValueError,
+     "'s' has a length of 4611686018427387904"),
+    ("ebc lengths overflow int64", lambda: ebc()(kjt(["f0", "f1"], torch.empty(0, dtype=I64), L([2**62] * 4))),
+     (ValueError, RuntimeError), "feature|f0"),
+    ("table too big to reserve", lambda: rt.HashTable("big", 64, 0, rt.HashTableOptions(initial_capacity=10**13)),
+     MemoryError, "'big': initial_capacity=10,000,000,000,000 rows"),
     # -- table configs -------------------------------------------------------------------------------
     # (init bounds given: TorchRec's config itself divides by num_embeddings to default them)
     ("cfg num_embeddings 0", cfg(num_embeddings=0, weight_init_min=-0.1, weight_init_max=0.1), ValueError,
@@ -210,6 +216,8 @@ def _checkpoint_cases(tmp):
         ("ckpt escaping path", corrupt(edit_index(lambda ix: ix["tables"]["m/t0"]["files"][0].update(
             file="../../etc/passwd"))), CheckpointError, "outside the checkpoint directory"),
         ("ckpt wrong dim", lambda: checkpoint.load(root, other), CheckpointError, "'m/t0'.*dim"),
+        ("ckpt other optimizer", lambda: checkpoint.load(root, torch.nn.ModuleDict({"m": ebc(
+            fused_params={"optimizer": EmbOptimType.EXACT_SGD})})), CheckpointError, "'m/t0'.*optimizer code"),
         ("ckpt no checkpoint", lambda: checkpoint.load(os.path.join(tmp, "empty"), model), CheckpointError, "empty"),
         ("ckpt keep_last", lambda: checkpoint.save(root, model, step=2, keep_last=0), CheckpointError, "keep_last"),
         ("ckpt negative step", lambda: checkpoint.save(root, model, step=-5), CheckpointError, "step"),

@@ -224,7 +224,11 @@ def sequences_by_table(
                 )
     checked_kjt(features, False, who, check_values=check_values)
     # TorchRec's split of the KJT by key (it keeps per-key sizes symbolic under torch.export).
-    per_key = features.to_dict(compute_offsets=False)  # lengths only: no FBGEMM op on a GPU tensor
+    try:
+        per_key = features.to_dict(compute_offsets=False)  # lengths only: no FBGEMM op on a GPU tensor
+    except RuntimeError:
+        explain_kjt(features, False, who)  # the error that names the feature
+        raise
     out = []
     for feats in table_features:
         described = []

@@ -2,6 +2,7 @@
 """``HashTable``: the Python owner of one C++ dynamic table."""
 
 import hashlib
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -102,6 +103,7 @@ class HashTable:
         self._export_index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a CUDA export pass's (ids, rows)
         if self.device.type == "cuda":
             _check_cuda_table(name, dim, dtype, options)
+        _check_reservable(name, dim, state_dim, dtype, options)
         self.handle = self._create()
 
     def _create(self) -> int:
@@ -358,6 +360,24 @@ class HashTable:
         new.__setstate__(self.__getstate__())
         memo[id(self)] = new
         return new
+
+
+def _check_reservable(name: str, dim: int, state_dim: int, dtype: torch.dtype, options: HashTableOptions) -> None:
+    """An initial capacity whose rows could not fit in this machine's memory is refused up front,
+    with the size named, instead of failing inside the allocator."""
+    if not options.initial_capacity:
+        return
+    row = dtype.itemsize * dim + 4 * state_dim + 48  # + id, metadata and IdMap slots
+    need = options.initial_capacity * row
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > total:
+        raise MemoryError(
+            f"HashTable {name!r}: initial_capacity={options.initial_capacity:,} rows of {row} bytes need "
+            f"{need / 2**30:.1f} GiB, more than this machine's {total / 2**30:.1f} GiB of memory"
+        )
 
 
 def _signed64(x: int) -> int:

@@ -200,6 +200,12 @@ def explain_kjt(features: KeyedJaggedTensor, is_weighted: bool, who: str) -> Non
             f"{who}: feature {keys[first // batch]!r} has a negative length "
             f"({int(lengths[first])}) at batch index {first % batch}"
         )
+    if lengths.numel() and bool((lengths > values.numel()).any()):  # (their int64 sum can wrap around)
+        first = int(torch.nonzero(lengths > values.numel())[0, 0])
+        raise ValueError(
+            f"{who}: feature {keys[first // batch]!r} has a length of {int(lengths[first])} at batch index "
+            f"{first % batch}, more than the {values.numel()} ids the KeyedJaggedTensor holds"
+        )
     total = int(lengths.sum()) if lengths.numel() else 0
     if total != values.numel():
         per_key = dict(zip(keys, lengths.view(len(keys), batch).sum(1).tolist())) if batch else {}
