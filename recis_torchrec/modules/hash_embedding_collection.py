@@ -174,6 +174,11 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
                 rows = torch.empty(seq.ids.shape[0], self._embedding_dim, device="meta")
                 out.update(jagged_outputs(rows, seq.features, self._need_indices))
             return out
+        lengths = features.lengths()
+        if not torch.compiler.is_compiling() and lengths.numel() and bool((lengths > features.values().numel()).any()):
+            # No op reads a sequence's lengths before they reach the output, and their int64 sum can wrap
+            # around to the id count: checked here, in eager mode (one read of a scalar).
+            explain_kjt(features, False, "HashEmbeddingCollection")
         try:
             sequences = sequences_by_table(
                 features, table_names, self._table_features, "HashEmbeddingCollection", check_values=False
