@@ -3,6 +3,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -223,7 +224,13 @@ while True:  # keep saving: the kill lands inside some save
 """
 
 
-@pytest.mark.parametrize("blocking,delay", [(True, 0.05), (True, 0.2), (False, 0.05), (False, 0.2)])
+# Twenty moments inside a save: ten blocking, ten in the background, at seeded random delays after
+# the save's temporary directory appears.
+_KILL_MOMENTS = [(blocking, round(random.Random(i).uniform(0.0, 0.4), 3)) for blocking in (True, False)
+                 for i in range(10)]
+
+
+@pytest.mark.parametrize("blocking,delay", _KILL_MOMENTS)
 def test_sigkill_during_save_leaves_the_previous_checkpoint_intact(tmp_path, blocking, delay):
     """A kill inside a save, blocking or in the background (the child keeps training while its
     writer runs): the newest complete checkpoint loads, verified, with the rows it was saved with."""
