@@ -114,7 +114,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rank == 0:
             mode = (f"sharded over {world_size} ranks ({backend_for(device)}, {device.type})" if world_size > 1
                     else f"unsharded ({device.type})")
-            print(f"{type(run.model).__name__} on {run.description}, {mode}, tasks "
+            name = type(getattr(run.model, "model", run.model) if type(run.model).__name__ == "ConstantDense"
+                        else run.model).__name__
+            print(f"{name} on {run.description}, {mode}, tasks "
                   f"{[t.name for t in run.tasks]}, output {run.args.output_dir}", flush=True)
         trainer = Trainer(
             run.model,
