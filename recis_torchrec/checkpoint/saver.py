@@ -135,14 +135,20 @@ def write_table_files(
     dtype = getattr(table, "dtype", torch.float32)
     row_bytes = 8 + dtype.itemsize * table.dim + 4 * table.state_dim + 8 * 3
     per_file = max(1, min(max_file_bytes // row_bytes, max(len(table), 1)))
-    ids = torch.empty(per_file, dtype=torch.int64)
-    weights = torch.empty(per_file, table.dim, dtype=dtype)
-    state = torch.empty(per_file, table.state_dim)
-    meta = torch.empty(per_file, 3, dtype=torch.int64)
+    if not isinstance(table, _TableSnapshot):
+        ids = torch.empty(per_file, dtype=torch.int64)
+        weights = torch.empty(per_file, table.dim, dtype=dtype)
+        state = torch.empty(per_file, table.state_dim)
+        meta = torch.empty(per_file, 3, dtype=torch.int64)
     entries = []
     start, k = 0, 0
     while True:
-        n, start = table.export_chunk(start, since, ids, weights, state, meta)
+        if isinstance(table, _TableSnapshot):  # its rows are in memory already: write views of them
+            ids, weights, state, meta = table.views(start, per_file)
+            n = ids.numel()
+            start += n
+        else:
+            n, start = table.export_chunk(start, since, ids, weights, state, meta)
         if n == 0 and k > 0:
             break
         tensors = {"ids": ids[:n], "weights": weights[:n]}
@@ -221,6 +227,11 @@ class _TableSnapshot:
 
     def export_pending(self):
         return self._pending
+
+    def views(self, start: int, n: int):
+        """Rows [start, start + n) as views, no copy: (ids, weights, state, meta)."""
+        end = min(start + n, self._ids.numel())
+        return self._ids[start:end], self._weights[start:end], self._state[start:end], self._meta[start:end]
 
 
 # The background save in progress (one at a time per process), and its error, if it failed.
