@@ -343,10 +343,6 @@ def save(
 
     def run() -> None:
         try:
-            try:  # the writer yields the CPU to training (Linux sets a nice value per thread)
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            except (AttributeError, OSError):
-                pass
             written = _write_rank_files(spec, snapshot)
             manifest = os.path.join(tmp, f"rank{rank}.manifest.json")
             write_json(manifest + ".part", list(written), durable)

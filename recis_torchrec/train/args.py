@@ -67,7 +67,8 @@ class TrainingArguments:
             (row i becomes id i). Off by default: a freshly built EBC's rows are placeholders, and
             importing them would fill every table with ``num_embeddings`` rows no id has touched.
         async_save: write checkpoints in the background (``checkpoint.save(blocking=False)``): a
-            save costs the step only its snapshot to host memory.
+            save costs the step only its snapshot to host memory. A crash before the background write
+            completes resumes from the checkpoint before it; False writes each one before training goes on.
         share_tables: tables of the same name in several collections are one hash table (see
             :func:`recis_torchrec.convert`), unsharded and under torchrun alike.
         version: schema version, for ``to_dict``/``from_dict``.

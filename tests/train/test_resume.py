@@ -21,6 +21,9 @@ def _torchrun(out, logits, kill_at, max_restarts):
         WORKER, CONFIG, out, logits, str(kill_at),
         "trainer.steps=20", "trainer.save_every=10", "trainer.eval_every=0", "trainer.log_every=5",
         "data.batch_size=128", "data.eval_batches=2",
+        # Blocking saves: the step-10 checkpoint is complete before the kill at step 14 (a background
+        # save could still be writing then; tests/checkpoint kills background saves on purpose).
+        "trainer.async_save=0",
     ]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
