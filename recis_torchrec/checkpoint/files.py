@@ -71,15 +71,19 @@ def write_tensors(
     return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "xxh64_file": digest}
 
 
+def inside(directory: str, name: Any) -> str:
+    """``directory/name`` for a file an index lists, refused if it would lie outside the checkpoint."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+        raise CheckpointError(f"{directory}: the index lists a file {name!r} outside the checkpoint directory")
+    return os.path.join(directory, name)
+
+
 def read_tensors(directory: str, entry: dict) -> Dict[str, torch.Tensor]:
     """Reads and verifies a file listed in the index: its size and XXH64 over the memory-mapped file,
     then its tensors through ``safetensors.safe_open``."""
     from safetensors import SafetensorError, safe_open
 
-    name = entry.get("file")
-    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name).startswith(".."):
-        raise CheckpointError(f"{directory}: the index lists a file {name!r} outside the checkpoint directory")
-    path = os.path.join(directory, name)
+    path = inside(directory, entry.get("file"))
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: missing (the index lists it)")
     size = os.path.getsize(path)

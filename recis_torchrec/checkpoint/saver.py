@@ -50,6 +50,7 @@ from recis_torchrec.checkpoint.files import (
     fsync_dir,
     hash_tables,
     index_checksum,
+    inside,
     rank_and_world,
     read_index,
     read_json_checked,
@@ -434,13 +435,6 @@ def _finish(spec: Dict[str, Any], gathered: List[Tuple[Any, ...]]) -> None:
 
 
 
-def _inside(directory: str, name: Any) -> str:
-    """``directory/name`` for a file the index lists, refused if it would lie outside the checkpoint."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name).startswith(".."):
-        raise CheckpointError(f"{directory}: the index lists a file {name!r} outside the checkpoint directory")
-    return os.path.join(directory, name)
-
-
 def _selected(refs: List[TableRef], include: Optional[Iterable[str]], exclude: Optional[Iterable[str]]):
     inc, exc = list(include or []), list(exclude or [])
     out = []
@@ -583,12 +577,12 @@ def load(
                         "to re-derive them; pass dataloader=None to load the model only"
                     )
                 digests = index.get("loader_xxh64") or [None] * len(index["loader"])
-                saved_states = [read_json_checked(_inside(directory, name), d)
+                saved_states = [read_json_checked(inside(directory, name), d)
                                 for name, d in zip(index["loader"], digests)]
                 loader_state = ("resharded", saved_states)
             else:
                 digests = index.get("loader_xxh64") or [None] * world
-                loader_state = read_json_checked(_inside(directory, index["loader"][rank]), digests[rank])
+                loader_state = read_json_checked(inside(directory, index["loader"][rank]), digests[rank])
     except (CheckpointError, OSError, KeyError, ValueError) as e:
         error = str(e) if isinstance(e, CheckpointError) else f"{directory}: {type(e).__name__}: {e}"
     all_ok(not error, error)

@@ -114,8 +114,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rank == 0:
             mode = (f"sharded over {world_size} ranks ({backend_for(device)}, {device.type})" if world_size > 1
                     else f"unsharded ({device.type})")
-            name = type(getattr(run.model, "model", run.model) if type(run.model).__name__ == "ConstantDense"
-                        else run.model).__name__
+            shown = run.model.model if isinstance(run.model, config_mod.ConstantDense) else run.model
+            name = type(shown).__name__
             print(f"{name} on {run.description}, {mode}, tasks "
                   f"{[t.name for t in run.tasks]}, output {run.args.output_dir}", flush=True)
         trainer = Trainer(

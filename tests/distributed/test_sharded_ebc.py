@@ -105,6 +105,16 @@ def rows_of(table) -> dict:
     return {i: w for i, w in zip(ids.tolist(), weights)}
 
 
+def check_owned_rows(sharded_tables, ref_tables, rank, world_size) -> None:
+    """Each sharded table holds exactly the ids this rank owns, with the reference tables' rows."""
+    for name, table in sharded_tables.items():
+        mine, ref = rows_of(table), rows_of(ref_tables[name])
+        owned = [i for i in ref if int(ops.owner_of(torch.tensor([i]), world_size)) == rank]
+        assert sorted(mine) == sorted(owned), name
+        for i, w in mine.items():
+            torch.testing.assert_close(w, ref[i], atol=1e-5, rtol=1e-5)
+
+
 def check_parity(rank: int, world_size: int, merge_tables: bool, weighted: bool) -> None:
     model = make_model(weighted=weighted)
     reference = copy.deepcopy(model)
@@ -365,20 +375,6 @@ def test_gradient_division_is_honoured():
 # -- on GPUs ---------------------------------------------------------------------------------
 
 
-def _gpu_rows_of(table) -> dict:
-    ids, weights, _ = table.export()
-    return {i: w for i, w in zip(ids.tolist(), weights)}
-
-
-def _check_gpu_rows(sharded_tables, ref_tables, rank, world_size):
-    for name, table in sharded_tables.items():
-        mine, ref = _gpu_rows_of(table), _gpu_rows_of(ref_tables[name])
-        owned = [i for i in ref if int(ops.owner_of(torch.tensor([i]), world_size)) == rank]
-        assert sorted(mine) == sorted(owned), name
-        for i, w in mine.items():
-            torch.testing.assert_close(w, ref[i], atol=1e-5, rtol=1e-5)
-
-
 def _gpu_ebc_worker(rank: int, world_size: int) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     model = make_model()
@@ -404,7 +400,7 @@ def _gpu_ebc_worker(rank: int, world_size: int) -> None:
         ref_opt.zero_grad()
         (sum(loss_of(ref_logits[bounds[r] : bounds[r + 1]]) for r in range(world_size)) / world_size).backward()
         ref_opt.step()
-    _check_gpu_rows(dmp.module.ebc.tables(), reference.ebc.tables(), rank, world_size)
+    check_owned_rows(dmp.module.ebc.tables(), reference.ebc.tables(), rank, world_size)
 
 
 @needs_cuda

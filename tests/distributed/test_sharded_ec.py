@@ -19,6 +19,7 @@ import recis_torchrec as rt
 from recis_torchrec import ops
 from recis_torchrec.testing.multiprocess import run_ranks
 from tests.devices import gpu_world_size, needs_cuda
+from tests.distributed.test_sharded_ebc import check_owned_rows, rows_of
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 KEYS = ["hist", "cand", "user", "extra"]  # "extra" is read by no table
@@ -107,11 +108,6 @@ def loss_of(logits: torch.Tensor) -> torch.Tensor:
     return ((logits - 0.5) ** 2).sum()
 
 
-def rows_of(table) -> dict:
-    ids, weights, _ = table.export()
-    return {i: w for i, w in zip(ids.tolist(), weights)}
-
-
 def check_parity(rank: int, world_size: int, need_indices: bool, with_ebc: bool) -> None:
     torch.manual_seed(0)
     model = SeqTower(need_indices, with_ebc)
@@ -162,12 +158,7 @@ def check_parity(rank: int, world_size: int, need_indices: bool, with_ebc: bool)
         ref_tables.update(reference.ebc.tables())
         ours.update(dmp.module.ebc.tables())
     assert sorted(ours) == ["item", "users"]
-    for name, table in ours.items():
-        mine_rows, ref = rows_of(table), rows_of(ref_tables[name])
-        owned = [i for i in ref if int(ops.owner_of(torch.tensor([i]), world_size)) == rank]
-        assert sorted(mine_rows) == sorted(owned), name
-        for i, w in mine_rows.items():
-            torch.testing.assert_close(w, ref[i], atol=1e-5, rtol=1e-5)
+    check_owned_rows(ours, ref_tables, rank, world_size)
     # A shared table is updated by both modules' backward: two updates a step.
     expected_items = 2 * STEPS if with_ebc else STEPS
     steps = dict(sharded.fused_optimizer.steps())
@@ -301,20 +292,6 @@ def test_sharded_ec_takes_its_optimizer_from_apply_optimizer_in_backward():
 # -- on GPUs ---------------------------------------------------------------------------------
 
 
-def _gpu_rows_of(table) -> dict:
-    ids, weights, _ = table.export()
-    return {i: w for i, w in zip(ids.tolist(), weights)}
-
-
-def _check_gpu_rows(sharded_tables, ref_tables, rank, world_size):
-    for name, table in sharded_tables.items():
-        mine, ref = _gpu_rows_of(table), _gpu_rows_of(ref_tables[name])
-        owned = [i for i in ref if int(ops.owner_of(torch.tensor([i]), world_size)) == rank]
-        assert sorted(mine) == sorted(owned), name
-        for i, w in mine.items():
-            torch.testing.assert_close(w, ref[i], atol=1e-5, rtol=1e-5)
-
-
 def _gpu_ec_worker(rank: int, world_size: int) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
@@ -342,7 +319,7 @@ def _gpu_ec_worker(rank: int, world_size: int) -> None:
     tables.update(dmp.module.ebc.tables())
     ref_tables = dict(reference.ec.tables())
     ref_tables.update(reference.ebc.tables())
-    _check_gpu_rows(tables, ref_tables, rank, world_size)
+    check_owned_rows(tables, ref_tables, rank, world_size)
 
 
 @needs_cuda
