@@ -254,9 +254,23 @@ def _config_cases(tmp):
         ("config not toml", run("[data\n"), ConfigError, "not valid TOML"),
         ("config DIN without target", run(base + "[model]\nname = 'DIN'\nhistory = 'cat_0'\n"), ConfigError,
          r"\[model\].target"),
-        ("config bad passthrough", run('[data]\nsource = "synthetic"\n[trainer]\nsteps = 1\n'
+        ("config features on synthetic", run('[data]\nsource = "synthetic"\n[trainer]\nsteps = 1\n'
                                        '[[features]]\nsource = "cat_0"\n'), ConfigError, r"\[\[features\]\]"),
+        ("config passthrough not bool", lambda: _files_run(tmp, '"yes"'), ConfigError, r"\[data\].passthrough"),
+        ("config model_output", run(base + "model_output = 'odds'\n"), ConfigError, "model_output"),
     ]
+
+
+def _files_run(tmp, passthrough):
+    from recis_torchrec.train import build_run, load_config
+
+    data = os.path.join(tmp, "d.csv")
+    open(data, "w").write("y,a\n1,2\n0,3\n")
+    path = os.path.join(tmp, "f.toml")
+    open(path, "w").write(
+        f'[data]\nsource = "files"\ntrain = "{data}"\nformat = "csv"\nbatch_size = 1\npassthrough = {passthrough}\n'
+        '[data.schema]\nsparse = {a = "a"}\nlabels = ["y"]\n[[features]]\nsource = "a"\n[trainer]\nsteps = 1\n')
+    build_run(load_config(path), overrides={"trainer.output_dir": os.path.join(tmp, "out2")})
 
 
 @pytest.mark.parametrize("name,fn,exc,match", CASES, ids=[c[0] for c in CASES])
