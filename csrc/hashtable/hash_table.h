@@ -524,6 +524,7 @@ class HashTable {
   std::pair<int64_t, int64_t> export_chunk(int64_t start, int64_t max_rows, int64_t since, int64_t* ids, void* emb,
                                            float* state, int64_t* meta, ParFor&& par) const {
     std::vector<int64_t> picked;
+    picked.reserve(static_cast<size_t>(std::max<int64_t>(0, std::min(max_rows, row_limit() - start))));
     int64_t r = start;
     for (; r < row_limit() && static_cast<int64_t>(picked.size()) < max_rows; ++r) {
       const RowMeta& m = blocks_.meta(r);

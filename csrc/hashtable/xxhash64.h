@@ -33,32 +33,9 @@ inline uint64_t merge_round(uint64_t acc, uint64_t val) {
   return acc * kP1 + kP4;
 }
 
-}  // namespace xxh64_detail
-
-inline uint64_t xxh64(const void* data, size_t len, uint64_t seed) {
-  using namespace xxh64_detail;
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  const uint8_t* const end = p + len;
-  uint64_t h;
-  if (len >= 32) {
-    uint64_t v1 = seed + kP1 + kP2, v2 = seed + kP2, v3 = seed, v4 = seed - kP1;
-    const uint8_t* const limit = end - 32;
-    do {
-      v1 = round(v1, read64(p));
-      v2 = round(v2, read64(p + 8));
-      v3 = round(v3, read64(p + 16));
-      v4 = round(v4, read64(p + 24));
-      p += 32;
-    } while (p <= limit);
-    h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
-    h = merge_round(h, v1);
-    h = merge_round(h, v2);
-    h = merge_round(h, v3);
-    h = merge_round(h, v4);
-  } else {
-    h = seed + kP5;
-  }
-  h += static_cast<uint64_t>(len);
+// The tail (fewer than 32 bytes) and the final mix, shared by the one-shot
+// hash and the stream.
+inline uint64_t finish(uint64_t h, const uint8_t* p, const uint8_t* end) {
   while (p + 8 <= end) {
     h = lane(h, read64(p));
     p += 8;
@@ -75,6 +52,84 @@ inline uint64_t xxh64(const void* data, size_t len, uint64_t seed) {
   }
   return avalanche(h);
 }
+
+inline uint64_t converge(const uint64_t v[4]) {
+  uint64_t h = rotl(v[0], 1) + rotl(v[1], 7) + rotl(v[2], 12) + rotl(v[3], 18);
+  for (int i = 0; i < 4; ++i) h = merge_round(h, v[i]);
+  return h;
+}
+
+}  // namespace xxh64_detail
+
+inline uint64_t xxh64(const void* data, size_t len, uint64_t seed) {
+  using namespace xxh64_detail;
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  const uint8_t* const end = p + len;
+  uint64_t h;
+  if (len >= 32) {
+    uint64_t v[4] = {seed + kP1 + kP2, seed + kP2, seed, seed - kP1};
+    const uint8_t* const limit = end - 32;
+    do {
+      v[0] = round(v[0], read64(p));
+      v[1] = round(v[1], read64(p + 8));
+      v[2] = round(v[2], read64(p + 16));
+      v[3] = round(v[3], read64(p + 24));
+      p += 32;
+    } while (p <= limit);
+    h = converge(v);
+  } else {
+    h = seed + kP5;
+  }
+  return finish(h + static_cast<uint64_t>(len), p, end);
+}
+
+// XXH64 of bytes that arrive in pieces: update() with each piece in order, then
+// digest(); equal to xxh64() of the concatenation.
+class Xxh64Stream {
+ public:
+  explicit Xxh64Stream(uint64_t seed = 0)
+      : v_{seed + recis::xxh64::kP1 + recis::xxh64::kP2, seed + recis::xxh64::kP2, seed, seed - recis::xxh64::kP1}, seed_(seed) {}
+
+  void update(const void* data, size_t len) {
+    using namespace xxh64_detail;
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    const uint8_t* const end = p + len;
+    total_ += len;
+    if (buffered_ + len < 32) {
+      std::memcpy(buf_ + buffered_, p, len);
+      buffered_ += len;
+      return;
+    }
+    if (buffered_) {  // complete the stripe held from the last piece
+      const size_t take = 32 - buffered_;
+      std::memcpy(buf_ + buffered_, p, take);
+      stripe(buf_);
+      p += take;
+      buffered_ = 0;
+    }
+    for (; p + 32 <= end; p += 32) stripe(p);
+    buffered_ = static_cast<size_t>(end - p);
+    std::memcpy(buf_, p, buffered_);
+  }
+
+  uint64_t digest() const {
+    using namespace xxh64_detail;
+    const uint64_t h = total_ >= 32 ? converge(v_) : seed_ + kP5;
+    return finish(h + total_, buf_, buf_ + buffered_);
+  }
+
+ private:
+  void stripe(const uint8_t* p) {
+    using namespace xxh64_detail;
+    for (int i = 0; i < 4; ++i) v_[i] = round(v_[i], read64(p + 8 * i));
+  }
+
+  uint64_t v_[4];
+  uint64_t seed_;
+  uint64_t total_ = 0;
+  uint8_t buf_[32];
+  size_t buffered_ = 0;
+};
 
 }  // namespace hashtable
 }  // namespace recis

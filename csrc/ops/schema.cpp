@@ -83,6 +83,10 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // XXH64 (seed `seed`, read as int64) of every string in Arrow's layout:
   // string i is data[offsets[i] : offsets[i+1]]. The project's one string hash.
   m.def("hash_strings(Tensor data, Tensor offsets, int seed=0) -> Tensor");
+  // write_file: a file of `header` then each tensor's bytes in order (contiguous
+  // CPU tensors, row-major), fsync'd when `durable`, busy at most `share` of one
+  // core's time (it sleeps between staged writes); returns the file's XXH64 (seed 0).
+  m.def("write_file(str path, Tensor header, Tensor[] tensors, bool durable, float share=1.0) -> int");
   // parse_id_lists: each string (rows of Arrow-style data/offsets; nulls: rows
   // that are null) split by `delimiter` (empty: the whole string is one item)
   // into its non-empty items; each item an id (a canonical decimal int64 is that

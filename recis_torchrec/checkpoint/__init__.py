@@ -4,6 +4,6 @@
 from recis_torchrec.checkpoint.dcp import DCPLoadPlanner
 from recis_torchrec.checkpoint.delta import apply_delta, export_delta
 from recis_torchrec.checkpoint.files import CheckpointError
-from recis_torchrec.checkpoint.saver import checkpoints, load, resolve, save, wait
+from recis_torchrec.checkpoint.saver import checkpoints, load, release_buffers, resolve, save, wait
 
-__all__ = ["CheckpointError", "DCPLoadPlanner", "apply_delta", "checkpoints", "export_delta", "load", "resolve", "save", "wait"]
+__all__ = ["CheckpointError", "DCPLoadPlanner", "apply_delta", "checkpoints", "export_delta", "load", "release_buffers", "resolve", "save", "wait"]

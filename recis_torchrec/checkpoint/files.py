@@ -41,34 +41,49 @@ def _combine(header: bytes, digests: List[str]) -> str:
     return checksum(header + "".join(digests).encode())
 
 
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu()
-    if not t.is_contiguous() or (t.numel() and t.dim() and t.stride(-1) != 1):
-        t = t.contiguous()
-    if t.dim() == 2 and t.shape[0] == 1 and t.stride(0) != t.shape[1]:
-        t = t.clone()  # a one-row slice keeps its parent's row stride
-    return t
+# The safetensors dtype names, in the order the library lays tensors out (widest first; then by name).
+_DTYPES = {
+    torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16",
+    torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+_ORDER = {dtype: i for i, dtype in enumerate(_DTYPES)}
+
+
+def safetensors_header(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The safetensors header (8-byte length, JSON padded with spaces to 8 bytes) for ``tensors``
+    laid out as ``safetensors.torch.save_file`` lays them out: widest dtype first, then by name."""
+    body: Dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in sorted(tensors, key=lambda k: (_ORDER[tensors[k].dtype], k)):
+        t = tensors[name]
+        body[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(body, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
 
 
 def write_tensors(
-    path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None, durable: bool = True
+    path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None, durable: bool = True,
+    share: float = 1.0,
 ) -> dict:
-    """Writes a safetensors file with the ``safetensors`` library (``save_file``: from the tensors'
-    memory, no copy); returns its index entry (name, bytes, XXH64 of the whole file, header
-    included). With `durable`, the file is fsync'd before returning."""
-    from safetensors.torch import save_file
-
-    save_file({k: _contiguous(v) for k, v in tensors.items()}, path, metadata=metadata)
-    with open(path, "rb+" if durable else "rb") as f:
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
-        try:
-            digest = checksum(data)
-        finally:
-            if isinstance(data, mmap.mmap):
-                data.close()
-        if durable:
-            os.fsync(f.fileno())  # on disk before the checkpoint's directory is renamed into place
-    return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "xxh64_file": digest}
+    """Writes a safetensors file (the layout ``safetensors.torch.save_file`` writes, byte for byte
+    where metadata has at most one key; read back with ``safetensors.safe_open``) from the tensors'
+    memory, hashing it on the way out; returns its index entry (name, bytes, XXH64 of the whole
+    file, header included). The bytes go to disk with ``O_DIRECT`` where the file system takes it:
+    a buffered write costs a core of kernel time for as long as it runs, which a save in the
+    background takes from training. With `durable`, the file is fsync'd before returning; `share`
+    caps the writer's busy time (see :func:`recis_torchrec.ops.write_file`)."""
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, which checkpoints do not store")
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    header = safetensors_header(tensors, metadata)
+    order = sorted(tensors, key=lambda k: (_ORDER[tensors[k].dtype], k))
+    # Strided columns (a state slot, a metadata column) are gathered by the writer, not copied here.
+    digest = ops.write_file(path, header, [tensors[k] for k in order], durable=durable, share=share)
+    size = len(header) + sum(t.nbytes for t in tensors.values())
+    return {"file": os.path.basename(path), "bytes": size, "xxh64_file": f"{digest:016x}"}
 
 
 def inside(directory: str, name: Any) -> str:

@@ -24,6 +24,7 @@ from recis_torchrec.ops.features import (
     feature_multi_hash,
     feature_truncate,
 )
+from recis_torchrec.ops.files import write_file
 from recis_torchrec.ops.hashtable import find, find_or_insert, table_export, table_import
 from recis_torchrec.ops.sharding import Buckets, bucketize_dedup, owner_of
 from recis_torchrec.ops.strings import arrow_dense, arrow_scalar_ids, hash_string, hash_strings, parse_id_lists
@@ -57,4 +58,5 @@ __all__ = [
     "sparse_update",
     "table_export",
     "table_import",
+    "write_file",
 ]

@@ -513,6 +513,40 @@ def test_a_background_save_holds_the_state_it_started_with(tmp_path):
     assert checkpoint.resolve(str(tmp_path)) == last
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_background_saves_into_kept_buffers_hold_each_state_exactly(tmp_path, reuse):
+    """Background saves snapshot into host buffers kept from the save before: a table that grew
+    past them, one that shrank below what they hold, and one with rows replaced are each saved as
+    they were at their call, nothing left over from the previous snapshot."""
+    model, opt = unsharded()
+    table = next(iter(model.ebc.tables().values()))
+    checkpoint.release_buffers()
+    states = []
+    for step, change in enumerate(["none", "grow", "shrink", "replace"]):
+        if change == "grow":
+            table.find_or_insert(torch.arange(10_000, 13_000))
+        elif change == "shrink":
+            ids = table.export_rows()[0]
+            table.erase(ids[: ids.numel() - 50])
+        elif change == "replace":
+            table.find_or_insert(torch.arange(50_000, 50_400))
+        train_union(model, opt, range(step, step + 1))
+        states.append(table_rows(model))
+        checkpoint.save(str(tmp_path / str(step)), model, opt, step=step, blocking=False, reuse_buffers=reuse)
+        train_union(model, opt, range(7, 8))  # changes under the writer
+    checkpoint.wait()
+    assert bool(checkpoint.saver._snapshot_buffers) == reuse
+    for step, want in enumerate(states):
+        fresh, fresh_opt = unsharded(seed=3)
+        assert checkpoint.load(str(tmp_path / str(step)), fresh, fresh_opt) == step
+        got = table_rows(fresh)
+        for key in want:
+            assert torch.equal(got[key][0], want[key][0]), (step, key)
+        assert_same_rows(got, want)
+    checkpoint.release_buffers()
+    assert not checkpoint.saver._snapshot_buffers
+
+
 def _async_worker(rank, world_size, root):
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
