@@ -258,6 +258,9 @@ def _config_cases(tmp):
                                        '[[features]]\nsource = "cat_0"\n'), ConfigError, r"\[\[features\]\]"),
         ("config passthrough not bool", lambda: _files_run(tmp, '"yes"'), ConfigError, r"\[data\].passthrough"),
         ("config model_output", run(base + "model_output = 'odds'\n"), ConfigError, "model_output"),
+        ("config async_save not bool", run(base + "async_save = 0\n"), ConfigError, "async_save"),
+        ("config import_weights not bool", run(base + "import_weights = 'no'\n"), ConfigError, "import_weights"),
+        ("config share_tables not bool", run(base + "share_tables = 1\n"), ConfigError, "share_tables"),
     ]
 
 

@@ -124,6 +124,9 @@ class TrainingArguments:
             raise ValueError(
                 f"TrainingArguments.model_output must be one of {MODEL_OUTPUTS}, got {self.model_output!r}"
             )
+        for name in ("progress", "save_delta", "import_weights", "share_tables", "async_save"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainingArguments.{name} must be true or false, got {getattr(self, name)!r}")
         if self.version != 1:
             raise ValueError(f"TrainingArguments.version {self.version} is not supported")
 

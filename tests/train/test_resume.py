@@ -23,7 +23,7 @@ def _torchrun(out, logits, kill_at, max_restarts):
         "data.batch_size=128", "data.eval_batches=2",
         # Blocking saves: the step-10 checkpoint is complete before the kill at step 14 (a background
         # save could still be writing then; tests/checkpoint kills background saves on purpose).
-        "trainer.async_save=0",
+        "trainer.async_save=false",
     ]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
