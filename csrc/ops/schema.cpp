@@ -83,6 +83,17 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // XXH64 (seed `seed`, read as int64) of every string in Arrow's layout:
   // string i is data[offsets[i] : offsets[i+1]]. The project's one string hash.
   m.def("hash_strings(Tensor data, Tensor offsets, int seed=0) -> Tensor");
+  // Read-only serving tables (plain tensors, no handle). serving_index: the
+  // open-addressing index (keys (C,) int64, rows (C,) int32, -1 empty) over
+  // distinct ids. serving_pooled: bags of ids (offsets (B + 1,)) pooled from
+  // rows (n, dim) of row_format 0 f32 / 1 f16 / 2 bf16, or 3: (n, dim + 8)
+  // uint8 row-wise INT8 (FBGEMM's fused layout: bytes, float scale, float
+  // bias); mode 0 sum / 1 mean; unseen ids read zeros (init_kind -1) or their
+  // deterministic initial row (init kind, a, b, seed). Returns (B, dim) f32.
+  m.def("serving_index(Tensor ids) -> (Tensor, Tensor)");
+  m.def("serving_pooled(Tensor index_keys, Tensor index_rows, Tensor rows, int row_format, Tensor ids, "
+        "Tensor offsets, Tensor? per_sample_weights, int mode, int init_kind, float init_a, float init_b, "
+        "int init_seed) -> Tensor");
   // write_file: a file of `header` then each tensor's bytes in order (contiguous
   // CPU tensors, row-major), fsync'd when `durable`, busy at most `share` of one
   // core's time (it sleeps between staged writes); returns the file's XXH64 (seed 0).

@@ -1,0 +1,496 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Inference packages: a trained model's dense part as a ``torch.export`` program and its hash
+tables as read-only, optionally quantized safetensors shards, with a manifest and checksums.
+
+``export(model, path, example_inputs)`` writes the package; ``load(path)`` returns a
+:class:`Predictor` that looks ids up in the served tables (no inserts; unseen ids read the
+manifest's default), feeds the embeddings to the dense program and returns the model's eval
+output. ``Predictor.apply_delta`` applies a training delta while requests are served.
+"""
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from recis_torchrec import __version__ as _version
+from recis_torchrec.checkpoint.files import (
+    CheckpointError,
+    checksum,
+    index_checksum,
+    read_index,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
+from recis_torchrec.inference.tables import FORMATS, ServingTable, quantize_rows
+from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
+from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
+from recis_torchrec.modules.hash_table import table_parameters
+
+FORMAT_VERSION = 1
+PROGRAM_FILE = "dense.pt2"
+UNSEEN = ("init", "zero")
+
+
+class InferenceError(CheckpointError):
+    """A package that is corrupt, incomplete or does not fit the request; names the file, table or feature."""
+
+
+# -- the model's embedding modules ------------------------------------------------
+
+
+@dataclass
+class _ModuleSpec:
+    path: str
+    kind: str  # "ebc" or "ec"
+    # ebc: (feature, table key, pooling mode, dim) in output order; ec: (feature, embedding name, table key, dim)
+    features: List[Tuple[Any, ...]]
+    weighted: bool
+    need_indices: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "features": [list(f) for f in self.features],
+                "weighted": self.weighted, "need_indices": self.need_indices}
+
+    @staticmethod
+    def from_dict(d: Dict[str, Any]) -> "_ModuleSpec":
+        return _ModuleSpec(d["path"], d["kind"], [tuple(f) for f in d["features"]], d["weighted"],
+                           d.get("need_indices", False))
+
+
+def _hash_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    from torchrec.distributed.types import ShardedModule
+
+    found = []
+    for path, m in model.named_modules():
+        if isinstance(m, ShardedModule) or type(m).__name__ == "DistributedModelParallel":
+            raise InferenceError(
+                f"inference.export: {path or 'the model'} is sharded ({type(m).__name__}); save a checkpoint "
+                "(recis_torchrec.checkpoint.save), load it into the unsharded model (checkpoint.load reshards to "
+                "one process) and export that, or pass checkpoint= to export"
+            )
+        if isinstance(m, (HashEmbeddingBagCollection, HashEmbeddingCollection)):
+            found.append((path, m))
+    if not found:
+        raise InferenceError("inference.export: the model holds no HashEmbeddingBagCollection or "
+                             "HashEmbeddingCollection (convert it with recis_torchrec.convert first)")
+    return found
+
+
+def _module_tables(m: nn.Module) -> Dict[str, Any]:
+    tables = dict(m.tables())
+    for name, (table, _) in getattr(m, "_borrowed", {}).items():
+        tables[name] = table
+    return tables
+
+
+def _specs(modules: List[Tuple[str, nn.Module]]) -> Tuple[List[_ModuleSpec], Dict[str, Any]]:
+    """The modules' layouts and every distinct table by key (a shared table once)."""
+    keys: Dict[int, str] = {}
+    tables: Dict[str, Any] = {}
+
+    def key_of(path: str, table) -> str:
+        if id(table) not in keys:
+            keys[id(table)] = f"{path}/{table.name}" if path else table.name
+            tables[keys[id(table)]] = table
+        return keys[id(table)]
+
+    specs = []
+    for path, m in modules:
+        by_name = _module_tables(m)
+        if isinstance(m, HashEmbeddingBagCollection):
+            configs = m.embedding_bag_configs()
+            feats = []
+            for (t, _, _), name in zip(m._outputs, m._embedding_names):
+                c = configs[t]
+                feats.append((name, key_of(path, by_name[c.name]), int(m._table_modes[t]), c.embedding_dim))
+            specs.append(_ModuleSpec(path, "ebc", feats, bool(m._is_weighted)))
+        else:
+            feats = []
+            for c, pairs in zip(m.embedding_configs(), m._table_features):
+                for feature, emb_name in pairs:
+                    feats.append((feature, emb_name, key_of(path, by_name[c.name]), c.embedding_dim))
+            specs.append(_ModuleSpec(path, "ec", feats, False, bool(m._need_indices)))
+    return specs, tables
+
+
+# -- the dense program: the model with its embedding modules fed from outside ---------
+
+
+class _Feed(nn.Module):
+    """Stands in for an embedding module while the dense part is exported: returns what the
+    serving lookup computed, in the module's output type."""
+
+    def __init__(self, spec: _ModuleSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.value: Any = None
+
+    def forward(self, features: KeyedJaggedTensor, *args: Any, **kwargs: Any) -> Any:
+        if self.spec.kind == "ebc":
+            return KeyedTensor(keys=[f[0] for f in self.spec.features],
+                               length_per_key=[f[3] for f in self.spec.features], values=self.value)
+        return dict(self.value)
+
+
+class _Dense(nn.Module):
+    """The model, its embedding modules replaced by feeds: forward(*model inputs, feeds)."""
+
+    def __init__(self, model: nn.Module, feeds: Dict[str, _Feed]) -> None:
+        super().__init__()
+        self.model = model
+        self.feeds = feeds  # not submodules: they sit inside the model already
+
+    def forward(self, args: Tuple[Any, ...], feeds: Dict[str, Any]) -> Any:
+        for path, feed in self.feeds.items():
+            feed.value = feeds[path.replace(".", "__")]
+        return self.model(*args)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    old = getattr(parent, name)
+    setattr(parent, name, module)
+    return old
+
+
+def _dynamic(x: Any) -> Any:
+    """A dynamic_shapes spec with every tensor's first dimension free (batch and id counts)."""
+    from torch.utils._pytree import SUPPORTED_NODES
+
+    if isinstance(x, torch.Tensor):
+        return {0: torch.export.Dim.AUTO} if x.dim() >= 1 else None
+    if isinstance(x, dict):
+        return {k: _dynamic(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
+        return type(x)(_dynamic(v) for v in x)
+    if type(x) in SUPPORTED_NODES:
+        children, _ = SUPPORTED_NODES[type(x)].flatten_fn(x)
+        return [_dynamic(c) for c in children]
+    return None
+
+
+# -- the lookups a request needs ------------------------------------------------------
+
+
+def _find_kjt(args: Sequence[Any]) -> KeyedJaggedTensor:
+    kjts = [a for a in args if isinstance(a, KeyedJaggedTensor)]
+    if len(kjts) != 1:
+        raise InferenceError(f"the model's inputs must hold exactly one KeyedJaggedTensor, got {len(kjts)}")
+    return kjts[0]
+
+
+def _canonical(args: Tuple[Any, ...]) -> Tuple[Tuple[Any, ...], KeyedJaggedTensor]:
+    """The inputs with their KJT rebuilt from keys, values, weights and lengths only (the form the
+    dense program was exported with: no cached offsets or splits, whatever the caller's KJT holds)."""
+    kjt = _find_kjt(args)
+    if kjt.variable_stride_per_key():
+        raise InferenceError("variable batch size per feature (VBE) KJTs are not served; give every feature "
+                             "the same batch")
+    fresh = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), weights=kjt.weights_or_none(),
+                              lengths=kjt.lengths())
+    return tuple(fresh if a is kjt else a for a in args), fresh
+
+
+def _lookups(specs: List[_ModuleSpec], tables: Dict[str, ServingTable], kjt: KeyedJaggedTensor) -> Dict[str, Any]:
+    """Every embedding module's output values, from the served tables."""
+    needed = sorted({f[0] for s in specs for f in s.features})
+    have = set(kjt.keys())
+    missing = [f for f in needed if f not in have]
+    if missing:
+        raise InferenceError(f"the KeyedJaggedTensor lacks features {missing} (it has {kjt.keys()})")
+    if len(have) != len(kjt.keys()):
+        raise InferenceError(f"the KeyedJaggedTensor names a feature twice: {kjt.keys()}")
+    per = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), weights=kjt.weights_or_none(),
+                            lengths=kjt.lengths()).to_dict()
+    feeds: Dict[str, Any] = {}
+    for s in specs:
+        if s.kind == "ebc":
+            cols = []
+            for feature, key, mode, _ in s.features:
+                jt = per[feature]
+                w = jt.weights_or_none() if s.weighted else None
+                if s.weighted and w is None:
+                    raise InferenceError(f"{s.path or 'the model'}: feature {feature!r} needs per-id weights")
+                cols.append(tables[key].pooled(jt.values(), jt.offsets(), w, mode))
+            feeds[s.path.replace(".", "__")] = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+        else:
+            out = {}
+            for feature, emb_name, key, _ in s.features:
+                jt = per[feature]
+                out[emb_name] = JaggedTensor(values=tables[key].rows_of(jt.values()), lengths=jt.lengths(),
+                                             weights=jt.values() if s.need_indices else None)
+            feeds[s.path.replace(".", "__")] = out
+    return feeds
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+def _write_table(directory: str, key: str, table, quantize: str, max_file_bytes: int) -> Dict[str, Any]:
+    ids, weights, _, _ = table.export_rows()
+    order = torch.argsort(ids)
+    ids, weights = ids[order], weights[order]
+    rows = quantize_rows(weights.float(), quantize)
+    kind, a, b, seed, _ = table_parameters(table.name, table.options, table.num_embeddings, table.init_range)
+    folder = os.path.join("tables", key.replace("/", "__").replace(".", "_"))
+    os.makedirs(os.path.join(directory, folder), exist_ok=True)
+    row_bytes = 8 + rows.shape[1] * rows.element_size()
+    per_file = max(1, max_file_bytes // row_bytes)
+    entries = []
+    for k, lo in enumerate(range(0, max(ids.numel(), 1), per_file)):
+        name = os.path.join(folder, f"part{k}.safetensors")
+        entry = write_tensors(os.path.join(directory, name), {"ids": ids[lo:lo + per_file],
+                                                              "rows": rows[lo:lo + per_file]}, {"table": key})
+        entry["file"] = name
+        entries.append(entry)
+    return {"name": table.name, "dim": table.dim, "rows": int(ids.numel()), "quantization": quantize,
+            "init": {"kind": int(kind), "a": float(a), "b": float(b), "seed": int(seed)}, "files": entries}
+
+
+def export(
+    model: nn.Module,
+    path: str,
+    example_inputs: Tuple[Any, ...],
+    quantize: str = "fp32",
+    unseen: str = "init",
+    checkpoint: Optional[str] = None,
+    max_file_bytes: int = 256 << 20,
+) -> str:
+    """Writes an inference package of `model` to the new directory `path`.
+
+    Args:
+        model: an unsharded model holding our embedding modules (a DistributedModelParallel one is
+            refused: load its checkpoint into the unsharded model, or pass `checkpoint`).
+        example_inputs: the model's forward arguments for one batch (one of them a KJT); the dense
+            program is exported on them with every batch dimension free.
+        quantize: the tables' rows: ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"`` (row-wise: a
+            float scale and bias per row, FBGEMM's fused 8-bit layout).
+        unseen: what an id the tables do not hold reads: ``"init"`` (its deterministic initial row,
+            what the training model's eval forward reads) or ``"zero"``.
+        checkpoint: a training checkpoint (``checkpoint.save``; any world size) to load into
+            `model` first.
+        max_file_bytes: the largest table shard.
+
+    Returns:
+        `path`. The package holds no optimizer state and no row metadata.
+    """
+    if quantize not in FORMATS:
+        raise InferenceError(f"inference.export: quantize must be one of {sorted(FORMATS)}, got {quantize!r}")
+    if unseen not in UNSEEN:
+        raise InferenceError(f"inference.export: unseen must be one of {UNSEEN}, got {unseen!r}")
+    if not isinstance(example_inputs, tuple):
+        raise InferenceError("inference.export: example_inputs must be a tuple of the model's forward arguments")
+    if os.path.exists(path) and os.listdir(path):
+        raise InferenceError(f"inference.export: {path} exists and is not empty")
+    if checkpoint is not None:
+        from recis_torchrec import checkpoint as ckpt
+
+        ckpt.load(checkpoint, model)
+    modules = _hash_modules(model)
+    specs, tables = _specs(modules)
+    example_inputs, kjt = _canonical(example_inputs)
+    seen: Dict[str, bool] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, p=p: seen.__setitem__(p, bool(a) and a[0] is kjt))
+             for p, m in modules]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    bad = [p for p, _ in modules if not seen.get(p)]
+    if bad:
+        model.train(was_training)
+        raise InferenceError(
+            f"inference.export: {bad} do not read the model's input KeyedJaggedTensor as it is (they are not "
+            "called, or called with a KJT computed inside the model); the package looks ids up before the dense "
+            "program runs, so each embedding module must take the input KJT"
+        )
+    tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        manifest_tables = {key: _write_table(tmp, key, t, quantize, max_file_bytes) for key, t in tables.items()}
+        served = {key: _table_from_files(tmp, key, entry, unseen) for key, entry in manifest_tables.items()}
+        example_inputs, kjt = _canonical(example_inputs)  # a KJT without the offsets the eager run cached
+        feeds = _lookups(specs, served, kjt)
+        placeholders = {s.path: _Feed(s) for s in specs}
+        originals = {p: _set_submodule(model, p, f) for p, f in placeholders.items() if p}
+        try:
+            if "" in placeholders:
+                raise InferenceError("inference.export: the model is itself an embedding module; export the model "
+                                     "that holds it")
+            with torch.no_grad():
+                program = torch.export.export(_Dense(model, placeholders), (example_inputs, feeds),
+                                              dynamic_shapes=(_dynamic(example_inputs), _dynamic(feeds)),
+                                              strict=False)
+        finally:
+            for p, m in originals.items():
+                _set_submodule(model, p, m)
+            model.train(was_training)
+        program._example_inputs = None  # the KJT of the example would need unpickling on load
+        torch.export.save(program, os.path.join(tmp, PROGRAM_FILE))
+        manifest = {
+            "format": FORMAT_VERSION,
+            "kind": "inference",
+            "versions": {"recis_torchrec": _version, "torch": torch.__version__},
+            "quantization": quantize,
+            "unseen": unseen,
+            "modules": [s.to_dict() for s in specs],
+            "features": sorted({f[0] for s in specs for f in s.features}),
+            "tables": manifest_tables,
+            "program": {"file": PROGRAM_FILE, "bytes": os.path.getsize(os.path.join(tmp, PROGRAM_FILE)),
+                        "xxh64_file": _file_checksum(os.path.join(tmp, PROGRAM_FILE))},
+            "delta_versions": 0,
+        }
+        manifest["xxh64"] = index_checksum(manifest)
+        write_json(os.path.join(tmp, "manifest.json"), manifest)
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _file_checksum(path: str) -> str:
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return checksum(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return checksum(data)
+
+
+# -- load ---------------------------------------------------------------------------------
+
+
+def _table_from_files(directory: str, key: str, entry: Dict[str, Any], unseen: str) -> ServingTable:
+    parts = []
+    for e in entry["files"]:
+        try:
+            parts.append(read_tensors(directory, e))
+        except CheckpointError as err:
+            raise InferenceError(f"table {key!r}: {err}") from None
+        if set(parts[-1]) != {"ids", "rows"}:
+            raise InferenceError(f"table {key!r}: {e['file']} holds {sorted(parts[-1])}, not ids and rows")
+    ids = torch.cat([p["ids"] for p in parts])
+    rows = torch.cat([p["rows"] for p in parts])
+    if ids.numel() != entry["rows"]:
+        raise InferenceError(f"table {key!r}: {ids.numel()} rows in its files, the manifest says {entry['rows']}")
+    init = entry["init"] if unseen == "init" else None
+    return ServingTable.build(key, entry["dim"], entry["quantization"], ids, rows, init)
+
+
+def read_manifest(path: str) -> Dict[str, Any]:
+    """A package's manifest, verified against its checksum."""
+    file = os.path.join(path, "manifest.json")
+    if not os.path.exists(file):
+        raise InferenceError(f"{path}: not an inference package (no manifest.json)")
+    try:
+        with open(file) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"{file}: unreadable ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("kind") != "inference":
+        raise InferenceError(f"{file}: not an inference manifest")
+    if manifest.get("xxh64") != index_checksum(manifest):
+        raise InferenceError(f"{file}: checksum mismatch (the manifest was edited or is corrupt)")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise InferenceError(f"{file}: package format {manifest.get('format')} is not supported")
+    return manifest
+
+
+class Predictor:
+    """A loaded inference package: ``predictor(*inputs)`` is the model's eval output.
+
+    Read-only (lookups insert nothing) and safe to call from many threads at once: each request
+    reads one immutable version of the tables, and :meth:`apply_delta` swaps in the next."""
+
+    def __init__(self, path: str, manifest: Dict[str, Any], tables: Dict[str, ServingTable], program) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.specs = [_ModuleSpec.from_dict(d) for d in manifest["modules"]]
+        self._tables = tables  # replaced whole, never mutated
+        self._program = program
+        self._module = program.module()
+        self._delta_lock = threading.Lock()
+        self.deltas_applied = 0
+
+    @property
+    def tables(self) -> Dict[str, ServingTable]:
+        return self._tables
+
+    def __call__(self, *inputs: Any) -> Any:
+        tables = self._tables  # one version for the whole request
+        inputs, kjt = _canonical(inputs)
+        feeds = _lookups(self.specs, tables, kjt)
+        with torch.no_grad():
+            return self._module(inputs, feeds)
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes held per table (index, ids, rows)."""
+        return {k: t.nbytes for k, t in self._tables.items()}
+
+    def apply_delta(self, delta_dir: str) -> None:
+        """Applies a training delta (``checkpoint.export_delta``): its rows (quantized as the package's)
+        and its evicted ids. Requests in flight finish on the tables they started with; later ones
+        see every table of the delta at once."""
+        with self._delta_lock:
+            try:
+                index = read_index(delta_dir)
+            except CheckpointError as e:
+                raise InferenceError(str(e)) from None
+            if index.get("kind") != "delta":
+                raise InferenceError(f"{delta_dir}: not a delta (kind {index.get('kind')!r})")
+            new = dict(self._tables)
+            for key, table in self._tables.items():
+                entry = index["tables"].get(key)
+                if entry is None:
+                    raise InferenceError(f"table {key!r} is not in the delta {delta_dir}")
+                try:
+                    parts = [read_tensors(delta_dir, e) for e in entry["files"]]
+                    evicted = [read_tensors(delta_dir, e)["ids"] for e in entry["evicted"]]
+                except (CheckpointError, KeyError) as e:
+                    raise InferenceError(f"table {key!r}: {e}") from None
+                ids = torch.cat([p["ids"] for p in parts]) if parts else torch.empty(0, dtype=torch.int64)
+                weights = torch.cat([p["weights"] for p in parts]) if parts else torch.empty(0, table.dim)
+                if weights.shape[1:] != (table.dim,):
+                    raise InferenceError(f"table {key!r}: the delta's rows are {tuple(weights.shape)}, "
+                                         f"the package's dim is {table.dim}")
+                gone = torch.cat(evicted) if evicted else torch.empty(0, dtype=torch.int64)
+                new[key] = table.updated(ids, quantize_rows(weights.float(), table.quantization), gone)
+            self._tables = new  # one assignment: the swap requests see
+            self.deltas_applied += 1
+
+
+def load(path: str) -> Predictor:
+    """Loads a package written by :func:`export` and verifies every file against the manifest."""
+    manifest = read_manifest(path)
+    tables = {}
+    for key, entry in manifest["tables"].items():
+        tables[key] = _table_from_files(path, key, entry, manifest["unseen"])
+    prog = manifest["program"]
+    file = os.path.join(path, prog["file"])
+    if not os.path.exists(file):
+        raise InferenceError(f"{file}: missing (the manifest lists it)")
+    if os.path.getsize(file) != prog["bytes"] or _file_checksum(file) != prog["xxh64_file"]:
+        raise InferenceError(f"{file}: checksum mismatch (the dense program is corrupt)")
+    try:
+        program = torch.export.load(file)
+    except Exception as e:  # noqa: BLE001 - a corrupt program raises many kinds
+        raise InferenceError(f"{file}: cannot load the dense program ({type(e).__name__}: {e})") from e
+    return Predictor(path, manifest, tables, program)
