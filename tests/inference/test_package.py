@@ -1,0 +1,294 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""Inference packages: export -> load in a fresh process -> the eval model's predictions (FP32
+exact, quantized within a stated error), bad packages and requests named, deltas applied while
+requests are served."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.models.deepfm import SimpleDeepFMNN
+from torchrec.models.dlrm import DLRM
+
+import recis_torchrec as rt
+from recis_torchrec import checkpoint, inference
+from recis_torchrec.inference import InferenceError
+from tests.models.test_sequence_models import batch as seq_batch
+from tests.models.test_sequence_models import make as make_seq
+
+FUSED = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.05}
+KEYS = ["f0", "f1", "f2"]
+# Largest |prediction - eval model| each quantization may show on these models (measured: fp16
+# 1.5e-6-1.0e-5, bf16 9e-6-7.2e-5, int8 1.1e-5-5.5e-5 over DLRM, DeepFM and DIN; printed by the test).
+TOLERANCE = {"fp32": 0.0, "fp16": 1e-4, "bf16": 1e-3, "int8": 1e-3}
+
+
+def bag_batch(step, size=16, weighted=False, max_id=300):
+    g = torch.Generator().manual_seed(500 + step)
+    lengths = torch.randint(0, 4, (len(KEYS) * size,), generator=g)
+    values = torch.randint(0, max_id, (int(lengths.sum()),), generator=g)
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    kjt = KeyedJaggedTensor(keys=KEYS, values=values, lengths=lengths, weights=weights)
+    return torch.rand(size, 4, generator=g), kjt, torch.randint(0, 2, (size,), generator=g).float()
+
+
+def configs(pooling=None):
+    from torchrec.modules.embedding_configs import PoolingType
+
+    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=300, feature_names=[k],
+                               pooling=PoolingType.MEAN if (pooling and i == 1) else PoolingType.SUM)
+            for i, k in enumerate(KEYS)]
+
+
+def make_model(name, seed=0):
+    torch.manual_seed(seed)
+    if name == "dlrm":
+        cfg = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=300, feature_names=[k])
+               for i, k in enumerate(KEYS)]
+        model = DLRM(EmbeddingBagCollection(cfg), 4, [16, 8], [16, 1])
+    elif name == "deepfm":
+        model = SimpleDeepFMNN(4, EmbeddingBagCollection(configs(pooling="mean")), hidden_layer_size=16,
+                               deep_fm_dimension=4)
+    else:
+        return rt.convert(make_seq("DIN", seed), fused_params=FUSED), "seq"
+    return rt.convert(model, fused_params=FUSED), "bag"
+
+
+def trained(name, steps=6):
+    model, kind = make_model(name)
+    dense_opt = torch.optim.Adam([p for p in model.parameters()], lr=0.01)
+    for s in range(steps):
+        dense, kjt, labels = seq_batch(s) if kind == "seq" else bag_batch(s)
+        out = model(dense, kjt).reshape(-1)
+        loss = (torch.nn.functional.binary_cross_entropy(out, labels) if name == "deepfm"
+                else torch.nn.functional.binary_cross_entropy_with_logits(out, labels))
+        dense_opt.zero_grad()
+        loss.backward()
+        dense_opt.step()
+    model.eval()
+    return model, kind
+
+
+def requests(kind, n=3):
+    # Ids beyond the trained ones too: unseen ids read their initial rows, as in the eval model.
+    return [seq_batch(100 + i, size=5 + 3 * i)[:2] if kind == "seq" else bag_batch(100 + i, size=5 + 3 * i,
+                                                                                   max_id=400)[:2]
+            for i in range(n)]
+
+
+PREDICT = """
+import sys, torch
+from recis_torchrec import inference
+predictor = inference.load(sys.argv[1])
+reqs = torch.load(sys.argv[2], weights_only=False)
+torch.save([predictor(*r) for r in reqs], sys.argv[3])
+"""
+
+
+def predict_in_subprocess(package, reqs, tmp_path):
+    req_file, out_file = str(tmp_path / "reqs.pt"), str(tmp_path / "out.pt")
+    torch.save(reqs, req_file)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    subprocess.run([sys.executable, "-c", PREDICT, package, req_file, out_file], check=True, env=env, timeout=300)
+    return torch.load(out_file, weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["dlrm", "deepfm", "din"])
+def test_a_fresh_process_predicts_what_the_eval_model_does(name, tmp_path):
+    model, kind = trained(name)
+    example = requests(kind, 1)[0]
+    reqs = requests(kind)
+    with torch.no_grad():
+        want = [model(*r) for r in reqs]
+    errors = {}
+    for q in ["fp32", "fp16", "bf16", "int8"]:
+        package = inference.export(model, str(tmp_path / q), example, quantize=q)
+        got = predict_in_subprocess(package, reqs, tmp_path)
+        errors[q] = max(float((g - w).abs().max()) for g, w in zip(got, want))
+        if q == "fp32":
+            for g, w in zip(got, want):
+                assert torch.equal(g, w), (name, q)
+        assert errors[q] <= TOLERANCE[q], (name, errors)
+    print(name, "largest prediction error per quantization:", errors)
+    assert errors["int8"] > 0  # the quantization took effect
+
+
+def test_the_package_holds_no_optimizer_state_and_is_read_only(tmp_path):
+    model, _ = trained("dlrm")
+    example = requests("bag", 1)[0]
+    package = inference.export(model, str(tmp_path / "p"), example, quantize="int8")
+    manifest = inference.read_manifest(package)
+    assert manifest["quantization"] == "int8" and manifest["unseen"] == "init"
+    assert sorted(manifest["features"]) == KEYS
+    from safetensors import safe_open
+
+    table = model.sparse_arch.embedding_bag_collection.tables()["t0"]
+    for key, entry in manifest["tables"].items():
+        for e in entry["files"]:
+            with safe_open(os.path.join(package, e["file"]), framework="pt") as f:
+                assert sorted(f.keys()) == ["ids", "rows"]
+                assert f.get_tensor("rows").dtype == torch.uint8 and f.get_tensor("rows").shape[1] == 8 + 8
+    predictor = inference.load(package)
+    before = {k: len(t) for k, t in predictor.tables.items()}
+    predictor(*bag_batch(7, max_id=10_000)[:2])  # mostly unseen ids
+    assert {k: len(t) for k, t in predictor.tables.items()} == before
+    assert len(table) == before["sparse_arch.embedding_bag_collection/t0"]
+
+
+def test_unseen_ids_read_zeros_when_the_package_says_so(tmp_path):
+    model, _ = trained("dlrm")
+    dense, kjt = requests("bag", 1)[0]
+    package = inference.export(model, str(tmp_path / "p"), (dense, kjt), unseen="zero")
+    table = inference.load(package).tables["sparse_arch.embedding_bag_collection/t0"]
+    fresh = torch.tensor([10**12, 10**12 + 1, int(table.ids[0])])
+    rows = table.rows_of(fresh)
+    assert torch.equal(rows[:2], torch.zeros(2, 8))
+    live = model.sparse_arch.embedding_bag_collection.tables()["t0"]
+    assert torch.equal(rows[2], live.export_rows()[1][live.export_rows()[0] == fresh[2]][0])
+
+
+def test_weighted_features_and_shared_tables(tmp_path):
+    torch.manual_seed(0)
+    cfg = [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=300, feature_names=["f0", "f1"]),
+           EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=300, feature_names=["f2"])]
+    model = DLRM(EmbeddingBagCollection(cfg, is_weighted=True), 4, [16, 8], [16, 1])
+    rt.convert(model, fused_params=FUSED)
+    for s in range(3):
+        dense, kjt, _ = bag_batch(s, weighted=True)
+        model(dense, kjt).sum().backward()
+    model.eval()
+    example = bag_batch(50, weighted=True)[:2]
+    predictor = inference.load(inference.export(model, str(tmp_path / "p"), example))
+    for s in range(3):
+        dense, kjt, _ = bag_batch(60 + s, size=7, weighted=True)
+        assert torch.equal(predictor(dense, kjt), model(dense, kjt))
+    with pytest.raises(InferenceError, match="'f0' needs per-id weights"):
+        predictor(*bag_batch(1)[:2])
+
+
+# -- bad packages and requests ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def package_dir(tmp_path_factory):
+    model, _ = trained("dlrm")
+    return inference.export(model, str(tmp_path_factory.mktemp("pkg") / "p"), requests("bag", 1)[0])
+
+
+def copy_of(package_dir, tmp_path):
+    import shutil
+
+    dst = str(tmp_path / "copy")
+    shutil.copytree(package_dir, dst)
+    return dst, json.load(open(os.path.join(dst, "manifest.json")))
+
+
+def test_a_corrupt_table_shard_is_named(package_dir, tmp_path):
+    dst, manifest = copy_of(package_dir, tmp_path)
+    entry = manifest["tables"]["sparse_arch.embedding_bag_collection/t1"]["files"][0]
+    path = os.path.join(dst, entry["file"])
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(InferenceError, match=r"'sparse_arch.embedding_bag_collection/t1'.*part0.safetensors.*checksum"):
+        inference.load(dst)
+
+
+def test_a_missing_table_file_is_named(package_dir, tmp_path):
+    dst, manifest = copy_of(package_dir, tmp_path)
+    os.remove(os.path.join(dst, manifest["tables"]["sparse_arch.embedding_bag_collection/t2"]["files"][0]["file"]))
+    with pytest.raises(InferenceError, match=r"t2.*missing"):
+        inference.load(dst)
+
+
+def test_an_edited_manifest_and_a_corrupt_program_are_refused(package_dir, tmp_path):
+    dst, manifest = copy_of(package_dir, tmp_path)
+    manifest["unseen"] = "zero"
+    json.dump(manifest, open(os.path.join(dst, "manifest.json"), "w"))
+    with pytest.raises(InferenceError, match="manifest.json: checksum mismatch"):
+        inference.load(dst)
+    dst2, _ = copy_of(package_dir, tmp_path / "b")
+    with open(os.path.join(dst2, "dense.pt2"), "r+b") as f:
+        f.seek(100)
+        f.write(b"\0" * 16)
+    with pytest.raises(InferenceError, match="dense.pt2: checksum mismatch"):
+        inference.load(dst2)
+    with pytest.raises(InferenceError, match="not an inference package"):
+        inference.load(str(tmp_path))
+
+
+def test_requests_missing_a_feature_or_with_two_kjts_are_named(package_dir):
+    predictor = inference.load(package_dir)
+    dense, kjt = requests("bag", 1)[0]
+    partial = KeyedJaggedTensor(keys=["f0", "f2"], values=torch.tensor([1, 2]),
+                                lengths=torch.tensor([1, 0, 0, 0, 0, 1, 0, 0, 0, 0]))
+    with pytest.raises(InferenceError, match=r"lacks features \['f1'\]"):
+        predictor(dense[:5], partial)
+    with pytest.raises(InferenceError, match="exactly one KeyedJaggedTensor"):
+        predictor(kjt, kjt)
+
+
+def test_export_refuses_bad_arguments(tmp_path):
+    model, _ = trained("dlrm", steps=1)
+    example = requests("bag", 1)[0]
+    with pytest.raises(InferenceError, match="quantize must be one of"):
+        inference.export(model, str(tmp_path / "a"), example, quantize="int4")
+    with pytest.raises(InferenceError, match="unseen must be one of"):
+        inference.export(model, str(tmp_path / "a"), example, unseen="random")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    with pytest.raises(InferenceError, match="exists and is not empty"):
+        inference.export(model, str(tmp_path / "full"), example)
+    with pytest.raises(InferenceError, match="holds no HashEmbeddingBagCollection"):
+        inference.export(torch.nn.Linear(2, 2), str(tmp_path / "b"), example)
+
+
+# -- online updates -----------------------------------------------------------------------------
+
+
+def test_deltas_applied_while_threads_predict_are_seen_whole(tmp_path):
+    """Four threads predict one request over and over while 20 deltas are applied: every answer
+    equals the model's eval output at one of the 21 versions (no mix of two), and the last
+    answers equal the last version's."""
+    model, _ = trained("dlrm")
+    dense, kjt = bag_batch(900, size=12)[:2]
+    example = bag_batch(901)[:2]
+    ckpt = checkpoint.save(str(tmp_path / "ckpt"), model, step=0)
+    predictor = inference.load(inference.export(model, str(tmp_path / "p"), example))
+    versions = [model(dense, kjt).detach()]
+    deltas = []
+    for s in range(20):
+        model.train()
+        d, k, labels = bag_batch(s + 10)
+        torch.nn.functional.binary_cross_entropy_with_logits(model(d, k).reshape(-1), labels).backward()
+        model.eval()
+        versions.append(model(dense, kjt).detach())
+        deltas.append(checkpoint.export_delta(str(tmp_path / f"delta{s}"), model, since_step=ckpt))
+    # The dense layers do not change: only the tables do (the package's dense program is fixed).
+    seen, stop, failures = [], threading.Event(), []
+
+    def hammer():
+        while not stop.is_set():
+            out = predictor(dense, kjt)
+            match = [i for i, v in enumerate(versions) if torch.equal(out, v)]
+            if not match:
+                failures.append(out)
+            seen.append(match[0] if match else -1)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for path in deltas:
+        predictor.apply_delta(path)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, f"{len(failures)} answers matched no version"
+    assert torch.equal(predictor(dense, kjt), versions[-1])
+    assert predictor.deltas_applied == 20 and len(set(seen)) >= 2
