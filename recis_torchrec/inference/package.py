@@ -265,6 +265,7 @@ def export(
     unseen: str = "init",
     checkpoint: Optional[str] = None,
     max_file_bytes: int = 256 << 20,
+    metadata: Optional[Dict[str, Any]] = None,
 ) -> str:
     """Writes an inference package of `model` to the new directory `path`.
 
@@ -280,6 +281,8 @@ def export(
         checkpoint: a training checkpoint (``checkpoint.save``; any world size) to load into
             `model` first.
         max_file_bytes: the largest table shard.
+        metadata: JSON kept in the manifest (the CLI stores the training config there, for
+            ``predict`` to read data files with its schema).
 
     Returns:
         `path`. The package holds no optimizer state and no row metadata.
@@ -352,7 +355,7 @@ def export(
             "tables": manifest_tables,
             "program": {"file": PROGRAM_FILE, "bytes": os.path.getsize(os.path.join(tmp, PROGRAM_FILE)),
                         "xxh64_file": _file_checksum(os.path.join(tmp, PROGRAM_FILE))},
-            "delta_versions": 0,
+            "metadata": metadata or {},
         }
         manifest["xxh64"] = index_checksum(manifest)
         write_json(os.path.join(tmp, "manifest.json"), manifest)

@@ -17,6 +17,7 @@ The config (TOML) has these sections; every error names the key it is about.
 
 import argparse
 import gc
+import json
 import sys
 from typing import List, Optional
 
@@ -128,6 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             fused_params=run.fused_params,
             table_options=run.table_options,
         )
+        try:
+            trainer.checkpoint_extra = json.loads(json.dumps({"config": cfg, "overrides": overrides}))
+        except (TypeError, ValueError):  # a TOML date, say: checkpoints then carry no config
+            trainer.checkpoint_extra = None
         if run.windows is not None:
             trainer.fit_windows(run.train_data, names=run.windows)
         else:

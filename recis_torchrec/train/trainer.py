@@ -338,6 +338,9 @@ class Trainer:
         seed_all(args.seed)
         self.tasks = list(tasks or [Task("ctr")])
         self.probabilities = outputs_probabilities(model, args.model_output)
+        # JSON kept in every checkpoint's index (the CLI stores the config that built the run, which
+        # `python -m recis_torchrec.inference export` rebuilds the model from).
+        self.checkpoint_extra: Optional[Dict[str, Any]] = None
         task_model = TaskModel(model, self.tasks, args.bf16, self.probabilities)
         if not args.import_weights:
             drop_table_weights(task_model)
@@ -427,6 +430,7 @@ class Trainer:
             step=self.step,
             keep_last=self.args.keep_last,
             blocking=not self.args.async_save if blocking is None else blocking,
+            extra=self.checkpoint_extra,
         )
 
     def wait_for_save(self) -> None:
