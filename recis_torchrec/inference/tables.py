@@ -49,9 +49,8 @@ class ServingTable:
     key: str
     dim: int
     quantization: str
-    ids: torch.Tensor  # (n,) int64
-    rows: torch.Tensor  # row i holds ids[i]
-    index_keys: torch.Tensor
+    rows: torch.Tensor  # (n, width): row i holds the i-th id given to build()
+    index_keys: torch.Tensor  # the index (the ids live only here)
     index_rows: torch.Tensor
     init: Optional[Dict[str, Any]]  # the initializer unseen ids read; None: zeros
 
@@ -65,7 +64,15 @@ class ServingTable:
             raise ValueError(f"table {key!r}: ids {tuple(ids.shape)} {ids.dtype} and rows {tuple(rows.shape)} do not "
                              f"make a {quantization} table of dim {dim}")
         index_keys, index_rows = torch.ops.recis.serving_index(ids.contiguous())
-        return ServingTable(key, dim, quantization, ids.contiguous(), rows.contiguous(), index_keys, index_rows, init)
+        return ServingTable(key, dim, quantization, rows.contiguous(), index_keys, index_rows, init)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """(n,) int64: the id of each row, read back from the index."""
+        used = self.index_rows >= 0
+        out = torch.empty(self.rows.shape[0], dtype=torch.int64)
+        out[self.index_rows[used].long()] = self.index_keys[used]
+        return out
 
     def _init_args(self):
         if self.init is None:
@@ -87,17 +94,19 @@ class ServingTable:
         return self.pooled(ids, offsets, None, 0)
 
     def __len__(self) -> int:
-        return self.ids.numel()
+        return self.rows.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ids, self.rows, self.index_keys, self.index_rows))
+        """Bytes held: the rows and the index (ids included)."""
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.index_keys, self.index_rows))
 
     def updated(self, ids: torch.Tensor, rows: torch.Tensor, evicted: torch.Tensor) -> "ServingTable":
         """A new version: `ids` get `rows` (inserted or replaced), `evicted` ids are dropped."""
+        old = self.ids
         drop = torch.cat([ids, evicted])
-        keep = ~torch.isin(self.ids, drop)
-        new_ids = torch.cat([self.ids[keep], ids])
+        keep = ~torch.isin(old, drop)
+        new_ids = torch.cat([old[keep], ids])
         new_rows = torch.cat([self.rows[keep], rows.to(self.rows.dtype)])
         order = torch.argsort(new_ids)
         return ServingTable.build(self.key, self.dim, self.quantization, new_ids[order], new_rows[order], self.init)
