@@ -21,6 +21,11 @@ class HashTablesMixin:
 
     _state_section = "embedding_bags"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "qconfig":
+            refuse_torchrec_quantization(self)
+        super().__setattr__(name, value)
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -161,3 +166,24 @@ class HashTablesMixin:
             unexpected_keys,
             error_msgs,
         )
+
+
+def refuse_torchrec_quantization(module: Any) -> None:
+    """TorchRec's ``quantize_embeddings`` maps only its own collections to quantized ones and would
+    return ours unchanged, unquantized, without a word. torch.ao sets ``qconfig`` on every module
+    it walks; when that walk is ``quantize_embeddings``'s, say so instead (a quantization of the
+    dense layers alone, ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear})``, passes)."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "quantize_embeddings" and code.co_filename.replace("\\", "/").endswith(
+                "torchrec/inference/modules.py"):
+            raise NotImplementedError(
+                f"torchrec.inference.modules.quantize_embeddings cannot quantize {type(module).__name__}: its rows "
+                "live in hash tables, which TorchRec's quantized EmbeddingBagCollection cannot hold. Export the "
+                "model with recis_torchrec.inference.export(model, path, example_inputs, quantize='int8') (or "
+                "'fp16'/'bf16') and serve it with recis_torchrec.inference.load(path)"
+            )
+        frame = frame.f_back

@@ -292,3 +292,21 @@ def test_deltas_applied_while_threads_predict_are_seen_whole(tmp_path):
     assert not failures, f"{len(failures)} answers matched no version"
     assert torch.equal(predictor(dense, kjt), versions[-1])
     assert predictor.deltas_applied == 20 and len(set(seen)) >= 2
+
+
+def test_torchrec_quantize_embeddings_on_our_modules_raises_and_names_the_way(tmp_path):
+    """TorchRec's quantize_embeddings would return our modules unquantized without a word; it
+    raises instead, naming inference.export. torch.ao's dynamic quantization of the dense layers
+    alone still works on a model holding them."""
+    from torchrec.inference.modules import quantize_embeddings
+
+    model, _ = trained("dlrm", steps=1)
+    with pytest.raises(NotImplementedError, match="quantize_embeddings cannot quantize HashEmbeddingBagCollection"
+                                                  ".*inference.export"):
+        quantize_embeddings(model, dtype=torch.qint8, inplace=True)
+    model, _ = trained("dlrm", steps=1)
+    dense, kjt = requests("bag", 1)[0]
+    want = model(dense, kjt)
+    q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert type(q.sparse_arch.embedding_bag_collection).__name__ == "HashEmbeddingBagCollection"
+    torch.testing.assert_close(q(dense, kjt), want, atol=0.05, rtol=0.05)
