@@ -37,6 +37,7 @@ from recis_torchrec.modules.hash_table import table_parameters
 
 FORMAT_VERSION = 1
 PROGRAM_FILE = "dense.pt2"
+AOTI_FILE = "dense.aoti.pt2"
 UNSEEN = ("init", "zero")
 
 
@@ -266,6 +267,7 @@ def export(
     checkpoint: Optional[str] = None,
     max_file_bytes: int = 256 << 20,
     metadata: Optional[Dict[str, Any]] = None,
+    aot_inductor: bool = False,
 ) -> str:
     """Writes an inference package of `model` to the new directory `path`.
 
@@ -283,6 +285,9 @@ def export(
         max_file_bytes: the largest table shard.
         metadata: JSON kept in the manifest (the CLI stores the training config there, for
             ``predict`` to read data files with its schema).
+        aot_inductor: also compile the dense program ahead of time with AOTInductor
+            (``torch._inductor.aoti_compile_and_package``) into ``dense.aoti.pt2``, which
+            ``load(path, dense="aoti")`` runs. Takes a C++ compiler and tens of seconds.
 
     Returns:
         `path`. The package holds no optimizer state and no row metadata.
@@ -342,6 +347,10 @@ def export(
             for p, m in originals.items():
                 _set_submodule(model, p, m)
             model.train(was_training)
+        aoti = None
+        if aot_inductor:
+            aoti = os.path.join(tmp, AOTI_FILE)
+            torch._inductor.aoti_compile_and_package(program, package_path=aoti)
         program._example_inputs = None  # the KJT of the example would need unpickling on load
         torch.export.save(program, os.path.join(tmp, PROGRAM_FILE))
         manifest = {
@@ -357,6 +366,9 @@ def export(
                         "xxh64_file": _file_checksum(os.path.join(tmp, PROGRAM_FILE))},
             "metadata": metadata or {},
         }
+        if aoti is not None:
+            manifest["aoti_program"] = {"file": AOTI_FILE, "bytes": os.path.getsize(aoti),
+                                        "xxh64_file": _file_checksum(aoti)}
         manifest["xxh64"] = index_checksum(manifest)
         write_json(os.path.join(tmp, "manifest.json"), manifest)
         if os.path.isdir(path):
@@ -480,20 +492,33 @@ class Predictor:
             self.deltas_applied += 1
 
 
-def load(path: str) -> Predictor:
-    """Loads a package written by :func:`export` and verifies every file against the manifest."""
+def _verified(path: str, entry: Dict[str, Any]) -> str:
+    file = os.path.join(path, entry["file"])
+    if not os.path.exists(file):
+        raise InferenceError(f"{file}: missing (the manifest lists it)")
+    if os.path.getsize(file) != entry["bytes"] or _file_checksum(file) != entry["xxh64_file"]:
+        raise InferenceError(f"{file}: checksum mismatch (the dense program is corrupt)")
+    return file
+
+
+def load(path: str, dense: str = "export") -> Predictor:
+    """Loads a package written by :func:`export` and verifies every file against the manifest.
+    ``dense="aoti"`` runs the AOTInductor-compiled dense program (``export(..., aot_inductor=True)``)
+    instead of the exported one."""
+    if dense not in ("export", "aoti"):
+        raise InferenceError(f"inference.load: dense must be 'export' or 'aoti', got {dense!r}")
     manifest = read_manifest(path)
     tables = {}
     for key, entry in manifest["tables"].items():
         tables[key] = _table_from_files(path, key, entry, manifest["unseen"])
-    prog = manifest["program"]
-    file = os.path.join(path, prog["file"])
-    if not os.path.exists(file):
-        raise InferenceError(f"{file}: missing (the manifest lists it)")
-    if os.path.getsize(file) != prog["bytes"] or _file_checksum(file) != prog["xxh64_file"]:
-        raise InferenceError(f"{file}: checksum mismatch (the dense program is corrupt)")
+    file = _verified(path, manifest["program"])
     try:
         program = torch.export.load(file)
     except Exception as e:  # noqa: BLE001 - a corrupt program raises many kinds
         raise InferenceError(f"{file}: cannot load the dense program ({type(e).__name__}: {e})") from e
-    return Predictor(path, manifest, tables, program)
+    predictor = Predictor(path, manifest, tables, program)
+    if dense == "aoti":
+        if "aoti_program" not in manifest:
+            raise InferenceError(f"{path}: the package has no AOTInductor program (export with aot_inductor=True)")
+        predictor._module = torch._inductor.aoti_load_package(_verified(path, manifest["aoti_program"]))
+    return predictor
