@@ -12,6 +12,7 @@ KILL_AT_STEP (0: never).
 import os
 import signal
 import sys
+import tomllib
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ def main() -> None:
     overrides = {"trainer.output_dir": out, "trainer.progress": False}
     for item in sys.argv[5:]:
         key, _, value = item.partition("=")
-        overrides[key] = int(value)
+        overrides[key] = tomllib.loads(f"v = {value}")["v"]  # as the CLI's --set reads a value
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
