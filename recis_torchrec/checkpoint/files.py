@@ -49,12 +49,18 @@ _DTYPES = {
 _ORDER = {dtype: i for i, dtype in enumerate(_DTYPES)}
 
 
+def _layout(tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """The tensors' names in file order, as ``safetensors.torch.save_file`` lays them out: widest
+    dtype first, then by name."""
+    return sorted(tensors, key=lambda k: (_ORDER[tensors[k].dtype], k))
+
+
 def safetensors_header(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
     """The safetensors header (8-byte length, JSON padded with spaces to 8 bytes) for ``tensors``
-    laid out as ``safetensors.torch.save_file`` lays them out: widest dtype first, then by name."""
+    in :func:`_layout` order."""
     body: Dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    for name in sorted(tensors, key=lambda k: (_ORDER[tensors[k].dtype], k)):
+    for name in _layout(tensors):
         t = tensors[name]
         body[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
@@ -79,7 +85,7 @@ def write_tensors(
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}, which checkpoints do not store")
     tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     header = safetensors_header(tensors, metadata)
-    order = sorted(tensors, key=lambda k: (_ORDER[tensors[k].dtype], k))
+    order = _layout(tensors)
     # Strided columns (a state slot, a metadata column) are gathered by the writer, not copied here.
     digest = ops.write_file(path, header, [tensors[k] for k in order], durable=durable, share=share)
     size = len(header) + sum(t.nbytes for t in tensors.values())
@@ -93,33 +99,42 @@ def inside(directory: str, name: Any) -> str:
     return os.path.join(directory, name)
 
 
-def read_tensors(directory: str, entry: dict) -> Dict[str, torch.Tensor]:
-    """Reads and verifies a file listed in the index: its size and XXH64 over the memory-mapped file,
-    then its tensors through ``safetensors.safe_open``."""
-    from safetensors import SafetensorError, safe_open
+def file_checksum(path: str) -> str:
+    """XXH64 of a file's bytes, read memory-mapped."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return checksum(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return checksum(data)
 
+
+def verified_path(directory: str, entry: dict) -> str:
+    """The path of a file an index lists, checked: inside `directory`, present, of the size the
+    entry gives and, when the entry records one, of its whole-file XXH64."""
     path = inside(directory, entry.get("file"))
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: missing (the index lists it)")
     size = os.path.getsize(path)
     if size != entry.get("bytes"):
         raise CheckpointError(f"{path}: {size} bytes but the index says {entry.get('bytes')} (truncated?)")
+    if "xxh64_file" in entry and file_checksum(path) != entry["xxh64_file"]:
+        raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt)")
+    return path
+
+
+def read_tensors(directory: str, entry: dict) -> Dict[str, torch.Tensor]:
+    """Reads and verifies a file listed in the index: its size and XXH64 over the memory-mapped file,
+    then its tensors through ``safetensors.safe_open``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = verified_path(directory, entry)
     if "xxh64_file" in entry:
-        with open(path, "rb") as f:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-            try:
-                ok = checksum(data) == entry["xxh64_file"]
-            finally:
-                if isinstance(data, mmap.mmap):
-                    data.close()
-        if not ok:
-            raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt)")
         try:
             with safe_open(path, framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, ValueError, RuntimeError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    return _read_combined(path, size, entry)
+    return _read_combined(path, os.path.getsize(path), entry)
 
 
 def _read_combined(path: str, size: int, entry: dict) -> Dict[str, torch.Tensor]:

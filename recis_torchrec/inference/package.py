@@ -23,13 +23,15 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from recis_torchrec import __version__ as _version
 from recis_torchrec.checkpoint.files import (
     CheckpointError,
-    checksum,
+    file_checksum,
     index_checksum,
     read_index,
     read_tensors,
+    verified_path,
     write_json,
     write_tensors,
 )
+from recis_torchrec.checkpoint.saver import safe_key
 from recis_torchrec.inference.tables import FORMATS, ServingTable, quantize_rows
 from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
 from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
@@ -126,6 +128,11 @@ def _specs(modules: List[Tuple[str, nn.Module]]) -> Tuple[List[_ModuleSpec], Dic
 # -- the dense program: the model with its embedding modules fed from outside ---------
 
 
+def _feed_key(path: str) -> str:
+    """The dense program's input name for the embedding module at `path`."""
+    return path.replace(".", "__")
+
+
 class _Feed(nn.Module):
     """Stands in for an embedding module while the dense part is exported: returns what the
     serving lookup computed, in the module's output type."""
@@ -152,7 +159,7 @@ class _Dense(nn.Module):
 
     def forward(self, args: Tuple[Any, ...], feeds: Dict[str, Any]) -> Any:
         for path, feed in self.feeds.items():
-            feed.value = feeds[path.replace(".", "__")]
+            feed.value = feeds[_feed_key(path)]
         return self.model(*args)
 
 
@@ -223,14 +230,14 @@ def _lookups(specs: List[_ModuleSpec], tables: Dict[str, ServingTable], kjt: Key
                 if s.weighted and w is None:
                     raise InferenceError(f"{s.path or 'the model'}: feature {feature!r} needs per-id weights")
                 cols.append(tables[key].pooled(jt.values(), jt.offsets(), w, mode))
-            feeds[s.path.replace(".", "__")] = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+            feeds[_feed_key(s.path)] = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
         else:
             out = {}
             for feature, emb_name, key, _ in s.features:
                 jt = per[feature]
                 out[emb_name] = JaggedTensor(values=tables[key].rows_of(jt.values()), lengths=jt.lengths(),
                                              weights=jt.values() if s.need_indices else None)
-            feeds[s.path.replace(".", "__")] = out
+            feeds[_feed_key(s.path)] = out
     return feeds
 
 
@@ -243,7 +250,7 @@ def _write_table(directory: str, key: str, table, quantize: str, max_file_bytes:
     ids, weights = ids[order], weights[order]
     rows = quantize_rows(weights.float(), quantize)
     kind, a, b, seed, _ = table_parameters(table.name, table.options, table.num_embeddings, table.init_range)
-    folder = os.path.join("tables", key.replace("/", "__").replace(".", "_"))
+    folder = os.path.join("tables", safe_key(key))
     os.makedirs(os.path.join(directory, folder), exist_ok=True)
     row_bytes = 8 + rows.shape[1] * rows.element_size()
     per_file = max(1, max_file_bytes // row_bytes)
@@ -363,12 +370,12 @@ def export(
             "features": sorted({f[0] for s in specs for f in s.features}),
             "tables": manifest_tables,
             "program": {"file": PROGRAM_FILE, "bytes": os.path.getsize(os.path.join(tmp, PROGRAM_FILE)),
-                        "xxh64_file": _file_checksum(os.path.join(tmp, PROGRAM_FILE))},
+                        "xxh64_file": file_checksum(os.path.join(tmp, PROGRAM_FILE))},
             "metadata": metadata or {},
         }
         if aoti is not None:
             manifest["aoti_program"] = {"file": AOTI_FILE, "bytes": os.path.getsize(aoti),
-                                        "xxh64_file": _file_checksum(aoti)}
+                                        "xxh64_file": file_checksum(aoti)}
         manifest["xxh64"] = index_checksum(manifest)
         write_json(os.path.join(tmp, "manifest.json"), manifest)
         if os.path.isdir(path):
@@ -378,16 +385,6 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _file_checksum(path: str) -> str:
-    import mmap
-
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return checksum(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return checksum(data)
 
 
 # -- load ---------------------------------------------------------------------------------
@@ -493,12 +490,10 @@ class Predictor:
 
 
 def _verified(path: str, entry: Dict[str, Any]) -> str:
-    file = os.path.join(path, entry["file"])
-    if not os.path.exists(file):
-        raise InferenceError(f"{file}: missing (the manifest lists it)")
-    if os.path.getsize(file) != entry["bytes"] or _file_checksum(file) != entry["xxh64_file"]:
-        raise InferenceError(f"{file}: checksum mismatch (the dense program is corrupt)")
-    return file
+    try:
+        return verified_path(path, entry)
+    except CheckpointError as e:
+        raise InferenceError(str(e)) from None
 
 
 def load(path: str, dense: str = "export") -> Predictor:
