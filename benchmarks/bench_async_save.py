@@ -2,7 +2,8 @@
 """A background checkpoint save against a blocking one, in the same process:
 
 - the training step while a background save of the model writes, against the step without one;
-- the part of a background save the step waits for (the snapshot), against a blocking save.
+- the part of a background save the step waits for (starting the copy-on-write snapshot, copying
+  the dense state), against a blocking save; and how many rows the steps copied on write.
 
     python -m benchmarks.bench_async_save [--rows 10000000]
 """
@@ -52,28 +53,36 @@ def main(argv: Optional[List[str]] = None) -> None:
         checkpoint.save(tmp + "/a", model, step=1)
         blocking_s = time.perf_counter() - t0
         runs = []
-        for k in range(2):  # the first fills fresh host buffers, the second the kept ones
+        for k in range(2):  # the first reads into fresh host buffers, the second into the kept ones
             t0 = time.perf_counter()
             checkpoint.save(tmp + f"/b{k}", model, step=1, blocking=False, write_share=args.write_share)
             returned_s = time.perf_counter() - t0
-            during = []
+            during, copies, reading = [], 0, []
             while checkpoint.saver._background_running():
                 during.append(step())
+                now = table.info()["snapshot_copies"]
+                if now:  # the snapshot is still being read
+                    reading.append(during[-1])
+                copies = max(copies, now)
             checkpoint.wait()
-            runs.append((returned_s, during, time.perf_counter() - t0))
+            runs.append((returned_s, during, time.perf_counter() - t0, copies, reading))
             for _ in range(3):
                 step()
     checkpoint.release_buffers()
     n = statistics.median(normal)
     print(f"{args.rows:,} rows x dim {args.dim} (row-wise Adagrad), batch {args.batch} x 20 ids:")
     print(f"  step alone: {n:.1f} ms; blocking save: {blocking_s:.2f} s")
-    for k, (returned_s, during, total_s) in enumerate(runs):
+    for k, (returned_s, during, total_s, copies, reading) in enumerate(runs):
         d = statistics.median(during) if during else float("nan")
         mean = statistics.mean(during) if during else float("nan")
         print(f"  background save {k + 1} ({'fresh' if k == 0 else 'kept'} buffers): returns after "
-              f"{returned_s:.2f} s ({returned_s / blocking_s:.1%} of the blocking save), written in "
+              f"{returned_s * 1e3:.1f} ms ({returned_s / blocking_s:.1%} of the blocking save), written in "
               f"{total_s:.2f} s; step during it {d:.1f} ms median, {mean:.1f} ms mean ({len(during)} steps): ratio {d / n:.2f} "
-              f"(mean {mean / statistics.mean(normal):.2f})")
+              f"(mean {mean / statistics.mean(normal):.2f}); rows copied on write: {copies:,} "
+              f"({copies / args.rows:.1%} of the table); while the snapshot was read ({len(reading)} steps, "
+              f"{sum(reading) / 1e3:.2f} s): {statistics.median(reading) / n if reading else float('nan'):.2f}x median, "
+              f"{statistics.mean(reading) / statistics.mean(normal) if reading else float('nan'):.2f}x mean; "
+              f"extra step time over the whole save {(sum(during) - len(during) * statistics.mean(normal)) / 1e3:.2f} s")
 
 if __name__ == "__main__":
     main()

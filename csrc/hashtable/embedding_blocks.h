@@ -13,14 +13,27 @@
 // rows, so row pointers stay valid for the table's lifetime.
 // Each row also records the id that owns it and its metadata (RowMeta). Rows
 // freed by eviction go on a free list and are handed out again first.
+//
+// Copy-on-write snapshots. begin_snapshot() freezes the rows below
+// row_limit() as they are: a background checkpoint writer then reads them,
+// in row order, while training goes on. Every write to a row goes through a
+// mutable_* accessor (there are no others), which first copies the row's old
+// bytes, id and metadata aside if the snapshot has not read the row yet; the
+// snapshot read takes the copy where there is one. A row is copied at most
+// once per snapshot, and rows the reader has passed are not copied at all.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "row_types.h"
@@ -66,6 +79,8 @@ class EmbeddingBlocks {
   RowType type() const { return type_; }
   // Bytes from one row to the next.
   int64_t stride_bytes() const { return stride_; }
+  // Bytes from a row's start to its state.
+  int64_t state_offset() const { return state_offset_; }
   int64_t block_rows() const { return block_mask_ + 1; }
   int64_t num_blocks() const { return static_cast<int64_t>(blocks_.size()); }
   int64_t capacity() const { return num_blocks() * block_rows(); }
@@ -75,20 +90,31 @@ class EmbeddingBlocks {
   int64_t live_rows() const { return row_limit() - static_cast<int64_t>(free_.size()); }
 
   // The row's first byte: its embedding elements (of type()), then its state.
-  uint8_t* row_bytes(int64_t r) { return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_; }
   const uint8_t* row_bytes(int64_t r) const {
     return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_;
   }
   // The embedding of a float32 row (type() == kF32 only), its state following it.
-  float* row(int64_t r) { return reinterpret_cast<float*>(row_bytes(r)); }
   const float* row(int64_t r) const { return reinterpret_cast<const float*>(row_bytes(r)); }
   // The row's optimizer state (state_dim floats).
-  float* state(int64_t r) { return reinterpret_cast<float*>(row_bytes(r) + state_offset_); }
   const float* state(int64_t r) const { return reinterpret_cast<const float*>(row_bytes(r) + state_offset_); }
-  int64_t& row_id(int64_t r) { return blocks_[r >> block_shift_].ids[r & block_mask_]; }
   int64_t row_id(int64_t r) const { return blocks_[r >> block_shift_].ids[r & block_mask_]; }
-  RowMeta& meta(int64_t r) { return blocks_[r >> block_shift_].meta[r & block_mask_]; }
   const RowMeta& meta(int64_t r) const { return blocks_[r >> block_shift_].meta[r & block_mask_]; }
+
+  // The same, for writing: each first preserves the row for a snapshot in progress.
+  uint8_t* mutable_row_bytes(int64_t r) {
+    preserve(r);
+    return blocks_[r >> block_shift_].data + (r & block_mask_) * stride_;
+  }
+  float* mutable_row(int64_t r) { return reinterpret_cast<float*>(mutable_row_bytes(r)); }
+  float* mutable_state(int64_t r) { return reinterpret_cast<float*>(mutable_row_bytes(r) + state_offset_); }
+  int64_t& mutable_row_id(int64_t r) {
+    preserve(r);
+    return blocks_[r >> block_shift_].ids[r & block_mask_];
+  }
+  RowMeta& mutable_meta(int64_t r) {
+    preserve(r);
+    return blocks_[r >> block_shift_].meta[r & block_mask_];
+  }
 
   // Appends blocks until `extra` more rows can be handed out. Single-threaded.
   void reserve(int64_t extra) {
@@ -113,20 +139,96 @@ class EmbeddingBlocks {
     } else {
       r = next_row_.fetch_add(1, std::memory_order_relaxed);
     }
-    meta(r) = RowMeta{};
-    meta(r).live = 1;
+    RowMeta& m = mutable_meta(r);
+    m = RowMeta{};
+    m.live = 1;
     return r;
   }
 
   // Returns a row to the free list. Single-threaded.
   void release(int64_t r) {
-    meta(r).live = 0;
+    mutable_meta(r).live = 0;
     free_.push_back(r);
   }
 
   int64_t memory_bytes() const {
     return num_blocks() * block_rows() * static_cast<int64_t>(stride_ + sizeof(int64_t) + sizeof(RowMeta)) +
-           static_cast<int64_t>(free_.capacity() * sizeof(int64_t));
+           static_cast<int64_t>(free_.capacity() * sizeof(int64_t)) + snapshot_bytes();
+  }
+
+  // ---- Copy-on-write snapshots (see the top of this file). ----
+  // A snapshot's reads and the writers are serialised by the caller (the
+  // table's reader/writer lock); writers may run in parallel with each other.
+
+  bool snapshot_active() const { return snap_active_; }
+  // The rows the snapshot covers: [0, snapshot_limit()).
+  int64_t snapshot_limit() const { return snap_limit_; }
+  // Where the next snapshot read starts: rows below it have been read.
+  int64_t snapshot_next() const { return snap_done_.load(std::memory_order_relaxed); }
+  // Rows copied aside so far.
+  int64_t snapshot_copies() const { return snap_count_.load(std::memory_order_relaxed); }
+  // Bytes the snapshot holds: its copies and its per-row index.
+  int64_t snapshot_bytes() const {
+    if (!snap_active_) return 0;
+    const int64_t slabs = (snapshot_copies() + kSlabRecords - 1) / kSlabRecords;
+    return slabs * kSlabRecords * record_bytes() + snap_limit_ * 4;
+  }
+
+  void begin_snapshot() {
+    if (snap_active_) throw std::logic_error("a snapshot of this table is already in progress");
+    const int64_t limit = row_limit();
+    if (limit >= INT32_MAX) {
+      throw std::length_error("a snapshot covers at most 2^31 - 2 rows; the table has " + std::to_string(limit));
+    }
+    // calloc: the index's pages are mapped zero on first touch, so a snapshot costs no
+    // per-row work up front.
+    snap_slot_ = static_cast<int32_t*>(std::calloc(static_cast<size_t>(std::max<int64_t>(limit, 1)), sizeof(int32_t)));
+    if (snap_slot_ == nullptr) throw std::bad_alloc();
+    snap_slabs_ = std::vector<std::atomic<uint8_t*>>(static_cast<size_t>((limit + kSlabRecords - 1) / kSlabRecords));
+    for (auto& p : snap_slabs_) p.store(nullptr, std::memory_order_relaxed);
+    snap_limit_ = limit;
+    snap_count_.store(0);
+    snap_done_.store(0);
+    snap_active_ = true;
+  }
+
+  void end_snapshot() {
+    if (!snap_active_) return;
+    snap_active_ = false;
+    for (auto& p : snap_slabs_) std::free(p.load());
+    snap_slabs_.clear();
+    std::free(snap_slot_);
+    snap_slot_ = nullptr;
+    snap_limit_ = 0;
+    snap_count_.store(0);
+    snap_done_.store(0);
+  }
+
+  // Calls fn(r, row bytes, id, meta) for each row in [begin, end) as it was
+  // when the snapshot began (live or free: the caller looks at meta.live), and
+  // marks the range read. Reads are sequential: begin must be snapshot_next().
+  template <typename Fn>
+  void read_snapshot(int64_t begin, int64_t end, Fn&& fn) {
+    if (!snap_active_) throw std::logic_error("no snapshot of this table is in progress");
+    if (begin != snapshot_next() || end < begin || end > snap_limit_) {
+      throw std::logic_error("a snapshot is read once, in row order: the next read starts at row " +
+                             std::to_string(snapshot_next()) + " (of " + std::to_string(snap_limit_) + "), not " +
+                             std::to_string(begin));
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t slot = __atomic_load_n(snap_slot_ + r, __ATOMIC_ACQUIRE);
+      if (slot > 0) {
+        const uint8_t* rec = record(slot - 1);
+        int64_t id;
+        RowMeta m;
+        std::memcpy(&id, rec + stride_, sizeof(id));
+        std::memcpy(&m, rec + stride_ + sizeof(int64_t), sizeof(m));
+        fn(r, rec, id, m);
+      } else {
+        fn(r, row_bytes(r), row_id(r), meta(r));
+      }
+    }
+    snap_done_.store(end, std::memory_order_relaxed);
   }
   // Of memory_bytes(), the bytes of the live rows (their embedding, state, id and metadata).
   int64_t used_bytes() const {
@@ -134,6 +236,7 @@ class EmbeddingBlocks {
   }
 
   ~EmbeddingBlocks() {
+    end_snapshot();
     for (auto& b : blocks_) {
       std::free(b.data);
       delete[] b.ids;
@@ -149,6 +252,48 @@ class EmbeddingBlocks {
   };
 
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+  // A copied row: its stride_ bytes, then its id, then its RowMeta.
+  static constexpr int64_t kSlabRecords = 4096;
+  int64_t record_bytes() const { return stride_ + static_cast<int64_t>(sizeof(int64_t) + sizeof(RowMeta)); }
+  uint8_t* record(int64_t k) const {
+    return snap_slabs_[static_cast<size_t>(k / kSlabRecords)].load(std::memory_order_acquire) +
+           (k % kSlabRecords) * record_bytes();
+  }
+
+  // Copies row r aside before its first write, if the snapshot still needs it.
+  void preserve(int64_t r) {
+    if (__builtin_expect(!snap_active_, 1)) return;
+    if (r >= snap_limit_ || r < snap_done_.load(std::memory_order_relaxed)) return;
+    int32_t* slot = snap_slot_ + r;
+    int32_t seen = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    if (seen > 0) return;
+    if (seen == 0 && __atomic_compare_exchange_n(slot, &seen, -1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+      const int64_t k = snap_count_.fetch_add(1, std::memory_order_relaxed);
+      std::atomic<uint8_t*>& slab = snap_slabs_[static_cast<size_t>(k / kSlabRecords)];
+      if (slab.load(std::memory_order_acquire) == nullptr) {
+        std::lock_guard<std::mutex> g(snap_mutex_);
+        if (slab.load(std::memory_order_relaxed) == nullptr) {
+          void* p = std::malloc(static_cast<size_t>(kSlabRecords * record_bytes()));
+          if (p == nullptr) {
+            __atomic_store_n(slot, 0, __ATOMIC_RELEASE);
+            throw std::bad_alloc();
+          }
+          slab.store(static_cast<uint8_t*>(p), std::memory_order_release);
+        }
+      }
+      uint8_t* rec = record(k);
+      const Block& b = blocks_[r >> block_shift_];
+      std::memcpy(rec, b.data + (r & block_mask_) * stride_, static_cast<size_t>(stride_));
+      std::memcpy(rec + stride_, &b.ids[r & block_mask_], sizeof(int64_t));
+      std::memcpy(rec + stride_ + sizeof(int64_t), &b.meta[r & block_mask_], sizeof(RowMeta));
+      __atomic_store_n(slot, static_cast<int32_t>(k + 1), __ATOMIC_RELEASE);
+      return;
+    }
+    // Another thread is copying the row: wait until it is done.
+    while (__atomic_load_n(slot, __ATOMIC_ACQUIRE) < 0) {
+    }
+  }
 
   // Row memory is touched at random, one row per id, so TLB misses dominate
   // lookups and updates once a table outgrows the TLB's reach. Blocks of 2 MiB
@@ -174,6 +319,15 @@ class EmbeddingBlocks {
   std::vector<Block> blocks_;
   std::atomic<int64_t> next_row_{0};
   std::vector<int64_t> free_;
+  // The snapshot in progress (begin_snapshot): rows below snap_limit_, read up to snap_done_;
+  // snap_slot_[r] = 0 (not copied), -1 (being copied) or k + 1 (copy k, in snap_slabs_).
+  bool snap_active_ = false;
+  int64_t snap_limit_ = 0;
+  std::atomic<int64_t> snap_done_{0};
+  std::atomic<int64_t> snap_count_{0};
+  int32_t* snap_slot_ = nullptr;
+  std::vector<std::atomic<uint8_t*>> snap_slabs_;
+  std::mutex snap_mutex_;
 };
 
 }  // namespace hashtable

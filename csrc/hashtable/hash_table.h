@@ -115,12 +115,14 @@ class HashTable {
 
   RowType row_type() const { return cfg_.row_type; }
   // The embedding of float32 row r (row_type() == kF32): (dim,), followed by its state.
-  float* row(int64_t r) { return blocks_.row(r); }
   const float* row(int64_t r) const { return blocks_.row(r); }
   // Row r's embedding elements (of row_type()) and its state_dim state floats.
-  uint8_t* row_bytes(int64_t r) { return blocks_.row_bytes(r); }
   const uint8_t* row_bytes(int64_t r) const { return blocks_.row_bytes(r); }
-  float* state(int64_t r) { return blocks_.state(r); }
+  const float* state(int64_t r) const { return blocks_.state(r); }
+  // The same, for writing (a snapshot in progress keeps the old values: see embedding_blocks.h).
+  float* mutable_row(int64_t r) { return blocks_.mutable_row(r); }
+  uint8_t* mutable_row_bytes(int64_t r) { return blocks_.mutable_row_bytes(r); }
+  float* mutable_state(int64_t r) { return blocks_.mutable_state(r); }
   // Row r's embedding as float32 values, into dst (dim,).
   void read_row(int64_t r, float* dst) const { load_elements(blocks_.row_bytes(r), cfg_.row_type, dst, cfg_.dim); }
 
@@ -183,7 +185,7 @@ class HashTable {
       for (int64_t i = b; i < e; ++i) {
         const int64_t r = rows[i];
         if (r < 0) continue;
-        RowMeta& m = blocks_.meta(r);
+        RowMeta& m = blocks_.mutable_meta(r);
         __atomic_store_n(&m.last_seen, clock, __ATOMIC_RELAXED);
         __atomic_fetch_add(&m.freq, 1u, __ATOMIC_RELAXED);
       }
@@ -581,11 +583,14 @@ class HashTable {
     par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         if (emb != nullptr) {
-          std::memcpy(blocks_.row_bytes(rows[i]), static_cast<const uint8_t*>(emb) + i * emb_bytes, emb_bytes);
+          std::memcpy(blocks_.mutable_row_bytes(rows[i]), static_cast<const uint8_t*>(emb) + i * emb_bytes,
+                      emb_bytes);
         }
-        if (sdim > 0 && state != nullptr) std::memcpy(blocks_.state(rows[i]), state + i * sdim, sizeof(float) * sdim);
+        if (sdim > 0 && state != nullptr) {
+          std::memcpy(blocks_.mutable_state(rows[i]), state + i * sdim, sizeof(float) * sdim);
+        }
         if (meta != nullptr) {
-          RowMeta& m = blocks_.meta(rows[i]);
+          RowMeta& m = blocks_.mutable_meta(rows[i]);
           m.last_seen = meta[3 * i];
           m.last_update = meta[3 * i + 1];
           m.freq = static_cast<uint32_t>(meta[3 * i + 2]);
@@ -596,23 +601,57 @@ class HashTable {
   }
 
   // Marks a row as written at `clock` (the optimizer's update count).
-  void mark_updated(int64_t r, int64_t clock) { blocks_.meta(r).last_update = clock; }
+  void mark_updated(int64_t r, int64_t clock) { blocks_.mutable_meta(r).last_update = clock; }
+
+  // A copy-on-write snapshot of the live rows (embedding_blocks.h): begin it
+  // alone (it returns the number of live rows it holds), read it with
+  // read_snapshot while training goes on, end it when done.
+  int64_t begin_snapshot() {
+    blocks_.begin_snapshot();
+    return size();
+  }
+  void end_snapshot() { blocks_.end_snapshot(); }
+  bool snapshot_active() const { return blocks_.snapshot_active(); }
+  int64_t snapshot_next() const { return blocks_.snapshot_next(); }
+  int64_t snapshot_limit() const { return blocks_.snapshot_limit(); }
+  int64_t snapshot_copies() const { return blocks_.snapshot_copies(); }
+
+  // Copies the rows of the snapshot that were live when it began, from row
+  // snapshot_next() up to row `end`, into the buffers (laid out as
+  // export_rows lays them out; they must hold end - snapshot_next() rows).
+  // Returns the rows copied. Must not run alongside a writer.
+  int64_t read_snapshot(int64_t end, int64_t* ids, void* emb, float* state, int64_t* meta) {
+    const int64_t sdim = cfg_.state_dim, emb_bytes = cfg_.dim * element_bytes(cfg_.row_type);
+    const int64_t state_offset = blocks_.state_offset();
+    int64_t n = 0;
+    blocks_.read_snapshot(blocks_.snapshot_next(), end, [&](int64_t, const uint8_t* row, int64_t id, const RowMeta& m) {
+      if (!m.live) return;
+      ids[n] = id;
+      std::memcpy(static_cast<uint8_t*>(emb) + n * emb_bytes, row, static_cast<size_t>(emb_bytes));
+      if (sdim > 0) std::memcpy(state + n * sdim, row + state_offset, sizeof(float) * sdim);
+      meta[3 * n] = m.last_seen;
+      meta[3 * n + 1] = m.last_update;
+      meta[3 * n + 2] = static_cast<int64_t>(m.freq);
+      ++n;
+    });
+    return n;
+  }
 
  private:
   void init_new_row(int64_t r, int64_t key, int64_t clock, bool fill = true) {
     if (fill) {
       if (cfg_.row_type == RowType::kF32) {
-        init_row(blocks_.row(r), key, cfg_.dim, cfg_.init);
+        init_row(blocks_.mutable_row(r), key, cfg_.dim, cfg_.init);
       } else {
         thread_local std::vector<float> buf;
         buf.resize(static_cast<size_t>(cfg_.dim));
         init_row(buf.data(), key, cfg_.dim, cfg_.init);
-        store_elements(blocks_.row_bytes(r), cfg_.row_type, buf.data(), cfg_.dim);
+        store_elements(blocks_.mutable_row_bytes(r), cfg_.row_type, buf.data(), cfg_.dim);
       }
-      if (cfg_.state_dim > 0) std::memset(blocks_.state(r), 0, sizeof(float) * cfg_.state_dim);
+      if (cfg_.state_dim > 0) std::memset(blocks_.mutable_state(r), 0, sizeof(float) * cfg_.state_dim);
     }
-    blocks_.row_id(r) = key;
-    RowMeta& m = blocks_.meta(r);
+    blocks_.mutable_row_id(r) = key;
+    RowMeta& m = blocks_.mutable_meta(r);
     m.last_seen = clock;
     m.last_update = clock + 1;
   }

@@ -3,6 +3,8 @@
 // Python bindings for table lifetime and introspection. The data path goes
 // through the torch.ops.recis ops; these functions only create, release and
 // describe tables.
+#include <chrono>
+#include <thread>
 #include <torch/extension.h>
 
 #include "../hashtable/constants.h"
@@ -70,6 +72,7 @@ py::dict py_table_info(int64_t handle) {
   d["evicted"] = t.counters().evicted;
   d["rejected"] = t.counters().rejected;
   d["pending"] = t.pending();
+  d["snapshot_copies"] = t.snapshot_copies();
   return d;
 }
 
@@ -89,6 +92,64 @@ std::tuple<int64_t, int64_t> py_export_chunk(int64_t handle, int64_t start, int6
                                   t.state_dim() > 0 ? state.data_ptr<float>() : nullptr, meta.data_ptr<int64_t>(),
                                   AtParallelFor{});
   return {out.first, out.second};
+}
+
+// Copy-on-write snapshots (hash_table.h): what a background checkpoint reads while training goes on.
+int64_t py_snapshot_begin(int64_t handle) {
+  const auto entry = get_table(handle, "snapshot_begin");
+  TableLocks lock({entry}, /*exclusive=*/true);
+  try {
+    return entry->table.begin_snapshot();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "snapshot_begin: table ", handle, ": ", e.what());
+  }
+  return 0;
+}
+
+void py_snapshot_end(int64_t handle) {
+  const auto entry = get_table(handle, "snapshot_end");
+  TableLocks lock({entry}, /*exclusive=*/true);
+  entry->table.end_snapshot();
+}
+
+// Fills the buffers with the snapshot's next live rows (as export_chunk lays them out); returns (rows
+// copied, the row index the next read starts from); the second is the snapshot's row limit when it
+// is read through. Runs without the GIL, and holds the table for at most kScan rows at a time, so a
+// training step waits for one short copy, not for the whole read; `share` paces it as the file
+// writer is paced (it sleeps (1 - share) / share times as long as it copied, without the table).
+std::tuple<int64_t, int64_t> py_snapshot_read(int64_t handle, at::Tensor ids, at::Tensor emb, at::Tensor state,
+                                              at::Tensor meta, double share) {
+  constexpr int64_t kScan = 8192;
+  TORCH_CHECK(share > 0 && share <= 1, "snapshot_read: share must be in (0, 1], got ", share);
+  const auto entry = get_table(handle, "snapshot_read");
+  auto& t = entry->table;
+  const int64_t cap = ids.numel();
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && emb.scalar_type() == row_scalar_type(t.row_type()) &&
+                  emb.is_contiguous() && emb.numel() == cap * t.dim() && state.scalar_type() == at::kFloat &&
+                  state.is_contiguous() && state.numel() == cap * t.state_dim() && meta.scalar_type() == at::kLong &&
+                  meta.is_contiguous() && meta.numel() == cap * 3,
+              "snapshot_read: buffers must be contiguous: ids int64 (n,), emb ", row_scalar_type(t.row_type()), " (n, ",
+              t.dim(), "), state float32 (n, ", t.state_dim(), "), meta int64 (n, 3)");
+  const int64_t emb_bytes = t.dim() * static_cast<int64_t>(emb.element_size()), sdim = t.state_dim();
+  auto* ip = ids.data_ptr<int64_t>();
+  auto* ep = static_cast<uint8_t*>(emb.data_ptr());
+  auto* sp = state.data_ptr<float>();
+  auto* mp = meta.data_ptr<int64_t>();
+  int64_t n = 0, next = 0;
+  while (true) {
+    const auto t0 = std::chrono::steady_clock::now();
+    {
+      TableLocks lock({entry}, /*exclusive=*/true);
+      TORCH_CHECK(t.snapshot_active(), "snapshot_read: table ", handle, " has no snapshot in progress");
+      next = t.snapshot_next();
+      const int64_t limit = t.snapshot_limit();
+      if (n >= cap || next >= limit) break;
+      const int64_t end = std::min(limit, next + std::min(kScan, cap - n));
+      n += t.read_snapshot(end, ip + n, ep + n * emb_bytes, sdim > 0 ? sp + n * sdim : nullptr, mp + 3 * n);
+    }
+    if (share < 1) std::this_thread::sleep_for((std::chrono::steady_clock::now() - t0) * ((1 - share) / share));
+  }
+  return {n, next};
 }
 
 void py_clear(int64_t handle) {
@@ -191,6 +252,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clear", &recis::py_clear, py::arg("handle"));
   m.def("export_chunk", &recis::py_export_chunk, py::arg("handle"), py::arg("start"), py::arg("since"),
         py::arg("ids"), py::arg("emb"), py::arg("state"), py::arg("meta"));
+  m.def("snapshot_begin", &recis::py_snapshot_begin, py::arg("handle"));
+  m.def("snapshot_end", &recis::py_snapshot_end, py::arg("handle"));
+  m.def("snapshot_read", &recis::py_snapshot_read, py::arg("handle"), py::arg("ids"), py::arg("emb"),
+        py::arg("state"), py::arg("meta"), py::arg("share") = 1.0, py::call_guard<py::gil_scoped_release>());
   m.def("evict_stale", &recis::py_evict_stale, py::arg("handle"), py::arg("clock"));
   m.def("erase", &recis::py_erase, py::arg("handle"), py::arg("ids"), py::arg("clock"));
   m.def("evicted_since", &recis::py_evicted_since, py::arg("handle"), py::arg("since"));

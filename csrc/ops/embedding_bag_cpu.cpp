@@ -630,7 +630,7 @@ template <int kD>
 inline void apply_update(hashtable::HashTable& table, int64_t r, float* g, const OptimParams& p, float step_size) {
   const int64_t D = kD > 0 ? kD : table.dim();
   if (table.row_type() == hashtable::RowType::kF32) {
-    hashtable::update_row<kD>(table.row(r), table.state(r), g, D, p, step_size);
+    hashtable::update_row<kD>(table.mutable_row(r), table.mutable_state(r), g, D, p, step_size);
     return;
   }
   float fixed[kD > 0 ? kD : 1];
@@ -641,8 +641,8 @@ inline void apply_update(hashtable::HashTable& table, int64_t r, float* g, const
     w = any.data();
   }
   table.read_row(r, w);
-  hashtable::update_row<kD>(w, table.state(r), g, D, p, step_size);
-  hashtable::store_elements(table.row_bytes(r), table.row_type(), w, D);
+  hashtable::update_row<kD>(w, table.mutable_state(r), g, D, p, step_size);
+  hashtable::store_elements(table.mutable_row_bytes(r), table.row_type(), w, D);
 }
 
 void check_state_dim(const char* op, const hashtable::HashTable& table, const OptimParams& p, int64_t t) {

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from recis_torchrec import ops
+from recis_torchrec._ext import C
 from recis_torchrec.ops.constants import ROW_META_COLUMNS
 from recis_torchrec.checkpoint.files import (
     CheckpointError,
@@ -145,7 +146,7 @@ def write_table_files(
     entries = []
     start, k = 0, 0
     while True:
-        if isinstance(table, _TableSnapshot):  # its rows are in memory already: write views of them
+        if isinstance(table, _TableSnapshot):  # its rows are read into memory: write views of them
             ids, weights, state, meta = table.views(start, per_file)
             n = ids.numel()
             start += n
@@ -205,61 +206,78 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], rest: Dict[str, Any])
 
 
 class _TableSnapshot:
-    """A copy of a table's rows, state, metadata and admission counters in host memory, taken when a
-    background save starts: what :func:`write_table_files` reads instead of the live table. The
-    copy lands in `buffers` (grown as needed, kept for the next background save: refilling memory
-    already faulted in is several times faster than filling a fresh allocation)."""
+    """A table as it was when a background save started: what :func:`write_table_files` reads
+    instead of the live table. Starting one copies nothing: a CPU table keeps a copy-on-write
+    snapshot (a write to a row the snapshot has not read yet first copies the row's old value aside;
+    see csrc/hashtable/embedding_blocks.h). The background writer first reads it whole (:meth:`read`)
+    into host buffers kept for the next background save (refilling memory already faulted in is
+    several times faster than filling a fresh allocation), which ends the snapshot, then writes the
+    files from them at its own pace. A CUDA table's rows are copied to host memory at the start."""
 
     def __init__(self, table: Any, buffers: Optional[Dict[str, torch.Tensor]] = None) -> None:
         self.name, self.dim, self.state_dim = table.name, table.dim, table.state_dim
         self.dtype = getattr(table, "dtype", torch.float32)
         self.options = table.options
         self._pending = table.export_pending()
-        if table.is_cuda or buffers is None:
-            self._ids, self._weights, self._state, self._meta = table.export_rows()
+        self._table, self._buffers, self._rows, self._open = table, buffers, None, False
+        if table.is_cuda:
+            self._rows = table.export_rows()
+            self._len = self._rows[0].numel()
+        else:
+            self._len = C.snapshot_begin(table.handle)
+            self._open = True
+
+    def __len__(self) -> int:
+        return self._len
+
+    def read(self) -> None:
+        """Copies the snapshot's rows into host memory and ends the snapshot (once)."""
+        if self._rows is not None:
             return
-        n = len(table)
-        if buffers.get("ids") is None or buffers["ids"].numel() < n or buffers["weights"].shape[1:] != (self.dim,) \
-                or buffers["weights"].dtype != self.dtype or buffers["state"].shape[1:] != (self.state_dim,):
+        n, b = self._len, self._buffers if self._buffers is not None else {}
+        if b.get("ids") is None or b["ids"].numel() < n or b["weights"].shape[1:] != (self.dim,) \
+                or b["weights"].dtype != self.dtype or b["state"].shape[1:] != (self.state_dim,):
             cap = n + n // 8 + 1024  # room for the table to grow before the next save
-            buffers.update(ids=torch.empty(cap, dtype=torch.int64), weights=torch.empty(cap, self.dim, dtype=self.dtype),
-                           state=torch.empty(cap, self.state_dim), meta=torch.empty(cap, 3, dtype=torch.int64))
-        b = buffers
-        start = copied = 0
-        while copied < b["ids"].numel():
-            got, start = table.export_chunk(start, -1, b["ids"][copied:], b["weights"][copied:], b["state"][copied:],
-                                            b["meta"][copied:])
+            b.update(ids=torch.empty(cap, dtype=torch.int64), weights=torch.empty(cap, self.dim, dtype=self.dtype),
+                     state=torch.empty(cap, self.state_dim), meta=torch.empty(cap, 3, dtype=torch.int64))
+        copied = 0
+        while copied < n:
+            got, _ = C.snapshot_read(self._table.handle, b["ids"][copied:n], b["weights"][copied:n],
+                                     b["state"][copied:n], b["meta"][copied:n])
             if got == 0:
                 break
             copied += got
-        self._ids, self._weights = b["ids"][:copied], b["weights"][:copied]
-        self._state, self._meta = b["state"][:copied], b["meta"][:copied]
+        self.close()
+        if copied != n:
+            raise CheckpointError(f"table {self.name!r}: the snapshot held {n} rows but {copied} were read")
+        self._rows = (b["ids"][:n], b["weights"][:n], b["state"][:n], b["meta"][:n])
 
-    def __len__(self) -> int:
-        return self._ids.numel()
-
-    def export_chunk(self, start, since, ids, weights, state, meta):
-        n = max(0, min(ids.numel(), self._ids.numel() - start))
-        ids[:n] = self._ids[start:start + n]
-        weights[:n] = self._weights[start:start + n]
-        if self.state_dim:
-            state[:n] = self._state[start:start + n]
-        meta[:n] = self._meta[start:start + n]
-        return n, start + n
+    def views(self, start: int, n: int):
+        """Rows [start, start + n) as views, no copy: (ids, weights, state, meta)."""
+        self.read()
+        end = min(start + n, self._len)
+        return tuple(t[start:end] for t in self._rows)
 
     def export_pending(self):
         return self._pending
 
-    def views(self, start: int, n: int):
-        """Rows [start, start + n) as views, no copy: (ids, weights, state, meta)."""
-        end = min(start + n, self._ids.numel())
-        return self._ids[start:end], self._weights[start:end], self._state[start:end], self._meta[start:end]
+    def close(self) -> None:
+        """Ends the snapshot: the table stops keeping old rows and frees the copies it kept."""
+        if self._open:
+            self._open = False
+            C.snapshot_end(self._table.handle)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the table is gone already
+            pass
 
 
 # The share of a core a background save's writer takes by default (see save's write_share).
 BACKGROUND_WRITE_SHARE = 0.25
 
-# Host buffers of background saves' snapshots, by table key (see reuse_buffers).
+# Host buffers background saves read their snapshots into, by table key (see reuse_buffers).
 _snapshot_buffers: Dict[str, Dict[str, torch.Tensor]] = {}
 
 
@@ -268,7 +286,6 @@ def release_buffers() -> None:
     in progress)."""
     wait()
     _snapshot_buffers.clear()
-
 
 # The background save in progress (one at a time per process), and its error, if it failed.
 _background: Dict[str, Any] = {"thread": None, "error": None, "path": None}
@@ -322,16 +339,18 @@ def save(
         extra: JSON-serialisable data to keep in the index (e.g. RNG seeds).
         durable: fsync every file before the checkpoint is renamed into place,
             so that it survives a power loss, not only a process crash.
-        blocking: False snapshots the tables, the dense state and the positions to host memory and
-            returns; a background thread writes the files while training goes on (no collective runs
+        blocking: False snapshots the tables (copy-on-write: nothing is copied now; until the
+            background thread has read a row into host memory, a training step that writes it first
+            copies its old value aside), copies the dense state and the positions to host memory
+            and returns; a background thread writes the files while training goes on (no collective runs
             there: each rank leaves a manifest, rank 0 writes the index when every rank's is in and
             renames the checkpoint into place). The next save, or :func:`wait`, joins it. Until then
             the previous checkpoint is the newest complete one; a crash leaves it loadable.
         timeout: seconds rank 0's background writer waits for the other ranks' manifests.
-        reuse_buffers: with ``blocking=False``, snapshot into host buffers kept from the last
-            background save and keep them for the next (one copy of this rank's tables in host
+        reuse_buffers: with ``blocking=False``, read the snapshot into host buffers kept from the
+            last background save and keep them for the next (one copy of this rank's tables in host
             memory between saves, not counted by ``memory_bytes``; :func:`release_buffers` frees
-            them). False snapshots into fresh memory, freed when the write ends.
+            them). False reads into fresh memory, freed when the write ends.
         write_share: the largest fraction of one core's time the writer is busy, in (0, 1]; it
             sleeps between its 8 MiB writes for the rest. None: 1 for a blocking save, 0.25 for a
             background one, whose writer would otherwise take a core from the training step's
@@ -348,6 +367,8 @@ def save(
         raise CheckpointError(f"checkpoint.save: keep_last must be a positive int or None, got {keep_last!r}")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"checkpoint.save: step must be an int >= 0, got {step!r}")
+    if not isinstance(reuse_buffers, bool):
+        raise CheckpointError(f"checkpoint.save: reuse_buffers must be True or False, got {reuse_buffers!r}")
     if write_share is None:
         write_share = 1.0 if blocking else BACKGROUND_WRITE_SHARE
     if isinstance(write_share, bool) or not isinstance(write_share, (int, float)) or not 0 < write_share <= 1:
@@ -386,17 +407,25 @@ def save(
         save.last_bytes = mine_written[3]  # type: ignore[attr-defined]
         return final
     # Background: snapshot now (the only part training waits for), write later.
-    buffers = _snapshot_buffers if reuse_buffers else {}
-    snapshot = [dataclasses.replace(ref, table=_TableSnapshot(ref.table, buffers.setdefault(ref.key, {})))
-                for ref in mine]
-    if dense is not None:
-        spec["dense"] = {k: v.clone() for k, v in dense.items()}
-    if opt is not None:
-        spec["opt"] = ({k: v.clone() for k, v in opt[0].items()}, json.loads(json.dumps(opt[1])))
+    snapshot: List[TableRef] = []
+    try:
+        for ref in mine:
+            buffers = _snapshot_buffers.setdefault(ref.key, {}) if reuse_buffers else None
+            snapshot.append(dataclasses.replace(ref, table=_TableSnapshot(ref.table, buffers)))
+        if dense is not None:
+            spec["dense"] = {k: v.clone() for k, v in dense.items()}
+        if opt is not None:
+            spec["opt"] = ({k: v.clone() for k, v in opt[0].items()}, json.loads(json.dumps(opt[1])))
+    except BaseException:
+        for ref in snapshot:
+            ref.table.close()
+        raise
     save.last_blocking_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
 
     def run() -> None:
         try:
+            for ref in snapshot:  # first read every snapshot whole: the shorter they live, the fewer rows
+                ref.table.read()  # the training steps copy aside
             written = _write_rank_files(spec, snapshot)
             manifest = os.path.join(tmp, f"rank{rank}.manifest.json")
             write_json(manifest + ".part", list(written), durable)
@@ -417,6 +446,12 @@ def save(
                 _finish(spec, gathered)
         except BaseException as e:  # noqa: B902 - handed to wait()
             _background["error"] = e
+        finally:
+            for ref in snapshot:
+                try:
+                    ref.table.close()
+                except BaseException as e:  # noqa: B902 - handed to wait()
+                    _background["error"] = _background["error"] or e
 
     thread = threading.Thread(target=run, name=f"checkpoint-save-{step}", daemon=True)
     _background.update(thread=thread, error=None, path=final)

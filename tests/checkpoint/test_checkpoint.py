@@ -536,6 +536,7 @@ def test_background_saves_into_kept_buffers_hold_each_state_exactly(tmp_path, re
         train_union(model, opt, range(7, 8))  # changes under the writer
     checkpoint.wait()
     assert bool(checkpoint.saver._snapshot_buffers) == reuse
+    assert table.info()["snapshot_copies"] == 0  # the snapshots ended with their reads
     for step, want in enumerate(states):
         fresh, fresh_opt = unsharded(seed=3)
         assert checkpoint.load(str(tmp_path / str(step)), fresh, fresh_opt) == step
