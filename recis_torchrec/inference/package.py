@@ -305,6 +305,10 @@ def export(
         raise InferenceError(f"inference.export: unseen must be one of {UNSEEN}, got {unseen!r}")
     if not isinstance(example_inputs, tuple):
         raise InferenceError("inference.export: example_inputs must be a tuple of the model's forward arguments")
+    if isinstance(max_file_bytes, bool) or not isinstance(max_file_bytes, int) or max_file_bytes <= 0:
+        raise InferenceError(f"inference.export: max_file_bytes must be a positive int, got {max_file_bytes!r}")
+    if not isinstance(aot_inductor, bool):
+        raise InferenceError(f"inference.export: aot_inductor must be True or False, got {aot_inductor!r}")
     if os.path.exists(path) and os.listdir(path):
         raise InferenceError(f"inference.export: {path} exists and is not empty")
     if checkpoint is not None:

@@ -118,3 +118,11 @@ def test_a_paced_write_is_the_same_file(tmp_path):
     b = files.write_tensors(str(tmp_path / "b"), tensors)
     assert a["xxh64_file"] == b["xxh64_file"]
     assert open(tmp_path / "a", "rb").read() == open(tmp_path / "b", "rb").read()
+
+
+@pytest.mark.parametrize("reuse", [1, 0, "yes", None])
+def test_reuse_buffers_must_be_a_bool(tmp_path, reuse):
+    from recis_torchrec import checkpoint
+
+    with pytest.raises(CheckpointError, match="reuse_buffers must be True or False"):
+        checkpoint.save(str(tmp_path), torch.nn.Linear(2, 2), step=1, blocking=False, reuse_buffers=reuse)

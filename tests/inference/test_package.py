@@ -241,6 +241,12 @@ def test_export_refuses_bad_arguments(tmp_path):
         inference.export(model, str(tmp_path / "a"), example, quantize="int4")
     with pytest.raises(InferenceError, match="unseen must be one of"):
         inference.export(model, str(tmp_path / "a"), example, unseen="random")
+    for bad in (0, -5, 1.5, "256", True):
+        with pytest.raises(InferenceError, match="max_file_bytes must be a positive int"):
+            inference.export(model, str(tmp_path / "a"), example, max_file_bytes=bad)
+    for bad in ("yes", 1, None):
+        with pytest.raises(InferenceError, match="aot_inductor must be True or False"):
+            inference.export(model, str(tmp_path / "a"), example, aot_inductor=bad)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
     with pytest.raises(InferenceError, match="exists and is not empty"):
