@@ -21,6 +21,10 @@
 // bytes, id and metadata aside if the snapshot has not read the row yet; the
 // snapshot read takes the copy where there is one. A row is copied at most
 // once per snapshot, and rows the reader has passed are not copied at all.
+// The reader takes no lock: it claims each row with the same per-row atomic
+// the writers use (a writer that wants a row the reader holds waits for that
+// one row), and finds the rows through the block pointers captured when the
+// snapshot began (growth may move the block list, never the blocks).
 #pragma once
 
 #include <algorithm>
@@ -157,14 +161,15 @@ class EmbeddingBlocks {
   }
 
   // ---- Copy-on-write snapshots (see the top of this file). ----
-  // A snapshot's reads and the writers are serialised by the caller (the
-  // table's reader/writer lock); writers may run in parallel with each other.
+  // begin_snapshot and end_snapshot run alone (the caller holds the table
+  // exclusively). read_snapshot may run alongside any number of writers, but
+  // not alongside another read_snapshot.
 
   bool snapshot_active() const { return snap_active_; }
   // The rows the snapshot covers: [0, snapshot_limit()).
   int64_t snapshot_limit() const { return snap_limit_; }
   // Where the next snapshot read starts: rows below it have been read.
-  int64_t snapshot_next() const { return snap_done_.load(std::memory_order_relaxed); }
+  int64_t snapshot_next() const { return snap_done_.load(std::memory_order_acquire); }
   // Rows copied aside so far.
   int64_t snapshot_copies() const { return snap_count_.load(std::memory_order_relaxed); }
   // Bytes the snapshot holds: its copies and its per-row index.
@@ -186,6 +191,7 @@ class EmbeddingBlocks {
     if (snap_slot_ == nullptr) throw std::bad_alloc();
     snap_slabs_ = std::vector<std::atomic<uint8_t*>>(static_cast<size_t>((limit + kSlabRecords - 1) / kSlabRecords));
     for (auto& p : snap_slabs_) p.store(nullptr, std::memory_order_relaxed);
+    snap_blocks_.assign(blocks_.begin(), blocks_.begin() + (limit + block_mask_) / (block_mask_ + 1));
     snap_limit_ = limit;
     snap_count_.store(0);
     snap_done_.store(0);
@@ -197,6 +203,7 @@ class EmbeddingBlocks {
     snap_active_ = false;
     for (auto& p : snap_slabs_) std::free(p.load());
     snap_slabs_.clear();
+    snap_blocks_.clear();
     std::free(snap_slot_);
     snap_slot_ = nullptr;
     snap_limit_ = 0;
@@ -207,6 +214,8 @@ class EmbeddingBlocks {
   // Calls fn(r, row bytes, id, meta) for each row in [begin, end) as it was
   // when the snapshot began (live or free: the caller looks at meta.live), and
   // marks the range read. Reads are sequential: begin must be snapshot_next().
+  // A row is either taken from its copy or claimed (kReading) and read in
+  // place; a writer that wants it meanwhile waits until it is marked kRead.
   template <typename Fn>
   void read_snapshot(int64_t begin, int64_t end, Fn&& fn) {
     if (!snap_active_) throw std::logic_error("no snapshot of this table is in progress");
@@ -216,19 +225,24 @@ class EmbeddingBlocks {
                              std::to_string(begin));
     }
     for (int64_t r = begin; r < end; ++r) {
-      const int32_t slot = __atomic_load_n(snap_slot_ + r, __ATOMIC_ACQUIRE);
-      if (slot > 0) {
-        const uint8_t* rec = record(slot - 1);
-        int64_t id;
-        RowMeta m;
-        std::memcpy(&id, rec + stride_, sizeof(id));
-        std::memcpy(&m, rec + stride_ + sizeof(int64_t), sizeof(m));
-        fn(r, rec, id, m);
-      } else {
-        fn(r, row_bytes(r), row_id(r), meta(r));
+      int32_t* slot = snap_slot_ + r;
+      int32_t seen = 0;
+      if (__atomic_compare_exchange_n(slot, &seen, kReading, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        const Block& b = snap_blocks_[static_cast<size_t>(r >> block_shift_)];
+        const int64_t i = r & block_mask_;
+        fn(r, static_cast<const uint8_t*>(b.data + i * stride_), b.ids[i], static_cast<const RowMeta&>(b.meta[i]));
+        __atomic_store_n(slot, kRead, __ATOMIC_RELEASE);
+        continue;
       }
+      while (seen == kReading) seen = __atomic_load_n(slot, __ATOMIC_ACQUIRE);  // a writer is copying it
+      const uint8_t* rec = record(seen - 1);
+      int64_t id;
+      RowMeta m;
+      std::memcpy(&id, rec + stride_, sizeof(id));
+      std::memcpy(&m, rec + stride_ + sizeof(int64_t), sizeof(m));
+      fn(r, rec, id, m);
     }
-    snap_done_.store(end, std::memory_order_relaxed);
+    snap_done_.store(end, std::memory_order_release);
   }
   // Of memory_bytes(), the bytes of the live rows (their embedding, state, id and metadata).
   int64_t used_bytes() const {
@@ -261,14 +275,19 @@ class EmbeddingBlocks {
            (k % kSlabRecords) * record_bytes();
   }
 
+  // snap_slot_[r]: 0 (untouched), kReading (being copied aside or read), kRead
+  // (read in place: writes are free to go), or k + 1 (copy k, in snap_slabs_).
+  static constexpr int32_t kReading = -1;
+  static constexpr int32_t kRead = -2;
+
   // Copies row r aside before its first write, if the snapshot still needs it.
   void preserve(int64_t r) {
     if (__builtin_expect(!snap_active_, 1)) return;
-    if (r >= snap_limit_ || r < snap_done_.load(std::memory_order_relaxed)) return;
+    if (r >= snap_limit_ || r < snap_done_.load(std::memory_order_acquire)) return;
     int32_t* slot = snap_slot_ + r;
     int32_t seen = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-    if (seen > 0) return;
-    if (seen == 0 && __atomic_compare_exchange_n(slot, &seen, -1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    if (seen > 0 || seen == kRead) return;
+    if (seen == 0 && __atomic_compare_exchange_n(slot, &seen, kReading, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
       const int64_t k = snap_count_.fetch_add(1, std::memory_order_relaxed);
       std::atomic<uint8_t*>& slab = snap_slabs_[static_cast<size_t>(k / kSlabRecords)];
       if (slab.load(std::memory_order_acquire) == nullptr) {
@@ -290,8 +309,8 @@ class EmbeddingBlocks {
       __atomic_store_n(slot, static_cast<int32_t>(k + 1), __ATOMIC_RELEASE);
       return;
     }
-    // Another thread is copying the row: wait until it is done.
-    while (__atomic_load_n(slot, __ATOMIC_ACQUIRE) < 0) {
+    // Another writer is copying the row, or the reader is reading it: wait for that row.
+    while (__atomic_load_n(slot, __ATOMIC_ACQUIRE) == kReading) {
     }
   }
 
@@ -319,14 +338,15 @@ class EmbeddingBlocks {
   std::vector<Block> blocks_;
   std::atomic<int64_t> next_row_{0};
   std::vector<int64_t> free_;
-  // The snapshot in progress (begin_snapshot): rows below snap_limit_, read up to snap_done_;
-  // snap_slot_[r] = 0 (not copied), -1 (being copied) or k + 1 (copy k, in snap_slabs_).
+  // The snapshot in progress (begin_snapshot): rows below snap_limit_, read up to snap_done_,
+  // each row's state in snap_slot_ (see kReading), the blocks as they were at the start.
   bool snap_active_ = false;
   int64_t snap_limit_ = 0;
   std::atomic<int64_t> snap_done_{0};
   std::atomic<int64_t> snap_count_{0};
   int32_t* snap_slot_ = nullptr;
   std::vector<std::atomic<uint8_t*>> snap_slabs_;
+  std::vector<Block> snap_blocks_;
   std::mutex snap_mutex_;
 };
 

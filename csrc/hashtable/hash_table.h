@@ -619,7 +619,8 @@ class HashTable {
   // Copies the rows of the snapshot that were live when it began, from row
   // snapshot_next() up to row `end`, into the buffers (laid out as
   // export_rows lays them out; they must hold end - snapshot_next() rows).
-  // Returns the rows copied. Must not run alongside a writer.
+  // Returns the rows copied. May run alongside writers (not alongside begin,
+  // end or another read of the snapshot).
   int64_t read_snapshot(int64_t end, int64_t* ids, void* emb, float* state, int64_t* meta) {
     const int64_t sdim = cfg_.state_dim, emb_bytes = cfg_.dim * element_bytes(cfg_.row_type);
     const int64_t state_offset = blocks_.state_offset();

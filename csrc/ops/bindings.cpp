@@ -3,8 +3,6 @@
 // Python bindings for table lifetime and introspection. The data path goes
 // through the torch.ops.recis ops; these functions only create, release and
 // describe tables.
-#include <chrono>
-#include <thread>
 #include <torch/extension.h>
 
 #include "../hashtable/constants.h"
@@ -76,17 +74,25 @@ py::dict py_table_info(int64_t handle) {
   return d;
 }
 
-std::tuple<int64_t, int64_t> py_export_chunk(int64_t handle, int64_t start, int64_t since, at::Tensor ids,
-                                             at::Tensor emb, at::Tensor state, at::Tensor meta) {
-  const auto entry = get_table(handle, "export_chunk");
-  const auto& t = entry->table;
+// Checks the host buffers export_chunk and snapshot_read fill: contiguous ids int64 (n,), emb of the
+// table's row type (n, dim), state float32 (n, state_dim), meta int64 (n, 3). Returns n.
+int64_t check_row_buffers(const hashtable::HashTable& t, const at::Tensor& ids, const at::Tensor& emb,
+                          const at::Tensor& state, const at::Tensor& meta, const char* op) {
   const int64_t cap = ids.numel();
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && emb.scalar_type() == row_scalar_type(t.row_type()) &&
                   emb.is_contiguous() && emb.numel() == cap * t.dim() && state.scalar_type() == at::kFloat &&
                   state.is_contiguous() && state.numel() == cap * t.state_dim() && meta.scalar_type() == at::kLong &&
                   meta.is_contiguous() && meta.numel() == cap * 3,
-              "export_chunk: buffers must be contiguous: ids int64 (n,), emb ", row_scalar_type(t.row_type()), " (n, ", t.dim(),
+              op, ": buffers must be contiguous: ids int64 (n,), emb ", row_scalar_type(t.row_type()), " (n, ", t.dim(),
               "), state float32 (n, ", t.state_dim(), "), meta int64 (n, 3)");
+  return cap;
+}
+
+std::tuple<int64_t, int64_t> py_export_chunk(int64_t handle, int64_t start, int64_t since, at::Tensor ids,
+                                             at::Tensor emb, at::Tensor state, at::Tensor meta) {
+  const auto entry = get_table(handle, "export_chunk");
+  const auto& t = entry->table;
+  const int64_t cap = check_row_buffers(t, ids, emb, state, meta, "export_chunk");
   TableLocks lock({entry}, /*exclusive=*/false);
   const auto out = t.export_chunk(start, cap, since, ids.data_ptr<int64_t>(), emb.data_ptr(),
                                   t.state_dim() > 0 ? state.data_ptr<float>() : nullptr, meta.data_ptr<int64_t>(),
@@ -97,6 +103,7 @@ std::tuple<int64_t, int64_t> py_export_chunk(int64_t handle, int64_t start, int6
 // Copy-on-write snapshots (hash_table.h): what a background checkpoint reads while training goes on.
 int64_t py_snapshot_begin(int64_t handle) {
   const auto entry = get_table(handle, "snapshot_begin");
+  std::lock_guard<std::mutex> snap(entry->snapshot_mutex);
   TableLocks lock({entry}, /*exclusive=*/true);
   try {
     return entry->table.begin_snapshot();
@@ -108,46 +115,34 @@ int64_t py_snapshot_begin(int64_t handle) {
 
 void py_snapshot_end(int64_t handle) {
   const auto entry = get_table(handle, "snapshot_end");
+  std::lock_guard<std::mutex> snap(entry->snapshot_mutex);
   TableLocks lock({entry}, /*exclusive=*/true);
   entry->table.end_snapshot();
 }
 
 // Fills the buffers with the snapshot's next live rows (as export_chunk lays them out); returns (rows
 // copied, the row index the next read starts from); the second is the snapshot's row limit when it
-// is read through. Runs without the GIL, and holds the table for at most kScan rows at a time, so a
-// training step waits for one short copy, not for the whole read; `share` paces it as the file
-// writer is paced (it sleeps (1 - share) / share times as long as it copied, without the table).
+// is read through. Runs without the GIL and without the table lock: it claims each row as it reads
+// it (embedding_blocks.h), so a training step never waits for it, except for a row it is reading.
 std::tuple<int64_t, int64_t> py_snapshot_read(int64_t handle, at::Tensor ids, at::Tensor emb, at::Tensor state,
-                                              at::Tensor meta, double share) {
-  constexpr int64_t kScan = 8192;
-  TORCH_CHECK(share > 0 && share <= 1, "snapshot_read: share must be in (0, 1], got ", share);
+                                              at::Tensor meta) {
+  constexpr int64_t kScan = 8192;  // rows between updates of where the reader is (writers skip rows behind it)
   const auto entry = get_table(handle, "snapshot_read");
   auto& t = entry->table;
-  const int64_t cap = ids.numel();
-  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && emb.scalar_type() == row_scalar_type(t.row_type()) &&
-                  emb.is_contiguous() && emb.numel() == cap * t.dim() && state.scalar_type() == at::kFloat &&
-                  state.is_contiguous() && state.numel() == cap * t.state_dim() && meta.scalar_type() == at::kLong &&
-                  meta.is_contiguous() && meta.numel() == cap * 3,
-              "snapshot_read: buffers must be contiguous: ids int64 (n,), emb ", row_scalar_type(t.row_type()), " (n, ",
-              t.dim(), "), state float32 (n, ", t.state_dim(), "), meta int64 (n, 3)");
+  const int64_t cap = check_row_buffers(t, ids, emb, state, meta, "snapshot_read");
   const int64_t emb_bytes = t.dim() * static_cast<int64_t>(emb.element_size()), sdim = t.state_dim();
   auto* ip = ids.data_ptr<int64_t>();
   auto* ep = static_cast<uint8_t*>(emb.data_ptr());
   auto* sp = state.data_ptr<float>();
   auto* mp = meta.data_ptr<int64_t>();
-  int64_t n = 0, next = 0;
-  while (true) {
-    const auto t0 = std::chrono::steady_clock::now();
-    {
-      TableLocks lock({entry}, /*exclusive=*/true);
-      TORCH_CHECK(t.snapshot_active(), "snapshot_read: table ", handle, " has no snapshot in progress");
-      next = t.snapshot_next();
-      const int64_t limit = t.snapshot_limit();
-      if (n >= cap || next >= limit) break;
-      const int64_t end = std::min(limit, next + std::min(kScan, cap - n));
-      n += t.read_snapshot(end, ip + n, ep + n * emb_bytes, sdim > 0 ? sp + n * sdim : nullptr, mp + 3 * n);
-    }
-    if (share < 1) std::this_thread::sleep_for((std::chrono::steady_clock::now() - t0) * ((1 - share) / share));
+  std::lock_guard<std::mutex> snap(entry->snapshot_mutex);
+  TORCH_CHECK(t.snapshot_active(), "snapshot_read: table ", handle, " has no snapshot in progress");
+  const int64_t limit = t.snapshot_limit();
+  int64_t n = 0, next = t.snapshot_next();
+  while (n < cap && next < limit) {
+    const int64_t end = std::min(limit, next + std::min(kScan, cap - n));
+    n += t.read_snapshot(end, ip + n, ep + n * emb_bytes, sdim > 0 ? sp + n * sdim : nullptr, mp + 3 * n);
+    next = end;
   }
   return {n, next};
 }
@@ -255,7 +250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("snapshot_begin", &recis::py_snapshot_begin, py::arg("handle"));
   m.def("snapshot_end", &recis::py_snapshot_end, py::arg("handle"));
   m.def("snapshot_read", &recis::py_snapshot_read, py::arg("handle"), py::arg("ids"), py::arg("emb"),
-        py::arg("state"), py::arg("meta"), py::arg("share") = 1.0, py::call_guard<py::gil_scoped_release>());
+        py::arg("state"), py::arg("meta"), py::call_guard<py::gil_scoped_release>());
   m.def("evict_stale", &recis::py_evict_stale, py::arg("handle"), py::arg("clock"));
   m.def("erase", &recis::py_erase, py::arg("handle"), py::arg("ids"), py::arg("clock"));
   m.def("evicted_since", &recis::py_evicted_since, py::arg("handle"), py::arg("since"));

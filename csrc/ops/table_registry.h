@@ -37,6 +37,8 @@ struct TableEntry {
   explicit TableEntry(const hashtable::HashTableConfig& cfg) : table(cfg) {}
   hashtable::HashTable table;
   mutable std::shared_mutex mutex;
+  // Serialises a snapshot's begin, reads and end with each other; the reads take no table lock.
+  std::mutex snapshot_mutex;
 };
 
 using TablePtr = std::shared_ptr<TableEntry>;

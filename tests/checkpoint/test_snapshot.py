@@ -10,6 +10,8 @@ interleaving of those with reads of random sizes.
 """
 
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -62,7 +64,7 @@ def read_all(table, rng: random.Random, between) -> tuple:
         cap = rng.choice([1, 7, 30, 64, 150])
         ids, weights = torch.empty(cap, dtype=torch.int64), torch.empty(cap, table.dim, dtype=table.dtype)
         state, meta = torch.empty(cap, table.state_dim), torch.empty(cap, 3, dtype=torch.int64)
-        n, _ = C.snapshot_read(table.handle, ids, weights, state, meta, rng.choice([1.0, 1.0, 0.5]))
+        n, _ = C.snapshot_read(table.handle, ids, weights, state, meta)
         parts.append((ids[:n].clone(), weights[:n].clone(), state[:n].clone(), meta[:n].clone()))
         if n < cap:
             break
@@ -76,6 +78,46 @@ def assert_same(got, want, what):
         assert torch.equal(g, w), f"{what}: {name} differ at rows {torch.nonzero((g != w).reshape(len(g), -1).any(1))[:5].tolist()}"
 
 
+class Mutator:
+    """A seeded random mix of what a table goes through while a snapshot of it is read."""
+
+    def __init__(self, m, table, rng):
+        self.m, self.table, self.rng = m, table, rng
+        self.hi, self.fresh, self.restored = 600, 10**6, False
+
+    def train(self, n=None):
+        self.m(batch(self.rng, self.hi, n or self.rng.choice([5, 50, 400, 2500]))).values().sum().backward()
+
+    def __call__(self):
+        rng, table = self.rng, self.table
+        op = rng.random()
+        if op < 0.55:
+            self.hi += rng.choice([0, 0, 40, 400])  # now and then new ids: new rows, new blocks
+            self.train()
+        elif op < 0.65:
+            self.m.eval()
+            self.m(batch(rng, self.hi, 100))  # reads only
+            self.m.train()
+        elif op < 0.75:
+            ids = table.export_rows()[0]
+            if ids.numel():
+                table.erase(ids[torch.randperm(ids.numel())[: max(1, ids.numel() // 10)]])
+        elif op < 0.82:
+            table.evict_stale(10_000 if rng.random() < 0.3 else 0)
+        elif op < 0.95:
+            ids, w, s, meta = table.export_rows()
+            k = min(ids.numel(), 50)
+            new = torch.arange(self.fresh, self.fresh + 20)
+            self.fresh += 20
+            table.import_(torch.cat([ids[:k], new]), torch.randn(k + 20, DIM).to(w.dtype),
+                          torch.rand(k + 20, table.state_dim), None)
+        elif not self.restored:
+            self.restored = True
+            rows = table.export_rows()
+            table.clear()
+            table.import_(rows[0], rows[1], rows[2], rows[3])
+
+
 # Every option set with every optimizer on float32 rows; 16-bit rows with two option sets.
 CASES = [(k, o, torch.float32) for k in OPTIONS for o in OPTIMIZERS] + [
     (k, o, torch.float16) for k in ("plain", "admit-ttl-cap") for o in OPTIMIZERS
@@ -87,11 +129,8 @@ def test_snapshot_reads_the_table_as_it_was_while_the_table_changes(opt_key, opt
     rng = random.Random(f"{opt_key}-{opt_name}-{dtype}")
     m = make_module(OPTIONS[opt_key], OPTIMIZERS[opt_name], dtype)
     table = m.tables()["t"]
-    hi = [600]
-    fresh = [10**6]
-
-    def train(n=None):
-        m(batch(rng, hi[0], n or rng.choice([5, 50, 400, 2500]))).values().sum().backward()
+    mutate = Mutator(m, table, rng)
+    train = mutate.train
 
     for _ in range(20):
         train()
@@ -99,38 +138,10 @@ def test_snapshot_reads_the_table_as_it_was_while_the_table_changes(opt_key, opt
         want = table.export_rows()
         snap = _TableSnapshot(table)
         assert len(snap) == len(table) == want[0].numel()
-        restored = [False]
-
-        def between():
-            op = rng.random()
-            if op < 0.55:
-                hi[0] += rng.choice([0, 0, 40, 400])  # now and then new ids: new rows, new blocks
-                train()
-            elif op < 0.65:
-                m.eval()
-                m(batch(rng, hi[0], 100))  # reads only
-                m.train()
-            elif op < 0.75:
-                ids = table.export_rows()[0]
-                if ids.numel():
-                    table.erase(ids[torch.randperm(ids.numel())[: max(1, ids.numel() // 10)]])
-            elif op < 0.82:
-                table.evict_stale(10_000 if rng.random() < 0.3 else 0)
-            elif op < 0.95:
-                ids, w, s, meta = table.export_rows()
-                k = min(ids.numel(), 50)
-                new = torch.arange(fresh[0], fresh[0] + 20)
-                fresh[0] += 20
-                table.import_(torch.cat([ids[:k], new]), torch.randn(k + 20, DIM).to(w.dtype),
-                              torch.rand(k + 20, table.state_dim), None)
-            elif not restored[0]:
-                restored[0] = True
-                rows = table.export_rows()
-                table.clear()
-                table.import_(rows[0], rows[1], rows[2], rows[3])
+        mutate.restored = False
 
         train(400)  # before any read: this step's writes must be copied
-        got = read_all(table, rng, between)
+        got = read_all(table, rng, mutate)
         assert_same(got, want, f"trial {trial}")
         copies = table.info()["snapshot_copies"]
         assert copies > 0  # the interleaved writes hit rows the reader had not reached
@@ -146,6 +157,57 @@ def test_snapshot_reads_the_table_as_it_was_while_the_table_changes(opt_key, opt
         assert table.memory_bytes() == with_none
 
 
+THREADED = [("plain", "rowwise-adagrad"), ("plain", "adam"), ("admit-ttl-cap", "adam"), ("cap-lfu", "sgd"),
+            ("ttl", "rowwise-adagrad")]
+
+
+@pytest.mark.parametrize("opt_key,opt_name", THREADED)
+def test_snapshot_read_in_another_thread_while_the_table_trains(opt_key, opt_name):
+    """The reader takes no table lock: it runs in its own thread (without the GIL) while training
+    steps, evictions, erases and imports write the same rows, and must still read the table as it was."""
+    rng = random.Random(f"threaded-{opt_key}-{opt_name}")
+    m = make_module(OPTIONS[opt_key], OPTIMIZERS[opt_name])
+    table = m.tables()["t"]
+    mutate = Mutator(m, table, rng)
+    mutate.hi = 20_000
+    for _ in range(30):
+        mutate.train(2500)
+    for trial in range(4):
+        want = table.export_rows()
+        snap = _TableSnapshot(table)
+        mutate.restored = False
+        parts, errors = [], []
+
+        def reader():
+            try:
+                sizes = random.Random(trial)
+                while True:
+                    cap = sizes.choice([1, 16, 200, 1000])
+                    buf = (torch.empty(cap, dtype=torch.int64), torch.empty(cap, DIM),
+                           torch.empty(cap, table.state_dim), torch.empty(cap, 3, dtype=torch.int64))
+                    n, _ = C.snapshot_read(table.handle, *buf)
+                    parts.append(tuple(b[:n] for b in buf))
+                    if n < cap:
+                        return
+                    time.sleep(0.0002)
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        overlapped = 0
+        while thread.is_alive():
+            mutate()
+            overlapped += 1
+        thread.join()
+        assert not errors, errors
+        got = tuple(torch.cat([p[k] for p in parts]) for k in range(4))
+        assert_same(got, want, f"trial {trial} ({overlapped} changes while it read)")
+        assert overlapped > 0
+        snap.close()
+        assert table.info()["snapshot_copies"] == 0
+
+
 def test_snapshot_misuse_is_refused_with_the_reason():
     m = make_module({}, EmbOptimType.EXACT_SGD)
     table = m.tables()["t"]
@@ -159,8 +221,6 @@ def test_snapshot_misuse_is_refused_with_the_reason():
         C.snapshot_begin(table.handle)
     with pytest.raises(RuntimeError, match="buffers must be contiguous"):
         C.snapshot_read(table.handle, buf[0], torch.empty(10, DIM + 1), buf[2], buf[3])
-    with pytest.raises(RuntimeError, match="share must be in"):
-        C.snapshot_read(table.handle, *buf, 0.0)
     assert C.snapshot_read(table.handle, *buf) == (10, 10)
     with pytest.raises(checkpoint.CheckpointError, match="held 100 rows but 90 were read"):
         snap.read()  # read elsewhere already: the count gives it away
