@@ -21,9 +21,11 @@ $(DEPS): .ci/requirements.txt
 	$(PY) -m pip install --quiet --no-deps $(TORCHREC)
 	touch $@
 
-# --no-build-isolation: build against the pinned torch, not a fresh download.
+# --no-build-isolation: build against the pinned torch, not a fresh download. Then the C++ runner
+# (recis-serve, csrc/serving/) and its lookup library, linked against the same libtorch.
 $(BUILT): $(DEPS) $(EXT_SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -m recis_torchrec.inference.runner build
 	touch $@
 
 # The main job: 2-rank torchrun training with our sharder, from a TOML config (see examples/).

@@ -76,6 +76,7 @@ def throughput(args) -> None:
               f"{theirs_rps:,.0f}: ratio {ours_rps / theirs_rps:.2f}; largest |difference| {err:.2e}")
         print(f"  predictions/s with the AOTInductor-compiled dense part (load(dense='aoti')): {aoti_rps:,.0f} = "
               f"{aoti_rps / ours_rps:.2f}x the exported program's, {aoti_rps / theirs_rps:.2f}x TorchRec's")
+        cpp_runner(package, reqs, compiled, args)
         # Bytes per id, each format, against the training table and TorchRec's quantized EBC.
         train_table = ours.sparse_arch.embedding_bag_collection.tables()["t0"]
         train_bytes = train_table.info()["memory_bytes"] / len(train_table)
@@ -89,6 +90,40 @@ def throughput(args) -> None:
             b = t.nbytes / len(t)
             print(f"    served {q}: {b:.1f} B/id = {b / train_bytes:.2f}x the training table, "
                   f"{b / tr_bytes:.2f}x TorchRec's INT8 EBC")
+
+
+def cpp_runner(package: str, reqs, compiled, args) -> None:
+    """The C++ runner against the Python predictor (both with the AOTInductor dense part) on the same
+    batches, in interleaved rounds: each round serves every batch `repeat` times in each; the runner's
+    time excludes its start (loading the package)."""
+    import re
+    import subprocess
+
+    from recis_torchrec.inference import runner
+
+    repeat = 10
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [inference.write_batch(f"{tmp}/b{i}.safetensors", *r) for i, r in enumerate(reqs)]
+        py, cpp = [], []
+        for _ in range(args.rounds):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                for r in reqs:
+                    for _ in range(repeat):
+                        compiled(*r)
+                py.append(len(reqs) * repeat * args.batch / (time.perf_counter() - t0))
+            seconds = 0.0
+            for f in files:
+                done = subprocess.run([runner.binary(), package, f, "--repeat", str(repeat)], capture_output=True,
+                                      text=True, check=True)
+                seconds += float(re.search(r"in ([0-9.]+) s", done.stderr).group(1))
+            cpp.append(len(reqs) * repeat * args.batch / seconds)
+        first = subprocess.run([runner.binary(), package, files[0]], capture_output=True, text=True, check=True)
+        printed = torch.tensor([float(x) for line in first.stdout.splitlines()[1:] for x in line.split()])
+        same = torch.equal(printed, compiled(*reqs[0]).reshape(-1).double().float())
+    py_rps, cpp_rps = statistics.median(py), statistics.median(cpp)
+    print(f"  C++ runner (recis-serve, same package and batches): {cpp_rps:,.0f} predictions/s against the Python "
+          f"predictor's {py_rps:,.0f} (dense='aoti'): ratio {cpp_rps / py_rps:.2f}; predictions equal: {same}")
 
 
 def auc(args) -> None:

@@ -241,6 +241,74 @@ def _lookups(specs: List[_ModuleSpec], tables: Dict[str, ServingTable], kjt: Key
     return feeds
 
 
+def _serving_inputs(specs: List[_ModuleSpec], args: Tuple[Any, ...], kjt: KeyedJaggedTensor,
+                    feeds: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Where each flat tensor input of the compiled dense program comes from, in its order (the
+    tensors of the pytree-flattened ``(args, feeds)``, as AOTInductor's runner takes them): a
+    tensor argument, a field of the input KJT, an EBC's pooled output or a field of an EC's
+    JaggedTensor. The C++ runner builds its inputs from this list."""
+    from torch.utils import _pytree as pytree
+
+    source: Dict[int, Dict[str, Any]] = {}
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            source[id(a)] = {"src": "arg", "arg": i}
+    for field in ("values", "lengths", "weights"):
+        t = getattr(kjt, f"_{field}")
+        if t is not None:
+            source[id(t)] = {"src": "kjt", "field": field}
+    for s in specs:
+        feed = feeds[_feed_key(s.path)]
+        if s.kind == "ebc":
+            source[id(feed)] = {"src": "ebc", "module": s.path}
+            continue
+        for emb_name, jt in feed.items():
+            for field in ("values", "lengths", "weights"):
+                t = getattr(jt, f"_{field}")
+                if t is not None:
+                    source[id(t)] = {"src": "ec", "module": s.path, "embedding": emb_name, "field": field}
+    plan = []
+    for leaf in pytree.tree_flatten((args, feeds))[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        if id(leaf) not in source:
+            raise InferenceError(f"inference.export: an input of the dense program ({tuple(leaf.shape)} {leaf.dtype}) "
+                                 "is neither a tensor argument, a field of the KJT nor an embedding output; the C++ "
+                                 "runner could not build it")
+        plan.append(source[id(leaf)])
+    return plan
+
+
+def write_batch(path: str, *inputs: Any) -> str:
+    """Writes one request (the model's positional arguments: tensors and one KJT) as a safetensors
+    file the C++ runner reads: tensor ``arg{i}`` for argument i, ``arg{i}.values``, ``.lengths``
+    and ``.weights`` for the KJT, and their layout in the ``recis_inputs`` metadata."""
+    from safetensors.torch import save_file
+
+    tensors: Dict[str, torch.Tensor] = {}
+    layout = []
+    for i, a in enumerate(inputs):
+        if isinstance(a, KeyedJaggedTensor):
+            if a.variable_stride_per_key():
+                raise InferenceError(f"write_batch: argument {i}: variable batch size per feature (VBE) KJTs are "
+                                     "not served")
+            w = a.weights_or_none()
+            tensors[f"arg{i}.values"] = a.values().to(torch.int64).contiguous()
+            tensors[f"arg{i}.lengths"] = a.lengths().to(torch.int64).contiguous()
+            if w is not None:
+                tensors[f"arg{i}.weights"] = w.contiguous()
+            layout.append({"kind": "kjt", "keys": list(a.keys()), "values": f"arg{i}.values",
+                           "lengths": f"arg{i}.lengths", "weights": f"arg{i}.weights" if w is not None else None})
+        elif isinstance(a, torch.Tensor):
+            tensors[f"arg{i}"] = a.contiguous()
+            layout.append({"kind": "tensor", "name": f"arg{i}"})
+        else:
+            raise InferenceError(f"write_batch: argument {i} is a {type(a).__name__}; a batch file holds tensors "
+                                 "and one KeyedJaggedTensor")
+    save_file(tensors, path, metadata={"recis_inputs": json.dumps(layout)})
+    return path
+
+
 # -- export -----------------------------------------------------------------------------
 
 
@@ -358,10 +426,12 @@ def export(
             for p, m in originals.items():
                 _set_submodule(model, p, m)
             model.train(was_training)
-        aoti = None
+        aoti = serving_inputs = None
         if aot_inductor:
             aoti = os.path.join(tmp, AOTI_FILE)
             torch._inductor.aoti_compile_and_package(program, package_path=aoti)
+            example_inputs, kjt = _canonical(example_inputs)
+            serving_inputs = _serving_inputs(specs, example_inputs, kjt, _lookups(specs, served, kjt))
         program._example_inputs = None  # the KJT of the example would need unpickling on load
         torch.export.save(program, os.path.join(tmp, PROGRAM_FILE))
         manifest = {
@@ -380,6 +450,7 @@ def export(
         if aoti is not None:
             manifest["aoti_program"] = {"file": AOTI_FILE, "bytes": os.path.getsize(aoti),
                                         "xxh64_file": file_checksum(aoti)}
+            manifest["serving_inputs"] = serving_inputs
         manifest["xxh64"] = index_checksum(manifest)
         write_json(os.path.join(tmp, "manifest.json"), manifest)
         if os.path.isdir(path):

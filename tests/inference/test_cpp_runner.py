@@ -1,0 +1,146 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""The C++ runner (``recis-serve``, built by setup): the same package, served without Python,
+prints the predictions the Python predictor returns, bit for bit; a corrupt or incomplete package
+and a bad batch are refused with the file, table or feature named."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from recis_torchrec import inference
+from recis_torchrec.checkpoint.files import index_checksum
+from recis_torchrec.inference import runner
+from tests.inference.test_package import requests, trained
+
+
+def serve(package, batch_file):
+    """The runner's outputs as tensors, or its error."""
+    done = subprocess.run([runner.binary(), package, batch_file], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        return None, done.stderr
+    outputs, lines = [], done.stdout.splitlines()
+    i = 0
+    while i < len(lines):
+        _, _, dtype, shape = lines[i].split(" ", 3)
+        shape = json.loads(shape)
+        rows = shape[0] if shape else 1
+        values = [[float(x) for x in line.split()] for line in lines[i + 1:i + 1 + rows]]
+        outputs.append(torch.tensor(values, dtype=torch.float64).reshape(shape).to(getattr(torch, dtype.lower())))
+        i += 1 + rows
+    return outputs, done.stderr
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    """A DLRM package with INT8 rows and a DIN (EmbeddingCollection) package with FP32 rows, both with
+    the AOTInductor program (each compile takes tens of seconds)."""
+    root = tmp_path_factory.mktemp("cpp")
+    out = {}
+    for name, q in (("dlrm", "int8"), ("din", "fp32")):
+        model, kind = trained(name)
+        out[name] = (inference.export(model, str(root / name), requests(kind, 1)[0], quantize=q, aot_inductor=True),
+                     kind, model)
+    return out
+
+
+@pytest.mark.parametrize("name", ["dlrm", "din"])
+def test_the_cpp_runner_prints_what_the_python_predictor_returns(packages, name, tmp_path):
+    package, kind, model = packages[name]
+    predictor = inference.load(package, dense="aoti")
+    for i, r in enumerate(requests(kind, 4)):  # unseen ids among them: they read their initial rows
+        batch_file = inference.write_batch(str(tmp_path / f"b{i}.safetensors"), *r)
+        got, err = serve(package, batch_file)
+        assert got is not None, err
+        want = predictor(*r)
+        assert len(got) == 1 and got[0].shape == want.shape and got[0].dtype == want.dtype
+        assert torch.equal(got[0], want), (name, i, float((got[0] - want).abs().max()))
+        with torch.no_grad():  # and the package is the model (INT8: within its error)
+            torch.testing.assert_close(got[0], model(*r), atol=1e-3 if name == "dlrm" else 1e-5, rtol=0)
+
+
+def copy_package(packages, tmp_path, name="dlrm"):
+    dst = str(tmp_path / "pkg")
+    shutil.copytree(packages[name][0], dst)
+    return dst
+
+
+def rewrite_manifest(package, change):
+    path = os.path.join(package, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    change(manifest)
+    manifest["xxh64"] = index_checksum(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+
+
+def test_a_bad_package_or_batch_is_named_by_the_runner(packages, tmp_path):
+    _, kind, _ = packages["dlrm"]
+    r = requests(kind, 1)[0]
+    batch_file = inference.write_batch(str(tmp_path / "b.safetensors"), *r)
+    table = "sparse_arch.embedding_bag_collection/t1"
+
+    # A flipped byte in a table shard.
+    p = copy_package(packages, tmp_path)
+    shard = os.path.join(p, inference.read_manifest(p)["tables"][table]["files"][0]["file"])
+    data = bytearray(open(shard, "rb").read())
+    data[-3] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    out, err = serve(p, batch_file)
+    assert out is None and "checksum mismatch (the file is corrupt)" in err and shard in err, err
+    shutil.rmtree(p)
+
+    # A missing shard.
+    p = copy_package(packages, tmp_path)
+    os.remove(os.path.join(p, inference.read_manifest(p)["tables"][table]["files"][0]["file"]))
+    out, err = serve(p, batch_file)
+    assert out is None and "missing or unreadable" in err and "part0.safetensors" in err, err
+    shutil.rmtree(p)
+
+    # An edited manifest (the rows count of one table), its checksum left as it was.
+    p = copy_package(packages, tmp_path)
+    text = open(os.path.join(p, "manifest.json")).read()
+    n = inference.read_manifest(p)["tables"][table]["rows"]
+    open(os.path.join(p, "manifest.json"), "w").write(text.replace(f'"rows": {n}', f'"rows": {n + 1}', 1))
+    out, err = serve(p, batch_file)
+    assert out is None and "checksum mismatch (the manifest was edited" in err, err
+
+    # The same edit with a matching checksum: the table's files disagree, and the table is named.
+    shutil.rmtree(p)
+    p = copy_package(packages, tmp_path)
+    rewrite_manifest(p, lambda m: m["tables"][table].update(rows=n + 1))
+    out, err = serve(p, batch_file)
+    assert out is None and f"table '{table}'" in err and f"the manifest says {n + 1}" in err, err
+    shutil.rmtree(p)
+
+    # A table the modules read but the manifest lacks.
+    p = copy_package(packages, tmp_path)
+    rewrite_manifest(p, lambda m: m["tables"].pop(table))
+    out, err = serve(p, batch_file)
+    assert out is None and f"no table '{table}'" in err, err
+    shutil.rmtree(p)
+
+    # A package exported without the AOTInductor program.
+    p = copy_package(packages, tmp_path)
+    rewrite_manifest(p, lambda m: m.pop("aoti_program"))
+    out, err = serve(p, batch_file)
+    assert out is None and "no AOTInductor program" in err, err
+    shutil.rmtree(p)
+
+    # A batch whose KJT lacks a feature the model reads, and a file that is not a batch.
+    dense, kjt = r
+    from torchrec import KeyedJaggedTensor
+
+    per = kjt.to_dict()
+    partial = KeyedJaggedTensor.from_jt_dict({k: per[k] for k in ("f0", "f2")})
+    out, err = serve(packages["dlrm"][0], inference.write_batch(str(tmp_path / "c.safetensors"), dense, partial))
+    assert out is None and "lacks feature 'f1'" in err, err
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00")
+    out, err = serve(packages["dlrm"][0], str(tmp_path / "junk.safetensors"))
+    assert out is None and "junk.safetensors: not a safetensors file" in err, err
+    with pytest.raises(inference.InferenceError, match="argument 1 is a str"):
+        inference.write_batch(str(tmp_path / "d.safetensors"), dense, "f0")
