@@ -28,6 +28,9 @@ using namespace pooling;  // NOLINT: the shared kernels
 constexpr int64_t kSum = static_cast<int64_t>(hashtable::PoolingMode::kSum);
 constexpr int64_t kMean = static_cast<int64_t>(hashtable::PoolingMode::kMean);
 
+// Index probes started ahead of the one being resolved.
+constexpr int64_t kProbeAhead = 16;
+
 inline int64_t index_slot(int64_t key, int64_t cap) {
   const uint64_t h = hashtable::mix64(static_cast<uint64_t>(key));
   return static_cast<int64_t>((static_cast<unsigned __int128>(h) * static_cast<uint64_t>(cap)) >> 64);
@@ -143,6 +146,11 @@ at::Tensor serving_pooled_cpu(const at::Tensor& index_keys, const at::Tensor& in
   const int32_t* ir = index_rows.data_ptr<int32_t>();
   at::parallel_for(0, N, 4096, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      if (i + kProbeAhead < e) {  // the probes are cache misses: start the later ones now
+        const int64_t sj = index_slot(key[i + kProbeAhead], cap);
+        __builtin_prefetch(ir + sj);
+        __builtin_prefetch(ik + sj);
+      }
       int64_t s = index_slot(key[i], cap), r;
       while ((r = ir[s]) >= 0 && ik[s] != key[i]) {
         if (++s == cap) s = 0;
@@ -160,6 +168,8 @@ at::Tensor serving_pooled_cpu(const at::Tensor& index_keys, const at::Tensor& in
         float* dst = o + q * dim;
         std::fill(dst, dst + dim, 0.0f);
         for (int64_t i = off[q]; i < off[q + 1]; ++i) {
+          const int64_t j = i + kPrefetchDistance;
+          if (j < N && row[j] >= 0) prefetch_bytes(table.row_bytes(row[j]), dim + 8);
           const float wi = w ? w[i] : 1.0f;
           if (row[i] >= 0) {
             const uint8_t* p = table.row_bytes(row[i]);
