@@ -316,18 +316,3 @@ def test_torchrec_quantize_embeddings_on_our_modules_raises_and_names_the_way(tm
     q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     assert type(q.sparse_arch.embedding_bag_collection).__name__ == "HashEmbeddingBagCollection"
     torch.testing.assert_close(q(dense, kjt), want, atol=0.05, rtol=0.05)
-
-
-def test_the_dense_program_compiled_by_aot_inductor_predicts_the_same(tmp_path):
-    """export(aot_inductor=True) also compiles the dense program with AOTInductor; load(dense="aoti")
-    runs it (the compiled kernels may fuse and round differently from eager: within 1e-5)."""
-    model, _ = trained("dlrm")
-    example = requests("bag", 1)[0]
-    package = inference.export(model, str(tmp_path / "p"), example, aot_inductor=True)
-    assert "aoti_program" in inference.read_manifest(package)
-    compiled = inference.load(package, dense="aoti")
-    for r in requests("bag"):
-        torch.testing.assert_close(compiled(*r), model(*r), atol=1e-5, rtol=1e-5)
-    plain = inference.export(model, str(tmp_path / "q"), example)
-    with pytest.raises(InferenceError, match="no AOTInductor program"):
-        inference.load(plain, dense="aoti")
