@@ -31,6 +31,7 @@ struct Value {
   std::string str;  // strings: decoded (UTF-8)
   std::vector<Value> items;
   std::vector<std::pair<std::string, Value>> members;  // in document order
+  std::string key_raw;  // for an object member: its key as written (with quotes)
 
   bool is_null() const { return kind == Kind::kNull; }
   const Value* find(const std::string& key) const {
@@ -126,9 +127,6 @@ struct Value {
         out += raw;
     }
   }
-
- public:
-  std::string key_raw;  // for an object member: its key as written (with quotes)
 };
 
 namespace detail {

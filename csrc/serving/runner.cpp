@@ -287,7 +287,6 @@ class Runner {
   std::vector<at::Tensor> inputs(const std::vector<at::Tensor>& args, const Features& kjt) const {
     const std::string where = "the manifest's serving_inputs";
     std::vector<at::Tensor> out;
-    std::map<std::string, at::Tensor> pooled;  // by module path
     for (const Value& in : plan_->as_array(where)) {
       const std::string& src = in.at("src", where).as_string(where);
       if (src == "arg") {

@@ -250,23 +250,24 @@ def _serving_inputs(specs: List[_ModuleSpec], args: Tuple[Any, ...], kjt: KeyedJ
     from torch.utils import _pytree as pytree
 
     source: Dict[int, Dict[str, Any]] = {}
+
+    def add(holder: Any, **where: Any) -> None:
+        for field in ("values", "lengths", "weights"):
+            t = getattr(holder, f"_{field}")
+            if t is not None:
+                source[id(t)] = dict(where, field=field)
+
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
             source[id(a)] = {"src": "arg", "arg": i}
-    for field in ("values", "lengths", "weights"):
-        t = getattr(kjt, f"_{field}")
-        if t is not None:
-            source[id(t)] = {"src": "kjt", "field": field}
+    add(kjt, src="kjt")
     for s in specs:
         feed = feeds[_feed_key(s.path)]
         if s.kind == "ebc":
             source[id(feed)] = {"src": "ebc", "module": s.path}
             continue
         for emb_name, jt in feed.items():
-            for field in ("values", "lengths", "weights"):
-                t = getattr(jt, f"_{field}")
-                if t is not None:
-                    source[id(t)] = {"src": "ec", "module": s.path, "embedding": emb_name, "field": field}
+            add(jt, src="ec", module=s.path, embedding=emb_name)
     plan = []
     for leaf in pytree.tree_flatten((args, feeds))[0]:
         if not isinstance(leaf, torch.Tensor):
@@ -430,6 +431,9 @@ def export(
         if aot_inductor:
             aoti = os.path.join(tmp, AOTI_FILE)
             torch._inductor.aoti_compile_and_package(program, package_path=aoti)
+            # The plan maps the program's flat inputs by tensor identity, and the export's run left
+            # cached offsets on the KJT (extra leaves the program does not take): a fresh canonical
+            # KJT and fresh lookups give exactly the leaves the program was traced with.
             example_inputs, kjt = _canonical(example_inputs)
             serving_inputs = _serving_inputs(specs, example_inputs, kjt, _lookups(specs, served, kjt))
         program._example_inputs = None  # the KJT of the example would need unpickling on load

@@ -59,9 +59,10 @@ def build(cxx: Optional[str] = None, verbose: bool = False) -> str:
             "-fopenmp"]
     lib_obj = LIBRARY + ".o"
     run_obj = BINARY + ".o"
+    flags = _flags()
     compiles = [
-        [cxx, *_flags(), "-c", os.path.join(CSRC, "ops", "serving_cpu.cpp"), "-o", lib_obj],
-        [cxx, *_flags(), "-c", os.path.join(CSRC, "serving", "runner.cpp"), "-o", run_obj],
+        [cxx, *flags, "-c", os.path.join(CSRC, "ops", "serving_cpu.cpp"), "-o", lib_obj],
+        [cxx, *flags, "-c", os.path.join(CSRC, "serving", "runner.cpp"), "-o", run_obj],
     ]
 
     def run(cmd: List[str]) -> None:
