@@ -11,6 +11,7 @@ and sharded, with TorchRec's DistributedModelParallel::
     model = DistributedModelParallel(model, sharders=rt.sharders(), plan=rt.plan(model, world_size))
 """
 
+from recis_torchrec import _exit  # noqa: F401  (clean exits: background threads joined, gloo quiesced)
 from recis_torchrec.distributed import plan, sharders
 from recis_torchrec.modules import (
     HashEmbeddingBagCollection,

@@ -27,6 +27,7 @@ import fnmatch
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -35,7 +36,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from recis_torchrec import ops
+from recis_torchrec import _exit, ops
 from recis_torchrec._ext import C
 from recis_torchrec.ops.constants import ROW_META_COLUMNS
 from recis_torchrec.checkpoint.files import (
@@ -309,6 +310,14 @@ def wait() -> Optional[str]:
     return _background["path"] if thread is not None else None
 
 
+def _finish_at_exit() -> None:
+    """At interpreter exit: the background save in progress is written out, not lost (its thread,
+    killed inside a C++ call during finalization, would abort the process)."""
+    path = wait()
+    if path is not None:
+        print(f"recis_torchrec: the background save to {path} finished at exit", file=sys.stderr, flush=True)
+
+
 def save(
     path: str,
     model: nn.Module,
@@ -456,6 +465,7 @@ def save(
     thread = threading.Thread(target=run, name=f"checkpoint-save-{step}", daemon=True)
     _background.update(thread=thread, error=None, path=final)
     thread.start()
+    _exit.finish_at_exit(_finish_at_exit)  # a script may end before the save does: finish it then
     return final
 
 

@@ -11,6 +11,7 @@ import pyarrow.fs as pafs
 import torch
 from torchrec.datasets.utils import Batch
 
+from recis_torchrec import _exit
 from recis_torchrec.io.arrow import ColumnError, check_columns, to_batch, transform_dense
 from recis_torchrec.io.schema import WEIGHTS_SUFFIX, Schema
 from recis_torchrec.io.sources import File, Unit, expand
@@ -452,6 +453,7 @@ class Prefetcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
         self._thread.start()
+        _exit.close_at_exit(self)  # a daemon thread inside a torch call at exit aborts the process
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
