@@ -26,6 +26,12 @@ def ec():
                                                        feature_names=["s"])])
 
 
+def dlrm():
+    from torchrec.models.dlrm import DLRM
+
+    return DLRM(ebc(), 2, [4], [4, 1])
+
+
 def kjt(keys, values, lengths, weights=None):
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
 
@@ -66,6 +72,16 @@ CASES = [
     ("ec duplicate keys", lambda: ec()(kjt(["s", "s"], L([1, 2]), L([1, 1]))), ValueError, r"\['s'\] more than once"),
     ("ec float ids", lambda: ec()(kjt(["s"], L([1.5]), L([1]))), TypeError, "int64 or int32"),
     ("ec lengths", lambda: ec()(kjt(["s"], L([1, 2]), L([1]))), (ValueError, RuntimeError), "'s'|lengths"),
+    # -- casts and moves of a model holding our modules reach them (nn.Module._apply) ----------------
+    ("model.half() holding a hash EBC", lambda: dlrm().half(), RuntimeError,
+     r"a cast or move of a model holding a HashEmbeddingBagCollection .* reached it: .*to\(torch.float16\)"),
+    ("model.double() holding a hash EBC", lambda: dlrm().double(), RuntimeError, r"to\(torch.float64\)"),
+    ("model.to(float16) holding a hash EBC", lambda: dlrm().to(torch.float16), RuntimeError, r"to\(torch.float16\)"),
+    ("model.to(meta) holding a hash EBC", lambda: dlrm().to("meta"), RuntimeError, "would drop its rows"),
+    ("ec negative length", lambda: ec()(kjt(["s"], L([1, 2, 3, 4]), L([3, -1, 1, 1]))), ValueError,
+     "'s' has a negative length"),
+    ("ec negative length, eval", lambda: ec().eval()(kjt(["s"], L([1, 2, 3, 4]), L([3, -1, 1, 1]))), ValueError,
+     "'s' has a negative length"),
     ("ec lengths overflow int64", lambda: ec()(kjt(["s"], torch.empty(0, dtype=I64), L([2**62] * 4))), ValueError,
      "'s' has a length of 4611686018427387904"),
     ("ebc lengths overflow int64", lambda: ebc()(kjt(["f0", "f1"], torch.empty(0, dtype=I64), L([2**62] * 4))),

@@ -175,9 +175,12 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
                 out.update(jagged_outputs(rows, seq.features, self._need_indices))
             return out
         lengths = features.lengths()
-        if not torch.compiler.is_compiling() and lengths.numel() and bool((lengths > features.values().numel()).any()):
-            # No op reads a sequence's lengths before they reach the output, and their int64 sum can wrap
-            # around to the id count: checked here, in eager mode (one read of a scalar).
+        if not torch.compiler.is_compiling() and lengths.numel() and bool(
+            ((lengths < 0) | (lengths > features.values().numel())).any()
+        ):
+            # No op reads a sequence's lengths before they reach the output: a negative length (with the
+            # others summing to the id count) or lengths whose int64 sum wraps around to it would come
+            # out in the JaggedTensors. Checked here, in eager mode (one read of a scalar).
             explain_kjt(features, False, "HashEmbeddingCollection")
         try:
             sequences = sequences_by_table(

@@ -85,6 +85,24 @@ class HashTablesMixin:
                 "(EmbeddingBagConfig(data_type=...)); converting a module's tables is not supported"
             )
 
+    def _apply(self, fn: Any, recurse: bool = True):  # type: ignore[override]
+        """Where ``model.half()``, ``.double()``, ``.to(dtype or device)`` or ``.to_empty()`` on a model
+        holding this module arrive (``nn.Module._apply``): the tables have no parameters for ``fn`` to
+        convert, so what ``fn`` does is read off a probe tensor, and it takes effect or raises, never
+        skips the tables."""
+        probe = torch.zeros(1, device=self._device)
+        out = fn(probe)
+        if isinstance(out, torch.Tensor):
+            try:
+                if out.dtype != probe.dtype:
+                    self._check_dtype(out.dtype, "to")
+                if out.device != probe.device:
+                    self._move(out.device, "to")
+            except RuntimeError as e:
+                raise RuntimeError(f"a cast or move of a model holding a {type(self).__name__} (model.half(), "
+                                   f".double(), .to(...)) reached it: {e}") from None
+        return super()._apply(fn, recurse)
+
     def to(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         self._check_dtype(dtype, "to")

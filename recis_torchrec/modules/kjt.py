@@ -70,9 +70,15 @@ def kjt_offsets(features: KeyedJaggedTensor) -> torch.Tensor:
     on other devices, so that no FBGEMM op runs on a GPU tensor (``fbgemm-gpu-cpu`` has no CUDA
     kernels)."""
     offsets = features.offsets_or_none()
-    if offsets is None and features.device().type != "cpu":
-        return offsets_from_lengths(features.lengths())
-    return (offsets if offsets is not None else features.offsets()).to(torch.int64)
+    if offsets is not None:
+        return offsets.to(torch.int64)
+    # Computed, never stored on the caller's KJT (``features.offsets()`` caches them): a program
+    # exported after a forward would otherwise take the cached offsets as an input every later KJT
+    # must carry.
+    lengths = features.lengths()
+    if features.device().type == "cpu":
+        return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths).to(torch.int64)
+    return offsets_from_lengths(lengths)
 
 
 def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:

@@ -315,3 +315,34 @@ def test_state_dict_and_deepcopy_while_another_thread_trains():
         snapshots += 1
     th.join()
     assert not errors, errors
+
+
+def test_forward_leaves_the_callers_kjt_as_it_came_so_an_exported_program_takes_any_kjt():
+    # A forward that cached offsets on the caller's KJT made a program exported after it take them
+    # as an input: a later KJT built from lengths alone failed ('NoneType' object has no attribute
+    # 'size'). TorchRec's EBC passes the same check.
+    def model(ebc):
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ebc = ebc
+
+            def forward(self, kjt):
+                return self.ebc(kjt).values()
+
+        return M().eval()
+
+    def fresh():
+        return KeyedJaggedTensor.from_lengths_sync(keys=["b", "a"], values=torch.tensor([1, 2, 3, 4, 5, 6]),
+                                                   lengths=torch.tensor([1, 2, 0, 2, 1, 0]))
+
+    torch.manual_seed(0)
+    configs = [EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=10, feature_names=["a"]),
+               EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=10, feature_names=["b"])]
+    for ebc in (EmbeddingBagCollection(configs), rt.convert(EmbeddingBagCollection(configs))):
+        m = model(ebc)
+        kjt = fresh()
+        want = m(kjt)
+        assert kjt.offsets_or_none() is None  # as it came
+        program = torch.export.export(m, (kjt,), strict=False)
+        assert torch.equal(program.module()(fresh()), want), type(ebc).__name__
