@@ -112,6 +112,11 @@ CASES = [
     ("options min > max", bag({"init_min": 1.0, "init_max": 0.0}), ValueError, "init_min"),
     ("options cap without policy", bag({"max_capacity": 10}), ValueError, "max_capacity needs eviction_policy"),
     ("options policy without cap", bag({"eviction_policy": "lru"}), ValueError, "eviction_policy='lru'"),
+    ("options admit_capacity True", bag({"admit_capacity": True}), ValueError, "admit_capacity must be an int, got True"),
+    ("options block_rows huge", bag({"block_rows": 1 << 40}), ValueError, "block_rows must be a power of two of at most"),
+    ("options host_rows not a bool", bag({"host_rows": 1}), ValueError, "host_rows must be True or False"),
+    ("config dim beyond memory", cfg(embedding_dim=2**40), MemoryError, r"HashTable 't': one block of block_rows=8,192 "
+     r"rows of dim 1,099,511,627,776"),
     ("options from_dict unknown", lambda: rt.HashTableOptions.from_dict({"ttl": 3}), ValueError, r"\['ttl'\]"),
     ("options for unknown table", lambda: ebc(options={"nope": rt.HashTableOptions()}), (ValueError, KeyError),
      "nope"),
@@ -277,10 +282,18 @@ def _config_cases(tmp):
         ("config async_save not bool", run(base + "async_save = 0\n"), ConfigError, "async_save"),
         ("config import_weights not bool", run(base + "import_weights = 'no'\n"), ConfigError, "import_weights"),
         ("config share_tables not bool", run(base + "share_tables = 1\n"), ConfigError, "share_tables"),
+        ("config resume a string", run(base + 'resume = "false"\n'), ConfigError,
+         "TrainingArguments.resume must be true or false, got 'false'"),
+        ("config pipeline a string", run(base + 'pipeline = "off"\n'), ConfigError, "pipeline must be true or false"),
+        ("config bf16 a string", run(base + 'bf16 = "false"\n'), ConfigError, "bf16 must be true or false"),
+        ("config steps a float", run('[data]\nsource = "synthetic"\nbatch_size = 8\n[trainer]\nsteps = 2.5\n'),
+         ConfigError, r"steps must be an integer \(or unset\), got 2.5"),
+        ("config shuffle a string", lambda: _files_run(tmp, "true", 'shuffle = "false"\n'), ConfigError,
+         r"\[data\].shuffle must be true or false"),
     ]
 
 
-def _files_run(tmp, passthrough):
+def _files_run(tmp, passthrough, extra=""):
     from recis_torchrec.train import build_run, load_config
 
     data = os.path.join(tmp, "d.csv")
@@ -288,7 +301,7 @@ def _files_run(tmp, passthrough):
     path = os.path.join(tmp, "f.toml")
     open(path, "w").write(
         f'[data]\nsource = "files"\ntrain = "{data}"\nformat = "csv"\nbatch_size = 1\npassthrough = {passthrough}\n'
-        '[data.schema]\nsparse = {a = "a"}\nlabels = ["y"]\n[[features]]\nsource = "a"\n[trainer]\nsteps = 1\n')
+        + extra + '[data.schema]\nsparse = {a = "a"}\nlabels = ["y"]\n[[features]]\nsource = "a"\n[trainer]\nsteps = 1\n')
     build_run(load_config(path), overrides={"trainer.output_dir": os.path.join(tmp, "out2")})
 
 

@@ -217,15 +217,23 @@ struct Features {
   }
 };
 
-Features split(const std::vector<std::string>& keys, const at::Tensor& values, const at::Tensor& lengths,
+// int32 ids and lengths are taken as the training modules take them: widened to int64.
+at::Tensor widened(const at::Tensor& t, const char* what) {
+  if (t.dim() != 1 || (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt)) {
+    throw Error(std::string("the batch's KJT ") + what + " must be 1-D int64 or int32");
+  }
+  return t.scalar_type() == at::kLong ? t : t.to(at::kLong);
+}
+
+Features split(const std::vector<std::string>& keys, const at::Tensor& raw_values, const at::Tensor& raw_lengths,
                const std::optional<at::Tensor>& weights) {
   Features f;
+  const at::Tensor values = widened(raw_values, "values");
+  const at::Tensor lengths = widened(raw_lengths, "lengths").contiguous();
   f.values = values;
   f.lengths = lengths;
   f.weights = weights;
   const int64_t F = static_cast<int64_t>(keys.size());
-  if (values.dim() != 1 || values.scalar_type() != at::kLong) throw Error("the batch's KJT values must be 1-D int64");
-  if (lengths.dim() != 1 || lengths.scalar_type() != at::kLong) throw Error("the batch's KJT lengths must be 1-D int64");
   if (F == 0 || lengths.numel() % F != 0) {
     throw Error("the batch's KJT has " + std::to_string(lengths.numel()) + " lengths for " + std::to_string(F) +
                 " features");

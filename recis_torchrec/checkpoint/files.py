@@ -180,7 +180,7 @@ def index_checksum(index: dict) -> str:
 
 def read_index(directory: str) -> dict:
     """A checkpoint's (or delta's) ``index.json``, verified against the checksum it carries (an edited
-    step, loader position or file entry is caught; an index without one, from before, is read as is)."""
+    step, loader position or file entry is caught; an index without one is refused)."""
     path = os.path.join(directory, "index.json")
     try:
         with open(path) as f:
@@ -189,7 +189,10 @@ def read_index(directory: str) -> dict:
         raise CheckpointError(f"{path}: unreadable ({e})") from e
     if not isinstance(index, dict):
         raise CheckpointError(f"{path}: not an index (a JSON object)")
-    if "xxh64" in index and index["xxh64"] != index_checksum(index):
+    if "xxh64" not in index:
+        raise CheckpointError(f"{path}: has no checksum (xxh64); every index this library writes has one, so it "
+                              "was edited or written by something else")
+    if index["xxh64"] != index_checksum(index):
         raise CheckpointError(f"{path}: checksum mismatch (the index was edited or is corrupt)")
     return index
 
@@ -210,7 +213,7 @@ def read_json_checked(path: str, digest: Optional[str]) -> Any:
 
 def write_json(path: str, obj, durable: bool = True) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=1)  # in the order given: a stored config keeps the order its user wrote
         if durable:
             f.flush()
             os.fsync(f.fileno())
@@ -269,6 +272,18 @@ def hash_tables(model: nn.Module) -> List[TableRef]:
                     )
                 )
     return refs
+
+
+def feature_order(model: nn.Module) -> Dict[str, List[str]]:
+    """Each of our embedding modules' outputs in their order, as ``"table:feature"`` (the order of the
+    module's tables and of their features). The dense layers after a module are trained on this
+    order: a model built with the same features in another order reads permuted inputs."""
+    out: Dict[str, List[str]] = {}
+    for path, m in unwrap(model).named_modules():
+        if isinstance(m, HashTablesMixin):
+            configs = m.embedding_bag_configs() if hasattr(m, "embedding_bag_configs") else m.embedding_configs()
+            out[path] = [f"{c.name}:{f}" for c in configs for f in c.feature_names]
+    return out
 
 
 def check_supported(model: nn.Module) -> None:

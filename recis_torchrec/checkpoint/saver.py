@@ -48,6 +48,7 @@ from recis_torchrec.checkpoint.files import (
     barrier,
     check_supported,
     dense_state,
+    feature_order,
     checksum,
     fsync_dir,
     hash_tables,
@@ -403,6 +404,7 @@ def save(
         if optimizer is not None:
             opt = _flatten_optimizer(optimizer.state_dict())
     spec = dict(path=path, final=final, tmp=tmp, rank=rank, world=world, step=step, keep_last=keep_last,
+                features=feature_order(model),
                 max_file_bytes=max_file_bytes, extra=extra, durable=durable, configs=configs, fused=fused,
                 write_share=float(write_share),
                 steps=steps, loader_state=loader_state, has_loader=dataloader is not None, dense=dense, opt=opt)
@@ -510,6 +512,7 @@ def _finish(spec: Dict[str, Any], gathered: List[Tuple[Any, ...]]) -> None:
         "step": spec["step"],
         "world_size": spec["world"],
         "tables": tables,
+        "features": spec["features"],
         "fused_optimizer": spec["fused"],
         "dense": dense_entry,
         "optimizer": {"file": opt_entry, "rest": spec["opt"][1]} if opt_entry else None,
@@ -577,6 +580,7 @@ def stage_table(
         tensors = read_tensors(directory, f)
         if "ids" not in tensors or tensors["ids"].numel() != f["rows"]:
             raise CheckpointError(f"{os.path.join(directory, f['file'])}: holds no ids or not the {f['rows']} rows listed")
+        _check_row_tensors(os.path.join(directory, f["file"]), ref, tensors)
         everything = not ref.sharded or world == 1 or same_layout
         keep = None if everything else owned_mask(ref, tensors["ids"], rank, world)
         for name, t in tensors.items():
@@ -589,6 +593,26 @@ def stage_table(
             parts.setdefault("pending_counts", []).append(tensors["pending_counts"][pk])
     # Parts stay separate (no concatenating copy); apply_table imports them one by one.
     return parts
+
+
+def _check_row_tensors(where: str, ref: TableRef, tensors: Dict[str, torch.Tensor]) -> None:
+    """Every tensor the table's import needs, with the table's shapes (a file that does not fit the
+    model must fail here, before any table is cleared)."""
+    n, dim = tensors["ids"].numel(), ref.table.dim
+    want: Dict[str, Tuple[int, ...]] = {"ids": (n,), "weights": (n, dim)}
+    for slot, _, width in STATE_SLOTS[ref.optimizer_code]:
+        want[slot] = (n,) if width is None else (n, width * dim)
+    for col in META_COLUMNS:
+        want[col] = (n,)
+    for name, shape in want.items():
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(
+                f"{where}: table {ref.key!r} lacks {name!r}, which the model's table (dim {dim}, optimizer code "
+                f"{ref.optimizer_code}) needs; the checkpoint does not match the model")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"{where}: table {ref.key!r}: {name!r} has shape {tuple(t.shape)}, the model's table needs {shape}")
 
 
 def apply_table(ref: TableRef, staged: Dict[str, List[torch.Tensor]], replace: bool = True) -> None:
@@ -605,6 +629,55 @@ def apply_table(ref: TableRef, staged: Dict[str, List[torch.Tensor]], replace: b
     for ids, counts in zip(staged.get("pending_ids", []), staged.get("pending_counts", [])):
         if ids.numel():
             ref.table.import_pending(ids, counts)
+
+
+def _check_features(directory: str, index: Dict[str, Any], model: nn.Module) -> None:
+    """The model's embedding modules give their features in the order the checkpoint was trained on
+    (indexes from before the order was recorded cannot be checked)."""
+    saved = index.get("features")
+    if saved is None:
+        return
+    for path, order in feature_order(model).items():
+        if path in saved and saved[path] != order:
+            name = path or "the model"
+            if sorted(saved[path]) == sorted(order):
+                raise CheckpointError(
+                    f"{directory}: {name}'s features are in another order than when the checkpoint was saved "
+                    f"(saved {saved[path]}, the model's {order}); the layers after it were trained on the saved "
+                    "order, so the model would read its inputs permuted. Build the model with the saved order")
+            raise CheckpointError(
+                f"{directory}: {name}'s tables and features differ from the checkpoint's: missing "
+                f"{sorted(set(saved[path]) - set(order))}, added {sorted(set(order) - set(saved[path]))}")
+
+
+def _check_optimizer_state(directory: str, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """The saved dense optimizer state fits `optimizer` (its class's hyperparameters, its groups and
+    their sizes): torch's load_state_dict takes another optimizer's state, and the first step fails."""
+    what = f"{directory}/optimizer.safetensors"
+    saved, have = state.get("param_groups", []), optimizer.param_groups
+    if len(saved) != len(have):
+        raise CheckpointError(f"{what}: holds {len(saved)} parameter groups, {type(optimizer).__name__} has {len(have)}")
+    for k, (s, h) in enumerate(zip(saved, have)):
+        s_keys, h_keys = set(s) - {"params"}, set(h) - {"params"}
+        if s_keys != h_keys:
+            raise CheckpointError(
+                f"{what}: group {k} was saved by another optimizer than {type(optimizer).__name__} (hyperparameters "
+                f"{sorted(s_keys)}, {type(optimizer).__name__}'s {sorted(h_keys)})")
+        if len(s["params"]) != len(h["params"]):
+            raise CheckpointError(
+                f"{what}: group {k} holds {len(s['params'])} parameters, {type(optimizer).__name__}'s "
+                f"{len(h['params'])}")
+    params = [p for g in have for p in g["params"]]
+    saved_ids = [i for g in saved for i in g["params"]]
+    for i, slots in state.get("state", {}).items():
+        if i not in saved_ids:
+            continue
+        param = params[saved_ids.index(i)]
+        for slot, v in slots.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != param.shape:
+                raise CheckpointError(
+                    f"{what}: the state {slot!r} of parameter {saved_ids.index(i)} has shape {tuple(v.shape)}, the "
+                    f"parameter {tuple(param.shape)} (the optimizer was saved for other parameters)")
 
 
 def load(
@@ -642,6 +715,7 @@ def load(
         index = read_index(directory)
         if index.get("format") != FORMAT_VERSION or index.get("kind") != "full":
             raise CheckpointError(f"{directory}: not a full checkpoint of format {FORMAT_VERSION}")
+        _check_features(directory, index, model)
         for ref in refs:
             entry = index["tables"].get(ref.key)
             if entry is None:
@@ -655,6 +729,11 @@ def load(
             missing = sorted(set(have) - set(dense))
             if missing and strict:
                 raise CheckpointError(f"{directory}/dense.safetensors: lacks dense tensors {missing[:5]}")
+            unexpected = sorted(set(dense) - set(have))
+            if unexpected and strict:
+                raise CheckpointError(
+                    f"{directory}/dense.safetensors: holds dense tensors the model does not have {unexpected[:5]} "
+                    "(the checkpoint is of another model; strict=False loads the tensors both have)")
             for name, t in dense.items():
                 if name in have and have[name].shape != t.shape:
                     raise CheckpointError(
@@ -665,6 +744,7 @@ def load(
             if index.get("optimizer") is None:
                 raise CheckpointError(f"{directory}: holds no dense optimizer state")
             opt_state = _unflatten_optimizer(read_tensors(directory, index["optimizer"]["file"]), index["optimizer"]["rest"])
+            _check_optimizer_state(directory, optimizer, opt_state)
         if dataloader is not None:
             if index.get("loader") is None:
                 raise CheckpointError(f"{directory}: holds no loader state")

@@ -102,6 +102,31 @@ def _string_buffers(arr: pa.Array) -> Tuple[torch.Tensor, torch.Tensor]:
     return _tensor(data), _tensor(offsets)
 
 
+# Delimiters lists are commonly written with in one CSV field, and the columns already checked for them.
+LIST_DELIMITERS = ("^", "|", ";", ",")
+_delimiter_checked: set = set()
+
+
+def warn_undeclared_list(col: pa.Array, column: str, where: str, schema: Schema) -> None:
+    """Warns once per column (of a schema) when most of a scalar string column's values contain a list delimiter:
+    without ``list_delimiter`` each field is hashed as one id, and the column trains as one id per row."""
+    key = (id(schema), column)
+    if key in _delimiter_checked:
+        return
+    _delimiter_checked.add(key)
+    sample = col.slice(0, 4096).drop_null()
+    if len(sample) == 0:
+        return
+    for d in LIST_DELIMITERS:
+        share = pc.sum(pc.match_substring(sample, d)).as_py() / len(sample)
+        if share > 0.5:
+            warnings.warn(
+                f"{where}: {share:.0%} of column {column!r}'s values contain {d!r}, yet it is read as one id per "
+                f"row (no list delimiter declared); if it holds lists, declare Schema(list_delimiter={{{column!r}: "
+                f"{d!r}}}) ([data.schema].list_delimiter in a config)", UserWarning, stacklevel=2)
+            return
+
+
 def normalize_csv(table: pa.Table, schema: Schema, where: str) -> pa.Table:
     """A CSV/TSV table's id columns as int64 (or ``list<int64>`` for delimited lists, with a
     ``list<float>`` weights column beside it for ``id:weight`` items), in one C++ pass over each
@@ -116,6 +141,8 @@ def normalize_csv(table: pa.Table, schema: Schema, where: str) -> pa.Table:
         if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
             continue
         delim = schema.delimiter_of(c)
+        if delim is None:
+            warn_undeclared_list(col, c, where, schema)
         wdelim = schema.weight_delimiter if delim is not None and schema.weight_delimiter else ""
         nulls = torch.from_numpy(_numpy(col.is_null(), np.bool_)) if col.null_count else None
         data, offsets = _string_buffers(col)

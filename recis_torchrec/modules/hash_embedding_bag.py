@@ -154,6 +154,12 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._embedding_bag_configs
 
+    @property
+    def embedding_bags(self) -> Dict[str, Any]:
+        """TorchRec's ``ebc.embedding_bags[name]``: each table's device, dtype, config and rows
+        (read-only), as :class:`~recis_torchrec.modules.hash_module.TableView`."""
+        return self._table_views(self._embedding_bag_configs)
+
     def is_weighted(self) -> bool:
         return self._is_weighted
 

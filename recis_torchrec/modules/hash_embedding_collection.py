@@ -146,6 +146,12 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
     def embedding_configs(self) -> List[EmbeddingConfig]:
         return self._embedding_configs
 
+    @property
+    def embeddings(self) -> Dict[str, Any]:
+        """TorchRec's ``ec.embeddings[name]``: each table's device, dtype, config and rows (read-only),
+        as :class:`~recis_torchrec.modules.hash_module.TableView`."""
+        return self._table_views(self._embedding_configs)
+
     def need_indices(self) -> bool:
         return self._need_indices
 

@@ -14,6 +14,61 @@ from recis_torchrec.modules.tracing import refuse_scripting
 from recis_torchrec.optim.fused import HashFusedOptimizer
 
 
+class TableView:
+    """``ebc.embedding_bags[name]`` / ``ec.embeddings[name]`` of a hash-backed module: what TorchRec
+    code reads of a table (``weight.device``, ``weight.dtype``, ``embedding_dim``, the config), with
+    the rows behind ``weight`` as a read-only copy (an inference tensor: writing to it raises). A
+    hash table has no ``nn.Parameter`` per table (its rows and optimizer state live in the table and
+    are updated in backward), so the parameter interfaces raise instead of returning nothing."""
+
+    def __init__(self, owner: Any, config: Any) -> None:
+        self._owner, self.config = owner, config
+        self.embedding_dim = config.embedding_dim
+        self.num_embeddings = config.num_embeddings
+
+    @property
+    def _table(self) -> Optional[HashTable]:
+        return self._owner._tables.get(self.config.name)
+
+    @property
+    def device(self) -> torch.device:
+        return self._owner.device
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """The ids the table holds, ordered as ``weight``'s rows."""
+        table = self._table
+        if table is None:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        return table.export_rows()[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The rows the table holds (ordered as :attr:`ids`), on the module's device; a copy that
+        cannot be written to."""
+        table = self._table
+        if table is None:  # the meta device: shapes only
+            return torch.empty(0, self.embedding_dim, device=self.device)
+        with torch.inference_mode():
+            return table.export_rows()[1].to(self.device)
+
+    def parameters(self, recurse: bool = True):
+        raise RuntimeError(
+            f"table {self.config.name!r} of a {type(self._owner).__name__} has no parameters: its rows and optimizer "
+            "state are updated in backward by the fused optimizer (fused_params, or apply_optimizer_in_backward "
+            "on the TorchRec module before rt.convert); read the rows with .weight")
+
+    named_parameters = parameters
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"table {self.config.name!r} of a {type(self._owner).__name__} is a hash table: it has config, device, "
+            f"embedding_dim, num_embeddings, weight (its rows, read-only) and ids, not {name!r}")
+
+    def __repr__(self) -> str:
+        return f"TableView({self.config.name!r}, dim={self.embedding_dim}, device={self.device})"
+
+
 class HashTablesMixin:
     """What the hash-backed TorchRec modules share: their tables (``self._tables``), fused
     optimizer (``self._optim``), CPU device, and state-dict form ``{section}.{table}.weight``
@@ -144,6 +199,9 @@ class HashTablesMixin:
 
     def type(self, dst_type: Any):  # type: ignore[override]
         raise RuntimeError(f"{type(self).__name__}.type({dst_type}): not supported on hash tables")
+
+    def _table_views(self, configs: Any) -> Dict[str, TableView]:
+        return {c.name: TableView(self, c) for c in configs}
 
     def tables(self) -> Dict[str, HashTable]:
         """The tables by name (none while the module is on the meta device)."""

@@ -365,14 +365,19 @@ class HashTable:
 def _check_reservable(name: str, dim: int, state_dim: int, dtype: torch.dtype, options: HashTableOptions) -> None:
     """An initial capacity whose rows could not fit in this machine's memory is refused up front,
     with the size named, instead of failing inside the allocator."""
-    if not options.initial_capacity:
-        return
     row = dtype.itemsize * dim + 4 * state_dim + 48  # + id, metadata and IdMap slots
-    need = options.initial_capacity * row
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
+    if options.block_rows * row > total:  # the first block alone (a huge dim, say)
+        raise MemoryError(
+            f"HashTable {name!r}: one block of block_rows={options.block_rows:,} rows of dim {dim:,} ({row:,} bytes "
+            f"a row) needs {options.block_rows * row / 2**30:.1f} GiB, more than this machine's "
+            f"{total / 2**30:.1f} GiB of memory")
+    if not options.initial_capacity:
+        return
+    need = options.initial_capacity * row
     if need > total:
         raise MemoryError(
             f"HashTable {name!r}: initial_capacity={options.initial_capacity:,} rows of {row} bytes need "

@@ -87,14 +87,17 @@ class HashTableOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"HashTableOptions.{name} must be a finite number, got {value!r}")
-        for name in ("initial_capacity", "block_rows", "seed", "admit_threshold", "ttl_steps", "max_capacity"):
+        for name in ("initial_capacity", "block_rows", "seed", "admit_threshold", "admit_capacity", "ttl_steps",
+                     "max_capacity"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"HashTableOptions.{name} must be an int, got {value!r}")
         if self.initial_capacity is not None and self.initial_capacity < 0:
             raise ValueError(f"HashTableOptions.initial_capacity must be >= 0 or None, got {self.initial_capacity}")
-        if self.block_rows <= 0 or self.block_rows & (self.block_rows - 1):
-            raise ValueError(f"HashTableOptions.block_rows must be a power of two, got {self.block_rows}")
+        if self.block_rows <= 0 or self.block_rows & (self.block_rows - 1) or self.block_rows > 1 << 24:
+            raise ValueError(f"HashTableOptions.block_rows must be a power of two of at most 2**24, got {self.block_rows}")
+        if not isinstance(self.host_rows, bool):
+            raise ValueError(f"HashTableOptions.host_rows must be True or False, got {self.host_rows!r}")
         if self.initializer not in INITIALIZERS:
             raise ValueError(f"HashTableOptions.initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
         if (self.init_min is not None and self.init_max is not None) and self.init_min > self.init_max:

@@ -42,6 +42,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="overrides [trainer].output_dir")
     p.add_argument("--steps", type=int, default=None, help="overrides [trainer].steps")
     p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even where the config differs from the checkpoint's in what shapes the model or its "
+        "training (by default only data files, batching, learning rates and [trainer] may change)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -94,6 +100,35 @@ def overrides_from(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict
     return out
 
 
+def check_resume_config(cfg: dict, overrides: dict, output_dir: str, allow: bool, rank: int) -> None:
+    """Compares the run's config with the one stored in the checkpoint it would resume from: a
+    difference in what shapes the model or its training (features and their order, dims, tables,
+    model and its sizes, optimizers, tasks) is refused, naming every difference; the others (data
+    files, batching, learning rates, [trainer]) are reported."""
+    import os
+
+    from recis_torchrec import checkpoint
+    from recis_torchrec.checkpoint.files import read_index
+
+    root = os.path.join(output_dir, "checkpoints")
+    if not checkpoint.checkpoints(root):
+        return
+    directory = checkpoint.resolve(root)
+    extra = read_index(directory).get("extra") or {}
+    if "config" not in extra:
+        return
+    old = config_mod.apply_overrides(extra["config"], extra.get("overrides") or {})
+    shaping, safe = config_mod.config_changes(old, config_mod.apply_overrides(cfg, overrides))
+    if shaping and not allow:
+        raise config_mod.ConfigError(
+            f"the run would resume from {directory}, whose config differs in what shapes the model or its training:\n  "
+            + "\n  ".join(shaping)
+            + "\ntrain into a new output directory, set trainer.resume=false to start over there, or pass "
+            "--allow-config-change to resume anyway")
+    if (shaping or safe) and rank == 0:
+        print(f"resuming from {directory} with changed settings: {'; '.join(shaping + safe)}", flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     import torch.distributed as dist
@@ -112,6 +147,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         run = config_mod.build_run(cfg, rank, world_size, overrides)
+        if run.args.resume:
+            check_resume_config(cfg, overrides, run.args.output_dir, args.allow_config_change, rank)
         if rank == 0:
             mode = (f"sharded over {world_size} ranks ({backend_for(device)}, {device.type})" if world_size > 1
                     else f"unsharded ({device.type})")

@@ -2,6 +2,7 @@
 """``TrainingArguments`` and ``Task``: how a :class:`Trainer` runs."""
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -97,6 +98,20 @@ class TrainingArguments:
     version: int = 1
 
     def __post_init__(self) -> None:
+        # Every field has the type its annotation gives (TOML's "false" is a string, 2.5 a float):
+        # checked here, once for all of them, before any value is used.
+        for name, hint in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            args = typing.get_args(hint)
+            optional = type(None) in args
+            want = next((a for a in args if a is not type(None)), hint) if args else hint
+            if value is None and optional:
+                continue
+            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+            if not ok:
+                kind = {bool: "true or false", int: "an integer", str: "a string"}.get(want, want.__name__)
+                raise ValueError(f"TrainingArguments.{name} must be {kind}{' (or unset)' if optional else ''}, "
+                                 f"got {value!r}")
         if not self.output_dir:
             raise ValueError("TrainingArguments.output_dir must be set")
         if (self.steps is None) == (self.epochs is None):

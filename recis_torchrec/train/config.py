@@ -14,7 +14,8 @@ A config has these sections (see ``examples/*.toml``)::
                  synthetic: num_sparse, vocab_size, zipf_alpha, max_bag, eval_batches
                  files: train, eval (paths, dirs, globs or URIs; raw Criteo TSV is converted),
                         or windows (a list of paths, or a glob sorted by name: online learning),
-                        format, shuffle, schema = "criteo" or [data.schema] (recis_torchrec.io.Schema fields)
+                        format, shuffle, shuffle_buffer (rows), drop_last (false: every row trains each
+                        epoch), schema = "criteo" or [data.schema] (recis_torchrec.io.Schema fields)
                  movielens: path (the ml-100k directory), eval_fraction
     [[features]] source (or left, right for a cross), name, ops = [{op = "hash", salt = true},
                  {op = "mod", modulus = ...}, {op = "bucketize", boundaries = [...]}, {op = "truncate",
@@ -34,7 +35,7 @@ import glob
 import os
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -205,7 +206,8 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
     if source == "movielens":
         from recis_torchrec.datasets.movielens import movielens_schema, prepare
 
-        _check_keys(data, {"source", "batch_size", "path", "eval_fraction", "shuffle", "passthrough"}, "[data]")
+        _check_keys(data, {"source", "batch_size", "path", "eval_fraction", "shuffle", "shuffle_buffer", "drop_last",
+                           "passthrough"}, "[data]")
         if "path" not in data:
             raise ConfigError("config [data].path: the MovieLens-100k directory is required")
         out = os.path.join(work_dir, "movielens")
@@ -229,7 +231,8 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         window_names = None
     else:
         _check_keys(
-            data, {"source", "batch_size", "train", "windows", "eval", "format", "schema", "shuffle", "passthrough"},
+            data, {"source", "batch_size", "train", "windows", "eval", "format", "schema", "shuffle", "shuffle_buffer",
+                   "drop_last", "passthrough"},
             "[data]"
         )
         if ("train" in data) == ("windows" in data):
@@ -273,20 +276,23 @@ def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, t
         schema = _check_dense_scale(schema, train_path if train_path is not None else window_paths[0], fmt, rank)
     except (ColumnError, SourceError) as e:
         raise ConfigError(f"config [data]: {e}") from None
-    shuffle = bool(data.get("shuffle", True))
+    shuffle = data.get("shuffle", True)
+    drop_last = data.get("drop_last", False)
+    for key, value in (("shuffle", shuffle), ("drop_last", drop_last)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config [data].{key} must be true or false, got {value!r}")
+    shuffle_buffer = data.get("shuffle_buffer")
+    if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or isinstance(shuffle_buffer, bool)
+                                       or shuffle_buffer <= 0):
+        raise ConfigError(f"config [data].shuffle_buffer must be a positive integer (rows), got {shuffle_buffer!r}")
+    # Training keeps every row by default: the rows past the last full round of batches form one
+    # smaller last batch per rank (drop_last = true drops them, the same rows in every epoch).
+    opts = dict(shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last, format=fmt, features=engine)
     try:
         if train_path is None:
-            train = [
-                ColumnarDataset(
-                    w, schema, batch, rank, world_size, shuffle=shuffle, drop_last=True, format=fmt, features=engine
-                )
-                for w in window_paths
-            ]
+            train = [ColumnarDataset(w, schema, batch, rank, world_size, **opts) for w in window_paths]
         else:
-            train = ColumnarDataset(
-                train_path, schema, batch, rank, world_size, shuffle=shuffle, drop_last=True, format=fmt,
-                features=engine,
-            )
+            train = ColumnarDataset(train_path, schema, batch, rank, world_size, **opts)
         held = (
             ColumnarDataset(
                 eval_path, schema, batch, rank, world_size, drop_last=False, format=fmt, features=engine
@@ -458,10 +464,8 @@ class ConstantDense(nn.Module):
         return self.model(dense_features.new_ones(dense_features.shape[0], 1), sparse_features)
 
 
-def build_run(
-    cfg: Dict[str, Any], rank: int = 0, world_size: int = 1, overrides: Optional[Dict[str, Any]] = None
-) -> Run:
-    """Builds the model, data, optimizers and TrainingArguments a config describes."""
+def apply_overrides(cfg: Dict[str, Any], overrides: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """`cfg` with ``{"section.key": value}`` overrides applied (a new dict; `cfg` is not modified)."""
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
     for dotted, value in (overrides or {}).items():
         if "." not in dotted:  # a whole section
@@ -478,6 +482,53 @@ def build_run(
             node[part] = child = dict(child)  # never modify the caller's config
             node = child
         node[key] = value
+    return cfg
+
+
+# Settings a resumed run may change: where the data comes from and how it is batched, the learning
+# rates, and everything in [trainer] (steps, epochs, logging, cadence). Any other difference from the
+# checkpoint's config shapes the model or what it learns, and a resume refuses it.
+RESUME_SAFE = ("trainer.", "data.train", "data.windows", "data.eval", "data.path", "data.format", "data.batch_size",
+               "data.shuffle", "data.eval_batches", "data.eval_fraction", "data.seed", "data.zipf_alpha",
+               "data.max_bag", "data.vocab_size", "optimizer.dense_lr", "optimizer.sparse.learning_rate")
+
+
+def _flat(value: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(value, dict):
+        out: Dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        if prefix.startswith("data.schema."):  # features are built in the order their keys are written
+            out[f"{prefix}<order>"] = list(value)
+        return out
+    return {prefix[:-1]: value}
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """The differences between two configs (each with its overrides applied) as ``"key: old -> new"``:
+    (those that shape the model or its training, those a resume may make)."""
+    a, b = _flat(old), _flat(new)
+    shaping, safe = [], []
+    for key in sorted(set(a) | set(b), key=lambda k: (k.endswith("<order>"), k)):
+        if a.get(key, "<unset>") == b.get(key, "<unset>"):
+            continue
+        if key.endswith("<order>"):
+            if sorted(a.get(key, [])) != sorted(b.get(key, [])):
+                continue  # a key added or removed: reported under its own name
+            key_name = key[: -len(".<order>")]
+            line = f"the order of [{key_name}]: {a[key]} -> {b[key]}"
+        else:
+            key_name = key
+            line = f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
+        (safe if key_name.startswith(RESUME_SAFE) else shaping).append(line)
+    return shaping, safe
+
+
+def build_run(
+    cfg: Dict[str, Any], rank: int = 0, world_size: int = 1, overrides: Optional[Dict[str, Any]] = None
+) -> Run:
+    """Builds the model, data, optimizers and TrainingArguments a config describes."""
+    cfg = apply_overrides(cfg, overrides)
 
     raw_tasks = cfg.get("tasks", [{"name": "ctr"}])
     if not isinstance(raw_tasks, list) or not raw_tasks:

@@ -30,7 +30,7 @@ import recis_torchrec as rt
 from recis_torchrec import checkpoint
 from recis_torchrec.checkpoint.files import hash_tables, rank_and_world
 from recis_torchrec.datasets.synthetic import SyntheticClicks
-from recis_torchrec.io.dataset import ColumnarDataset, Prefetcher
+from recis_torchrec.io.dataset import ColumnarDataset, Prefetcher, rank_batch_sizes
 from recis_torchrec.ops.devices import cuda_tables_available, require_cuda
 from recis_torchrec.train.args import Task, TrainingArguments
 
@@ -668,6 +668,11 @@ class Trainer:
             "checkpoint": path,
             "tables": self.table_stats(),
         }
+        src = self.train_stream.source
+        if isinstance(src, ColumnarDataset):  # how much of the data an epoch trains (every rank's batches)
+            summary["epoch_rows"] = sum(map(sum, rank_batch_sizes(src.num_rows, src.world_size, src.batch_size,
+                                                                  src.drop_last)))
+            summary["data_rows"] = src.num_rows
         self.log({"step": self.step, "summary": summary})
         if self.rank == 0:
             print(summary_line(summary, self.world_size), flush=True)
@@ -786,6 +791,8 @@ def summary_line(summary: Dict[str, Any], world_size: int = 1) -> str:
         f"done: {steps} in {summary['seconds']:.1f} s of training{aside} on {world_size} rank(s), "
         f"{summary['examples_per_s']:,.0f} examples/s, data wait {100 * summary['data_wait_fraction']:.1f}%"
         + (f"; eval {evals}" if evals else "")
+        + (f"; an epoch trains {summary['epoch_rows']:,} of {summary['data_rows']:,} rows" if "epoch_rows" in summary
+           else "")
         + f"; {summary['tables']['rows']:,} table rows; checkpoint {summary['checkpoint']}"
     )
 

@@ -151,6 +151,82 @@ def test_errors_name_the_file_or_table_and_load_nothing(tmp_path):
     expect("table 'ebc/t1': the checkpoint has dim 16 but the model's table has dim 8")
 
 
+def test_checkpoints_that_do_not_fit_the_model_are_refused_before_it_changes(tmp_path):
+    # Indexes edited consistently (their checksum recomputed, as a buggy writer or a hand edit leaves
+    # them): every mismatch with the model is found before a table is cleared or a tensor copied.
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from tests.distributed.test_sharded_ebc import table_configs
+
+    model, opt = unsharded()
+    train_union(model, opt, [0])
+    root = str(tmp_path / "ckpt")
+    ckpt = checkpoint.save(root, model, opt, step=1)
+    index_path = os.path.join(ckpt, "index.json")
+    original = json.load(open(index_path))
+
+    target, target_opt = unsharded(seed=5)
+    train_union(target, target_opt, [3])
+    before = table_rows(target)
+    dense_before = target.dense.weight.detach().clone()
+
+    def expect(index, match, model=target, optimizer=target_opt):
+        if index is not None:
+            json.dump(index, open(index_path, "w"))
+        with pytest.raises(CheckpointError, match=match):
+            checkpoint.load(root, model, optimizer)
+        assert_same_rows(table_rows(target), before)
+        assert torch.equal(target.dense.weight, dense_before)
+
+    def edited(fn):
+        index = json.loads(json.dumps(original))
+        fn(index)
+        index["xxh64"] = checkpoint.files.index_checksum(index)
+        return index
+
+    # Rows of another dim under a table's entry (t2's dim-4 file listed for the dim-8 t1).
+    expect(edited(lambda ix: ix["tables"]["ebc/t1"].update(files=ix["tables"]["ebc/t2"]["files"])),
+           r"table 'ebc/t1': 'weights' has shape \(\d+, 4\), the model's table needs \(\d+, 8\)")
+    # No checksum at all.
+    no_sum = json.loads(json.dumps(original))
+    del no_sum["xxh64"]
+    expect(no_sum, "index.json: has no checksum")
+    json.dump(original, open(index_path, "w"))
+
+    # Extra dense tensors: the checkpoint of another model.
+    bigger, bigger_opt = unsharded(seed=5)
+    bigger.extra = torch.nn.Linear(2, 2)
+    expect(None, r"holds dense tensors the model does not have|lacks dense tensors \['extra", bigger, bigger_opt)
+
+    # The dense optimizer's state under another optimizer (SGD's state, an Adam to load it into).
+    sgd_root = str(tmp_path / "sgd")
+    sgd_model, _ = unsharded()
+    checkpoint.save(sgd_root, sgd_model, torch.optim.SGD(sgd_model.dense.parameters(), lr=0.1, momentum=0.9), step=1)
+    with pytest.raises(CheckpointError, match="saved by another optimizer than Adam"):
+        checkpoint.load(sgd_root, target, target_opt)
+    assert_same_rows(table_rows(target), before)
+
+    # Sparse state of one optimizer under another's code: SGD rows (no state slots) said to be Adam's.
+    plain = make_model(0)
+    plain.ebc = rt.convert(plain.ebc, fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1})
+    sgd_ckpt = checkpoint.save(str(tmp_path / "sparse_sgd"), plain, step=1)
+    ix = json.load(open(os.path.join(sgd_ckpt, "index.json")))
+    for entry in ix["tables"].values():
+        entry["optimizer"], entry["state_dim"] = original["tables"][f"ebc/{entry['table']}"]["optimizer"], 0
+    ix["xxh64"] = checkpoint.files.index_checksum(ix)
+    json.dump(ix, open(os.path.join(sgd_ckpt, "index.json"), "w"))
+    with pytest.raises(CheckpointError, match="lacks 'momentum1'"):
+        checkpoint.load(sgd_ckpt, target)
+    assert_same_rows(table_rows(target), before)
+
+    # The same tables with their features in another order: the dense layer would read them permuted.
+    permuted = make_model(5)
+    permuted.ebc = rt.convert(EmbeddingBagCollection(list(reversed(table_configs()))), fused_params=FUSED)
+    with pytest.raises(CheckpointError, match=r"ebc's features are in another order than when the checkpoint was "
+                                              r"saved \(saved \['t0:f0', 't0:f1', 't1:f2', 't2:f3'\]"):
+        checkpoint.load(root, permuted)
+
+
 def test_keep_last_include_and_exclude(tmp_path):
     model, opt = unsharded()
     root = str(tmp_path / "ckpt")

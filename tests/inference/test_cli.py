@@ -49,3 +49,76 @@ def test_export_predict_info_from_a_training_run(tmp_path, capsys):
     assert inference_main(["predict", package, str(tmp_path / "nope.tsv")]) == 2
     assert "nope.tsv: no such file" in capsys.readouterr().err
     assert inference_main(["export", str(tmp_path / "nothing"), str(tmp_path / "p2")]) == 2
+
+
+def test_a_package_predicts_with_the_features_in_the_order_the_config_gives(tmp_path):
+    # examples/avazu_dlrm.toml lists its sparse features out of alphabetical order. The checkpoint
+    # stores the config in that order, and the package built from it predicts what the trained
+    # model, built from the user's own file, predicts (it read the features permuted when the
+    # stored config had its keys sorted).
+    from recis_torchrec.datasets.formats import write_avazu_csv
+    from recis_torchrec.train import config as config_mod
+
+    toml = os.path.join(os.path.dirname(SYNTHETIC), "avazu_dlrm.toml")
+    data = write_avazu_csv(str(tmp_path / "train.csv"), rows=600)
+    run_dir = str(tmp_path / "run")
+    assert train_main(["--config", toml, "--output-dir", run_dir, "--steps", "8", "--data", data, "--eval-data", data,
+                       "--set", "data.batch_size=64", "--set", "trainer.progress=false"]) == 0
+    ckpt = os.path.join(run_dir, "checkpoints")
+    stored = checkpoint.files.read_index(checkpoint.resolve(ckpt))["extra"]["config"]
+    user = config_mod.load_config(toml)
+    assert list(stored["data"]["schema"]["sparse"]) == list(user["data"]["schema"]["sparse"])
+
+    package, out = str(tmp_path / "pkg"), str(tmp_path / "pred.parquet")
+    assert inference_main(["export", ckpt, package]) == 0
+    assert inference_main(["predict", package, data, "--output", out, "--batch-size", "100"]) == 0
+    got = torch.tensor(pq.read_table(out).column("prediction").to_pylist())
+
+    run = _run_from(user, {"data.train": [data], "data.eval": [data], "data.batch_size": 100}, str(tmp_path / "tmp"))
+    model, probabilities = _model_of(run)
+    checkpoint.load(ckpt, model)
+    model.eval()
+    with torch.no_grad():
+        want = torch.cat([torch.sigmoid(model.model(b.dense_features, b.sparse_features)).reshape(-1)
+                          for b in run.eval_data])
+    assert got.numel() == want.numel() == 600 and not probabilities
+    assert torch.equal(got, want)
+
+
+def test_a_resume_into_a_changed_model_is_refused_naming_the_changes(tmp_path, capsys):
+    # A rerun in the same output directory resumes by default: with the sparse features reordered
+    # (or a dim changed) it used to load the old checkpoint into the new model and train on.
+    import pytest
+
+    from recis_torchrec.checkpoint import CheckpointError
+    from recis_torchrec.datasets.formats import write_avazu_csv
+
+    toml = os.path.join(os.path.dirname(SYNTHETIC), "avazu_dlrm.toml")
+    text = open(toml).read()
+    data = write_avazu_csv(str(tmp_path / "train.csv"), rows=300)
+    run_dir = str(tmp_path / "run")
+    argv = ["--output-dir", run_dir, "--data", data, "--set", "data.batch_size=64", "--set", "trainer.progress=false"]
+    assert train_main(["--config", toml, "--steps", "4", *argv]) == 0
+
+    lines = text.splitlines()
+    first = lines.index('hour = "hour"')
+    lines[first], lines[first + 1] = lines[first + 1], lines[first]  # C1 before hour
+    reordered = str(tmp_path / "reordered.toml")
+    open(reordered, "w").write("\n".join(lines) + "\n")
+    wider = str(tmp_path / "wider.toml")
+    open(wider, "w").write(text.replace("embedding_dim = 16", "embedding_dim = 32").replace("dense_arch = [16]",
+                                                                                         "dense_arch = [32]"))
+    capsys.readouterr()
+    assert train_main(["--config", reordered, "--steps", "8", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "whose config differs in what shapes the model" in err
+    assert "the order of [data.schema.sparse]: ['hour', 'C1'," in err and "-> ['C1', 'hour'," in err
+    assert train_main(["--config", wider, "--steps", "8", *argv]) == 2
+    assert "model.embedding_dim: 16 -> 32" in capsys.readouterr().err
+    # Forced past the config check, the checkpoint itself refuses the permuted model.
+    with pytest.raises(CheckpointError, match="features are in another order than when the checkpoint was saved"):
+        train_main(["--config", reordered, "--steps", "8", "--allow-config-change", *argv])
+    # What may change does, and is reported.
+    assert train_main(["--config", toml, "--steps", "8", "--set", "optimizer.dense_lr=0.001", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "optimizer.dense_lr: 0.003 -> 0.001" in out, out

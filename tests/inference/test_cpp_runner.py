@@ -59,6 +59,12 @@ def test_the_cpp_runner_prints_what_the_python_predictor_returns(packages, name,
         want = predictor(*r)
         assert len(got) == 1 and got[0].shape == want.shape and got[0].dtype == want.dtype
         assert torch.equal(got[0], want), (name, i, float((got[0] - want).abs().max()))
+        if i == 0:  # int32 ids and lengths, as the training modules take them
+            dense, kjt = r
+            narrow = type(kjt)(keys=kjt.keys(), values=kjt.values().int(), lengths=kjt.lengths().int())
+            got32, err = serve(package, inference.write_batch(str(tmp_path / "int32.safetensors"), dense, narrow))
+            assert got32 is not None, err
+            assert torch.equal(got32[0], want)
         with torch.no_grad():  # and the package is the model: the compiled kernels may round differently
             # from eager (within 1e-5), INT8 rows within their error
             torch.testing.assert_close(got[0], model(*r), atol=1e-3 if name == "dlrm" else 1e-5, rtol=0)

@@ -316,3 +316,143 @@ def test_torchrec_quantize_embeddings_on_our_modules_raises_and_names_the_way(tm
     q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     assert type(q.sparse_arch.embedding_bag_collection).__name__ == "HashEmbeddingBagCollection"
     torch.testing.assert_close(q(dense, kjt), want, atol=0.05, rtol=0.05)
+
+
+def test_export_refuses_a_package_that_would_predict_otherwise(tmp_path, monkeypatch):
+    # A writer that puts a table's rows under the wrong ids (here: rolled by one) makes a package that
+    # loads and serves other predictions; export reads the package back, runs the example batch
+    # through it and the eval model, and writes nothing.
+    from recis_torchrec.inference import package as pkg
+
+    model, kind = trained("dlrm")
+    example = requests(kind, 1)[0]
+    real = pkg._write_table
+
+    def rolled(directory, key, table, quantize, max_file_bytes, allow_nonfinite=False):
+        ids, weights = table.export_rows()[:2]
+        table.import_(ids.roll(1), weights)  # the bug: every id gets its neighbour's row
+        try:
+            return real(directory, key, table, quantize, max_file_bytes, allow_nonfinite)
+        finally:
+            table.import_(ids, weights)
+
+    monkeypatch.setattr(pkg, "_write_table", rolled)
+    with pytest.raises(InferenceError, match=r"output 0 of the exported program differs from the model's eval output "
+                                             r"on the example batch by [0-9.e-]+ \(the bound for fp32 rows is 1e-05\); "
+                                             r"no package written"):
+        inference.export(model, str(tmp_path / "p"), example)
+    assert not os.path.exists(tmp_path / "p") and os.listdir(tmp_path) == []
+    monkeypatch.setattr(pkg, "_write_table", real)
+    inference.export(model, str(tmp_path / "p"), example)  # the same export, written right, passes its check
+
+
+def test_non_finite_rows_are_refused_at_export_and_in_deltas(tmp_path):
+    model, kind = trained("dlrm")
+    example = requests(kind, 1)[0]
+    ckpt = checkpoint.save(str(tmp_path / "ckpt"), model, step=0)
+    predictor = inference.load(inference.export(model, str(tmp_path / "p"), example))
+    dense, kjt = requests(kind, 1)[0]
+    before = predictor(dense, kjt)
+
+    model.train()  # one more step, so that the delta holds rows
+    d, k, labels = bag_batch(50)
+    torch.nn.functional.binary_cross_entropy_with_logits(model(d, k).reshape(-1), labels).backward()
+    model.eval()
+    table = model.sparse_arch.embedding_bag_collection.tables()["t1"]
+    ids, weights, state, meta = table.export_rows()
+    order = torch.argsort(meta[:, 1], descending=True)  # the rows that step updated first
+    ids, weights, state, meta = ids[order], weights[order], state[order], meta[order]
+    poisoned = weights.clone()
+    poisoned[:3, 0] = float("nan")
+    poisoned[3, 1] = float("inf")
+    table.import_(ids, poisoned, state, meta)
+    with pytest.raises(InferenceError, match=rf"table 'sparse_arch.embedding_bag_collection/t1': 4 of {ids.numel()} "
+                                             r"rows in the model hold NaN or infinite values .*allow_nonfinite=True"):
+        inference.export(model, str(tmp_path / "nan"), example)
+    assert not os.path.exists(tmp_path / "nan")
+    with pytest.raises(InferenceError, match="allow_nonfinite must be True or False"):
+        inference.export(model, str(tmp_path / "nan"), example, allow_nonfinite=1)
+
+    delta = checkpoint.export_delta(str(tmp_path / "delta"), model, since_step=ckpt)
+    with pytest.raises(InferenceError, match=r"t1': 4 of \d+ rows in the delta .* hold NaN or infinite values"):
+        predictor.apply_delta(delta)
+    assert torch.equal(predictor(dense, kjt), before) and predictor.deltas_applied == 0  # unchanged
+    predictor.apply_delta(delta, allow_nonfinite=True)  # asked for: taken
+    assert predictor.deltas_applied == 1
+
+
+def test_int32_requests_are_served_and_a_format_the_files_do_not_hold_is_named(tmp_path):
+    from recis_torchrec.checkpoint.files import index_checksum
+
+    model, kind = trained("dlrm")
+    example = requests(kind, 1)[0]
+    package = inference.export(model, str(tmp_path / "p"), example)
+    predictor = inference.load(package)
+    dense, kjt = requests(kind, 1)[0]
+    narrow = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().int(), lengths=kjt.lengths().int())
+    assert torch.equal(predictor(dense, narrow), predictor(dense, kjt))  # as the training modules take them
+    with torch.no_grad():
+        assert torch.equal(predictor(dense, narrow), model(dense, narrow))
+    floats = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().float(), lengths=kjt.lengths())
+    with pytest.raises(InferenceError, match=r"ids \(values\) must be int64 or int32 .*got torch.float32"):
+        predictor(dense, floats)
+
+    manifest_path = os.path.join(package, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    key = sorted(manifest["tables"])[0]
+    manifest["tables"][key]["quantization"] = "int8"  # the files hold fp32 rows
+    manifest["xxh64"] = index_checksum(manifest)
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(InferenceError, match=rf"table {key!r}: the manifest says int8 rows of dim 8 .*its files hold "
+                                             r"torch.float32 rows of shape \(\d+, 8\)"):
+        inference.load(package)
+
+
+def test_requests_the_program_would_misread_are_refused_or_put_in_order(tmp_path):
+    model, kind = trained("dlrm")
+    example = requests(kind, 1)[0]
+    package = inference.export(model, str(tmp_path / "p"), example)
+    predictor = inference.load(package)
+    dense, kjt = requests(kind, 1)[0]
+    want = predictor(dense, kjt)
+    per = kjt.to_dict()
+
+    def build(keys, extra=None):
+        d = dict(per, **(extra or {}))
+        return KeyedJaggedTensor.from_jt_dict({k: d[k] for k in keys})
+
+    # Features in another order, and one the model does not read: served as the model reads them.
+    other = KeyedJaggedTensor.from_lengths_sync(keys=["zz"], values=torch.tensor([7] * dense.shape[0]),
+                                                lengths=torch.ones(dense.shape[0], dtype=torch.long))
+    assert torch.equal(predictor(dense, build(["f2", "f0", "f1"])), want)
+    assert torch.equal(predictor(dense, build(["f1", "zz", "f2", "f0"], other.to_dict())), want)
+    with pytest.raises(InferenceError, match=r"lacks features \['f1'\]"):
+        predictor(dense, build(["f0", "f2"]))
+    with pytest.raises(InferenceError, match="input 0 has 4 rows but the KeyedJaggedTensor a batch of 5"):
+        predictor(dense[:4], kjt)
+    with pytest.raises(InferenceError, match=r"input 0: the model takes float32 of shape \(batch, 4\), got float32 "
+                                             r"of shape \(5, 3\)"):
+        predictor(dense[:, :3], kjt)
+    with pytest.raises(InferenceError, match="input 0: the model takes float32 .*got float64"):
+        predictor(dense.double(), kjt)
+    bad = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths().clone())
+    bad.lengths()[3] += 1
+    with pytest.raises(InferenceError, match=r"lengths sum to \d+ but it holds \d+ ids"):
+        predictor(dense, bad)
+    neg = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths().clone())
+    neg.lengths()[0], neg.lengths()[1] = -1, neg.lengths()[1] + 1 + neg.lengths()[0]
+    with pytest.raises(InferenceError, match=r"feature 'f0': length -1 at batch index 0 is negative"):
+        predictor(dense, neg)
+
+    # A table the modules read, removed from the manifest (its checksum recomputed): named at load.
+    from recis_torchrec.checkpoint.files import index_checksum
+
+    manifest_path = os.path.join(package, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    key = sorted(manifest["tables"])[0]
+    del manifest["tables"][key]
+    manifest["xxh64"] = index_checksum(manifest)
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(InferenceError, match=rf"looks feature 'f0' up in table {key!r}, which the manifest does not "
+                                             r"list"):
+        inference.load(package)

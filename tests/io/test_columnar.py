@@ -305,3 +305,26 @@ def test_uri_and_glob_paths(tmp_path):
     assert sorted(sum(got, [])) == list(range(11))
     with pytest.raises(SourceError, match="no file matches"):
         ColumnarDataset(str(tmp_path / "nothing-*.parquet"), NUMBERED, 4)
+
+
+def test_a_delimited_list_without_a_declared_delimiter_warns_once(tmp_path):
+    # A '^'-joined field read without list_delimiter is one hashed id per row: it trains, silently
+    # wrong, unless the user hears of it.
+    import warnings
+
+    path = str(tmp_path / "t.csv")
+    with open(path, "w") as f:
+        f.write("tags,city,click\n")
+        for i in range(40):
+            f.write(f"{i}^{i + 1}^{i + 2},c{i % 3},{i % 2}\n")
+    schema = Schema(sparse={"tags": "tags", "city": "city"}, labels=["click"])
+    with pytest.warns(UserWarning, match=r"100% of column 'tags'.s values contain '\^', yet it is read as one id per "
+                                         r"row .*Schema\(list_delimiter=\{'tags': '\^'\}\)") as caught:
+        batches = list(ColumnarDataset(path, schema, batch_size=8, prefetch=0))
+    assert len([w for w in caught if "list delimiter" in str(w.message)]) == 1  # once, for 'tags' only
+    assert batches[0].sparse_features["tags"].lengths().tolist() == [1] * 8
+    declared = Schema(sparse={"tags": "tags", "city": "city"}, labels=["click"], list_delimiter={"tags": "^"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*list delimiter")
+        batches = list(ColumnarDataset(path, declared, batch_size=8, prefetch=0))
+    assert batches[0].sparse_features["tags"].lengths().tolist() == [3] * 8

@@ -423,3 +423,31 @@ def test_dense_optimizers_over_model_parameters_keep_working():
         torch.optim.SGD(model.sparse_arch.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="HashTable"):
         torch.optim.SGD([model.sparse_arch.embedding_bag_collection.tables()["t0"]], lr=0.1)
+
+
+def test_embedding_bags_and_embeddings_as_torchrec_code_reads_them():
+    # TorchRec's test_device reads ebc.embedding_bags["t1"].weight.device; code reading a table's
+    # config, dim or rows goes the same way. What a hash table cannot honestly give raises.
+    config = EmbeddingBagConfig(name="t1", embedding_dim=3, num_embeddings=10, feature_names=["f1"])
+    meta = rt.HashEmbeddingBagCollection([config], device=torch.device("meta"))
+    assert meta.embedding_bags["t1"].weight.device == torch.device("meta")  # TorchRec's test_device
+
+    ours, theirs = ours_and_theirs([config, EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=10,
+                                                               feature_names=["f2"])])
+    assert list(ours.embedding_bags) == list(theirs.embedding_bags) == ["t1", "t2"]
+    view = ours.embedding_bags["t2"]
+    assert view.config is ours.embedding_bag_configs()[1] and view.embedding_dim == 4 and view.num_embeddings == 10
+    assert view.weight.device == theirs.embedding_bags["t2"].weight.device and view.weight.dtype == torch.float32
+    order = torch.argsort(view.ids)
+    assert torch.equal(view.ids[order], torch.arange(10))  # converted: rows 0..9 imported
+    torch.testing.assert_close(view.weight[order], theirs.embedding_bags["t2"].weight.detach())
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+        view.weight.add_(1.0)  # a copy: writing to it would change nothing, so it cannot be written
+    with pytest.raises(RuntimeError, match="table 't2' of a HashEmbeddingBagCollection has no parameters"):
+        list(view.parameters())
+    with pytest.raises(AttributeError, match="is a hash table: it has config, .* not 'padding_idx'"):
+        view.padding_idx
+
+    ec, theirs_ec = ec_pair()
+    assert list(ec.embeddings) == ["t1", "t2"] and ec.embeddings["t1"].weight.shape == (10, 4)
+    assert ec.embeddings["t1"].embedding_dim == theirs_ec.embeddings["t1"].embedding_dim

@@ -318,8 +318,12 @@ def test_main_job_config_with_data_trains_on_criteo_files(tmp_path, capsys):
     assert "on files" in out and "done: 4 steps" in out and "ctr AUC" in out
     assert os.path.exists(tmp_path / "run" / "converted" / "train.tsv.parquet")
 
-    # Fewer rows than one batch: a clear error, not an empty run.
-    assert main(argv + ["--set", "data.batch_size=512"]) == 2
+    # Fewer rows than one batch: every row still trains (one smaller batch), or, dropping what does not
+    # fill a batch, a clear error, not an empty run.
+    assert main(argv + ["--set", "data.batch_size=512", "--output-dir", str(tmp_path / "run2")]) == 0
+    assert "an epoch trains 256 of 256 rows" in capsys.readouterr().out
+    assert main(argv + ["--set", "data.batch_size=512", "--set", "data.drop_last=true",
+                        "--output-dir", str(tmp_path / "run3")]) == 2
     assert "config [data].batch_size: 256 training rows" in capsys.readouterr().err
 
 
@@ -390,3 +394,31 @@ def test_cli_refuses_a_cuda_device_without_one(tmp_path, capsys):
     argv = ["--config", SYNTHETIC, "--output-dir", str(tmp_path / "r"), "--steps", "2", "--set", 'trainer.device="cuda"']
     assert main(argv + QUIET) == 2
     assert "[trainer].device" in capsys.readouterr().err
+
+
+def test_every_training_row_is_trained_each_epoch(tmp_path, capsys):
+    # Training batches dropped the rows past each rank's last full batch, the same rows every epoch
+    # (Avazu at 1 rank: 151 of 8,087 rows never trained). Now a smaller last batch per rank takes them.
+    from recis_torchrec.datasets.formats import write_avazu_csv
+    from recis_torchrec.train import config as config_mod
+
+    data = write_avazu_csv(str(tmp_path / "train.csv"), rows=301)
+    cfg = config_mod.load_config(os.path.join(ROOT, "examples", "avazu_dlrm.toml"))
+    base = {"data.train": data, "data.batch_size": 64, "trainer.output_dir": str(tmp_path / "out")}
+    for world, extra, want in [(1, {}, 301), (2, {}, 301), (2, {"data.drop_last": True}, 256),
+                               (1, {"data.shuffle_buffer": 7}, 301)]:
+        runs = [config_mod.build_run(cfg, r, world, dict(base, **extra)) for r in range(world)]
+        rows = [sum(len(b.labels) for b in run.train_data) for run in runs]
+        assert sum(rows) == want, (world, extra, rows)
+        if "data.shuffle_buffer" in extra:
+            assert runs[0].train_data.shuffle_buffer == 7
+    for key, bad in [("data.drop_last", "false"), ("data.shuffle", "false"), ("data.shuffle_buffer", 0),
+                     ("data.shuffle_buffer", 2.5)]:
+        with pytest.raises(config_mod.ConfigError, match=rf"\[data\]\.{key.split('.')[1]} must be"):
+            config_mod.build_run(cfg, 0, 1, dict(base, **{key: bad}))
+
+    # The summary says how much of the data an epoch trained.
+    assert main(["--config", os.path.join(ROOT, "examples", "avazu_dlrm.toml"), "--data", data, "--output-dir",
+                 str(tmp_path / "run"), "--steps", "5", "--set", "data.batch_size=64", *QUIET]) == 0
+    out = capsys.readouterr().out
+    assert "an epoch trains 301 of 301 rows" in out, out
