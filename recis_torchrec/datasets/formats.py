@@ -27,6 +27,7 @@ TAOBAO_COLUMNS = ["clk", "user", "item", "cate", "hist_item", "hist_cate", "pric
 
 
 def write_avazu_csv(path: str, rows: int = 2000, seed: int = 0) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # the examples' data/avazu/ in a fresh checkout
     rng = np.random.default_rng(seed)
     sites = [f"{x:08x}" for x in rng.integers(0, 2**32, 50)]
     good = set(sites[:10])

@@ -63,6 +63,8 @@ def cmd_export(args) -> int:
         task_model, probabilities = _model_of(run)
         checkpoint.load(directory, task_model)
         data = run.eval_data if run.eval_data is not None else run.train_data
+        if isinstance(data, list):  # an online-learning run: its windows' datasets, the newest last
+            data = data[-1]
         batch = next(iter(data))
         example = (batch.dense_features, batch.sparse_features)
         export(task_model.model, args.output, example, quantize=args.quantize, unseen=args.unseen,
@@ -81,6 +83,14 @@ def cmd_predict(args) -> int:
     if "config" not in meta:
         raise InferenceError(f"{args.package}: the package carries no data schema (exported from Python without "
                              "metadata={'config': ...}); predict from Python with inference.load")
+    source = ((meta["config"].get("data") or {}) if isinstance(meta["config"], dict) else {}).get("source")
+    source = (meta.get("overrides") or {}).get("data.source", source)
+    if isinstance((meta.get("overrides") or {}).get("data"), dict):
+        source = meta["overrides"]["data"].get("source", source)
+    if source == "synthetic":
+        raise InferenceError(f"{args.package}: the model was trained on generated data ([data].source = 'synthetic'), "
+                             "which has no file schema for predict to read files with; predict from Python with "
+                             "inference.load, or train on files")
     overrides = dict(meta.get("overrides") or {})
     # The data section as trained (its training files give the schema's statistics, such as a dense
     # column's standardisation), with the file to predict as the held-out data: read once, in order,

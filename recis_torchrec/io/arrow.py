@@ -305,7 +305,11 @@ def check_columns(names: List[str], schema: Schema, where: str) -> None:
     have = set(names)
     for c in schema.columns():
         if c not in have:
-            raise ColumnError(f"{where}: column {c!r} is missing (the file has {sorted(have)})")
+            hint = ""
+            if not schema.column_names:
+                hint = ("; if the file has no header line (its first row is data), name its columns with "
+                        "Schema.column_names ([data.schema].column_names in a config)")
+            raise ColumnError(f"{where}: column {c!r} is missing (the file has {sorted(have)}){hint}")
 
 
 def transform_dense(dense: torch.Tensor, schema: Schema) -> torch.Tensor:

@@ -122,3 +122,16 @@ def test_a_resume_into_a_changed_model_is_refused_naming_the_changes(tmp_path, c
     assert train_main(["--config", toml, "--steps", "8", "--set", "optimizer.dense_lr=0.001", *argv]) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out and "optimizer.dense_lr: 0.003 -> 0.001" in out, out
+
+
+def test_predict_on_the_main_jobs_package_says_why_it_cannot_read_files(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert train_main(["--config", SYNTHETIC, "--output-dir", run_dir, "--steps", "3", "--set", "data.batch_size=32",
+                       "--set", "trainer.progress=false", "--set", "trainer.eval_every=0"]) == 0
+    package = str(tmp_path / "pkg")
+    assert inference_main(["export", os.path.join(run_dir, "checkpoints"), package]) == 0
+    data = str(tmp_path / "x.tsv")
+    _tiny_criteo_tsv(data, rows=10)
+    capsys.readouterr()
+    assert inference_main(["predict", package, data]) == 2
+    assert "trained on generated data ([data].source = 'synthetic')" in capsys.readouterr().err

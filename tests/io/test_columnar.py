@@ -328,3 +328,20 @@ def test_a_delimited_list_without_a_declared_delimiter_warns_once(tmp_path):
         warnings.filterwarnings("error", message=".*list delimiter")
         batches = list(ColumnarDataset(path, declared, batch_size=8, prefetch=0))
     assert batches[0].sparse_features["tags"].lengths().tolist() == [3] * 8
+
+
+def test_a_header_less_file_read_by_name_points_to_column_names(tmp_path):
+    path = str(tmp_path / "nohead.csv")
+    open(path, "w").write("1,a,0.5\n0,b,1.5\n")
+    schema = Schema(dense=["x"], sparse={"s": "s"}, labels=["y"])
+    with pytest.raises(ColumnError, match=r"column 'x' is missing .*no header line .*Schema.column_names"):
+        ColumnarDataset(path, schema, batch_size=1)
+    named = Schema(dense=["x"], sparse={"s": "s"}, labels=["y"], column_names=["y", "s", "x"])
+    assert len(list(ColumnarDataset(path, named, batch_size=1, prefetch=0))) == 2
+
+
+def test_the_examples_generator_creates_its_folder(tmp_path):
+    from recis_torchrec.datasets.formats import write_avazu_csv
+
+    path = write_avazu_csv(str(tmp_path / "data" / "avazu" / "train.csv"), rows=5)
+    assert len(open(path).read().splitlines()) == 6

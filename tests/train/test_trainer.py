@@ -160,6 +160,11 @@ progress = false
     text = capsys.readouterr().out
     assert "after window 3" in text and "window 0 (" not in text
 
+    # The run exports (its example batch from the newest window; it crashed on the windows' list).
+    from recis_torchrec.inference.__main__ import main as inference_main
+
+    assert inference_main(["export", os.path.join(out, "checkpoints"), str(tmp_path / "pkg")]) == 0
+
 
 def test_windows_delta_reproduces_the_next_window(tmp_path):
     from recis_torchrec import checkpoint
