@@ -274,7 +274,18 @@ def _buffers(arr: pa.Array, np_type) -> Tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def dense_matrix(table: pa.Table, columns: Tuple[str, ...], schema: Schema, where: str, role: str) -> torch.Tensor:
-    """(B, len(columns)) float32 of numeric columns, nulls replaced by their defaults."""
+    """(B, len(columns)) float32 of numeric columns, nulls replaced by their defaults; a NaN or
+    infinite value (``inf`` in a CSV, an overflow to float32) is refused, naming the column."""
+    out = _dense_matrix(table, columns, schema, where, role)
+    if out.numel() and not bool(torch.isfinite(out).all()):
+        bad = ~torch.isfinite(out)
+        row, j = (int(x) for x in torch.nonzero(bad)[0])
+        raise ColumnError(f"{where}: {role} column {columns[j]!r} holds {int(bad[:, j].sum())} NaN or infinite "
+                          f"values (the first at row {row}: {float(out[row, j])}); the model would train on them")
+    return out
+
+
+def _dense_matrix(table: pa.Table, columns: Tuple[str, ...], schema: Schema, where: str, role: str) -> torch.Tensor:
     if not columns:
         return torch.empty(table.num_rows, 0)
     arrays = [_column(table, c) for c in columns]

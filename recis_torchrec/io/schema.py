@@ -2,6 +2,7 @@
 """``Schema``: which columns of a file become dense features, KJT keys, weights and labels."""
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -81,6 +82,11 @@ class Schema:
         object.__setattr__(self, "sparse", {k: _columns(v, f"Schema.sparse[{k!r}]") for k, v in self.sparse.items()})
         object.__setattr__(self, "masks", {k: _columns(v, f"Schema.masks[{k!r}]") for k, v in self.masks.items()})
         object.__setattr__(self, "dense_stats", {c: tuple(v) for c, v in dict(self.dense_stats).items()})
+        for c, stat in self.dense_stats.items():
+            ok = len(stat) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in stat)
+            if not ok or not math.isfinite(stat[0]) or not math.isfinite(stat[1]) or stat[1] <= 0:
+                raise ValueError(f"Schema.dense_stats[{c!r}] must be (mean, std) with a finite mean and a finite std > 0, "
+                                 f"got {stat!r} (a constant column cannot be standardized)")
         object.__setattr__(self, "column_names", tuple(self.column_names))
         if not self.dense and not self.sparse:
             raise ValueError("Schema: declare at least one dense or sparse column")
@@ -98,11 +104,20 @@ class Schema:
                     raise ValueError(f"Schema.list_delimiter for {c!r} must be a non-empty string, got {d!r}")
             if isinstance(self.list_delimiter, Mapping):
                 object.__setattr__(self, "list_delimiter", dict(self.list_delimiter))
+                sparse_cols = set(self.sparse_columns())
+                unknown = sorted(set(self.list_delimiter) - sparse_cols)
+                if unknown:  # a typo would leave the column read as one id per row
+                    raise ValueError(f"Schema.list_delimiter names columns {unknown} that are not sparse columns "
+                                     f"({sorted(sparse_cols)})")
         if self.weight_delimiter is not None:
             if not isinstance(self.weight_delimiter, str) or not self.weight_delimiter:
                 raise ValueError(f"Schema.weight_delimiter must be a non-empty string, got {self.weight_delimiter!r}")
             if self.list_delimiter is None:
                 raise ValueError("Schema.weight_delimiter splits the items of delimited lists: set list_delimiter too")
+            delims = self.list_delimiter.values() if isinstance(self.list_delimiter, Mapping) else [self.list_delimiter]
+            if self.weight_delimiter in delims:
+                raise ValueError(f"Schema.weight_delimiter {self.weight_delimiter!r} is also a list delimiter: an item "
+                                 "could not be told from its weight")
         unknown = sorted(set(self.weights) - set(self.sparse))
         if unknown:
             raise ValueError(f"Schema.weights names KJT keys {unknown} that are not in Schema.sparse")

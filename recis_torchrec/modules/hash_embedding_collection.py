@@ -29,7 +29,7 @@ from recis_torchrec.modules.hash_module import HashTablesMixin
 from recis_torchrec.modules.options import OptionsArg
 from recis_torchrec.modules.tables import build_tables, check_table_configs
 from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.kjt import check_unique_keys, checked_kjt, explain_kjt
+from recis_torchrec.modules.kjt import check_kjt_tensors, check_unique_keys, checked_kjt, explain_kjt
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.modules.tracing import ForwardRef, hash_forward
 from recis_torchrec.optim.fused import HashFusedOptimizer
@@ -180,6 +180,7 @@ class HashEmbeddingCollection(HashTablesMixin, EmbeddingCollectionInterface, Fus
                 rows = torch.empty(seq.ids.shape[0], self._embedding_dim, device="meta")
                 out.update(jagged_outputs(rows, seq.features, self._need_indices))
             return out
+        check_kjt_tensors(features, "HashEmbeddingCollection")
         lengths = features.lengths()
         if not torch.compiler.is_compiling() and lengths.numel() and bool(
             ((lengths < 0) | (lengths > features.values().numel())).any()

@@ -36,6 +36,7 @@ def checked_kjt(
         raise TypeError(
             f"{who}: ids of features {keys} must be int64 or int32, got {values.dtype}"
         )
+    check_kjt_tensors(features, who)
     batch = features.stride()
     if check_values:
         explain_kjt(features, is_weighted, who)
@@ -54,6 +55,21 @@ def checked_kjt(
             )
         weights = weights.contiguous()
     return values.contiguous(), offsets.contiguous(), weights, batch
+
+
+def check_kjt_tensors(features: KeyedJaggedTensor, who: str) -> None:
+    """The KJT's lengths, offsets and weights on its ids' device (a meta tensor among CPU ones reads
+    whatever memory is there), lengths and offsets int32 or int64."""
+    keys, device = features.keys(), features.values().device
+    for what, t in (("lengths", features.lengths_or_none()), ("offsets", features.offsets_or_none()),
+                    ("weights", features.weights_or_none())):
+        if t is None:
+            continue
+        if t.device != device:
+            raise ValueError(f"{who}: the KeyedJaggedTensor of features {keys} has its ids on {device} but its "
+                             f"{what} on {t.device}")
+        if what != "weights" and t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{who}: {what} of features {keys} must be int64 or int32, got {t.dtype}")
 
 
 def check_unique_keys(features: KeyedJaggedTensor, who: str) -> None:

@@ -338,7 +338,10 @@ def _check_dense_scale(schema, paths, fmt, rank: int):
     missing = [c for c in schema.dense if schema.transform_of(c) == "standardize" and c not in schema.dense_stats]
     stats = dense_stats(paths, schema, format=fmt, max_batches=None if missing else 16)
     if missing:
-        schema = dataclasses.replace(schema, dense_stats={**schema.dense_stats, **{c: stats[c][:2] for c in missing}})
+        try:
+            schema = dataclasses.replace(schema, dense_stats={**schema.dense_stats, **{c: stats[c][:2] for c in missing}})
+        except ValueError as e:
+            raise ConfigError(f"config [data.schema].dense_transform: the training files' statistics: {e}") from None
     big = {c: stats[c][2] for c in schema.dense if schema.transform_of(c) == "none" and stats[c][2] > DENSE_SCALE_LIMIT}
     if big and rank == 0:
         shown = ", ".join(f"{c!r} (|x| up to {v:.3g})" for c, v in big.items())
