@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
@@ -30,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "../hashtable/initializer.h"
 #include "../hashtable/xxhash64.h"
 #include "../ops/serving.h"
 #include "json.h"
@@ -195,6 +197,10 @@ Table load_table(const std::string& dir, const std::string& key, const Value& en
   if (!zero_default) {
     const Value& init = entry.at("init", what);
     t.init_kind = init.at("kind", what).as_int(what);
+    if (t.init_kind < static_cast<int64_t>(hashtable::InitKind::kUniform) ||
+        t.init_kind > static_cast<int64_t>(hashtable::InitKind::kConstant)) {
+      throw Error(what + ": unknown initializer kind " + std::to_string(t.init_kind));
+    }
     t.init_a = init.at("a", what).as_double(what);
     t.init_b = init.at("b", what).as_double(what);
     t.init_seed = init.at("seed", what).as_int(what);
@@ -286,6 +292,7 @@ class Runner {
       modules_[m.at("path", file).as_string(file)] = &m;
     }
     plan_ = plan;
+    request_ = manifest_.find("request");
     verified(dir, *aoti, "the AOTInductor program");
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         dir + "/" + aoti->at("file", file).as_string(file));
@@ -328,7 +335,43 @@ class Runner {
   }
 
   std::vector<at::Tensor> run(const std::vector<at::Tensor>& args, const Features& kjt) {
+    check_request(args, kjt);
     return loader_->run(inputs(args, kjt));
+  }
+
+  // The batch's tensor arguments against the manifest's request spec (their dtype, their shape past
+  // the batch dimension, and a batch size equal to the KJT's): a compiled program given another
+  // shape or dtype reads memory as if it had the exported one.
+  void check_request(const std::vector<at::Tensor>& args, const Features& kjt) const {
+    if (request_ == nullptr) return;  // a package from before the spec was written
+    const std::string where = "the manifest's request";
+    static const std::map<std::string, at::ScalarType> dtypes = {
+        {"float32", at::kFloat}, {"float64", at::kDouble}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16},
+        {"int64", at::kLong},    {"int32", at::kInt},      {"uint8", at::kByte},  {"bool", at::kBool}};
+    const int64_t F = static_cast<int64_t>(kjt.index.size());
+    const int64_t B = F ? kjt.lengths.numel() / F : 0;
+    for (const auto& [name, want] : request_->at("tensors", where).members) {
+      const int64_t i = std::stoll(name);
+      const std::string arg = "input " + name;
+      if (i >= static_cast<int64_t>(args.size()) || !args[i].defined()) throw Error(arg + ": the model takes a tensor there");
+      const at::Tensor& a = args[i];
+      const std::string& dtype = want.at("dtype", where).as_string(where);
+      const auto it = dtypes.find(dtype);
+      std::vector<int64_t> shape;
+      for (const Value& d : want.at("shape", where).as_array(where)) shape.push_back(d.as_int(where));
+      const bool same_shape = a.dim() == static_cast<int64_t>(shape.size()) + 1 &&
+                              std::equal(shape.begin(), shape.end(), a.sizes().begin() + 1);
+      if (it == dtypes.end() || a.scalar_type() != it->second || !same_shape) {
+        std::string dims;
+        for (const int64_t d : shape) dims += ", " + std::to_string(d);
+        throw Error(arg + ": the model takes " + dtype + " of shape (batch" + dims + "), got " +
+                    c10::toString(a.scalar_type()) + " of shape " + c10::str(a.sizes()));
+      }
+      if (want.at("batch", where).as_bool(where) && a.size(0) != B) {
+        throw Error(arg + " has " + std::to_string(a.size(0)) + " rows but the KeyedJaggedTensor a batch of " +
+                    std::to_string(B) + ": every input of a request must have the same batch size");
+      }
+    }
   }
 
  private:
@@ -383,6 +426,7 @@ class Runner {
   std::string dir_;
   Value manifest_;
   const Value* plan_ = nullptr;
+  const Value* request_ = nullptr;
   std::map<std::string, Table> tables_;
   std::map<std::string, const Value*> modules_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;

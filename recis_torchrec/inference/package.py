@@ -618,6 +618,8 @@ def _table_from_files(directory: str, key: str, entry: Dict[str, Any], unseen: s
             f"table {key!r}: the manifest says {fmt} rows of dim {dim} ({want[0]}, width {want[1]}), its files hold "
             f"{rows.dtype} rows of shape {tuple(rows.shape)}")
     init = entry["init"] if unseen == "init" else None
+    if init is not None and init.get("kind") not in (0, 1, 2, 3):  # csrc/hashtable/initializer.h's InitKind
+        raise InferenceError(f"table {key!r}: unknown initializer kind {init.get('kind')!r}")
     return ServingTable.build(key, dim, fmt, ids, rows, init)
 
 

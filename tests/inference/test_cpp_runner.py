@@ -154,3 +154,30 @@ def test_a_bad_package_or_batch_is_named_by_the_runner(packages, tmp_path):
     assert out is None and "junk.safetensors: not a safetensors file" in err, err
     with pytest.raises(inference.InferenceError, match="argument 1 is a str"):
         inference.write_batch(str(tmp_path / "d.safetensors"), dense, "f0")
+
+
+def test_the_runner_refuses_a_batch_the_compiled_program_would_misread(packages, tmp_path):
+    # The compiled program reads its inputs as the shapes and dtypes it was exported with: a dense part
+    # of another batch size, width or dtype returned garbage. The Python predictor refuses the same.
+    package, kind, _ = packages["dlrm"]
+    dense, kjt = requests(kind, 1)[0]
+    predictor = inference.load(package)
+    for name, bad, message in [
+        ("rows", dense[:-1], f"input 0 has {dense.shape[0] - 1} rows but the KeyedJaggedTensor a batch of "
+                             f"{dense.shape[0]}"),
+        ("width", dense[:, :-1], "input 0: the model takes float32 of shape (batch, 4), got"),
+        ("dtype", dense.double(), "input 0: the model takes float32 of shape (batch, 4), got"),
+    ]:
+        out, err = serve(package, inference.write_batch(str(tmp_path / f"{name}.safetensors"), bad, kjt))
+        assert out is None and message in err, (name, err)
+        with pytest.raises(inference.InferenceError, match="input 0"):
+            predictor(bad, kjt)
+
+    # A forged initializer kind (the manifest's checksum recomputed): named at load.
+    p = copy_package(packages, tmp_path)
+    table = "sparse_arch.embedding_bag_collection/t1"
+    rewrite_manifest(p, lambda m: m["tables"][table]["init"].update(kind=7))
+    out, err = serve(p, inference.write_batch(str(tmp_path / "ok.safetensors"), dense, kjt))
+    assert out is None and "unknown initializer kind 7" in err and table in err, err
+    with pytest.raises(inference.InferenceError, match=f"table '{table}': unknown initializer kind 7"):
+        inference.load(p)
