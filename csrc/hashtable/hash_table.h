@@ -326,9 +326,16 @@ class HashTable {
     if (cfg_.admit_threshold > 1) {
       admit.assign(static_cast<size_t>(n), 0);
       std::vector<int64_t> reached;
-      int64_t misses = 0;
-      for (int64_t i = 0; i < n; ++i) misses += rows[i] < 0;
-      bound_pending(misses);
+      // Room is made for the ids not counted yet, and never by forgetting an id this batch counts
+      // again (with admit_capacity = 1 an id seen twice in a row was forgotten each time, and never
+      // admitted).
+      std::unordered_set<int64_t> batch, fresh;
+      for (int64_t i = 0; i < n; ++i) {
+        if (rows[i] >= 0) continue;
+        batch.insert(keys[i]);
+        if (pending_.find(keys[i]) == pending_.end()) fresh.insert(keys[i]);
+      }
+      bound_pending(static_cast<int64_t>(fresh.size()), &batch);
       for (int64_t i = 0; i < n; ++i) {
         if (rows[i] >= 0) continue;
         Pending& c = pending_[keys[i]];
@@ -673,15 +680,19 @@ class HashTable {
   }
   // Makes room for `incoming` new candidates: forgets the least recently seen 5% (at least what is
   // needed) when the counter would pass its limit.
-  void bound_pending(int64_t incoming) {
+  // `keep`: ids not to forget (the batch being counted).
+  void bound_pending(int64_t incoming, const std::unordered_set<int64_t>* keep = nullptr) {
     const int64_t limit = pending_limit();
     if (static_cast<int64_t>(pending_.size()) + incoming <= limit) return;
-    const int64_t drop = std::min<int64_t>(
-        static_cast<int64_t>(pending_.size()),
-        std::max<int64_t>(static_cast<int64_t>(pending_.size()) + incoming - limit, std::max<int64_t>(1, limit / 20)));
     std::vector<std::pair<int64_t, int64_t>> by_age;  // (last seen, id)
     by_age.reserve(pending_.size());
-    for (const auto& kv : pending_) by_age.push_back({kv.second.last, kv.first});
+    for (const auto& kv : pending_) {
+      if (keep == nullptr || keep->find(kv.first) == keep->end()) by_age.push_back({kv.second.last, kv.first});
+    }
+    const int64_t drop = std::min<int64_t>(
+        static_cast<int64_t>(by_age.size()),
+        std::max<int64_t>(static_cast<int64_t>(pending_.size()) + incoming - limit, std::max<int64_t>(1, limit / 20)));
+    if (drop <= 0) return;
     std::nth_element(by_age.begin(), by_age.begin() + (drop - 1), by_age.end());
     for (int64_t i = 0; i < drop; ++i) pending_.erase(by_age[i].second);
   }

@@ -177,10 +177,14 @@ def test_snapshot_read_in_another_thread_while_the_table_trains(opt_key, opt_nam
         snap = _TableSnapshot(table)
         mutate.restored = False
         parts, errors = [], []
+        first_change = threading.Event()
 
         def reader():
             try:
                 sizes = random.Random(trial)
+                # At least one change lands while the snapshot is read, however the threads are
+                # scheduled (on a loaded machine the reader could finish before the first change).
+                first_change.wait()
                 while True:
                     cap = sizes.choice([1, 16, 200, 1000])
                     buf = (torch.empty(cap, dtype=torch.int64), torch.empty(cap, DIM),
@@ -198,6 +202,7 @@ def test_snapshot_read_in_another_thread_while_the_table_trains(opt_key, opt_nam
         overlapped = 0
         while thread.is_alive():
             mutate()
+            first_change.set()
             overlapped += 1
         thread.join()
         assert not errors, errors

@@ -205,6 +205,25 @@ def test_a_forgotten_candidate_counts_again():
     assert int(t.find(torch.tensor([7]))[0]) >= 0
 
 
+@pytest.mark.parametrize("capacity", [1, 2, 100])
+def test_an_id_seen_twice_in_a_row_is_admitted_whatever_the_capacity(capacity):
+    """Room for new candidates is never made by forgetting an id the batch counts again: with
+    admit_capacity=1 and admit_threshold=2 an id seen in two steps in a row was never admitted (each
+    step forgot it before counting it)."""
+    m = module(HashTableOptions(admit_threshold=2, admit_capacity=capacity, block_rows=16))
+    t = m.tables()["t"]
+    step(m, [7])
+    assert int(t.find(torch.tensor([7]))[0]) == -1
+    step(m, [7])
+    assert int(t.find(torch.tensor([7]))[0]) >= 0
+    # A second candidate past the capacity of 1 still pushes the older one out, as before.
+    step(m, [8])
+    step(m, [9])
+    step(m, [8])
+    admitted = int(t.find(torch.tensor([8]))[0]) >= 0
+    assert admitted == (capacity > 1)  # with room for one candidate, 9 pushed 8 out and 8 counts from 1 again
+
+
 def test_ttl_keeps_a_row_seen_exactly_ttl_steps_ago_and_drops_it_one_update_later():
     """The boundary: a row last seen at clock c survives every scan up to clock c + ttl_steps and
     is gone at the first scan after."""
