@@ -7,7 +7,8 @@
 - bytes per id of the served tables per quantization, against the FP32 training table (row-wise
   Adagrad) and TorchRec's quantized EBC holding the same rows;
 - AUC of the INT8 and FP32 packages of a model trained on the main job's synthetic data, on its
-  eval set.
+  eval set;
+- checks: what export's read-back of the package and a request's checks cost.
 
     python -m benchmarks.bench_inference [--rows 100000] [--tables 8] [--dim 64]
 """
@@ -159,6 +160,57 @@ def auc(args) -> None:
           f"(difference {scores['int8'] - scores['fp32']:+.4f})")
 
 
+def checks(args) -> None:
+    """What the checks against silent results cost: export's read-back of the written package (the
+    example batch through it and the eval model) and a request's checks against the manifest's request
+    spec (features, lengths, dense dtypes, shapes and batch sizes), each against the same call without
+    it, interleaved."""
+    from recis_torchrec.inference import package as pkg
+
+    torch.manual_seed(0)
+    keys = [f"f{i}" for i in range(args.tables)]
+    cfg = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=args.rows, feature_names=[k])
+           for i, k in enumerate(keys)]
+    model = DLRM(EmbeddingBagCollection(cfg), 13, [128, args.dim], [128, 64, 1])
+    rt.convert(model, fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01},
+               import_weights=True)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+
+    def batch(b):
+        lengths = torch.full((len(keys) * b,), args.pooling, dtype=torch.int64)
+        return torch.rand(b, 13, generator=g), KeyedJaggedTensor(
+            keys=keys, values=torch.randint(0, args.rows, (int(lengths.sum()),), generator=g), lengths=lengths)
+
+    real = pkg._check_package
+    times = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for r, on in itertools.product(range(args.rounds), (True, False)):
+                pkg._check_package = real if on else (lambda *a, **k: None)
+                t0 = time.perf_counter()
+                package = inference.export(model, f"{tmp}/p{r}{on}", batch(8))
+                times[on].append(time.perf_counter() - t0)
+        finally:
+            pkg._check_package = real
+        with_, without = statistics.median(times[True]), statistics.median(times[False])
+        print(f"export ({args.tables} x {args.rows:,} rows x D={args.dim}, fp32): {with_ * 1e3:.0f} ms with the "
+              f"read-back check, {without * 1e3:.0f} ms without ({with_ / without:.2f}x)")
+        predictor = inference.load(package)
+        spec = predictor.manifest["request"]
+        req = batch(args.batch)
+        lat = {True: [], False: []}
+        for _, on in itertools.product(range(50 * args.rounds), (True, False)):
+            predictor.manifest["request"] = spec if on else None
+            t0 = time.perf_counter()
+            predictor(*req)
+            lat[on].append(time.perf_counter() - t0)
+        predictor.manifest["request"] = spec
+    a, b = statistics.median(lat[True]), statistics.median(lat[False])
+    print(f"request of {args.batch} rows: {a * 1e3:.3f} ms with the request checks, {b * 1e3:.3f} ms without "
+          f"({a / b:.3f}x), {torch.get_num_threads()} threads")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=100_000)
@@ -168,12 +220,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--pooling", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--only", choices=["throughput", "auc"], default=None)
+    p.add_argument("--only", choices=["throughput", "auc", "checks"], default=None)
     args = p.parse_args(argv)
     if args.only in (None, "throughput"):
         throughput(args)
     if args.only in (None, "auc"):
         auc(args)
+    if args.only in (None, "checks"):
+        checks(args)
 
 
 if __name__ == "__main__":

@@ -228,14 +228,14 @@ def _check_request(args: Tuple[Any, ...], kjt: KeyedJaggedTensor, spec: Dict[str
     if lengths.numel() != len(have) * batch:
         raise InferenceError(f"the KeyedJaggedTensor has {lengths.numel()} lengths for {len(have)} features and "
                              f"batch size {batch}")
-    if lengths.numel():
+    # Two reductions: no negative length and a sum equal to the ids means every length is in range.
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.sum()) != n):
         bad = (lengths < 0) | (lengths > n)
         if bool(bad.any()):
             first = int(torch.nonzero(bad)[0, 0])
             raise InferenceError(f"feature {have[first // batch]!r}: length {int(lengths[first])} at batch index "
                                  f"{first % batch} is negative or more than the {n} ids given")
-        if int(lengths.sum()) != n:
-            raise InferenceError(f"the KeyedJaggedTensor's lengths sum to {int(lengths.sum())} but it holds {n} ids")
+        raise InferenceError(f"the KeyedJaggedTensor's lengths sum to {int(lengths.sum())} but it holds {n} ids")
     for i, want in spec["tensors"].items():
         a = args[int(i)] if int(i) < len(args) else None
         if not isinstance(a, torch.Tensor):
@@ -273,9 +273,10 @@ def _canonical(args: Tuple[Any, ...], spec: Optional[Dict[str, Any]] = None) -> 
     fresh = KeyedJaggedTensor(keys=kjt.keys(), values=values.long(), weights=kjt.weights_or_none(),
                               lengths=lengths.long())
     if spec is not None:
-        fresh = _check_request(args, fresh, spec)
-        fresh = KeyedJaggedTensor(keys=fresh.keys(), values=fresh.values(), weights=fresh.weights_or_none(),
-                                  lengths=fresh.lengths())
+        checked = _check_request(args, fresh, spec)
+        if checked is not fresh:  # reordered: again from keys, values, weights and lengths only
+            fresh = KeyedJaggedTensor(keys=checked.keys(), values=checked.values(), weights=checked.weights_or_none(),
+                                      lengths=checked.lengths())
     return tuple(fresh if a is original else a for a in args), fresh
 
 
