@@ -86,7 +86,12 @@ def export_delta(
         files += [dict(e, table=ref.key) for e in entries] + [dict(ev, table=ref.key, evicted=True, rank=rank)]
     gathered = gather_objects(files)
     if rank == 0:
-        tables = {ref.key: dict(table_config(ref), since=per_table.get(ref.key, since_step), files=[], evicted=[])
+        steps = {ref.key: ref.optimizer.steps()[ref.table.name] for ref in refs}
+        # "since"/"to": the update counts the delta goes from and to; a server applies it only to a
+        # package at a version in between (deltas since one checkpoint are cumulative).
+        tables = {ref.key: dict(table_config(ref), since=per_table.get(ref.key, since_step),
+                                since_steps=per_table.get(ref.key, since_step if isinstance(since_step, int) else 0),
+                                to=steps[ref.key], files=[], evicted=[])
                   for ref in refs}
         for r_files in gathered:
             for e in r_files:

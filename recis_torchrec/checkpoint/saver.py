@@ -173,8 +173,16 @@ def write_table_files(
     return entries
 
 
+def table_lineage(table: Any) -> str:
+    """The table's training-run id, given now if it has none."""
+    if getattr(table, "lineage", None) is None:
+        table.lineage = uuid.uuid4().hex
+    return table.lineage
+
+
 def table_config(ref: TableRef) -> Dict[str, Any]:
     return {
+        "lineage": table_lineage(getattr(ref.table, "_table", ref.table)),  # a snapshot: its live table
         "module": ref.module_path,
         "table": ref.table.name,
         "dim": ref.table.dim,
@@ -778,6 +786,7 @@ def load(
         hp = index.get("fused_optimizer", {}).get(ref.key)
         if hp:
             ref.optimizer.param_groups[0].update(hp)
+        ref.table.lineage = index["tables"][ref.key].get("lineage", ref.table.lineage)
     with torch.no_grad():
         have = dict(dense_state(model))
         for name, t in dense.items():

@@ -394,7 +394,7 @@ def _check_finite(key: str, ids: torch.Tensor, weights: torch.Tensor, what: str,
 
 
 def _write_table(directory: str, key: str, table, quantize: str, max_file_bytes: int,
-                 allow_nonfinite: bool = False) -> Dict[str, Any]:
+                 allow_nonfinite: bool = False, version: int = 0) -> Dict[str, Any]:
     ids, weights, _, _ = table.export_rows()
     if not allow_nonfinite:
         _check_finite(key, ids, weights, "the model", "export(..., allow_nonfinite")
@@ -413,7 +413,10 @@ def _write_table(directory: str, key: str, table, quantize: str, max_file_bytes:
                                                               "rows": rows[lo:lo + per_file]}, {"table": key})
         entry["file"] = name
         entries.append(entry)
+    from recis_torchrec.checkpoint.saver import table_lineage
+
     return {"name": table.name, "dim": table.dim, "rows": int(ids.numel()), "quantization": quantize,
+            "lineage": table_lineage(table), "version": version,
             "init": {"kind": int(kind), "a": float(a), "b": float(b), "seed": int(seed)}, "files": entries}
 
 
@@ -497,8 +500,15 @@ def export(
     tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
-        manifest_tables = {key: _write_table(tmp, key, t, quantize, max_file_bytes, allow_nonfinite)
-                           for key, t in tables.items()}
+        # Each table's update count: the version a delta must follow.
+        versions: Dict[int, int] = {}
+        for _, m in modules:
+            steps = m.hash_optimizer.steps()
+            for name, t in _module_tables(m).items():
+                if name in steps:  # a borrowed (shared) table counts in its owner's optimizer
+                    versions.setdefault(id(t), steps[name])
+        manifest_tables = {key: _write_table(tmp, key, t, quantize, max_file_bytes, allow_nonfinite,
+                                             versions.get(id(t), 0)) for key, t in tables.items()}
         served = {key: _table_from_files(tmp, key, entry, unseen) for key, entry in manifest_tables.items()}
         example_inputs, kjt = _canonical(example_inputs)  # a KJT without the offsets the eager run cached
         feeds = _lookups(specs, served, kjt)
@@ -658,6 +668,8 @@ class Predictor:
         self._module = program.module()
         self._delta_lock = threading.Lock()
         self.deltas_applied = 0
+        # Each table's update count (the package's, then the last delta's): a delta must follow it.
+        self.versions = {k: e.get("version") for k, e in manifest["tables"].items()}
 
     @property
     def tables(self) -> Dict[str, ServingTable]:
@@ -687,10 +699,24 @@ class Predictor:
             if index.get("kind") != "delta":
                 raise InferenceError(f"{delta_dir}: not a delta (kind {index.get('kind')!r})")
             new = dict(self._tables)
+            versions = dict(self.versions)
             for key, table in self._tables.items():
                 entry = index["tables"].get(key)
                 if entry is None:
                     raise InferenceError(f"table {key!r} is not in the delta {delta_dir}")
+                mine = self.manifest["tables"][key].get("lineage")
+                if mine is not None and entry.get("lineage") is not None and entry["lineage"] != mine:
+                    raise InferenceError(
+                        f"table {key!r}: the delta {delta_dir} is of another training run (lineage "
+                        f"{entry['lineage'][:12]}, the package's {mine[:12]}): its rows would overwrite unrelated ones")
+                have, since, to = versions.get(key), entry.get("since_steps"), entry.get("to")
+                if have is not None and isinstance(since, int) and isinstance(to, int) and not since <= have <= to:
+                    raise InferenceError(
+                        f"table {key!r}: the delta {delta_dir} holds the updates after {since} up to {to}, but the "
+                        f"package is at {have}; it does not follow it (apply the deltas in order, each taken since the "
+                        "checkpoint the package came from or a later one it has seen)")
+                if isinstance(to, int):
+                    versions[key] = to
                 try:
                     parts = [read_tensors(delta_dir, e) for e in entry["files"]]
                     evicted = [read_tensors(delta_dir, e)["ids"] for e in entry["evicted"]]
@@ -706,6 +732,7 @@ class Predictor:
                 gone = torch.cat(evicted) if evicted else torch.empty(0, dtype=torch.int64)
                 new[key] = table.updated(ids, quantize_rows(weights.float(), table.quantization), gone)
             self._tables = new  # one assignment: the swap requests see
+            self.versions = versions
             self.deltas_applied += 1
 
 

@@ -98,6 +98,9 @@ class HashTable:
         self.options = options
         self.num_embeddings = num_embeddings
         self.init_range = init_range
+        # The training run the rows belong to (a random id given at the first save or export, kept by
+        # checkpoints): deltas and packages carry it, so a delta of another run is refused.
+        self.lineage: Optional[str] = None
         self.dtype = dtype
         self.handle: Optional[int] = None
         self._export_index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # a CUDA export pass's (ids, rows)
@@ -346,7 +349,8 @@ class HashTable:
     def __getstate__(self):
         ids, weights, state, meta = self.export_rows()
         pending = self.export_pending()
-        return {"spec": self._spec(), "ids": ids, "weights": weights, "state": state, "meta": meta, "pending": pending}
+        return {"spec": self._spec(), "ids": ids, "weights": weights, "state": state, "meta": meta, "pending": pending,
+                "lineage": self.lineage}
 
     def __setstate__(self, d) -> None:
         self.__init__(*d["spec"])
@@ -354,6 +358,7 @@ class HashTable:
             self.import_(d["ids"], d["weights"], d["state"] if self.state_dim else None, d.get("meta"))
         if "pending" in d and d["pending"][0].numel():
             self.import_pending(*d["pending"])
+        self.lineage = d.get("lineage")
 
     def __deepcopy__(self, memo) -> "HashTable":
         new = HashTable.__new__(HashTable)

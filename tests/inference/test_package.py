@@ -328,11 +328,11 @@ def test_export_refuses_a_package_that_would_predict_otherwise(tmp_path, monkeyp
     example = requests(kind, 1)[0]
     real = pkg._write_table
 
-    def rolled(directory, key, table, quantize, max_file_bytes, allow_nonfinite=False):
+    def rolled(directory, key, table, quantize, max_file_bytes, allow_nonfinite=False, version=0):
         ids, weights = table.export_rows()[:2]
         table.import_(ids.roll(1), weights)  # the bug: every id gets its neighbour's row
         try:
-            return real(directory, key, table, quantize, max_file_bytes, allow_nonfinite)
+            return real(directory, key, table, quantize, max_file_bytes, allow_nonfinite, version)
         finally:
             table.import_(ids, weights)
 
@@ -456,3 +456,45 @@ def test_requests_the_program_would_misread_are_refused_or_put_in_order(tmp_path
     with pytest.raises(InferenceError, match=rf"looks feature 'f0' up in table {key!r}, which the manifest does not "
                                              r"list"):
         inference.load(package)
+
+
+def test_deltas_of_another_run_or_out_of_order_are_refused(tmp_path):
+    model, kind = trained("dlrm")
+    example = requests(kind, 1)[0]
+    dense, kjt = requests(kind, 1)[0]
+    ckpt0 = checkpoint.save(str(tmp_path / "ckpt"), model, step=0)
+    predictor = inference.load(inference.export(model, str(tmp_path / "p"), example))
+    before = predictor(dense, kjt)
+
+    def train(steps, seed):
+        model.train()
+        for s in range(steps):
+            d, k, labels = bag_batch(seed + s)
+            torch.nn.functional.binary_cross_entropy_with_logits(model(d, k).reshape(-1), labels).backward()
+        model.eval()
+
+    train(2, 300)
+    first = checkpoint.export_delta(str(tmp_path / "d1"), model, since_step=ckpt0)
+    ckpt2 = checkpoint.save(str(tmp_path / "ckpt"), model, step=2)
+    train(2, 400)
+    second = checkpoint.export_delta(str(tmp_path / "d2"), model, since_step=ckpt2)
+
+    # Another training run's delta, with the same table names: refused.
+    other, _ = trained("dlrm")
+    other_ckpt = checkpoint.save(str(tmp_path / "other"), other, step=0)
+    train_other = bag_batch(500)
+    other.train()
+    torch.nn.functional.binary_cross_entropy_with_logits(other(*train_other[:2]).reshape(-1), train_other[2]).backward()
+    stranger = checkpoint.export_delta(str(tmp_path / "d_other"), other, since_step=other_ckpt)
+    with pytest.raises(InferenceError, match="is of another training run"):
+        predictor.apply_delta(stranger)
+    # The second delta before the first: it does not follow the package's version.
+    with pytest.raises(InferenceError, match=r"holds the updates after \d+ up to \d+, but the package is at \d+"):
+        predictor.apply_delta(second)
+    assert torch.equal(predictor(dense, kjt), before) and predictor.deltas_applied == 0
+    predictor.apply_delta(first)
+    predictor.apply_delta(second)
+    with torch.no_grad():
+        assert torch.equal(predictor(dense, kjt), model(dense, kjt))
+    with pytest.raises(InferenceError, match="does not follow it"):  # an old one again
+        predictor.apply_delta(first)
