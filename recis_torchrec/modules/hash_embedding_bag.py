@@ -221,7 +221,8 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             layouts.append(BagLayout(ft, list(layout.feature_mode), cols, col))
             base += col
         columns = torch.cat([torch.arange(src, src + dim) for _, (src, dim) in sorted(source.items())])
-        return layouts, columns
+        # On the tables' device: index_select with a CPU index on CUDA outputs fails.
+        return layouts, columns.to(self._device) if self._device.type != "meta" else columns
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools each feature's bags into a ``KeyedTensor`` ordered as TorchRec's EBC orders it.
@@ -265,7 +266,12 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             except RuntimeError:
                 explain_kjt(features, self._is_weighted, "HashEmbeddingBagCollection")
                 raise
-        pooled = pieces[0] if plan.columns is None else torch.cat(pieces, dim=1).index_select(1, plan.columns)
+        if plan.columns is None:
+            pooled = pieces[0]
+        else:
+            joined = torch.cat(pieces, dim=1)
+            columns = plan.columns if plan.columns.device == joined.device else plan.columns.to(joined.device)
+            pooled = joined.index_select(1, columns)
         if inverse is not None:
             pooled = expand_batch(pooled, self._output_columns, inverse)
         return KeyedTensor(

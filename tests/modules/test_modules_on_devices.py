@@ -205,3 +205,23 @@ def test_no_fbgemm_op_sees_a_gpu_tensor():
         out = hec(random_kjt(["cand", "hist"], 4, 4, num_ids=40, seed=1).to("cuda"))
         sum(loss_of(v.values()) for v in out.values()).backward()
     assert not seen, seen
+
+
+@pytest.mark.parametrize("device", devices())
+def test_tables_with_different_optimizers_in_one_module(device):
+    # Per-table optimizers put the tables in separate lookup groups whose outputs are put back in
+    # TorchRec's order by an index: on a GPU that index was a CPU tensor and the forward crashed.
+    torch.manual_seed(0)
+    cfgs = [EmbeddingBagConfig(name="a", embedding_dim=4, num_embeddings=30, feature_names=["f0"]),
+            EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=30, feature_names=["f1"]),
+            EmbeddingBagConfig(name="c", embedding_dim=4, num_embeddings=30, feature_names=["f2"])]
+    theirs = EmbeddingBagCollection(cfgs)
+    sgd = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}
+    ours = rt.HashEmbeddingBagCollection(cfgs, device=device, table_fused_params={
+        "a": sgd, "b": {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1}, "c": sgd})
+    ours.load_state_dict(theirs.state_dict())  # TorchRec's rows: row i becomes id i
+    assert len(ours._group_tables) == 2
+    kjt = random_kjt(["f0", "f1", "f2"], 5, 3, num_ids=30, seed=1)
+    got, want = ours(kjt.to(device)), theirs(kjt)
+    assert got.keys() == want.keys()
+    torch.testing.assert_close(got.values().cpu(), want.values().detach(), atol=1e-6, rtol=1e-6)
