@@ -296,6 +296,9 @@ def _config_cases(tmp):
         ("config bad trainer", run('[data]\nsource = "synthetic"\n[trainer]\nsteps = 1\nfoo = 2\n'), ConfigError,
          r"\[trainer\]"),
         ("config not toml", run("[data\n"), ConfigError, "not valid TOML"),
+        ("config causal a string", run(base + "[model]\nname = 'SequenceTransformer'\ntarget = 'cat_0'\n"
+                                             "history = 'cat_1'\ncausal = 'false'\n"), ConfigError,
+         r"\[model\].causal must be true or false, got 'false'"),
         ("config DIN without target", run(base + "[model]\nname = 'DIN'\nhistory = 'cat_0'\n"), ConfigError,
          r"\[model\].target"),
         ("config features on synthetic", run('[data]\nsource = "synthetic"\n[trainer]\nsteps = 1\n'

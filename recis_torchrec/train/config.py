@@ -446,8 +446,11 @@ def _sequence_model(name: str, m: Dict[str, Any], keys: List[str], num_dense: in
                 raise ConfigError(f"config [model].pooling: DIN pools its attention by 'sum' or 'softmax', got {pooling!r}")
             return DIN(ec, m["target"], m["history"], attention_arch=m.get("attention_arch", [64, 16]),
                        softmax=pooling == "softmax", **kw)
+        causal = m.get("causal", True)
+        if not isinstance(causal, bool):
+            raise ConfigError(f"config [model].causal must be true or false, got {causal!r}")
         return SequenceTransformer(ec, m["target"], m["history"], num_heads=_int(m, "num_heads", "model", 2),
-                                   num_layers=_int(m, "num_layers", "model", 1), causal=bool(m.get("causal", True)),
+                                   num_layers=_int(m, "num_layers", "model", 1), causal=causal,
                                    pooling=m.get("pooling", "target"), **kw)
     except ValueError as e:
         if isinstance(e, ConfigError):
