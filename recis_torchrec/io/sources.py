@@ -149,10 +149,22 @@ def _csv_options(fmt: str, columns: Optional[Sequence[str]], schema: Any = None)
     return parse, convert, read
 
 
+def _starts_with_header(fs: pafs.FileSystem, path: str, delimiter: str, names: Sequence[str]) -> bool:
+    """Whether the file's first line is `names` (a header line in a file read with column_names, as
+    when headered and header-less files of one dataset are read with one schema)."""
+    with fs.open_input_stream(path) as f:
+        head = f.read(1 << 16).decode("utf-8", errors="replace")
+    first = head.split("\n", 1)[0].rstrip("\r")
+    return [c.strip().strip('"') for c in first.split(delimiter)] == list(names)
+
+
 def read_csv(fs: pafs.FileSystem, path: str, fmt: str, columns: Optional[Sequence[str]] = None,
              schema: Any = None) -> pa.Table:
     parse, convert, read = _csv_options(fmt, columns, schema)
     try:
+        if schema is not None and schema.column_names and _starts_with_header(fs, path, parse.delimiter,
+                                                                              schema.column_names):
+            read = pacsv.ReadOptions(column_names=list(schema.column_names), skip_rows=1)
         with fs.open_input_stream(path) as f:
             return pacsv.read_csv(f, parse_options=parse, convert_options=convert, read_options=read)
     except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as e:

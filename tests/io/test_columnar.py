@@ -345,3 +345,16 @@ def test_the_examples_generator_creates_its_folder(tmp_path):
 
     path = write_avazu_csv(str(tmp_path / "data" / "avazu" / "train.csv"), rows=5)
     assert len(open(path).read().splitlines()) == 6
+
+
+def test_a_headered_file_beside_header_less_ones_reads_with_one_schema(tmp_path):
+    # column_names names the columns of header-less files; a file of the same dataset that has the
+    # header line (a headered train file beside header-less eval parts) skips it instead of reading
+    # it as a row.
+    bare, headed = str(tmp_path / "part-0.csv"), str(tmp_path / "train.csv")
+    open(bare, "w").write("1,a,0.5\n0,b,1.5\n")
+    open(headed, "w").write("y,s,x\n1,a,0.5\n0,b,1.5\n")
+    schema = Schema(dense=["x"], sparse={"s": "s"}, labels=["y"], column_names=["y", "s", "x"])
+    for path in (bare, headed):
+        batches = list(ColumnarDataset(path, schema, batch_size=2, prefetch=0))
+        assert len(batches) == 1 and batches[0].dense_features.reshape(-1).tolist() == [0.5, 1.5], path
