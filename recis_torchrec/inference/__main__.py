@@ -78,6 +78,8 @@ def cmd_predict(args) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from recis_torchrec.train.config import ConfigError
+
     predictor = load(args.package)
     meta = predictor.manifest.get("metadata") or {}
     if "config" not in meta:
@@ -95,13 +97,22 @@ def cmd_predict(args) -> int:
     # The data section as trained (its training files give the schema's statistics, such as a dense
     # column's standardisation), with the file to predict as the held-out data: read once, in order,
     # the last partial batch kept.
-    overrides.update({"data.eval": [args.data], "data.batch_size": args.batch_size})
-    if not os.path.exists(args.data):
-        raise InferenceError(f"{args.data}: no such file")
+    paths = [p for p in args.data.split(",") if p]
+    if not paths:
+        raise InferenceError("predict: no data files given")
+    for path in paths:
+        if not os.path.exists(path):
+            raise InferenceError(f"{path}: no such file")
+    if args.batch_size <= 0:
+        raise InferenceError(f"--batch-size must be > 0, got {args.batch_size}")
+    overrides.update({"data.eval": paths, "data.batch_size": args.batch_size})
     out: List[torch.Tensor] = []
     rows, t0 = 0, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        run = _run_from(meta["config"], overrides, tmp)
+        try:
+            run = _run_from(meta["config"], overrides, tmp)
+        except ConfigError as e:  # the flag, not the config key it sets
+            raise ConfigError(str(e).replace("config [data].batch_size", f"--batch-size {args.batch_size}")) from None
         for batch in run.eval_data:
             pred = predictor(batch.dense_features, batch.sparse_features).float().reshape(batch.labels.shape[0], -1)
             out.append(pred if meta.get("output") == "probabilities" else torch.sigmoid(pred))
@@ -114,7 +125,7 @@ def cmd_predict(args) -> int:
     preds = torch.cat(out) if out else torch.empty(0, 1)
     columns = {"prediction" if preds.shape[1] == 1 else f"prediction_{k}": pa.array(preds[:, k].numpy())
                for k in range(preds.shape[1])}
-    output = args.output or os.path.splitext(args.data)[0] + ".predictions.parquet"
+    output = args.output or os.path.splitext(paths[0])[0] + ".predictions.parquet"
     pq.write_table(pa.table(columns), output)
     print(f"wrote {rows:,} predictions to {output}")
     return 0
@@ -145,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("--config", default=None, help="the training config (default: the one the checkpoint carries)")
     r = sub.add_parser("predict", help="predictions for a data file, written as Parquet")
     r.add_argument("package")
-    r.add_argument("data")
+    r.add_argument("data", help="the files to predict (comma-separated; predictions in their order)")
     r.add_argument("--output", default=None)
     r.add_argument("--batch-size", type=int, default=512)
     r.add_argument("--no-progress", dest="progress", action="store_false")

@@ -48,6 +48,12 @@ def test_export_predict_info_from_a_training_run(tmp_path, capsys):
 
     assert inference_main(["predict", package, str(tmp_path / "nope.tsv")]) == 2
     assert "nope.tsv: no such file" in capsys.readouterr().err
+    # Several files at once, predictions in their order.
+    both = str(tmp_path / "both.parquet")
+    assert inference_main(["predict", package, f"{held},{held}", "--output", both, "--batch-size", "50"]) == 0
+    assert torch.equal(torch.tensor(pq.read_table(both).column("prediction").to_pylist()), torch.cat([got, got]))
+    assert inference_main(["predict", package, held, "--batch-size", "0"]) == 2
+    assert "--batch-size must be > 0" in capsys.readouterr().err
     assert inference_main(["export", str(tmp_path / "nothing"), str(tmp_path / "p2")]) == 2
 
 
