@@ -67,9 +67,11 @@ def cmd_export(args) -> int:
             data = data[-1]
         batch = next(iter(data))
         example = (batch.dense_features, batch.sparse_features)
-        export(task_model.model, args.output, example, quantize=args.quantize, unseen=args.unseen,
-               metadata={"config": config, "overrides": overrides,
-                         "output": "probabilities" if probabilities else "logits"})
+        metadata = {"config": config, "overrides": overrides, "output": "probabilities" if probabilities else "logits"}
+        schema = getattr(data, "schema", None)
+        if schema is not None:  # with the statistics taken from the training files: predict needs no training file
+            metadata["schema"] = schema.to_dict()
+        export(task_model.model, args.output, example, quantize=args.quantize, unseen=args.unseen, metadata=metadata)
     print(f"wrote {args.output} ({args.quantize}) from {directory}")
     return 0
 
@@ -78,6 +80,7 @@ def cmd_predict(args) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from recis_torchrec.train import config as config_mod
     from recis_torchrec.train.config import ConfigError
 
     predictor = load(args.package)
@@ -106,6 +109,13 @@ def cmd_predict(args) -> int:
     if args.batch_size <= 0:
         raise InferenceError(f"--batch-size must be > 0, got {args.batch_size}")
     overrides.update({"data.eval": paths, "data.batch_size": args.batch_size})
+    data_cfg = config_mod.apply_overrides(meta["config"], meta.get("overrides") or {}).get("data") or {}
+    if "schema" in meta and data_cfg.get("source") == "files":
+        # The schema as trained, its statistics included: the files to predict stand in for the
+        # training files, which need not exist any more.
+        data_cfg = {k: v for k, v in data_cfg.items() if k not in ("train", "windows", "eval", "schema")}
+        overrides["data"] = dict(data_cfg, train=paths, eval=paths, schema=meta["schema"],
+                                 batch_size=args.batch_size)
     out: List[torch.Tensor] = []
     rows, t0 = 0, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
