@@ -136,6 +136,17 @@ def _feed_key(path: str) -> str:
     return path.replace(".", "__")
 
 
+class _Slot:
+    """Holds the lookup output of the call in progress (a plain object: a tensor set as a module
+    attribute or in a list during torch.export makes it warn that it should be a buffer, and it is an
+    input here, not state)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+
 class _Feed(nn.Module):
     """Stands in for an embedding module while the dense part is exported: returns what the
     serving lookup computed, in the module's output type."""
@@ -143,13 +154,13 @@ class _Feed(nn.Module):
     def __init__(self, spec: _ModuleSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.value: Any = None
+        self.slot = _Slot()
 
     def forward(self, features: KeyedJaggedTensor, *args: Any, **kwargs: Any) -> Any:
         if self.spec.kind == "ebc":
             return KeyedTensor(keys=[f[0] for f in self.spec.features],
-                               length_per_key=[f[3] for f in self.spec.features], values=self.value)
-        return dict(self.value)
+                               length_per_key=[f[3] for f in self.spec.features], values=self.slot.value)
+        return dict(self.slot.value)
 
 
 class _Dense(nn.Module):
@@ -162,7 +173,7 @@ class _Dense(nn.Module):
 
     def forward(self, args: Tuple[Any, ...], feeds: Dict[str, Any]) -> Any:
         for path, feed in self.feeds.items():
-            feed.value = feeds[_feed_key(path)]
+            feed.slot.value = feeds[_feed_key(path)]
         return self.model(*args)
 
 
