@@ -200,7 +200,8 @@ def read_index(directory: str) -> dict:
 def read_json_checked(path: str, digest: Optional[str]) -> Any:
     """A JSON file the index lists, verified against its XXH64 when the index records one."""
     try:
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from e
     if digest is not None and checksum(data) != digest:

@@ -492,7 +492,8 @@ def _write_rank_files(spec: Dict[str, Any], refs: List[TableRef]) -> Tuple[Any, 
     if spec["has_loader"]:
         loader_file = f"loader-rank{rank}.json"
         write_json(os.path.join(tmp, loader_file), spec["loader_state"], durable)
-        loader_digest = checksum(open(os.path.join(tmp, loader_file), "rb").read())
+        with open(os.path.join(tmp, loader_file), "rb") as f:
+            loader_digest = checksum(f.read())
     if rank == 0:
         spec["dense_entry"] = write_tensors(os.path.join(tmp, "dense.safetensors"), spec["dense"], durable=durable,
                                             share=share)
