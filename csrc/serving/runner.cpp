@@ -292,7 +292,7 @@ class Runner {
       modules_[m.at("path", file).as_string(file)] = &m;
     }
     plan_ = plan;
-    request_ = manifest_.find("request");
+    if (const Value* request = manifest_.find("request")) request_ = parse_request(*request);
     verified(dir, *aoti, "the AOTInductor program");
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         dir + "/" + aoti->at("file", file).as_string(file));
@@ -339,35 +339,55 @@ class Runner {
     return loader_->run(inputs(args, kjt));
   }
 
-  // The batch's tensor arguments against the manifest's request spec (their dtype, their shape past
-  // the batch dimension, and a batch size equal to the KJT's): a compiled program given another
-  // shape or dtype reads memory as if it had the exported one.
-  void check_request(const std::vector<at::Tensor>& args, const Features& kjt) const {
-    if (request_ == nullptr) return;  // a package from before the spec was written
+  // One tensor argument of a request as the export saw it (the manifest's request spec).
+  struct InputSpec {
+    int64_t index;
+    std::string name, dtype_name;
+    at::ScalarType dtype;
+    std::vector<int64_t> shape;  // past the batch dimension
+    bool batch;                  // the first dimension is the batch
+  };
+
+  // Read once at load: each request only compares its tensors with it.
+  static std::vector<InputSpec> parse_request(const Value& request) {
     const std::string where = "the manifest's request";
     static const std::map<std::string, at::ScalarType> dtypes = {
         {"float32", at::kFloat}, {"float64", at::kDouble}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16},
         {"int64", at::kLong},    {"int32", at::kInt},      {"uint8", at::kByte},  {"bool", at::kBool}};
+    std::vector<InputSpec> out;
+    for (const auto& [name, want] : request.at("tensors", where).members) {
+      InputSpec in{std::stoll(name), name, want.at("dtype", where).as_string(where), at::kFloat, {},
+                   want.at("batch", where).as_bool(where)};
+      const auto it = dtypes.find(in.dtype_name);
+      if (it == dtypes.end()) throw Error(where + ": input " + name + " has an unknown dtype " + in.dtype_name);
+      in.dtype = it->second;
+      for (const Value& d : want.at("shape", where).as_array(where)) in.shape.push_back(d.as_int(where));
+      out.push_back(std::move(in));
+    }
+    return out;
+  }
+
+  // The batch's tensor arguments against the request spec (their dtype, their shape past the batch
+  // dimension, and a batch size equal to the KJT's): a compiled program given another shape or dtype
+  // reads memory as if it had the exported one.
+  void check_request(const std::vector<at::Tensor>& args, const Features& kjt) const {
     const int64_t F = static_cast<int64_t>(kjt.index.size());
     const int64_t B = F ? kjt.lengths.numel() / F : 0;
-    for (const auto& [name, want] : request_->at("tensors", where).members) {
-      const int64_t i = std::stoll(name);
-      const std::string arg = "input " + name;
-      if (i >= static_cast<int64_t>(args.size()) || !args[i].defined()) throw Error(arg + ": the model takes a tensor there");
-      const at::Tensor& a = args[i];
-      const std::string& dtype = want.at("dtype", where).as_string(where);
-      const auto it = dtypes.find(dtype);
-      std::vector<int64_t> shape;
-      for (const Value& d : want.at("shape", where).as_array(where)) shape.push_back(d.as_int(where));
-      const bool same_shape = a.dim() == static_cast<int64_t>(shape.size()) + 1 &&
-                              std::equal(shape.begin(), shape.end(), a.sizes().begin() + 1);
-      if (it == dtypes.end() || a.scalar_type() != it->second || !same_shape) {
+    for (const InputSpec& want : request_) {
+      const std::string arg = "input " + want.name;
+      if (want.index >= static_cast<int64_t>(args.size()) || !args[want.index].defined()) {
+        throw Error(arg + ": the model takes a tensor there");
+      }
+      const at::Tensor& a = args[want.index];
+      const bool same_shape = a.dim() == static_cast<int64_t>(want.shape.size()) + 1 &&
+                              std::equal(want.shape.begin(), want.shape.end(), a.sizes().begin() + 1);
+      if (a.scalar_type() != want.dtype || !same_shape) {
         std::string dims;
-        for (const int64_t d : shape) dims += ", " + std::to_string(d);
-        throw Error(arg + ": the model takes " + dtype + " of shape (batch" + dims + "), got " +
+        for (const int64_t d : want.shape) dims += ", " + std::to_string(d);
+        throw Error(arg + ": the model takes " + want.dtype_name + " of shape (batch" + dims + "), got " +
                     c10::toString(a.scalar_type()) + " of shape " + c10::str(a.sizes()));
       }
-      if (want.at("batch", where).as_bool(where) && a.size(0) != B) {
+      if (want.batch && a.size(0) != B) {
         throw Error(arg + " has " + std::to_string(a.size(0)) + " rows but the KeyedJaggedTensor a batch of " +
                     std::to_string(B) + ": every input of a request must have the same batch size");
       }
@@ -426,7 +446,7 @@ class Runner {
   std::string dir_;
   Value manifest_;
   const Value* plan_ = nullptr;
-  const Value* request_ = nullptr;
+  std::vector<InputSpec> request_;  // empty for a package from before the spec was written
   std::map<std::string, Table> tables_;
   std::map<std::string, const Value*> modules_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
