@@ -677,15 +677,15 @@ def _check_optimizer_state(directory: str, optimizer: torch.optim.Optimizer, sta
                 f"{what}: group {k} holds {len(s['params'])} parameters, {type(optimizer).__name__}'s "
                 f"{len(h['params'])}")
     params = [p for g in have for p in g["params"]]
-    saved_ids = [i for g in saved for i in g["params"]]
+    position = {i: k for k, i in enumerate(i for g in saved for i in g["params"])}  # saved id -> parameter
     for i, slots in state.get("state", {}).items():
-        if i not in saved_ids:
+        if i not in position:
             continue
-        param = params[saved_ids.index(i)]
+        param = params[position[i]]
         for slot, v in slots.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != param.shape:
                 raise CheckpointError(
-                    f"{what}: the state {slot!r} of parameter {saved_ids.index(i)} has shape {tuple(v.shape)}, the "
+                    f"{what}: the state {slot!r} of parameter {position[i]} has shape {tuple(v.shape)}, the "
                     f"parameter {tuple(param.shape)} (the optimizer was saved for other parameters)")
 
 

@@ -88,18 +88,16 @@ def cmd_predict(args) -> int:
     if "config" not in meta:
         raise InferenceError(f"{args.package}: the package carries no data schema (exported from Python without "
                              "metadata={'config': ...}); predict from Python with inference.load")
-    source = ((meta["config"].get("data") or {}) if isinstance(meta["config"], dict) else {}).get("source")
-    source = (meta.get("overrides") or {}).get("data.source", source)
-    if isinstance((meta.get("overrides") or {}).get("data"), dict):
-        source = meta["overrides"]["data"].get("source", source)
-    if source == "synthetic":
+    # The data section as trained (the config with its overrides).
+    data_cfg = config_mod.apply_overrides(meta["config"], meta.get("overrides") or {}).get("data") or {}
+    if data_cfg.get("source") == "synthetic":
         raise InferenceError(f"{args.package}: the model was trained on generated data ([data].source = 'synthetic'), "
                              "which has no file schema for predict to read files with; predict from Python with "
                              "inference.load, or train on files")
     overrides = dict(meta.get("overrides") or {})
-    # The data section as trained (its training files give the schema's statistics, such as a dense
-    # column's standardisation), with the file to predict as the held-out data: read once, in order,
-    # the last partial batch kept.
+    # The files to predict as the held-out data: read once, in order, the last partial batch kept.
+    # A package from before the schema was stored rebuilds it from the training files (their
+    # statistics, such as a dense column's standardisation).
     paths = [p for p in args.data.split(",") if p]
     if not paths:
         raise InferenceError("predict: no data files given")
@@ -109,7 +107,6 @@ def cmd_predict(args) -> int:
     if args.batch_size <= 0:
         raise InferenceError(f"--batch-size must be > 0, got {args.batch_size}")
     overrides.update({"data.eval": paths, "data.batch_size": args.batch_size})
-    data_cfg = config_mod.apply_overrides(meta["config"], meta.get("overrides") or {}).get("data") or {}
     if "schema" in meta and data_cfg.get("source") == "files":
         # The schema as trained, its statistics included: the files to predict stand in for the
         # training files, which need not exist any more.

@@ -211,6 +211,10 @@ def _find_kjt(args: Sequence[Any]) -> KeyedJaggedTensor:
     return kjts[0]
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
 def _request_spec(args: Tuple[Any, ...], kjt: KeyedJaggedTensor) -> Dict[str, Any]:
     """What a request must look like, from the example export took: the KJT's keys in the program's
     order, and for each tensor argument its dtype, its shape past the first dimension and whether
@@ -219,7 +223,7 @@ def _request_spec(args: Tuple[Any, ...], kjt: KeyedJaggedTensor) -> Dict[str, An
     tensors = {}
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
-            tensors[str(i)] = {"dtype": str(a.dtype).replace("torch.", ""), "shape": list(a.shape[1:]),
+            tensors[str(i)] = {"dtype": _dtype_name(a), "shape": list(a.shape[1:]),
                                "batch": bool(a.dim() >= 1 and a.shape[0] == batch)}
     return {"kjt_keys": list(kjt.keys()), "tensors": tensors}
 
@@ -251,10 +255,10 @@ def _check_request(args: Tuple[Any, ...], kjt: KeyedJaggedTensor, spec: Dict[str
         a = args[int(i)] if int(i) < len(args) else None
         if not isinstance(a, torch.Tensor):
             raise InferenceError(f"input {i}: the model takes a tensor there, got {type(a).__name__}")
-        if str(a.dtype).replace("torch.", "") != want["dtype"] or list(a.shape[1:]) != want["shape"]:
+        if _dtype_name(a) != want["dtype"] or list(a.shape[1:]) != want["shape"]:
             raise InferenceError(
                 f"input {i}: the model takes {want['dtype']} of shape (batch, {', '.join(map(str, want['shape']))}), "
-                f"got {str(a.dtype).replace('torch.', '')} of shape {tuple(a.shape)}")
+                f"got {_dtype_name(a)} of shape {tuple(a.shape)}")
         if want["batch"] and a.shape[0] != batch:
             raise InferenceError(f"input {i} has {a.shape[0]} rows but the KeyedJaggedTensor a batch of {batch}: "
                                  "every input of a request must have the same batch size")
@@ -568,7 +572,8 @@ def export(
             manifest["serving_inputs"] = serving_inputs
         manifest["xxh64"] = index_checksum(manifest)
         write_json(os.path.join(tmp, "manifest.json"), manifest)
-        _check_package(tmp, manifest, specs, example_inputs, reference, quantize, aoti is not None)
+        _check_package(tmp, manifest, specs, example_inputs, reference, quantize, aoti is not None,
+                       served if unseen == "init" else None)
         if os.path.isdir(path):
             os.rmdir(path)
         os.replace(tmp, path)
@@ -579,13 +584,16 @@ def export(
 
 
 def _check_package(directory: str, manifest: Dict[str, Any], specs: List["_ModuleSpec"], example_inputs: Tuple[Any, ...],
-                   reference: Any, quantize: str, aoti: bool) -> None:
+                   reference: Any, quantize: str, aoti: bool, tables: Optional[Dict[str, ServingTable]]) -> None:
     """The written package, read back as a server reads it, predicts the eval model's outputs on the
     example batch (within the row format's bound; unseen ids read their initial rows, as the eval
-    model does): a package that would serve other predictions is never written."""
+    model does): a package that would serve other predictions is never written. `tables`: the
+    package's tables already read from its files with unseen ids reading their initial rows (read
+    here otherwise)."""
     from torch.utils import _pytree as pytree
 
-    tables = {key: _table_from_files(directory, key, entry, "init") for key, entry in manifest["tables"].items()}
+    if tables is None:
+        tables = {key: _table_from_files(directory, key, entry, "init") for key, entry in manifest["tables"].items()}
     bound = EXPORT_TOLERANCE[quantize]
     runs = [("the exported program", torch.export.load(os.path.join(directory, manifest["program"]["file"])).module(),
              bound)]
@@ -631,14 +639,14 @@ def _table_from_files(directory: str, key: str, entry: Dict[str, Any], unseen: s
     if ids.numel() != entry["rows"]:
         raise InferenceError(f"table {key!r}: {ids.numel()} rows in its files, the manifest says {entry['rows']}")
     fmt, dim = entry.get("quantization"), entry.get("dim")
-    want = {"fp32": (torch.float32, dim), "fp16": (torch.float16, dim), "bf16": (torch.bfloat16, dim),
-            "int8": (torch.uint8, dim + 8 if isinstance(dim, int) else None)}.get(fmt)
-    if want is None:
-        raise InferenceError(f"table {key!r}: the manifest names the row format {fmt!r} (known: {sorted(FORMATS)})")
-    if rows.dtype != want[0] or rows.dim() != 2 or rows.shape[1] != want[1]:
+    if fmt not in FORMATS or not isinstance(dim, int) or dim <= 0:
+        raise InferenceError(f"table {key!r}: the manifest names the row format {fmt!r} of dim {dim!r} (formats: "
+                             f"{sorted(FORMATS)})")
+    want = quantize_rows(torch.empty(0, dim), fmt)  # the format's dtype and row width
+    if rows.dtype != want.dtype or rows.dim() != 2 or rows.shape[1] != want.shape[1]:
         raise InferenceError(
-            f"table {key!r}: the manifest says {fmt} rows of dim {dim} ({want[0]}, width {want[1]}), its files hold "
-            f"{rows.dtype} rows of shape {tuple(rows.shape)}")
+            f"table {key!r}: the manifest says {fmt} rows of dim {dim} ({want.dtype}, width {want.shape[1]}), its files "
+            f"hold {rows.dtype} rows of shape {tuple(rows.shape)}")
     init = entry["init"] if unseen == "init" else None
     if init is not None and init.get("kind") not in (0, 1, 2, 3):  # csrc/hashtable/initializer.h's InitKind
         raise InferenceError(f"table {key!r}: unknown initializer kind {init.get('kind')!r}")
