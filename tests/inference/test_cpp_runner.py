@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from recis_torchrec import inference
-from recis_torchrec.checkpoint.files import index_checksum
 from recis_torchrec.inference import runner
-from tests.inference.test_package import requests, trained
+from tests.inference.test_package import requests, rewrite_manifest, trained
 
 
 def serve(package, batch_file):
@@ -74,16 +73,6 @@ def copy_package(packages, tmp_path, name="dlrm"):
     dst = str(tmp_path / "pkg")
     shutil.copytree(packages[name][0], dst)
     return dst
-
-
-def rewrite_manifest(package, change):
-    path = os.path.join(package, "manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    change(manifest)
-    manifest["xxh64"] = index_checksum(manifest)
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
 
 
 def test_a_bad_package_or_batch_is_named_by_the_runner(packages, tmp_path):

@@ -91,6 +91,19 @@ torch.save([predictor(*r) for r in reqs], sys.argv[3])
 """
 
 
+def rewrite_manifest(package, change):
+    """Edits a package's manifest consistently (its checksum recomputed), as a buggy writer would."""
+    from recis_torchrec.checkpoint.files import index_checksum
+
+    path = os.path.join(package, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    change(manifest)
+    manifest["xxh64"] = index_checksum(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+
+
 def predict_in_subprocess(package, reqs, tmp_path):
     req_file, out_file = str(tmp_path / "reqs.pt"), str(tmp_path / "out.pt")
     torch.save(reqs, req_file)
@@ -382,8 +395,6 @@ def test_non_finite_rows_are_refused_at_export_and_in_deltas(tmp_path):
 
 
 def test_int32_requests_are_served_and_a_format_the_files_do_not_hold_is_named(tmp_path):
-    from recis_torchrec.checkpoint.files import index_checksum
-
     model, kind = trained("dlrm")
     example = requests(kind, 1)[0]
     package = inference.export(model, str(tmp_path / "p"), example)
@@ -397,12 +408,8 @@ def test_int32_requests_are_served_and_a_format_the_files_do_not_hold_is_named(t
     with pytest.raises(InferenceError, match=r"ids \(values\) must be int64 or int32 .*got torch.float32"):
         predictor(dense, floats)
 
-    manifest_path = os.path.join(package, "manifest.json")
-    manifest = json.load(open(manifest_path))
-    key = sorted(manifest["tables"])[0]
-    manifest["tables"][key]["quantization"] = "int8"  # the files hold fp32 rows
-    manifest["xxh64"] = index_checksum(manifest)
-    json.dump(manifest, open(manifest_path, "w"))
+    key = sorted(inference.read_manifest(package)["tables"])[0]
+    rewrite_manifest(package, lambda m: m["tables"][key].update(quantization="int8"))  # the files hold fp32 rows
     with pytest.raises(InferenceError, match=rf"table {key!r}: the manifest says int8 rows of dim 8 .*its files hold "
                                              r"torch.float32 rows of shape \(\d+, 8\)"):
         inference.load(package)
@@ -445,14 +452,8 @@ def test_requests_the_program_would_misread_are_refused_or_put_in_order(tmp_path
         predictor(dense, neg)
 
     # A table the modules read, removed from the manifest (its checksum recomputed): named at load.
-    from recis_torchrec.checkpoint.files import index_checksum
-
-    manifest_path = os.path.join(package, "manifest.json")
-    manifest = json.load(open(manifest_path))
-    key = sorted(manifest["tables"])[0]
-    del manifest["tables"][key]
-    manifest["xxh64"] = index_checksum(manifest)
-    json.dump(manifest, open(manifest_path, "w"))
+    key = sorted(inference.read_manifest(package)["tables"])[0]
+    rewrite_manifest(package, lambda m: m["tables"].pop(key))
     with pytest.raises(InferenceError, match=rf"looks feature 'f0' up in table {key!r}, which the manifest does not "
                                              r"list"):
         inference.load(package)
