@@ -710,6 +710,8 @@ class Predictor:
         and its evicted ids. Requests in flight finish on the tables they started with; later ones
         see every table of the delta at once. A delta holding NaN or infinite rows is refused (naming
         the table) unless `allow_nonfinite`; a refused delta changes nothing."""
+        if not isinstance(allow_nonfinite, bool):
+            raise InferenceError(f"apply_delta: allow_nonfinite must be True or False, got {allow_nonfinite!r}")
         with self._delta_lock:
             try:
                 index = read_index(delta_dir)

@@ -390,6 +390,8 @@ def test_non_finite_rows_are_refused_at_export_and_in_deltas(tmp_path):
     with pytest.raises(InferenceError, match=r"t1': 4 of \d+ rows in the delta .* hold NaN or infinite values"):
         predictor.apply_delta(delta)
     assert torch.equal(predictor(dense, kjt), before) and predictor.deltas_applied == 0  # unchanged
+    with pytest.raises(InferenceError, match="apply_delta: allow_nonfinite must be True or False, got 'yes'"):
+        predictor.apply_delta(delta, allow_nonfinite="yes")
     predictor.apply_delta(delta, allow_nonfinite=True)  # asked for: taken
     assert predictor.deltas_applied == 1
 
