@@ -23,14 +23,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is incomplete, corrupt or does not fit the model; names the file or table."""
 
 
-# Checksums read file bytes in place (read-only); torch's warning about that does not apply.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-
 def checksum(data) -> str:
     """XXH64 of a bytes-like object, as 16 hex digits (C++, in place)."""
     n = memoryview(data).nbytes
-    buf = torch.from_numpy(np.frombuffer(data, dtype=np.uint8)) if n else torch.empty(0, dtype=torch.uint8)
+    if n:
+        with warnings.catch_warnings():  # the bytes are read in place, never written: torch's warning does not apply
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            buf = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))
+    else:
+        buf = torch.empty(0, dtype=torch.uint8)
     h = int(ops.hash_strings(buf, torch.tensor([0, n], dtype=torch.int64))[0])
     return f"{h & (2**64 - 1):016x}"
 

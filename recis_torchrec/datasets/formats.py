@@ -9,6 +9,10 @@ benchmarks (the real files' licences forbid copying them):
   delimited by ``^`` (``"170301^573514"``), ``price`` a raw, unscaled number and ``pid`` empty in
   every row; or, with ``repeated_header=True``, one CSV whose fixed-width history is ``history``
   columns all named ``his_cate`` with a mask column each (``his_mask``), padding as 0.
+- :func:`write_amazon_tsv`: the Amazon review samples as DIEN's preparation scripts write them
+  (``local_train_splitByUser``): header-less TSV ``label, user, item, category, item history,
+  category history``, users and items as Amazon's string ids (``A2...``, ``B00...``), categories
+  as names, each history one field delimited by ``\\x02``.
 
 In both, the label carries signal: an Avazu click depends on the site and the device type; a
 Taobao click on whether the target's category is among the user's recent ones (only the history
@@ -99,4 +103,20 @@ def write_taobao_parts(out_dir: str, rows: int = 2000, parts: int = 2, history: 
     return paths
 
 
-__all__ = ["AVAZU_COLUMNS", "TAOBAO_COLUMNS", "write_avazu_csv", "write_taobao_parts"]
+AMAZON_COLUMNS = ["label", "user", "item", "cate", "hist_item", "hist_cate"]
+
+
+def write_amazon_tsv(path: str, rows: int = 2000, history: int = 30, seed: int = 0) -> str:
+    """Amazon-shaped samples (DIEN's layout) at ``path``; returns it. Same signal as the Taobao files."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    asin = lambda i: f"B00{i * 7919 % 10**7:07d}"  # noqa: E731
+    cate = lambda c: f"Category {c}"  # noqa: E731
+    with open(path, "w") as f:
+        for clk, user, item, c, hist, hcate, _ in _taobao_samples(rows, history, seed):
+            f.write("\t".join([str(clk), f"A{user:013X}", asin(item), cate(c), "\x02".join(map(asin, hist)),
+                               "\x02".join(map(cate, hcate))]) + "\n")
+    return path
+
+
+__all__ = ["AMAZON_COLUMNS", "AVAZU_COLUMNS", "TAOBAO_COLUMNS", "write_amazon_tsv", "write_avazu_csv",
+           "write_taobao_parts"]

@@ -68,7 +68,7 @@ def cmd_export(args) -> int:
         batch = next(iter(data))
         example = (batch.dense_features, batch.sparse_features)
         metadata = {"config": config, "overrides": overrides, "output": "probabilities" if probabilities else "logits"}
-        schema = getattr(data, "schema", None)
+        schema = getattr(data, "declared_schema", None)
         if schema is not None:  # with the statistics taken from the training files: predict needs no training file
             metadata["schema"] = schema.to_dict()
         export(task_model.model, args.output, example, quantize=args.quantize, unseen=args.unseen, metadata=metadata)
@@ -90,7 +90,7 @@ def cmd_predict(args) -> int:
                              "metadata={'config': ...}); predict from Python with inference.load")
     # The data section as trained (the config with its overrides).
     data_cfg = config_mod.apply_overrides(meta["config"], meta.get("overrides") or {}).get("data") or {}
-    if data_cfg.get("source") == "synthetic":
+    if config_mod.data_source(data_cfg) == "synthetic":
         raise InferenceError(f"{args.package}: the model was trained on generated data ([data].source = 'synthetic'), "
                              "which has no file schema for predict to read files with; predict from Python with "
                              "inference.load, or train on files")
@@ -107,7 +107,7 @@ def cmd_predict(args) -> int:
     if args.batch_size <= 0:
         raise InferenceError(f"--batch-size must be > 0, got {args.batch_size}")
     overrides.update({"data.eval": paths, "data.batch_size": args.batch_size})
-    if "schema" in meta and data_cfg.get("source") == "files":
+    if "schema" in meta and config_mod.data_source(data_cfg) == "files":
         # The schema as trained, its statistics included: the files to predict stand in for the
         # training files, which need not exist any more.
         data_cfg = {k: v for k, v in data_cfg.items() if k not in ("train", "windows", "eval", "schema")}

@@ -181,6 +181,9 @@ class ColumnarDataset:
                         f"features: dense column {col!r} is not a dense column of the schema ({list(schema.dense)})"
                     )
         self.features = features
+        # The schema as given (`schema` becomes it with repeated header names resolved to their
+        # columns, which re-resolve to more columns if read again): what a package stores.
+        self.declared_schema = schema
         self.schema = schema
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size

@@ -72,9 +72,11 @@ def overrides_from(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict
         if not paths:
             raise config_mod.ConfigError("--data: no files given")
         old = (cfg or {}).get("data", {})
-        if old.get("source") == "files":  # the config's own files: keep its schema, format and the rest
+        if config_mod.data_source(old) == "files":
+            # the config's own files: keep its schema, format and the rest (a [data.schema] without
+            # `source = "files"` was replaced by Criteo's layout without a word)
             data = {k: v for k, v in old.items() if k not in ("train", "windows", "eval")}
-            data["train"] = paths if len(paths) > 1 else paths[0]
+            data.update(source="files", train=paths if len(paths) > 1 else paths[0])
         else:
             data = {k: old[k] for k in ("batch_size", "shuffle") if k in old}
             data.update(source="files", schema="criteo", train=paths if len(paths) > 1 else paths[0])

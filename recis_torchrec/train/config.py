@@ -10,7 +10,8 @@ A config has these sections (see ``examples/*.toml``)::
                  target, history (the KJT keys of the target item and its behaviour sequence: one EC
                  table), max_length, top_arch, bf16, and attention_arch, pooling = "sum" | "softmax" (DIN)
                  or num_heads, num_layers, causal, pooling = "target" | "mean" (SequenceTransformer)
-    [data]       source = "synthetic" | "files" | "movielens"; batch_size;
+    [data]       source = "synthetic" | "files" | "movielens" (default: "files" when train, windows,
+                 schema or format is given, else "synthetic"); batch_size;
                  synthetic: num_sparse, vocab_size, zipf_alpha, max_bag, eval_batches
                  files: train, eval (paths, dirs, globs or URIs; raw Criteo TSV is converted),
                         or windows (a list of paths, or a glob sorted by name: online learning),
@@ -35,7 +36,7 @@ import glob
 import os
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -165,13 +166,22 @@ def build_features(cfg: Dict[str, Any], passthrough: bool = True):
         raise ConfigError(f"config [[features]]: {e}") from None
 
 
+FILE_KEYS = ("train", "windows", "schema", "format")
+
+
+def data_source(data: Mapping[str, Any]) -> str:
+    """[data].source as given; without one, "files" when the section names files or their schema
+    (a [data.schema] was rejected as an unknown key of the synthetic source), else "synthetic"."""
+    return data.get("source", "files" if any(k in data for k in FILE_KEYS) else "synthetic")
+
+
 def build_data(cfg: Dict[str, Any], rank: int, world_size: int, work_dir: str, tasks: List[Task]):
     """(train data, eval data, sparse keys, dense count, label names, eval batches, description)."""
     from recis_torchrec.datasets import SyntheticClicks, SyntheticConfig
     from recis_torchrec.io import ColumnarDataset, ColumnError, Schema, SourceError, criteo_schema
 
     data = _section(cfg, "data")
-    source = data.get("source", "synthetic")
+    source = data_source(data)
     if source not in SOURCES:
         raise ConfigError(f"config [data].source: unknown source {source!r}; choose one of {list(SOURCES)}")
     batch = _int(data, "batch_size", "data", 512)
