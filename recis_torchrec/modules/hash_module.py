@@ -81,6 +81,14 @@ class HashTablesMixin:
             refuse_torchrec_quantization(self)
         super().__setattr__(name, value)
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails. TorchRec's quantized collections' ``from_float``
+        # asserts ``hasattr(module, "qconfig")`` first: called on ours, say why it cannot work
+        # (a ``qconfig`` property would break torch.ao's walk, which reads it on every module).
+        if name == "qconfig":
+            refuse_torchrec_quantization(self)
+        return super().__getattr__(name)
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -251,13 +259,17 @@ def refuse_torchrec_quantization(module: Any) -> None:
     dense layers alone, ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear})``, passes)."""
     import sys
 
+    callers = {("quantize_embeddings", "torchrec/inference/modules.py"): "torchrec.inference.modules.quantize_embeddings",
+               ("from_float", "torchrec/quant/embedding_modules.py"): "torchrec.quant's from_float"}
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        if code.co_name == "quantize_embeddings" and code.co_filename.replace("\\", "/").endswith(
-                "torchrec/inference/modules.py"):
+        path = code.co_filename.replace("\\", "/")
+        caller = next((what for (name, tail), what in callers.items() if code.co_name == name and path.endswith(tail)),
+                      None)
+        if caller is not None:
             raise NotImplementedError(
-                f"torchrec.inference.modules.quantize_embeddings cannot quantize {type(module).__name__}: its rows "
+                f"{caller} cannot quantize {type(module).__name__}: its rows "
                 "live in hash tables, which TorchRec's quantized EmbeddingBagCollection cannot hold. Export the "
                 "model with recis_torchrec.inference.export(model, path, example_inputs, quantize='int8') (or "
                 "'fp16'/'bf16') and serve it with recis_torchrec.inference.load(path)"

@@ -323,6 +323,21 @@ def test_torchrec_quantize_embeddings_on_our_modules_raises_and_names_the_way(tm
     with pytest.raises(NotImplementedError, match="quantize_embeddings cannot quantize HashEmbeddingBagCollection"
                                                   ".*inference.export"):
         quantize_embeddings(model, dtype=torch.qint8, inplace=True)
+    # Called directly, TorchRec's quantized collections' from_float asserted a qconfig, bare.
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+    from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEC
+
+    ebc = trained("dlrm", steps=1)[0].sparse_arch.embedding_bag_collection
+    with pytest.raises(NotImplementedError, match="from_float cannot quantize HashEmbeddingBagCollection"):
+        QuantEBC.from_float(ebc)
+    import recis_torchrec as rt
+    from torchrec.modules.embedding_configs import EmbeddingConfig
+
+    ec = rt.HashEmbeddingCollection(tables=[EmbeddingConfig(name="t", embedding_dim=4, num_embeddings=10,
+                                                            feature_names=["f"])])
+    with pytest.raises(NotImplementedError, match="from_float cannot quantize HashEmbeddingCollection"):
+        QuantEC.from_float(ec)
+    assert not hasattr(ebc, "qconfig") and not hasattr(ebc, "no_such_attribute")  # elsewhere: AttributeError as before
     model, _ = trained("dlrm", steps=1)
     dense, kjt = requests("bag", 1)[0]
     want = model(dense, kjt)
