@@ -17,6 +17,7 @@
 // stderr.
 #include <ATen/ATen.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <chrono>
@@ -279,6 +280,7 @@ class Runner {
     }
     if (manifest_.at("kind", file).as_string(file) != "inference") throw Error(file + ": not an inference manifest");
     if (manifest_.at("format", file).as_int(file) != kFormatVersion) throw Error(file + ": unsupported package format");
+    warn_on_torch_version(file);
     const Value* aoti = manifest_.find("aoti_program");
     const Value* plan = manifest_.find("serving_inputs");
     if (aoti == nullptr || plan == nullptr) {
@@ -296,6 +298,24 @@ class Runner {
     verified(dir, *aoti, "the AOTInductor program");
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         dir + "/" + aoti->at("file", file).as_string(file));
+  }
+
+  // As the Python predictor does: a package exported with another torch (major.minor) than the
+  // one this runner is built with may not load, or may run differently; say so, naming both.
+  void warn_on_torch_version(const std::string& file) const {
+    std::string made;
+    if (const Value* versions = manifest_.find("versions")) {
+      if (const Value* t = versions->find("torch"); t != nullptr && t->kind == Value::Kind::kString) made = t->str;
+    }
+    const std::string here = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+    const size_t second_dot = made.find('.', made.find('.') + 1);
+    const std::string made_minor = made.substr(0, second_dot);
+    if (made_minor != here) {
+      std::fprintf(stderr,
+                   "recis-serve: warning: %s: the package was exported with torch %s, this runner is built with "
+                   "torch %s; its AOTInductor program may not load or may run differently\n",
+                   file.c_str(), made.empty() ? "(unknown)" : made.c_str(), here.c_str());
+    }
   }
 
   // The dense program's flat inputs for a batch, in the order the manifest's plan gives.

@@ -162,6 +162,17 @@ def test_the_runner_refuses_a_batch_the_compiled_program_would_misread(packages,
         with pytest.raises(inference.InferenceError, match="input 0"):
             predictor(bad, kjt)
 
+    # A package exported with another torch: both predictors serve it and warn, naming the versions.
+    p = copy_package(packages, tmp_path)
+    rewrite_manifest(p, lambda m: m["versions"].update(torch="1.13.1"))
+    out, err = serve(p, inference.write_batch(str(tmp_path / "v.safetensors"), dense, kjt))
+    assert out is not None and "exported with torch 1.13.1, this runner is built with torch" in err, err
+    with pytest.warns(UserWarning, match="exported with torch 1.13.1, this is torch"):
+        inference.load(p)
+    shutil.rmtree(p)
+    out, err = serve(package, inference.write_batch(str(tmp_path / "v2.safetensors"), dense, kjt))
+    assert out is not None and "warning" not in err, err
+
     # A forged initializer kind (the manifest's checksum recomputed): named at load.
     p = copy_package(packages, tmp_path)
     table = "sparse_arch.embedding_bag_collection/t1"
