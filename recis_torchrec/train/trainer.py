@@ -103,10 +103,30 @@ def _per_task(logits: torch.Tensor, labels: torch.Tensor, names: List[str]):
 torch.fx.wrap("_per_task")
 
 
+def _logits_model(model: nn.Module) -> Optional[str]:
+    """The class whose forward ``model`` runs when that is known to return logits (TorchRec's DLRMs,
+    our sequence rankers), else None: a subclass with its own forward may apply a sigmoid."""
+    from torchrec.models.dlrm import DLRM
+
+    from recis_torchrec.models.sequence import SequenceRanker
+
+    for base in (DLRM, SequenceRanker):
+        if isinstance(model, base) and type(model).forward is base.forward:
+            return f"{base.__module__}.{base.__name__}"
+    return None
+
+
 def outputs_probabilities(model: nn.Module, choice: str = "auto") -> bool:
     """Whether ``model`` returns probabilities (``TrainingArguments.model_output``): for ``"auto"``,
     a TorchRec ``SimpleDeepFMNN`` (its over arch ends in a sigmoid) or a model whose last module is
     an ``nn.Sigmoid``."""
+    if choice == "probabilities":
+        known = _logits_model(model)
+        if known is not None:
+            raise ValueError(
+                f"TrainingArguments.model_output is 'probabilities' but {type(model).__name__} returns logits (the "
+                f"forward of {known}, whose last layer is a Linear); set model_output = 'logits' (or 'auto')"
+            )
     if choice != "auto":
         return choice == "probabilities"
     from torchrec.models.deepfm import SimpleDeepFMNN
@@ -174,7 +194,21 @@ class TaskModel(nn.Module):
         self.tasks = list(tasks)
         self.bf16 = bf16
         self.probabilities = probabilities
+        # A model declared to return probabilities that returns logits trained on without a word (the
+        # clamp in _logits_of_probabilities hid it): its first batches' outputs are checked (a host
+        # sync each, so not every step).
+        self._checks_left = 8
         self.register_buffer("_weights", torch.tensor([t.weight for t in self.tasks]), persistent=False)
+
+    def _check_probabilities(self, p: torch.Tensor) -> None:
+        self._checks_left -= 1
+        lo, hi = float(p.detach().min()), float(p.detach().max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"TrainingArguments.model_output is 'probabilities' but {type(self.model).__name__} returned "
+                f"{lo if lo < 0.0 else hi:g}, outside [0, 1]: it returns logits; set model_output = 'logits' "
+                "(or 'auto', which reads a final nn.Sigmoid as probabilities)"
+            )
 
     def forward(self, batch):
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -182,6 +216,8 @@ class TaskModel(nn.Module):
             logits = self.model(batch.dense_features, batch.sparse_features)
         logits, labels = _per_task(logits, batch.labels, [t.name for t in self.tasks])
         if self.probabilities:
+            if self._checks_left > 0:
+                self._check_probabilities(logits)
             logits = _logits_of_probabilities(logits)
         per_task = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
         loss = (per_task * self._weights).sum()

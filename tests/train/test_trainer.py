@@ -427,3 +427,30 @@ def test_every_training_row_is_trained_each_epoch(tmp_path, capsys):
                  str(tmp_path / "run"), "--steps", "5", "--set", "data.batch_size=64", *QUIET]) == 0
     out = capsys.readouterr().out
     assert "an epoch trains 301 of 301 rows" in out, out
+
+
+def test_a_logits_model_declared_to_return_probabilities_is_refused(tmp_path):
+    # The DLRM returns logits; declared as probabilities, its outputs were clamped into (0, 1) and
+    # the run trained on without a word (here every logit of its first batches lies in (0, 1)).
+    with pytest.raises(ValueError, match="model_output is 'probabilities' but DLRM returns logits"):
+        _trainer(str(tmp_path / "p"), 3, **{"trainer.model_output": "probabilities"})
+    # A model the trainer cannot know: its first outputs outside [0, 1] say it.
+    import recis_torchrec as rt
+    from recis_torchrec.train.trainer import TaskModel, drop_table_weights
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, dense, kjt):
+            return self.inner(dense, kjt) - 2.0
+
+    run = build_run(load_config(SYNTHETIC), overrides={"trainer.output_dir": str(tmp_path / "x"), "data.batch_size": 16})
+    model = TaskModel(Shifted(run.model), run.tasks, probabilities=True)
+    drop_table_weights(model)
+    rt.convert(model)
+    with pytest.raises(ValueError, match="model_output is 'probabilities' but Shifted returned -.*outside \\[0, 1\\]"):
+        model(next(iter(run.train_data)))
+    # The same DLRM as logits trains.
+    _trainer(str(tmp_path / "l"), 3, **{"trainer.model_output": "logits"}).fit()
