@@ -87,6 +87,8 @@ CASES = [
     ("model.double() holding a hash EBC", lambda: dlrm().double(), RuntimeError, r"to\(torch.float64\)"),
     ("model.to(float16) holding a hash EBC", lambda: dlrm().to(torch.float16), RuntimeError, r"to\(torch.float16\)"),
     ("model.to(meta) holding a hash EBC", lambda: dlrm().to("meta"), RuntimeError, "would drop its rows"),
+    ("model.half() with a dense layer first", lambda: torch.nn.Sequential(torch.nn.Linear(2, 2), ebc()).half(),
+     RuntimeError, r"reached before it were converted and stay so \(0\)"),
     ("ec negative length", lambda: ec()(kjt(["s"], L([1, 2, 3, 4]), L([3, -1, 1, 1]))), ValueError,
      "'s' has a negative length"),
     ("ec negative length, eval", lambda: ec().eval()(kjt(["s"], L([1, 2, 3, 4]), L([3, -1, 1, 1]))), ValueError,

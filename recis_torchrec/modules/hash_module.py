@@ -163,8 +163,36 @@ class HashTablesMixin:
                     self._move(out.device, "to")
             except RuntimeError as e:
                 raise RuntimeError(f"a cast or move of a model holding a {type(self).__name__} (model.half(), "
-                                   f".double(), .to(...)) reached it: {e}") from None
+                                   f".double(), .to(...)) reached it: {e}{self._converted_before()}") from None
         return super()._apply(fn, recurse)
+
+    def _converted_before(self) -> str:
+        """Which modules of the model that is being cast were converted before the walk reached this
+        one (``nn.Module._apply`` converts children depth first, in order): the refusal leaves them
+        converted, and says so."""
+        import sys
+
+        root, frame = None, sys._getframe(1)
+        while frame is not None:  # the outermost _apply on the stack is the model's
+            if frame.f_code.co_name == "_apply" and isinstance(frame.f_locals.get("self"), torch.nn.Module):
+                root = frame.f_locals["self"]
+            frame = frame.f_back
+        if root is None or root is self:
+            return ""
+        names, mine = [], None
+        for name, m in root.named_modules():
+            if m is self:
+                mine = name
+                break
+            if next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None:
+                names.append(name)
+        # An ancestor's own tensors convert after its children: not yet.
+        names = [n for n in names if mine is None or not (mine == n or mine.startswith(n + ".") or n == "")]
+        if not names:
+            return ""
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        return (f". The modules the cast reached before it were converted and stay so ({shown}): convert them "
+                "back, or rebuild the model")
 
     def to(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
