@@ -39,16 +39,22 @@ train: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 # On a machine with a GPU: rebuild the extension with the CUDA tables and kernels (RECIS_CUDA=1),
-# run every test's CUDA case (the tests parametrised over devices(), the GPU-only ones and the NCCL
-# sharded tests: their ids name cuda or gpu), then the GPU benchmarks. PY may point at another interpreter that has torch (CUDA), torchrec and fbgemm-gpu-cpu.
+# run every test marked `cuda` (each test's CUDA case from devices(), the GPU-only tests and the NCCL
+# sharded tests: selected by marker, not by name), then compute-sanitizer's memcheck and racecheck on
+# the CUDA table tests (a small subset: the sanitizer slows a run 10-100x), then the GPU benchmarks.
+# PY may point at another interpreter that has torch (CUDA), torchrec and fbgemm-gpu-cpu.
+SANITIZE ?= tests/ops/test_tables_on_devices.py
 gpu-check:
 	RECIS_CUDA=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	$(PY) -m pytest -q -rs tests -k "cuda or gpu"
+	$(PY) -m pytest -q -rs tests -m cuda
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(PY) -m pytest -q -x $(SANITIZE) -m cuda
+	compute-sanitizer --tool racecheck --error-exitcode 1 $(PY) -m pytest -q -x $(SANITIZE) -m cuda
 	$(PY) -m benchmarks --quick --only gpu
 

@@ -179,7 +179,7 @@ def embedding(mode: Dict[str, Any]) -> Dict[str, Any]:
 
 def hashtable(mode: Dict[str, Any]) -> Dict[str, Any]:
     from recis_torchrec.modules import HashTableOptions
-    from recis_torchrec.modules.hash_table import HashTable
+    from recis_torchrec.tables.hash_table import HashTable
 
     rows: List[Row] = []
     threads = torch.get_num_threads()

@@ -12,14 +12,7 @@ and sharded, with TorchRec's DistributedModelParallel::
 """
 
 from recis_torchrec import _exit  # noqa: F401  (clean exits: background threads joined, gloo quiesced)
-from recis_torchrec.distributed import plan, sharders
-from recis_torchrec.modules import (
-    HashEmbeddingBagCollection,
-    HashEmbeddingCollection,
-    HashTable,
-    HashTableOptions,
-    convert,
-)
+from recis_torchrec import ops  # noqa: F401  (torch.ops.recis registered, as before the names below load lazily)
 
 __version__ = "0.1.0"
 
@@ -34,14 +27,33 @@ __all__ = [
     "__version__",
 ]
 
-# The subpackages, as attributes on first use (``rt.checkpoint.DCPLoadPlanner``), without importing
-# them (and pyarrow, safetensors, torchmetrics) with the package.
-_SUBPACKAGES = ("checkpoint", "datasets", "features", "io", "models", "ops", "optim", "testing", "train")
+# The public names and the subpackages load on first use (PEP 562): importing one layer (``ops``,
+# ``tables``) does not import the layers above it through this package, and ``rt.checkpoint``
+# does not bring pyarrow, safetensors or torchmetrics with the package.
+_NAMES = {
+    "HashEmbeddingBagCollection": "recis_torchrec.modules",
+    "HashEmbeddingCollection": "recis_torchrec.modules",
+    "convert": "recis_torchrec.modules",
+    "HashTable": "recis_torchrec.tables",
+    "HashTableOptions": "recis_torchrec.tables",
+    "plan": "recis_torchrec.distributed",
+    "sharders": "recis_torchrec.distributed",
+}
+_SUBPACKAGES = ("checkpoint", "datasets", "distributed", "features", "inference", "io", "models", "modules", "ops",
+                "optim", "tables", "testing", "train")
 
 
 def __getattr__(name: str):
-    if name in _SUBPACKAGES:
-        import importlib
+    import importlib
 
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value  # once
+        return value
+    if name in _SUBPACKAGES:
         return importlib.import_module(f"recis_torchrec.{name}")
     raise AttributeError(f"module 'recis_torchrec' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES) | set(_SUBPACKAGES))

@@ -6,10 +6,13 @@ table-lifetime functions. A missing build fails here, with the command that
 fixes it, instead of as an obscure ``AttributeError`` on ``torch.ops.recis``.
 """
 
+import importlib
+
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 try:
-    from recis_torchrec import _C  # type: ignore[attr-defined]
+    # By its full name: the root package is above this module's layer.
+    _C = importlib.import_module("recis_torchrec._C")
 except ImportError as e:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "recis_torchrec's C++ extension (recis_torchrec._C) is not built or does not "

@@ -12,11 +12,22 @@ import torch
 from recis_torchrec.ops.devices import cuda_tables_available
 
 HAS_CUDA_TABLES = cuda_tables_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA_TABLES, reason="needs a GPU and an extension built with RECIS_CUDA=1")
+_skip_without_cuda = pytest.mark.skipif(not HAS_CUDA_TABLES,
+                                        reason="needs a GPU and an extension built with RECIS_CUDA=1")
+# Every test that runs on a GPU carries the `cuda` marker: `make gpu-check` selects them with
+# `-m cuda` (a selection by name, `-k "cuda or gpu"`, missed GPU-only tests named otherwise).
+CUDA_MARKS = [pytest.mark.cuda, _skip_without_cuda]
+
+
+def needs_cuda(test):
+    """A GPU-only test: marked `cuda`, skipped (with the reason) where no GPU and CUDA build are."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
 
 
 def devices() -> list:
-    return ["cpu", pytest.param("cuda", marks=needs_cuda)]
+    return ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
 
 def gpu_world_size() -> int:

@@ -4,7 +4,7 @@
 Saving needs nothing of ours: ``dcp.save({"model": dmp.state_dict(), "optim":
 dmp.fused_optimizer.state_dict(), ...}, checkpoint_id=path)`` writes the dense parameters,
 TorchRec-sharded tables and every rank's hash-table rows (each row group is a global tensor of
-which each rank writes its shard; see ``recis_torchrec.modules.state_rows``).
+which each rank writes its shard; see ``recis_torchrec.tables.state_rows``).
 
 A hash table's size is only known from the checkpoint, so loading needs :class:`DCPLoadPlanner`::
 
@@ -30,7 +30,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from recis_torchrec.checkpoint.files import CheckpointError
-from recis_torchrec.modules.state_rows import LOADED_ATTR, ROWS_ATTR, SHARDS, Owner
+from recis_torchrec.tables.state_rows import LOADED_ATTR, ROWS_ATTR, SHARDS, Owner
 
 
 def _walk(container: Any, path: Tuple[str, ...], out: List[Tuple[Any, Any, str]]) -> None:

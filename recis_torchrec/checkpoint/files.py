@@ -14,9 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from recis_torchrec import ops
-from recis_torchrec.distributed.embeddingbag import ShardedTablesMixin
 from recis_torchrec.modules.hash_module import HashTablesMixin
-from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.tables.hash_table import HashTable
 
 
 class CheckpointError(RuntimeError):
@@ -269,7 +268,7 @@ def hash_tables(model: nn.Module) -> List[TableRef]:
                         module_path=path,
                         table=table,
                         optimizer=optim,
-                        sharded=isinstance(m, ShardedTablesMixin),
+                        sharded=m.holds_a_shard,
                         optimizer_code=optim.config_of(name).code,
                     )
                 )
@@ -293,7 +292,7 @@ def check_supported(model: nn.Module) -> None:
     from torchrec.distributed.types import ShardedModule
 
     for path, m in unwrap(model).named_modules():
-        if isinstance(m, ShardedTablesMixin):
+        if isinstance(m, HashTablesMixin) and m.holds_a_shard:
             if m.torchrec is not None:
                 raise CheckpointError(
                     f"{path}: tables sharded by TorchRec sit beside hash tables here; recis_torchrec.checkpoint "

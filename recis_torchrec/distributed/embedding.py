@@ -42,9 +42,9 @@ from recis_torchrec.distributed.embeddingbag import (
     shard_table,
 )
 from recis_torchrec.modules.device import module_device
-from recis_torchrec.modules.options import OptionsArg, resolve_options
+from recis_torchrec.tables.options import OptionsArg, resolve_options
 from recis_torchrec.modules.hash_embedding_collection import jagged_outputs, sequences_by_table
-from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.tables.hash_table import HashTable
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.optim.fused import HashFusedOptimizer, parse_fused_params
 from recis_torchrec.optim.in_backward import in_backward_by_table, merge_fused_params, table_optimizers

@@ -40,9 +40,9 @@ from recis_torchrec import ops
 from recis_torchrec.distributed.comm import GroupDistContext, IdsSplitsAwaitable, pooled_output_dist
 from recis_torchrec.modules.device import module_device
 from recis_torchrec.modules.hash_module import HashTablesMixin
-from recis_torchrec.modules.options import OptionsArg, resolve_options
-from recis_torchrec.modules.tables import make_table
-from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.tables.options import OptionsArg, resolve_options
+from recis_torchrec.tables.factory import make_table
+from recis_torchrec.tables.hash_table import HashTable
 from recis_torchrec.modules.kjt import (
     check_unique_keys,
     checked_kjt,
@@ -52,9 +52,9 @@ from recis_torchrec.modules.kjt import (
     permute_keys,
     uniform_batch,
 )
-from recis_torchrec.modules.state_dict import import_rows
+from recis_torchrec.tables.state_dict import import_rows
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
-from recis_torchrec.modules.state_rows import Owner
+from recis_torchrec.tables.state_rows import Owner
 from recis_torchrec.optim.fused import HashFusedOptimizer
 from recis_torchrec.optim.in_backward import in_backward_by_table, table_optimizers
 
@@ -161,6 +161,8 @@ class ShardedTablesMixin(HashTablesMixin):
     ``{section}.{table}.weight``/``.ids``; loading keeps only those ids, so a full (unsharded)
     state dict loads on every rank; the unsharded module's weights are imported the same way;
     the fused optimizer includes the TorchRec child's (``self.torchrec``), if any."""
+
+    holds_a_shard = True
 
     def _row_filter(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda ids: ops.owner_of(ids, self._world_size) == self._rank

@@ -13,8 +13,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from recis_torchrec.distributed.embedding import ShardedHashEmbeddingCollection
 from recis_torchrec.distributed.embeddingbag import HASH_SHARDING, HASH_SHARED, ShardedHashEmbeddingBagCollection
-from recis_torchrec.modules.options import OptionsArg
-from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.tables.options import OptionsArg
+from recis_torchrec.tables.hash_table import HashTable
 from recis_torchrec.optim.fused import HashFusedOptimizer
 
 

@@ -35,7 +35,7 @@ from recis_torchrec.checkpoint.saver import safe_key
 from recis_torchrec.inference.tables import FORMATS, ServingTable, quantize_rows
 from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
 from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
-from recis_torchrec.modules.hash_table import table_parameters
+from recis_torchrec.tables.hash_table import table_parameters
 
 FORMAT_VERSION = 1
 PROGRAM_FILE = "dense.pt2"

@@ -2,7 +2,7 @@
 from recis_torchrec.modules.convert import convert
 from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
 from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
-from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.options import HashTableOptions
+from recis_torchrec.tables.hash_table import HashTable
+from recis_torchrec.tables.options import HashTableOptions
 
 __all__ = ["HashEmbeddingBagCollection", "HashEmbeddingCollection", "HashTable", "HashTableOptions", "convert"]

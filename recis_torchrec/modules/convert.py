@@ -9,8 +9,8 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recis_torchrec.modules.hash_embedding_bag import HashEmbeddingBagCollection
-from recis_torchrec.modules.options import OptionsArg
-from recis_torchrec.modules.state_dict import import_rows
+from recis_torchrec.tables.options import OptionsArg
+from recis_torchrec.tables.state_dict import import_rows
 from recis_torchrec.modules.hash_embedding_collection import HashEmbeddingCollection
 from recis_torchrec.optim.in_backward import in_backward_by_table
 

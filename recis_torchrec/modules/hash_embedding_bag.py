@@ -13,9 +13,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from recis_torchrec import ops
 from recis_torchrec.modules.device import module_device
 from recis_torchrec.modules.hash_module import HashTablesMixin
-from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.options import OptionsArg
-from recis_torchrec.modules.tables import build_tables, check_table_configs
+from recis_torchrec.tables.hash_table import HashTable
+from recis_torchrec.tables.options import OptionsArg
+from recis_torchrec.tables.factory import build_tables, check_table_configs
 from recis_torchrec.modules.lookup import BagLayout, LookupGroup
 from recis_torchrec.modules.kjt import check_unique_keys, checked_kjt, expand_batch, explain_kjt, permute_keys, uniform_batch
 from recis_torchrec.modules.tracing import ForwardRef, hash_forward

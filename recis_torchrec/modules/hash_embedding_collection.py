@@ -26,9 +26,9 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recis_torchrec.modules.device import module_device
 from recis_torchrec.modules.hash_module import HashTablesMixin
-from recis_torchrec.modules.options import OptionsArg
-from recis_torchrec.modules.tables import build_tables, check_table_configs
-from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.tables.options import OptionsArg
+from recis_torchrec.tables.factory import build_tables, check_table_configs
+from recis_torchrec.tables.hash_table import HashTable
 from recis_torchrec.modules.kjt import check_kjt_tensors, check_unique_keys, checked_kjt, explain_kjt
 from recis_torchrec.modules.lookup import LookupGroup, sequence_lookup
 from recis_torchrec.modules.tracing import ForwardRef, hash_forward

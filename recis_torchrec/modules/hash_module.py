@@ -7,9 +7,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from recis_torchrec.modules.device import module_device
-from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.state_dict import load_tables, save_tables
-from recis_torchrec.modules.state_rows import Owner
+from recis_torchrec.tables.hash_table import HashTable
+from recis_torchrec.tables.state_dict import load_tables, save_tables
+from recis_torchrec.tables.state_rows import Owner
 from recis_torchrec.modules.tracing import refuse_scripting
 from recis_torchrec.optim.fused import HashFusedOptimizer
 
@@ -75,6 +75,9 @@ class HashTablesMixin:
     plus ``.ids`` (``_state_section``: ``"embedding_bags"`` for the EBC, ``"embeddings"`` for the EC)."""
 
     _state_section = "embedding_bags"
+    # Whether this module holds one rank's shard of its tables (the sharded modules in
+    # recis_torchrec.distributed): what the layers below `distributed` read instead of an isinstance.
+    holds_a_shard = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "qconfig":

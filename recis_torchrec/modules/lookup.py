@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 
 from recis_torchrec import ops
-from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.tables.hash_table import HashTable
 from recis_torchrec.optim.fused import HashFusedOptimizer
 
 

@@ -7,7 +7,7 @@ import torch
 
 from recis_torchrec import _ext  # noqa: F401  (registers torch.ops.recis)
 
-TableRef = Union[int, "HashTable"]  # noqa: F821  (recis_torchrec.modules.hash_table)
+TableRef = Union[int, "HashTable"]  # noqa: F821  (recis_torchrec.tables.hash_table)
 
 
 def _handle(table) -> int:

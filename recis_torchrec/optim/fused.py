@@ -22,11 +22,11 @@ try:
 except ImportError:  # older fbgemm_gpu
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode  # type: ignore
 
-from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.tables.hash_table import HashTable
 from recis_torchrec.ops.constants import WEIGHT_DECAY_MODES
 from recis_torchrec.ops.update_args import UpdateArgs
 from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, OPTIMIZERS, OptimizerDef
-from recis_torchrec.modules.state_rows import Owner, RowShards, gather_counts, is_partial, put_rows
+from recis_torchrec.tables.state_rows import Owner, RowShards, gather_counts, is_partial, put_rows
 
 # C++ OptimType codes (csrc/hashtable/optimizers.h), read from the op library.
 OPTIM_SGD, OPTIM_ADAGRAD, OPTIM_ROWWISE_ADAGRAD, OPTIM_ADAM = (

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from recis_torchrec.features.spec import FeatureSpecError
-from recis_torchrec.modules.options import HashTableOptions
+from recis_torchrec.tables.options import HashTableOptions
 from recis_torchrec.train.args import Task, TrainingArguments
 
 MODELS = ("DLRM", "DLRM_DCN", "DeepFM", "DIN", "SequenceTransformer")

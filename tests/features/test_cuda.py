@@ -47,6 +47,7 @@ def _has_cuda_kernels() -> bool:
         return False
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not _has_cuda_kernels(), reason="needs a GPU and an extension built with RECIS_CUDA=1")
 def test_cuda_ops_match_cpu():
     g = torch.Generator().manual_seed(0)

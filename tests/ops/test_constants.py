@@ -5,8 +5,8 @@ code Python uses is a C++ one, and every C++ code has its Python name."""
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
-from recis_torchrec.modules.hash_table import ROW_TYPES
-from recis_torchrec.modules.options import EVICTION_POLICIES, INITIALIZERS, HashTableOptions
+from recis_torchrec.tables.hash_table import ROW_TYPES
+from recis_torchrec.tables.options import EVICTION_POLICIES, INITIALIZERS, HashTableOptions
 from recis_torchrec.ops import constants
 from recis_torchrec.optim.fused import STATE_SLOTS, parse_fused_params
 

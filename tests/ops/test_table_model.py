@@ -48,7 +48,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 import recis_torchrec as rt
 from recis_torchrec import HashTable, HashTableOptions
 from recis_torchrec import checkpoint as ckpt
-from recis_torchrec.modules.hash_table import table_parameters
+from recis_torchrec.tables.hash_table import table_parameters
 
 DIM = 4
 LR = 0.25  # a power of two: lr * count is exact, so each SGD step rounds once, as in C++

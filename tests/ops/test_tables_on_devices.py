@@ -7,7 +7,7 @@ import torch
 
 import recis_torchrec as rt
 from recis_torchrec import ops
-from recis_torchrec.modules.hash_table import HashTable
+from recis_torchrec.tables.hash_table import HashTable
 from tests.devices import devices, needs_cuda
 
 

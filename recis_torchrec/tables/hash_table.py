@@ -10,7 +10,7 @@ import torch
 from recis_torchrec import ops
 from recis_torchrec.ops import constants
 from recis_torchrec._ext import C
-from recis_torchrec.modules.options import HashTableOptions
+from recis_torchrec.tables.options import HashTableOptions
 from recis_torchrec.ops.devices import require_cuda
 
 

@@ -6,8 +6,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.state_rows import SHARDS, Owner, RowShards, gather_counts, is_partial, put_rows
+from recis_torchrec.tables.hash_table import HashTable
+from recis_torchrec.tables.state_rows import SHARDS, Owner, RowShards, gather_counts, is_partial, put_rows
 
 # Each table appears in a state dict as "embedding_bags.{table}.weight" (rows, ordered by id) plus
 # "embedding_bags.{table}.ids"; tables with TTL or a capacity cap add ".meta" (last_seen,

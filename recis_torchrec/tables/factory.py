@@ -6,8 +6,8 @@ from typing import Any, Dict, Mapping, Sequence
 import torch
 from torchrec.modules.embedding_configs import DataType
 
-from recis_torchrec.modules.hash_table import HashTable
-from recis_torchrec.modules.options import HashTableOptions, OptionsArg, resolve_options
+from recis_torchrec.tables.hash_table import HashTable
+from recis_torchrec.tables.options import HashTableOptions, OptionsArg, resolve_options
 
 
 def check_table_configs(configs: Sequence[Any], config_type: type) -> None:
