@@ -327,6 +327,12 @@ def _finish_at_exit() -> None:
         print(f"recis_torchrec: the background save to {path} finished at exit", file=sys.stderr, flush=True)
 
 
+
+def _hyperparameters_of(ref: TableRef) -> Dict[str, float]:
+    """The numbers of a table's param group (its hyperparameters, and what a scheduler added)."""
+    group = ref.optimizer.param_group_of(ref.table.name)
+    return {k: v for k, v in group.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
 def save(
     path: str,
     model: nn.Module,
@@ -402,8 +408,8 @@ def save(
     refs = hash_tables(model)
     mine = [ref for ref in refs if ref.sharded or rank == 0]  # an unsharded table is the same on every rank
     configs = {ref.key: table_config(ref) for ref in refs}
-    fused = {ref.key: {k: ref.optimizer.param_groups[0][k] for k in ("lr", "eps", "beta1", "beta2", "weight_decay")}
-             for ref in refs}
+    # Each table's own param group (tables with different optimizers have different groups).
+    fused = {ref.key: _hyperparameters_of(ref) for ref in refs}
     steps = {ref.key: ref.optimizer.steps()[ref.table.name] for ref in mine}
     loader_state = json.loads(json.dumps(dataloader.state_dict())) if dataloader is not None else None
     dense = opt = None
@@ -786,7 +792,7 @@ def load(
             ref.table.restart_eviction_log(max(saved_steps))
         hp = index.get("fused_optimizer", {}).get(ref.key)
         if hp:
-            ref.optimizer.param_groups[0].update(hp)
+            ref.optimizer.param_group_of(ref.table.name).update(hp)
         ref.table.lineage = index["tables"][ref.key].get("lineage", ref.table.lineage)
     with torch.no_grad():
         have = dict(dense_state(model))

@@ -331,6 +331,10 @@ class HashFusedOptimizer(FusedOptimizer):
             steps=steps,
         )
 
+    def param_group_of(self, table: str) -> Dict[str, Any]:
+        """The param group holding ``table``'s hyperparameters (tables with one config share one)."""
+        return self.param_groups[self._group_of[table]]
+
     def step(self, closure: Any = None) -> None:
         """A no-op: the update already ran in backward."""
         if closure is not None:

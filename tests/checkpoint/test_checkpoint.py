@@ -643,3 +643,40 @@ def test_a_background_save_at_two_ranks_loads_at_one(tmp_path):
     model, opt = unsharded()
     assert checkpoint.load(root, model) == 1
     assert sum(len(r[0]) for r in table_rows(model).values()) > 0
+
+
+def test_each_tables_hyperparameters_resume_from_its_own_param_group(tmp_path):
+    # Tables with different optimizers have different param groups. A checkpoint recorded the first
+    # group's hyperparameters for every table, and a load wrote every table's into the first group:
+    # a learning rate changed (by a scheduler) on the second table's group came back as it was built.
+    import warnings
+
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from recis_torchrec.testing import random_kjt
+
+    def build():
+        torch.manual_seed(0)
+        ebc = EmbeddingBagCollection([
+            EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=20, feature_names=["f0"]),
+            EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=20, feature_names=["f1"]),
+        ])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            apply_optimizer_in_backward(torch.optim.Adagrad, [ebc.embedding_bags["t0"].weight], {"lr": 0.1})
+            apply_optimizer_in_backward(torch.optim.Adam, [ebc.embedding_bags["t1"].weight], {"lr": 0.01, "eps": 1e-6})
+        return rt.convert(ebc)
+
+    model = build()
+    model(random_kjt(["f0", "f1"], 4, 3, num_ids=20, seed=0)).values().sum().backward()
+    opt = model.fused_optimizer
+    assert len(opt.param_groups) == 2
+    opt.param_group_of("t1")["lr"] = 0.005  # a scheduler's step on the second table's group
+    opt.param_group_of("t0")["lr"] = 0.05
+    checkpoint.save(str(tmp_path / "ckpt"), model, step=1)
+    fresh = build()
+    checkpoint.load(str(tmp_path / "ckpt"), fresh)
+    for name, lr, eps in (("t0", 0.05, 1e-8), ("t1", 0.005, 1e-6)):
+        group = fresh.fused_optimizer.param_group_of(name)
+        assert (group["lr"], group["eps"]) == (lr, eps), (name, group)
