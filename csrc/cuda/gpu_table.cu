@@ -216,7 +216,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // A warp's update of one row with the optimizer's shared element function
 // (csrc/hashtable/optimizers.h); lane l holds g for dims l, l + 32, ...
 template <typename O, int kPerLane = kMaxDim / kWarp>
-__device__ __forceinline__ void warp_update(float* w, float* state, const float (&g)[kPerLane], int lane, int64_t dim,
+__device__ __forceinline__ void warp_update(float* w, float* state, float (&g)[kPerLane], int lane, int64_t dim,
                                             const OptimParams& p, float step_size) {
   float row = 0.0f;
   if constexpr (O::kRowState) {
@@ -228,6 +228,26 @@ __device__ __forceinline__ void warp_update(float* w, float* state, const float 
     row = O::row_factor(m, p);
     __syncwarp();  // every lane has read state[0]
     if (lane == 0) state[0] = m;
+  }
+  if constexpr (O::kPostNorms) {  // element() writes the step direction into g; the norms scale it
+    float w2 = 0.0f;
+    float r2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+      if (d < dim) {
+        w2 += w[d] * w[d];
+        O::element(w[d], state, g[k], d, dim, p, step_size, row);
+        r2 += g[k] * g[k];
+      }
+    }
+    const float f = O::post_factor(warp_sum(w2), warp_sum(r2), p);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+      if (d < dim) w[d] -= f * g[k];
+    }
+    return;
   }
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
@@ -342,20 +362,10 @@ __global__ void update_kernel(RowAddr addr, const int64_t* unique_rows, const in
     const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
     if (d < dim) hashtable::apply_weight_decay(w[d], g[k], p);
   }
-  switch (p.type) {
-    case OptimType::kSGD:
-      warp_update<hashtable::SgdUpdate>(w, state, g, lane, dim, p, adam_step_size);
-      break;
-    case OptimType::kAdagrad:
-      warp_update<hashtable::AdagradUpdate>(w, state, g, lane, dim, p, adam_step_size);
-      break;
-    case OptimType::kRowWiseAdagrad:
-      warp_update<hashtable::RowWiseAdagradUpdate>(w, state, g, lane, dim, p, adam_step_size);
-      break;
-    case OptimType::kAdam:
-      warp_update<hashtable::AdamUpdate>(w, state, g, lane, dim, p, adam_step_size);
-      break;
-  }
+  // The one dispatch (csrc/hashtable/optimizers.h): an optimizer declared there runs here too; the
+  // host entry point refuses unknown codes (make_optim_params) before the launch.
+  hashtable::dispatch_optimizer(
+      p.type, [&](auto opt) { warp_update<decltype(opt)>(w, state, g, lane, dim, p, adam_step_size); });
 }
 
 __global__ void owner_kernel(const int64_t* ids, int64_t n, int64_t world_size, int64_t* owner) {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "gpu_table.h"
+#include "../ops/optim_params.h"
 
 namespace recis {
 namespace {
@@ -152,11 +153,8 @@ void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at
   check_cuda_1d(offsets, op, "offsets", at::kLong);
   TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.scalar_type() == at::kFloat, op,
               ": grad must be a 2-D float32 CUDA tensor");
-  TORCH_CHECK(hashtable::is_optimizer_code(optimizer), op, ": unknown optimizer code ", optimizer);
-  TORCH_CHECK(wd_mode >= 0 && wd_mode <= 2, op, ": unknown weight decay mode ", wd_mode);
+  const hashtable::OptimParams p = make_optim_params(op, optimizer, lr, eps, beta1, beta2, weight_decay, wd_mode, step);
   TORCH_CHECK(mode == cuda::kPoolSum || mode == cuda::kPoolMean, op, ": unknown pooling mode ", mode);
-  TORCH_CHECK(optimizer != static_cast<int64_t>(hashtable::OptimType::kAdam) || step >= 1, op,
-              ": Adam's step must be >= 1, got ", step);
   const auto table_holder = table_ptr(handle, op);
   auto& table = *table_holder;
   check_on_table_device(rows, table, op, "rows");
@@ -177,15 +175,6 @@ void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at
     weights_c = weights->contiguous();
     w = weights_c.data_ptr<float>();
   }
-  hashtable::OptimParams p;
-  p.type = static_cast<hashtable::OptimType>(optimizer);
-  p.lr = static_cast<float>(lr);
-  p.eps = static_cast<float>(eps);
-  p.beta1 = static_cast<float>(beta1);
-  p.beta2 = static_cast<float>(beta2);
-  p.weight_decay = static_cast<float>(weight_decay);
-  p.wd_mode = static_cast<hashtable::WeightDecayMode>(wd_mode);
-  p.step = step;
   c10::cuda::CUDAGuard guard(rows.device());
   auto rows_c = rows.contiguous();
   auto offsets_c = offsets.contiguous();

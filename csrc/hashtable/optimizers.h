@@ -12,6 +12,8 @@
 //   kAdam             lazy Adam of torch.optim.SparseAdam:
 //                     m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 //                     w -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)
+//   kLamb             FBGEMM's LAMB: m, v as Adam; r = (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) + wd w;
+//                     w -= lr * (||w|| / ||r||) * r, the norms over the row (the old w)
 // Weight decay (FBGEMM's WeightDecayMode): kL2 adds wd * w to g first;
 // kDecoupled multiplies w by (1 - lr * wd) first (AdamW). Both only touch rows
 // that receive a gradient, as every sparse optimizer does.
@@ -33,7 +35,8 @@ namespace hashtable {
   X(kSGD, 0, "sgd")                           \
   X(kAdagrad, 1, "adagrad")                   \
   X(kRowWiseAdagrad, 2, "rowwise_adagrad")    \
-  X(kAdam, 3, "adam")
+  X(kAdam, 3, "adam")                         \
+  X(kLamb, 4, "lamb")
 
 enum class OptimType : int32_t {
 #define RECIS_OPTIM_ENUM(name, code, str) name = code,
@@ -56,7 +59,10 @@ struct OptimParams {
   float beta2 = 0.999f;
   float weight_decay = 0.0f;
   WeightDecayMode wd_mode = WeightDecayMode::kNone;
-  int64_t step = 1;  // Adam: 1 on the first update
+  int64_t step = 1;  // Adam, LAMB: 1 on the first update
+  // Per-step values derived from the above once per update call (prepare()), not per row.
+  float inv_bias1 = 1.0f;  // 1 / (1 - b1^t)
+  float inv_bias2 = 1.0f;  // 1 / (1 - b2^t)
 
   // Adam's bias-corrected step size, lr * sqrt(1 - b2^t) / (1 - b1^t),
   // computed in double as torch.optim.SparseAdam does.
@@ -64,6 +70,12 @@ struct OptimParams {
     const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
     const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
     return static_cast<float>(static_cast<double>(lr) * std::sqrt(bc2) / bc1);
+  }
+
+  // Sets the derived per-step values; every kernel's caller calls it once the fields are set.
+  void prepare() {
+    inv_bias1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step))));
+    inv_bias2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step))));
   }
 };
 
@@ -79,23 +91,31 @@ RECIS_HD inline void apply_weight_decay(float& w, float& g, const OptimParams& p
 // The optimizers. Each says how many state floats a row holds, and updates one
 // element d of a row (w its embedding value, state the row's state, g its
 // gradient); `step_size` is p.adam_step_size() (hoisted out of the row loops).
-// An optimizer with kRowState keeps one state float per row: the caller sums
-// g^2 over the row, calls row_state(state[0], sum) for its new value (stored
-// once) and row_factor(new value) for the factor every element() receives as
-// `row`. The CPU kernels (csrc/ops) and the CUDA kernels (csrc/cuda) share
-// these functions. Adding an optimizer: an entry in RECIS_OPTIMIZERS, a struct
-// here, its case in dispatch_optimizer, and its declaration in
-// recis_torchrec/optim/registry.py.
-struct SgdUpdate {
+// Optional per-row passes (FBGEMM's split_precomputation / split_post_update),
+// run by the one row loop below (CPU) and its warp twin (csrc/cuda):
+// - kRowState: one state float per row: the caller sums g^2 over the row, calls
+//   row_state(state[0], sum) for its new value (stored once) and row_factor(new
+//   value) for the factor every element() receives as `row`.
+// - kPostNorms: element() leaves w as it is and writes the row's step direction
+//   r into g; the caller sums w^2 and r^2 over the row, and every element then
+//   moves by w -= post_factor(sum w^2, sum r^2, p) * r.
+// The CPU kernels (csrc/ops) and the CUDA kernels (csrc/cuda) share these
+// functions. Adding an optimizer: an entry in RECIS_OPTIMIZERS, a struct here,
+// its case in dispatch_optimizer, and its declaration in
+// recis_torchrec/optim/registry.py (the README's "Contributing").
+struct UpdateBase {
   static constexpr bool kRowState = false;
+  static constexpr bool kPostNorms = false;
+};
+
+struct SgdUpdate : UpdateBase {
   static int64_t state_dim(int64_t) { return 0; }
   RECIS_HD static void element(float& w, float*, float g, int64_t, int64_t, const OptimParams& p, float, float) {
     w -= p.lr * g;
   }
 };
 
-struct AdagradUpdate {  // torch.optim.Adagrad
-  static constexpr bool kRowState = false;
+struct AdagradUpdate : UpdateBase {  // torch.optim.Adagrad
   static int64_t state_dim(int64_t dim) { return dim; }
   RECIS_HD static void element(float& w, float* state, float g, int64_t d, int64_t, const OptimParams& p, float,
                                float) {
@@ -105,7 +125,7 @@ struct AdagradUpdate {  // torch.optim.Adagrad
   }
 };
 
-struct RowWiseAdagradUpdate {  // FBGEMM's EXACT_ROWWISE_ADAGRAD
+struct RowWiseAdagradUpdate : UpdateBase {  // FBGEMM's EXACT_ROWWISE_ADAGRAD
   static constexpr bool kRowState = true;
   static int64_t state_dim(int64_t) { return 1; }
   RECIS_HD static float row_state(float m, float sum_sq, int64_t dim) { return m + sum_sq / static_cast<float>(dim); }
@@ -115,8 +135,7 @@ struct RowWiseAdagradUpdate {  // FBGEMM's EXACT_ROWWISE_ADAGRAD
   }
 };
 
-struct AdamUpdate {  // the lazy Adam of torch.optim.SparseAdam (only rows with a gradient move)
-  static constexpr bool kRowState = false;
+struct AdamUpdate : UpdateBase {  // the lazy Adam of torch.optim.SparseAdam (only rows with a gradient move)
   static int64_t state_dim(int64_t dim) { return 2 * dim; }
   RECIS_HD static void element(float& w, float* state, float g, int64_t d, int64_t dim, const OptimParams& p,
                                float step_size, float) {
@@ -130,9 +149,32 @@ struct AdamUpdate {  // the lazy Adam of torch.optim.SparseAdam (only rows with 
   }
 };
 
-// fn(Update{}) for the optimizer of type t; returns false for an unknown type.
+// FBGEMM's LAMB (EmbOptimType.LAMB): Adam's moments, bias-corrected, plus weight decay
+// (always applied, as FBGEMM does: weight_decay_mode is not read), scaled per row
+// by the trust ratio ||w|| / ||r||. Where r is zero the row does not move (FBGEMM
+// divides by zero there).
+struct LambUpdate : UpdateBase {
+  static constexpr bool kPostNorms = true;
+  static int64_t state_dim(int64_t dim) { return 2 * dim; }
+  RECIS_HD static void element(float& w, float* state, float& g, int64_t d, int64_t dim, const OptimParams& p, float,
+                               float) {
+    float* m = state;
+    float* v = state + dim;
+    const float md = p.beta1 * m[d] + (1.0f - p.beta1) * g;
+    const float vd = p.beta2 * v[d] + (1.0f - p.beta2) * g * g;
+    m[d] = md;
+    v[d] = vd;
+    g = (md * p.inv_bias1) / (sqrtf(vd * p.inv_bias2) + p.eps) + p.weight_decay * w;
+  }
+  RECIS_HD static float post_factor(float sum_w2, float sum_r2, const OptimParams& p) {
+    return sum_r2 > 0.0f ? p.lr * sqrtf(sum_w2) / sqrtf(sum_r2) : 0.0f;
+  }
+};
+
+// fn(Update{}) for the optimizer of type t; returns false for an unknown type
+// (callers raise on false: an optimizer a device lacks is an error, never a no-op).
 template <typename Fn>
-inline bool dispatch_optimizer(OptimType t, Fn&& fn) {
+RECIS_HD inline bool dispatch_optimizer(OptimType t, Fn&& fn) {
   switch (t) {
     case OptimType::kSGD:
       fn(SgdUpdate{});
@@ -145,6 +187,9 @@ inline bool dispatch_optimizer(OptimType t, Fn&& fn) {
       return true;
     case OptimType::kAdam:
       fn(AdamUpdate{});
+      return true;
+    case OptimType::kLamb:
+      fn(LambUpdate{});
       return true;
   }
   return false;
@@ -185,8 +230,21 @@ inline void update_row_with(float* __restrict w, float* __restrict state, float*
     state[0] = O::row_state(state[0], sq, dim);
     row = O::row_factor(state[0], p);
   }
+  if constexpr (O::kPostNorms) {
+    float w2 = 0.0f;
+    float r2 = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) {
+      w2 += w[d] * w[d];
+      O::element(w[d], state, g[d], d, dim, p, step_size, row);
+      r2 += g[d] * g[d];
+    }
+    const float f = O::post_factor(w2, r2, p);
 #pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) O::element(w[d], state, g[d], d, dim, p, step_size, row);
+    for (int64_t d = 0; d < dim; ++d) w[d] -= f * g[d];
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) O::element(w[d], state, g[d], d, dim, p, step_size, row);
+  }
 }
 
 template <int kDim = 0>

@@ -20,6 +20,7 @@
 #include "../hashtable/constants.h"
 #include "../hashtable/optimizers.h"
 #include "checks.h"
+#include "optim_params.h"
 #include "pooling.h"
 #include "radix_sort.h"
 #include "serving.h"
@@ -409,27 +410,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_backward_cpu
       },
       [](int64_t, int64_t) {});
   return {unique_rows, grads};
-}
-
-OptimParams make_optim_params(const char* op, int64_t optimizer, double learning_rate, double eps, double beta1,
-                              double beta2, double weight_decay, int64_t weight_decay_mode, int64_t step) {
-  TORCH_CHECK(hashtable::is_optimizer_code(optimizer), op, ": unknown optimizer code ", optimizer,
-              " (the codes are recis_torchrec.ops.constants.OPTIMIZERS)");
-  TORCH_CHECK(weight_decay_mode >= 0 && weight_decay_mode <= 2, op, ": unknown weight_decay_mode ",
-              weight_decay_mode, " (0 = none, 1 = L2, 2 = decoupled)");
-  OptimParams p;
-  p.type = static_cast<OptimType>(optimizer);
-  p.lr = static_cast<float>(learning_rate);
-  p.eps = static_cast<float>(eps);
-  p.beta1 = static_cast<float>(beta1);
-  p.beta2 = static_cast<float>(beta2);
-  p.weight_decay = static_cast<float>(weight_decay);
-  p.wd_mode = static_cast<WeightDecayMode>(weight_decay_mode);
-  p.step = step;
-  if (p.type == OptimType::kAdam) {
-    TORCH_CHECK(step >= 1, op, ": Adam needs step >= 1, got ", step);
-  }
-  return p;
 }
 
 // One optimizer step on row r of a table with its summed gradient g (scratch). Rows of 16-bit

@@ -49,10 +49,10 @@ class SparseOptimizerConfig:
 
     Attributes:
         optimizer: an ``EmbOptimType``: SGD/EXACT_SGD, EXACT_ADAGRAD,
-            (EXACT_)ROWWISE_ADAGRAD or ADAM.
+            (EXACT_)ROWWISE_ADAGRAD, ADAM or LAMB (``optim/registry.py``).
         learning_rate, eps, beta1, beta2, weight_decay: as FBGEMM names them.
         weight_decay_mode: ``WeightDecayMode`` NONE, L2 or DECOUPLE. ADAM with
-            DECOUPLE is AdamW.
+            DECOUPLE is AdamW. LAMB applies weight_decay itself and reads no mode.
     """
 
     optimizer: EmbOptimType = EmbOptimType.EXACT_SGD
@@ -87,7 +87,8 @@ class SparseOptimizerConfig:
                 raise ValueError(f"fused_params['{name}'] must be in [0, 1), got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ValueError(f"fused_params['weight_decay'] must be >= 0, got {self.weight_decay}")
-        if self.weight_decay != 0 and self.weight_decay_mode == WeightDecayMode.NONE:
+        if (self.weight_decay != 0 and self.weight_decay_mode == WeightDecayMode.NONE
+                and "weight_decay_mode" in self.definition.hyperparameters):
             # FBGEMM ignores weight_decay in this mode; a setting that does nothing is refused.
             raise ValueError(
                 f"fused_params['weight_decay']={self.weight_decay} has no effect with weight_decay_mode NONE; "

@@ -72,7 +72,7 @@ def fused_params_from_optimizer(optimizer_class: type, kwargs: Mapping[str, Any]
     if definition is None:
         raise ValueError(
             f"{where}: apply_optimizer_in_backward({name}) cannot be fused into hash tables; supported: "
-            "torch.optim.SGD/Adagrad/Adam/AdamW and torchrec.optim.SGD/Adagrad/Adam/RowWiseAdagrad"
+            "torch.optim.SGD/Adagrad/Adam/AdamW and torchrec.optim.SGD/Adagrad/Adam/RowWiseAdagrad/LAMB"
         )
     where = f"{where}: apply_optimizer_in_backward({name})"
     target = definition.emb_optim_types[0]
@@ -104,7 +104,7 @@ def fused_params_from_optimizer(optimizer_class: type, kwargs: Mapping[str, Any]
             raise ValueError(f"{where}: argument {key!r} is not supported on hash tables")
     if weight_decay is not None and "weight_decay" not in out:
         out["weight_decay"] = weight_decay
-        if weight_decay != 0.0 and "weight_decay_mode" not in out:
+        if weight_decay != 0.0 and "weight_decay_mode" not in out and "weight_decay_mode" in definition.hyperparameters:
             out["weight_decay_mode"] = WeightDecayMode.DECOUPLE if decoupled else WeightDecayMode.L2
     optim = out["optimizer"]
     if not isinstance(optim, EmbOptimType):

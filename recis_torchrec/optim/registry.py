@@ -84,6 +84,11 @@ OPTIMIZERS: Dict[str, OptimizerDef] = {
             # AdamW is Adam with decoupled weight decay (in_backward.py sets the mode and torch's default).
             ("torch.optim.Adam", "torch.optim.AdamW", "torchrec.optim.optimizers.Adam"),
         ),
+        OptimizerDef(
+            # FBGEMM's LAMB: it applies weight_decay itself (weight_decay_mode is not read).
+            "lamb", (EmbOptimType.LAMB,), (Slot("momentum1"), Slot("exp_avg_sq")),
+            ("learning_rate", "eps", "beta1", "beta2", "weight_decay"), ("torchrec.optim.optimizers.LAMB",),
+        ),
     )
 }
 assert set(OPTIMIZERS) == set(CODES), f"optim/registry.py and csrc/hashtable/optimizers.h disagree: {set(CODES)}"

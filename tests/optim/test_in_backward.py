@@ -69,6 +69,9 @@ CASES = [
     (torch.optim.AdamW, {"lr": 0.05},
      {"optimizer": EmbOptimType.ADAM, "learning_rate": 0.05, "weight_decay": 0.01,
       "weight_decay_mode": WeightDecayMode.DECOUPLE}),
+    # TorchRec's LAMB placeholder: LAMB applies weight_decay itself (no mode).
+    (trec_optim.LAMB, {"lr": 0.05, "eps": 1e-6, "beta1": 0.8, "weight_decay": 0.1},
+     {"optimizer": EmbOptimType.LAMB, "learning_rate": 0.05, "eps": 1e-6, "beta1": 0.8, "weight_decay": 0.1}),
 ]
 
 
@@ -125,7 +128,7 @@ def test_fused_params_that_agree_combine_and_ones_that_disagree_raise():
     "cls,kwargs,match",
     [
         (trec_optim.LarsSGD, {"lr": 0.1}, "LarsSGD.*cannot be fused"),
-        (trec_optim.LAMB, {"lr": 0.1}, "LAMB.*cannot be fused"),
+        (trec_optim.PartialRowWiseLAMB, {"lr": 0.1}, "PartialRowWiseLAMB.*cannot be fused"),
         (torch.optim.RMSprop, {"lr": 0.1}, "RMSprop.*cannot be fused"),
         (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "momentum=0.9"),
         (trec_optim.SGD, {"lr": 0.1, "nesterov": True}, "nesterov=True"),
@@ -179,6 +182,10 @@ def test_fused_params_that_would_have_no_effect_raise():
         parse_fused_params({"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "beta1": 0.8})
     with pytest.raises(ValueError, match="weight_decay.*no effect with weight_decay_mode NONE"):
         parse_fused_params({"optimizer": EmbOptimType.ADAM, "weight_decay": 0.1})
+    # LAMB applies weight_decay itself, as FBGEMM's does; a mode would do nothing.
+    assert parse_fused_params({"optimizer": "lamb", "weight_decay": 0.1}).weight_decay == 0.1
+    with pytest.raises(ValueError, match=r"\['weight_decay_mode'\] have no effect with optimizer LAMB"):
+        parse_fused_params({"optimizer": EmbOptimType.LAMB, "weight_decay": 0.1, "weight_decay_mode": 1})
     for bad, match in [({"learning_rate": float("nan")}, "finite"), ({"learning_rate": float("inf")}, "finite"),
                        ({"learning_rate": "0.1"}, "must be a number"), ({"learning_rate": -1.0}, ">= 0")]:
         with pytest.raises((ValueError, TypeError), match=match):

@@ -29,7 +29,23 @@ OPTIMIZERS = {
                            "weight_decay": 0.2, "weight_decay_mode": WeightDecayMode.L2},
     "adam_l2": {"optimizer": EmbOptimType.ADAM, "learning_rate": 0.05, "eps": 1e-6, "weight_decay": 0.1,
                 "weight_decay_mode": WeightDecayMode.L2},
+    "lamb": {"optimizer": EmbOptimType.LAMB, "learning_rate": 0.05, "eps": 1e-6},
+    "lamb_wd": {"optimizer": EmbOptimType.LAMB, "learning_rate": 0.05, "eps": 1e-6, "beta1": 0.8, "beta2": 0.99,
+                "weight_decay": 0.1},
 }
+
+
+def reference_lamb_rows(w, m, v, g, p, step):
+    """FBGEMM's LAMB (fbgemm_gpu/codegen/genscript/optimizers.py, lamb()) on the rows a batch touched,
+    their duplicate ids' gradients summed: Adam's bias-corrected moments plus weight decay, scaled
+    per row by ||w|| / ||r|| (the old w). A zero r does not move its row."""
+    b1, b2, eps, wd = p.get("beta1", 0.9), p.get("beta2", 0.999), p.get("eps", 1e-8), p.get("weight_decay", 0.0)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    r = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps) + wd * w
+    w_norm, r_norm = w.norm(dim=1, keepdim=True), r.norm(dim=1, keepdim=True)
+    ratio = torch.where(r_norm > 0, w_norm / r_norm, torch.zeros_like(r_norm))
+    return w - p["learning_rate"] * ratio * r, m, v
 
 
 def configs(pooling, dims=(8, 12), num_embeddings=30):
@@ -100,6 +116,9 @@ class ReferenceTables:
             elif opt == EmbOptimType.EXACT_ROWWISE_ADAGRAD:
                 w, m = reference_rowwise_adagrad_rows(w, self.row_m[c.name][touched], g, lr, eps)
                 self.row_m[c.name][touched] = m
+            elif opt == EmbOptimType.LAMB:
+                w, m, v = reference_lamb_rows(w, self.m[c.name][touched], self.v[c.name][touched], g, p, self.step)
+                self.m[c.name][touched], self.v[c.name][touched] = m, v
             else:
                 w, m, v = reference_adam_rows(
                     w, self.m[c.name][touched], self.v[c.name][touched], g, lr, 0.9, 0.999, eps, self.step,
@@ -140,7 +159,7 @@ def train_against_reference(device, fused, pooling=PoolingType.SUM, weighted=Fal
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam", "lamb_wd"])
 @pytest.mark.parametrize("dims", [(5, 37), (33, 3)])
 def test_dims_not_a_multiple_of_four_and_above_32(device, optimizer, dims):
     train_against_reference(device, OPTIMIZERS[optimizer], PoolingType.MEAN, True, dims=dims)

@@ -1,0 +1,39 @@
+// Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+//
+// The ops' optimizer arguments -> the typed OptimParams every update kernel takes,
+// checked once for the CPU and the CUDA ops alike (each message names the op).
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#include "../hashtable/optimizers.h"
+
+namespace recis {
+
+inline hashtable::OptimParams make_optim_params(const char* op, int64_t optimizer, double learning_rate, double eps,
+                                                double beta1, double beta2, double weight_decay,
+                                                int64_t weight_decay_mode, int64_t step) {
+  using hashtable::OptimType;
+  TORCH_CHECK(hashtable::is_optimizer_code(optimizer), op, ": unknown optimizer code ", optimizer,
+              " (the codes are recis_torchrec.ops.constants.OPTIMIZERS)");
+  TORCH_CHECK(weight_decay_mode >= 0 && weight_decay_mode <= 2, op, ": unknown weight_decay_mode ",
+              weight_decay_mode, " (0 = none, 1 = L2, 2 = decoupled)");
+  hashtable::OptimParams p;
+  p.type = static_cast<OptimType>(optimizer);
+  p.lr = static_cast<float>(learning_rate);
+  p.eps = static_cast<float>(eps);
+  p.beta1 = static_cast<float>(beta1);
+  p.beta2 = static_cast<float>(beta2);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.wd_mode = static_cast<hashtable::WeightDecayMode>(weight_decay_mode);
+  p.step = step;
+  if (p.type == OptimType::kAdam || p.type == OptimType::kLamb) {
+    TORCH_CHECK(step >= 1, op, ": bias correction needs step >= 1, got ", step);
+  }
+  p.prepare();
+  return p;
+}
+
+}  // namespace recis
