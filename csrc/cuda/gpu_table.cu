@@ -229,6 +229,19 @@ __device__ __forceinline__ void warp_update(float* w, float* state, float (&g)[k
     __syncwarp();  // every lane has read state[0]
     if (lane == 0) state[0] = m;
   }
+  if constexpr (O::kPreNorms) {
+    float w2 = 0.0f;
+    float g2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+      if (d < dim) {
+        w2 += w[d] * w[d];
+        g2 += g[k] * g[k];
+      }
+    }
+    row = O::pre_factor(warp_sum(w2), warp_sum(g2), p);
+  }
   if constexpr (O::kPostNorms) {  // element() writes the step direction into g; the norms scale it
     float w2 = 0.0f;
     float r2 = 0.0f;

@@ -146,14 +146,14 @@ void gpu_pooled_forward(int64_t handle, const at::Tensor& ids, const at::Tensor&
 
 void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at::Tensor& offsets,
                                 const c10::optional<at::Tensor>& weights, int64_t mode, const at::Tensor& grad,
-                                int64_t col, int64_t optimizer, double lr, double eps, double beta1, double beta2,
-                                double weight_decay, int64_t wd_mode, int64_t step) {
+                                int64_t col, int64_t optimizer, at::ArrayRef<double> hyperparameters,
+                                int64_t wd_mode, int64_t step) {
   const char* op = "recis::gpu_pooled_backward_update";
   check_cuda_1d(rows, op, "rows", at::kLong);
   check_cuda_1d(offsets, op, "offsets", at::kLong);
   TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.scalar_type() == at::kFloat, op,
               ": grad must be a 2-D float32 CUDA tensor");
-  const hashtable::OptimParams p = make_optim_params(op, optimizer, lr, eps, beta1, beta2, weight_decay, wd_mode, step);
+  const hashtable::OptimParams p = make_optim_params(op, optimizer, hyperparameters, wd_mode, step);
   TORCH_CHECK(mode == cuda::kPoolSum || mode == cuda::kPoolMean, op, ": unknown pooling mode ", mode);
   const auto table_holder = table_ptr(handle, op);
   auto& table = *table_holder;
@@ -407,9 +407,8 @@ std::tuple<at::Tensor, at::Tensor> lookup_pooled_forward_cuda(
 void pooled_backward_update_cuda(at::IntArrayRef tables, const at::Tensor& grad_output, const at::Tensor& rows,
                                  const at::Tensor& offsets, const c10::optional<at::Tensor>& per_sample_weights,
                                  at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
-                                 at::IntArrayRef feature_col, int64_t optimizer, double learning_rate, double eps,
-                                 double beta1, double beta2, double weight_decay, int64_t weight_decay_mode,
-                                 at::IntArrayRef steps) {
+                                 at::IntArrayRef feature_col, int64_t optimizer, at::ArrayRef<double> hyperparameters,
+                                 int64_t weight_decay_mode, at::IntArrayRef steps) {
   const char* op = "recis::pooled_backward_update";
   check_cuda_1d(rows, op, "rows", at::kLong);
   TORCH_CHECK(steps.size() == tables.size(), op, ": steps must hold one update count per table");
@@ -440,8 +439,7 @@ void pooled_backward_update_cuda(at::IntArrayRef tables, const at::Tensor& grad_
     c10::optional<at::Tensor> tw;
     if (!w.empty()) tw = at::cat(w);
     gpu_pooled_backward_update(tables[t], at::cat(r), at::cat(o), tw, feature_mode[feats[0]], at::cat(g).contiguous(),
-                               0, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode,
-                               steps[t]);
+                               0, optimizer, hyperparameters, weight_decay_mode, steps[t]);
   }
 }
 

@@ -12,6 +12,8 @@
 //   kAdam             lazy Adam of torch.optim.SparseAdam:
 //                     m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 //                     w -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)
+//   kLarsSgd          FBGEMM's LARS_SGD: a = lr * eta * ||w|| / (||g|| + wd ||w||);
+//                     mom = momentum * mom + a * (g + wd w); w -= mom
 //   kLamb             FBGEMM's LAMB: m, v as Adam; r = (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) + wd w;
 //                     w -= lr * (||w|| / ||r||) * r, the norms over the row (the old w)
 // Weight decay (FBGEMM's WeightDecayMode): kL2 adds wd * w to g first;
@@ -36,7 +38,25 @@ namespace hashtable {
   X(kAdagrad, 1, "adagrad")                   \
   X(kRowWiseAdagrad, 2, "rowwise_adagrad")    \
   X(kAdam, 3, "adam")                         \
-  X(kLamb, 4, "lamb")
+  X(kLamb, 4, "lamb")                         \
+  X(kLarsSgd, 5, "lars_sgd")
+
+// Every hyperparameter an update reads, declared once: X(OptimParams field, FBGEMM's
+// fused_params name). The ops take them as one float[] in this order; Python reads the
+// names from C.constants()["hyperparameters"] (recis_torchrec/optim/registry.py gives
+// their defaults and checks).
+#define RECIS_HYPERPARAMETERS(X) \
+  X(lr, "learning_rate")         \
+  X(eps, "eps")                  \
+  X(beta1, "beta1")              \
+  X(beta2, "beta2")              \
+  X(weight_decay, "weight_decay") \
+  X(eta, "eta")                  \
+  X(momentum, "momentum")
+
+#define RECIS_HYPERPARAMETER_COUNT(field, str) +1
+constexpr int kNumHyperparameters = 0 RECIS_HYPERPARAMETERS(RECIS_HYPERPARAMETER_COUNT);
+#undef RECIS_HYPERPARAMETER_COUNT
 
 enum class OptimType : int32_t {
 #define RECIS_OPTIM_ENUM(name, code, str) name = code,
@@ -53,11 +73,9 @@ enum class WeightDecayMode : int32_t {
 // Hyperparameters of one update (the typed struct every kernel takes).
 struct OptimParams {
   OptimType type = OptimType::kSGD;
-  float lr = 0.01f;
-  float eps = 1e-8f;
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
-  float weight_decay = 0.0f;
+#define RECIS_HYPERPARAMETER_FIELD(field, str) float field = 0.0f;
+  RECIS_HYPERPARAMETERS(RECIS_HYPERPARAMETER_FIELD)
+#undef RECIS_HYPERPARAMETER_FIELD
   WeightDecayMode wd_mode = WeightDecayMode::kNone;
   int64_t step = 1;  // Adam, LAMB: 1 on the first update
   // Per-step values derived from the above once per update call (prepare()), not per row.
@@ -96,6 +114,8 @@ RECIS_HD inline void apply_weight_decay(float& w, float& g, const OptimParams& p
 // - kRowState: one state float per row: the caller sums g^2 over the row, calls
 //   row_state(state[0], sum) for its new value (stored once) and row_factor(new
 //   value) for the factor every element() receives as `row`.
+// - kPreNorms: the caller sums w^2 and g^2 over the row first; every element()
+//   receives pre_factor(sum w^2, sum g^2, p) as `row`.
 // - kPostNorms: element() leaves w as it is and writes the row's step direction
 //   r into g; the caller sums w^2 and r^2 over the row, and every element then
 //   moves by w -= post_factor(sum w^2, sum r^2, p) * r.
@@ -105,6 +125,7 @@ RECIS_HD inline void apply_weight_decay(float& w, float& g, const OptimParams& p
 // recis_torchrec/optim/registry.py (the README's "Contributing").
 struct UpdateBase {
   static constexpr bool kRowState = false;
+  static constexpr bool kPreNorms = false;
   static constexpr bool kPostNorms = false;
 };
 
@@ -171,8 +192,33 @@ struct LambUpdate : UpdateBase {
   }
 };
 
+// FBGEMM's LARS_SGD (EmbOptimType.LARS_SGD): a per-row learning rate from the norms of
+// the row and of its gradient, momentum holding the step (lr folded in), weight decay
+// always applied (weight_decay_mode is not read). Where ||g|| + wd ||w|| is zero the
+// row's step is zero (FBGEMM divides by zero there).
+struct LarsSgdUpdate : UpdateBase {
+  static constexpr bool kPreNorms = true;
+  static int64_t state_dim(int64_t dim) { return dim; }
+  RECIS_HD static float pre_factor(float sum_w2, float sum_g2, const OptimParams& p) {
+    const float w_norm = sqrtf(sum_w2);
+    const float denom = sqrtf(sum_g2) + p.weight_decay * w_norm;
+    return denom > 0.0f ? p.lr * p.eta * w_norm / denom : 0.0f;
+  }
+  RECIS_HD static void element(float& w, float* state, float g, int64_t d, int64_t, const OptimParams& p, float,
+                               float row) {
+    const float m = p.momentum * state[d] + row * (g + p.weight_decay * w);
+    state[d] = m;
+    w -= m;
+  }
+};
+
 // fn(Update{}) for the optimizer of type t; returns false for an unknown type
 // (callers raise on false: an optimizer a device lacks is an error, never a no-op).
+// (Called with host lambdas by the CPU kernels and device lambdas by the CUDA ones: nvcc is told
+// not to check the call's execution space, which each instantiation fixes.)
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
 template <typename Fn>
 RECIS_HD inline bool dispatch_optimizer(OptimType t, Fn&& fn) {
   switch (t) {
@@ -190,6 +236,9 @@ RECIS_HD inline bool dispatch_optimizer(OptimType t, Fn&& fn) {
       return true;
     case OptimType::kLamb:
       fn(LambUpdate{});
+      return true;
+    case OptimType::kLarsSgd:
+      fn(LarsSgdUpdate{});
       return true;
   }
   return false;
@@ -229,6 +278,16 @@ inline void update_row_with(float* __restrict w, float* __restrict state, float*
     for (int64_t d = 0; d < dim; ++d) sq += g[d] * g[d];
     state[0] = O::row_state(state[0], sq, dim);
     row = O::row_factor(state[0], p);
+  }
+  if constexpr (O::kPreNorms) {
+    float w2 = 0.0f;
+    float g2 = 0.0f;
+#pragma omp simd reduction(+ : w2, g2)
+    for (int64_t d = 0; d < dim; ++d) {
+      w2 += w[d] * w[d];
+      g2 += g[d] * g[d];
+    }
+    row = O::pre_factor(w2, g2, p);
   }
   if constexpr (O::kPostNorms) {
     float w2 = 0.0f;

@@ -218,6 +218,10 @@ py::dict py_constants() {
 #define RECIS_OPTIM_NAME(name, value, str) optimizer[str] = code(OptimType::name);
   RECIS_OPTIMIZERS(RECIS_OPTIM_NAME)
 #undef RECIS_OPTIM_NAME
+  py::list hyperparameters;
+#define RECIS_HYPERPARAMETER_NAME(field, str) hyperparameters.append(str);
+  RECIS_HYPERPARAMETERS(RECIS_HYPERPARAMETER_NAME)
+#undef RECIS_HYPERPARAMETER_NAME
   wd["none"] = code(WeightDecayMode::kNone);
   wd["l2"] = code(WeightDecayMode::kL2);
   wd["decoupled"] = code(WeightDecayMode::kDecoupled);
@@ -230,6 +234,7 @@ py::dict py_constants() {
   d["pooling"] = pooling;
   d["optimizer"] = optimizer;
   d["weight_decay_mode"] = wd;
+  d["hyperparameters"] = hyperparameters;
   d["row_type"] = row;
   d["row_meta_columns"] = kRowMetaColumns;
   return d;

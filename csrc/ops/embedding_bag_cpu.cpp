@@ -441,13 +441,11 @@ void check_state_dim(const char* op, const hashtable::HashTable& table, const Op
 }
 
 void sparse_update_cpu(int64_t handle, const at::Tensor& rows, const at::Tensor& grads, int64_t optimizer,
-                       double learning_rate, double eps, double beta1, double beta2, double weight_decay,
-                       int64_t weight_decay_mode, int64_t step) {
+                       at::ArrayRef<double> hyperparameters, int64_t weight_decay_mode, int64_t step) {
   const char* op = "recis::sparse_update";
   const auto entry = get_table(handle, op);
   auto& table = entry->table;
-  const OptimParams p =
-      make_optim_params(op, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode, step);
+  const OptimParams p = make_optim_params(op, optimizer, hyperparameters, weight_decay_mode, step);
   check_state_dim(op, table, p, 0);
   check_cpu_1d(rows, op, "rows", at::kLong);
   const int64_t n = rows.numel(), D = table.dim();
@@ -483,9 +481,8 @@ void sparse_update_cpu(int64_t handle, const at::Tensor& rows, const at::Tensor&
 void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_output, const at::Tensor& rows,
                                 const at::Tensor& offsets, const std::optional<at::Tensor>& per_sample_weights,
                                 at::IntArrayRef feature_table, at::IntArrayRef feature_mode,
-                                at::IntArrayRef feature_col, int64_t optimizer, double learning_rate, double eps,
-                                double beta1, double beta2, double weight_decay, int64_t weight_decay_mode,
-                                at::IntArrayRef steps) {
+                                at::IntArrayRef feature_col, int64_t optimizer, at::ArrayRef<double> hyperparameters,
+                                int64_t weight_decay_mode, at::IntArrayRef steps) {
   const char* op = "recis::pooled_backward_update";
   std::vector<int64_t> dims;
   const auto tables = resolve_tables(handles, op, &dims);
@@ -495,8 +492,7 @@ void pooled_backward_update_cpu(at::IntArrayRef handles, const at::Tensor& grad_
   std::vector<OptimParams> params;
   std::vector<float> step_size;
   for (int64_t t = 0; t < T; ++t) {
-    params.push_back(
-        make_optim_params(op, optimizer, learning_rate, eps, beta1, beta2, weight_decay, weight_decay_mode, steps[t]));
+    params.push_back(make_optim_params(op, optimizer, hyperparameters, weight_decay_mode, steps[t]));
     step_size.push_back(params.back().adam_step_size());
     check_state_dim(op, tables[t]->table, params.back(), t);
   }

@@ -4,6 +4,7 @@
 // checked once for the CPU and the CUDA ops alike (each message names the op).
 #pragma once
 
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -12,21 +13,22 @@
 
 namespace recis {
 
-inline hashtable::OptimParams make_optim_params(const char* op, int64_t optimizer, double learning_rate, double eps,
-                                                double beta1, double beta2, double weight_decay,
+inline hashtable::OptimParams make_optim_params(const char* op, int64_t optimizer, c10::ArrayRef<double> hyperparameters,
                                                 int64_t weight_decay_mode, int64_t step) {
   using hashtable::OptimType;
   TORCH_CHECK(hashtable::is_optimizer_code(optimizer), op, ": unknown optimizer code ", optimizer,
               " (the codes are recis_torchrec.ops.constants.OPTIMIZERS)");
+  TORCH_CHECK(static_cast<int64_t>(hyperparameters.size()) == hashtable::kNumHyperparameters, op, ": ",
+              hyperparameters.size(), " hyperparameters given, the update reads ", hashtable::kNumHyperparameters,
+              " (recis_torchrec.ops.constants.HYPERPARAMETERS, in that order)");
   TORCH_CHECK(weight_decay_mode >= 0 && weight_decay_mode <= 2, op, ": unknown weight_decay_mode ",
               weight_decay_mode, " (0 = none, 1 = L2, 2 = decoupled)");
   hashtable::OptimParams p;
   p.type = static_cast<OptimType>(optimizer);
-  p.lr = static_cast<float>(learning_rate);
-  p.eps = static_cast<float>(eps);
-  p.beta1 = static_cast<float>(beta1);
-  p.beta2 = static_cast<float>(beta2);
-  p.weight_decay = static_cast<float>(weight_decay);
+  size_t i = 0;
+#define RECIS_HYPERPARAMETER_SET(field, str) p.field = static_cast<float>(hyperparameters[i++]);
+  RECIS_HYPERPARAMETERS(RECIS_HYPERPARAMETER_SET)
+#undef RECIS_HYPERPARAMETER_SET
   p.wd_mode = static_cast<hashtable::WeightDecayMode>(weight_decay_mode);
   p.step = step;
   if (p.type == OptimType::kAdam || p.type == OptimType::kLamb) {

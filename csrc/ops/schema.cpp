@@ -43,8 +43,8 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   // Applies one optimizer step to the given unique rows (sorted ascending) of
   // a table, in place. Optimizer state lives in the table rows.
   m.def(
-      "sparse_update(int table, Tensor rows, Tensor grads, int optimizer, float learning_rate, float eps, "
-      "float beta1, float beta2, float weight_decay, int weight_decay_mode, int step) -> ()");
+      "sparse_update(int table, Tensor rows, Tensor grads, int optimizer, float[] hyperparameters, "
+      "int weight_decay_mode, int step) -> ()");
   // segment_sum_rows: out[u] = sum of grads[i] over i with inverse[i] == u,
   // (num_unique, D) float32; parallel over ranges of u, no atomics. The
   // gradient grouping of the unpooled (sequence) lookup.
@@ -63,8 +63,7 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   m.def(
       "pooled_backward_update(int[] tables, Tensor grad_output, Tensor rows, Tensor offsets, "
       "Tensor? per_sample_weights, int[] feature_table, int[] feature_mode, int[] feature_col, "
-      "int optimizer, float learning_rate, float eps, float beta1, float beta2, float weight_decay, "
-      "int weight_decay_mode, int[] steps) -> ()");
+      "int optimizer, float[] hyperparameters, int weight_decay_mode, int[] steps) -> ()");
   // The rank that owns each id among world_size ranks (a salted mixing hash,
   // even for sequential ids). Training, checkpoints and resharding all use it.
   m.def("owner_of(Tensor ids, int world_size) -> Tensor");

@@ -56,8 +56,9 @@ class HashEmbeddingBagCollection(HashTablesMixin, EmbeddingBagCollectionInterfac
             several tables are output as ``"feature@table"``, as TorchRec does.
         is_weighted: pool with the KJT's weights (per-sample weights).
         device: ``"cpu"`` (or None).
-        fused_params: TorchRec-style ``{"optimizer": EmbOptimType..., "learning_rate": ...,
-            "eps", "beta1", "beta2", "weight_decay", "weight_decay_mode"}``.
+        fused_params: TorchRec-style ``{"optimizer": EmbOptimType..., "learning_rate": ..., ...}``:
+            the optimizer's hyperparameters by FBGEMM's names (``optim/registry.py``, the README's
+            ``fused_params`` table) and ``weight_decay_mode``.
             Defaults to EXACT_SGD with learning rate 0.01.
         options: one ``HashTableOptions`` for every table, or a dict by table name.
         table_fused_params: per table name, fused parameters merged with ``fused_params`` (a key

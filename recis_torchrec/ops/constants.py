@@ -2,7 +2,7 @@
 """The project's enums, read from the op library (``csrc/hashtable/constants.h`` and the headers
 it names), so Python's codes are the C++ definitions, not copies of them."""
 
-from typing import Dict
+from typing import Dict, Tuple
 
 from recis_torchrec._ext import C
 
@@ -15,12 +15,15 @@ OPTIMIZERS: Dict[str, int] = dict(_ALL["optimizer"])
 WEIGHT_DECAY_MODES: Dict[str, int] = dict(_ALL["weight_decay_mode"])
 ROW_TYPES: Dict[str, int] = dict(_ALL["row_type"])
 ROW_META_COLUMNS: int = int(_ALL["row_meta_columns"])
+# The update ops' hyperparameters, in the order they take them (RECIS_HYPERPARAMETERS).
+HYPERPARAMETERS: Tuple[str, ...] = tuple(_ALL["hyperparameters"])
 
 POOLING_SUM = POOLING_MODES["sum"]
 POOLING_MEAN = POOLING_MODES["mean"]
 
 __all__ = [
     "EVICTION_POLICIES",
+    "HYPERPARAMETERS",
     "INIT_KINDS",
     "OPTIMIZERS",
     "POOLING_MEAN",

@@ -10,7 +10,6 @@ through ``state_dict()``.
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,7 +24,7 @@ except ImportError:  # older fbgemm_gpu
 from recis_torchrec.tables.hash_table import HashTable
 from recis_torchrec.ops.constants import WEIGHT_DECAY_MODES
 from recis_torchrec.ops.update_args import UpdateArgs
-from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, OPTIMIZERS, OptimizerDef
+from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, HYPERPARAMETERS, OPTIMIZERS, OptimizerDef
 from recis_torchrec.tables.state_rows import Owner, RowShards, gather_counts, is_partial, put_rows
 
 # C++ OptimType codes (csrc/hashtable/optimizers.h), read from the op library.
@@ -43,25 +42,9 @@ _WD_MODES = {
 STATE_SLOTS = {d.code: d.slot_layout() for d in OPTIMIZERS.values()}
 
 
-@dataclass(frozen=True)
-class SparseOptimizerConfig:
-    """The optimizer a ``fused_params`` dict asks for (FBGEMM TBE defaults).
-
-    Attributes:
-        optimizer: an ``EmbOptimType``: SGD/EXACT_SGD, EXACT_ADAGRAD,
-            (EXACT_)ROWWISE_ADAGRAD, ADAM or LAMB (``optim/registry.py``).
-        learning_rate, eps, beta1, beta2, weight_decay: as FBGEMM names them.
-        weight_decay_mode: ``WeightDecayMode`` NONE, L2 or DECOUPLE. ADAM with
-            DECOUPLE is AdamW. LAMB applies weight_decay itself and reads no mode.
-    """
-
-    optimizer: EmbOptimType = EmbOptimType.EXACT_SGD
-    learning_rate: float = 0.01
-    eps: float = 1.0e-8
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    weight_decay_mode: WeightDecayMode = WeightDecayMode.NONE
+class _SparseOptimizerConfigMethods:
+    """The checks and derived values of ``SparseOptimizerConfig`` (its fields come from the
+    registry, below)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in BY_EMB_OPTIM_TYPE:
@@ -72,21 +55,13 @@ class SparseOptimizerConfig:
             raise ValueError(
                 f"fused_params['weight_decay_mode']={self.weight_decay_mode!r}: unsupported; supported: {supported}"
             )
-        for name in ("learning_rate", "eps", "beta1", "beta2", "weight_decay"):
-            value = getattr(self, name)
+        for h in HYPERPARAMETERS.values():
+            value = getattr(self, h.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"fused_params['{name}'] must be a number, got {type(value).__name__} {value!r}")
+                raise TypeError(f"fused_params['{h.name}'] must be a number, got {type(value).__name__} {value!r}")
             if not math.isfinite(value):
-                raise ValueError(f"fused_params['{name}'] must be finite, got {value}")
-        if not self.learning_rate >= 0:
-            raise ValueError(f"fused_params['learning_rate'] must be >= 0, got {self.learning_rate}")
-        if not self.eps > 0:
-            raise ValueError(f"fused_params['eps'] must be > 0, got {self.eps}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"fused_params['{name}'] must be in [0, 1), got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise ValueError(f"fused_params['weight_decay'] must be >= 0, got {self.weight_decay}")
+                raise ValueError(f"fused_params['{h.name}'] must be finite, got {value}")
+            h.check(value)
         if (self.weight_decay != 0 and self.weight_decay_mode == WeightDecayMode.NONE
                 and "weight_decay_mode" in self.definition.hyperparameters):
             # FBGEMM ignores weight_decay in this mode; a setting that does nothing is refused.
@@ -108,9 +83,36 @@ class SparseOptimizerConfig:
     def weight_decay_code(self) -> int:
         return _WD_MODES[self.weight_decay_mode]
 
+    def hyperparameter_values(self) -> Dict[str, float]:
+        """Every hyperparameter by name (the ones this optimizer does not read at their defaults)."""
+        return {name: float(getattr(self, name)) for name in HYPERPARAMETERS}
+
     def state_dim(self, dim: int) -> int:
         """Optimizer-state floats per row of a table of this dim."""
         return self.definition.state_dim(dim)
+
+
+# One field per declared hyperparameter (optim/registry.py), with FBGEMM's default: a hyperparameter
+# added there is a field here, checked as declared, without an edit to this file.
+SparseOptimizerConfig = dataclasses.make_dataclass(
+    "SparseOptimizerConfig",
+    [("optimizer", EmbOptimType, dataclasses.field(default=EmbOptimType.EXACT_SGD))]
+    + [(h.name, float, dataclasses.field(default=h.default)) for h in HYPERPARAMETERS.values()]
+    + [("weight_decay_mode", WeightDecayMode, dataclasses.field(default=WeightDecayMode.NONE))],
+    bases=(_SparseOptimizerConfigMethods,),
+    frozen=True,
+    namespace={"__module__": __name__},
+)
+SparseOptimizerConfig.__doc__ = """The optimizer a ``fused_params`` dict asks for (FBGEMM TBE defaults).
+
+    Attributes:
+        optimizer: an ``EmbOptimType`` the registry maps (``optim/registry.py``): SGD/EXACT_SGD,
+            EXACT_ADAGRAD, (EXACT_)ROWWISE_ADAGRAD, ADAM, LAMB, LARS_SGD.
+        learning_rate, eps, beta1, beta2, weight_decay, eta, momentum: as FBGEMM names them (one
+            field per declared hyperparameter; each optimizer reads its own).
+        weight_decay_mode: ``WeightDecayMode`` NONE, L2 or DECOUPLE. ADAM with DECOUPLE is AdamW.
+            LAMB and LARS_SGD apply weight_decay themselves and read no mode.
+    """
 
 
 def parse_fused_params(fused_params: Optional[Mapping[str, Any]]) -> SparseOptimizerConfig:
@@ -141,7 +143,7 @@ def parse_fused_params(fused_params: Optional[Mapping[str, Any]]) -> SparseOptim
             raise ValueError(
                 f"fused_params['weight_decay_mode']={kwargs['weight_decay_mode']!r} is not a WeightDecayMode"
             ) from None
-    for name in ("learning_rate", "eps", "beta1", "beta2", "weight_decay"):
+    for name in HYPERPARAMETERS:
         if name in kwargs:
             value = kwargs[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -227,8 +229,8 @@ class HashFusedOptimizer(FusedOptimizer):
     ``params`` are keyed ``"{table}.weight"``; each table's state holds its
     slots (``"{table}.momentum1"``, ...) and its update count
     ``"{table}.step"``. Tables with the same optimizer config share a param
-    group, which holds ``lr``, ``eps``, ``beta1``, ``beta2`` and
-    ``weight_decay``; the next backward reads them.
+    group, which holds every hyperparameter (``lr``, ``eps``, ``beta1``, ...,
+    ``optim/registry.py``); the next backward reads them.
 
     Args:
         tables: the tables by name.
@@ -266,20 +268,10 @@ class HashFusedOptimizer(FusedOptimizer):
             slots[f"{name}.step"] = self._steps[name]
             state[placeholder] = slots
             if cfg not in groups:
-                groups[cfg] = {
-                    "params": [],
-                    "lr": cfg.learning_rate,
-                    "eps": cfg.eps,
-                    "beta1": cfg.beta1,
-                    "beta2": cfg.beta2,
-                    "weight_decay": cfg.weight_decay,
-                }
+                groups[cfg] = {"params": [], **{h.key: getattr(cfg, h.name) for h in HYPERPARAMETERS.values()}}
             self._group_of[name] = list(groups).index(cfg)
             groups[cfg]["params"].append(placeholder)
-        param_groups = list(groups.values()) or [
-            {"params": [], "lr": SparseOptimizerConfig().learning_rate, "eps": 1e-8, "beta1": 0.9, "beta2": 0.999,
-             "weight_decay": 0.0}
-        ]
+        param_groups = list(groups.values()) or [{"params": [], **{h.key: h.default for h in HYPERPARAMETERS.values()}}]
         super().__init__(params, state, param_groups)
 
     def set_sharding(
@@ -323,11 +315,7 @@ class HashFusedOptimizer(FusedOptimizer):
         cfg = self.configs[table_names[0]] if table_names else SparseOptimizerConfig()
         return UpdateArgs(
             optimizer=cfg.code,
-            learning_rate=float(g["lr"]),
-            eps=float(g["eps"]),
-            beta1=float(g["beta1"]),
-            beta2=float(g["beta2"]),
-            weight_decay=float(g["weight_decay"]),
+            values={h.name: float(g[h.key]) for h in HYPERPARAMETERS.values()},
             weight_decay_mode=cfg.weight_decay_code,
             steps=steps,
         )

@@ -36,7 +36,7 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from recis_torchrec.optim.fused import SparseOptimizerConfig, WeightDecayMode, parse_fused_params
-from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, optimizer_classes
+from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, HYPERPARAMETERS, optimizer_classes
 
 
 # Arguments with no fused equivalent, accepted at their neutral value only.
@@ -51,7 +51,7 @@ _NEUTRAL = {
 }
 # Arguments that choose how a dense optimizer's step runs, not what it computes.
 _IMPLEMENTATION = {"foreach", "fused", "capturable", "differentiable"}
-_FUSED_KEYS = {"optimizer", "learning_rate", "eps", "beta1", "beta2", "weight_decay", "weight_decay_mode"}
+_FUSED_KEYS = {"optimizer", "weight_decay_mode", *HYPERPARAMETERS}
 
 
 def _as_float(where: str, name: str, value: Any) -> float:
@@ -72,7 +72,7 @@ def fused_params_from_optimizer(optimizer_class: type, kwargs: Mapping[str, Any]
     if definition is None:
         raise ValueError(
             f"{where}: apply_optimizer_in_backward({name}) cannot be fused into hash tables; supported: "
-            "torch.optim.SGD/Adagrad/Adam/AdamW and torchrec.optim.SGD/Adagrad/Adam/RowWiseAdagrad/LAMB"
+            "torch.optim.SGD/Adagrad/Adam/AdamW and torchrec.optim.SGD/Adagrad/Adam/RowWiseAdagrad/LAMB/LarsSGD"
         )
     where = f"{where}: apply_optimizer_in_backward({name})"
     target = definition.emb_optim_types[0]
@@ -91,6 +91,8 @@ def fused_params_from_optimizer(optimizer_class: type, kwargs: Mapping[str, Any]
             weight_decay = _as_float(where, key, value)
         elif key == "decoupled_weight_decay" and definition.name == "adam":
             decoupled = decoupled or bool(value)
+        elif key in definition.hyperparameters:  # e.g. LarsSGD's momentum, which plain SGD has no fused form of
+            out[key] = _as_float(where, key, value)
         elif key in _NEUTRAL:
             if value != _NEUTRAL[key]:
                 raise ValueError(

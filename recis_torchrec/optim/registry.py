@@ -6,7 +6,9 @@ hyperparameters it reads, and the torch / TorchRec optimizer classes that
 kernels (``csrc/hashtable/optimizers.h``).
 
 Adding an optimizer: an entry in ``RECIS_OPTIMIZERS``, its update struct and its ``dispatch_optimizer``
-case in ``optimizers.h``, and an ``OptimizerDef`` here (see the README's "Contributing").
+case in ``optimizers.h``, and an ``OptimizerDef`` here (see the README's "Contributing"). A new
+hyperparameter: an entry in ``RECIS_HYPERPARAMETERS`` (``optimizers.h``) and a ``Hyperparameter``
+here; ``fused_params``, the config, the param groups, checkpoints and the ops read it from these.
 """
 
 import importlib
@@ -15,7 +17,46 @@ from typing import Dict, List, Optional, Tuple
 
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
+from recis_torchrec.ops.constants import HYPERPARAMETERS as HYPERPARAMETER_ORDER
 from recis_torchrec.ops.constants import OPTIMIZERS as CODES
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter: its ``fused_params`` name, FBGEMM's TBE default, the values it takes
+    (``">= 0"``, ``"> 0"`` or ``"[0, 1)"``), and its key in the optimizer's param groups (TorchRec's
+    fused optimizers name the learning rate ``lr`` there)."""
+
+    name: str
+    default: float
+    domain: str
+    group_key: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.group_key or self.name
+
+    def check(self, value: float) -> None:
+        ok = {">= 0": value >= 0, "> 0": value > 0, "[0, 1)": 0.0 <= value < 1.0}[self.domain]
+        if not ok:
+            raise ValueError(f"fused_params['{self.name}'] must be {self.domain.replace('[', 'in [')}, got {value}")
+
+
+HYPERPARAMETERS: Dict[str, Hyperparameter] = {
+    h.name: h
+    for h in (
+        Hyperparameter("learning_rate", 0.01, ">= 0", group_key="lr"),
+        Hyperparameter("eps", 1.0e-8, "> 0"),
+        Hyperparameter("beta1", 0.9, "[0, 1)"),
+        Hyperparameter("beta2", 0.999, "[0, 1)"),
+        Hyperparameter("weight_decay", 0.0, ">= 0"),
+        Hyperparameter("eta", 0.001, "> 0"),
+        Hyperparameter("momentum", 0.9, "[0, 1)"),
+    )
+}
+assert set(HYPERPARAMETERS) == set(HYPERPARAMETER_ORDER), (
+    f"optim/registry.py and csrc/hashtable/optimizers.h disagree on the hyperparameters: {HYPERPARAMETER_ORDER}"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +84,11 @@ class OptimizerDef:
     slots: Tuple[Slot, ...]
     hyperparameters: Tuple[str, ...]
     optimizer_classes: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [h for h in self.hyperparameters if h not in HYPERPARAMETERS and h != "weight_decay_mode"]
+        if unknown:
+            raise ValueError(f"optimizer {self.name!r} reads undeclared hyperparameters {unknown}")
 
     @property
     def code(self) -> int:
@@ -85,6 +131,11 @@ OPTIMIZERS: Dict[str, OptimizerDef] = {
             ("torch.optim.Adam", "torch.optim.AdamW", "torchrec.optim.optimizers.Adam"),
         ),
         OptimizerDef(
+            # FBGEMM's LARS_SGD: it applies weight_decay itself (weight_decay_mode is not read).
+            "lars_sgd", (EmbOptimType.LARS_SGD,), (Slot("momentum1"),),
+            ("learning_rate", "eta", "momentum", "weight_decay"), ("torchrec.optim.optimizers.LarsSGD",),
+        ),
+        OptimizerDef(
             # FBGEMM's LAMB: it applies weight_decay itself (weight_decay_mode is not read).
             "lamb", (EmbOptimType.LAMB,), (Slot("momentum1"), Slot("exp_avg_sq")),
             ("learning_rate", "eps", "beta1", "beta2", "weight_decay"), ("torchrec.optim.optimizers.LAMB",),
@@ -107,4 +158,5 @@ def optimizer_classes() -> Dict[type, OptimizerDef]:
     return out
 
 
-__all__ = ["BY_CODE", "BY_EMB_OPTIM_TYPE", "OPTIMIZERS", "OptimizerDef", "Slot", "optimizer_classes"]
+__all__ = ["BY_CODE", "BY_EMB_OPTIM_TYPE", "HYPERPARAMETERS", "Hyperparameter", "OPTIMIZERS", "OptimizerDef", "Slot",
+           "optimizer_classes"]

@@ -9,6 +9,12 @@ from hypothesis import strategies as st
 
 from recis_torchrec import HashTable, HashTableOptions, ops
 from recis_torchrec.ops.update_args import UpdateArgs
+
+
+def update_args(optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode, steps, eta=0.001, momentum=0.9):
+    values = dict(learning_rate=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eta=eta,
+                  momentum=momentum)
+    return UpdateArgs(optimizer, values, weight_decay_mode, steps)
 from recis_torchrec.optim.fused import OPTIM_ADAGRAD, OPTIM_ADAM, OPTIM_ROWWISE_ADAGRAD, OPTIM_SGD
 from recis_torchrec.testing import (
     reference_adam_rows,
@@ -101,7 +107,7 @@ def test_sparse_update_matches_formulas(optimizer, wd_mode):
     w, s = w[rows], s[rows]
     for step in (1, 2, 3):
         g = torch.randn(n, dim, generator=torch.Generator().manual_seed(step))
-        ops.sparse_update(t, rows, g, UpdateArgs(optimizer, lr, eps, b1, b2, wd, wd_mode, [step]))
+        ops.sparse_update(t, rows, g, update_args(optimizer, lr, eps, b1, b2, wd, wd_mode, [step]))
         ge = g + wd * w if wd_mode == 1 else g
         we = w * (1 - lr * wd) if wd_mode == 2 else w
         if optimizer == OPTIM_SGD:
@@ -136,7 +142,7 @@ def test_fused_backward_update_equals_backward_then_update(optimizer):
     psw = torch.rand(ids.numel(), generator=g)
     seg = offsets[::batch].contiguous()
     grad = torch.randn(batch, 16, generator=g)
-    update = UpdateArgs(optimizer, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, [1, 1])
+    update = update_args(optimizer, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, [1, 1])
     rows_a = ops.find_or_insert([pair[0][t] for t in ft], ids, seg)
     rows_b = ops.find_or_insert([pair[1][t] for t in ft], ids, seg)
     ops.pooled_backward_update(pair[0], grad, rows_a, offsets, psw, ft, modes, cols, update)
@@ -166,11 +172,11 @@ def test_layout_errors_name_the_problem():
     with pytest.raises(RuntimeError, match="is not a row of table 0"):
         ops.pooled_forward([t], ids, torch.tensor([0, 1, 99]), torch.tensor([0, 3]), None, [0], [0], [0], 4)
     with pytest.raises(RuntimeError, match="needs 8"):
-        ops.sparse_update(t, rows, torch.zeros(3, 4), UpdateArgs(OPTIM_ADAM, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, [1]))
+        ops.sparse_update(t, rows, torch.zeros(3, 4), update_args(OPTIM_ADAM, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, [1]))
     with pytest.raises(RuntimeError, match="unique and sorted"):
-        ops.sparse_update(t, torch.tensor([1, 1, 2]), torch.zeros(3, 4), UpdateArgs(OPTIM_SGD, 0.1, 1e-8, 0.9, 0.99, 0, 0, [1]))
+        ops.sparse_update(t, torch.tensor([1, 1, 2]), torch.zeros(3, 4), update_args(OPTIM_SGD, 0.1, 1e-8, 0.9, 0.99, 0, 0, [1]))
     with pytest.raises(RuntimeError, match="unknown optimizer code 9"):
-        ops.sparse_update(t, rows.sort().values, torch.zeros(3, 4), UpdateArgs(9, 0.1, 1e-8, 0.9, 0.99, 0, 0, [1]))
+        ops.sparse_update(t, rows.sort().values, torch.zeros(3, 4), update_args(9, 0.1, 1e-8, 0.9, 0.99, 0, 0, [1]))
 
 
 def _opcheck_case():
@@ -202,7 +208,7 @@ def test_opcheck_updates():
     tables, ids, rows, offsets, psw, ft, modes, cols, out_dim = _opcheck_case()
     handles = [t.handle for t in tables]
     grad = torch.randn(4, out_dim)
-    opt = (OPTIM_SGD, 0.01, 1e-8, 0.9, 0.999, 0.0, 0, 1)
+    opt = (*update_args(OPTIM_SGD, 0.01, 1e-8, 0.9, 0.999, 0.0, 0, [1]).hyperparameters(), 1)
     torch.library.opcheck(
         torch.ops.recis.pooled_backward_update.default,
         (handles, grad, rows, offsets, psw, ft, modes, cols, *opt[:-1], [1, 1]),

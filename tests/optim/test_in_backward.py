@@ -72,6 +72,9 @@ CASES = [
     # TorchRec's LAMB placeholder: LAMB applies weight_decay itself (no mode).
     (trec_optim.LAMB, {"lr": 0.05, "eps": 1e-6, "beta1": 0.8, "weight_decay": 0.1},
      {"optimizer": EmbOptimType.LAMB, "learning_rate": 0.05, "eps": 1e-6, "beta1": 0.8, "weight_decay": 0.1}),
+    # TorchRec's LarsSGD placeholder: its momentum is LARS's (plain SGD's has no fused form).
+    (trec_optim.LarsSGD, {"lr": 0.5, "eta": 0.05, "momentum": 0.8, "weight_decay": 0.05},
+     {"optimizer": EmbOptimType.LARS_SGD, "learning_rate": 0.5, "eta": 0.05, "momentum": 0.8, "weight_decay": 0.05}),
 ]
 
 
@@ -127,7 +130,7 @@ def test_fused_params_that_agree_combine_and_ones_that_disagree_raise():
 @pytest.mark.parametrize(
     "cls,kwargs,match",
     [
-        (trec_optim.LarsSGD, {"lr": 0.1}, "LarsSGD.*cannot be fused"),
+        (trec_optim.PartialRowWiseAdam, {"lr": 0.1}, "PartialRowWiseAdam.*cannot be fused"),
         (trec_optim.PartialRowWiseLAMB, {"lr": 0.1}, "PartialRowWiseLAMB.*cannot be fused"),
         (torch.optim.RMSprop, {"lr": 0.1}, "RMSprop.*cannot be fused"),
         (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "momentum=0.9"),
@@ -186,6 +189,12 @@ def test_fused_params_that_would_have_no_effect_raise():
     assert parse_fused_params({"optimizer": "lamb", "weight_decay": 0.1}).weight_decay == 0.1
     with pytest.raises(ValueError, match=r"\['weight_decay_mode'\] have no effect with optimizer LAMB"):
         parse_fused_params({"optimizer": EmbOptimType.LAMB, "weight_decay": 0.1, "weight_decay_mode": 1})
+    with pytest.raises(ValueError, match=r"\['momentum'\] have no effect with optimizer ADAM"):
+        parse_fused_params({"optimizer": EmbOptimType.ADAM, "momentum": 0.5})
+    with pytest.raises(ValueError, match=r"fused_params\['eta'\] must be > 0, got 0.0"):
+        parse_fused_params({"optimizer": "lars_sgd", "eta": 0})
+    with pytest.raises(ValueError, match=r"fused_params\['momentum'\] must be in \[0, 1\), got 1.5"):
+        parse_fused_params({"optimizer": "lars_sgd", "momentum": 1.5})
     for bad, match in [({"learning_rate": float("nan")}, "finite"), ({"learning_rate": float("inf")}, "finite"),
                        ({"learning_rate": "0.1"}, "must be a number"), ({"learning_rate": -1.0}, ">= 0")]:
         with pytest.raises((ValueError, TypeError), match=match):

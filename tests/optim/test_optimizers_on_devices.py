@@ -29,10 +29,25 @@ OPTIMIZERS = {
                            "weight_decay": 0.2, "weight_decay_mode": WeightDecayMode.L2},
     "adam_l2": {"optimizer": EmbOptimType.ADAM, "learning_rate": 0.05, "eps": 1e-6, "weight_decay": 0.1,
                 "weight_decay_mode": WeightDecayMode.L2},
+    "lars_sgd": {"optimizer": EmbOptimType.LARS_SGD, "learning_rate": 0.5, "eta": 0.05, "momentum": 0.8},
+    "lars_sgd_wd": {"optimizer": EmbOptimType.LARS_SGD, "learning_rate": 0.5, "eta": 0.05, "momentum": 0.8,
+                    "weight_decay": 0.05},
     "lamb": {"optimizer": EmbOptimType.LAMB, "learning_rate": 0.05, "eps": 1e-6},
     "lamb_wd": {"optimizer": EmbOptimType.LAMB, "learning_rate": 0.05, "eps": 1e-6, "beta1": 0.8, "beta2": 0.99,
                 "weight_decay": 0.1},
 }
+
+
+def reference_lars_rows(w, mom, g, p):
+    """FBGEMM's LARS_SGD (fbgemm_gpu/codegen/genscript/optimizers.py, lars_sgd()) on the rows a batch
+    touched: a per-row rate lr * eta * ||w|| / (||g|| + wd ||w||), momentum holding the step. A zero
+    denominator gives a zero rate."""
+    lr, eta, momentum, wd = p["learning_rate"], p.get("eta", 0.001), p.get("momentum", 0.9), p.get("weight_decay", 0.0)
+    w_norm, g_norm = w.norm(dim=1, keepdim=True), g.norm(dim=1, keepdim=True)
+    denom = g_norm + wd * w_norm
+    rate = torch.where(denom > 0, lr * eta * w_norm / denom, torch.zeros_like(denom))
+    mom = momentum * mom + rate * (g + wd * w)
+    return w - mom, mom
 
 
 def reference_lamb_rows(w, m, v, g, p, step):
@@ -116,6 +131,9 @@ class ReferenceTables:
             elif opt == EmbOptimType.EXACT_ROWWISE_ADAGRAD:
                 w, m = reference_rowwise_adagrad_rows(w, self.row_m[c.name][touched], g, lr, eps)
                 self.row_m[c.name][touched] = m
+            elif opt == EmbOptimType.LARS_SGD:
+                w, m = reference_lars_rows(w, self.m[c.name][touched], g, p)
+                self.m[c.name][touched] = m
             elif opt == EmbOptimType.LAMB:
                 w, m, v = reference_lamb_rows(w, self.m[c.name][touched], self.v[c.name][touched], g, p, self.step)
                 self.m[c.name][touched], self.v[c.name][touched] = m, v
@@ -159,7 +177,7 @@ def train_against_reference(device, fused, pooling=PoolingType.SUM, weighted=Fal
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam", "lamb_wd"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam", "lamb_wd", "lars_sgd_wd"])
 @pytest.mark.parametrize("dims", [(5, 37), (33, 3)])
 def test_dims_not_a_multiple_of_four_and_above_32(device, optimizer, dims):
     train_against_reference(device, OPTIMIZERS[optimizer], PoolingType.MEAN, True, dims=dims)
