@@ -21,6 +21,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from recis_torchrec import __version__ as _version
+from recis_torchrec._serial import DictConfig
 from recis_torchrec.checkpoint.files import (
     CheckpointError,
     file_checksum,
@@ -54,7 +55,7 @@ class InferenceError(CheckpointError):
 
 
 @dataclass
-class _ModuleSpec:
+class _ModuleSpec(DictConfig):
     path: str
     kind: str  # "ebc" or "ec"
     # ebc: (feature, table key, pooling mode, dim) in output order; ec: (feature, embedding name, table key, dim)
@@ -62,14 +63,8 @@ class _ModuleSpec:
     weighted: bool
     need_indices: bool = False
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "features": [list(f) for f in self.features],
-                "weighted": self.weighted, "need_indices": self.need_indices}
-
-    @staticmethod
-    def from_dict(d: Dict[str, Any]) -> "_ModuleSpec":
-        return _ModuleSpec(d["path"], d["kind"], [tuple(f) for f in d["features"]], d["weighted"],
-                           d.get("need_indices", False))
+    def __post_init__(self) -> None:
+        self.features = [tuple(f) for f in self.features]  # (JSON gives lists)
 
 
 def _hash_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:

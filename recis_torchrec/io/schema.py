@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from recis_torchrec._serial import DictConfig
+
 DENSE_TRANSFORMS = ("none", "log1p", "standardize")
 # Internal column holding the weights of a delimited "id:weight" list column (no file has it).
 WEIGHTS_SUFFIX = "\x00weights"
@@ -14,7 +16,7 @@ Columns = Union[str, Sequence[str]]
 
 
 @dataclass(frozen=True)
-class Schema:
+class Schema(DictConfig):
     """The columns a :class:`ColumnarDataset` reads and what it makes of them.
 
     Attributes:
@@ -194,21 +196,6 @@ class Schema:
             list_delimiter=delim,
         )
 
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dense"], d["labels"], d["column_names"] = list(self.dense), list(self.labels), list(self.column_names)
-        d["sparse"] = {k: v if isinstance(v, str) else list(v) for k, v in self.sparse.items()}
-        d["masks"] = {k: v if isinstance(v, str) else list(v) for k, v in self.masks.items()}
-        d["dense_stats"] = {c: list(v) for c, v in self.dense_stats.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Schema":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Schema.from_dict: unknown fields {unknown}")
-        return cls(**d)
 
 
 def _columns(spec: Any, where: str) -> Columns:

@@ -1,11 +1,11 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """``HashTableOptions``: how one dynamic table is sized and initialised."""
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
+from recis_torchrec._serial import DictConfig
 from recis_torchrec.ops.constants import EVICTION_POLICIES as POLICY_CODES
 from recis_torchrec.ops.constants import INIT_KINDS
 
@@ -15,7 +15,7 @@ EVICTION_POLICIES = tuple(POLICY_CODES)
 
 
 @dataclass(frozen=True)
-class HashTableOptions:
+class HashTableOptions(DictConfig):
     """Options of one hash-backed embedding table.
 
     ``EmbeddingBagConfig.num_embeddings`` stays a capacity hint: ids are
@@ -139,17 +139,6 @@ class HashTableOptions:
             raise ValueError(
                 f"HashTableOptions.eviction_policy={self.eviction_policy!r} applies under max_capacity; set one"
             )
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "HashTableOptions":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"HashTableOptions.from_dict: unknown fields {unknown}")
-        return cls(**d)
 
     def init_kind(self) -> int:
         return INIT_KINDS[self.initializer]

@@ -1,10 +1,11 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """``TrainingArguments`` and ``Task``: how a :class:`Trainer` runs."""
 
-import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Optional
+
+from recis_torchrec._serial import DictConfig
 
 
 MODEL_OUTPUTS = ("auto", "logits", "probabilities")
@@ -34,7 +35,7 @@ class Task:
 
 
 @dataclass(frozen=True)
-class TrainingArguments:
+class TrainingArguments(DictConfig):
     """How a :class:`Trainer` trains.
 
     Attributes:
@@ -145,13 +146,3 @@ class TrainingArguments:
         if self.version != 1:
             raise ValueError(f"TrainingArguments.version {self.version} is not supported")
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainingArguments":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainingArguments: unknown fields {unknown}")
-        return cls(**d)
