@@ -35,6 +35,11 @@ const cuda::DeviceAllocator kTorchAllocator{&torch_allocate, &torch_release};
 
 std::mutex g_mutex;
 std::vector<std::shared_ptr<GpuHashTable>> g_tables;
+// One lock per table (as the CPU tables have): torch.ops release the GIL, and two Python threads
+// running ops on one table at once raced on its growth (overrunning the reserved blocks, or reading
+// IdMap arrays the other had freed). Every op that reads or changes a table's rows or IdMap holds it
+// while it enqueues its work.
+std::vector<std::shared_ptr<std::mutex>> g_table_locks;
 
 // CUDA handles start far above the CPU registry's (which counts from 1), so a
 // CUDA handle given to a CPU op, or the reverse, is an unknown handle (an
@@ -50,6 +55,30 @@ std::shared_ptr<GpuHashTable> table_ptr(int64_t handle, const char* op) {
   TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(g_tables.size()) && g_tables[i] != nullptr, op,
               ": no CUDA table with handle ", handle, " (released, never created, or a CPU table's)");
   return g_tables[i];
+}
+
+// A table held under its lock for the caller's scope.
+struct LockedTable {
+  std::shared_ptr<GpuHashTable> table;
+  std::shared_ptr<std::mutex> mutex;
+  std::unique_lock<std::mutex> lock;
+  GpuHashTable* operator->() const { return table.get(); }
+  GpuHashTable& operator*() const { return *table; }
+};
+
+LockedTable locked_table(int64_t handle, const char* op) {
+  std::shared_ptr<std::mutex> mutex;
+  std::shared_ptr<GpuHashTable> table;
+  {
+    std::lock_guard<std::mutex> registry(g_mutex);
+    const int64_t i = handle - kHandleBase;
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(g_tables.size()) && g_tables[i] != nullptr, op,
+                ": no CUDA table with handle ", handle, " (released, never created, or a CPU table's)");
+    table = g_tables[i];
+    mutex = g_table_locks[i];
+  }
+  std::unique_lock<std::mutex> lock(*mutex);  // (not under the registry's lock: other tables go on)
+  return LockedTable{std::move(table), std::move(mutex), std::move(lock)};
 }
 
 void check_cuda_1d(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
@@ -80,6 +109,7 @@ int64_t gpu_table_create(int64_t dim, int64_t state_dim, int64_t capacity, int64
   auto table = std::make_shared<GpuHashTable>(config);
   std::lock_guard<std::mutex> lock(g_mutex);
   g_tables.push_back(std::move(table));
+  g_table_locks.push_back(std::make_shared<std::mutex>());
   return kHandleBase + static_cast<int64_t>(g_tables.size()) - 1;
 }
 
@@ -89,12 +119,12 @@ void gpu_table_release(int64_t handle) {
   if (i >= 0 && i < static_cast<int64_t>(g_tables.size())) g_tables[i].reset();
 }
 
-int64_t gpu_table_size(int64_t handle) { return table_ptr(handle, "recis::gpu_table_size")->size(); }
+int64_t gpu_table_size(int64_t handle) { return locked_table(handle, "recis::gpu_table_size")->size(); }
 
 // The rows of ids (find), inserting absent ids first (find_or_insert) when `insert`.
 at::Tensor lookup_rows(int64_t handle, const at::Tensor& ids, bool insert, const char* op) {
   check_cuda_1d(ids, op, "ids", at::kLong);
-  const auto table = table_ptr(handle, op);
+  const auto table = locked_table(handle, op);
   check_on_table_device(ids, *table, op, "ids");
   c10::cuda::CUDAGuard guard(ids.device());
   auto ids_c = ids.contiguous();
@@ -120,7 +150,7 @@ void gpu_pooled_forward(int64_t handle, const at::Tensor& ids, const at::Tensor&
   TORCH_CHECK(out.is_cuda() && out.dim() == 2 && out.scalar_type() == at::kFloat && out.is_contiguous(), op,
               ": out must be a contiguous 2-D float32 CUDA tensor");
   TORCH_CHECK(mode == cuda::kPoolSum || mode == cuda::kPoolMean, op, ": unknown pooling mode ", mode);
-  const auto table_holder = table_ptr(handle, op);
+  const auto table_holder = locked_table(handle, op);
   auto& table = *table_holder;
   check_on_table_device(ids, table, op, "ids");
   check_on_table_device(out, table, op, "out");
@@ -155,7 +185,7 @@ void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at
               ": grad must be a 2-D float32 CUDA tensor");
   const hashtable::OptimParams p = make_optim_params(op, optimizer, hyperparameters, wd_mode, step);
   TORCH_CHECK(mode == cuda::kPoolSum || mode == cuda::kPoolMean, op, ": unknown pooling mode ", mode);
-  const auto table_holder = table_ptr(handle, op);
+  const auto table_holder = locked_table(handle, op);
   auto& table = *table_holder;
   check_on_table_device(rows, table, op, "rows");
   check_on_table_device(grad, table, op, "grad");
@@ -189,7 +219,7 @@ void gpu_pooled_backward_update(int64_t handle, const at::Tensor& rows, const at
 // whole table on the GPU).
 std::tuple<at::Tensor, at::Tensor> gpu_table_export_ids(int64_t handle, int64_t device) {
   const char* op = "recis::gpu_table_export_ids";
-  const auto table_holder = table_ptr(handle, op);
+  const auto table_holder = locked_table(handle, op);
   auto& table = *table_holder;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const auto opts = at::TensorOptions().device(at::kCUDA, device);
@@ -204,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> gpu_table_export_ids(int64_t handle, int64_t 
 at::Tensor gpu_table_gather(int64_t handle, const at::Tensor& rows) {
   const char* op = "recis::gpu_table_gather";
   check_cuda_1d(rows, op, "rows", at::kLong);
-  const auto table_holder = table_ptr(handle, op);
+  const auto table_holder = locked_table(handle, op);
   auto& table = *table_holder;
   check_on_table_device(rows, table, op, "rows");
   c10::cuda::CUDAGuard guard(rows.device());
@@ -220,7 +250,7 @@ at::Tensor gpu_table_gather(int64_t handle, const at::Tensor& rows) {
 void gpu_table_import(int64_t handle, const at::Tensor& ids, const at::Tensor& data) {
   const char* op = "recis::gpu_table_import";
   check_cuda_1d(ids, op, "ids", at::kLong);
-  const auto table_holder = table_ptr(handle, op);
+  const auto table_holder = locked_table(handle, op);
   auto& table = *table_holder;
   TORCH_CHECK(data.is_cuda() && data.dim() == 2 && data.scalar_type() == at::kFloat &&
                   data.size(0) == ids.numel() && data.size(1) == table.stride(),

@@ -86,3 +86,42 @@ def test_owner_of_and_bucketing_match_the_cpu():
         assert torch.equal(counts.cpu(), torch.bincount(want, minlength=world_size))
         expected = torch.argsort(want, stable=True)
         assert torch.equal(perm.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_threads_on_one_table_each_see_the_table_as_a_lock_would(device):
+    """torch.ops release the GIL: four Python threads insert and find on one table at once, each on
+    its own stream on CUDA (where the table had no lock and growth raced); every id gets one row, a
+    find from another thread sees it, and the table holds each id once."""
+    import contextlib
+    import threading
+
+    table = make_table(device, initial_capacity=8, block_rows=64)
+    errors, rows = [], {}
+
+    def work(k):
+        try:
+            stream = torch.cuda.Stream() if device == "cuda" else None
+            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+            with ctx:
+                for r in range(20):
+                    ids = torch.arange(k * 100_000 + r * 500, k * 100_000 + (r + 1) * 500, device=device)
+                    got = table.find_or_insert(torch.cat([ids, torch.tensor([-1], device=device)]))
+                    again = table.find(ids)
+                    if not torch.equal(got[:-1], again):
+                        errors.append(f"thread {k}: find disagrees with find_or_insert at round {r}")
+                    rows[(k, r)] = got[:-1].cpu()
+            if stream is not None:
+                stream.synchronize()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"thread {k}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(table) == 4 * 20 * 500 + 1  # the shared id -1 once
+    everything = torch.cat(list(rows.values()))
+    assert everything.unique().numel() == everything.numel()  # no two ids share a row
