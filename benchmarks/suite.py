@@ -43,6 +43,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from benchmarks.threading_env import DEFAULT_POLICY, POLICIES
+
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 MODES = {
@@ -138,7 +140,7 @@ def _round_robin(impls: Dict[str, Callable[[], Any]], reps: int, warmup: int) ->
 # -- embedding --------------------------------------------------------------------------
 
 
-def embedding(mode: Dict[str, Any]) -> Dict[str, Any]:
+def embedding(mode: Dict[str, Any], with_sweeps: bool = True) -> Dict[str, Any]:
     from benchmarks.bench_embedding_bag import BASELINE, ExperimentConfig, bench_all
 
     rows: List[Row] = []
@@ -160,7 +162,7 @@ def embedding(mode: Dict[str, Any]) -> Dict[str, Any]:
     # Sweeps for the plots: forward, ours against FBGEMM's TBE.
     sweeps: Dict[str, List[Dict[str, Any]]] = {}
     base = mode["sweep_base"]
-    for axis, points in mode["sweep"].items():
+    for axis, points in (mode["sweep"] if with_sweeps else {}).items():
         sweeps[axis] = []
         for p in points:
             kw = dict(base)
@@ -336,10 +338,14 @@ def report(results: Dict[str, Any]) -> str:
         "",
         f"{info['cpu']}, {info['cores']} cores, {info.get('memory_gb', '?')} GB, GPU: {info['gpu'] or 'none'}; "
         f"torch {info['torch']}, fbgemm_gpu {info['fbgemm_gpu']}, torchrec {info['torchrec']}; "
-        f"{info['torch_threads']} threads.",
+        f"{info['torch_threads']} threads by default.",
         f"Memory ceiling (copy, read + write): {ceiling:.1f} GB/s. Ratios are ours / baseline "
         "(below 1: we are faster). MBU = effective GB/s over the ceiling.",
     ]
+    if results.get("threading"):
+        from benchmarks.threading_env import describe
+
+        lines.append(describe(results["threading"]))
     if results.get("memory_gpu"):
         lines.append(f"GPU copy bandwidth (device to device, read + write): {results['memory_gpu']['gb_s']:.1f} GB/s; "
                      "the gpu section's MBU is against it.")
@@ -419,9 +425,53 @@ def plots(results: Dict[str, Any], prefix: str) -> List[str]:
     return out
 
 
-def run(mode_name: str, sections: Optional[List[str]] = None, out_dir: str = RESULTS_DIR) -> Dict[str, Any]:
+# Sections timed in this process at each of the run's thread counts (the others start their own
+# processes or threads: the loader's pyarrow pool, the 2-rank dmp step, the GPU).
+THREADED_SECTIONS = ("embedding", "hashtable", "features", "paths")
+
+
+def default_thread_counts() -> List[int]:
+    """1 and torch's default where that is more: the two columns a result may differ in."""
+    return sorted({1, torch.get_num_threads()})
+
+
+def threading_info(thread_counts: List[int]) -> Dict[str, Any]:
+    from benchmarks.threading_env import wakeup_probe
+
+    return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "thread_counts": list(thread_counts),
+            "threads": max(thread_counts), "interop_threads": torch.get_num_interop_threads(),
+            "cpu_count": os.cpu_count(), "wakeup": wakeup_probe(max(thread_counts))}
+
+
+def _run_section(section: str, mode: Dict[str, Any], mode_name: str, tmp: str, with_sweeps: bool) -> Dict[str, Any]:
+    if section == "embedding":
+        return embedding(mode, with_sweeps)
+    if section == "hashtable":
+        return hashtable(mode)
+    if section == "features":
+        return features(mode)
+    if section == "loader":
+        return loader(mode, tmp)
+    if section == "paths":
+        from benchmarks.bench_paths import paths
+
+        return paths(mode_name)
+    if section == "dmp":
+        return dmp(mode)
+    from benchmarks.bench_cuda import gpu
+
+    return gpu(mode_name)
+
+
+def run(mode_name: str, sections: Optional[List[str]] = None, out_dir: str = RESULTS_DIR,
+        thread_counts: Optional[List[int]] = None) -> Dict[str, Any]:
     mode = MODES[mode_name]
     from recis_torchrec.ops.devices import cuda_tables_available
+    from benchmarks.threading_env import describe
+
+    thread_counts = sorted(set(thread_counts or default_thread_counts()))
+    if min(thread_counts) < 1:
+        raise SystemExit(f"benchmarks: --threads must be >= 1, got {thread_counts}")
 
     want = sections or ["embedding", "hashtable", "features", "loader", "paths"] + (["dmp"] if mode["dmp"] else [])
     if sections is None and cuda_tables_available():
@@ -430,32 +480,32 @@ def run(mode_name: str, sections: Optional[List[str]] = None, out_dir: str = RES
         raise SystemExit("benchmarks: the gpu section needs a GPU and an extension built with RECIS_CUDA=1")
     results: Dict[str, Any] = {"mode": mode_name, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                                "machine": machine(), "memory": copy_bandwidth(mode["copy_mb"]),
-                               "config": {k: v for k, v in mode.items()}}
+                               "config": {k: v for k, v in mode.items()},
+                               "threading": threading_info(thread_counts)}
+    print(f"[benchmarks] {describe(results['threading'])}", flush=True)
     if torch.cuda.is_available():
         results["memory_gpu"] = copy_bandwidth(mode["copy_mb"], device="cuda")
     timings = {}
+    default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         for section in want:
             t0 = time.perf_counter()
-            print(f"[benchmarks] {section} ...", flush=True)
-            if section == "embedding":
-                results[section] = embedding(mode)
-            elif section == "hashtable":
-                results[section] = hashtable(mode)
-            elif section == "features":
-                results[section] = features(mode)
-            elif section == "loader":
-                results[section] = loader(mode, tmp)
-            elif section == "paths":
-                from benchmarks.bench_paths import paths
-
-                results[section] = paths(mode_name)
-            elif section == "dmp":
-                results[section] = dmp(mode)
-            elif section == "gpu":
-                from benchmarks.bench_cuda import gpu
-
-                results[section] = gpu(mode_name)
+            counts = thread_counts if section in THREADED_SECTIONS else [default_threads]
+            merged: Dict[str, Any] = {}
+            for n in counts:
+                print(f"[benchmarks] {section} ({n} thread{'s' if n > 1 else ''}) ...", flush=True)
+                torch.set_num_threads(n)
+                try:
+                    part = _run_section(section, mode, mode_name, tmp, with_sweeps=n == max(counts))
+                finally:
+                    torch.set_num_threads(default_threads)
+                if len(counts) > 1:  # each row's benchmark names its thread count: the ratios pair within it
+                    for r in part["rows"]:
+                        r.bench = f"{r.bench} | {n} thread{'s' if n > 1 else ''}"
+                rows = merged.get("rows", []) + part["rows"]
+                merged.update(part)
+                merged["rows"] = rows
+            results[section] = merged
             timings[section] = time.perf_counter() - t0
     results["section_seconds"] = timings
     os.makedirs(out_dir, exist_ok=True)
@@ -483,9 +533,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--only", nargs="*", choices=["embedding", "hashtable", "features", "loader", "paths", "dmp", "gpu"],
                    help="run only these sections")
     p.add_argument("--out", default=RESULTS_DIR, help="where the JSON, report and plots go")
+    p.add_argument("--threads", default=None,
+                   help="thread counts the in-process sections run at, comma-separated (default: 1 and torch's "
+                        "default); every implementation of a row runs at its count")
+    p.add_argument("--omp-wait-policy", choices=POLICIES, default=DEFAULT_POLICY,
+                   help="OpenMP's wait policy, pinned before torch loads (python -m benchmarks re-runs itself "
+                        "with OMP_WAIT_POLICY set; from Python, set it in the environment first)")
     args = p.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    results = run(mode, args.only, args.out)
+    try:
+        counts = [int(x) for x in args.threads.split(",")] if args.threads else None
+    except ValueError:
+        p.error(f"--threads: expected comma-separated integers, got {args.threads!r}")
+    have = os.environ.get("OMP_WAIT_POLICY", "").lower()
+    if have != args.omp_wait_policy:
+        print(f"[benchmarks] warning: OMP_WAIT_POLICY is {have or '(unset)'}, not {args.omp_wait_policy}: torch "
+              "was already loaded (run `python -m benchmarks`, which pins it, or set it before starting Python)",
+              flush=True)
+    results = run(mode, args.only, args.out, counts)
     with open(results["files"]["report"]) as f:
         print(f.read())
     print(f"wrote {results['files']['json']}, {results['files']['report']} and {len(results['plots'])} plots")

@@ -43,3 +43,32 @@ def test_suite_smoke_writes_report_json_and_plots(tmp_path):
         assert heading in report
     pngs = [f for f in files if f.endswith(".png")]
     assert len(pngs) == 4 and all(os.path.getsize(tmp_path / p) > 1000 for p in pngs)
+
+
+def test_the_wait_policy_is_pinned_before_torch_loads_and_recorded(tmp_path):
+    """`python -m benchmarks` re-runs itself with OMP_WAIT_POLICY set (the OpenMP runtime reads it once,
+    at start), records the threading and the wake-up probe, and runs a section at 1 and 2 threads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.threading_env import pinned_environment, requested_policy
+
+    assert requested_policy([]) == "active" and requested_policy(["--omp-wait-policy", "passive"]) == "passive"
+    assert pinned_environment({"OMP_WAIT_POLICY": "ACTIVE"}, "active") is None
+    assert pinned_environment({}, "passive")["OMP_WAIT_POLICY"] == "PASSIVE"
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "features", "--threads", "1,2",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.load(open(next(tmp_path.glob("*-smoke.json"))))
+    info = results["threading"]
+    assert info["omp_wait_policy"] == "ACTIVE" and info["thread_counts"] == [1, 2]
+    probe = info["wakeup"]
+    assert probe["1_threads"]["median_ms"] > 0 and probe["2_threads"]["p90_ms"] > 0
+    benches = {r["bench"] for r in results["features"]["rows"]}
+    assert any(b.endswith("| 1 thread") for b in benches) and any(b.endswith("| 2 threads") for b in benches)
+    assert "Threading: OMP_WAIT_POLICY=ACTIVE" in open(next(tmp_path.glob("*-smoke.md"))).read()
