@@ -6,7 +6,7 @@ import mmap
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -273,6 +273,29 @@ def hash_tables(model: nn.Module) -> List[TableRef]:
                     )
                 )
     return refs
+
+
+def saved_name(model_keys: Iterable[str], saved_keys: Iterable[str]) -> Callable[[str], str]:
+    """How the model's table keys (and with them its module paths and dense names) are named in a
+    checkpoint or delta: as they are, or under one module prefix added or removed throughout. The
+    Trainer saves the model inside its task wrapper (keys ``model.sparse_arch...``), while a model
+    exported or served on its own has ``sparse_arch...``; either loads into the other. The prefix
+    must account for every model key at once (never one key at a time), else the names are kept
+    and the caller's "not in the checkpoint" error stands."""
+    model_keys, saved = list(model_keys), set(saved_keys)
+    if not model_keys or all(k in saved for k in model_keys):
+        return lambda name: name
+    first = model_keys[0]
+    candidates = {s[: len(s) - len(first)] for s in saved if s.endswith(first) and len(s) > len(first)}
+    for prefix in sorted(candidates):  # the saved names carry a prefix the model's lack
+        if prefix.endswith(".") and all(prefix + k in saved for k in model_keys):
+            return lambda name, p=prefix: p + name
+    for s in saved:  # the model's names carry a prefix the saved ones lack
+        if first.endswith(s) and len(first) > len(s):
+            prefix = first[: len(first) - len(s)]
+            if prefix.endswith(".") and all(k.startswith(prefix) and k[len(prefix):] in saved for k in model_keys):
+                return lambda name, p=prefix: name[len(p):] if name.startswith(p) else name
+    return lambda name: name
 
 
 def feature_order(model: nn.Module) -> Dict[str, List[str]]:

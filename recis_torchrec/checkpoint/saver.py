@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ from recis_torchrec.checkpoint.files import (
     check_supported,
     dense_state,
     feature_order,
+    saved_name,
     checksum,
     fsync_dir,
     hash_tables,
@@ -646,23 +647,25 @@ def apply_table(ref: TableRef, staged: Dict[str, List[torch.Tensor]], replace: b
             ref.table.import_pending(ids, counts)
 
 
-def _check_features(directory: str, index: Dict[str, Any], model: nn.Module) -> None:
+def _check_features(directory: str, index: Dict[str, Any], model: nn.Module,
+                    to_saved: Callable[[str], str] = lambda name: name) -> None:
     """The model's embedding modules give their features in the order the checkpoint was trained on
     (indexes from before the order was recorded cannot be checked)."""
     saved = index.get("features")
     if saved is None:
         return
     for path, order in feature_order(model).items():
-        if path in saved and saved[path] != order:
+        was = saved.get(to_saved(path) if path else path)
+        if was is not None and was != order:
             name = path or "the model"
-            if sorted(saved[path]) == sorted(order):
+            if sorted(was) == sorted(order):
                 raise CheckpointError(
                     f"{directory}: {name}'s features are in another order than when the checkpoint was saved "
-                    f"(saved {saved[path]}, the model's {order}); the layers after it were trained on the saved "
+                    f"(saved {was}, the model's {order}); the layers after it were trained on the saved "
                     "order, so the model would read its inputs permuted. Build the model with the saved order")
             raise CheckpointError(
                 f"{directory}: {name}'s tables and features differ from the checkpoint's: missing "
-                f"{sorted(set(saved[path]) - set(order))}, added {sorted(set(order) - set(saved[path]))}")
+                f"{sorted(set(was) - set(order))}, added {sorted(set(order) - set(was))}")
 
 
 def _check_optimizer_state(directory: str, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
@@ -730,9 +733,12 @@ def load(
         index = read_index(directory)
         if index.get("format") != FORMAT_VERSION or index.get("kind") != "full":
             raise CheckpointError(f"{directory}: not a full checkpoint of format {FORMAT_VERSION}")
-        _check_features(directory, index, model)
+        # The Trainer's checkpoints name the model inside its task wrapper ("model."): a model on its
+        # own loads them, and the reverse (checkpoint/files.saved_name).
+        to_saved = saved_name([r.key for r in refs], index.get("tables", {}))
+        _check_features(directory, index, model, to_saved)
         for ref in refs:
-            entry = index["tables"].get(ref.key)
+            entry = index["tables"].get(to_saved(ref.key))
             if entry is None:
                 if strict:
                     raise CheckpointError(f"table {ref.key!r} is not in the checkpoint {directory}")
@@ -740,7 +746,7 @@ def load(
             staged[ref.key] = stage_table(directory, ref, entry, rank, world, index.get("world_size"))
         if index.get("dense") is not None:
             dense = read_tensors(directory, index["dense"])
-            have = dict(dense_state(model))
+            have = {to_saved(n): t for n, t in dense_state(model)}
             missing = sorted(set(have) - set(dense))
             if missing and strict:
                 raise CheckpointError(f"{directory}/dense.safetensors: lacks dense tensors {missing[:5]}")
@@ -786,16 +792,16 @@ def load(
         if ref.key not in staged:
             continue
         apply_table(ref, staged[ref.key])
-        saved_steps = index["tables"][ref.key]["steps"].values()
+        saved_steps = index["tables"][to_saved(ref.key)]["steps"].values()
         if saved_steps:
             ref.optimizer._steps[ref.table.name].fill_(max(saved_steps))
             ref.table.restart_eviction_log(max(saved_steps))
-        hp = index.get("fused_optimizer", {}).get(ref.key)
+        hp = index.get("fused_optimizer", {}).get(to_saved(ref.key))
         if hp:
             ref.optimizer.param_group_of(ref.table.name).update(hp)
-        ref.table.lineage = index["tables"][ref.key].get("lineage", ref.table.lineage)
+        ref.table.lineage = index["tables"][to_saved(ref.key)].get("lineage", ref.table.lineage)
     with torch.no_grad():
-        have = dict(dense_state(model))
+        have = {to_saved(n): t for n, t in dense_state(model)}
         for name, t in dense.items():
             if name in have:
                 have[name].copy_(t)

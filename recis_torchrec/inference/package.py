@@ -28,6 +28,7 @@ from recis_torchrec.checkpoint.files import (
     index_checksum,
     read_index,
     read_tensors,
+    saved_name,
     verified_path,
     write_json,
     write_tensors,
@@ -716,8 +717,10 @@ class Predictor:
                 raise InferenceError(f"{delta_dir}: not a delta (kind {index.get('kind')!r})")
             new = dict(self._tables)
             versions = dict(self.versions)
+            # A Trainer's deltas name its tables inside the task wrapper ("model."): they apply here too.
+            to_saved = saved_name(list(self._tables), index.get("tables", {}))
             for key, table in self._tables.items():
-                entry = index["tables"].get(key)
+                entry = index["tables"].get(to_saved(key))
                 if entry is None:
                     raise InferenceError(f"table {key!r} is not in the delta {delta_dir}")
                 mine = self.manifest["tables"][key].get("lineage")

@@ -516,3 +516,44 @@ def test_deltas_of_another_run_or_out_of_order_are_refused(tmp_path):
         assert torch.equal(predictor(dense, kjt), model(dense, kjt))
     with pytest.raises(InferenceError, match="does not follow it"):  # an old one again
         predictor.apply_delta(first)
+
+
+def test_trainer_checkpoints_and_deltas_load_into_the_model_alone_and_its_package(tmp_path):
+    # The Trainer saves the model inside its task wrapper, so its checkpoint and delta keys read
+    # "model.sparse_arch...": export(model, checkpoint=...) of the model alone refused them, and a
+    # package exported from the model alone (as the CLI does) refused the Trainer's deltas.
+    from recis_torchrec.checkpoint.files import read_index
+
+    class Task(torch.nn.Module):  # the Trainer's TaskModel in shape: the model under "model"
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    model, kind = trained("dlrm")
+    wrapped = Task(model)
+    ckpt = checkpoint.save(str(tmp_path / "ckpt"), wrapped, step=6)
+    assert all(k.startswith("model.") for k in read_index(checkpoint.resolve(ckpt))["tables"])
+    reqs = requests(kind)
+    fresh = make_model("dlrm")[0].eval()  # untrained: everything it predicts comes from the checkpoint
+    package = inference.export(fresh, str(tmp_path / "pkg"), reqs[0], checkpoint=ckpt)
+    predictor = inference.load(package)
+    for r in reqs:
+        assert torch.equal(predictor(*r), model(*r))
+
+    # More training of the tables (the dense layers stay: a delta carries rows), then the wrapper's delta.
+    model.train()
+    for s in range(2):
+        d, k, labels = bag_batch(20 + s)
+        torch.nn.functional.binary_cross_entropy_with_logits(model(d, k).reshape(-1), labels).backward()
+    model.eval()
+    delta = checkpoint.export_delta(str(tmp_path / "delta"), wrapped, since_step=ckpt)
+    predictor.apply_delta(delta)
+    for r in reqs:
+        assert torch.equal(predictor(*r), model(*r))
+
+    # The reverse: a checkpoint of the model alone loads into the wrapper.
+    alone = checkpoint.save(str(tmp_path / "alone"), model, step=8)
+    other = Task(make_model("dlrm")[0].eval())
+    checkpoint.load(alone, other)
+    for r in reqs:
+        assert torch.equal(other.model(*r), model(*r))
