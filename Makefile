@@ -50,7 +50,7 @@ bench: setup
 # sharded tests: selected by marker, not by name), then compute-sanitizer's memcheck and racecheck on
 # the CUDA table tests (a small subset: the sanitizer slows a run 10-100x), then the GPU benchmarks.
 # PY may point at another interpreter that has torch (CUDA), torchrec and fbgemm-gpu-cpu.
-SANITIZE ?= tests/ops/test_tables_on_devices.py
+SANITIZE ?= tests/tables/test_tables_on_devices.py
 gpu-check:
 	RECIS_CUDA=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -m pytest -q -rs tests -m cuda

@@ -13,7 +13,7 @@ from torchrec.modules.embedding_configs import PoolingType
 import recis_torchrec as rt
 from recis_torchrec.testing import random_kjt
 from tests.devices import devices, needs_cuda
-from tests.ops.test_tables_on_devices import make_table
+from tests.tables.test_tables_on_devices import make_table
 from tests.optim.test_optimizers_on_devices import KEYS, OPTIMIZERS, configs, loss_of
 
 

@@ -18,7 +18,7 @@ CXX = shutil.which("g++")
 @pytest.mark.parametrize("isa", ["-mavx2", "-mno-avx2"])
 def test_id_map_matches_unordered_map(tmp_path, isa):
     exe = str(tmp_path / "id_map_check")
-    src = os.path.join(ROOT, "tests", "ops", "cpp", "id_map_check.cc")
+    src = os.path.join(ROOT, "tests", "hashtable", "cpp", "id_map_check.cc")
     build = subprocess.run(
         [CXX, "-std=c++17", "-O2", isa, "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src, "-o", exe],
         capture_output=True, text=True, timeout=300,
@@ -39,7 +39,7 @@ def _has_f16c() -> bool:
 @pytest.mark.skipif(CXX is None or not _has_f16c(), reason="needs g++ and a CPU with F16C")
 def test_portable_half_conversions_match_f16c(tmp_path):
     exe = str(tmp_path / "row_types_check")
-    src = os.path.join(ROOT, "tests", "ops", "cpp", "row_types_check.cc")
+    src = os.path.join(ROOT, "tests", "hashtable", "cpp", "row_types_check.cc")
     build = subprocess.run(
         [CXX, "-std=c++17", "-O2", "-mf16c", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src,
          "-o", exe],
@@ -53,7 +53,7 @@ def test_portable_half_conversions_match_f16c(tmp_path):
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 def test_a_custom_eviction_policy_from_cpp(tmp_path):
     exe = str(tmp_path / "eviction_check")
-    src = os.path.join(ROOT, "tests", "ops", "cpp", "eviction_check.cc")
+    src = os.path.join(ROOT, "tests", "hashtable", "cpp", "eviction_check.cc")
     build = subprocess.run(
         [CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src, "-o", exe],
         capture_output=True, text=True, timeout=300,
