@@ -260,12 +260,12 @@ __device__ __forceinline__ void warp_update(float* w, float* state, float (&g)[k
       const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
       if (d < dim) w[d] -= f * g[k];
     }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
-    if (d < dim) O::element(w[d], state, g[k], d, dim, p, step_size, row);
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t d = lane + static_cast<int64_t>(k) * kWarp;
+      if (d < dim) O::element(w[d], state, g[k], d, dim, p, step_size, row);
+    }
   }
 }
 

@@ -127,6 +127,7 @@ struct UpdateBase {
   static constexpr bool kRowState = false;
   static constexpr bool kPreNorms = false;
   static constexpr bool kPostNorms = false;
+  static constexpr bool kBiasCorrection = false;  // reads p.step (which must then be >= 1)
 };
 
 struct SgdUpdate : UpdateBase {
@@ -157,6 +158,7 @@ struct RowWiseAdagradUpdate : UpdateBase {  // FBGEMM's EXACT_ROWWISE_ADAGRAD
 };
 
 struct AdamUpdate : UpdateBase {  // the lazy Adam of torch.optim.SparseAdam (only rows with a gradient move)
+  static constexpr bool kBiasCorrection = true;
   static int64_t state_dim(int64_t dim) { return 2 * dim; }
   RECIS_HD static void element(float& w, float* state, float g, int64_t d, int64_t dim, const OptimParams& p,
                                float step_size, float) {
@@ -176,6 +178,7 @@ struct AdamUpdate : UpdateBase {  // the lazy Adam of torch.optim.SparseAdam (on
 // divides by zero there).
 struct LambUpdate : UpdateBase {
   static constexpr bool kPostNorms = true;
+  static constexpr bool kBiasCorrection = true;
   static int64_t state_dim(int64_t dim) { return 2 * dim; }
   RECIS_HD static void element(float& w, float* state, float& g, int64_t d, int64_t dim, const OptimParams& p, float,
                                float) {

@@ -31,9 +31,9 @@ inline hashtable::OptimParams make_optim_params(const char* op, int64_t optimize
 #undef RECIS_HYPERPARAMETER_SET
   p.wd_mode = static_cast<hashtable::WeightDecayMode>(weight_decay_mode);
   p.step = step;
-  if (p.type == OptimType::kAdam || p.type == OptimType::kLamb) {
-    TORCH_CHECK(step >= 1, op, ": bias correction needs step >= 1, got ", step);
-  }
+  bool bias_corrected = false;  // as the optimizer's update declares it (optimizers.h)
+  hashtable::dispatch_optimizer(p.type, [&](auto opt) { bias_corrected = decltype(opt)::kBiasCorrection; });
+  TORCH_CHECK(!bias_corrected || step >= 1, op, ": bias correction needs step >= 1, got ", step);
   p.prepare();
   return p;
 }

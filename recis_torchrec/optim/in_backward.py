@@ -36,7 +36,7 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from recis_torchrec.optim.fused import SparseOptimizerConfig, WeightDecayMode, parse_fused_params
-from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, HYPERPARAMETERS, optimizer_classes
+from recis_torchrec.optim.registry import BY_EMB_OPTIM_TYPE, HYPERPARAMETERS, OPTIMIZERS, optimizer_classes
 
 
 # Arguments with no fused equivalent, accepted at their neutral value only.
@@ -72,7 +72,7 @@ def fused_params_from_optimizer(optimizer_class: type, kwargs: Mapping[str, Any]
     if definition is None:
         raise ValueError(
             f"{where}: apply_optimizer_in_backward({name}) cannot be fused into hash tables; supported: "
-            "torch.optim.SGD/Adagrad/Adam/AdamW and torchrec.optim.SGD/Adagrad/Adam/RowWiseAdagrad/LAMB/LarsSGD"
+            + ", ".join(sorted(c for d in OPTIMIZERS.values() for c in d.optimizer_classes))
         )
     where = f"{where}: apply_optimizer_in_backward({name})"
     target = definition.emb_optim_types[0]

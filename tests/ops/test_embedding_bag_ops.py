@@ -177,6 +177,13 @@ def test_layout_errors_name_the_problem():
         ops.sparse_update(t, torch.tensor([1, 1, 2]), torch.zeros(3, 4), update_args(OPTIM_SGD, 0.1, 1e-8, 0.9, 0.99, 0, 0, [1]))
     with pytest.raises(RuntimeError, match="unknown optimizer code 9"):
         ops.sparse_update(t, rows.sort().values, torch.zeros(3, 4), update_args(9, 0.1, 1e-8, 0.9, 0.99, 0, 0, [1]))
+    # The optimizers whose update is bias-corrected (as optimizers.h declares them) need a step count.
+    from recis_torchrec.ops.constants import OPTIMIZERS
+
+    for code in (OPTIM_ADAM, OPTIMIZERS["lamb"]):
+        with pytest.raises(RuntimeError, match="bias correction needs step >= 1, got 0"):
+            ops.sparse_update(t, rows.sort().values, torch.zeros(3, 4), update_args(code, 0.1, 1e-8, 0.9, 0.99, 0, 0, [0]))
+    ops.sparse_update(t, rows.sort().values, torch.zeros(3, 4), update_args(OPTIM_SGD, 0.1, 1e-8, 0.9, 0.99, 0, 0, [0]))
 
 
 def _opcheck_case():
