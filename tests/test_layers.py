@@ -31,3 +31,14 @@ def test_an_import_the_wrong_way_breaks_the_layers(tmp_path):
     done = lint(str(tmp_path))
     assert done.returncode != 0
     assert "recis_torchrec.ops.hashtable -> recis_torchrec.modules.kjt" in done.stdout, done.stdout
+
+
+def test_the_shipped_extension_holds_no_benchmark_code():
+    """Benchmark baselines (``benchmarks/csrc``) are built by the benchmarks, not into ``recis_torchrec._C``."""
+    import torch
+
+    from recis_torchrec._ext import C
+
+    with open(C.__file__, "rb") as f:
+        assert b"recis_bench" not in f.read()
+    assert not hasattr(torch.ops.recis_bench, "unordered_map")

@@ -2,7 +2,8 @@
 //
 // recis-serve: serves an inference package (recis_torchrec.inference.export(...,
 // aot_inductor=True)) from C++, without Python. It verifies the package against
-// its manifest (the manifest's own checksum, then each file's size and XXH64),
+// its manifest (the XXH64 of manifest.json's bytes, kept in manifest.xxh64, then
+// each file's size and XXH64; JSON is read with nlohmann-json),
 // loads the hash tables from their safetensors shards into the serving lookup
 // library (csrc/ops/serving.h), loads the AOTInductor-compiled dense program,
 // and for a batch file (recis_torchrec.inference.write_batch) looks the ids up,
@@ -25,8 +26,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -35,16 +38,86 @@
 #include "../hashtable/initializer.h"
 #include "../hashtable/xxhash64.h"
 #include "../ops/serving.h"
-#include "json.h"
+#include <nlohmann/json.hpp>
 
 namespace recis {
 namespace serve {
 
-using json::Value;
-
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+};
+
+using Json = nlohmann::json;
+
+Json parse_json(const std::string& text, const std::string& where) {
+  try {
+    return Json::parse(text);
+  } catch (const Json::parse_error& e) {
+    throw Error(where + ": malformed JSON (" + e.what() + ")");
+  }
+}
+
+// A read-only view of a parsed document (nlohmann::json) whose accessors name the place in the
+// package a missing key or a wrong type is at ("table 'x': no \"dim\" entry"): nlohmann's own
+// exceptions say what went wrong but not in which file or entry.
+class Value {
+ public:
+  explicit Value(const Json* v) : v_(v) {}
+
+  bool is_null() const { return v_->is_null(); }
+  bool is_string() const { return v_->is_string(); }
+  std::optional<Value> find(const std::string& key) const {
+    if (!v_->is_object()) return std::nullopt;
+    const auto it = v_->find(key);
+    if (it == v_->end()) return std::nullopt;
+    return Value(&*it);
+  }
+  Value at(const std::string& key, const std::string& where) const {
+    if (!v_->is_object()) throw Error(where + ": expected an object, got " + v_->dump());
+    const auto v = find(key);
+    if (!v) throw Error(where + ": no \"" + key + "\" entry");
+    return *v;
+  }
+  const std::string& as_string(const std::string& where) const {
+    if (!v_->is_string()) throw Error(where + ": expected a string, got " + v_->dump());
+    return v_->get_ref<const std::string&>();
+  }
+  int64_t as_int(const std::string& where) const {
+    if (v_->is_number_unsigned() && v_->get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      throw Error(where + ": integer out of range: " + v_->dump());
+    }
+    if (!v_->is_number_integer()) throw Error(where + ": expected an integer, got " + v_->dump());
+    return v_->get<int64_t>();
+  }
+  // A 64-bit pattern (a seed) written as a signed or an unsigned integer: its bits.
+  int64_t as_bits64(const std::string& where) const {
+    if (v_->is_number_unsigned()) return static_cast<int64_t>(v_->get<uint64_t>());
+    return as_int(where);
+  }
+  double as_double(const std::string& where) const {
+    if (!v_->is_number()) throw Error(where + ": expected a number, got " + v_->dump());
+    return v_->get<double>();
+  }
+  bool as_bool(const std::string& where) const {
+    if (!v_->is_boolean()) throw Error(where + ": expected true or false, got " + v_->dump());
+    return v_->get<bool>();
+  }
+  std::vector<Value> as_array(const std::string& where) const {
+    if (!v_->is_array()) throw Error(where + ": expected an array, got " + v_->dump());
+    std::vector<Value> out;
+    for (const Json& item : *v_) out.emplace_back(&item);
+    return out;
+  }
+  std::vector<std::pair<std::string, Value>> members(const std::string& where) const {
+    if (!v_->is_object()) throw Error(where + ": expected an object, got " + v_->dump());
+    std::vector<std::pair<std::string, Value>> out;
+    for (const auto& [k, item] : v_->items()) out.emplace_back(k, Value(&item));
+    return out;
+  }
+
+ private:
+  const Json* v_;
 };
 
 std::string read_file(const std::string& path) {
@@ -74,7 +147,7 @@ std::string verified(const std::string& dir, const Value& entry, const std::stri
     throw Error(path + ": " + std::to_string(data.size()) + " bytes but the manifest says " + std::to_string(want) +
                 " (truncated?)");
   }
-  if (const Value* sum = entry.find("xxh64_file")) {
+  if (const auto sum = entry.find("xxh64_file")) {
     if (hex16(hashtable::xxh64(data.data(), data.size(), 0)) != sum->as_string(what)) {
       throw Error(path + ": checksum mismatch (the file is corrupt)");
     }
@@ -108,12 +181,13 @@ Tensors parse_safetensors(const std::string& data, const std::string& where) {
   uint64_t n = 0;
   std::memcpy(&n, data.data(), 8);
   if (n > data.size() - 8) throw Error(where + ": not a safetensors file (header length " + std::to_string(n) + ")");
-  const Value header = json::parse(data.substr(8, n), where + " (header)");
+  const Json doc = parse_json(data.substr(8, n), where + " (header)");
+  const Value header(&doc);
   const size_t base = 8 + n;
   Tensors out;
-  for (const auto& [name, info] : header.members) {
+  for (const auto& [name, info] : header.members(where)) {
     if (name == "__metadata__") {
-      for (const auto& [k, v] : info.members) out.metadata[k] = v.as_string(where + " metadata");
+      for (const auto& [k, v] : info.members(where)) out.metadata[k] = v.as_string(where + " metadata");
       continue;
     }
     const std::string what = where + ": tensor " + name;
@@ -204,7 +278,7 @@ Table load_table(const std::string& dir, const std::string& key, const Value& en
     }
     t.init_a = init.at("a", what).as_double(what);
     t.init_b = init.at("b", what).as_double(what);
-    t.init_seed = init.at("seed", what).as_int(what);
+    t.init_seed = init.at("seed", what).as_bits64(what);
   }
   return t;
 }
@@ -270,31 +344,40 @@ Features split(const std::vector<std::string>& keys, const at::Tensor& raw_value
 
 class Runner {
  public:
+  Runner(const Runner&) = delete;  // manifest_ points into doc_
+  Runner& operator=(const Runner&) = delete;
   explicit Runner(const std::string& dir) : dir_(dir) {
     const std::string file = dir + "/manifest.json";
-    manifest_ = json::parse(read_file(file), file);
-    const std::string& sum = manifest_.at("xxh64", file).as_string(file);
-    const std::string body = manifest_.canonical("xxh64");
-    if (hex16(hashtable::xxh64(body.data(), body.size(), 0)) != sum) {
+    // The checksum is of the file's bytes (manifest.xxh64, beside it), checked before they are parsed.
+    const std::string data = read_file(file);
+    const std::string sidecar = dir + "/manifest.xxh64";
+    if (!std::ifstream(sidecar)) {
+      throw Error(sidecar + ": missing (a package written before the manifest's checksum moved there, or an "
+                  "incomplete copy): export it again");
+    }
+    std::string sum = read_file(sidecar);
+    while (!sum.empty() && (sum.back() == '\n' || sum.back() == '\r' || sum.back() == ' ')) sum.pop_back();
+    if (hex16(hashtable::xxh64(data.data(), data.size(), 0)) != sum) {
       throw Error(file + ": checksum mismatch (the manifest was edited or is corrupt)");
     }
+    doc_ = parse_json(data, file);
     if (manifest_.at("kind", file).as_string(file) != "inference") throw Error(file + ": not an inference manifest");
     if (manifest_.at("format", file).as_int(file) != kFormatVersion) throw Error(file + ": unsupported package format");
     warn_on_torch_version(file);
-    const Value* aoti = manifest_.find("aoti_program");
-    const Value* plan = manifest_.find("serving_inputs");
-    if (aoti == nullptr || plan == nullptr) {
+    const auto aoti = manifest_.find("aoti_program");
+    const auto plan = manifest_.find("serving_inputs");
+    if (!aoti || !plan) {
       throw Error(dir + ": the package has no AOTInductor program (export with aot_inductor=True)");
     }
     const bool zero = manifest_.at("unseen", file).as_string(file) == "zero";
-    for (const auto& [key, entry] : manifest_.at("tables", file).members) {
+    for (const auto& [key, entry] : manifest_.at("tables", file).members(file)) {
       tables_.emplace(key, load_table(dir, key, entry, zero));
     }
     for (const Value& m : manifest_.at("modules", file).as_array(file)) {
-      modules_[m.at("path", file).as_string(file)] = &m;
+      modules_.emplace(m.at("path", file).as_string(file), m);
     }
     plan_ = plan;
-    if (const Value* request = manifest_.find("request")) request_ = parse_request(*request);
+    if (const auto request = manifest_.find("request")) request_ = parse_request(*request);
     verified(dir, *aoti, "the AOTInductor program");
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         dir + "/" + aoti->at("file", file).as_string(file));
@@ -304,8 +387,8 @@ class Runner {
   // one this runner is built with may not load, or may run differently; say so, naming both.
   void warn_on_torch_version(const std::string& file) const {
     std::string made;
-    if (const Value* versions = manifest_.find("versions")) {
-      if (const Value* t = versions->find("torch"); t != nullptr && t->kind == Value::Kind::kString) made = t->str;
+    if (const auto versions = manifest_.find("versions")) {
+      if (const auto t = versions->find("torch"); t && t->is_string()) made = t->as_string("versions");
     }
     const std::string here = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
     const size_t second_dot = made.find('.', made.find('.') + 1);
@@ -375,7 +458,7 @@ class Runner {
         {"float32", at::kFloat}, {"float64", at::kDouble}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16},
         {"int64", at::kLong},    {"int32", at::kInt},      {"uint8", at::kByte},  {"bool", at::kBool}};
     std::vector<InputSpec> out;
-    for (const auto& [name, want] : request.at("tensors", where).members) {
+    for (const auto& [name, want] : request.at("tensors", where).members(where)) {
       InputSpec in{std::stoll(name), name, want.at("dtype", where).as_string(where), at::kFloat, {},
                    want.at("batch", where).as_bool(where)};
       const auto it = dtypes.find(in.dtype_name);
@@ -415,10 +498,10 @@ class Runner {
   }
 
  private:
-  const Value& module(const std::string& path) const {
+  Value module(const std::string& path) const {
     const auto it = modules_.find(path);
     if (it == modules_.end()) throw Error("the manifest has no module '" + path + "'");
-    return *it->second;
+    return it->second;
   }
   const Table& table(const std::string& key) const {
     const auto it = tables_.find(key);
@@ -428,7 +511,7 @@ class Runner {
 
   // An EmbeddingBagCollection's output values: every feature's pooled bags, side by side.
   at::Tensor ebc(const std::string& path, const Features& kjt) const {
-    const Value& m = module(path);
+    const Value m = module(path);
     const std::string where = "module '" + path + "'";
     const bool weighted = m.at("weighted", where).as_bool(where);
     std::vector<at::Tensor> cols;
@@ -446,7 +529,7 @@ class Runner {
 
   // A field of an EmbeddingCollection's JaggedTensor for one embedding name.
   at::Tensor ec(const std::string& path, const std::string& emb, const std::string& field, const Features& kjt) const {
-    const Value& m = module(path);
+    const Value m = module(path);
     const std::string where = "module '" + path + "'";
     for (const Value& f : m.at("features", where).as_array(where)) {
       const auto& v = f.as_array(where);  // feature, embedding name, table key, dim
@@ -464,11 +547,12 @@ class Runner {
   }
 
   std::string dir_;
-  Value manifest_;
-  const Value* plan_ = nullptr;
+  Json doc_;
+  Value manifest_{&doc_};
+  std::optional<Value> plan_;
   std::vector<InputSpec> request_;  // empty for a package from before the spec was written
   std::map<std::string, Table> tables_;
-  std::map<std::string, const Value*> modules_;
+  std::map<std::string, Value> modules_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
 };
 
@@ -485,7 +569,8 @@ Batch read_batch(const std::string& path) {
   Tensors t = parse_safetensors(read_file(path), path);
   const auto it = t.metadata.find("recis_inputs");
   if (it == t.metadata.end()) throw Error(path + ": not a batch file (no recis_inputs metadata)");
-  const Value inputs = json::parse(it->second, path + " (recis_inputs)");
+  const Json doc = parse_json(it->second, path + " (recis_inputs)");
+  const Value inputs(&doc);
   Batch b;
   bool have_kjt = false;
   for (const Value& in : inputs.as_array(path)) {

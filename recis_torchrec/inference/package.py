@@ -24,6 +24,7 @@ from recis_torchrec import __version__ as _version
 from recis_torchrec._serial import DictConfig
 from recis_torchrec.checkpoint.files import (
     CheckpointError,
+    checksum,
     file_checksum,
     index_checksum,
     read_index,
@@ -566,8 +567,7 @@ def export(
             manifest["aoti_program"] = {"file": AOTI_FILE, "bytes": os.path.getsize(aoti),
                                         "xxh64_file": file_checksum(aoti)}
             manifest["serving_inputs"] = serving_inputs
-        manifest["xxh64"] = index_checksum(manifest)
-        write_json(os.path.join(tmp, "manifest.json"), manifest)
+        write_manifest(tmp, manifest)
         _check_package(tmp, manifest, specs, example_inputs, reference, quantize, aoti is not None,
                        served if unseen == "init" else None)
         if os.path.isdir(path):
@@ -649,19 +649,44 @@ def _table_from_files(directory: str, key: str, entry: Dict[str, Any], unseen: s
     return ServingTable.build(key, dim, fmt, ids, rows, init)
 
 
+MANIFEST_FILE = "manifest.json"
+# The XXH64 of manifest.json's bytes, as 16 hex digits: a reader checks the bytes it parses, so no
+# reader (the C++ runner included) needs to re-serialise the document the way Python's json does.
+MANIFEST_CHECKSUM_FILE = "manifest.xxh64"
+
+
+def write_manifest(path: str, manifest: Dict[str, Any]) -> None:
+    """``manifest.json`` and its checksum sidecar, both fsync'd."""
+    write_json(os.path.join(path, MANIFEST_FILE), manifest)
+    digest = file_checksum(os.path.join(path, MANIFEST_FILE))
+    with open(os.path.join(path, MANIFEST_CHECKSUM_FILE), "w") as f:
+        f.write(digest + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_manifest(path: str) -> Dict[str, Any]:
-    """A package's manifest, verified against its checksum."""
-    file = os.path.join(path, "manifest.json")
+    """A package's manifest, verified against its checksum (``manifest.xxh64``, the XXH64 of the
+    file's bytes; a package from before that sidecar carries the checksum of its canonical JSON in its
+    ``xxh64`` field, which is checked instead)."""
+    file = os.path.join(path, MANIFEST_FILE)
     if not os.path.exists(file):
         raise InferenceError(f"{path}: not an inference package (no manifest.json)")
+    sidecar = os.path.join(path, MANIFEST_CHECKSUM_FILE)
     try:
-        with open(file) as f:
-            manifest = json.load(f)
+        with open(file, "rb") as f:
+            data = f.read()
+        manifest = json.loads(data)
+        want = open(sidecar).read().strip() if os.path.exists(sidecar) else None
     except (OSError, ValueError) as e:
         raise InferenceError(f"{file}: unreadable ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("kind") != "inference":
         raise InferenceError(f"{file}: not an inference manifest")
-    if manifest.get("xxh64") != index_checksum(manifest):
+    if want is not None:
+        ok = checksum(data) == want
+    else:
+        ok = "xxh64" in manifest and manifest["xxh64"] == index_checksum(manifest)
+    if not ok:
         raise InferenceError(f"{file}: checksum mismatch (the manifest was edited or is corrupt)")
     if manifest.get("format") != FORMAT_VERSION:
         raise InferenceError(f"{file}: package format {manifest.get('format')} is not supported")

@@ -42,7 +42,20 @@ def _flags() -> List[str]:
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     if os.environ.get("RECIS_PORTABLE", "0") != "1" and platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")  # as the extension is built (setup.py)
-    return flags + [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{CSRC}"]
+    return flags + [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{CSRC}", f"-I{_json_include()}"]
+
+
+def _json_include() -> str:
+    """nlohmann-json's headers, from its pinned PyPI package (found without importing it: its
+    ``get_include`` needs ``importlib_resources``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nlohmann_json")
+    include = os.path.join(spec.submodule_search_locations[0], "include") if spec else ""
+    if not os.path.exists(os.path.join(include, "nlohmann", "json.hpp")):
+        raise RunnerError("nlohmann-json is not installed (the runner reads JSON with it): "
+                          "pip install -r .ci/requirements.txt (make setup does)")
+    return include
 
 
 def build(cxx: Optional[str] = None, verbose: bool = False) -> str:

@@ -105,6 +105,19 @@ def test_a_bad_package_or_batch_is_named_by_the_runner(packages, tmp_path):
     open(os.path.join(p, "manifest.json"), "w").write(text.replace(f'"rows": {n}', f'"rows": {n + 1}', 1))
     out, err = serve(p, batch_file)
     assert out is None and "checksum mismatch (the manifest was edited" in err, err
+    shutil.rmtree(p)
+
+    # The checksum is of the file's bytes: a space appended is refused; a missing sidecar is named.
+    p = copy_package(packages, tmp_path)
+    with open(os.path.join(p, "manifest.json"), "a") as f:
+        f.write(" ")
+    out, err = serve(p, batch_file)
+    assert out is None and "checksum mismatch (the manifest was edited" in err, err
+    shutil.rmtree(p)
+    p = copy_package(packages, tmp_path)
+    os.remove(os.path.join(p, "manifest.xxh64"))
+    out, err = serve(p, batch_file)
+    assert out is None and "manifest.xxh64: missing" in err and "export it again" in err, err
 
     # The same edit with a matching checksum: the table's files disagree, and the table is named.
     shutil.rmtree(p)

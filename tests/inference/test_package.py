@@ -93,15 +93,12 @@ torch.save([predictor(*r) for r in reqs], sys.argv[3])
 
 def rewrite_manifest(package, change):
     """Edits a package's manifest consistently (its checksum recomputed), as a buggy writer would."""
-    from recis_torchrec.checkpoint.files import index_checksum
+    from recis_torchrec.inference.package import write_manifest
 
-    path = os.path.join(package, "manifest.json")
-    with open(path) as f:
+    with open(os.path.join(package, "manifest.json")) as f:
         manifest = json.load(f)
     change(manifest)
-    manifest["xxh64"] = index_checksum(manifest)
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
+    write_manifest(package, manifest)
 
 
 def predict_in_subprocess(package, reqs, tmp_path):
@@ -234,6 +231,31 @@ def test_an_edited_manifest_and_a_corrupt_program_are_refused(package_dir, tmp_p
         inference.load(dst2)
     with pytest.raises(InferenceError, match="not an inference package"):
         inference.load(str(tmp_path))
+
+
+def test_the_manifest_checksum_covers_its_bytes_and_older_packages_still_load(package_dir, tmp_path):
+    from recis_torchrec.checkpoint.files import index_checksum
+
+    # One byte of the file changed, the document unchanged (a space): refused, as the checksum is of the bytes.
+    dst, _ = copy_of(package_dir, tmp_path)
+    path = os.path.join(dst, "manifest.json")
+    with open(path, "ab") as f:
+        f.write(b" ")
+    with pytest.raises(InferenceError, match="manifest.json: checksum mismatch"):
+        inference.load(dst)
+    # A package written before the sidecar: its checksum is of the canonical JSON, in the manifest.
+    old, manifest = copy_of(package_dir, tmp_path / "old")
+    os.remove(os.path.join(old, "manifest.xxh64"))
+    with pytest.raises(InferenceError, match="manifest.json: checksum mismatch"):
+        inference.load(old)  # no sidecar and no embedded checksum
+    manifest["xxh64"] = index_checksum(manifest)
+    json.dump(manifest, open(os.path.join(old, "manifest.json"), "w"))
+    dense, kjt = requests("bag", 1)[0]
+    assert torch.equal(inference.load(old)(dense, kjt), inference.load(package_dir)(dense, kjt))
+    manifest["unseen"] = "zero"
+    json.dump(manifest, open(os.path.join(old, "manifest.json"), "w"))
+    with pytest.raises(InferenceError, match="manifest.json: checksum mismatch"):
+        inference.load(old)
 
 
 def test_requests_missing_a_feature_or_with_two_kjts_are_named(package_dir):
