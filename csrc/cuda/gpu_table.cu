@@ -73,11 +73,18 @@ __device__ int64_t probe_find(const IdMapView& m, int64_t key) {
 }
 
 // The row of `key`, inserting it (with its initial row) if absent. The host
-// keeps the load factor <= 0.5 and enough row blocks for every key of the launch.
+// keeps the load factor <= 0.5 and enough row blocks for every key of the launch,
+// so a probe finds an empty slot; should it not (a table used against its lock),
+// the probe stops after one pass over the slots, returns -1 and counts a failure
+// in count[1] (find_or_insert raises on it) instead of spinning forever.
 __device__ int64_t probe_insert(const IdMapView& m, int64_t key, unsigned long long* count, RowAddr addr,
                                 int64_t dim, int64_t state_dim, InitSpec init) {
   uint64_t s = mix64(static_cast<uint64_t>(key)) & m.mask;
-  for (;;) {
+  for (uint64_t probes = 0;; ++probes) {
+    if (probes > m.mask) {
+      atomicAdd(count + 1, 1ULL);
+      return -1;
+    }
     uint32_t st = load_state(m.state + s);
     if (st == kEmpty) {
       if (atomicCAS(m.state + s, kEmpty, kClaiming) == kEmpty) {
@@ -416,10 +423,15 @@ void device_free(void* p, cudaStream_t stream) {
 
 // A table's own arrays, used from any stream: every free of one is preceded by a
 // device synchronisation (growth, destruction), so no launch still reads it.
+// Allocated on `stream`, the stream that first writes them: torch's caching
+// allocator hands out a block on a stream only once the work queued on that
+// stream before its free is behind it, so memory taken from another stream's pool
+// (the default stream's, while the caller runs on a side stream) could still be
+// written by that stream's queued work after ours.
 template <typename T>
-T* table_alloc(int64_t n, const char* what) {
+T* table_alloc(int64_t n, cudaStream_t stream, const char* what) {
   const size_t bytes = static_cast<size_t>(n > 0 ? n : 1) * sizeof(T);
-  if (g_allocator != nullptr) return static_cast<T*>(g_allocator->allocate(bytes, nullptr));
+  if (g_allocator != nullptr) return static_cast<T*>(g_allocator->allocate(bytes, stream));
   void* p = nullptr;
   check(cudaMalloc(&p, bytes), what);
   return static_cast<T*>(p);
@@ -447,8 +459,8 @@ GpuHashTable::GpuHashTable(const GpuTableConfig& config) : config_(config) {
   }
   if (config.block_rows <= 0) throw std::invalid_argument("recis CUDA table: block_rows must be > 0");
   check(cudaSetDevice(config.device), "cudaSetDevice");
-  d_count_ = table_alloc<unsigned long long>(1, "row counter");
-  check(cudaMemset(d_count_, 0, sizeof(unsigned long long)), "cudaMemset(row counter)");
+  d_count_ = table_alloc<unsigned long long>(2, nullptr, "row counter");  // rows handed out, failed inserts
+  check(cudaMemset(d_count_, 0, 2 * sizeof(unsigned long long)), "cudaMemset(row counter)");
   reserve_slots(config.initial_capacity > 0 ? config.initial_capacity : 1024, nullptr);
   reserve_rows(config.initial_capacity > 0 ? config.initial_capacity : 1, nullptr);
   // Everything above ran on the legacy stream; the table is ready for any stream after this.
@@ -485,14 +497,14 @@ void GpuHashTable::reserve_rows(int64_t rows, cudaStream_t stream) {
       check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&block), host, 0), "cudaHostGetDevicePointer");
       host_allocs_.push_back(host);
     } else {
-      block = table_alloc<float>(static_cast<int64_t>(bytes / sizeof(float)), "row block");
+      block = table_alloc<float>(static_cast<int64_t>(bytes / sizeof(float)), stream, "row block");
     }
     h_blocks_.push_back(block);
   }
   if (need > max_blocks_) {
     int64_t cap = max_blocks_ > 0 ? max_blocks_ : 16;
     while (cap < need) cap *= 2;
-    float** grown = table_alloc<float*>(cap, "block table");
+    float** grown = table_alloc<float*>(cap, stream, "block table");
     // No launch on any stream may still read the old table.
     check(cudaDeviceSynchronize(), "block table growth");
     table_free(d_blocks_);
@@ -510,9 +522,9 @@ void GpuHashTable::reserve_slots(int64_t keys, cudaStream_t stream) {
   int64_t slots = 1024;
   while (slots < 2 * keys) slots *= 2;  // load factor <= 0.5
   if (slots <= capacity_) return;
-  int64_t* keys_new = table_alloc<int64_t>(slots, "IdMap keys");
-  uint32_t* state_new = table_alloc<uint32_t>(slots, "IdMap state");
-  int64_t* rows_new = table_alloc<int64_t>(slots, "IdMap rows");
+  int64_t* keys_new = table_alloc<int64_t>(slots, stream, "IdMap keys");
+  uint32_t* state_new = table_alloc<uint32_t>(slots, stream, "IdMap state");
+  int64_t* rows_new = table_alloc<int64_t>(slots, stream, "IdMap rows");
   check(cudaMemsetAsync(state_new, 0, slots * sizeof(uint32_t), stream), "cudaMemset(IdMap state)");
   if (capacity_ > 0) {
     IdMapView from{d_keys_, d_state_, d_slot_row_, static_cast<uint64_t>(capacity_ - 1)};
@@ -549,10 +561,16 @@ void GpuHashTable::find_or_insert(const int64_t* ids, int64_t n, int64_t* rows, 
                                                    config_.init);
   check(cudaGetLastError(), "find_or_insert launch");
   // The one synchronisation point: the new row count sizes the next launch's reservations.
-  unsigned long long count = 0;
-  check(cudaMemcpyAsync(&count, d_count_, sizeof(count), cudaMemcpyDeviceToHost, stream), "row count copy");
+  unsigned long long count[2] = {0, 0};
+  check(cudaMemcpyAsync(count, d_count_, sizeof(count), cudaMemcpyDeviceToHost, stream), "row count copy");
   check(cudaStreamSynchronize(stream), "find_or_insert");
-  rows_ = static_cast<int64_t>(count);
+  rows_ = static_cast<int64_t>(count[0]);
+  if (count[1] != 0) {
+    check(cudaMemsetAsync(d_count_ + 1, 0, sizeof(unsigned long long), stream), "failure count reset");
+    throw std::runtime_error("recis CUDA table: " + std::to_string(count[1]) +
+                             " ids found no free slot (the table was changed by another call during this one); "
+                             "their rows are -1");
+  }
 }
 
 void GpuHashTable::export_ids(int64_t* ids, int64_t* rows, cudaStream_t stream) const {

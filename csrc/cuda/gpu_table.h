@@ -25,7 +25,7 @@
 // Initial rows are hashtable::init_element(key, j) (csrc/hashtable/initializer.h),
 // the CPU tables' function, so an id starts with the same row on either device.
 //
-// Host-device synchronisation: find_or_insert reads the row counter back (8
+// Host-device synchronisation: find_or_insert reads the row counter and the failed-insert count back (16
 // bytes) after its launch, to know when to add row blocks and grow the IdMap
 // before the next launch (one sync per call). Growth itself (rare) waits for
 // the whole device before it frees the old IdMap arrays or block table.
@@ -113,7 +113,7 @@ class GpuHashTable {
   int64_t* d_keys_ = nullptr;
   uint32_t* d_state_ = nullptr;
   int64_t* d_slot_row_ = nullptr;
-  unsigned long long* d_count_ = nullptr;
+  unsigned long long* d_count_ = nullptr;  // [0] rows handed out, [1] inserts that found no slot
   float** d_blocks_ = nullptr;
   std::vector<float*> h_blocks_;      // device-visible block pointers, as the kernels see them
   std::vector<float*> host_allocs_;  // host_rows: the pinned allocations

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -290,16 +292,15 @@ std::tuple<at::Tensor, at::Tensor> gpu_bucketize_by_owner(const at::Tensor& ids,
 // -- The shared ops (csrc/ops/schema.cpp) under the CUDA dispatch key ------------------
 //
 // The same ops as the CPU's, on CUDA tensors and CUDA tables. Host-device
-// synchronisation: the segment and feature boundaries (F + 1 values) are read
-// to the host once per call; find_or_insert reads the row counter back once per
+// synchronisation: the segment and feature boundaries (F + 1 values, read with
+// the offsets' and the given rows' range checks) are read to the host once per call; find_or_insert reads the row counter back once per
 // table (csrc/cuda/gpu_table.h). Nothing else waits for the device.
 
-// Host copies of `offsets` at the given bag indices.
-std::vector<int64_t> boundaries(const at::Tensor& offsets, int64_t num_features, int64_t batch) {
-  auto idx = at::arange(0, num_features * batch + 1, batch > 0 ? batch : 1, offsets.options());
-  if (batch == 0) idx = at::zeros({num_features + 1}, offsets.options());
-  const auto host = offsets.index_select(0, idx).cpu();
-  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+// The first index at which `bad` holds, or -1, as a 1-element int64 device tensor (no host sync).
+at::Tensor first_true(const at::Tensor& bad) {
+  const auto none = at::full({1}, -1, bad.options().dtype(at::kLong));
+  if (bad.numel() == 0) return none;
+  return at::where(bad.any(), bad.to(at::kInt).argmax().to(at::kLong), none);
 }
 
 std::vector<int64_t> host_values(const at::Tensor& t) {
@@ -340,25 +341,70 @@ struct CudaLayout {
   std::vector<int64_t> bounds;  // value offset of each feature's first bag, and the end
 };
 
+// The layout of a call's bags, checked as the CPU's check_bag_offsets checks it. One host copy: the
+// F + 1 feature boundaries, the first bag whose offsets decrease and (with `rows`, when the caller
+// gives rows rather than the op looking them up) the first row past its feature's table (a
+// negative row is an absent id, as on the CPU), the last two computed on the device. With offsets that start at 0, never
+// decrease and end at the number of values, every bag lies inside the values, so no kernel reads
+// outside ids, rows or weights.
 CudaLayout cuda_layout(const char* op, const at::Tensor& ids, const at::Tensor& offsets, at::IntArrayRef feature_table,
                        at::IntArrayRef feature_mode, at::IntArrayRef feature_col, at::IntArrayRef tables,
-                       int64_t out_dim) {
+                       int64_t out_dim, const at::Tensor* rows = nullptr) {
   check_cuda_1d(offsets, op, "offsets", at::kLong);
   CudaLayout l;
   l.num_features = static_cast<int64_t>(feature_table.size());
   TORCH_CHECK(l.num_features > 0 && feature_mode.size() == feature_table.size() &&
                   feature_col.size() == feature_table.size(),
               op, ": feature_table, feature_mode and feature_col must be non-empty and of one length");
-  TORCH_CHECK((offsets.numel() - 1) % l.num_features == 0, op, ": offsets has ", offsets.numel(),
+  const int64_t n = offsets.numel();
+  TORCH_CHECK(n >= 1 && (n - 1) % l.num_features == 0, op, ": offsets has ", n,
               " entries, which is not num_features * batch_size + 1");
-  l.batch = (offsets.numel() - 1) / l.num_features;
-  l.bounds = boundaries(offsets, l.num_features, l.batch);
-  TORCH_CHECK(l.bounds.front() == 0 && l.bounds.back() == ids.numel(), op, ": offsets run from ", l.bounds.front(),
-              " to ", l.bounds.back(), " over ", ids.numel(), " ids");
+  TORCH_CHECK(ids.device() == offsets.device(), op, ": offsets are on ", offsets.device(), ", the ids on ",
+              ids.device());
+  l.batch = (n - 1) / l.num_features;
   for (int64_t f = 0; f < l.num_features; ++f) {
     const int64_t t = feature_table[f];
     TORCH_CHECK(t >= -1 && t < static_cast<int64_t>(tables.size()), op, ": feature index ", f, " names table ", t);
-    TORCH_CHECK(l.bounds[f + 1] >= l.bounds[f], op, ": offsets decrease inside feature index ", f);
+  }
+  auto idx = at::arange(0, l.num_features * l.batch + 1, l.batch > 0 ? l.batch : 1, offsets.options());
+  if (l.batch == 0) idx = at::zeros({l.num_features + 1}, offsets.options());
+  std::vector<at::Tensor> parts{offsets.index_select(0, idx)};
+  parts.push_back(first_true(offsets.narrow(0, 1, n - 1) < offsets.narrow(0, 0, n - 1)));
+  if (rows != nullptr) {
+    TORCH_CHECK(rows->numel() == ids.numel(), op, ": ", rows->numel(), " rows for ", ids.numel(), " ids");
+    std::vector<int64_t> limit(l.num_features, std::numeric_limits<int64_t>::max());
+    for (int64_t f = 0; f < l.num_features; ++f) {
+      if (feature_table[f] >= 0) limit[f] = table_ptr(tables[feature_table[f]], op)->size();
+    }
+    if (l.batch > 0 && rows->numel() > 0) {
+      // Each value's feature, from its bag (found in offsets, which are checked to be sorted first).
+      const auto pos = at::arange(rows->numel(), offsets.options());
+      const auto bag = (at::searchsorted(offsets, pos, /*out_int32=*/false, /*right=*/true) - 1)
+                           .clamp_(0, l.num_features * l.batch - 1);
+      const auto limits = at::tensor(limit, at::kLong).to(offsets.device(), /*non_blocking=*/false);
+      const auto lim = limits.index_select(0, at::div(bag, l.batch, "floor"));
+      parts.push_back(first_true(*rows >= lim));
+    } else {
+      parts.push_back(at::full({1}, -1, offsets.options()));
+    }
+  }
+  const auto host = at::cat(parts).cpu();
+  const int64_t* h = host.data_ptr<int64_t>();
+  l.bounds.assign(h, h + l.num_features + 1);
+  const int64_t bad_bag = h[l.num_features + 1];
+  TORCH_CHECK(l.bounds.front() == 0, op, ": offsets[0] must be 0, got ", l.bounds.front());
+  TORCH_CHECK(bad_bag < 0, op, ": offsets decrease inside feature index ", l.batch > 0 ? bad_bag / l.batch : 0,
+              " (negative length at bag ", bad_bag, ")");
+  TORCH_CHECK(l.bounds.back() == ids.numel(), op, ": offsets end at ", l.bounds.back(), " but there are ",
+              ids.numel(), " values (lengths do not sum to the number of values)");
+  if (rows != nullptr && h[l.num_features + 2] >= 0) {
+    const int64_t i = h[l.num_features + 2];
+    const int64_t f = l.batch > 0 ? (std::upper_bound(l.bounds.begin(), l.bounds.end(), i) - l.bounds.begin()) - 1 : 0;
+    TORCH_CHECK(false, op, ": rows[", i, "] = ", (*rows)[i].item<int64_t>(), " is not a row of table ",
+                feature_table[f], " (feature index ", f, ")");
+  }
+  for (int64_t f = 0; f < l.num_features; ++f) {
+    const int64_t t = feature_table[f];
     if (t < 0) continue;
     TORCH_CHECK(feature_mode[f] == cuda::kPoolSum || feature_mode[f] == cuda::kPoolMean, op, ": feature index ", f,
                 " has pooling mode ", feature_mode[f]);
@@ -394,7 +440,9 @@ at::Tensor pooled_forward_cuda(at::IntArrayRef tables, const at::Tensor& ids, co
   const char* op = "recis::pooled_forward";
   check_cuda_1d(ids, op, "ids", at::kLong);
   c10::cuda::CUDAGuard guard(ids.device());
-  const CudaLayout l = cuda_layout(op, ids, offsets, feature_table, feature_mode, feature_col, tables, out_dim);
+  check_cuda_1d(rows, op, "rows", at::kLong);
+  const CudaLayout l =
+      cuda_layout(op, ids, offsets, feature_table, feature_mode, feature_col, tables, out_dim, &rows);
   auto out = at::zeros({l.batch, out_dim}, ids.options().dtype(at::kFloat));
   pool_features(tables, ids.contiguous(), rows.contiguous(), offsets.contiguous(), per_sample_weights, l,
                 feature_table, feature_mode, feature_col, out);
@@ -444,7 +492,7 @@ void pooled_backward_update_cuda(at::IntArrayRef tables, const at::Tensor& grad_
   TORCH_CHECK(steps.size() == tables.size(), op, ": steps must hold one update count per table");
   c10::cuda::CUDAGuard guard(rows.device());
   const CudaLayout l =
-      cuda_layout(op, rows, offsets, feature_table, feature_mode, feature_col, tables, grad_output.size(1));
+      cuda_layout(op, rows, offsets, feature_table, feature_mode, feature_col, tables, grad_output.size(1), &rows);
   const auto grad = grad_output.contiguous();
   // Per table, its features' bags as one list (their gradient columns stacked, offsets rebased), so
   // a row read by several features gets one optimizer update.

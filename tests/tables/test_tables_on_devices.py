@@ -125,3 +125,49 @@ def test_threads_on_one_table_each_see_the_table_as_a_lock_would(device):
     assert len(table) == 4 * 20 * 500 + 1  # the shared id -1 once
     everything = torch.cat(list(rows.values()))
     assert everything.unique().numel() == everything.numel()  # no two ids share a row
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_bad_kjt_or_bad_rows_raise_on_every_device(device):
+    """The checks the modules leave to the ops (``check_values=False``): offsets that decrease inside a
+    feature (a bag reaching outside the values), offsets that do not end at the number of values, and
+    rows that are not rows of their table raise, naming the problem, instead of reading out of bounds."""
+    from recis_torchrec.optim.fused import OPTIM_SGD
+    from tests.ops.test_embedding_bag_ops import update_args
+
+    table = make_table(device, dim=4)
+    ids = torch.tensor([1, 2, 3, 4], device=device)
+    rows = ops.find_or_insert(table, ids)
+    # Two features of batch 2 on one table; bag 1 of feature 0 claims values [5, 2) then [2, 4).
+    ft, modes, cols = [0, 0], [0, 0], [0, 4]
+    good = torch.tensor([0, 1, 2, 3, 4], device=device)
+    decreasing = torch.tensor([0, 5, 2, 3, 4], device=device)
+    short = torch.tensor([0, 1, 2, 3, 3], device=device)
+
+    def forward(offsets, r=rows):
+        return ops.pooled_forward([table], ids, r, offsets, None, ft, modes, cols, 8)
+
+    def lookup(offsets):
+        return ops.lookup_pooled_forward([table], ids, offsets, None, ft, modes, cols, 8, True)
+
+    def backward(offsets, r=rows):
+        ops.pooled_backward_update([table], torch.ones(2, 8, device=device), r, offsets, None, ft, modes, cols,
+                                   update_args(OPTIM_SGD, 0.1, 1e-8, 0.9, 0.99, 0.0, 0, [1]))
+
+    assert forward(good).shape == (2, 8)
+    for call in (forward, lookup, backward):
+        with pytest.raises(RuntimeError, match=r"offsets decrease inside feature index 0 \(negative length at bag 1\)"):
+            call(decreasing)
+        with pytest.raises(RuntimeError, match="lengths do not sum to the number of values"):
+            call(short)
+    bad = rows.clone()
+    bad[3] = 99
+    with pytest.raises(RuntimeError, match=r"rows\[3\] = 99 is not a row of table 0"):
+        forward(good, bad)
+    with pytest.raises(RuntimeError, match=r"is not a row of table 0"):
+        backward(good, bad)
+    bad[3] = -7  # any negative row is an absent id, as find returns -1: its initial row is pooled
+    absent = rows.clone()
+    absent[3] = -1
+    assert torch.equal(forward(good, bad), forward(good, absent))
+    assert torch.equal(ops.find(table, ids), rows)  # nothing was inserted or changed by the refused calls
