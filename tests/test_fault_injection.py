@@ -141,8 +141,8 @@ CASES = [
     ("fused unread key", fused({"optimizer": EmbOptimType.EXACT_SGD, "beta1": 0.5}), ValueError, "beta1"),
     ("fused decay without mode", fused({"optimizer": EmbOptimType.ADAM, "weight_decay": 0.1}), ValueError,
      "weight_decay_mode"),
-    ("fused unsupported type", fused({"optimizer": EmbOptimType.PARTIAL_ROWWISE_LAMB}), (ValueError, NotImplementedError),
-     "PARTIAL_ROWWISE_LAMB|partial_row_wise_lamb"),
+    ("fused unsupported type", fused({"optimizer": EmbOptimType.MADGRAD}), (ValueError, NotImplementedError),
+     "MADGRAD|madgrad"),
     # -- Schema --------------------------------------------------------------------------------------
     ("schema empty", lambda: Schema(), ValueError, "at least one dense or sparse"),
     ("schema weights key", lambda: Schema(sparse={"a": "a"}, weights={"b": "w"}), ValueError, r"\['b'\]"),

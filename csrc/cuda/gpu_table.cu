@@ -231,10 +231,11 @@ __device__ __forceinline__ void warp_update(float* w, float* state, float (&g)[k
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) sq += g[k] * g[k];  // zero beyond dim
     sq = warp_sum(sq);
-    const float m = O::row_state(state[0], sq, dim);
+    float* slot = state + O::row_slot(dim);
+    const float m = O::row_state(*slot, sq, dim, p);
     row = O::row_factor(m, p);
-    __syncwarp();  // every lane has read state[0]
-    if (lane == 0) state[0] = m;
+    __syncwarp();  // every lane has read the row's float
+    if (lane == 0) *slot = m;
   }
   if constexpr (O::kPreNorms) {
     float w2 = 0.0f;

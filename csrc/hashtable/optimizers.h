@@ -39,7 +39,9 @@ namespace hashtable {
   X(kRowWiseAdagrad, 2, "rowwise_adagrad")    \
   X(kAdam, 3, "adam")                         \
   X(kLamb, 4, "lamb")                         \
-  X(kLarsSgd, 5, "lars_sgd")
+  X(kLarsSgd, 5, "lars_sgd")                  \
+  X(kPartialRowWiseAdam, 6, "partial_rowwise_adam") \
+  X(kPartialRowWiseLamb, 7, "partial_rowwise_lamb")
 
 // Every hyperparameter an update reads, declared once: X(OptimParams field, FBGEMM's
 // fused_params name). The ops take them as one float[] in this order; Python reads the
@@ -111,9 +113,10 @@ RECIS_HD inline void apply_weight_decay(float& w, float& g, const OptimParams& p
 // gradient); `step_size` is p.adam_step_size() (hoisted out of the row loops).
 // Optional per-row passes (FBGEMM's split_precomputation / split_post_update),
 // run by the one row loop below (CPU) and its warp twin (csrc/cuda):
-// - kRowState: one state float per row: the caller sums g^2 over the row, calls
-//   row_state(state[0], sum) for its new value (stored once) and row_factor(new
-//   value) for the factor every element() receives as `row`.
+// - kRowState: one state float per row, at state[row_slot(dim)]: the caller sums
+//   g^2 over the row, calls row_state(that float, sum, dim, p) for its new value
+//   (stored once) and row_factor(new value, p) for the factor every element()
+//   receives as `row`.
 // - kPreNorms: the caller sums w^2 and g^2 over the row first; every element()
 //   receives pre_factor(sum w^2, sum g^2, p) as `row`.
 // - kPostNorms: element() leaves w as it is and writes the row's step direction
@@ -128,6 +131,7 @@ struct UpdateBase {
   static constexpr bool kPreNorms = false;
   static constexpr bool kPostNorms = false;
   static constexpr bool kBiasCorrection = false;  // reads p.step (which must then be >= 1)
+  RECIS_HD static int64_t row_slot(int64_t) { return 0; }  // kRowState: where the row's float is
 };
 
 struct SgdUpdate : UpdateBase {
@@ -150,7 +154,9 @@ struct AdagradUpdate : UpdateBase {  // torch.optim.Adagrad
 struct RowWiseAdagradUpdate : UpdateBase {  // FBGEMM's EXACT_ROWWISE_ADAGRAD
   static constexpr bool kRowState = true;
   static int64_t state_dim(int64_t) { return 1; }
-  RECIS_HD static float row_state(float m, float sum_sq, int64_t dim) { return m + sum_sq / static_cast<float>(dim); }
+  RECIS_HD static float row_state(float m, float sum_sq, int64_t dim, const OptimParams&) {
+    return m + sum_sq / static_cast<float>(dim);
+  }
   RECIS_HD static float row_factor(float m, const OptimParams& p) { return p.lr / (sqrtf(m) + p.eps); }
   RECIS_HD static void element(float& w, float*, float g, int64_t, int64_t, const OptimParams&, float, float row) {
     w -= row * g;
@@ -215,6 +221,47 @@ struct LarsSgdUpdate : UpdateBase {
   }
 };
 
+// FBGEMM's partial row-wise optimizers: the first moment per element (slot momentum1,
+// dim floats), the second one float per row after it (momentum2: the moving mean of
+// the row's g^2), both bias-corrected as FBGEMM does; weight decay always applied
+// (weight_decay_mode is not read). `row` is 1 / (sqrt(v_hat) + eps).
+struct PartialRowWiseBase : UpdateBase {
+  static constexpr bool kRowState = true;
+  static constexpr bool kBiasCorrection = true;
+  static int64_t state_dim(int64_t dim) { return dim + 1; }
+  RECIS_HD static int64_t row_slot(int64_t dim) { return dim; }
+  RECIS_HD static float row_state(float v, float sum_sq, int64_t dim, const OptimParams& p) {
+    return p.beta2 * v + (1.0f - p.beta2) * (sum_sq / static_cast<float>(dim));
+  }
+  RECIS_HD static float row_factor(float v, const OptimParams& p) { return 1.0f / (sqrtf(v * p.inv_bias2) + p.eps); }
+  RECIS_HD static float first_moment(float* m, float g, int64_t d, const OptimParams& p) {
+    const float md = p.beta1 * m[d] + (1.0f - p.beta1) * g;
+    m[d] = md;
+    return md * p.inv_bias1;
+  }
+};
+
+// FBGEMM's PARTIAL_ROWWISE_ADAM: w -= lr (m_hat / (sqrt(v_hat) + eps) + wd w).
+struct PartialRowWiseAdamUpdate : PartialRowWiseBase {
+  RECIS_HD static void element(float& w, float* state, float g, int64_t d, int64_t, const OptimParams& p, float,
+                               float row) {
+    w -= p.lr * (first_moment(state, g, d, p) * row + p.weight_decay * w);
+  }
+};
+
+// FBGEMM's PARTIAL_ROWWISE_LAMB: r = m_hat / (sqrt(v_hat) + eps) + wd w, and LAMB's trust
+// ratio: w -= lr ||w|| / ||r|| r (a zero r does not move its row).
+struct PartialRowWiseLambUpdate : PartialRowWiseBase {
+  static constexpr bool kPostNorms = true;
+  RECIS_HD static void element(float& w, float* state, float& g, int64_t d, int64_t, const OptimParams& p, float,
+                               float row) {
+    g = first_moment(state, g, d, p) * row + p.weight_decay * w;
+  }
+  RECIS_HD static float post_factor(float sum_w2, float sum_r2, const OptimParams& p) {
+    return LambUpdate::post_factor(sum_w2, sum_r2, p);
+  }
+};
+
 // fn(Update{}) for the optimizer of type t; returns false for an unknown type
 // (callers raise on false: an optimizer a device lacks is an error, never a no-op).
 // (Called with host lambdas by the CPU kernels and device lambdas by the CUDA ones: nvcc is told
@@ -242,6 +289,12 @@ RECIS_HD inline bool dispatch_optimizer(OptimType t, Fn&& fn) {
       return true;
     case OptimType::kLarsSgd:
       fn(LarsSgdUpdate{});
+      return true;
+    case OptimType::kPartialRowWiseAdam:
+      fn(PartialRowWiseAdamUpdate{});
+      return true;
+    case OptimType::kPartialRowWiseLamb:
+      fn(PartialRowWiseLambUpdate{});
       return true;
   }
   return false;
@@ -279,8 +332,9 @@ inline void update_row_with(float* __restrict w, float* __restrict state, float*
     float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
     for (int64_t d = 0; d < dim; ++d) sq += g[d] * g[d];
-    state[0] = O::row_state(state[0], sq, dim);
-    row = O::row_factor(state[0], p);
+    float& slot = state[O::row_slot(dim)];
+    slot = O::row_state(slot, sq, dim, p);
+    row = O::row_factor(slot, p);
   }
   if constexpr (O::kPreNorms) {
     float w2 = 0.0f;

@@ -140,6 +140,18 @@ OPTIMIZERS: Dict[str, OptimizerDef] = {
             "lamb", (EmbOptimType.LAMB,), (Slot("momentum1"), Slot("exp_avg_sq")),
             ("learning_rate", "eps", "beta1", "beta2", "weight_decay"), ("torchrec.optim.optimizers.LAMB",),
         ),
+        OptimizerDef(
+            # FBGEMM's PARTIAL_ROWWISE_ADAM: the second moment one float per row; weight_decay always applied.
+            "partial_rowwise_adam", (EmbOptimType.PARTIAL_ROWWISE_ADAM,),
+            (Slot("momentum1"), Slot("momentum2", per_element=False)),
+            ("learning_rate", "eps", "beta1", "beta2", "weight_decay"), ("torchrec.optim.optimizers.PartialRowWiseAdam",),
+        ),
+        OptimizerDef(
+            # FBGEMM's PARTIAL_ROWWISE_LAMB: LAMB with the second moment one float per row.
+            "partial_rowwise_lamb", (EmbOptimType.PARTIAL_ROWWISE_LAMB,),
+            (Slot("momentum1"), Slot("momentum2", per_element=False)),
+            ("learning_rate", "eps", "beta1", "beta2", "weight_decay"), ("torchrec.optim.optimizers.PartialRowWiseLAMB",),
+        ),
     )
 }
 assert set(OPTIMIZERS) == set(CODES), f"optim/registry.py and csrc/hashtable/optimizers.h disagree: {set(CODES)}"

@@ -119,7 +119,7 @@ def test_input_errors_name_the_feature():
     with pytest.raises(ValueError, match="has no weights"):
         hebc(KeyedJaggedTensor(keys=good.keys(), values=good.values(), lengths=lengths))
     with pytest.raises(ValueError, match="unsupported; supported"):
-        rt.HashEmbeddingBagCollection(configs(), fused_params={"optimizer": EmbOptimType.PARTIAL_ROWWISE_LAMB})
+        rt.HashEmbeddingBagCollection(configs(), fused_params={"optimizer": EmbOptimType.MADGRAD})
     with pytest.raises(ValueError, match="is not an EmbOptimType"):
         rt.HashEmbeddingBagCollection(configs(), fused_params={"optimizer": "rmsprop"})
     with pytest.raises(ValueError, match="unsupported keys \\['lr'\\]"):

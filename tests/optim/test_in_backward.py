@@ -75,6 +75,12 @@ CASES = [
     # TorchRec's LarsSGD placeholder: its momentum is LARS's (plain SGD's has no fused form).
     (trec_optim.LarsSGD, {"lr": 0.5, "eta": 0.05, "momentum": 0.8, "weight_decay": 0.05},
      {"optimizer": EmbOptimType.LARS_SGD, "learning_rate": 0.5, "eta": 0.05, "momentum": 0.8, "weight_decay": 0.05}),
+    # TorchRec's partial row-wise placeholders: FBGEMM's formulas, weight_decay applied by the update itself.
+    (trec_optim.PartialRowWiseAdam, {"lr": 0.05, "eps": 1e-6, "beta2": 0.99, "weight_decay": 0.1},
+     {"optimizer": EmbOptimType.PARTIAL_ROWWISE_ADAM, "learning_rate": 0.05, "eps": 1e-6, "beta2": 0.99,
+      "weight_decay": 0.1}),
+    (trec_optim.PartialRowWiseLAMB, {"lr": 0.05, "eps": 1e-6, "beta1": 0.8},
+     {"optimizer": EmbOptimType.PARTIAL_ROWWISE_LAMB, "learning_rate": 0.05, "eps": 1e-6, "beta1": 0.8}),
 ]
 
 
@@ -130,8 +136,6 @@ def test_fused_params_that_agree_combine_and_ones_that_disagree_raise():
 @pytest.mark.parametrize(
     "cls,kwargs,match",
     [
-        (trec_optim.PartialRowWiseAdam, {"lr": 0.1}, "PartialRowWiseAdam.*cannot be fused"),
-        (trec_optim.PartialRowWiseLAMB, {"lr": 0.1}, "PartialRowWiseLAMB.*cannot be fused"),
         (torch.optim.RMSprop, {"lr": 0.1}, "RMSprop.*cannot be fused"),
         (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, "momentum=0.9"),
         (trec_optim.SGD, {"lr": 0.1, "nesterov": True}, "nesterov=True"),

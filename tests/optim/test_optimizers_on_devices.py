@@ -35,6 +35,12 @@ OPTIMIZERS = {
     "lamb": {"optimizer": EmbOptimType.LAMB, "learning_rate": 0.05, "eps": 1e-6},
     "lamb_wd": {"optimizer": EmbOptimType.LAMB, "learning_rate": 0.05, "eps": 1e-6, "beta1": 0.8, "beta2": 0.99,
                 "weight_decay": 0.1},
+    "partial_rowwise_adam": {"optimizer": EmbOptimType.PARTIAL_ROWWISE_ADAM, "learning_rate": 0.05, "eps": 1e-6},
+    "partial_rowwise_adam_wd": {"optimizer": EmbOptimType.PARTIAL_ROWWISE_ADAM, "learning_rate": 0.05, "eps": 1e-6,
+                                "beta1": 0.8, "beta2": 0.99, "weight_decay": 0.1},
+    "partial_rowwise_lamb": {"optimizer": EmbOptimType.PARTIAL_ROWWISE_LAMB, "learning_rate": 0.05, "eps": 1e-6},
+    "partial_rowwise_lamb_wd": {"optimizer": EmbOptimType.PARTIAL_ROWWISE_LAMB, "learning_rate": 0.05, "eps": 1e-6,
+                                "beta1": 0.8, "beta2": 0.99, "weight_decay": 0.1},
 }
 
 
@@ -58,6 +64,22 @@ def reference_lamb_rows(w, m, v, g, p, step):
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     r = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps) + wd * w
+    w_norm, r_norm = w.norm(dim=1, keepdim=True), r.norm(dim=1, keepdim=True)
+    ratio = torch.where(r_norm > 0, w_norm / r_norm, torch.zeros_like(r_norm))
+    return w - p["learning_rate"] * ratio * r, m, v
+
+
+def reference_partial_rowwise_rows(w, m, v, g, p, step, lamb):
+    """FBGEMM's PARTIAL_ROWWISE_ADAM and PARTIAL_ROWWISE_LAMB (fbgemm_gpu/codegen/genscript/optimizers.py,
+    partial_rowwise_adam() and partial_rowwise_lamb()) on the rows a batch touched: the first moment per
+    element, the second one per row (the moving mean of the row's g^2), both bias-corrected, weight
+    decay always applied; LAMB then scales the step per row by ||w|| / ||r||."""
+    b1, b2, eps, wd = p.get("beta1", 0.9), p.get("beta2", 0.999), p.get("eps", 1e-8), p.get("weight_decay", 0.0)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * (g * g).mean(dim=1)
+    r = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)[:, None] + wd * w
+    if not lamb:
+        return w - p["learning_rate"] * r, m, v
     w_norm, r_norm = w.norm(dim=1, keepdim=True), r.norm(dim=1, keepdim=True)
     ratio = torch.where(r_norm > 0, w_norm / r_norm, torch.zeros_like(r_norm))
     return w - p["learning_rate"] * ratio * r, m, v
@@ -134,6 +156,10 @@ class ReferenceTables:
             elif opt == EmbOptimType.LARS_SGD:
                 w, m = reference_lars_rows(w, self.m[c.name][touched], g, p)
                 self.m[c.name][touched] = m
+            elif opt in (EmbOptimType.PARTIAL_ROWWISE_ADAM, EmbOptimType.PARTIAL_ROWWISE_LAMB):
+                w, m, v = reference_partial_rowwise_rows(w, self.m[c.name][touched], self.row_m[c.name][touched], g, p,
+                                                         self.step, opt == EmbOptimType.PARTIAL_ROWWISE_LAMB)
+                self.m[c.name][touched], self.row_m[c.name][touched] = m, v
             elif opt == EmbOptimType.LAMB:
                 w, m, v = reference_lamb_rows(w, self.m[c.name][touched], self.v[c.name][touched], g, p, self.step)
                 self.m[c.name][touched], self.v[c.name][touched] = m, v
@@ -177,7 +203,8 @@ def train_against_reference(device, fused, pooling=PoolingType.SUM, weighted=Fal
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam", "lamb_wd", "lars_sgd_wd"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam", "lamb_wd", "lars_sgd_wd",
+                                       "partial_rowwise_adam_wd", "partial_rowwise_lamb_wd"])
 @pytest.mark.parametrize("dims", [(5, 37), (33, 3)])
 def test_dims_not_a_multiple_of_four_and_above_32(device, optimizer, dims):
     train_against_reference(device, OPTIMIZERS[optimizer], PoolingType.MEAN, True, dims=dims)
