@@ -69,6 +69,32 @@ def memory_per_id(size: Dict[str, int], dim: int = 64) -> Dict[str, float]:
     return out
 
 
+# TBE's bytes per row of optimizer state, as FBGEMM allocates it (momentum1/2), per dim.
+_TBE_STATE = {"EXACT_SGD": lambda d: 0, "EXACT_ROWWISE_ADAGRAD": lambda d: 1, "ADAM": lambda d: 2 * d}
+
+
+def memory_breakdown(n: int, dims=(16, 64, 128)) -> List[Dict[str, Any]]:
+    """Bytes per id of one float32 table of ``n`` ids, by what holds them (``info()['memory']``),
+    for each optimizer and dim, against FBGEMM TBE's E x (D + state) x 4 for the same rows."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    out = []
+    ids = torch.arange(n, dtype=torch.int64) * 7919 + 13
+    for opt, tbe_state in _TBE_STATE.items():
+        for dim in dims:
+            cfg = [EmbeddingBagConfig(name="t0", embedding_dim=dim, num_embeddings=n, feature_names=["f0"])]
+            table = rt.HashEmbeddingBagCollection(
+                cfg, fused_params={"optimizer": EmbOptimType[opt], "learning_rate": 0.01}).tables()["t0"]
+            table.find_or_insert(ids)
+            info = table.info()
+            parts = {k: v / n for k, v in info["memory"].items()}
+            tbe = (dim + tbe_state(dim)) * 4
+            out.append({"optimizer": opt, "dim": dim, "per_id": parts, "total": info["memory_bytes"] / n,
+                        "tbe": tbe, "ratio": info["memory_bytes"] / n / tbe, "row_bytes": info["row_bytes"]})
+            del table
+    return out
+
+
 def paths(mode: str) -> Dict[str, Any]:
     from benchmarks.suite import Row
 
@@ -109,7 +135,8 @@ def paths(mode: str) -> Dict[str, Any]:
     for impl, s in samples.items():
         rows.append(Row("paths", f"forward, torch.export vs eager | {shape}", impl, s, "eager", 0, size["batch"],
                         "samples", torch.get_num_threads()))
-    return {"rows": rows, "memory_per_id": memory_per_id(size), "config": size}
+    return {"rows": rows, "memory_per_id": memory_per_id(size), "memory_breakdown": memory_breakdown(size["ids"]),
+            "config": size}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

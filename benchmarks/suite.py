@@ -387,6 +387,16 @@ def report(results: Dict[str, Any]) -> str:
                   "block slack): ".format(results["paths"]["config"]["ids"])
                   + ", ".join(f"{k} {mem[k]:.0f} B (row stride {mem[k + '_row_bytes']} B)" for k in ("FP32", "FP16", "BF16"))
                   + f"; FP16 / FP32 = {mem['FP16'] / mem['FP32']:.2f}."]
+    breakdown = results.get("paths", {}).get("memory_breakdown")
+    if breakdown:
+        parts = list(breakdown[0]["per_id"])
+        lines += ["", "Bytes per id by what holds them, one float32 table of {:,} ids, against FBGEMM TBE's "
+                  "E x (D + state) x 4:".format(results["paths"]["config"]["ids"]), "",
+                  "| optimizer | D | " + " | ".join(p.replace("_", " ") for p in parts) + " | total | TBE | ratio |",
+                  "|---|---:|" + "---:|" * (len(parts) + 3)]
+        for b in breakdown:
+            lines.append(f"| {b['optimizer']} | {b['dim']} | " + " | ".join(f"{b['per_id'][p]:.1f}" for p in parts)
+                         + f" | {b['total']:.1f} | {b['tbe']} | {b['ratio']:.2f} |")
     if results.get("plots"):
         lines += ["", "Plots: " + ", ".join(os.path.basename(p) for p in results["plots"])]
     return "\n".join(lines) + "\n"

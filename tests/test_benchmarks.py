@@ -38,7 +38,8 @@ def test_suite_smoke_writes_report_json_and_plots(tmp_path):
         ours = {"recis_fp16", "exported_program"} if section == "paths" else {"recis_torchrec"}
         assert ours <= impls and len(impls) >= 2, section
     report = open(tmp_path / json_file[0].replace(".json", ".md")).read()
-    for heading in ("## embedding", "## hashtable", "## features", "## loader", "## paths", "Memory per id", "MBU",
+    for heading in ("## embedding", "## hashtable", "## features", "## loader", "## paths", "Memory per id",
+                    "Bytes per id by what holds them", "MBU",
                     "fbgemm_tbe"):
         assert heading in report
     pngs = [f for f in files if f.endswith(".png")]

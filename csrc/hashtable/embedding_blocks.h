@@ -6,10 +6,10 @@
 // Row r lives in block r >> block_shift at byte offset (r & block_mask) * stride.
 // Each row holds `dim` embedding elements (float32, float16 or bfloat16, see
 // row_types.h) followed, at a 4-byte aligned offset, by `state_dim` float32
-// optimizer-state values. A float32 row's stride is padded to 64 bytes, so
-// every row starts on a cache line; a 16-bit row's to 16 bytes, which keeps
-// the half-width rows' memory near half of the float32 rows' (rows then share
-// cache lines). Growth appends a block and never moves or copies existing
+// optimizer-state values. A row's stride is padded to 16 bytes: rows share
+// cache lines, but a small or odd row wastes at most 12 bytes (padding to a
+// 64-byte line cost D=64 row-wise Adagrad rows, 260 bytes, 60 more each, and a
+// D=8 SGD row 32 bytes of padding on 32 of data). Growth appends a block and never moves or copies existing
 // rows, so row pointers stay valid for the table's lifetime.
 // Each row also records the id that owns it and its metadata (RowMeta). Rows
 // freed by eviction go on a free list and are handed out again first.
@@ -64,7 +64,7 @@ class EmbeddingBlocks {
         state_dim_(state_dim),
         type_(type),
         state_offset_(round_up(dim * element_bytes(type), 4)),
-        stride_(round_up(state_offset_ + 4 * state_dim, type == RowType::kF32 ? 64 : 16)) {
+        stride_(round_up(state_offset_ + 4 * state_dim, 16)) {
     if (dim <= 0) throw std::invalid_argument("EmbeddingBlocks: dim must be > 0");
     if (state_dim < 0) throw std::invalid_argument("EmbeddingBlocks: state_dim must be >= 0");
     if (block_rows <= 0 || (block_rows & (block_rows - 1)) != 0) {
@@ -244,6 +244,25 @@ class EmbeddingBlocks {
     }
     snap_done_.store(end, std::memory_order_release);
   }
+  // memory_bytes() by what holds it, for the live rows (their embedding elements, their state, the
+  // padding of each row to its stride, their ids and metadata) and the rest (rows allocated but not
+  // live, the free list, snapshot copies).
+  struct Bytes {
+    int64_t embedding = 0, state = 0, padding = 0, ids = 0, metadata = 0, slack = 0, snapshot = 0;
+  };
+  Bytes bytes() const {
+    Bytes b;
+    const int64_t live = live_rows(), emb = dim_ * element_bytes(type_);
+    b.embedding = live * emb;
+    b.state = live * 4 * state_dim_;
+    b.padding = live * (stride_ - emb - 4 * state_dim_);
+    b.ids = live * static_cast<int64_t>(sizeof(int64_t));
+    b.metadata = live * static_cast<int64_t>(sizeof(RowMeta));
+    b.snapshot = snapshot_bytes();
+    b.slack = memory_bytes() - b.embedding - b.state - b.padding - b.ids - b.metadata - b.snapshot;
+    return b;
+  }
+
   // Of memory_bytes(), the bytes of the live rows (their embedding, state, id and metadata).
   int64_t used_bytes() const {
     return live_rows() * static_cast<int64_t>(stride_ + sizeof(int64_t) + sizeof(RowMeta));

@@ -105,6 +105,7 @@ class HashTable {
     return map_.memory_bytes() + blocks_.memory_bytes() + pending_bytes() +
            static_cast<int64_t>((evicted_ids_.capacity() + evicted_steps_.capacity()) * sizeof(int64_t));
   }
+  int64_t id_map_bytes() const { return map_.memory_bytes(); }
   // Bytes in use: the live rows, and the IdMap slots they fill.
   int64_t used_bytes() const {
     const int64_t slots = map_.num_slots();

@@ -71,6 +71,18 @@ py::dict py_table_info(int64_t handle) {
   d["rejected"] = t.counters().rejected;
   d["pending"] = t.pending();
   d["snapshot_copies"] = t.snapshot_copies();
+  // memory_bytes by what holds it (the parts add up to it).
+  const auto b = t.blocks().bytes();
+  py::dict m;
+  m["embedding"] = b.embedding;
+  m["optimizer_state"] = b.state;
+  m["row_padding"] = b.padding;
+  m["ids"] = b.ids;
+  m["metadata"] = b.metadata;
+  m["block_slack"] = b.slack;
+  m["id_map"] = t.id_map_bytes();
+  m["other"] = t.memory_bytes() - t.blocks().memory_bytes() - t.id_map_bytes() + b.snapshot;
+  d["memory"] = m;
   return d;
 }
 
