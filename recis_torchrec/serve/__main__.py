@@ -1,0 +1,43 @@
+# Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
+"""python -m recis_torchrec.serve PACKAGE [--host H] [--port N] [--max-batch N] [--max-delay-ms MS]
+[--max-queue N] [--workers N] [--threads N] [--dense export|aoti]"""
+
+import argparse
+import sys
+
+from recis_torchrec.inference.package import InferenceError
+from recis_torchrec.serve.server import ModelServer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m recis_torchrec.serve", description=__doc__)
+    p.add_argument("package", help="an inference package directory (inference.export)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-batch", type=int, default=512, help="rows per batch run at most")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="how long a request waits for others to join it")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting at most; more are refused (429)")
+    p.add_argument("--workers", type=int, default=1, help="batches run at once")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--dense", choices=("export", "aoti"), default="export")
+    args = p.parse_args(argv)
+    try:
+        server = ModelServer(args.package, host=args.host, port=args.port, max_batch=args.max_batch,
+                             max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, workers=args.workers,
+                             threads=args.threads, dense=args.dense)
+    except (InferenceError, ValueError, OSError) as e:
+        print(f"recis_torchrec.serve: error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {args.package} on {server.url} (POST /v1/predict, GET /healthz /readyz /metrics /v1/model)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
