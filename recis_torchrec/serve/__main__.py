@@ -1,6 +1,9 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
-"""python -m recis_torchrec.serve PACKAGE [--host H] [--port N] [--max-batch N] [--max-delay-ms MS]
-[--max-queue N] [--workers N] [--threads N] [--dense export|aoti]"""
+"""python -m recis_torchrec.serve PACKAGE_OR_MODEL_DIR [--host H] [--port N] [--max-batch N]
+[--max-delay-ms MS] [--max-queue N] [--workers N] [--threads N] [--dense export|aoti] [--poll-s S]
+
+A model directory holds versions of one model (VERSION/, each a package; VERSION/deltas/* its deltas):
+the newest is served, newer ones and new deltas are picked up every --poll-s seconds."""
 
 import argparse
 import sys
@@ -11,7 +14,7 @@ from recis_torchrec.serve.server import ModelServer
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m recis_torchrec.serve", description=__doc__)
-    p.add_argument("package", help="an inference package directory (inference.export)")
+    p.add_argument("package", help="an inference package (inference.export), or a directory of versions of one")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-batch", type=int, default=512, help="rows per batch run at most")
@@ -20,16 +23,17 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="batches run at once")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--dense", choices=("export", "aoti"), default="export")
+    p.add_argument("--poll-s", type=float, default=2.0, help="how often to look for new versions and deltas")
     args = p.parse_args(argv)
     try:
         server = ModelServer(args.package, host=args.host, port=args.port, max_batch=args.max_batch,
                              max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, workers=args.workers,
-                             threads=args.threads, dense=args.dense)
+                             threads=args.threads, dense=args.dense, poll_s=args.poll_s)
     except (InferenceError, ValueError, OSError) as e:
         print(f"recis_torchrec.serve: error: {e}", file=sys.stderr)
         return 2
-    print(f"serving {args.package} on {server.url} (POST /v1/predict, GET /healthz /readyz /metrics /v1/model)",
-          flush=True)
+    print(f"serving {server.current.path} (version {server.version}) on {server.url} (POST /v1/predict "
+          "/v1/rollback, GET /healthz /readyz /metrics /v1/model)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -25,7 +25,9 @@ class DeadlineExceeded(InferenceError):
 
 
 class Batcher:
-    """Runs ``run(*args)`` on merged batches of submitted requests in ``workers`` threads.
+    """Runs ``run(*args)`` on merged batches of submitted requests in ``workers`` threads. ``run``
+    returns ``(outputs, tag)``: each request's future gets ``(its rows of the outputs, tag)`` (the
+    server's tag is the model version that computed them).
 
     ``batch_args`` says, per positional argument, whether its first dimension is the batch (the
     package's request spec); other tensor arguments must be equal for requests to share a batch.
@@ -54,7 +56,7 @@ class Batcher:
             t.start()
 
     def submit(self, request: Request) -> Future:
-        """Queues a request; its future gets the request's outputs (a list of tensors) or an error."""
+        """Queues a request; its future gets ``(its outputs as a list of tensors, tag)`` or an error."""
         if self._closed:
             raise Overloaded("the server is shutting down")
         request.future = Future()
@@ -119,7 +121,7 @@ class Batcher:
                 continue
             t0 = time.perf_counter()
             try:
-                out = self.run(*merge(live, self.batch_args))
+                out, tag = self.run(*merge(live, self.batch_args))
                 parts = split(out, [r.batch_size for r in live])
             except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
                 if len(live) > 1:
@@ -131,14 +133,15 @@ class Batcher:
                 continue
             seconds = time.perf_counter() - t0
             for r, p in zip(live, parts):
-                r.future.set_result(p)
+                r.future.set_result((p, tag))
             if self.on_batch is not None:
                 self.on_batch(len(live), sum(r.batch_size for r in live), seconds)
 
     def _run_alone(self, r: Request) -> None:
         t0 = time.perf_counter()
         try:
-            r.future.set_result(split(self.run(*r.args), [r.batch_size])[0])
+            out, tag = self.run(*r.args)
+            r.future.set_result((split(out, [r.batch_size])[0], tag))
         except Exception as e:  # noqa: BLE001 - the request's own error
             r.future.set_exception(e)
             return

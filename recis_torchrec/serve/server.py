@@ -9,7 +9,9 @@ Endpoints:
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (a model is loaded and serving);
 - ``GET /metrics``: Prometheus metrics (``prometheus_client``): requests by status, batch sizes in
   requests and rows, latency, queue length, the model's version and its tables' rows;
-- ``GET /v1/model``: the served package (path, version, features, tables).
+- ``GET /v1/model``: the served package (path, version, deltas, the previous version, the versions
+  in the model directory, recent load errors, tables);
+- ``POST /v1/rollback``: serve the version served before the last swap again.
 
 Lookups and the dense program run in torch ops (the GIL is released inside them); ``threads`` sets
 torch's intra-op threads."""
@@ -20,7 +22,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FuturesTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -51,6 +53,8 @@ class Metrics:
         self.queue = Gauge("recis_queue_requests", "Requests waiting", registry=r)
         self.model = Gauge("recis_model_info", "The served model (1)", ["path", "version"], registry=r)
         self.table_rows = Gauge("recis_table_rows", "Rows of each served table", ["table"], registry=r)
+        self.loads = Counter("recis_model_loads", "Versions loaded, by result", ["result"], registry=r)
+        self.deltas = Counter("recis_deltas_applied", "Deltas applied, by result", ["result"], registry=r)
 
     def on_batch(self, requests: int, rows: int, seconds: float) -> None:
         self.batch_requests.observe(requests)
@@ -58,24 +62,72 @@ class Metrics:
         self.batch_seconds.observe(seconds)
 
 
+class _Served:
+    """One loaded version: its predictor, its name, and the deltas applied to it."""
+
+    def __init__(self, path: str, version: str, dense: str) -> None:
+        self.path = path
+        self.version = version
+        self.predictor: Predictor = load(path, dense=dense)
+        self.deltas: List[str] = []
+
+    @property
+    def tag(self) -> str:
+        return self.version + (f"+{len(self.deltas)}" if self.deltas else "")
+
+
+def is_package(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "manifest.json"))
+
+
+def _ordered(names: List[str]) -> List[str]:
+    """Version (or delta) directory names, oldest first: numeric names by value, before others by name;
+    directories being written (``*.tmp-*``, as export and export_delta write them) are left out."""
+    names = [n for n in names if ".tmp-" not in n and not n.startswith(".")]
+    return sorted(names, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+
+
 class ModelServer:
-    """Serves a package (``inference.load``) over HTTP with dynamic batching.
+    """Serves an inference package (``inference.load``) over HTTP with dynamic batching.
+
+    ``path`` is a package, or a model directory whose subdirectories are versions of one model
+    (packages; numeric names in order of their value). From a model directory the newest version
+    that loads is served, and ``poll()`` (every ``poll_s`` seconds in a background thread once
+    ``start()``ed, or when called) loads a newer version beside the served one and swaps it in once
+    it has loaded and verified, and applies the served version's new deltas (``VERSION/deltas/*``,
+    ``checkpoint.export_delta``'s directories, in name order). A version or delta that fails keeps
+    the current model serving; the error is in ``/v1/model`` and the metrics. ``rollback()`` (``POST
+    /v1/rollback``) serves the version served before the last swap again; a version rolled back from
+    is not loaded again.
 
     ``port=0`` picks a free port (``server.port``). ``start()`` serves in a background thread;
     ``serve_forever()`` in this one; ``close()`` stops."""
 
-    def __init__(self, package: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 512,
+    def __init__(self, path: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 512,
                  max_delay_ms: float = 2.0, max_queue: int = 1024, workers: int = 1, threads: Optional[int] = None,
-                 dense: str = "export") -> None:
+                 dense: str = "export", poll_s: float = 2.0) -> None:
         if threads is not None:
             if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
                 raise ValueError(f"ModelServer: threads must be an integer >= 1, got {threads!r}")
             torch.set_num_threads(threads)
+        if not isinstance(poll_s, (int, float)) or isinstance(poll_s, bool) or poll_s <= 0:
+            raise ValueError(f"ModelServer: poll_s must be a number > 0, got {poll_s!r}")
         self.metrics = Metrics()
-        self.predictor: Predictor = load(package, dense=dense)
-        self.version = os.path.basename(os.path.normpath(package))
+        self.dense = dense
+        self.poll_s = float(poll_s)
+        self.errors: List[str] = []  # the last load and delta failures, newest last
+        self._swap = threading.Lock()
+        self._tried: set = set()  # versions loaded or refused: never loaded again
+        self.previous: Optional[_Served] = None
+        if is_package(path) or not os.path.isdir(path):
+            self.root = None
+            self.current = _Served(path, os.path.basename(os.path.normpath(path)), dense)
+        else:
+            self.root = path
+            self.current = self._newest()
         self._describe()
-        _, _, specs = arity(self.predictor.manifest)
+        _, _, specs = arity(self.current.predictor.manifest)
+        self._specs = specs
         self.batcher = Batcher(self._run, {int(k): bool(v["batch"]) for k, v in specs.items()}, max_batch=max_batch,
                                max_delay_ms=max_delay_ms, max_queue=max_queue, workers=workers,
                                on_batch=self.metrics.on_batch)
@@ -83,15 +135,119 @@ class ModelServer:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
+
+    @property
+    def predictor(self) -> Predictor:
+        return self.current.predictor
+
+    @property
+    def version(self) -> str:
+        return self.current.tag
+
+    def _error(self, message: str) -> None:
+        self.errors = (self.errors + [message])[-20:]
+
+    def _versions(self) -> List[str]:
+        return [n for n in _ordered(os.listdir(self.root)) if is_package(os.path.join(self.root, n))]
+
+    def _newest(self) -> _Served:
+        """The newest version of the model directory that loads (older ones are tried in turn)."""
+        names = self._versions()
+        if not names:
+            raise InferenceError(f"{self.root}: neither an inference package (no manifest.json) nor a model "
+                                 "directory holding one (VERSION/manifest.json)")
+        failures = []
+        for name in reversed(names):
+            self._tried.add(name)
+            try:
+                served = _Served(os.path.join(self.root, name), name, self.dense)
+            except InferenceError as e:
+                failures.append(f"version {name}: {e}")
+                self.metrics.loads.labels(result="failed").inc()
+                continue
+            self.metrics.loads.labels(result="ok").inc()
+            for f in failures:
+                self._error(f)
+            return served
+        raise InferenceError(f"{self.root}: no version loads: " + "; ".join(failures))
 
     def _describe(self) -> None:
+        served = self.current
         self.metrics.model.clear()
-        self.metrics.model.labels(path=self.predictor.path, version=self.version).set(1)
-        for key, table in self.predictor.tables.items():
+        self.metrics.model.labels(path=served.path, version=served.tag).set(1)
+        for key, table in served.predictor.tables.items():
             self.metrics.table_rows.labels(table=key).set(len(table))
 
     def _run(self, *args: Any) -> Any:
-        return self.predictor(*args)
+        served = self.current  # one version for the whole batch
+        return served.predictor(*args), served.tag
+
+    # -- versions and deltas ------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Loads a newer version (swapping it in once it has loaded and verified) and applies the
+        served version's new deltas. Failures keep the current model and are recorded."""
+        if self.root is None:
+            self._apply_deltas(self.current)
+            return
+        with self._swap:
+            fresh = [n for n in self._versions() if n not in self._tried]
+            if fresh:
+                name = fresh[-1]
+                self._tried.update(fresh)
+                try:
+                    served = _Served(os.path.join(self.root, name), name, self.dense)
+                    _, _, specs = arity(served.predictor.manifest)
+                    if specs != self._specs:
+                        raise InferenceError(
+                            f"it takes other tensor arguments ({specs}) than the served model ({self._specs}); "
+                            "a server serves one model's versions: start another for a model of another shape")
+                except InferenceError as e:
+                    self.metrics.loads.labels(result="failed").inc()
+                    self._error(f"version {name}: {e} (version {self.current.tag} keeps serving)")
+                else:
+                    self.metrics.loads.labels(result="ok").inc()
+                    self.previous, self.current = self.current, served
+                    self._describe()
+        self._apply_deltas(self.current)
+
+    def _apply_deltas(self, served: _Served) -> None:
+        folder = os.path.join(served.path, "deltas")
+        if not os.path.isdir(folder):
+            return
+        with self._swap:
+            for name in _ordered(os.listdir(folder)):
+                if name in served.deltas or f"!{name}" in served.deltas:
+                    continue
+                try:
+                    served.predictor.apply_delta(os.path.join(folder, name))
+                except InferenceError as e:
+                    served.deltas.append(f"!{name}")  # refused: not tried again
+                    self.metrics.deltas.labels(result="failed").inc()
+                    self._error(f"delta {name} of version {served.version}: {e}")
+                    continue
+                served.deltas.append(name)
+                self.metrics.deltas.labels(result="ok").inc()
+            if served is self.current:
+                self._describe()
+
+    def rollback(self) -> str:
+        """Serves the version served before the last swap again; returns its tag."""
+        with self._swap:
+            if self.previous is None:
+                raise InferenceError("no earlier version to roll back to")
+            self.current, self.previous = self.previous, self.current
+            self._describe()
+            return self.current.tag
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.poll()
+            except Exception as e:  # noqa: BLE001 - the watcher keeps running; the error is reported
+                self._error(f"polling {self.root or self.current.path}: {e}")
 
     @property
     def url(self) -> str:
@@ -101,32 +257,43 @@ class ModelServer:
     def predict_json(self, body: Any) -> Dict[str, Any]:
         """Answers one JSON request (what ``POST /v1/predict`` does); raises the request's error."""
         t0 = time.monotonic()
-        request = from_json(body, self.predictor.manifest)
+        request = from_json(body, self.current.predictor.manifest)
         future = self.batcher.submit(request)
         self.metrics.queue.set(self.batcher.queued())
         wait = None if request.deadline is None else request.deadline / 1000.0 + 1.0
         try:
-            outputs = future.result(timeout=wait)
+            outputs, tag = future.result(timeout=wait)
         except FuturesTimeout:
             raise DeadlineExceeded(f"no answer within the request's deadline of {request.deadline:g} ms") from None
         self.metrics.latency.observe(time.monotonic() - t0)
-        return {"outputs": [t.tolist() for t in outputs], "version": self.version}
+        return {"outputs": [t.tolist() for t in outputs], "version": tag}
 
     def info(self) -> Dict[str, Any]:
-        m = self.predictor.manifest
-        return {"path": self.predictor.path, "version": self.version, "features": m.get("features"),
-                "request": m.get("request"), "deltas_applied": self.predictor.deltas_applied,
-                "tables": {k: {"rows": len(t), "dim": t.dim} for k, t in self.predictor.tables.items()}}
+        served = self.current
+        m = served.predictor.manifest
+        return {"path": served.path, "version": served.tag, "features": m.get("features"),
+                "request": m.get("request"), "deltas": [d for d in served.deltas if not d.startswith("!")],
+                "previous": self.previous.tag if self.previous else None,
+                "versions": self._versions() if self.root else [served.version], "errors": list(self.errors),
+                "tables": {k: {"rows": len(t), "dim": t.dim} for k, t in served.predictor.tables.items()}}
 
     def start(self) -> "ModelServer":
+        """Serves in a background thread, and polls for versions and deltas in another."""
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="recis-http", daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name="recis-watch", daemon=True)
+        self._watcher.start()
         return self
 
     def serve_forever(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name="recis-watch", daemon=True)
+        self._watcher.start()
         self.httpd.serve_forever()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.batcher.close()
@@ -167,6 +334,12 @@ def _handler(server: ModelServer):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
+            if self.path == "/v1/rollback":
+                try:
+                    self._json(200, {"version": server.rollback()})
+                except InferenceError as e:
+                    self._json(409, {"error": str(e)})
+                return
             if self.path != "/v1/predict":
                 self._json(404, {"error": f"no endpoint {self.path}"})
                 return

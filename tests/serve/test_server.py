@@ -111,7 +111,7 @@ def test_a_full_queue_is_refused_and_a_late_request_is_not_run(predictor):
     def slow(*args):
         release.wait(10)
         ran.append(args)
-        return predictor(*args)
+        return predictor(*args), "v"
 
     batcher = Batcher(slow, {0: True}, max_batch=1, max_delay_ms=0, max_queue=2)
     try:
@@ -126,7 +126,8 @@ def test_a_full_queue_is_refused_and_a_late_request_is_not_run(predictor):
         threading.Event().wait(0.05)  # the late request's 1 ms deadline passes while it waits
         release.set()
         want = predictor(dense, kjt)
-        assert torch.equal(first.result(10)[0], want) and torch.equal(queued.result(10)[0], want)
+        assert first.result(10)[1] == "v"
+        assert torch.equal(first.result(10)[0][0], want) and torch.equal(queued.result(10)[0][0], want)
         with pytest.raises(inference.InferenceError, match="past its deadline of 1 ms"):
             late.result(10)
         assert len(ran) == 2  # the late request never ran
@@ -142,3 +143,130 @@ def test_bad_server_settings_raise(package):
         ModelServer(package, port=0, threads=0)
     with pytest.raises(inference.InferenceError, match="not an inference package"):
         ModelServer(package + "-missing", port=0)
+
+
+def _train_step(model, seed, dense_lr=0.0):
+    from tests.inference.test_package import bag_batch
+
+    model.train()
+    d, k, labels = bag_batch(seed)
+    torch.nn.functional.binary_cross_entropy_with_logits(model(d, k).reshape(-1), labels).backward()
+    if dense_lr:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= dense_lr * p.grad
+                    p.grad = None
+    model.eval()
+
+
+def test_versions_and_deltas_swap_live_a_corrupt_version_is_refused_and_rollback_is_one_request(tmp_path):
+    """8 clients predict while a delta is applied, a new whole-model version (its dense layers trained
+    too) is swapped in and a corrupt one refused: every answer equals the answer of the version its
+    reply names; then one request rolls back."""
+    import shutil
+
+    from recis_torchrec import checkpoint
+
+    model, _ = trained("dlrm")
+    example = requests("bag", 1)[0]
+    root = tmp_path / "model"
+    root.mkdir()
+    ckpt = checkpoint.save(str(tmp_path / "ckpt"), model, step=0)
+    inference.export(model, str(root / "1"), example)
+    _train_step(model, 40)
+    delta = checkpoint.export_delta(str(tmp_path / "d1"), model, since_step=ckpt)
+    _train_step(model, 41, dense_lr=0.05)
+    inference.export(model, str(tmp_path / "v2"), example)
+
+    reqs = requests("bag", 4)
+    v1 = inference.load(str(root / "1"))
+    want = {"1": [v1(*r) for r in reqs]}
+    v1.apply_delta(delta)
+    want["1+1"] = [v1(*r) for r in reqs]
+    v2 = inference.load(str(tmp_path / "v2"))
+    want["2"] = [v2(*r) for r in reqs]
+    assert not torch.allclose(want["2"][0], want["1+1"][0], atol=1e-4)  # the dense part changed too
+
+    server = ModelServer(str(root), port=0, max_delay_ms=5.0, threads=1, poll_s=3600).start()
+    stop, seen, errors = threading.Event(), [], []
+
+    def hammer(c):
+        client = Client(server.url)
+        k = c
+        while not stop.is_set():
+            i = k % len(reqs)
+            k += 1
+            try:
+                answer = client._call("POST", "/v1/predict", to_json(reqs[i]))
+                out = torch.tensor(answer["outputs"][0])
+                torch.testing.assert_close(out, want[answer["version"]][i], atol=1e-6, rtol=1e-6)
+                seen.append(answer["version"])
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=hammer, args=(c,)) for c in range(8)]
+    try:
+        for t in threads:
+            t.start()
+
+        def settle(tag):
+            n = len(seen)
+            while len(seen) < n + 16 and not errors:
+                threading.Event().wait(0.01)
+            assert server.version == tag
+
+        settle("1")
+        shutil.copytree(delta, root / "1" / "deltas" / "0001")
+        server.poll()
+        settle("1+1")
+        shutil.copytree(tmp_path / "v2", root / "2")
+        server.poll()
+        settle("2")
+        # A corrupt version (one byte of a table shard flipped) is refused; version 2 keeps serving.
+        shutil.copytree(tmp_path / "v2", root / "3")
+        shard = next(p for p in (root / "3").rglob("*.safetensors"))
+        data = bytearray(shard.read_bytes())
+        data[-3] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        server.poll()
+        settle("2")
+        info = Client(server.url).model()
+        assert info["version"] == "2" and info["previous"] == "1+1" and info["versions"] == ["1", "2", "3"]
+        assert any("version 3" in e and "checksum" in e for e in info["errors"]), info["errors"]
+        # Rollback: one request.
+        assert Client(server.url)._call("POST", "/v1/rollback", {}) == {"version": "1+1"}
+        settle("1+1")
+        server.poll()  # neither 2 (rolled back from) nor 3 (refused) is loaded again
+        settle("1+1")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        server.close()
+    assert not errors, errors[:3]
+    assert {"1", "1+1", "2"} <= set(seen)
+    metrics = server.metrics
+    loads = {s.labels["result"]: s.value for s in metrics.loads.collect()[0].samples if s.name.endswith("_total")}
+    assert loads == {"ok": 2.0, "failed": 1.0}
+
+
+def test_the_command_line_serves_a_package(package, predictor):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "recis_torchrec.serve", package, "--port", "0", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving "), (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split(" on ")[1].split()[0]
+        dense, kjt = requests("bag", 1)[0]
+        torch.testing.assert_close(Client(url).predict(dense, kjt), predictor(dense, kjt), atol=1e-6, rtol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = subprocess.run([sys.executable, "-m", "recis_torchrec.serve", package + "-missing", "--port", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not an inference package" in bad.stderr
