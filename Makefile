@@ -1,6 +1,7 @@
 # Two entry points (see README):
 #   make train   set up .venv (pinned deps, extension built) and run the main job
 #   make test    same setup, then the whole test suite
+# and make serve, after make train: the main job's model behind an HTTP endpoint.
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ BUILT  := $(VENV)/.ext-built
 TORCHREC := torchrec==1.9.2
 EXT_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \)) setup.py pyproject.toml
 
-.PHONY: setup train test bench gpu-check
+.PHONY: setup train serve test bench gpu-check
 .DEFAULT_GOAL := setup
 
 setup: $(BUILT)
@@ -36,6 +37,16 @@ NPROC  ?= 2
 train: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m recis_torchrec.train --config $(CONFIG) \
 		--output-dir $(RUN) $(if $(DATA),--data $(DATA)) $(if $(EVAL),--eval-data $(EVAL))
+
+# After make train: exports the newest run's last checkpoint as version 1 of a model directory
+# ($(SERVE_RUN)/model) and serves it on localhost:$(PORT) (python -m recis_torchrec.serve; see README).
+# Newer versions and deltas copied into that directory are picked up while it serves.
+SERVE_RUN ?= $(lastword $(sort $(wildcard runs/main-*)))
+PORT      ?= 8080
+serve: setup
+	@test -n "$(SERVE_RUN)" || { echo "make serve: no runs/main-* here: run make train first" >&2; exit 2; }
+	test -d $(SERVE_RUN)/model/1 || $(PY) -m recis_torchrec.inference export $(SERVE_RUN)/checkpoints $(SERVE_RUN)/model/1
+	$(PY) -m recis_torchrec.serve $(SERVE_RUN)/model --port $(PORT)
 
 test: setup
 	$(VENV)/bin/ruff check .

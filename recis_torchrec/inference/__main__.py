@@ -2,6 +2,7 @@
 """Inference packages from the command line.
 
     python -m recis_torchrec.inference export CKPT OUT [--quantize int8] [--unseen init|zero] [--config C]
+        [--aot-inductor]
     python -m recis_torchrec.inference predict OUT data.parquet [--output preds.parquet] [--batch-size 512]
     python -m recis_torchrec.inference info OUT
 
@@ -71,8 +72,10 @@ def cmd_export(args) -> int:
         schema = getattr(data, "declared_schema", None)
         if schema is not None:  # with the statistics taken from the training files: predict needs no training file
             metadata["schema"] = schema.to_dict()
-        export(task_model.model, args.output, example, quantize=args.quantize, unseen=args.unseen, metadata=metadata)
-    print(f"wrote {args.output} ({args.quantize}) from {directory}")
+        export(task_model.model, args.output, example, quantize=args.quantize, unseen=args.unseen, metadata=metadata,
+               aot_inductor=args.aot_inductor)
+    print(f"wrote {args.output} ({args.quantize}{', with an AOTInductor program' if args.aot_inductor else ''}) "
+          f"from {directory}")
     return 0
 
 
@@ -161,6 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("--quantize", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
     e.add_argument("--unseen", default="init", choices=["init", "zero"])
     e.add_argument("--config", default=None, help="the training config (default: the one the checkpoint carries)")
+    e.add_argument("--aot-inductor", action="store_true",
+                   help="also compile the dense part with AOTInductor, for recis-serve (C++) and --dense aoti")
     r = sub.add_parser("predict", help="predictions for a data file, written as Parquet")
     r.add_argument("package")
     r.add_argument("data", help="the files to predict (comma-separated; predictions in their order)")

@@ -215,3 +215,30 @@ def test_predict_on_the_main_jobs_package_says_why_it_cannot_read_files(tmp_path
     capsys.readouterr()
     assert inference_main(["predict", package, data]) == 2
     assert "trained on generated data ([data].source = 'synthetic')" in capsys.readouterr().err
+
+
+def test_the_main_jobs_run_exported_for_cpp_serving_and_served_over_http(tmp_path, capsys):
+    """What make serve does after make train: the run's checkpoint exported (here with
+    --aot-inductor, the C++ runner's dense program) as version 1 of a model directory, served by
+    recis_torchrec.serve; its answers equal the package's predictor's."""
+    from recis_torchrec import inference
+    from recis_torchrec.serve import Client, ModelServer
+
+    run_dir = str(tmp_path / "run")
+    assert train_main(["--config", SYNTHETIC, "--output-dir", run_dir, "--steps", "3", "--set", "data.batch_size=32",
+                       "--set", "trainer.progress=false", "--set", "trainer.eval_every=0"]) == 0
+    version = str(tmp_path / "model" / "1")
+    assert inference_main(["export", os.path.join(run_dir, "checkpoints"), version, "--aot-inductor"]) == 0
+    assert "with an AOTInductor program" in capsys.readouterr().out
+    assert "aoti_program" in inference.read_manifest(version)
+    predictor = inference.load(version, dense="aoti")
+    index = checkpoint.files.read_index(checkpoint.resolve(os.path.join(run_dir, "checkpoints")))
+    run = _run_from(index["extra"]["config"], index["extra"]["overrides"], str(tmp_path / "tmp"))
+    batch = next(iter(run.train_data))
+    args = (batch.dense_features, batch.sparse_features)
+    server = ModelServer(str(tmp_path / "model"), port=0, threads=1, dense="aoti", poll_s=3600).start()
+    try:
+        assert Client(server.url).model()["version"] == "1"
+        torch.testing.assert_close(Client(server.url).predict(*args), predictor(*args), atol=1e-6, rtol=1e-6)
+    finally:
+        server.close()

@@ -16,9 +16,10 @@ from recis_torchrec.inference import runner
 from tests.inference.test_package import requests, rewrite_manifest, trained
 
 
-def serve(package, batch_file):
+def serve(package, batch_file, *flags):
     """The runner's outputs as tensors, or its error."""
-    done = subprocess.run([runner.binary(), package, batch_file], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([runner.binary(), package, batch_file, *flags], capture_output=True, text=True,
+                          timeout=300)
     if done.returncode != 0:
         return None, done.stderr
     outputs, lines = [], done.stdout.splitlines()
@@ -53,7 +54,8 @@ def test_the_cpp_runner_prints_what_the_python_predictor_returns(packages, name,
     predictor = inference.load(package, dense="aoti")
     for i, r in enumerate(requests(kind, 4)):  # unseen ids among them: they read their initial rows
         batch_file = inference.write_batch(str(tmp_path / f"b{i}.safetensors"), *r)
-        got, err = serve(package, batch_file)
+        # One ATen thread on odd requests, the default on even ones: the same answer either way.
+        got, err = serve(package, batch_file, *(("--threads", "1") if i % 2 else ()))
         assert got is not None, err
         want = predictor(*r)
         assert len(got) == 1 and got[0].shape == want.shape and got[0].dtype == want.dtype
@@ -80,6 +82,10 @@ def test_a_bad_package_or_batch_is_named_by_the_runner(packages, tmp_path):
     r = requests(kind, 1)[0]
     batch_file = inference.write_batch(str(tmp_path / "b.safetensors"), *r)
     table = "sparse_arch.embedding_bag_collection/t1"
+
+    # A thread count that is not one.
+    out, err = serve(packages["dlrm"][0], batch_file, "--threads", "0")
+    assert out is None and "--threads needs a count >= 1, got 0" in err, err
 
     # A flipped byte in a table shard.
     p = copy_package(packages, tmp_path)
