@@ -1,6 +1,7 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
-"""Serving an inference package: ``python -m recis_torchrec.serve PACKAGE --port N`` (HTTP/JSON,
-requests batched, Prometheus metrics) and its client."""
+"""Serving an inference package: ``python -m recis_torchrec.serve PACKAGE --port N [--grpc-port M]``
+(HTTP/JSON and gRPC, requests batched, Prometheus metrics, versions swapped live) and its clients
+(``Client`` over HTTP; ``grpc_service.GrpcClient``)."""
 
 from recis_torchrec.serve.batcher import Batcher, DeadlineExceeded, Overloaded
 from recis_torchrec.serve.client import Client, ServerError

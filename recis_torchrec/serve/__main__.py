@@ -1,6 +1,7 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """python -m recis_torchrec.serve PACKAGE_OR_MODEL_DIR [--host H] [--port N] [--max-batch N]
 [--max-delay-ms MS] [--max-queue N] [--workers N] [--threads N] [--dense export|aoti] [--poll-s S]
+[--grpc-port N]
 
 A model directory holds versions of one model (VERSION/, each a package; VERSION/deltas/* its deltas):
 the newest is served, newer ones and new deltas are picked up every --poll-s seconds."""
@@ -24,16 +25,19 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--dense", choices=("export", "aoti"), default="export")
     p.add_argument("--poll-s", type=float, default=2.0, help="how often to look for new versions and deltas")
+    p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC (predictor.proto) on this port")
     args = p.parse_args(argv)
     try:
         server = ModelServer(args.package, host=args.host, port=args.port, max_batch=args.max_batch,
                              max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, workers=args.workers,
-                             threads=args.threads, dense=args.dense, poll_s=args.poll_s)
+                             threads=args.threads, dense=args.dense, poll_s=args.poll_s,
+                             grpc_port=args.grpc_port)
     except (InferenceError, ValueError, OSError) as e:
         print(f"recis_torchrec.serve: error: {e}", file=sys.stderr)
         return 2
+    grpc_note = f", gRPC on {args.host}:{server.grpc_port}" if server.grpc is not None else ""
     print(f"serving {server.current.path} (version {server.version}) on {server.url} (POST /v1/predict "
-          "/v1/rollback, GET /healthz /readyz /metrics /v1/model)", flush=True)
+          f"/v1/rollback, GET /healthz /readyz /metrics /v1/model){grpc_note}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -65,12 +65,27 @@ def from_json(body: Any, manifest: Dict[str, Any]) -> Request:
     batch = body.get("batch_size")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
         raise RequestError(f"batch_size must be an integer >= 0, got {batch!r}")
-    n, kjt_at, specs = arity(manifest)
     dense = body.get("dense", {})
+    _, _, specs = arity(manifest)
     if isinstance(dense, list):
         dense = {str(next(iter(specs))) if len(specs) == 1 else "0": dense}
     if not isinstance(dense, dict):
         raise RequestError("dense must map argument positions to nested lists of numbers")
+    tensors = {}
+    for pos, value in dense.items():
+        spec = specs.get(pos)
+        try:
+            tensors[pos] = torch.tensor(value, dtype=_DTYPES[spec["dtype"]] if spec else torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise RequestError(f"dense argument {pos}: not a nested list of numbers ({e})") from None
+    return from_parts(batch, tensors, _kjt_from_json(body.get("sparse"), batch), body.get("deadline_ms"), manifest)
+
+
+def from_parts(batch: int, dense: Dict[str, torch.Tensor], kjt: KeyedJaggedTensor, deadline_ms: Any,
+               manifest: Dict[str, Any]) -> Request:
+    """A request from its parts (the JSON and gRPC forms both end here): the tensor arguments by
+    position, the KJT, the deadline; checked against the package's request spec."""
+    n, kjt_at, specs = arity(manifest)
     extra = sorted(set(dense) - set(specs))
     if extra:
         raise RequestError(f"dense gives arguments {extra}; the model takes tensors at positions {sorted(specs)}")
@@ -79,15 +94,14 @@ def from_json(body: Any, manifest: Dict[str, Any]) -> Request:
         if pos not in dense:
             raise RequestError(f"dense lacks argument {pos} ({spec['dtype']} of shape (batch, "
                                f"{', '.join(map(str, spec['shape']))}))")
-        try:
-            t = torch.tensor(dense[pos], dtype=_DTYPES[spec["dtype"]])
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise RequestError(f"dense argument {pos}: not a nested list of numbers ({e})") from None
+        t = dense[pos]
+        if t.dtype != _DTYPES[spec["dtype"]]:
+            raise RequestError(f"dense argument {pos} is {str(t.dtype).replace('torch.', '')}, the model takes "
+                               f"{spec['dtype']}")
         if t.numel() == 0:  # [] has no shape of its own
             t = t.reshape(0, *spec["shape"])
         args[int(pos)] = t
-    args[kjt_at] = _kjt_from_json(body.get("sparse"), batch)
-    deadline_ms = body.get("deadline_ms")
+    args[kjt_at] = kjt
     if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or isinstance(deadline_ms, bool)
                                     or deadline_ms <= 0):
         raise RequestError(f"deadline_ms must be a number > 0, got {deadline_ms!r}")
@@ -97,8 +111,7 @@ def from_json(body: Any, manifest: Dict[str, Any]) -> Request:
 def _kjt_from_json(sparse: Any, batch: int) -> KeyedJaggedTensor:
     if not isinstance(sparse, dict) or not sparse:
         raise RequestError("sparse must map feature names to {lengths, values[, weights]}")
-    keys, values, lengths, weights = [], [], [], []
-    weighted = None
+    parts = {}
     for name, f in sparse.items():
         if not isinstance(f, dict) or not {"lengths", "values"} <= set(f) or set(f) - {"lengths", "values", "weights"}:
             raise RequestError(f"sparse feature '{name}' must be {{lengths, values[, weights]}}")
@@ -107,19 +120,32 @@ def _kjt_from_json(sparse: Any, batch: int) -> KeyedJaggedTensor:
             v = torch.tensor(f["values"], dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise RequestError(f"sparse feature '{name}': lengths and values must be lists of int64 ({e})") from None
-        if ln.dim() != 1 or ln.numel() != batch:
-            raise RequestError(f"sparse feature '{name}' has {ln.numel()} lengths for batch_size {batch}")
-        if v.dim() != 1 or (ln < 0).any() or int(ln.sum()) != v.numel():
-            raise RequestError(f"sparse feature '{name}': lengths must be >= 0 and add up to its {v.numel()} values")
-        has_w = "weights" in f
-        if weighted is not None and has_w != weighted:
-            raise RequestError("either every sparse feature has weights or none has")
-        weighted = has_w
-        if has_w:
+        w = None
+        if "weights" in f:
             try:
                 w = torch.tensor(f["weights"], dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise RequestError(f"sparse feature '{name}': weights must be a list of numbers ({e})") from None
+        parts[name] = (ln, v, w)
+    return kjt_from_parts(parts, batch)
+
+
+def kjt_from_parts(parts: Dict[str, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+                   batch: int) -> KeyedJaggedTensor:
+    """The request's KJT from (lengths, values, weights or None) per feature, checked."""
+    if not parts:
+        raise RequestError("sparse must map feature names to {lengths, values[, weights]}")
+    keys, values, lengths, weights = [], [], [], []
+    weighted = None
+    for name, (ln, v, w) in parts.items():
+        if ln.dim() != 1 or ln.numel() != batch:
+            raise RequestError(f"sparse feature '{name}' has {ln.numel()} lengths for batch_size {batch}")
+        if v.dim() != 1 or (ln < 0).any() or int(ln.sum()) != v.numel():
+            raise RequestError(f"sparse feature '{name}': lengths must be >= 0 and add up to its {v.numel()} values")
+        if weighted is not None and (w is not None) != weighted:
+            raise RequestError("either every sparse feature has weights or none has")
+        weighted = w is not None
+        if w is not None:
             if w.shape != v.shape:
                 raise RequestError(f"sparse feature '{name}' has {w.numel()} weights for {v.numel()} values")
             weights.append(w)

@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FuturesTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -30,7 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from recis_torchrec.inference.package import InferenceError, Predictor, load
 from recis_torchrec.serve.batcher import Batcher, DeadlineExceeded, Overloaded
-from recis_torchrec.serve.request import RequestError, arity, from_json
+from recis_torchrec.serve.request import Request, RequestError, arity, from_json
 
 _STATUS = {RequestError: 400, Overloaded: 429, DeadlineExceeded: 504}
 
@@ -100,12 +100,13 @@ class ModelServer:
     /v1/rollback``) serves the version served before the last swap again; a version rolled back from
     is not loaded again.
 
-    ``port=0`` picks a free port (``server.port``). ``start()`` serves in a background thread;
+    ``grpc_port`` also serves the gRPC service of ``predictor.proto`` (``grpc_service.py``; 0: a free
+    port, ``server.grpc_port``). ``port=0`` picks a free port (``server.port``). ``start()`` serves in a background thread;
     ``serve_forever()`` in this one; ``close()`` stops."""
 
     def __init__(self, path: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 512,
                  max_delay_ms: float = 2.0, max_queue: int = 1024, workers: int = 1, threads: Optional[int] = None,
-                 dense: str = "export", poll_s: float = 2.0) -> None:
+                 dense: str = "export", poll_s: float = 2.0, grpc_port: Optional[int] = None) -> None:
         if threads is not None:
             if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
                 raise ValueError(f"ModelServer: threads must be an integer >= 1, got {threads!r}")
@@ -134,6 +135,12 @@ class ModelServer:
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
+        self.grpc = None
+        self.grpc_port: Optional[int] = None
+        if grpc_port is not None:
+            from recis_torchrec.serve.grpc_service import serve_grpc
+
+            self.grpc, self.grpc_port = serve_grpc(self, host, grpc_port)
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
@@ -254,10 +261,9 @@ class ModelServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def predict_json(self, body: Any) -> Dict[str, Any]:
-        """Answers one JSON request (what ``POST /v1/predict`` does); raises the request's error."""
+    def predict(self, request: Request) -> Tuple[List[torch.Tensor], str]:
+        """Runs one request through the batcher: (its outputs, the version that computed them)."""
         t0 = time.monotonic()
-        request = from_json(body, self.current.predictor.manifest)
         future = self.batcher.submit(request)
         self.metrics.queue.set(self.batcher.queued())
         wait = None if request.deadline is None else request.deadline / 1000.0 + 1.0
@@ -266,6 +272,11 @@ class ModelServer:
         except FuturesTimeout:
             raise DeadlineExceeded(f"no answer within the request's deadline of {request.deadline:g} ms") from None
         self.metrics.latency.observe(time.monotonic() - t0)
+        return outputs, tag
+
+    def predict_json(self, body: Any) -> Dict[str, Any]:
+        """Answers one JSON request (what ``POST /v1/predict`` does); raises the request's error."""
+        outputs, tag = self.predict(from_json(body, self.current.predictor.manifest))
         return {"outputs": [t.tolist() for t in outputs], "version": tag}
 
     def info(self) -> Dict[str, Any]:
@@ -291,6 +302,8 @@ class ModelServer:
         self.httpd.serve_forever()
 
     def close(self) -> None:
+        if self.grpc is not None:
+            self.grpc.stop(grace=None)
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()

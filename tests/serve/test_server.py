@@ -270,3 +270,53 @@ def test_the_command_line_serves_a_package(package, predictor):
     bad = subprocess.run([sys.executable, "-m", "recis_torchrec.serve", package + "-missing", "--port", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not an inference package" in bad.stderr
+
+
+def test_grpc_answers_as_http_and_the_predictor_do_and_names_bad_requests(package, predictor):
+    import grpc
+
+    from recis_torchrec.serve.grpc_service import GrpcClient, protos_and_services, request_to_proto
+
+    server = ModelServer(package, port=0, grpc_port=0, threads=1, max_delay_ms=10.0).start()
+    client = GrpcClient(f"127.0.0.1:{server.grpc_port}")
+    try:
+        reqs = requests("bag", 4)
+        outs, errors = {}, []
+
+        def work(c):
+            try:
+                for k in range(6):
+                    i = (c + k) % len(reqs)
+                    outs[(c, k)] = (i, GrpcClient(f"127.0.0.1:{server.grpc_port}").predict_with_version(*reqs[i]))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(c,)) for c in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for i, (out, version) in outs.values():
+            assert version == "v1"
+            torch.testing.assert_close(out, predictor(*reqs[i]), atol=1e-6, rtol=1e-6)
+        # gRPC and HTTP give the same answer to the same request.
+        torch.testing.assert_close(client.predict(*reqs[0]), Client(server.url).predict(*reqs[0]), atol=0, rtol=0)
+        assert client.model()["version"] == "v1"
+        # Bad requests: their status and a message naming the problem.
+        protos, _ = protos_and_services()
+        missing = request_to_proto(reqs[0])
+        del missing.sparse["f1"]
+        bad_bytes = request_to_proto(reqs[0])
+        bad_bytes.dense[0].data = bad_bytes.dense[0].data[:-4]
+        for msg, text in ((missing, "lacks features"), (bad_bytes, "bytes for shape"),
+                          (protos.PredictRequest(batch_size=2), "sparse must map feature names")):
+            with pytest.raises(grpc.RpcError) as e:
+                client.stub.Predict(msg, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in e.value.details(), e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            client.rollback()
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        client.close()
+        server.close()
