@@ -115,11 +115,8 @@ def _kjt_from_json(sparse: Any, batch: int) -> KeyedJaggedTensor:
     for name, f in sparse.items():
         if not isinstance(f, dict) or not {"lengths", "values"} <= set(f) or set(f) - {"lengths", "values", "weights"}:
             raise RequestError(f"sparse feature '{name}' must be {{lengths, values[, weights]}}")
-        try:
-            ln = torch.tensor(f["lengths"], dtype=torch.int64)
-            v = torch.tensor(f["values"], dtype=torch.int64)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-            raise RequestError(f"sparse feature '{name}': lengths and values must be lists of int64 ({e})") from None
+        ln = _int64_list(f["lengths"], f"sparse feature '{name}': lengths")
+        v = _int64_list(f["values"], f"sparse feature '{name}': values (ids)")
         w = None
         if "weights" in f:
             try:
@@ -128,6 +125,19 @@ def _kjt_from_json(sparse: Any, batch: int) -> KeyedJaggedTensor:
                 raise RequestError(f"sparse feature '{name}': weights must be a list of numbers ({e})") from None
         parts[name] = (ln, v, w)
     return kjt_from_parts(parts, batch)
+
+
+def _int64_list(value: Any, what: str) -> torch.Tensor:
+    """A JSON list of integers as int64; anything else (a float, which int64 would truncate to
+    another id without a word, a bool, a string, a number past int64) is refused."""
+    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        bad = next((x for x in value if not isinstance(x, int) or isinstance(x, bool)), value) \
+            if isinstance(value, list) else value
+        raise RequestError(f"{what} must be a list of integers, got {bad!r}")
+    try:
+        return torch.tensor(value, dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError) as e:
+        raise RequestError(f"{what}: not int64 ({e})") from None
 
 
 def kjt_from_parts(parts: Dict[str, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],

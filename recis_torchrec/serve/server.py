@@ -263,6 +263,10 @@ class ModelServer:
 
     def predict(self, request: Request) -> Tuple[List[torch.Tensor], str]:
         """Runs one request through the batcher: (its outputs, the version that computed them)."""
+        if request.batch_size > self.batcher.max_batch:
+            raise RequestError(f"batch_size {request.batch_size} is more than the server's max_batch "
+                               f"{self.batcher.max_batch}: split the request, or start the server with a larger "
+                               "--max-batch")
         t0 = time.monotonic()
         future = self.batcher.submit(request)
         self.metrics.queue.set(self.batcher.queued())

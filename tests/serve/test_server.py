@@ -76,8 +76,15 @@ def test_eight_concurrent_clients_are_batched_and_answered_as_the_predictor_answ
         server.close()
 
 
+def _scaled(body, k):
+    """The request repeated k times over (k times its batch)."""
+    out = dict(body, batch_size=body["batch_size"] * k, dense={p: v * k for p, v in body["dense"].items()})
+    out["sparse"] = {n: {key: val * k for key, val in f.items()} for n, f in body["sparse"].items()}
+    return out
+
+
 def test_malformed_requests_are_named_with_400(package, predictor):
-    server = ModelServer(package, port=0, threads=1).start()
+    server = ModelServer(package, port=0, threads=1, max_batch=40).start()
     try:
         dense, kjt = requests("bag", 1)[0]
         good = to_json((dense, kjt))
@@ -89,6 +96,16 @@ def test_malformed_requests_are_named_with_400(package, predictor):
             (dict(good, extra=1), "unknown request fields"),
             (dict(good, sparse=dict(good["sparse"], f0={"lengths": [1], "values": [1, 2]})), "'f0' has 1 lengths"),
             (dict(good, deadline_ms=0), "deadline_ms must be a number > 0"),
+            # Ids of the wrong type: a float would have been truncated to another id.
+            (dict(good, sparse=dict(good["sparse"], f0=dict(good["sparse"]["f0"], values=[1.5] * len(
+                good["sparse"]["f0"]["values"])))), "'f0': values \\(ids\\) must be a list of integers, got 1.5"),
+            (dict(good, sparse=dict(good["sparse"], f0=dict(good["sparse"]["f0"], values=["7"] * len(
+                good["sparse"]["f0"]["values"])))), "must be a list of integers, got '7'"),
+            (dict(good, sparse=dict(good["sparse"], f0=dict(good["sparse"]["f0"], values=[2**64] * len(
+                good["sparse"]["f0"]["values"])))), "not int64"),
+            # The wrong dense width, and a batch larger than the server takes.
+            (dict(good, dense={"0": [row + [0.0] for row in good["dense"]["0"]]}), "input 0"),
+            (_scaled(good, 9), "batch_size 45 is more than the server's max_batch 40"),
         ]
         for body, message in cases:
             with pytest.raises(ServerError, match=message) as e:
