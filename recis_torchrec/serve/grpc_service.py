@@ -68,15 +68,25 @@ def tensor_from_proto(m, what: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(m.data), dtype=dtype).reshape(shape)
 
 
+def _array(data: bytes, dtype: torch.dtype, what: str) -> torch.Tensor:
+    size = torch.empty(0, dtype=dtype).element_size()
+    if len(data) % size:
+        raise RequestError(f"{what}: {len(data)} bytes is not a whole number of {str(dtype).replace('torch.', '')}")
+    if not data:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype)
+
+
 def request_from_proto(msg, manifest: Dict[str, Any]):
     if msg.batch_size < 0:
         raise RequestError(f"batch_size must be >= 0, got {msg.batch_size}")
     dense = {str(pos): tensor_from_proto(t, f"dense argument {pos}") for pos, t in msg.dense.items()}
     parts = {}
     for name, f in msg.sparse.items():
-        w = torch.tensor(list(f.weights), dtype=torch.float32) if f.has_weights else None
-        parts[name] = (torch.tensor(list(f.lengths), dtype=torch.int64), torch.tensor(list(f.values), dtype=torch.int64),
-                       w)
+        what = f"sparse feature '{name}'"
+        w = _array(f.weights, torch.float32, f"{what}: weights") if f.has_weights else None
+        parts[name] = (_array(f.lengths, torch.int64, f"{what}: lengths"),
+                       _array(f.values, torch.int64, f"{what}: values (ids)"), w)
     deadline = msg.deadline_ms if msg.deadline_ms > 0 else None
     if msg.deadline_ms < 0:
         raise RequestError(f"deadline_ms must be > 0 (or 0: none), got {msg.deadline_ms}")
@@ -96,10 +106,10 @@ def request_to_proto(args, deadline_ms: Optional[float] = None):
             msg.dense[i].CopyFrom(tensor_to_proto(a))
     for name, jt in kjts[0].to_dict().items():
         f = msg.sparse[name]
-        f.lengths.extend(jt.lengths().tolist())
-        f.values.extend(jt.values().tolist())
+        f.lengths = jt.lengths().to(torch.int64).contiguous().numpy().tobytes()
+        f.values = jt.values().to(torch.int64).contiguous().numpy().tobytes()
         if jt.weights_or_none() is not None:
-            f.weights.extend(jt.weights().tolist())
+            f.weights = jt.weights().to(torch.float32).contiguous().numpy().tobytes()
             f.has_weights = True
     return msg
 

@@ -326,7 +326,10 @@ def test_grpc_answers_as_http_and_the_predictor_do_and_names_bad_requests(packag
         del missing.sparse["f1"]
         bad_bytes = request_to_proto(reqs[0])
         bad_bytes.dense[0].data = bad_bytes.dense[0].data[:-4]
+        odd_ids = request_to_proto(reqs[0])
+        odd_ids.sparse["f0"].values = odd_ids.sparse["f0"].values[:-3]
         for msg, text in ((missing, "lacks features"), (bad_bytes, "bytes for shape"),
+                          (odd_ids, "'f0': values (ids): 85 bytes is not a whole number of int64"),
                           (protos.PredictRequest(batch_size=2), "sparse must map feature names")):
             with pytest.raises(grpc.RpcError) as e:
                 client.stub.Predict(msg, timeout=30)
