@@ -704,6 +704,7 @@ class Predictor:
         self.manifest = manifest
         self.specs = [_ModuleSpec.from_dict(d) for d in manifest["modules"]]
         self._tables = tables  # replaced whole, never mutated
+        self._versioned = (tables, 0)  # (tables, deltas applied to them): one assignment per delta
         self._program = program
         self._module = program.module()
         self._delta_lock = threading.Lock()
@@ -716,11 +717,16 @@ class Predictor:
         return self._tables
 
     def __call__(self, *inputs: Any) -> Any:
-        tables = self._tables  # one version for the whole request
+        return self.predict_versioned(*inputs)[0]
+
+    def predict_versioned(self, *inputs: Any) -> Tuple[Any, int]:
+        """The outputs and the number of deltas applied to the tables that computed them (read with
+        the tables, in one step: a delta applied meanwhile is in neither or both)."""
+        tables, deltas = self._versioned  # one version for the whole request
         inputs, kjt = _canonical(inputs, self.manifest.get("request"))
         feeds = _lookups(self.specs, tables, kjt)
         with torch.no_grad():
-            return self._module(inputs, feeds)
+            return self._module(inputs, feeds), deltas
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes held per table (index, ids, rows)."""
@@ -775,7 +781,8 @@ class Predictor:
                     _check_finite(key, ids, weights, f"the delta {delta_dir}", "apply_delta(..., allow_nonfinite")
                 gone = torch.cat(evicted) if evicted else torch.empty(0, dtype=torch.int64)
                 new[key] = table.updated(ids, quantize_rows(weights.float(), table.quantization), gone)
-            self._tables = new  # one assignment: the swap requests see
+            self._tables = new
+            self._versioned = (new, self.deltas_applied + 1)  # one assignment: the swap requests see
             self.versions = versions
             self.deltas_applied += 1
 

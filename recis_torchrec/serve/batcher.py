@@ -49,6 +49,7 @@ class Batcher:
         self._queue: "queue.Queue[Optional[Request]]" = queue.Queue(maxsize=max_queue)
         self._carry: List[Request] = []
         self._take = threading.Lock()  # one worker gathers a batch at a time
+        self._closing = threading.Lock()  # a submit and close() do not interleave
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"recis-batcher-{i}", daemon=True)
                          for i in range(workers)]
@@ -57,24 +58,28 @@ class Batcher:
 
     def submit(self, request: Request) -> Future:
         """Queues a request; its future gets ``(its outputs as a list of tensors, tag)`` or an error."""
-        if self._closed:
-            raise Overloaded("the server is shutting down")
         request.future = Future()
         request.received = time.monotonic()
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise Overloaded(f"the request queue is full ({self._queue.maxsize} requests waiting): retry later") from None
+        with self._closing:
+            if self._closed:
+                raise Overloaded("the server is shutting down")
+            try:
+                self._queue.put_nowait(request)
+            except queue.Full:
+                raise Overloaded(f"the request queue is full ({self._queue.maxsize} requests waiting): retry "
+                                 "later") from None
         return request.future
 
     def queued(self) -> int:
         return self._queue.qsize()
 
     def close(self) -> None:
-        """Stops the workers after the requests already queued."""
-        self._closed = True
+        """Stops the workers after the requests already queued (no request is queued after this
+        starts: submit refuses)."""
+        with self._closing:
+            self._closed = True
         for _ in self._threads:
-            self._queue.put(None)
+            self._queue.put(None)  # workers keep taking from the queue, so a full one drains
         for t in self._threads:
             t.join()
 
@@ -94,7 +99,7 @@ class Batcher:
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._queue.put(None)  # another worker's stop
+                    self._carry.append(None)  # another worker's stop: first in line, never a blocking put
                     break
                 if rows + nxt.batch_size > self.max_batch or not mergeable(first, nxt, self.batch_args):
                     self._carry.append(nxt)  # the next batch starts with it
@@ -108,34 +113,42 @@ class Batcher:
             batch = self._gather()
             if batch is None:
                 return
-            now = time.monotonic()
-            live = []
-            for r in batch:
-                if r.deadline is not None and now > r.received + r.deadline / 1000.0:
-                    r.future.set_exception(DeadlineExceeded(
-                        f"the request waited {1000 * (now - r.received):.1f} ms, past its deadline of "
-                        f"{r.deadline:g} ms"))
-                else:
-                    live.append(r)
-            if not live:
-                continue
-            t0 = time.perf_counter()
             try:
-                out, tag = self.run(*merge(live, self.batch_args))
-                parts = split(out, [r.batch_size for r in live])
-            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
-                if len(live) > 1:
-                    # One bad request must not fail the others: run each alone to find it.
-                    for r in live:
-                        self._run_alone(r)
-                else:
-                    live[0].future.set_exception(e)
-                continue
-            seconds = time.perf_counter() - t0
-            for r, p in zip(live, parts):
-                r.future.set_result((p, tag))
-            if self.on_batch is not None:
-                self.on_batch(len(live), sum(r.batch_size for r in live), seconds)
+                self._serve(batch)
+            except Exception as e:  # noqa: BLE001 - a worker never dies with requests unanswered
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+
+    def _serve(self, batch: List[Request]) -> None:
+        now = time.monotonic()
+        live = []
+        for r in batch:
+            if r.deadline is not None and now > r.received + r.deadline / 1000.0:
+                r.future.set_exception(DeadlineExceeded(
+                    f"the request waited {1000 * (now - r.received):.1f} ms, past its deadline of "
+                    f"{r.deadline:g} ms"))
+            else:
+                live.append(r)
+        if not live:
+            return
+        t0 = time.perf_counter()
+        try:
+            out, tag = self.run(*merge(live, self.batch_args))
+            parts = split(out, [r.batch_size for r in live])
+        except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
+            if len(live) > 1:
+                # One bad request must not fail the others: run each alone to find it.
+                for r in live:
+                    self._run_alone(r)
+            else:
+                live[0].future.set_exception(e)
+            return
+        seconds = time.perf_counter() - t0
+        for r, p in zip(live, parts):
+            r.future.set_result((p, tag))
+        if self.on_batch is not None:
+            self.on_batch(len(live), sum(r.batch_size for r in live), seconds)
 
     def _run_alone(self, r: Request) -> None:
         t0 = time.perf_counter()

@@ -43,7 +43,10 @@ class Client:
 
     def predict(self, *inputs: Any, deadline_ms: Optional[float] = None) -> Any:
         answer = self._call("POST", "/v1/predict", to_json(inputs, deadline_ms))
-        outs = [torch.tensor(o, dtype=torch.float32) for o in answer["outputs"]]
+        from recis_torchrec.serve.request import _DTYPES
+
+        dtypes = answer.get("dtypes") or ["float32"] * len(answer["outputs"])
+        outs = [torch.tensor(o, dtype=_DTYPES[d]) for o, d in zip(answer["outputs"], dtypes)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def model(self) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ import torch
 
 from recis_torchrec.inference.package import InferenceError
 from recis_torchrec.serve.batcher import DeadlineExceeded, Overloaded
-from recis_torchrec.serve.request import _DTYPES, RequestError, from_parts, kjt_from_parts
+from recis_torchrec.serve.request import _DTYPES, ModelError, RequestError, from_parts, kjt_from_parts
 
 if TYPE_CHECKING:
     from recis_torchrec.serve.server import ModelServer
@@ -114,7 +114,8 @@ def request_to_proto(args, deadline_ms: Optional[float] = None):
     return msg
 
 
-_CODES = ((RequestError, grpc.StatusCode.INVALID_ARGUMENT), (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+_CODES = ((RequestError, grpc.StatusCode.INVALID_ARGUMENT), (ModelError, grpc.StatusCode.INTERNAL),
+          (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
           (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED), (InferenceError, grpc.StatusCode.INVALID_ARGUMENT))
 
 
@@ -125,7 +126,11 @@ def serve_grpc(server: "ModelServer", host: str, port: int, max_workers: int = 1
     class Servicer(services.PredictorServicer):
         def Predict(self, request, context):  # noqa: N802 - the proto's name
             try:
-                outputs, tag = server.predict(request_from_proto(request, server.current.predictor.manifest))
+                parsed = request_from_proto(request, server.current.predictor.manifest)
+                left = context.time_remaining()  # the caller's deadline, where it set one
+                if left is not None and parsed.deadline is None and 0 < left < 3600:
+                    parsed.deadline = 1000.0 * left
+                outputs, tag = server.predict(parsed)
             except Exception as e:  # noqa: BLE001 - every failure is answered, with its status
                 code = next((c for cls, c in _CODES if isinstance(e, cls)), grpc.StatusCode.INTERNAL)
                 server.metrics.requests.labels(status=code.name).inc()
@@ -144,7 +149,10 @@ def serve_grpc(server: "ModelServer", host: str, port: int, max_workers: int = 1
 
     g = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     services.add_PredictorServicer_to_server(Servicer(), g)
-    bound = g.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = g.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # grpcio raises where older versions returned 0
+        raise OSError(f"gRPC: cannot listen on {host}:{port} ({e})") from None
     if bound == 0:
         raise OSError(f"gRPC: cannot listen on {host}:{port}")
     g.start()

@@ -30,6 +30,15 @@ class RequestError(InferenceError):
     """A request that does not fit the served model (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
 
+class ModelError(InferenceError):
+    """The served model misbehaved (an output without the batch as its first dimension, ...): HTTP
+    500, gRPC INTERNAL; not the request's fault."""
+
+
+# The longest deadline a request may ask for: an unbounded one overflows the wait's clock.
+MAX_DEADLINE_MS = 3_600_000.0
+
+
 @dataclass
 class Request:
     """One request: the model's positional arguments, its batch size and an optional deadline
@@ -74,11 +83,41 @@ def from_json(body: Any, manifest: Dict[str, Any]) -> Request:
     tensors = {}
     for pos, value in dense.items():
         spec = specs.get(pos)
-        try:
-            tensors[pos] = torch.tensor(value, dtype=_DTYPES[spec["dtype"]] if spec else torch.float32)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise RequestError(f"dense argument {pos}: not a nested list of numbers ({e})") from None
+        tensors[pos] = _dense_from_json(value, spec["dtype"] if spec else "float32", f"dense argument {pos}")
     return from_parts(batch, tensors, _kjt_from_json(body.get("sparse"), batch), body.get("deadline_ms"), manifest)
+
+
+def _dense_from_json(value: Any, dtype_name: str, what: str) -> torch.Tensor:
+    """A nested JSON list as a tensor of the argument's dtype, refusing what the conversion would change
+    without a word: a fraction or a bool into an integer dtype, a number out of the dtype's range, a
+    finite number that becomes infinite."""
+    import numpy as np
+
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"{what}: not a nested list of numbers ({e})") from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise RequestError(f"{what}: not a nested list of numbers (ragged, or holding {arr.dtype.kind!r} values)")
+    dtype = _DTYPES[dtype_name]
+    if dtype == torch.bool:
+        if arr.size and arr.dtype.kind != "b":
+            raise RequestError(f"{what}: the model takes bool; give true or false")
+    elif not dtype.is_floating_point:
+        if arr.size and arr.dtype.kind not in "iu":
+            raise RequestError(f"{what}: the model takes {dtype_name}; give integers (a fraction or a bool would "
+                               "be changed)")
+        info = torch.iinfo(dtype)
+        if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+            raise RequestError(f"{what}: values outside {dtype_name}'s range [{info.min}, {info.max}]")
+    elif arr.dtype.kind == "b":
+        raise RequestError(f"{what}: the model takes {dtype_name}; give numbers, not true or false")
+    t = torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
+    if dtype.is_floating_point and arr.size and arr.dtype.kind == "f":
+        overflow = torch.isinf(t) & torch.from_numpy(np.isfinite(arr))
+        if bool(overflow.any()):
+            raise RequestError(f"{what}: values too large for {dtype_name} (they would become infinite)")
+    return t
 
 
 def from_parts(batch: int, dense: Dict[str, torch.Tensor], kjt: KeyedJaggedTensor, deadline_ms: Any,
@@ -100,11 +139,16 @@ def from_parts(batch: int, dense: Dict[str, torch.Tensor], kjt: KeyedJaggedTenso
                                f"{spec['dtype']}")
         if t.numel() == 0:  # [] has no shape of its own
             t = t.reshape(0, *spec["shape"])
+        # Checked here, per request: in a merged batch the rows of two wrong requests can add up.
+        if t.dim() < 1 or list(t.shape[1:]) != list(spec["shape"]) or (spec["batch"] and t.shape[0] != batch):
+            dims = ", ".join(map(str, spec["shape"]))
+            raise RequestError(f"dense argument {pos} has shape {tuple(t.shape)}; the model takes ("
+                               f"{'batch_size ' + str(batch) if spec['batch'] else 'n'}{', ' + dims if dims else ''})")
         args[int(pos)] = t
     args[kjt_at] = kjt
     if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or isinstance(deadline_ms, bool)
-                                    or deadline_ms <= 0):
-        raise RequestError(f"deadline_ms must be a number > 0, got {deadline_ms!r}")
+                                    or not 0 < deadline_ms <= MAX_DEADLINE_MS):
+        raise RequestError(f"deadline_ms must be a number in (0, {MAX_DEADLINE_MS:g}], got {deadline_ms!r}")
     return Request(tuple(args), batch, None if deadline_ms is None else float(deadline_ms))
 
 
@@ -198,8 +242,8 @@ def _tensors(out: Any) -> List[torch.Tensor]:
         return [out]
     if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
         return list(out)
-    raise InferenceError(f"the served model returns a {type(out).__name__}; the server serves models that return "
-                         "a tensor or a tuple of tensors")
+    raise ModelError(f"the served model returns a {type(out).__name__}; the server serves models that return "
+                     "a tensor or a tuple of tensors")
 
 
 # -- batching ------------------------------------------------------------------------------
@@ -235,6 +279,9 @@ def merge(requests: Sequence[Request], batch_args: Dict[int, bool]) -> Tuple[Any
             out.append(KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
                                          weights=torch.cat(weights) if weighted else None))
         elif batch_args.get(i, True):
+            for r in requests:  # from_parts checks this; a request built otherwise must not shift rows
+                if r.args[i].shape[0] != r.batch_size:
+                    raise RequestError(f"argument {i} has {r.args[i].shape[0]} rows for batch_size {r.batch_size}")
             out.append(torch.cat([r.args[i] for r in requests]))
         else:
             out.append(a)
@@ -247,7 +294,7 @@ def split(out: Any, sizes: Sequence[int]) -> List[List[torch.Tensor]]:
     total = sum(sizes)
     for t in tensors:
         if t.dim() == 0 or t.shape[0] != total:
-            raise InferenceError(f"the served model returned an output of shape {tuple(t.shape)} for a batch of "
-                                 f"{total}: outputs must have the batch as their first dimension to be batched")
+            raise ModelError(f"the served model returned an output of shape {tuple(t.shape)} for a batch of "
+                             f"{total}: outputs must have the batch as their first dimension to be batched")
     parts = [t.split(list(sizes)) for t in tensors]
     return [[p[k] for p in parts] for k in range(len(sizes))]

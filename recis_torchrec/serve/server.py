@@ -30,9 +30,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from recis_torchrec.inference.package import InferenceError, Predictor, load
 from recis_torchrec.serve.batcher import Batcher, DeadlineExceeded, Overloaded
-from recis_torchrec.serve.request import Request, RequestError, arity, from_json
+from recis_torchrec.serve.request import ModelError, Request, RequestError, arity, from_json
 
-_STATUS = {RequestError: 400, Overloaded: 429, DeadlineExceeded: 504}
+_STATUS = {RequestError: 400, ModelError: 500, Overloaded: 429, DeadlineExceeded: 504}
+MAX_BODY_BYTES = 256 << 20
 
 
 class Metrics:
@@ -69,11 +70,15 @@ class _Served:
         self.path = path
         self.version = version
         self.predictor: Predictor = load(path, dense=dense)
-        self.deltas: List[str] = []
+        self.deltas: List[str] = []  # applied, in order
+        self.refused: set = set()  # deltas that failed: not tried again
+
+    def tag_of(self, deltas: int) -> str:
+        return self.version + (f"+{deltas}" if deltas else "")
 
     @property
     def tag(self) -> str:
-        return self.version + (f"+{len(self.deltas)}" if self.deltas else "")
+        return self.tag_of(self.predictor.deltas_applied)
 
 
 def is_package(path: str) -> bool:
@@ -135,15 +140,21 @@ class ModelServer:
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
+        self._thread: Optional[threading.Thread] = None
+        self._serving = False
+        self._stop = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
         self.grpc = None
         self.grpc_port: Optional[int] = None
         if grpc_port is not None:
             from recis_torchrec.serve.grpc_service import serve_grpc
 
-            self.grpc, self.grpc_port = serve_grpc(self, host, grpc_port)
-        self._thread: Optional[threading.Thread] = None
-        self._stop = threading.Event()
-        self._watcher: Optional[threading.Thread] = None
+            try:
+                self.grpc, self.grpc_port = serve_grpc(self, host, grpc_port)
+            except BaseException:
+                self.httpd.server_close()  # nothing of this server stays behind
+                self.batcher.close()
+                raise
 
     @property
     def predictor(self) -> Predictor:
@@ -189,7 +200,8 @@ class ModelServer:
 
     def _run(self, *args: Any) -> Any:
         served = self.current  # one version for the whole batch
-        return served.predictor(*args), served.tag
+        out, deltas = served.predictor.predict_versioned(*args)  # its tables and their delta count, together
+        return out, served.tag_of(deltas)
 
     # -- versions and deltas ------------------------------------------------------------
 
@@ -200,10 +212,10 @@ class ModelServer:
             self._apply_deltas(self.current)
             return
         with self._swap:
-            fresh = [n for n in self._versions() if n not in self._tried]
-            if fresh:
-                name = fresh[-1]
-                self._tried.update(fresh)
+            # The newest new version that loads; newer ones that fail are reported and not tried again
+            # (a version must be put in place whole: written elsewhere, then renamed into the directory).
+            for name in reversed([n for n in self._versions() if n not in self._tried]):
+                self._tried.add(name)
                 try:
                     served = _Served(os.path.join(self.root, name), name, self.dense)
                     _, _, specs = arity(served.predictor.manifest)
@@ -214,10 +226,11 @@ class ModelServer:
                 except InferenceError as e:
                     self.metrics.loads.labels(result="failed").inc()
                     self._error(f"version {name}: {e} (version {self.current.tag} keeps serving)")
-                else:
-                    self.metrics.loads.labels(result="ok").inc()
-                    self.previous, self.current = self.current, served
-                    self._describe()
+                    continue
+                self.metrics.loads.labels(result="ok").inc()
+                self.previous, self.current = self.current, served
+                self._describe()
+                break
         self._apply_deltas(self.current)
 
     def _apply_deltas(self, served: _Served) -> None:
@@ -226,12 +239,12 @@ class ModelServer:
             return
         with self._swap:
             for name in _ordered(os.listdir(folder)):
-                if name in served.deltas or f"!{name}" in served.deltas:
+                if name in served.deltas or name in served.refused:
                     continue
                 try:
                     served.predictor.apply_delta(os.path.join(folder, name))
                 except InferenceError as e:
-                    served.deltas.append(f"!{name}")  # refused: not tried again
+                    served.refused.add(name)  # not tried again
                     self.metrics.deltas.labels(result="failed").inc()
                     self._error(f"delta {name} of version {served.version}: {e}")
                     continue
@@ -241,11 +254,12 @@ class ModelServer:
                 self._describe()
 
     def rollback(self) -> str:
-        """Serves the version served before the last swap again; returns its tag."""
+        """Serves the version served before the last swap again; returns its tag. Once: a second
+        rollback (a retried request) is refused rather than bringing back the version rolled from."""
         with self._swap:
             if self.previous is None:
                 raise InferenceError("no earlier version to roll back to")
-            self.current, self.previous = self.previous, self.current
+            self.current, self.previous = self.previous, None
             self._describe()
             return self.current.tag
 
@@ -281,13 +295,14 @@ class ModelServer:
     def predict_json(self, body: Any) -> Dict[str, Any]:
         """Answers one JSON request (what ``POST /v1/predict`` does); raises the request's error."""
         outputs, tag = self.predict(from_json(body, self.current.predictor.manifest))
-        return {"outputs": [t.tolist() for t in outputs], "version": tag}
+        return {"outputs": [t.tolist() for t in outputs], "dtypes": [str(t.dtype).replace("torch.", "")
+                                                                     for t in outputs], "version": tag}
 
     def info(self) -> Dict[str, Any]:
         served = self.current
         m = served.predictor.manifest
         return {"path": served.path, "version": served.tag, "features": m.get("features"),
-                "request": m.get("request"), "deltas": [d for d in served.deltas if not d.startswith("!")],
+                "request": m.get("request"), "deltas": list(served.deltas), "refused_deltas": sorted(served.refused),
                 "previous": self.previous.tag if self.previous else None,
                 "versions": self._versions() if self.root else [served.version], "errors": list(self.errors),
                 "tables": {k: {"rows": len(t), "dim": t.dim} for k, t in served.predictor.tables.items()}}
@@ -303,6 +318,7 @@ class ModelServer:
     def serve_forever(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="recis-watch", daemon=True)
         self._watcher.start()
+        self._serving = True
         self.httpd.serve_forever()
 
     def close(self) -> None:
@@ -311,7 +327,8 @@ class ModelServer:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
-        self.httpd.shutdown()
+        if self._thread is not None or self._serving:
+            self.httpd.shutdown()  # waits for serve_forever, which must have been started
         self.httpd.server_close()
         self.batcher.close()
         if self._thread is not None:
@@ -349,7 +366,15 @@ def _handler(server: ModelServer):
                 self._json(404, {"error": f"no endpoint {self.path}"})
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY_BYTES:
+                self.close_connection = True
+                self._json(400 if length < 0 else 413, {"error": f"Content-Length must be a number of bytes in "
+                                                                 f"[0, {MAX_BODY_BYTES}]"})
+                return
             raw = self.rfile.read(length)
             if self.path == "/v1/rollback":
                 try:

@@ -95,7 +95,7 @@ def test_malformed_requests_are_named_with_400(package, predictor):
             (dict(good, dense={}), "dense lacks argument 0"),
             (dict(good, extra=1), "unknown request fields"),
             (dict(good, sparse=dict(good["sparse"], f0={"lengths": [1], "values": [1, 2]})), "'f0' has 1 lengths"),
-            (dict(good, deadline_ms=0), "deadline_ms must be a number > 0"),
+            (dict(good, deadline_ms=0), "deadline_ms must be a number in"),
             # Ids of the wrong type: a float would have been truncated to another id.
             (dict(good, sparse=dict(good["sparse"], f0=dict(good["sparse"]["f0"], values=[1.5] * len(
                 good["sparse"]["f0"]["values"])))), "'f0': values \\(ids\\) must be a list of integers, got 1.5"),
@@ -104,7 +104,12 @@ def test_malformed_requests_are_named_with_400(package, predictor):
             (dict(good, sparse=dict(good["sparse"], f0=dict(good["sparse"]["f0"], values=[2**64] * len(
                 good["sparse"]["f0"]["values"])))), "not int64"),
             # The wrong dense width, and a batch larger than the server takes.
-            (dict(good, dense={"0": [row + [0.0] for row in good["dense"]["0"]]}), "input 0"),
+            (dict(good, dense={"0": [row + [0.0] for row in good["dense"]["0"]]}),
+             r"dense argument 0 has shape \(5, 5\); the model takes \(batch_size 5, 4\)"),
+            # Rows that do not match batch_size: in a merged batch they would shift other requests' rows.
+            (dict(good, dense={"0": good["dense"]["0"] + good["dense"]["0"][:1]}), r"has shape \(6, 4\)"),
+            (dict(good, deadline_ms=float("inf")), "deadline_ms must be a number in"),
+            (dict(good, dense={"0": [[True] * 13] * 5}), "give numbers, not true or false"),
             (_scaled(good, 9), "batch_size 45 is more than the server's max_batch 40"),
         ]
         for body, message in cases:
@@ -229,10 +234,12 @@ def test_versions_and_deltas_swap_live_a_corrupt_version_is_refused_and_rollback
             t.start()
 
         def settle(tag):
+            # Up to 8 answers in flight at the swap may name the old version; every later one the new.
             n = len(seen)
-            while len(seen) < n + 16 and not errors:
+            while len(seen) < n + 24 and not errors:
                 threading.Event().wait(0.01)
             assert server.version == tag
+            assert set(seen[n + 8:]) == {tag}, (tag, seen[n:])
 
         settle("1")
         shutil.copytree(delta, root / "1" / "deltas" / "0001")
@@ -255,6 +262,19 @@ def test_versions_and_deltas_swap_live_a_corrupt_version_is_refused_and_rollback
         # Rollback: one request.
         assert Client(server.url)._call("POST", "/v1/rollback", {}) == {"version": "1+1"}
         settle("1+1")
+        with pytest.raises(ServerError, match="no earlier version") as e:  # a retried rollback changes nothing
+            Client(server.url)._call("POST", "/v1/rollback", {})
+        assert e.value.status == 409
+        # A refused delta (a corrupt copy) changes neither the tables nor the version's name.
+        shutil.copytree(delta, root / "1" / "deltas" / "0002")
+        bad = next(p for p in (root / "1" / "deltas" / "0002").rglob("*.safetensors"))
+        data = bytearray(bad.read_bytes())
+        data[-3] ^= 0xFF
+        bad.write_bytes(bytes(data))
+        server.poll()
+        settle("1+1")
+        info = Client(server.url).model()
+        assert info["deltas"] == ["0001"] and info["refused_deltas"] == ["0002"], info
         server.poll()  # neither 2 (rolled back from) nor 3 (refused) is loaded again
         settle("1+1")
     finally:
@@ -339,4 +359,47 @@ def test_grpc_answers_as_http_and_the_predictor_do_and_names_bad_requests(packag
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         client.close()
+        server.close()
+
+
+def test_a_bad_request_in_a_merged_batch_fails_alone_and_dense_values_are_not_changed_silently(predictor):
+    """A request whose dense rows do not match its batch_size, merged with a good one: the good one is
+    answered as the predictor answers it, the bad one gets its own error. JSON dense values that a
+    dtype conversion would change (fractions or bools into integers, out-of-range numbers, finite
+    numbers turned infinite) are refused."""
+    from recis_torchrec.serve.request import RequestError, _dense_from_json
+
+    def run(*args):
+        return predictor(*args), "v"
+
+    batcher = Batcher(run, {0: True}, max_batch=64, max_delay_ms=200)
+    try:
+        (dense, kjt), (dense2, kjt2) = requests("bag", 2)
+        good = batcher.submit(Request((dense, kjt), kjt.stride()))
+        bad = batcher.submit(Request((dense2[:-1], kjt2), kjt2.stride()))  # one row short
+        assert torch.equal(good.result(30)[0][0], predictor(dense, kjt))
+        with pytest.raises(inference.InferenceError, match="has 7 rows"):
+            bad.result(30)
+    finally:
+        batcher.close()
+    for value, dtype, message in (([1.7], "int64", "give integers"), ([-1], "uint8", "outside uint8"),
+                                  ([0.5], "bool", "give true or false"), ([1e6], "float16", "too large"),
+                                  ([[1.0], [2.0, 3.0]], "float32", "not a nested list")):
+        with pytest.raises(RequestError, match=message):
+            _dense_from_json(value, dtype, "dense argument 0")
+    assert torch.equal(_dense_from_json([[1, 2]], "float32", "x"), torch.tensor([[1.0, 2.0]]))
+
+
+def test_closing_a_server_that_never_started_and_a_bad_content_length(package):
+    ModelServer(package, port=0, threads=1).close()  # returns: no serve loop to wait for
+    server = ModelServer(package, port=0, threads=1).start()
+    try:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.putrequest("POST", "/v1/predict")
+        conn.putheader("Content-Length", "lots")
+        conn.endheaders()
+        assert conn.getresponse().status == 400
+    finally:
         server.close()
