@@ -225,6 +225,90 @@ def _request_spec(args: Tuple[Any, ...], kjt: KeyedJaggedTensor) -> Dict[str, An
     return {"kjt_keys": list(kjt.keys()), "tensors": tensors}
 
 
+def _trace_dense(model: nn.Module, specs: List[_ModuleSpec], example_inputs: Tuple[Any, ...],
+                 feeds: Dict[str, Any]):
+    """The model's dense part as a torch.export program: its embedding modules replaced by inputs
+    (the lookups' outputs, `feeds`), every batch dimension free."""
+    placeholders = {s.path: _Feed(s) for s in specs}
+    if "" in placeholders:
+        raise InferenceError("inference.export: the model is itself an embedding module; export the model that "
+                             "holds it")
+    originals = {p: _set_submodule(model, p, f) for p, f in placeholders.items() if p}
+    try:
+        with torch.no_grad():
+            return torch.export.export(_Dense(model, placeholders), (example_inputs, feeds),
+                                       dynamic_shapes=(_dynamic(example_inputs), _dynamic(feeds)), strict=False)
+    finally:
+        for p, m in originals.items():
+            _set_submodule(model, p, m)
+
+
+DENSE_DIR = "dense"  # a delta's dense part: DELTA/dense/{dense.pt2, dense.json}
+
+
+def export_dense(model: nn.Module, path: str, example_inputs: Tuple[Any, ...]) -> str:
+    """Writes the model's dense part alone (``dense.pt2`` and ``dense.json``: its embedding layout,
+    request spec and checksum) to ``path``, for a delta: put it at ``DELTA/dense`` of a delta
+    written by ``checkpoint.export_delta`` (before the delta is moved where a server reads it), and
+    :meth:`Predictor.apply_delta` swaps it in with the delta's rows, so a model whose dense layers
+    train too is served fresh. Written to a temporary directory and renamed into place."""
+    if not isinstance(example_inputs, tuple):
+        raise InferenceError("inference.export_dense: example_inputs must be a tuple of the model's forward arguments")
+    if os.path.exists(path):
+        raise InferenceError(f"inference.export_dense: {path} exists")
+    modules = _hash_modules(model)
+    specs, tables = _specs(modules)
+    example_inputs, kjt = _canonical(example_inputs)
+    # Lookups of empty tables of the model's dims: the trace needs the feeds' shapes, not their rows.
+    empty = {key: ServingTable.build(key, t.dim, "fp32", torch.empty(0, dtype=torch.int64), torch.empty(0, t.dim),
+                                     None) for key, t in tables.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        program = _trace_dense(model, specs, example_inputs, _lookups(specs, empty, kjt))
+    finally:
+        model.train(was_training)
+    tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        program._example_inputs = None
+        torch.export.save(program, os.path.join(tmp, PROGRAM_FILE))
+        meta = {"format": FORMAT_VERSION, "kind": "dense", "versions": {"torch": torch.__version__},
+                "modules": [sp.to_dict() for sp in specs], "request": _request_spec(example_inputs, kjt),
+                "program": {"file": PROGRAM_FILE, "bytes": os.path.getsize(os.path.join(tmp, PROGRAM_FILE)),
+                            "xxh64_file": file_checksum(os.path.join(tmp, PROGRAM_FILE))}}
+        write_json(os.path.join(tmp, "dense.json"), meta)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _dense_of_delta(delta_dir: str, manifest: Dict[str, Any]):
+    """The module of a delta's dense part (``export_dense``), checked against the package: the same
+    embedding modules and request. None when the delta has none."""
+    folder = os.path.join(delta_dir, DENSE_DIR)
+    if not os.path.isdir(folder):
+        return None
+    file = os.path.join(folder, "dense.json")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"{file}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != "dense" or meta.get("format") != FORMAT_VERSION:
+        raise InferenceError(f"{file}: not a dense part written by inference.export_dense")
+    if meta.get("modules") != manifest["modules"] or meta.get("request") != manifest.get("request"):
+        raise InferenceError(f"{delta_dir}: its dense part was exported from a model with other embedding modules or "
+                             "inputs than the package's; export a new version instead")
+    program_file = _verified(folder, meta["program"])
+    try:
+        return torch.export.load(program_file).module()
+    except Exception as e:  # noqa: BLE001 - a corrupt program raises many kinds
+        raise InferenceError(f"{program_file}: cannot load the dense program ({type(e).__name__}: {e})") from e
+
+
 def _check_request(args: Tuple[Any, ...], kjt: KeyedJaggedTensor, spec: Dict[str, Any]) -> KeyedJaggedTensor:
     """Refuses a request the program would misread, naming the culprit, and returns its KJT with the
     program's keys in the program's order (a request may list features in any order, and more)."""
@@ -523,20 +607,9 @@ def export(
                                              versions.get(id(t), 0)) for key, t in tables.items()}
         served = {key: _table_from_files(tmp, key, entry, unseen) for key, entry in manifest_tables.items()}
         example_inputs, kjt = _canonical(example_inputs)  # a KJT without the offsets the eager run cached
-        feeds = _lookups(specs, served, kjt)
-        placeholders = {s.path: _Feed(s) for s in specs}
-        originals = {p: _set_submodule(model, p, f) for p, f in placeholders.items() if p}
         try:
-            if "" in placeholders:
-                raise InferenceError("inference.export: the model is itself an embedding module; export the model "
-                                     "that holds it")
-            with torch.no_grad():
-                program = torch.export.export(_Dense(model, placeholders), (example_inputs, feeds),
-                                              dynamic_shapes=(_dynamic(example_inputs), _dynamic(feeds)),
-                                              strict=False)
+            program = _trace_dense(model, specs, example_inputs, _lookups(specs, served, kjt))
         finally:
-            for p, m in originals.items():
-                _set_submodule(model, p, m)
             model.train(was_training)
         aoti = serving_inputs = None
         if aot_inductor:
@@ -704,9 +777,12 @@ class Predictor:
         self.manifest = manifest
         self.specs = [_ModuleSpec.from_dict(d) for d in manifest["modules"]]
         self._tables = tables  # replaced whole, never mutated
-        self._versioned = (tables, 0)  # (tables, deltas applied to them): one assignment per delta
         self._program = program
         self._module = program.module()
+        self.dense_from_delta = False  # the dense module came with a delta
+        self._aoti = False  # the dense module is the AOTInductor one (load(dense="aoti"))
+        # (tables, deltas applied to them, the dense module): one assignment per delta.
+        self._versioned = (tables, 0, self._module)
         self._delta_lock = threading.Lock()
         self.deltas_applied = 0
         # Each table's update count (the package's, then the last delta's): a delta must follow it.
@@ -722,11 +798,11 @@ class Predictor:
     def predict_versioned(self, *inputs: Any) -> Tuple[Any, int]:
         """The outputs and the number of deltas applied to the tables that computed them (read with
         the tables, in one step: a delta applied meanwhile is in neither or both)."""
-        tables, deltas = self._versioned  # one version for the whole request
+        tables, deltas, module = self._versioned  # one version for the whole request
         inputs, kjt = _canonical(inputs, self.manifest.get("request"))
         feeds = _lookups(self.specs, tables, kjt)
         with torch.no_grad():
-            return self._module(inputs, feeds), deltas
+            return module(inputs, feeds), deltas
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes held per table (index, ids, rows)."""
@@ -781,8 +857,16 @@ class Predictor:
                     _check_finite(key, ids, weights, f"the delta {delta_dir}", "apply_delta(..., allow_nonfinite")
                 gone = torch.cat(evicted) if evicted else torch.empty(0, dtype=torch.int64)
                 new[key] = table.updated(ids, quantize_rows(weights.float(), table.quantization), gone)
+            module = self._versioned[2]
+            dense = _dense_of_delta(delta_dir, self.manifest)
+            if dense is not None:
+                if self._aoti:
+                    raise InferenceError(f"{delta_dir}: its dense part is an exported program, and this predictor "
+                                         "runs the AOTInductor one (load(dense='export') to take dense deltas)")
+                module = dense
+                self.dense_from_delta = True
             self._tables = new
-            self._versioned = (new, self.deltas_applied + 1)  # one assignment: the swap requests see
+            self._versioned = (new, self.deltas_applied + 1, module)  # one assignment: the swap requests see
             self.versions = versions
             self.deltas_applied += 1
 
@@ -828,4 +912,6 @@ def load(path: str, dense: str = "export") -> Predictor:
         if "aoti_program" not in manifest:
             raise InferenceError(f"{path}: the package has no AOTInductor program (export with aot_inductor=True)")
         predictor._module = torch._inductor.aoti_load_package(_verified(path, manifest["aoti_program"]))
+        predictor._aoti = True
+        predictor._versioned = (predictor._tables, 0, predictor._module)
     return predictor

@@ -579,3 +579,42 @@ def test_trainer_checkpoints_and_deltas_load_into_the_model_alone_and_its_packag
     checkpoint.load(alone, other)
     for r in reqs:
         assert torch.equal(other.model(*r), model(*r))
+
+
+def test_a_delta_with_the_dense_part_serves_a_model_whose_dense_layers_train(tmp_path):
+    """A run whose dense layers also train: a delta of its rows alone leaves the served dense part
+    stale; with export_dense's dense part inside it, the package predicts what the trained model
+    does, bit for bit. A dense part of another model is refused and changes nothing."""
+    model, _ = trained("dlrm")
+    example = requests("bag", 1)[0]
+    ckpt = checkpoint.save(str(tmp_path / "ckpt"), model, step=0)
+    package = inference.export(model, str(tmp_path / "p"), example)
+    model.train()
+    d, k, labels = bag_batch(77)
+    torch.nn.functional.binary_cross_entropy_with_logits(model(d, k).reshape(-1), labels).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    model.eval()
+    reqs = requests("bag", 3)
+    want = [model(*r).detach() for r in reqs]
+    rows_only = inference.load(package)
+    rows_only.apply_delta(checkpoint.export_delta(str(tmp_path / "d_rows"), model, since_step=ckpt))
+    assert not all(torch.equal(rows_only(*r), w) for r, w in zip(reqs, want))  # stale dense part
+    delta = checkpoint.export_delta(str(tmp_path / "d"), model, since_step=ckpt)
+    inference.export_dense(model, os.path.join(delta, "dense"), example)
+    fresh = inference.load(package)
+    fresh.apply_delta(delta)
+    assert fresh.dense_from_delta
+    for r, w in zip(reqs, want):
+        assert torch.equal(fresh(*r), w)
+    # A dense part of a model with other embedding modules: refused, nothing changes.
+    other, _ = trained("deepfm")
+    other_delta = checkpoint.export_delta(str(tmp_path / "d_other"), model, since_step=ckpt)
+    inference.export_dense(other, os.path.join(other_delta, "dense"), requests("bag", 1)[0])
+    stale = inference.load(package)
+    before = [stale(*r) for r in reqs]
+    with pytest.raises(InferenceError, match="other embedding modules or inputs"):
+        stale.apply_delta(other_delta)
+    assert all(torch.equal(stale(*r), b) for r, b in zip(reqs, before)) and stale.deltas_applied == 0
