@@ -112,10 +112,10 @@ class ModelServer:
     def __init__(self, path: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 512,
                  max_delay_ms: float = 2.0, max_queue: int = 1024, workers: int = 1, threads: Optional[int] = None,
                  dense: str = "export", poll_s: float = 2.0, grpc_port: Optional[int] = None) -> None:
+        self._threads_before: Optional[int] = None
         if threads is not None:
             if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
                 raise ValueError(f"ModelServer: threads must be an integer >= 1, got {threads!r}")
-            torch.set_num_threads(threads)
         if not isinstance(poll_s, (int, float)) or isinstance(poll_s, bool) or poll_s <= 0:
             raise ValueError(f"ModelServer: poll_s must be a number > 0, got {poll_s!r}")
         self.metrics = Metrics()
@@ -155,6 +155,11 @@ class ModelServer:
                 self.httpd.server_close()  # nothing of this server stays behind
                 self.batcher.close()
                 raise
+        if threads is not None:
+            # Process-wide (torch has one intra-op pool), once the server is built; close() puts the
+            # previous count back.
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
 
     @property
     def predictor(self) -> Predictor:
@@ -333,6 +338,9 @@ class ModelServer:
         self.batcher.close()
         if self._thread is not None:
             self._thread.join()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 def _handler(server: ModelServer):

@@ -403,3 +403,14 @@ def test_closing_a_server_that_never_started_and_a_bad_content_length(package):
         assert conn.getresponse().status == 400
     finally:
         server.close()
+
+
+def test_the_servers_thread_setting_is_undone_when_it_closes(package):
+    """threads= sets torch's process-wide intra-op threads while the server runs; close() puts the
+    previous count back (a test that served with one thread changed the numerics of later tests)."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    server = ModelServer(package, port=0, threads=want)
+    assert torch.get_num_threads() == want
+    server.close()
+    assert torch.get_num_threads() == before
