@@ -776,21 +776,23 @@ class Predictor:
         self.path = path
         self.manifest = manifest
         self.specs = [_ModuleSpec.from_dict(d) for d in manifest["modules"]]
-        self._tables = tables  # replaced whole, never mutated
         self._program = program
-        self._module = program.module()
         self.dense_from_delta = False  # the dense module came with a delta
         self._aoti = False  # the dense module is the AOTInductor one (load(dense="aoti"))
-        # (tables, deltas applied to them, the dense module): one assignment per delta.
-        self._versioned = (tables, 0, self._module)
+        # (tables, deltas applied to them, the dense module): the one state a request reads, replaced
+        # whole by one assignment per delta (the tables are never mutated).
+        self._versioned = (tables, 0, program.module())
         self._delta_lock = threading.Lock()
-        self.deltas_applied = 0
         # Each table's update count (the package's, then the last delta's): a delta must follow it.
         self.versions = {k: e.get("version") for k, e in manifest["tables"].items()}
 
     @property
     def tables(self) -> Dict[str, ServingTable]:
-        return self._tables
+        return self._versioned[0]
+
+    @property
+    def deltas_applied(self) -> int:
+        return self._versioned[1]
 
     def __call__(self, *inputs: Any) -> Any:
         return self.predict_versioned(*inputs)[0]
@@ -806,7 +808,7 @@ class Predictor:
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes held per table (index, ids, rows)."""
-        return {k: t.nbytes for k, t in self._tables.items()}
+        return {k: t.nbytes for k, t in self.tables.items()}
 
     def apply_delta(self, delta_dir: str, allow_nonfinite: bool = False) -> None:
         """Applies a training delta (``checkpoint.export_delta``): its rows (quantized as the package's)
@@ -822,11 +824,12 @@ class Predictor:
                 raise InferenceError(str(e)) from None
             if index.get("kind") != "delta":
                 raise InferenceError(f"{delta_dir}: not a delta (kind {index.get('kind')!r})")
-            new = dict(self._tables)
+            tables, deltas, module = self._versioned
+            new = dict(tables)
             versions = dict(self.versions)
             # A Trainer's deltas name its tables inside the task wrapper ("model."): they apply here too.
-            to_saved = saved_name(list(self._tables), index.get("tables", {}))
-            for key, table in self._tables.items():
+            to_saved = saved_name(list(tables), index.get("tables", {}))
+            for key, table in tables.items():
                 entry = index["tables"].get(to_saved(key))
                 if entry is None:
                     raise InferenceError(f"table {key!r} is not in the delta {delta_dir}")
@@ -857,7 +860,6 @@ class Predictor:
                     _check_finite(key, ids, weights, f"the delta {delta_dir}", "apply_delta(..., allow_nonfinite")
                 gone = torch.cat(evicted) if evicted else torch.empty(0, dtype=torch.int64)
                 new[key] = table.updated(ids, quantize_rows(weights.float(), table.quantization), gone)
-            module = self._versioned[2]
             dense = _dense_of_delta(delta_dir, self.manifest)
             if dense is not None:
                 if self._aoti:
@@ -865,10 +867,8 @@ class Predictor:
                                          "runs the AOTInductor one (load(dense='export') to take dense deltas)")
                 module = dense
                 self.dense_from_delta = True
-            self._tables = new
-            self._versioned = (new, self.deltas_applied + 1, module)  # one assignment: the swap requests see
+            self._versioned = (new, deltas + 1, module)  # one assignment: the swap requests see
             self.versions = versions
-            self.deltas_applied += 1
 
 
 def _verified(path: str, entry: Dict[str, Any]) -> str:
@@ -911,7 +911,6 @@ def load(path: str, dense: str = "export") -> Predictor:
     if dense == "aoti":
         if "aoti_program" not in manifest:
             raise InferenceError(f"{path}: the package has no AOTInductor program (export with aot_inductor=True)")
-        predictor._module = torch._inductor.aoti_load_package(_verified(path, manifest["aoti_program"]))
         predictor._aoti = True
-        predictor._versioned = (predictor._tables, 0, predictor._module)
+        predictor._versioned = (tables, 0, torch._inductor.aoti_load_package(_verified(path, manifest["aoti_program"])))
     return predictor
