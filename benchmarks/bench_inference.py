@@ -34,7 +34,10 @@ def _quant_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
 
 
-def throughput(args) -> None:
+def dlrm_pair(args):
+    """A TorchRec DLRM (``args.tables`` tables of ``args.rows`` x ``args.dim``), the same model with our
+    hash tables holding the same rows, both in eval mode, and ``batch(b)``: a request of b samples,
+    ``args.pooling`` ids per feature, uniform over the rows."""
     torch.manual_seed(0)
     keys = [f"f{i}" for i in range(args.tables)]
     cfg = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=args.rows, feature_names=[k])
@@ -45,15 +48,21 @@ def throughput(args) -> None:
                import_weights=True)  # the same rows, now in hash tables
     theirs.eval()
     ours.eval()
-    from torchrec.inference.modules import quantize_embeddings
-
-    quantized = quantize_embeddings(copy.deepcopy(theirs), dtype=torch.qint8, inplace=True)
     g = torch.Generator().manual_seed(1)
 
     def batch(b):
         lengths = torch.full((len(keys) * b,), args.pooling, dtype=torch.int64)
         return torch.rand(b, 13, generator=g), KeyedJaggedTensor(
             keys=keys, values=torch.randint(0, args.rows, (int(lengths.sum()),), generator=g), lengths=lengths)
+
+    return ours, theirs, batch
+
+
+def throughput(args) -> None:
+    ours, theirs, batch = dlrm_pair(args)
+    from torchrec.inference.modules import quantize_embeddings
+
+    quantized = quantize_embeddings(copy.deepcopy(theirs), dtype=torch.qint8, inplace=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         package = inference.export(ours, tmp + "/p", batch(8), quantize="int8", aot_inductor=True)

@@ -21,34 +21,10 @@ import time
 from typing import Dict, List
 
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
-from torchrec.models.dlrm import DLRM
 
-import recis_torchrec as rt
+from benchmarks.bench_inference import dlrm_pair
 from recis_torchrec import inference
 from recis_torchrec.serve import Client, ModelServer, to_json
-
-
-def _model(args):
-    torch.manual_seed(0)
-    keys = [f"f{i}" for i in range(args.tables)]
-    cfg = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=args.rows, feature_names=[k])
-           for i, k in enumerate(keys)]
-    theirs = DLRM(EmbeddingBagCollection(cfg), 13, [128, args.dim], [128, 64, 1])
-    ours = copy.deepcopy(theirs)
-    rt.convert(ours, fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01},
-               import_weights=True)
-    theirs.eval()
-    ours.eval()
-    g = torch.Generator().manual_seed(1)
-
-    def batch(b):
-        lengths = torch.full((len(keys) * b,), args.pooling, dtype=torch.int64)
-        return torch.rand(b, 13, generator=g), KeyedJaggedTensor(
-            keys=keys, values=torch.randint(0, args.rows, (int(lengths.sum()),), generator=g), lengths=lengths)
-
-    return ours, theirs, batch
 
 
 def _load(url: str, reqs: List, clients: int, seconds: float, pace_s: float = 0.0,
@@ -113,7 +89,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the offline runs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ours, theirs, batch = _model(args)
+    ours, theirs, batch = dlrm_pair(args)
     from torchrec.inference.modules import quantize_embeddings
 
     quantized = quantize_embeddings(copy.deepcopy(theirs), dtype=torch.qint8, inplace=True)
