@@ -15,6 +15,25 @@ from recis_torchrec.serve import Batcher, Client, ModelServer, Overloaded, Reque
 from tests.inference.test_package import requests, trained
 
 
+def concurrently(n, work):
+    """work(c) for c in range(n), each in its own thread; the first exception any raised is raised."""
+    errors = []
+
+    def run(c):
+        try:
+            work(c)
+        except Exception as e:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     model, _ = trained("dlrm")
@@ -41,22 +60,14 @@ def test_eight_concurrent_clients_are_batched_and_answered_as_the_predictor_answ
         assert client.ready()
         reqs = requests("bag", 6)
         want = [predictor(*r) for r in reqs]
-        got, errors = {}, []
+        got = {}
 
         def work(c):
-            try:
-                for k in range(12):
-                    i = (c + k) % len(reqs)
-                    got[(c, k)] = (i, Client(server.url).predict(*reqs[i]))
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+            for k in range(12):
+                i = (c + k) % len(reqs)
+                got[(c, k)] = (i, Client(server.url).predict(*reqs[i]))
 
-        threads = [threading.Thread(target=work, args=(c,)) for c in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        concurrently(8, work)
         assert len(got) == 96
         for i, out in got.values():
             # A row's outputs in a batch of others can differ from a batch of its own in the last
@@ -318,22 +329,15 @@ def test_grpc_answers_as_http_and_the_predictor_do_and_names_bad_requests(packag
     client = GrpcClient(f"127.0.0.1:{server.grpc_port}")
     try:
         reqs = requests("bag", 4)
-        outs, errors = {}, []
+        outs = {}
 
         def work(c):
-            try:
-                for k in range(6):
-                    i = (c + k) % len(reqs)
-                    outs[(c, k)] = (i, GrpcClient(f"127.0.0.1:{server.grpc_port}").predict_with_version(*reqs[i]))
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+            for k in range(6):
+                i = (c + k) % len(reqs)
+                outs[(c, k)] = (i, GrpcClient(f"127.0.0.1:{server.grpc_port}").predict_with_version(*reqs[i]))
 
-        threads = [threading.Thread(target=work, args=(c,)) for c in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        concurrently(8, work)
+        assert len(outs) == 48
         for i, (out, version) in outs.values():
             assert version == "v1"
             torch.testing.assert_close(out, predictor(*reqs[i]), atol=1e-6, rtol=1e-6)
