@@ -384,6 +384,14 @@ def test_a_bad_request_in_a_merged_batch_fails_alone_and_dense_values_are_not_ch
         assert torch.equal(good.result(30)[0][0], predictor(dense, kjt))
         with pytest.raises(inference.InferenceError, match="has 7 rows"):
             bad.result(30)
+        # One row too many and one too few: merged, the rows add up and each request would have been
+        # answered (200) from the other's rows. Each is refused instead.
+        d = torch.cat([dense, dense[:1]])
+        long = batcher.submit(Request((d, kjt), kjt.stride()))
+        short = batcher.submit(Request((dense[:-1], kjt), kjt.stride()))
+        for f in (long, short):
+            with pytest.raises(inference.InferenceError, match="rows"):
+                f.result(30)
     finally:
         batcher.close()
     for value, dtype, message in (([1.7], "int64", "give integers"), ([-1], "uint8", "outside uint8"),
