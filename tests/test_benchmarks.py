@@ -79,3 +79,26 @@ def test_the_wait_policy_is_pinned_before_torch_loads_and_recorded(tmp_path):
     benches = {r["bench"] for r in results["features"]["rows"]}
     assert any(b.endswith("| 1 thread") for b in benches) and any(b.endswith("| 2 threads") for b in benches)
     assert "Threading: OMP_WAIT_POLICY=ACTIVE" in open(next(tmp_path.glob("*-smoke.md"))).read()
+
+
+def test_scale_curve_runs_on_small_sizes_and_stops_at_the_budget(tmp_path):
+    """`python -m benchmarks.bench_scale`: every point has finite rates and both implementations' steps; a
+    budget below the next size's projected footprint stops the curve there (no timing assertions)."""
+    import math
+    import os
+
+    from benchmarks import bench_scale
+
+    assert bench_scale.sizes_up_to(100_000, 10_000_000) == [100_000, 320_000, 1_000_000, 3_200_000, 10_000_000]
+    res = bench_scale.main(["--start", "2000", "--max-ids", "7000", "--reps", "1", "--out", str(tmp_path)])
+    pts = res["points"]
+    assert [p["ids"] for p in pts] == [2000, 6300]
+    for p in pts:
+        for k in ("insert_keys_s", "find_keys_s", "find_or_insert_keys_s", "forward_ms", "train_ms",
+                  "tbe_forward_ms", "tbe_train_ms", "bytes_per_id"):
+            assert math.isfinite(p[k]) and p[k] > 0, k
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{bench_scale.datetime.date.today().isoformat()}-scale.{e}"
+                                                  for e in ("json", "md", "png"))
+    # A budget that the first point already fills: the curve stops after it.
+    small = bench_scale.run(budget_bytes=bench_scale.rss_bytes(), start=2000, reps=1, max_ids=7000)
+    assert [p["ids"] for p in small["points"]] == [2000] and small["points"][0]["tbe_train_ms"] is None
