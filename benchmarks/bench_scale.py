@@ -10,7 +10,10 @@
 - ``forward`` and ``train``: one table of a DLRM-like batch (B=2048, L=20, uniform ids), forward alone
   and forward + backward + fused row-wise Adagrad, ours against FBGEMM's CPU TBE holding exactly the
   same rows (TBE at the sizes where it fits beside ours in the budget);
-- ``bytes/id``: ``memory_bytes`` over the ids, and TBE's ``E x (D + 1) x 4``.
+- ``bytes/id``: ``memory_bytes`` over the ids, and TBE's ``E x (D + 1) x 4``;
+
+and, after the curve, training steps whose ids are partly new, with and without spare blocks (rows
+prepared ahead of growth off the training thread, see ``csrc/hashtable/embedding_blocks.h``).
 
 The budget is min(--budget-gb, 40% of MemAvailable): the machine has no swap, and running out of memory
 kills every process on it. Sizes grow by about sqrt(10) and stop before the projected footprint (the
@@ -176,6 +179,55 @@ def run(budget_bytes: int, dim: int = 64, start: int = 100_000, reps: int = 5, m
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "points": points, "machine": machine_caches()}
 
 
+def fresh_rows_steps(ids: int = 1_000_000, new_fraction: float = 1.0, steps: int = 30, dim: int = 64,
+                     dense_matmuls: int = 8, seed: int = 0) -> Dict[str, Any]:
+    """Training steps whose ids are `new_fraction` new (rows into fresh memory), on two tables alike but
+    for their spare blocks (``RECIS_SPARE_BLOCKS`` on and off when each was created), alternating step by
+    step in one process. Between steps a few 512x512 matmuls stand for the dense part of a model: the
+    time in which spare blocks are prepared. Returns the step times (ms) of each."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+
+    import recis_torchrec as rt
+
+    rng = np.random.default_rng(seed)
+    before = os.environ.get("RECIS_SPARE_BLOCKS")
+    ebcs, keys = {}, torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, ids, dtype=np.int64))
+    try:
+        for name, env in (("spare_blocks", "1"), ("no_spare_blocks", "0")):
+            os.environ["RECIS_SPARE_BLOCKS"] = env  # read when a table is created
+            ebc = rt.HashEmbeddingBagCollection(
+                [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=ids, feature_names=["f"])],
+                fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01})
+            ebc.tables()["t"].find_or_insert(keys)
+            ebcs[name] = ebc
+    finally:
+        if before is None:
+            os.environ.pop("RECIS_SPARE_BLOCKS", None)
+        else:
+            os.environ["RECIS_SPARE_BLOCKS"] = before
+    grad, dense = torch.randn(BATCH, dim), torch.randn(512, 512)
+    n = BATCH * POOLING
+    fresh = int(n * new_fraction)
+    times: Dict[str, List[float]] = {name: [] for name in ebcs}
+    for step in range(steps + 2):
+        old = keys[torch.from_numpy(rng.integers(0, ids, n - fresh))]
+        batch = torch.cat([old, torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, fresh, dtype=np.int64))])
+        kjt = KeyedJaggedTensor(keys=["f"], values=batch, lengths=torch.full((BATCH,), POOLING, dtype=torch.int64))
+        for name in (list(ebcs) if step % 2 == 0 else list(ebcs)[::-1]):
+            t0 = time.perf_counter()
+            ebcs[name](kjt).values().backward(grad)
+            if step >= 2:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(dense_matmuls):
+                dense @ dense
+    bytes_per_id = {name: e.tables()["t"].memory_bytes() / len(e.tables()["t"]) for name, e in ebcs.items()}
+    return {"ids": ids, "new_fraction": new_fraction, "dim": dim, "steps": steps, "dense_matmuls": dense_matmuls,
+            "times_ms": times, "bytes_per_id": bytes_per_id,
+            "median_ms": {k: statistics.median(v) for k, v in times.items()},
+            "p90_ms": {k: float(np.quantile(v, 0.9)) for k, v in times.items()}}
+
+
 def machine_caches() -> Dict[str, Any]:
     info: Dict[str, Any] = {}
     base = "/sys/devices/system/cpu/cpu0/cache"
@@ -213,6 +265,16 @@ def markdown(res: Dict[str, Any]) -> str:
             f"{p['find_or_insert_keys_s'] / 1e6:.1f} | {p['forward_ms']:.2f} | {f(p['tbe_forward_ms'], '.2f')} | "
             f"{p['train_ms']:.2f} | {f(p['tbe_train_ms'], '.2f')} | {f(ratio, '.2f')} | {p['bytes_per_id']:.0f} | "
             f"{p['tbe_bytes_per_id']} | {p['rss_after_gb']:.2f} |")
+    if res.get("fresh_rows"):
+        lines += ["", "Training steps with new ids (fresh rows), spare blocks on and off, alternating in one process:",
+                  "", "| ids | new ids per step | spare blocks: median / p90 ms | none: median / p90 ms | "
+                  "median ratio | B/id with / without |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in res["fresh_rows"]:
+            m, q, b = r["median_ms"], r["p90_ms"], r["bytes_per_id"]
+            lines.append(f"| {r['ids']:,} | {r['new_fraction']:.0%} | {m['spare_blocks']:.2f} / {q['spare_blocks']:.2f}"
+                         f" | {m['no_spare_blocks']:.2f} / {q['no_spare_blocks']:.2f} | "
+                         f"{m['spare_blocks'] / m['no_spare_blocks']:.2f} | {b['spare_blocks']:.0f} / "
+                         f"{b['no_spare_blocks']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -270,6 +332,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     budget = int(min(args.budget_gb * 2**30, 0.4 * mem_available_bytes()))
     print(f"budget {budget / 2**30:.1f} GB (MemAvailable {mem_available_bytes() / 2**30:.1f} GB)", flush=True)
     res = run(budget, dim=args.dim, start=args.start, reps=args.reps, max_ids=args.max_ids)
+    res["fresh_rows"] = [fresh_rows_steps(ids=min(1_000_000, 10 * args.start), new_fraction=f, dim=args.dim,
+                                          steps=max(4, 6 * args.reps))
+                         for f in (0.25, 1.0)]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-scale")
     with open(stem + ".json", "w") as f:

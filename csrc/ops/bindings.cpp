@@ -79,6 +79,7 @@ py::dict py_table_info(int64_t handle) {
   m["row_padding"] = b.padding;
   m["ids"] = b.ids;
   m["metadata"] = b.metadata;
+  m["spare_blocks"] = b.spare;
   m["block_slack"] = b.slack;
   m["id_map"] = t.id_map_bytes();
   m["other"] = t.memory_bytes() - t.blocks().memory_bytes() - t.id_map_bytes() + b.snapshot;

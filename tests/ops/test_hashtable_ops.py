@@ -243,4 +243,5 @@ def test_memory_breakdown_adds_up_and_rows_are_padded_to_16_bytes(dim, state_dim
     assert m["row_padding"] == n * (info["row_bytes"] - 4 * (dim + state_dim)) <= n * 12
     assert m["ids"] == n * 8 and m["metadata"] == n * 24
     assert m["block_slack"] == (info["capacity"] - n) * (info["row_bytes"] + 8 + 24)
+    assert m["spare_blocks"] % (64 * (info["row_bytes"] + 8 + 24)) == 0  # whole blocks prepared ahead of growth
     assert m["id_map"] > 16 * n and m["other"] >= 0
