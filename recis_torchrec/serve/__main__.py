@@ -26,12 +26,14 @@ def main(argv=None) -> int:
     p.add_argument("--dense", choices=("export", "aoti"), default="export")
     p.add_argument("--poll-s", type=float, default=2.0, help="how often to look for new versions and deltas")
     p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC (predictor.proto) on this port")
+    p.add_argument("--grpc-threads", type=int, default=None,
+                   help="gRPC requests served at once (default min(max-queue, 64)); more are refused at once")
     args = p.parse_args(argv)
     try:
         server = ModelServer(args.package, host=args.host, port=args.port, max_batch=args.max_batch,
                              max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, workers=args.workers,
                              threads=args.threads, dense=args.dense, poll_s=args.poll_s,
-                             grpc_port=args.grpc_port)
+                             grpc_port=args.grpc_port, grpc_threads=args.grpc_threads)
     except (InferenceError, ValueError, OSError) as e:
         print(f"recis_torchrec.serve: error: {e}", file=sys.stderr)
         return 2

@@ -120,7 +120,11 @@ _CODES = ((RequestError, grpc.StatusCode.INVALID_ARGUMENT), (ModelError, grpc.St
 
 
 def serve_grpc(server: "ModelServer", host: str, port: int, max_workers: int = 16):
-    """Starts the gRPC endpoint of a ModelServer; returns (the grpc server, its port)."""
+    """Starts the gRPC endpoint of a ModelServer; returns (the grpc server, its port).
+
+    Each RPC holds one of ``max_workers`` threads while it waits for its batch, and grpc admits at
+    most that many RPCs at once (``maximum_concurrent_rpcs``): one more is answered
+    RESOURCE_EXHAUSTED at once, as a full queue is, instead of waiting unseen inside grpc."""
     protos, services = protos_and_services()
 
     class Servicer(services.PredictorServicer):
@@ -147,7 +151,7 @@ def serve_grpc(server: "ModelServer", host: str, port: int, max_workers: int = 1
             except InferenceError as e:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
-    g = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    g = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), maximum_concurrent_rpcs=max_workers)
     services.add_PredictorServicer_to_server(Servicer(), g)
     try:
         bound = g.add_insecure_port(f"{host}:{port}")

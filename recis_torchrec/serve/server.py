@@ -106,16 +106,24 @@ class ModelServer:
     is not loaded again.
 
     ``grpc_port`` also serves the gRPC service of ``predictor.proto`` (``grpc_service.py``; 0: a free
-    port, ``server.grpc_port``). ``port=0`` picks a free port (``server.port``). ``start()`` serves in a background thread;
+    port, ``server.grpc_port``). It serves at most ``grpc_threads`` RPCs at once (default
+    min(max_queue, 64)): each holds a thread while it waits for its batch, and one more is answered
+    RESOURCE_EXHAUSTED at once. ``port=0`` picks a free port (``server.port``). ``start()`` serves in a background thread;
     ``serve_forever()`` in this one; ``close()`` stops."""
 
     def __init__(self, path: str, host: str = "127.0.0.1", port: int = 8080, max_batch: int = 512,
                  max_delay_ms: float = 2.0, max_queue: int = 1024, workers: int = 1, threads: Optional[int] = None,
-                 dense: str = "export", poll_s: float = 2.0, grpc_port: Optional[int] = None) -> None:
+                 dense: str = "export", poll_s: float = 2.0, grpc_port: Optional[int] = None,
+                 grpc_threads: Optional[int] = None) -> None:
         self._threads_before: Optional[int] = None
         if threads is not None:
             if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
                 raise ValueError(f"ModelServer: threads must be an integer >= 1, got {threads!r}")
+        if grpc_threads is not None and (not isinstance(grpc_threads, int) or isinstance(grpc_threads, bool)
+                                         or grpc_threads < 1):
+            raise ValueError(f"ModelServer: grpc_threads must be an integer >= 1, got {grpc_threads!r}")
+        if grpc_threads is not None and grpc_port is None:
+            raise ValueError("ModelServer: grpc_threads is set but grpc_port is not: no gRPC endpoint to size")
         if not isinstance(poll_s, (int, float)) or isinstance(poll_s, bool) or poll_s <= 0:
             raise ValueError(f"ModelServer: poll_s must be a number > 0, got {poll_s!r}")
         self.metrics = Metrics()
@@ -145,12 +153,14 @@ class ModelServer:
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         self.grpc = None
+        self.grpc_threads: Optional[int] = None
         self.grpc_port: Optional[int] = None
         if grpc_port is not None:
             from recis_torchrec.serve.grpc_service import serve_grpc
 
             try:
-                self.grpc, self.grpc_port = serve_grpc(self, host, grpc_port)
+                self.grpc_threads = grpc_threads or min(max_queue, 64)
+                self.grpc, self.grpc_port = serve_grpc(self, host, grpc_port, max_workers=self.grpc_threads)
             except BaseException:
                 self.httpd.server_close()  # nothing of this server stays behind
                 self.batcher.close()

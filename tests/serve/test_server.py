@@ -5,6 +5,7 @@ status; health, readiness and Prometheus metrics."""
 
 import json
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -426,3 +427,43 @@ def test_the_servers_thread_setting_is_undone_when_it_closes(package):
     assert torch.get_num_threads() == want
     server.close()
     assert torch.get_num_threads() == before
+
+
+def test_grpc_requests_past_its_threads_are_refused_at_once_not_queued_unseen(package, predictor):
+    """Each gRPC request holds a thread while it waits for its batch. Past ``grpc_threads`` requests at
+    once, one more is answered RESOURCE_EXHAUSTED at once (before: it waited inside grpc's executor,
+    unseen by the queue bound and the metrics, and was answered late)."""
+    import grpc
+
+    from recis_torchrec.serve.grpc_service import GrpcClient
+
+    with pytest.raises(ValueError, match="grpc_threads must be an integer >= 1"):
+        ModelServer(package, port=0, grpc_port=0, grpc_threads=0)
+    with pytest.raises(ValueError, match="grpc_port is not"):
+        ModelServer(package, port=0, grpc_threads=2)
+    # Requests wait up to 3 s for others to join their batch: two hold both threads meanwhile.
+    server = ModelServer(package, port=0, grpc_port=0, grpc_threads=2, max_queue=100, max_batch=10_000,
+                         max_delay_ms=3000.0, threads=1).start()
+    try:
+        req = requests("bag", 1)[0]
+        results = {}
+
+        def work(c):
+            if c >= 2:
+                threading.Event().wait(0.5)  # after the first two hold the threads
+            t0 = time.monotonic()
+            try:
+                results[c] = (GrpcClient(f"127.0.0.1:{server.grpc_port}").predict(*req), time.monotonic() - t0)
+            except grpc.RpcError as e:
+                results[c] = (e.code(), time.monotonic() - t0)
+
+        concurrently(4, work)
+        assert server.grpc_threads == 2
+        answered = [c for c, (r, _) in results.items() if isinstance(r, torch.Tensor)]
+        refused = [c for c, (r, _) in results.items() if r == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert sorted(answered) == [0, 1] and sorted(refused) == [2, 3], results
+        for c in answered:
+            torch.testing.assert_close(results[c][0], predictor(*req), atol=1e-6, rtol=1e-6)
+        assert all(results[c][1] < 2.0 for c in refused)  # refused at once, not after the batch ran
+    finally:
+        server.close()
