@@ -56,7 +56,7 @@ class ExperimentConfig:
 
 @dataclass(frozen=True)
 class ExperimentResult:
-    bench: str  # "forward", "train_sgd", "train_rowwise_adagrad", "train_adam"
+    bench: str  # "forward", "forward_eval", "train_sgd", "train_rowwise_adagrad", "train_adam"
     impl: str
     samples_ms: List[float]
 
@@ -162,6 +162,20 @@ def bench_all(cfg: ExperimentConfig, which: Optional[List[str]] = None) -> List[
                 results.append(ExperimentResult("forward", name, s))
         del hebc, tbe
 
+    # -- forward, eval under torch.inference_mode: a dense table's forward-only fast path ----------
+    if want("forward_eval"):
+        hebc = ours({"optimizer": EmbOptimType.EXACT_SGD})
+        kjt = kjts[0]
+        with torch.no_grad():
+            hebc(kjt)  # every id gets its row (a training forward inserts them)
+        hebc.eval()
+        bags = SparseBags(ebc)
+        impls = {"recis_torchrec": lambda: hebc(kjt), "nn_embeddingbag_inference_mode": lambda: bags(kjt)}
+        with torch.inference_mode():
+            for name, s in run_round_robin(impls, cfg.reps, cfg.warmup).items():
+                results.append(ExperimentResult("forward_eval", name, s))
+        del hebc, bags
+
     # -- forward + backward + SGD / row-wise Adagrad ----------------------------
     def bench_fused_vs_dense(bench: str, optimizer: EmbOptimType, dense_optimizer) -> None:
         lr = 0.01
@@ -214,6 +228,7 @@ def bench_all(cfg: ExperimentConfig, which: Optional[List[str]] = None) -> List[
 
 BASELINE = {
     "forward": "fbgemm_tbe",
+    "forward_eval": "nn_embeddingbag_inference_mode",
     "train_sgd": "fbgemm_tbe",
     "train_rowwise_adagrad": "fbgemm_tbe",
     "train_adam": "nn_embeddingbag_sparseadam",
@@ -258,7 +273,7 @@ def markdown(cfg: ExperimentConfig, results: List[ExperimentResult]) -> str:
     for r in results:
         base = by.get((r.bench, BASELINE[r.bench]))
         ratio = r.median / base.median if base else float("nan")
-        nbytes = fwd_bytes if r.bench == "forward" else 2 * fwd_bytes
+        nbytes = fwd_bytes if r.bench.startswith("forward") else 2 * fwd_bytes
         gbs = nbytes / (r.median * 1e-3) / 1e9
         lines.append(
             f"| {r.bench} | {r.impl} | {r.median:.1f} | {r.quantile(0.1):.1f} | {r.quantile(0.9):.1f} | "

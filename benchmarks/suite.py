@@ -157,7 +157,7 @@ def embedding(mode: Dict[str, Any], with_sweeps: bool = True) -> Dict[str, Any]:
     for shape, cfg in shapes.items():
         configs[shape] = dataclasses.asdict(cfg)
         for r in bench_all(cfg):
-            nbytes = cfg.forward_bytes() * (1 if r.bench == "forward" else 2)
+            nbytes = cfg.forward_bytes() * (1 if r.bench.startswith("forward") else 2)
             rows.append(Row("embedding", f"{r.bench} | {shape}", r.impl, r.samples_ms, BASELINE[r.bench], nbytes,
                             cfg.batch, "samples", torch.get_num_threads()))
     # Sweeps for the plots: forward, ours against FBGEMM's TBE.

@@ -64,13 +64,27 @@
 namespace recis {
 namespace hashtable {
 
-// Per-row metadata, kept beside the row blocks.
+// Per-row metadata, kept beside the row blocks: 16 bytes. Clocks are update
+// counts (optimizer steps), kept in 32 bits: a table raises rather than store
+// one past kMaxClock (see clock32), 4 billion steps being beyond any run.
 struct RowMeta {
-  int64_t last_seen = 0;    // update count (table clock) when a training lookup last saw the row
-  int64_t last_update = 0;  // clock after the row was last written (created or trained)
-  uint32_t freq = 0;        // training lookups of the row
-  uint8_t live = 0;         // 1: holds an id; 0: free
+  uint32_t last_seen = 0;    // update count (table clock) when a training lookup last saw the row
+  uint32_t last_update = 0;  // clock after the row was last written (created or trained)
+  uint32_t freq = 0;         // training lookups of the row
+  uint8_t live = 0;          // 1: holds an id; 0: free
 };
+static_assert(sizeof(RowMeta) == 16, "RowMeta is 16 bytes a row");
+
+constexpr int64_t kMaxClock = int64_t{UINT32_MAX} - 1;  // last_update = clock + 1 must fit too
+
+// A clock (or a count) as RowMeta stores it; throws for one that 32 bits cannot hold.
+inline uint32_t clock32(int64_t v, const char* what = "clock") {
+  if (v < 0 || v > kMaxClock + 1) {
+    throw std::invalid_argument(std::string("table row metadata: ") + what + " " + std::to_string(v) +
+                            " is outside [0, 2^32 - 1]");
+  }
+  return static_cast<uint32_t>(v);
+}
 
 class EmbeddingBlocks {
  public:

@@ -38,12 +38,14 @@ struct RowScore {
   }
 };
 
+// RowMeta's clocks and counts are uint32_t: widen them to int64_t before any arithmetic that can go
+// below zero (-m.last_seen would wrap).
 using ScoreFn = RowScore (*)(const RowMeta&);
 
 // The rows seen longest ago go first.
-inline RowScore lru_score(const RowMeta& m) { return {m.last_seen, m.last_seen}; }
+inline RowScore lru_score(const RowMeta& m) { return {int64_t{m.last_seen}, int64_t{m.last_seen}}; }
 // The rows seen least often go first; among them, the ones seen longest ago.
-inline RowScore lfu_score(const RowMeta& m) { return {static_cast<int64_t>(m.freq), m.last_seen}; }
+inline RowScore lfu_score(const RowMeta& m) { return {int64_t{m.freq}, int64_t{m.last_seen}}; }
 
 // The score function of a built-in policy (nullptr for kNone and kCustom).
 inline ScoreFn policy_score(EvictionPolicy p) {

@@ -182,12 +182,13 @@ class HashTable {
   // Marks the rows of a training lookup as seen at `clock`.
   template <typename ParFor>
   void touch(const int64_t* rows, int64_t n, int64_t clock, ParFor&& par) {
+    const uint32_t c = clock32(clock);
     par(int64_t{0}, n, kGrain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t r = rows[i];
         if (r < 0) continue;
         RowMeta& m = blocks_.mutable_meta(r);
-        __atomic_store_n(&m.last_seen, clock, __ATOMIC_RELAXED);
+        __atomic_store_n(&m.last_seen, c, __ATOMIC_RELAXED);
         __atomic_fetch_add(&m.freq, 1u, __ATOMIC_RELAXED);
       }
     });
@@ -565,6 +566,13 @@ class HashTable {
   template <typename ParFor>
   bool import_rows(const int64_t* keys, int64_t n, const void* emb, const float* state, const int64_t* meta,
                    ParFor&& par) {
+    if (meta != nullptr) {  // checked before anything is written
+      for (int64_t i = 0; i < n; ++i) {
+        clock32(meta[3 * i], "last_seen");
+        clock32(meta[3 * i + 1], "last_update");
+        clock32(meta[3 * i + 2], "freq");
+      }
+    }
     std::vector<int64_t> rows(static_cast<size_t>(n));
     const int64_t missing = find(keys, n, rows.data(), par);
     // Rows whose every value this call writes need no initial value.
@@ -599,8 +607,8 @@ class HashTable {
         }
         if (meta != nullptr) {
           RowMeta& m = blocks_.mutable_meta(rows[i]);
-          m.last_seen = meta[3 * i];
-          m.last_update = meta[3 * i + 1];
+          m.last_seen = static_cast<uint32_t>(meta[3 * i]);  // in range: checked above
+          m.last_update = static_cast<uint32_t>(meta[3 * i + 1]);
           m.freq = static_cast<uint32_t>(meta[3 * i + 2]);
         }
       }
@@ -609,7 +617,7 @@ class HashTable {
   }
 
   // Marks a row as written at `clock` (the optimizer's update count).
-  void mark_updated(int64_t r, int64_t clock) { blocks_.mutable_meta(r).last_update = clock; }
+  void mark_updated(int64_t r, int64_t clock) { blocks_.mutable_meta(r).last_update = clock32(clock); }
 
   // A copy-on-write snapshot of the live rows (embedding_blocks.h): begin it
   // alone (it returns the number of live rows it holds), read it with
@@ -661,8 +669,8 @@ class HashTable {
     }
     blocks_.mutable_row_id(r) = key;
     RowMeta& m = blocks_.mutable_meta(r);
-    m.last_seen = clock;
-    m.last_update = clock + 1;
+    m.last_seen = clock32(clock);
+    m.last_update = clock32(clock + 1);
   }
 
   HashTableConfig cfg_;

@@ -87,7 +87,7 @@ def test_growth_keeps_rows_in_place():
     assert torch.equal(t.lookup(first), before)
     info = t.info()
     assert info["capacity"] >= 100_000 and info["num_blocks"] == info["capacity"] // 16
-    assert info["memory_bytes"] >= 100_000 * (16 * 4 + 8 + 16)  # rows (stride 16) + ids + IdMap slots
+    assert info["memory_bytes"] >= 100_000 * (16 + 8 + 16 + 16)  # rows (stride 16) + ids + metadata + IdMap slots
 
 
 def test_segments_route_to_tables():
@@ -241,7 +241,24 @@ def test_memory_breakdown_adds_up_and_rows_are_padded_to_16_bytes(dim, state_dim
     assert info["row_bytes"] == (4 * (dim + state_dim) + 15) // 16 * 16
     assert m["embedding"] == n * dim * 4 and m["optimizer_state"] == n * state_dim * 4
     assert m["row_padding"] == n * (info["row_bytes"] - 4 * (dim + state_dim)) <= n * 12
-    assert m["ids"] == n * 8 and m["metadata"] == n * 24
-    assert m["block_slack"] == (info["capacity"] - n) * (info["row_bytes"] + 8 + 24)
-    assert m["spare_blocks"] % (64 * (info["row_bytes"] + 8 + 24)) == 0  # whole blocks prepared ahead of growth
+    assert m["ids"] == n * 8 and m["metadata"] == n * 16
+    assert m["block_slack"] == (info["capacity"] - n) * (info["row_bytes"] + 8 + 16)
+    assert m["spare_blocks"] % (64 * (info["row_bytes"] + 8 + 16)) == 0  # whole blocks prepared ahead of growth
     assert m["id_map"] > 16 * n and m["other"] >= 0
+
+
+def test_row_metadata_is_16_bytes_and_a_clock_32_bits_cannot_hold_raises_before_writing():
+    """Row metadata keeps its clocks and counts in 32 bits (16 bytes a row, from 24). A restored clock or
+    count outside [0, 2^32 - 1] raises, naming the field, and writes no row; the largest one round-trips."""
+    t = HashTable("meta32", 4, 0, HashTableOptions(block_rows=16), num_embeddings=8)
+    ids = torch.tensor([3, 5], dtype=torch.int64)
+    top = 2**32 - 1
+    t.import_(ids, torch.ones(2, 4), meta=torch.tensor([[top - 1, top, top], [0, 1, 7]], dtype=torch.int64))
+    out_ids, _, _, meta = t.export_rows()
+    assert out_ids.tolist() == [3, 5] and meta.tolist() == [[top - 1, top, top], [0, 1, 7]]
+    assert t.info()["memory"]["metadata"] == 2 * 16
+    for bad, field in (([[2**32, 1, 1]], "last_seen 4294967296"), ([[1, -1, 1]], "last_update -1"),
+                       ([[1, 1, 2**40]], "freq 1099511627776")):
+        with pytest.raises(ValueError, match=field):
+            t.import_(torch.tensor([9]), torch.ones(1, 4), meta=torch.tensor(bad, dtype=torch.int64))
+        assert len(t) == 2 and int(ops.find(t, torch.tensor([9]))[0]) == -1

@@ -42,7 +42,7 @@ def test_rows_are_the_same_with_and_without_spare_blocks_and_spares_count_in_mem
     on_info, off_info = on.info(), off.info()
     assert on_info["num_blocks"] == off_info["num_blocks"]
     # The spares are reserved memory beyond the blocks in use: prepared in the background, then counted.
-    block = 64 * (on_info["row_bytes"] + 8 + 24)
+    block = 64 * (on_info["row_bytes"] + 8 + 16)
     assert _wait_for(lambda: on.memory_bytes() > off.memory_bytes())
     assert (on.memory_bytes() - off.memory_bytes()) % block == 0
     assert on.info()["memory"]["spare_blocks"] == on.memory_bytes() - off.memory_bytes() > 0
@@ -91,7 +91,7 @@ def test_spare_blocks_off_by_environment_in_a_fresh_process():
             "from recis_torchrec.tables.hash_table import HashTable\n"
             "t = HashTable('t', 8, 0, rt.HashTableOptions(initial_capacity=64, block_rows=64), num_embeddings=64)\n"
             "t.find_or_insert(torch.arange(5000)); time.sleep(0.2)\n"
-            "i = t.info(); print(i['memory_bytes'] - i['num_blocks'] * 64 * (i['row_bytes'] + 32))\n")
+            "i = t.info(); print(i['memory_bytes'] - i['num_blocks'] * 64 * (i['row_bytes'] + 24))\n")
     out = {}
     for env in ("0", "1"):
         r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, RECIS_SPARE_BLOCKS=env),

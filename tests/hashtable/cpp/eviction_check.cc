@@ -20,7 +20,7 @@ struct Serial {
   }
 };
 
-RowScore most_recent_first(const RowMeta& m) { return {-m.last_seen, 0}; }
+RowScore most_recent_first(const RowMeta& m) { return {-static_cast<int64_t>(m.last_seen), 0}; }
 
 bool holds(const HashTable& t, int64_t key) {
   int64_t row = -1;
