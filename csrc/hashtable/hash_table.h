@@ -169,6 +169,7 @@ class HashTable {
   // Runs the TTL scan when a quarter of ttl_steps has passed since the last
   // one, so that no row outlives its TTL by more than a quarter of it.
   void tick(int64_t clock) {
+    clock32(clock + 1);  // a clock row metadata cannot hold raises here, before any row changes
     if (log_restarted_) {
       // The first update after a restore: the evictions before it are not in the log.
       log_dropped_through_ = std::max(log_dropped_through_, clock);

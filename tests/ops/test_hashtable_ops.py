@@ -262,3 +262,7 @@ def test_row_metadata_is_16_bytes_and_a_clock_32_bits_cannot_hold_raises_before_
         with pytest.raises(ValueError, match=field):
             t.import_(torch.tensor([9]), torch.ones(1, 4), meta=torch.tensor(bad, dtype=torch.int64))
         assert len(t) == 2 and int(ops.find(t, torch.tensor([9]))[0]) == -1
+    # A step whose clock the metadata cannot hold raises before a row is inserted.
+    with pytest.raises(ValueError, match="clock 4294967296"):
+        ops.find_or_insert(t, torch.tensor([11, 12]), clock=2**32 - 1)
+    assert len(t) == 2
