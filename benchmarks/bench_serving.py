@@ -6,7 +6,9 @@ TorchRec's quantized model in the same process:
   batch 64, against the offline ``Predictor`` at batch 512 and TorchRec's ``quantize_embeddings``
   model called in-process at batch 64 and 512;
 - latency p50 / p99 at about half the saturating load (8 clients pacing their requests);
-- a package swap under load: failed requests and answers that match neither version.
+- a package swap under load: failed requests and answers that match neither version;
+- the 1- and 8-client throughput again with each client in its own process (spawned; the clients'
+  request encoding then no longer shares the server's GIL, only the machine's cores).
 
     python -m benchmarks.bench_serving [--rows 100000] [--tables 8] [--dim 64] [--seconds 5]
 """
@@ -69,6 +71,66 @@ def _load(url: str, reqs: List, clients: int, seconds: float, pace_s: float = 0.
             "p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")}
 
 
+def _client_process(kind: str, target: str, reqs: List, first: int, seconds: float, ready, start, out) -> None:
+    """One client in its own process (its own GIL): round robin over `reqs` for `seconds` once `start`
+    is set; puts (rows, latencies, failed) on `out`."""
+    torch.set_num_threads(1)
+    if kind == "grpc":
+        from recis_torchrec.serve.grpc_service import GrpcClient
+
+        client = GrpcClient(target)
+    else:
+        client = Client(target)
+    client.predict(*reqs[first % len(reqs)])  # connected and warm before the clock starts
+    ready.put(first)
+    start.wait()
+    lat: List[float] = []
+    rows = failed = 0
+    k = first
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        r = reqs[k % len(reqs)]
+        k += 1
+        t0 = time.monotonic()
+        try:
+            client.predict(*r)
+        except Exception:  # noqa: BLE001 - counted
+            failed += 1
+            continue
+        lat.append(time.monotonic() - t0)
+        rows += r[1].stride()
+    out.put((rows, lat, failed))
+
+
+def _load_processes(kind: str, target: str, reqs: List, clients: int, seconds: float) -> Dict[str, float]:
+    """As _load, with each client in its own spawned process: the clients' request encoding no longer
+    shares the server's GIL (they still share the machine's cores)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_client_process, args=(kind, target, reqs, c, seconds, ready, start, out))
+             for c in range(clients)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=300)
+        start.set()
+        results = [out.get(timeout=seconds + 300) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    lat = sorted(x for _, ls, _ in results for x in ls)
+    rows = sum(r for r, _, _ in results)
+    return {"rows_per_s": rows / seconds, "requests_per_s": len(lat) / seconds,
+            "failed": sum(f for _, _, f in results),
+            "p50_ms": 1e3 * lat[len(lat) // 2] if lat else float("nan"),
+            "p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")}
+
+
 def _offline(fn, reqs, seconds: float) -> float:
     rows, t0 = 0, time.perf_counter()
     with torch.no_grad():
@@ -115,6 +177,11 @@ def main(argv=None) -> None:
 
             g_one = _load(server.url, small, 1, args.seconds, make=grpc_client)
             g_eight = _load(server.url, small, 8, args.seconds, make=grpc_client)
+            # The same with each client in its own process.
+            grpc_target = f"127.0.0.1:{server.grpc_port}"
+            procs = {(kind, n): _load_processes(kind, server.url if kind == "http" else grpc_target, small, n,
+                                                args.seconds)
+                     for kind in ("grpc", "http") for n in (1, 8)}
             # About half the saturating load: each of 8 clients waits so that together they send half
             # of what 8 unpaced clients did.
             pace = 8 / max(eight["requests_per_s"] / 2, 1e-9)
@@ -170,7 +237,13 @@ def main(argv=None) -> None:
           f"ms): {g_eight['rows_per_s'] / g_one['rows_per_s']:.2f}x one client")
     print(f"  offline Predictor at batch 512: {offline_512:,.0f} rows/s; 8 clients / offline = "
           f"{eight['rows_per_s'] / offline_512:.2f} (HTTP), {g_eight['rows_per_s'] / offline_512:.2f} (gRPC)")
-    print("  (the clients run in the server's process and share its GIL and the machine's cores)")
+    print("  (the clients above run in the server's process and share its GIL and the machine's cores)")
+    for kind in ("grpc", "http"):
+        a, b = procs[(kind, 1)], procs[(kind, 8)]
+        print(f"  {kind}, each client in its own process: 1 client {a['rows_per_s']:,.0f} rows/s (p50 "
+              f"{a['p50_ms']:.1f} ms); 8 clients {b['rows_per_s']:,.0f} rows/s (p50 {b['p50_ms']:.1f} ms, p99 "
+              f"{b['p99_ms']:.1f} ms, failed {b['failed']}): {b['rows_per_s'] / a['rows_per_s']:.2f}x one client, "
+              f"{b['rows_per_s'] / offline_512:.2f}x the offline Predictor at batch 512")
     print(f"  TorchRec quantize_embeddings (INT8) in-process: batch 64 {torchrec_64:,.0f} rows/s, batch 512 "
           f"{torchrec_512:,.0f} rows/s; 8 HTTP clients / TorchRec at batch 64 = {eight['rows_per_s'] / torchrec_64:.2f}")
     print(f"  at about half load ({half['requests_per_s']:.0f} req/s): p50 {half['p50_ms']:.1f} ms, p99 "
