@@ -35,7 +35,7 @@
 // takes those first and faults in fresh blocks itself only when none are ready.
 // The number kept follows the growth of recent reserve() calls (the largest
 // recent one, halving per call after), capped at an eighth of the table's
-// blocks and kMaxSpareBytes. RECIS_SPARE_BLOCKS=0 in
+// blocks and kMaxSpareBytes (so a table of fewer than 8 blocks keeps none). RECIS_SPARE_BLOCKS=0 in
 // the environment turns them off for the tables created after it is set.
 #pragma once
 
@@ -401,7 +401,9 @@ class EmbeddingBlocks {
 
   void refill_spares(int64_t grew_by) {
     const int64_t block_bytes = block_rows() * (stride_ + static_cast<int64_t>(sizeof(int64_t) + sizeof(RowMeta)));
-    const int64_t cap = std::max<int64_t>(1, std::min(num_blocks() / 8, kMaxSpareBytes / block_bytes));
+    // None for a table of fewer than 8 blocks, or blocks over kMaxSpareBytes.
+    const int64_t cap = std::min(num_blocks() / 8, kMaxSpareBytes / block_bytes);
+    if (cap <= 0) return;
     std::shared_ptr<SparePool> pool = spares_;
     {
       std::lock_guard<std::mutex> g(pool->mu);

@@ -56,6 +56,9 @@ def test_a_table_freed_while_its_spares_are_prepared_and_a_table_that_never_grow
         t = HashTable(f"t{i}", 64, 1, rt.HashTableOptions(initial_capacity=64, block_rows=1024), num_embeddings=64)
         t.find_or_insert(torch.arange(5000))
         del t
+    small = HashTable("small", 8, 0, rt.HashTableOptions(initial_capacity=64, block_rows=1024), num_embeddings=64)
+    small.find_or_insert(torch.arange(7 * 1024))  # grows to 7 blocks: below 8, no spares
+    assert small.info()["memory"]["spare_blocks"] == 0
     fixed = HashTable("fixed", 8, 0, rt.HashTableOptions(initial_capacity=4096, block_rows=1024), num_embeddings=64)
     reserved = fixed.memory_bytes()
     fixed.find_or_insert(torch.arange(4000))  # within the first reservation: no spares
