@@ -174,7 +174,9 @@ def _kjt_from_json(sparse: Any, batch: int) -> KeyedJaggedTensor:
 def _int64_list(value: Any, what: str) -> torch.Tensor:
     """A JSON list of integers as int64; anything else (a float, which int64 would truncate to
     another id without a word, a bool, a string, a number past int64) is refused."""
-    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+    # set(map(type, ...)) walks the list in C: a third of a request's decoding time went to a Python-level
+    # all(isinstance(...)). bool is its own type, so True is refused as before.
+    if not isinstance(value, list) or not set(map(type, value)) <= {int}:
         bad = next((x for x in value if not isinstance(x, int) or isinstance(x, bool)), value) \
             if isinstance(value, list) else value
         raise RequestError(f"{what} must be a list of integers, got {bad!r}")

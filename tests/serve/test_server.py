@@ -115,6 +115,11 @@ def test_malformed_requests_are_named_with_400(package, predictor):
                 good["sparse"]["f0"]["values"])))), "must be a list of integers, got '7'"),
             (dict(good, sparse=dict(good["sparse"], f0=dict(good["sparse"]["f0"], values=[2**64] * len(
                 good["sparse"]["f0"]["values"])))), "not int64"),
+            # true is not the id 1, nor a length.
+            (dict(good, sparse=dict(good["sparse"], f0=dict(good["sparse"]["f0"], values=[1] * (len(
+                good["sparse"]["f0"]["values"]) - 1) + [True]))), "'f0': values \\(ids\\) must be a list of integers, got True"),
+            (dict(good, sparse=dict(good["sparse"], f0=dict(good["sparse"]["f0"], lengths=[True] + good["sparse"]["f0"][
+                "lengths"][1:]))), "'f0': lengths must be a list of integers, got True"),
             # The wrong dense width, and a batch larger than the server takes.
             (dict(good, dense={"0": [row + [0.0] for row in good["dense"]["0"]]}),
              r"dense argument 0 has shape \(5, 5\); the model takes \(batch_size 5, 4\)"),
