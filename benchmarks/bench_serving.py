@@ -29,34 +29,46 @@ from recis_torchrec import inference
 from recis_torchrec.serve import Client, ModelServer, to_json
 
 
+def _client_loop(client, reqs: List, first: int, stop: float, pace_s: float = 0.0):
+    """Sends `reqs` round robin from `first` until monotonic time `stop`, pacing each request to take at
+    least `pace_s`: (rows answered, latencies in s, failed requests)."""
+    lat: List[float] = []
+    rows = failed = 0
+    k = first
+    while time.monotonic() < stop:
+        r = reqs[k % len(reqs)]
+        k += 1
+        t0 = time.monotonic()
+        try:
+            client.predict(*r)
+        except Exception:  # noqa: BLE001 - counted
+            failed += 1
+            continue
+        dt = time.monotonic() - t0
+        lat.append(dt)
+        rows += r[1].stride()
+        if pace_s > dt:
+            time.sleep(pace_s - dt)
+    return rows, lat, failed
+
+
+def _summary(results: List, wall: float) -> Dict[str, float]:
+    lat = sorted(x for _, ls, _ in results for x in ls)
+    return {"rows_per_s": sum(r for r, _, _ in results) / wall, "requests_per_s": len(lat) / wall,
+            "failed": sum(f for _, _, f in results),
+            "p50_ms": 1e3 * lat[len(lat) // 2] if lat else float("nan"),
+            "p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")}
+
+
 def _load(url: str, reqs: List, clients: int, seconds: float, pace_s: float = 0.0,
           make=None) -> Dict[str, float]:
     """Requests/s and latencies of `clients` threads sending `reqs` round robin for `seconds`
     (HTTP clients, or `make()`'s)."""
-    lat: List[float] = []
-    done = {"rows": 0, "failed": 0}
     stop = time.monotonic() + seconds
-    lock = threading.Lock()
+    results: List = [None] * clients
 
     def work(c):
-        client = make() if make is not None else Client(url)
-        k = c
-        while time.monotonic() < stop:
-            r = reqs[k % len(reqs)]
-            k += 1
-            t0 = time.monotonic()
-            try:
-                client.predict(*r)
-            except Exception:  # noqa: BLE001 - counted
-                with lock:
-                    done["failed"] += 1
-                continue
-            dt = time.monotonic() - t0
-            with lock:
-                lat.append(dt)
-                done["rows"] += r[1].stride()
-            if pace_s > dt:
-                time.sleep(pace_s - dt)
+        results[c] = _client_loop(make() if make is not None else Client(url), reqs, c, stop, pace_s)
 
     threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
     t0 = time.monotonic()
@@ -64,11 +76,7 @@ def _load(url: str, reqs: List, clients: int, seconds: float, pace_s: float = 0.
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - t0
-    lat.sort()
-    return {"rows_per_s": done["rows"] / wall, "requests_per_s": len(lat) / wall, "failed": done["failed"],
-            "p50_ms": 1e3 * lat[len(lat) // 2] if lat else float("nan"),
-            "p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")}
+    return _summary(results, time.monotonic() - t0)
 
 
 def _client_process(kind: str, target: str, reqs: List, first: int, seconds: float, ready, start, out) -> None:
@@ -84,22 +92,7 @@ def _client_process(kind: str, target: str, reqs: List, first: int, seconds: flo
     client.predict(*reqs[first % len(reqs)])  # connected and warm before the clock starts
     ready.put(first)
     start.wait()
-    lat: List[float] = []
-    rows = failed = 0
-    k = first
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        r = reqs[k % len(reqs)]
-        k += 1
-        t0 = time.monotonic()
-        try:
-            client.predict(*r)
-        except Exception:  # noqa: BLE001 - counted
-            failed += 1
-            continue
-        lat.append(time.monotonic() - t0)
-        rows += r[1].stride()
-    out.put((rows, lat, failed))
+    out.put(_client_loop(client, reqs, first, time.monotonic() + seconds))
 
 
 def _load_processes(kind: str, target: str, reqs: List, clients: int, seconds: float) -> Dict[str, float]:
@@ -123,12 +116,7 @@ def _load_processes(kind: str, target: str, reqs: List, clients: int, seconds: f
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    lat = sorted(x for _, ls, _ in results for x in ls)
-    rows = sum(r for r, _, _ in results)
-    return {"rows_per_s": rows / seconds, "requests_per_s": len(lat) / seconds,
-            "failed": sum(f for _, _, f in results),
-            "p50_ms": 1e3 * lat[len(lat) // 2] if lat else float("nan"),
-            "p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")}
+    return _summary(results, seconds)
 
 
 def _offline(fn, reqs, seconds: float) -> float:
