@@ -254,6 +254,13 @@ def features(mode: Dict[str, Any]) -> Dict[str, Any]:
     dense_keys = [f"int_{i}" for i in range(13)]
     engine = FeatureEngine(criteo_specs(), dense_keys=dense_keys)
     columns = {k: dense[:, i] for i, k in enumerate(dense_keys)}
+    # Chains: each fused into its op's one pass over the ids, as a single op is.
+    from recis_torchrec.features import Cross, Feature
+
+    cats = [f"cat_{i}" for i in range(F)]
+    truncate_mod = FeatureEngine([Feature(c).truncate(1, side="last").mod(2**24) for c in cats])
+    cross_hash = FeatureEngine([Cross(a, b).hash(salt=7).mod(2**24) for a, b in
+                                (("cat_0", "cat_1"), ("cat_2", "cat_5"), ("cat_3", "cat_9"))])
     n = v.numel()
     cases = {
         "hash+mod (26 features)": (
@@ -277,7 +284,16 @@ def features(mode: Dict[str, Any]) -> Dict[str, Any]:
             lambda: [ref.bucketize(dense[:, i], bounds) for i in range(13)], 12 * 13 * B, 13 * B),
         "engine: Criteo spec (26 hash+mod, 13 bucketize, 3 crosses)": (
             lambda: engine(kjt, dense=dense), lambda: reference_engine(engine.specs, kjt, columns), None, B),
+        "engine chain: truncate to 1 (last) then mod (26 features)": (
+            lambda: truncate_mod(kjt), lambda: reference_engine(truncate_mod.specs, kjt, {}), None, B),
+        "engine chain: cross then hash then mod (3 pairs)": (
+            lambda: cross_hash(kjt), lambda: reference_engine(cross_hash.specs, kjt, {}), None, B),
     }
+    for chain in (truncate_mod, cross_hash):  # the fused chain and the reference agree
+        got, want = chain(kjt), reference_engine(chain.specs, kjt, {})
+        if got.keys() != want.keys() or not torch.equal(got.values(), want.values()) \
+                or not torch.equal(got.lengths(), want.lengths()):
+            raise AssertionError(f"features: the engine and the reference differ on {chain.specs}")
     rows = []
     for name, (ours, base, nbytes, items) in cases.items():
         s = _round_robin({"ours": ours, "base": base}, mode["reps"], mode["warmup"])
