@@ -167,12 +167,6 @@ class EmbeddingBlocks {
   // reserve() only, so it is stable while the caller holds the table (memory_bytes() and its
   // breakdown agree), though the worker may still be filling them.
   int64_t spare_blocks() const { return spare_blocks_; }
-  // Of those, the blocks prepared already.
-  int64_t spare_blocks_ready() const {
-    if (spares_pid_ != current_pid()) return 0;  // a forked child's inherited pool: see own_spares()
-    std::lock_guard<std::mutex> g(spares_->mu);
-    return static_cast<int64_t>(spares_->ready.size());
-  }
 
   // Hands out a free row, or the next new one; marks it live. Single-threaded,
   // and the caller must have reserved room first.
@@ -197,9 +191,8 @@ class EmbeddingBlocks {
   }
 
   int64_t memory_bytes() const {
-    return (num_blocks() + spare_blocks()) * block_rows() *
-               static_cast<int64_t>(stride_ + sizeof(int64_t) + sizeof(RowMeta)) +
-           static_cast<int64_t>(free_.capacity() * sizeof(int64_t)) + snapshot_bytes();
+    return (num_blocks() + spare_blocks()) * block_bytes() + static_cast<int64_t>(free_.capacity() * sizeof(int64_t)) +
+           snapshot_bytes();
   }
 
   // ---- Copy-on-write snapshots (see the top of this file). ----
@@ -301,14 +294,14 @@ class EmbeddingBlocks {
     b.ids = live * static_cast<int64_t>(sizeof(int64_t));
     b.metadata = live * static_cast<int64_t>(sizeof(RowMeta));
     b.snapshot = snapshot_bytes();
-    b.spare = spare_blocks() * block_rows() * static_cast<int64_t>(stride_ + sizeof(int64_t) + sizeof(RowMeta));
+    b.spare = spare_blocks() * block_bytes();
     b.slack = memory_bytes() - b.embedding - b.state - b.padding - b.ids - b.metadata - b.spare - b.snapshot;
     return b;
   }
 
   // Of memory_bytes(), the bytes of the live rows (their embedding, state, id and metadata).
   int64_t used_bytes() const {
-    return live_rows() * static_cast<int64_t>(stride_ + sizeof(int64_t) + sizeof(RowMeta));
+    return live_rows() * record_bytes();
   }
 
   ~EmbeddingBlocks() {
@@ -400,9 +393,8 @@ class EmbeddingBlocks {
   }
 
   void refill_spares(int64_t grew_by) {
-    const int64_t block_bytes = block_rows() * (stride_ + static_cast<int64_t>(sizeof(int64_t) + sizeof(RowMeta)));
     // None for a table of fewer than 8 blocks, or blocks over kMaxSpareBytes.
-    const int64_t cap = std::min(num_blocks() / 8, kMaxSpareBytes / block_bytes);
+    const int64_t cap = std::min(num_blocks() / 8, kMaxSpareBytes / block_bytes());
     if (cap <= 0) return;
     std::shared_ptr<SparePool> pool = spares_;
     {
@@ -449,9 +441,11 @@ class EmbeddingBlocks {
     }
   }
 
-  // A copied row: its stride_ bytes, then its id, then its RowMeta.
+  // A copied row: its stride_ bytes, then its id, then its RowMeta (what a row holds in all).
   static constexpr int64_t kSlabRecords = 4096;
   int64_t record_bytes() const { return stride_ + static_cast<int64_t>(sizeof(int64_t) + sizeof(RowMeta)); }
+  // A block's bytes: its rows with their ids and metadata.
+  int64_t block_bytes() const { return block_rows() * record_bytes(); }
   uint8_t* record(int64_t k) const {
     return snap_slabs_[static_cast<size_t>(k / kSlabRecords)].load(std::memory_order_acquire) +
            (k % kSlabRecords) * record_bytes();

@@ -116,12 +116,9 @@ class ModelServer:
                  dense: str = "export", poll_s: float = 2.0, grpc_port: Optional[int] = None,
                  grpc_threads: Optional[int] = None) -> None:
         self._threads_before: Optional[int] = None
-        if threads is not None:
-            if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-                raise ValueError(f"ModelServer: threads must be an integer >= 1, got {threads!r}")
-        if grpc_threads is not None and (not isinstance(grpc_threads, int) or isinstance(grpc_threads, bool)
-                                         or grpc_threads < 1):
-            raise ValueError(f"ModelServer: grpc_threads must be an integer >= 1, got {grpc_threads!r}")
+        for name, value in (("threads", threads), ("grpc_threads", grpc_threads)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ModelServer: {name} must be an integer >= 1, got {value!r}")
         if grpc_threads is not None and grpc_port is None:
             raise ValueError("ModelServer: grpc_threads is set but grpc_port is not: no gRPC endpoint to size")
         if not isinstance(poll_s, (int, float)) or isinstance(poll_s, bool) or poll_s <= 0:

@@ -4,6 +4,7 @@ predictor's on the same input; malformed requests, a full queue and deadlines an
 status; health, readiness and Prometheus metrics."""
 
 import json
+import shutil
 import threading
 import time
 import urllib.request
@@ -199,11 +200,19 @@ def _train_step(model, seed, dense_lr=0.0):
     model.eval()
 
 
+def _corrupt_copy(src, dst):
+    """A copy of the package or delta `src` at `dst` with one byte of a table shard flipped."""
+    shutil.copytree(src, dst)
+    shard = next(p for p in dst.rglob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
 def test_versions_and_deltas_swap_live_a_corrupt_version_is_refused_and_rollback_is_one_request(tmp_path):
     """8 clients predict while a delta is applied, a new whole-model version (its dense layers trained
     too) is swapped in and a corrupt one refused: every answer equals the answer of the version its
     reply names; then one request rolls back."""
-    import shutil
 
     from recis_torchrec import checkpoint
 
@@ -266,11 +275,7 @@ def test_versions_and_deltas_swap_live_a_corrupt_version_is_refused_and_rollback
         server.poll()
         settle("2")
         # A corrupt version (one byte of a table shard flipped) is refused; version 2 keeps serving.
-        shutil.copytree(tmp_path / "v2", root / "3")
-        shard = next(p for p in (root / "3").rglob("*.safetensors"))
-        data = bytearray(shard.read_bytes())
-        data[-3] ^= 0xFF
-        shard.write_bytes(bytes(data))
+        _corrupt_copy(tmp_path / "v2", root / "3")
         server.poll()
         settle("2")
         info = Client(server.url).model()
@@ -283,11 +288,7 @@ def test_versions_and_deltas_swap_live_a_corrupt_version_is_refused_and_rollback
             Client(server.url)._call("POST", "/v1/rollback", {})
         assert e.value.status == 409
         # A refused delta (a corrupt copy) changes neither the tables nor the version's name.
-        shutil.copytree(delta, root / "1" / "deltas" / "0002")
-        bad = next(p for p in (root / "1" / "deltas" / "0002").rglob("*.safetensors"))
-        data = bytearray(bad.read_bytes())
-        data[-3] ^= 0xFF
-        bad.write_bytes(bytes(data))
+        _corrupt_copy(delta, root / "1" / "deltas" / "0002")
         server.poll()
         settle("1+1")
         info = Client(server.url).model()
