@@ -36,7 +36,7 @@
 // The number kept follows the growth of recent reserve() calls (the largest
 // recent one, halving per call after), capped at an eighth of the table's
 // blocks and kMaxSpareBytes (so a table of fewer than 8 blocks keeps none). RECIS_SPARE_BLOCKS=0 in
-// the environment turns them off for the tables created after it is set.
+// the environment turns them off for the tables created after it is set (1: on; anything else raises).
 #pragma once
 
 #include <algorithm>
@@ -103,7 +103,10 @@ class EmbeddingBlocks {
     while ((int64_t{1} << block_shift_) < block_rows) ++block_shift_;
     block_mask_ = block_rows - 1;
     const char* env = std::getenv("RECIS_SPARE_BLOCKS");
-    spares_on_ = env == nullptr || std::strcmp(env, "0") != 0;
+    if (env != nullptr && std::strcmp(env, "0") != 0 && std::strcmp(env, "1") != 0) {
+      throw std::invalid_argument(std::string("RECIS_SPARE_BLOCKS must be 0 (off) or 1 (on), got '") + env + "'");
+    }
+    spares_on_ = env == nullptr || std::strcmp(env, "1") == 0;
   }
 
   EmbeddingBlocks(const EmbeddingBlocks&) = delete;

@@ -102,3 +102,13 @@ def test_spare_blocks_off_by_environment_in_a_fresh_process():
         assert r.returncode == 0, r.stderr
         out[env] = int(r.stdout.split()[-1])
     assert out["1"] > out["0"]
+
+
+def test_a_spare_blocks_setting_other_than_0_or_1_raises_naming_it(monkeypatch):
+    """RECIS_SPARE_BLOCKS=false must not leave spares on without a word."""
+    import pytest
+
+    for bad in ("false", "off", ""):
+        monkeypatch.setenv("RECIS_SPARE_BLOCKS", bad)
+        with pytest.raises(ValueError, match="RECIS_SPARE_BLOCKS must be 0 \\(off\\) or 1 \\(on\\)"):
+            HashTable("bad", 8, 0, rt.HashTableOptions(initial_capacity=64, block_rows=64), num_embeddings=64)
