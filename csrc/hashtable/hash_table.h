@@ -161,9 +161,25 @@ class HashTable {
   int64_t find_or_insert(const int64_t* keys, int64_t n, int64_t* rows, ParFor&& par, int64_t clock = 0) {
     tick(clock);
     int64_t created = 0;
-    if (find(keys, n, rows, par) > 0) created = insert_missing(keys, n, rows, par, clock);
+    if (find(keys, n, rows, par) > 0) {
+      // The rows this lookup found are in use at `clock` before any is created: making room under
+      // the cap must not free one of them and hand its row to a new id of the same batch.
+      if (cfg_.max_capacity > 0) mark_seen(rows, n, clock, par);
+      created = insert_missing(keys, n, rows, par, clock);
+    }
     if (cfg_.tracks_access()) touch(rows, n, clock, par);
     return created;
+  }
+
+  // Marks rows as seen at `clock` (last_seen only; touch() also counts the sighting).
+  template <typename ParFor>
+  void mark_seen(const int64_t* rows, int64_t n, int64_t clock, ParFor&& par) {
+    const uint32_t c = clock32(clock);
+    par(int64_t{0}, n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        if (rows[i] >= 0) __atomic_store_n(&blocks_.mutable_meta(rows[i]).last_seen, c, __ATOMIC_RELAXED);
+      }
+    });
   }
 
   // Runs the TTL scan when a quarter of ttl_steps has passed since the last

@@ -283,3 +283,18 @@ def test_rows_in_use_this_step_are_never_evicted_even_when_new_ids_compete():
     assert len(t) <= cap
     moved = t.lookup(torch.tensor(keep)) - before
     torch.testing.assert_close(moved, torch.full_like(moved, -0.5))  # SGD, lr 0.5, grad 1: trained once more
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_find_or_insert_under_a_full_cap_never_frees_a_row_the_same_call_found(policy):
+    """``find_or_insert`` on a full table: the ids it finds are in use at its clock, so the room made
+    for its new ids comes from other rows. It used to free the found id's row (the oldest) and hand
+    it to the new id: both ids got row 0 and the found id's row was gone."""
+    t = HashTable("t", 4, options=HashTableOptions(max_capacity=4, eviction_policy=policy, initial_capacity=4))
+    assert rt.ops.find_or_insert(t, torch.tensor([1, 2, 3, 4]), clock=0).tolist() == [0, 1, 2, 3]
+    trained = torch.full((1, 4), 7.0)
+    t.import_(torch.tensor([1]), trained)
+    rows = rt.ops.find_or_insert(t, torch.tensor([1, 5]), clock=1)
+    assert rows[0] != rows[1] and (rows >= 0).all()
+    assert sorted(t.export()[0].tolist()) == [1, 3, 4, 5]  # id 2, the least recently used not in use, went
+    torch.testing.assert_close(t.lookup(torch.tensor([1])), trained)
