@@ -55,8 +55,9 @@ struct HashTableConfig {
   EvictionPolicy policy = EvictionPolicy::kNone;  // how to make room under max_capacity (eviction.h)
   ScoreFn custom_score = nullptr;                 // the score of EvictionPolicy::kCustom
   RowType row_type = RowType::kF32;  // how the embedding elements are stored (state is float32)
+  bool track_access = false;  // mark rows seen without TTL or a cap (a cache in front of DiskRows)
 
-  bool tracks_access() const { return ttl_steps > 0 || max_capacity > 0; }
+  bool tracks_access() const { return track_access || ttl_steps > 0 || max_capacity > 0; }
 };
 
 struct TableCounters {
@@ -86,6 +87,8 @@ class HashTable {
   }
 
   const HashTableConfig& config() const { return cfg_; }
+  // Marks rows seen from the next lookup on (the table became a cache whose rows in use must stay).
+  void track_access() { cfg_.track_access = true; }
   int64_t dim() const { return cfg_.dim; }
   int64_t state_dim() const { return cfg_.state_dim; }
   // Live rows (ids with a row).
@@ -297,10 +300,16 @@ class HashTable {
     return bits;
   }
 
-  void evict_row(int64_t r, int64_t clock) {
+  // Frees row r and its IdMap slot (no log entry: see evict_row and take_coldest).
+  void drop_row(int64_t r) {
     const int64_t key = blocks_.row_id(r);
     map_.erase(key, mix64(static_cast<uint64_t>(key)));
     blocks_.release(r);
+  }
+
+  void evict_row(int64_t r, int64_t clock) {
+    const int64_t key = blocks_.row_id(r);
+    drop_row(r);
     // The log holds max_capacity / 2 entries under a cap, else twice the rows the table has
     // held (16 bytes each: a small share of the rows' memory, and bounded as they are).
     const int64_t limit = cfg_.max_capacity > 0 ? std::max<int64_t>(64, cfg_.max_capacity / 2)
@@ -524,6 +533,15 @@ class HashTable {
       const RowMeta& m = blocks_.meta(r);
       if (m.live && m.last_update > since) picked.push_back(r);
     }
+    copy_out(picked, ids, emb, state, meta, par);
+    return static_cast<int64_t>(picked.size());
+  }
+
+  // Copies rows `picked` out: ids, emb (elements of row_type()), state (or
+  // nullptr) and meta (or nullptr), laid out as export_rows lays them out.
+  template <typename ParFor>
+  void copy_out(const std::vector<int64_t>& picked, int64_t* ids, void* emb, float* state, int64_t* meta,
+                ParFor&& par) const {
     const int64_t n = static_cast<int64_t>(picked.size()), sdim = cfg_.state_dim;
     const int64_t emb_bytes = cfg_.dim * element_bytes(cfg_.row_type);
     par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
@@ -540,7 +558,59 @@ class HashTable {
         }
       }
     });
-    return n;
+  }
+
+  // Copies up to `want` live rows out, least recently seen first (ties by
+  // row index), never a row seen at `clock` or later (in use by the step
+  // that runs) nor a row of the n_keep ids in `keep` (needed by the next
+  // one): ids, stored embedding elements, state and metadata, laid out as
+  // export_rows lays them out (the buffers hold `want` rows). The rows stay;
+  // drop_unchanged() frees them once they are stored elsewhere (a DiskRows
+  // store). Returns how many. Runs alongside find().
+  template <typename ParFor>
+  int64_t copy_coldest(int64_t want, int64_t clock, const int64_t* keep, int64_t n_keep, int64_t* ids, void* emb,
+                       float* state, int64_t* meta, ParFor&& par) const {
+    std::vector<uint8_t> kept(static_cast<size_t>(row_limit()), 0);
+    for (int64_t i = 0; i < n_keep; ++i) {
+      const int64_t r = map_.find(keep[i], mix64(static_cast<uint64_t>(keep[i])));
+      if (r >= 0) kept[r] = 1;
+    }
+    std::vector<std::pair<RowScore, int64_t>> cand;  // (score, row)
+    for (int64_t r = 0; r < row_limit(); ++r) {
+      const RowMeta& m = blocks_.meta(r);
+      if (m.live && m.last_seen < clock && !kept[r]) cand.push_back({lru_score(m), r});
+    }
+    want = std::min<int64_t>(want, static_cast<int64_t>(cand.size()));
+    if (want <= 0) return 0;
+    auto less = [](const std::pair<RowScore, int64_t>& a, const std::pair<RowScore, int64_t>& b) {
+      return a.first < b.first || (!(b.first < a.first) && a.second < b.second);
+    };
+    std::nth_element(cand.begin(), cand.begin() + (want - 1), cand.end(), less);
+    std::vector<int64_t> picked(static_cast<size_t>(want));
+    for (int64_t i = 0; i < want; ++i) picked[i] = cand[i].second;
+    std::sort(picked.begin(), picked.end());
+    copy_out(picked, ids, emb, state, meta, par);
+    return want;
+  }
+
+  // Frees the rows of `keys` whose metadata still equals `meta` (n x 3, as
+  // copy_coldest gave it), without an entry in the eviction log: they are
+  // not evicted, a DiskRows store holds them now. A row seen or written
+  // since (its metadata moved) stays: dropped[i] = 0 for it (and for an id
+  // without a row), 1 where freed. Returns how many were freed.
+  int64_t drop_unchanged(const int64_t* keys, int64_t n, const int64_t* meta, uint8_t* dropped) {
+    int64_t freed = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      dropped[i] = 0;
+      const int64_t r = map_.find(keys[i], mix64(static_cast<uint64_t>(keys[i])));
+      if (r < 0) continue;
+      const RowMeta& m = blocks_.meta(r);
+      if (m.last_seen != meta[3 * i] || m.last_update != meta[3 * i + 1] || m.freq != meta[3 * i + 2]) continue;
+      drop_row(r);
+      dropped[i] = 1;
+      ++freed;
+    }
+    return freed;
   }
 
   // Copies up to `max_rows` live rows with row index >= `start` and
@@ -558,31 +628,19 @@ class HashTable {
       const RowMeta& m = blocks_.meta(r);
       if (m.live && m.last_update > since) picked.push_back(r);
     }
-    const int64_t n = static_cast<int64_t>(picked.size()), sdim = cfg_.state_dim;
-    const int64_t emb_bytes = cfg_.dim * element_bytes(cfg_.row_type);
-    par(int64_t{0}, n, int64_t{1024}, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t row = picked[i];
-        ids[i] = blocks_.row_id(row);
-        std::memcpy(static_cast<uint8_t*>(emb) + i * emb_bytes, blocks_.row_bytes(row), emb_bytes);
-        if (sdim > 0) std::memcpy(state + i * sdim, blocks_.state(row), sizeof(float) * sdim);
-        const RowMeta& m = blocks_.meta(row);
-        meta[3 * i] = m.last_seen;
-        meta[3 * i + 1] = m.last_update;
-        meta[3 * i + 2] = static_cast<int64_t>(m.freq);
-      }
-    });
-    return {n, r};
+    copy_out(picked, ids, emb, state, meta, par);
+    return {static_cast<int64_t>(picked.size()), r};
   }
 
   // Writes rows for n distinct keys, inserting absent ones regardless of
   // admission and the cap (a restore): emb (n, dim) elements of row_type(), state (n, state_dim) and
   // meta (n, 3); a nullptr keeps the current value (the initial value for
-  // rows this call creates). Returns false, writing nothing, if a key repeats
+  // rows this call creates). count_admitted = false: rows coming back from
+  // a DiskRows store, which were counted when first admitted. Returns false, writing nothing, if a key repeats
   // (rows created for new keys then hold their initial values).
   template <typename ParFor>
   bool import_rows(const int64_t* keys, int64_t n, const void* emb, const float* state, const int64_t* meta,
-                   ParFor&& par) {
+                   ParFor&& par, bool count_admitted = true) {
     if (meta != nullptr) {  // checked before anything is written
       for (int64_t i = 0; i < n; ++i) {
         clock32(meta[3 * i], "last_seen");
@@ -597,7 +655,8 @@ class HashTable {
     std::vector<int64_t> created;
     if (missing > 0) {
       map_.reserve_total(missing);
-      counters_.admitted += insert_new(keys, n, rows.data(), par, 0, {}, !writes_all, &created);
+      const int64_t made = insert_new(keys, n, rows.data(), par, 0, {}, !writes_all, &created);
+      if (count_admitted) counters_.admitted += made;
       for (int64_t i = 0; i < n; ++i) pending_.erase(keys[i]);
     }
     // A repeated key shows as a repeated row: one pass over a row bitmap.

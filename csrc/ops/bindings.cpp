@@ -254,6 +254,9 @@ py::dict py_constants() {
 }
 
 }  // namespace
+
+void bind_disk(py::module_& m);  // disk_bindings.cpp
+
 }  // namespace recis
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -278,4 +281,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("import_pending", &recis::py_import_pending, py::arg("handle"), py::arg("ids"), py::arg("counts"));
   m.def("release_table", &recis::release_table, py::arg("handle"));
   m.def("table_info", &recis::py_table_info, py::arg("handle"));
+  recis::bind_disk(m);
 }

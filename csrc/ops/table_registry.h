@@ -13,6 +13,7 @@
 #include <shared_mutex>
 #include <vector>
 
+#include "../hashtable/disk_rows.h"
 #include "../hashtable/hash_table.h"
 
 namespace recis {
@@ -39,6 +40,14 @@ struct TableEntry {
   mutable std::shared_mutex mutex;
   // Serialises a snapshot's begin, reads and end with each other; the reads take no table lock.
   std::mutex snapshot_mutex;
+  // The rows kept on disk behind this table (storage="ssd"), or null. A fill or a spill holds
+  // disk_mutex from start to end (taken before the table lock): the disk does not change between a
+  // fill's read and its import, or a spill's copy and its drop. The table lock is held only while rows
+  // go in or out of the table, and disk_map_mutex only while the disk's index changes, not during its
+  // I/O: training steps run meanwhile, and disk_has_any answers at once.
+  std::unique_ptr<hashtable::DiskRows> disk;
+  std::mutex disk_mutex;
+  std::mutex disk_map_mutex;
 };
 
 using TablePtr = std::shared_ptr<TableEntry>;

@@ -216,6 +216,22 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], rest: Dict[str, Any])
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def _check_fits_in_memory(table: Any) -> None:
+    """A background save copies a table on disk into memory: refused, naming the table, when the copy
+    would take more than half the memory available (a blocking save streams it instead)."""
+    need = len(table) * (8 + table.dtype.itemsize * table.dim + 4 * table.state_dim + 24)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return
+    if need > avail // 2:
+        raise CheckpointError(
+            f"table {table.name!r} keeps rows on disk and a background save would copy its {len(table):,} rows "
+            f"({need / 2**30:.1f} GiB) into memory, more than half of the {avail / 2**30:.1f} GiB available; "
+            "save it with blocking=True, which streams the rows from disk")
+
+
 class _TableSnapshot:
     """A table as it was when a background save started: what :func:`write_table_files` reads
     instead of the live table. Starting one copies nothing: a CPU table keeps a copy-on-write
@@ -223,7 +239,8 @@ class _TableSnapshot:
     see csrc/hashtable/embedding_blocks.h). The background writer first reads it whole (:meth:`read`)
     into host buffers kept for the next background save (refilling memory already faulted in is
     several times faster than filling a fresh allocation), which ends the snapshot, then writes the
-    files from them at its own pace. A CUDA table's rows are copied to host memory at the start."""
+    files from them at its own pace. The rows of a CUDA table, or of a table with rows on disk
+    (``storage="ssd"``: its cache and its disk rows), are copied to host memory at the start."""
 
     def __init__(self, table: Any, buffers: Optional[Dict[str, torch.Tensor]] = None) -> None:
         self.name, self.dim, self.state_dim = table.name, table.dim, table.state_dim
@@ -231,7 +248,9 @@ class _TableSnapshot:
         self.options = table.options
         self._pending = table.export_pending()
         self._table, self._buffers, self._rows, self._open = table, buffers, None, False
-        if table.is_cuda:
+        if table.is_cuda or getattr(table, "on_disk", False):
+            if getattr(table, "on_disk", False):
+                _check_fits_in_memory(table)
             self._rows = table.export_rows()
             self._len = self._rows[0].numel()
         else:

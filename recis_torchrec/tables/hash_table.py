@@ -3,6 +3,7 @@
 
 import hashlib
 import os
+import threading
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -16,6 +17,13 @@ from recis_torchrec.ops.devices import require_cuda
 
 # The most rows reserved up front from a config's num_embeddings hint.
 HINT_CAPACITY_CAP = 1 << 20
+
+# storage="ssd": export_chunk's start values from here on index the disk's slots (below: cache rows).
+DISK_START = 1 << 62
+# A clock no row has been seen at: before any step, a spill may take any row not kept.
+NONE_IN_USE = 1 << 32
+# IdMap bytes per cached row, counted against cache_bytes.
+CACHE_ROW_OVERHEAD = 32
 
 # Row element dtypes and their C++ RowType codes (csrc/hashtable/row_types.h).
 ROW_TYPES = {getattr(torch, name): code for name, code in constants.ROW_TYPES.items()}
@@ -73,6 +81,12 @@ class HashTable:
         device: ``"cpu"`` (None) or a CUDA device (a ``RECIS_CUDA=1`` build); ``options.device``
             and ``options.host_rows`` choose it too. CUDA tables have no admission, TTL or cap
             (they raise) and dims up to 1024.
+
+    With ``options.storage="ssd"`` the C++ table is a cache of at most ``cache_rows`` hot rows and the
+    others live in a file under ``options.storage_path`` (``csrc/hashtable/disk_rows.h``). Every call
+    here sees the whole table: ``len``, ``export*``, ``lookup`` and checkpoints cover the rows on disk;
+    ``find`` and ``find_or_insert`` first bring the ids' rows into the cache (the row numbers they
+    return are the cache's). ``prefetch`` does that ahead of a step.
     """
 
     def __init__(
@@ -108,6 +122,62 @@ class HashTable:
             _check_cuda_table(name, dim, dtype, options)
         _check_reservable(name, dim, state_dim, dtype, options)
         self.handle = self._create()
+        self.cache_rows = 0  # storage="ssd": the cache's budget in rows
+        self._in_use_clock = NONE_IN_USE  # storage="ssd": rows seen at this clock or later stay in the cache
+        self.rows_read_at_lookup = 0  # storage="ssd": rows lookups had to read themselves (no prefetch ahead)
+        self._ahead = torch.zeros(0, dtype=torch.int64)  # storage="ssd": the ids the last prefetch brought in
+        self._mover = threading.Lock()  # storage="ssd": held by a prefetch; a lookup that finds it held skips its spill
+        if options.storage == "ssd":
+            self._attach_disk()
+
+    def _attach_disk(self) -> None:
+        o = self.options
+        if not os.path.isdir(o.storage_path):
+            raise FileNotFoundError(f"HashTable {self.name!r}: storage_path {o.storage_path!r} is not a directory")
+        C.disk_attach(self.handle, o.storage_path, o.io_threads)
+        self.cache_rows = max(1, o.cache_bytes // (C.table_info(self.handle)["row_bytes"] + CACHE_ROW_OVERHEAD))
+
+    @property
+    def on_disk(self) -> bool:
+        """The table keeps rows on disk behind a cache (``storage="ssd"``)."""
+        return self.options.storage == "ssd"
+
+    def prefetch(self, ids: torch.Tensor, clock: Optional[int] = None, keep: Optional[torch.Tensor] = None,
+                 lookup: bool = False) -> int:
+        """``storage="ssd"``: brings the rows of ``ids`` from disk into the cache, then moves the least
+        recently used rows past the cache's budget to disk, down to 90% of it. Rows of ``ids`` and
+        ``keep`` stay, and so do rows seen at the clock of the step that runs or later: ``clock``
+        (the lookup's update count) declares that step; without it the last one declared holds.
+        ``lookup``: called by a lookup, which must not wait for a prefetch stage's spill in flight
+        (it skips its own spill then, and keeps the rows that prefetch brought in; it still reads any of
+        its own rows still on disk). Returns the rows read;
+        a table in memory has nothing to do (0)."""
+        if not self.on_disk:
+            return 0
+        if clock is not None:
+            self._in_use_clock = clock
+        ids = self._ids(ids)
+        keep = ids if keep is None else torch.cat([ids, self._ids(keep)])
+        if not lookup:
+            with self._mover:
+                self._ahead = ids
+                got = C.disk_fill(self.handle, ids)
+                self._spill(keep)
+            return got
+        got = C.disk_fill(self.handle, ids) if C.disk_has_any(self.handle, ids) else 0
+        self.rows_read_at_lookup += got
+        if self._mover.acquire(blocking=False):  # else a prefetch is under way, and it spills
+            try:
+                self._spill(torch.cat([keep, self._ahead]))  # what a prefetch brought in for the next step stays
+            finally:
+                self._mover.release()
+        return got
+
+    def _spill(self, keep: torch.Tensor) -> None:
+        over = C.table_info(self.handle)["rows"] - self.cache_rows
+        if over > 0:
+            # Down to 90%: choosing the coldest rows scans the cache, so it runs once per tenth of it filled.
+            C.disk_spill(self.handle, over + self.cache_rows // 10, self._in_use_clock, keep)
 
     def _create(self) -> int:
         kind, a, b, seed, capacity = table_parameters(self.name, self.options, self.num_embeddings, self.init_range)
@@ -161,7 +231,17 @@ class HashTable:
                     "dim": self.dim,
                     "state_dim": self.state_dim, "row_bytes": row_bytes, "num_blocks": 0, "block_rows": 0,
                     "admitted": rows, "evicted": 0, "rejected": 0, "pending": 0}
-        return C.table_info(self.handle)
+        info = C.table_info(self.handle)
+        if self.on_disk:
+            # rows: all of them; memory adds the disk's index (its IdMap, ids and metadata in memory).
+            disk = C.disk_info(self.handle)
+            info["cache_rows"], info["cache_budget_rows"], info["disk_rows"] = info["rows"], self.cache_rows, disk["rows"]
+            info["rows"] += disk["rows"]
+            info["memory_bytes"] += disk["memory_bytes"]
+            info["used_bytes"] += disk["memory_bytes"]
+            info["disk_index_bytes"], info["disk_file_bytes"] = disk["memory_bytes"], disk["file_bytes"]
+            info["disk_bytes_read"], info["disk_bytes_written"] = disk["bytes_read"], disk["bytes_written"]
+        return info
 
     def memory_bytes(self) -> int:
         """Bytes reserved by the IdMap and the row blocks (see ``info()``; ``used_bytes()``: in use)."""
@@ -185,10 +265,14 @@ class HashTable:
         return ids.reshape(-1).to(device=self.device, dtype=torch.int64)
 
     def find(self, ids: torch.Tensor) -> torch.Tensor:
-        return ops.find(self, self._ids(ids))
+        ids = self._ids(ids)
+        self.prefetch(ids)
+        return ops.find(self, ids)
 
     def find_or_insert(self, ids: torch.Tensor) -> torch.Tensor:
-        return ops.find_or_insert(self, self._ids(ids))
+        ids = self._ids(ids)
+        self.prefetch(ids)
+        return ops.find_or_insert(self, ids)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The embeddings ``(n, dim)`` of ids, as the model sees them, inserting nothing.
@@ -196,9 +280,14 @@ class HashTable:
         Ids without a row read their initial value.
         """
         ids = self._ids(ids)
-        rows = self.find(ids)
+        rows = ops.find(self, ids)
         offsets = torch.arange(ids.numel() + 1, dtype=torch.int64, device=self.device)
-        return ops.pooled_forward([self], ids, rows, offsets, None, [0], [ops.POOLING_SUM], [0], self.dim)
+        out = ops.pooled_forward([self], ids, rows, offsets, None, [0], [ops.POOLING_SUM], [0], self.dim)
+        if self.on_disk:  # rows on disk (and not cached) are read where they are; the cache does not change
+            found, weights, _ = C.disk_read(self.handle, ids)
+            use = found & (rows < 0)
+            out[use] = weights[use].to(out.dtype)
+        return out
 
     def export(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids (n,), weights (n, dim) of the table's dtype, state (n, state_dim))`` of the live rows, on the
@@ -209,9 +298,10 @@ class HashTable:
     def export_rows(self, since: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids, weights, state, meta (n, 3) = (last_seen, last_update, freq))`` of the
         live rows written after update ``since`` (-1: all), on the CPU."""
-        if self.is_cuda:
+        if self.is_cuda or self.on_disk:
             # A CUDA table keeps no row metadata; its rows come out ordered by id, gathered chunk by
-            # chunk into CPU memory (no second copy of the table on the GPU).
+            # chunk into CPU memory (no second copy of the table on the GPU). A table on disk: its
+            # cache's rows, then the disk's.
             n = len(self)
             ids, weights = torch.empty(n, dtype=torch.int64), torch.empty(n, self.dim, dtype=self.dtype)
             state, meta = torch.empty(n, self.state_dim), torch.zeros(n, 3, dtype=torch.int64)
@@ -231,7 +321,19 @@ class HashTable:
         """Copies up to ``ids.numel()`` live rows written after update ``since``, from row index
         ``start`` on, into the buffers; returns ``(rows copied, the start of the next chunk)``. A saver
         streams a table through fixed buffers with it. (A CUDA table: ``start`` indexes its rows ordered
-        by id, and each call exports the table once.)"""
+        by id, and each call exports the table once. A table on disk: the cache's rows, then from
+        ``DISK_START`` on the disk's slots; a chunk runs on from one into the other.)"""
+        if self.on_disk:
+            cap, copied = ids.numel(), 0
+            if start < DISK_START:
+                copied, start = C.export_chunk(self.handle, start, since, ids, weights, state, meta)
+                if copied < cap:  # the cache is done
+                    start = DISK_START
+            if copied < cap:
+                n, slot = C.disk_export_chunk(self.handle, start - DISK_START, since, ids[copied:], weights[copied:],
+                                              state[copied:], meta[copied:])
+                copied, start = copied + n, DISK_START + slot
+            return copied, start
         if self.is_cuda:
             if since != -1:
                 raise NotImplementedError(
@@ -266,6 +368,15 @@ class HashTable:
         Weights of another float dtype are converted to the table's (rounded to nearest even)."""
         if weights is not None and weights.dtype != self.dtype:
             weights = weights.to(self.dtype)
+        if self.on_disk:
+            # The ids' rows come into the cache (a part left None keeps its value), are written, and the
+            # coldest rows go back to disk.
+            ids = self._ids(ids)
+            with self._mover:
+                C.disk_fill(self.handle, ids)
+                ops.table_import(self, ids, weights, state, meta)
+                self._spill(ids[:0])
+            return
         if not self.is_cuda:
             ops.table_import(self, ids, weights, state, meta)
             return
@@ -301,6 +412,8 @@ class HashTable:
             self._release(old)
         else:
             C.clear(self.handle)
+            if self.on_disk:
+                C.disk_clear(self.handle)
 
     # Admission and eviction (CPU tables: CUDA tables have neither, so these are trivial there).
 
@@ -312,7 +425,10 @@ class HashTable:
         """Frees the rows of ``ids`` (recorded as evicted at ``clock``); returns how many had one."""
         if self.is_cuda:
             raise NotImplementedError(f"HashTable {self.name!r}: erase is not supported on CUDA tables yet")
-        return C.erase(self.handle, ids.to(torch.int64), clock)
+        ids = ids.reshape(-1).to(torch.int64)
+        if self.on_disk:
+            C.disk_fill(self.handle, ids)  # erased from the cache, so that the eviction log records them
+        return C.erase(self.handle, ids, clock)
 
     def evicted_since(self, since: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(ids, steps)`` evicted after update ``since``."""
@@ -418,6 +534,8 @@ def _check_cuda_table(name: str, dim: int, dtype: torch.dtype, options: HashTabl
         raise ValueError(f"HashTable {name!r}: dim must be <= 1024 on CUDA, got {dim}")
     if dtype != torch.float32:
         raise NotImplementedError(f"HashTable {name!r}: CUDA tables store float32 rows only, got {dtype}")
+    if options.storage != "memory":
+        raise ValueError(f"HashTable {name!r}: storage={options.storage!r} applies to CPU tables, not CUDA ones")
     unsupported = [
         f for f, on in (
             ("admit_threshold", options.admit_threshold > 1),

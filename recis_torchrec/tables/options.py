@@ -12,6 +12,7 @@ from recis_torchrec.ops.constants import INIT_KINDS
 # Names as the options take them; their codes are C++'s (ops.constants).
 INITIALIZERS = tuple(INIT_KINDS)
 EVICTION_POLICIES = tuple(POLICY_CODES)
+STORAGES = ("memory", "ssd")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,22 @@ class HashTableOptions(DictConfig):
             or ``"cuda"`` / ``"cuda:N"``; it must agree with the module's device.
         host_rows: CUDA tables only: keep the rows in pinned host memory (the
             IdMap stays on the GPU), for tables larger than GPU memory.
+        storage: where the rows live: ``"memory"`` (all of them, in DRAM) or
+            ``"ssd"``: the table holds only a cache of hot rows (``cache_bytes``)
+            and keeps the others in fixed-size slots of a file on local disk
+            (under ``storage_path``), with its IdMap and row metadata in memory.
+            Lookups bring a batch's rows from disk into the cache first (a
+            prefetch stage can do it a batch ahead); the least recently used
+            rows not in use go back to disk. CPU tables only.
+        storage_path: ``storage="ssd"``: an existing directory on local disk for
+            the rows file (created there, unlinked at once: it disappears with
+            the table and after a crash; checkpoints hold the rows).
+        cache_bytes: ``storage="ssd"``: the cache's budget, counted as the
+            cached rows' bytes (``row_bytes`` plus 32 bytes of IdMap each). The
+            cache also always holds the rows of the step that runs and of the
+            batch being brought in, even past the budget.
+        io_threads: ``storage="ssd"``: worker threads for a batch's disk reads
+            and writes.
         version: schema version of this record, for ``to_dict``/``from_dict``.
     """
 
@@ -78,6 +95,10 @@ class HashTableOptions(DictConfig):
     eviction_policy: str = "none"
     device: Optional[str] = None
     host_rows: bool = False
+    storage: str = "memory"
+    storage_path: Optional[str] = None
+    cache_bytes: Optional[int] = None
+    io_threads: int = 4
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -88,7 +109,7 @@ class HashTableOptions(DictConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"HashTableOptions.{name} must be a finite number, got {value!r}")
         for name in ("initial_capacity", "block_rows", "seed", "admit_threshold", "admit_capacity", "ttl_steps",
-                     "max_capacity"):
+                     "max_capacity", "cache_bytes", "io_threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"HashTableOptions.{name} must be an int, got {value!r}")
@@ -139,6 +160,30 @@ class HashTableOptions(DictConfig):
             raise ValueError(
                 f"HashTableOptions.eviction_policy={self.eviction_policy!r} applies under max_capacity; set one"
             )
+        self._check_storage()
+
+    def _check_storage(self) -> None:
+        if self.storage not in STORAGES:
+            raise ValueError(f"HashTableOptions.storage must be one of {STORAGES}, got {self.storage!r}")
+        if self.storage == "memory":
+            for name in ("storage_path", "cache_bytes"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"HashTableOptions.{name} applies to storage='ssd', but storage is 'memory'")
+            return
+        if not isinstance(self.storage_path, str) or not self.storage_path:
+            raise ValueError(f"HashTableOptions.storage='ssd' needs storage_path (a directory), got {self.storage_path!r}")
+        if self.cache_bytes is None or self.cache_bytes <= 0:
+            raise ValueError(f"HashTableOptions.storage='ssd' needs cache_bytes > 0, got {self.cache_bytes!r}")
+        if not 1 <= self.io_threads <= 64:
+            raise ValueError(f"HashTableOptions.io_threads must be in [1, 64], got {self.io_threads}")
+        if self.host_rows or (self.device is not None and not str(self.device).startswith("cpu")):
+            raise ValueError("HashTableOptions.storage='ssd' applies to CPU tables; the table is on a CUDA device")
+        unsupported = [n for n, on in (("ttl_steps", self.ttl_steps is not None),
+                                       ("max_capacity", self.max_capacity is not None)) if on]
+        if unsupported:
+            raise NotImplementedError(
+                f"HashTableOptions: {', '.join(unsupported)} with storage='ssd' is not supported yet (the rows on "
+                "disk are not scanned for eviction); leave it unset or use storage='memory'")
 
     def init_kind(self) -> int:
         return INIT_KINDS[self.initializer]

@@ -2,7 +2,7 @@
 """The torch-free C++ core on its own, compiled with g++: the IdMap against std::unordered_map, built
 with and without AVX2 so that both bucket compares are checked (the extension is built with
 -march=native, so the tests through torch only reach one of them); the portable float16 conversions
-against F16C; a custom eviction policy."""
+against F16C; a custom eviction policy; the disk tier's store against a map of records."""
 
 import os
 import shutil
@@ -61,3 +61,20 @@ def test_a_custom_eviction_policy_from_cpp(tmp_path):
     assert build.returncode == 0, build.stderr
     run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+@pytest.mark.skipif(CXX is None, reason="g++ is not installed")
+def test_disk_rows_match_a_map_of_records(tmp_path):
+    exe = str(tmp_path / "disk_rows_check")
+    src = os.path.join(ROOT, "tests", "hashtable", "cpp", "disk_rows_check.cc")
+    build = subprocess.run(
+        [CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-pthread", "-I", os.path.join(ROOT, "csrc", "hashtable"), src,
+         "-o", exe],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    scratch = tmp_path / "rows"
+    scratch.mkdir()
+    run = subprocess.run([exe, str(scratch)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    assert list(scratch.iterdir()) == []  # the rows file was unlinked when it was created
