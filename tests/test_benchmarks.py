@@ -102,3 +102,24 @@ def test_scale_curve_runs_on_small_sizes_and_stops_at_the_budget(tmp_path):
     # A budget that the first point already fills: the curve stops after it.
     small = bench_scale.run(budget_bytes=bench_scale.rss_bytes(), start=2000, reps=1, max_ids=7000)
     assert [p["ids"] for p in small["points"]] == [2000] and small["points"][0]["tbe_train_ms"] is None
+
+
+def test_bench_storage_runs_every_case_to_the_same_loss(tmp_path):
+    """`python -m benchmarks.bench_storage` at a small size: every case trains, the tables on disk read and
+    wrote rows, the prefetch pipeline's steps read none themselves, and every case ends at the same loss."""
+    import os
+
+    from benchmarks import bench_storage
+
+    res = bench_storage.main(["--ids", "20000", "--steps", "5", "--out", str(tmp_path)])
+    cases = res["compare"]["cases"]
+    assert set(cases) == {"memory", "ssd cache 20% + prefetch", "ssd cache 20%", "ssd cache 5% + prefetch",
+                          "ssd cache 5%"}
+    assert res["compare"]["same_final_loss"], res["compare"]["final_losses"]
+    for name, case in cases.items():
+        assert case["ms_per_step"] > 0 and case["rows"] == 20_000
+        if name != "memory":
+            assert case["rows_read_per_step"] > 0 and case["rows_written_per_step"] > 0
+            assert (case["rows_read_by_steps_per_step"] == 0) == name.endswith("prefetch")
+    day = bench_storage.datetime.date.today().isoformat()
+    assert sorted(os.listdir(tmp_path)) == [f"{day}-storage.json", f"{day}-storage.md"]

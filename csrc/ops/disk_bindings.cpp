@@ -24,11 +24,16 @@ hashtable::DiskRows& disk_of(const TablePtr& entry, int64_t handle, const char* 
 
 int64_t emb_bytes(const hashtable::HashTable& t) { return t.dim() * hashtable::element_bytes(t.row_type()); }
 
-// Distinct ids, as a contiguous int64 vector (the disk calls take each id once).
-std::vector<int64_t> distinct(const at::Tensor& ids, const char* op) {
+// The ids as a contiguous int64 vector (repeats kept).
+std::vector<int64_t> contiguous_ids(const at::Tensor& ids, const char* op) {
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, op, ": ids must be a CPU int64 tensor");
   const auto c = ids.reshape(-1).contiguous();
-  std::vector<int64_t> v(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+// Distinct ids (the disk's erase takes each id once).
+std::vector<int64_t> distinct(const at::Tensor& ids, const char* op) {
+  std::vector<int64_t> v = contiguous_ids(ids, op);
   std::sort(v.begin(), v.end());
   v.erase(std::unique(v.begin(), v.end()), v.end());
   return v;
@@ -51,22 +56,27 @@ void py_disk_attach(int64_t handle, const std::string& dir, int64_t io_threads) 
 // only then leave the disk, so a row is always in one place or both, never in neither.
 int64_t py_disk_fill(int64_t handle, const at::Tensor& ids) {
   const auto entry = get_table(handle, "disk_fill");
-  const std::vector<int64_t> keys = distinct(ids, "disk_fill");
+  const std::vector<int64_t> keys = contiguous_ids(ids, "disk_fill");
   std::lock_guard<std::mutex> disk_lock(entry->disk_mutex);
   auto& disk = disk_of(entry, handle, "disk_fill");
   auto& t = entry->table;
   const int64_t eb = emb_bytes(t), sdim = t.state_dim(), rb = disk.record_bytes();
+  std::vector<std::pair<int64_t, int64_t>> found;  // (slot, id): an id repeated in `ids` once
   std::vector<int64_t> got_ids, slots, meta;
   {
     std::lock_guard<std::mutex> map_lock(entry->disk_map_mutex);
     std::vector<int64_t> all(keys.size());
     disk.find(keys.data(), static_cast<int64_t>(keys.size()), all.data());
     for (size_t i = 0; i < keys.size(); ++i) {
-      if (all[i] < 0) continue;
-      got_ids.push_back(keys[i]);
-      slots.push_back(all[i]);
+      if (all[i] >= 0) found.push_back({all[i], keys[i]});
+    }
+    std::sort(found.begin(), found.end());
+    found.erase(std::unique(found.begin(), found.end()), found.end());
+    for (const auto& f : found) {
+      slots.push_back(f.first);
+      got_ids.push_back(f.second);
       meta.resize(meta.size() + 3);
-      disk.meta_of(all[i], meta.data() + meta.size() - 3);
+      disk.meta_of(f.first, meta.data() + meta.size() - 3);
     }
   }
   const int64_t got = static_cast<int64_t>(got_ids.size());
@@ -106,7 +116,7 @@ bool py_disk_has_any(int64_t handle, const at::Tensor& ids) {
 // disk copies go). Until they are freed they are cached too, so no lookup reads their slots early.
 int64_t py_disk_spill(int64_t handle, int64_t want, int64_t clock, const at::Tensor& keep) {
   const auto entry = get_table(handle, "disk_spill");
-  const std::vector<int64_t> kept = distinct(keep, "disk_spill");
+  const std::vector<int64_t> kept = contiguous_ids(keep, "disk_spill");  // repeats are harmless
   TORCH_CHECK(want >= 0, "disk_spill: want must be >= 0, got ", want);
   std::lock_guard<std::mutex> disk_lock(entry->disk_mutex);
   auto& disk = disk_of(entry, handle, "disk_spill");

@@ -35,7 +35,8 @@ def stable_name_hash(name: str) -> int:
 
 
 def table_parameters(
-    name: str, options: HashTableOptions, num_embeddings: int, init_range: Tuple[float, float]
+    name: str, options: HashTableOptions, num_embeddings: int, init_range: Tuple[float, float], dim: int = 0,
+    state_dim: int = 0,
 ) -> Tuple[int, float, float, int, int]:
     """``(init kind, a, b, seed, initial capacity)`` of a table, the same on every device."""
     if options.initializer == "uniform":
@@ -56,6 +57,8 @@ def table_parameters(
     seed = (stable_name_hash(name) ^ (options.seed * 0x9E3779B97F4A7C15)) % 2**64
     if options.max_capacity is not None:
         capacity = min(capacity, options.max_capacity)
+    if options.storage == "ssd":  # the table is the cache: reserve no more than its budget
+        capacity = min(capacity, options.cache_bytes // (4 * dim + 4 * state_dim + CACHE_ROW_OVERHEAD))
     return options.init_kind(), float(a), float(b), seed, int(capacity)
 
 
@@ -180,7 +183,8 @@ class HashTable:
             C.disk_spill(self.handle, over + self.cache_rows // 10, self._in_use_clock, keep)
 
     def _create(self) -> int:
-        kind, a, b, seed, capacity = table_parameters(self.name, self.options, self.num_embeddings, self.init_range)
+        kind, a, b, seed, capacity = table_parameters(self.name, self.options, self.num_embeddings, self.init_range,
+                                                      self.dim, self.state_dim)
         o = self.options
         if self.device.type == "cuda":  # CUDA tables live in the CUDA library's registry
             return torch.ops.recis.gpu_table_create(

@@ -9,6 +9,7 @@ LOGITS_DIR/attempt{A}_rank{R}_step{S}.pt. On the first attempt
 KILL_AT_STEP (0: never).
 """
 
+import json
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from recis_torchrec.train import config
-from recis_torchrec.train.trainer import Trainer, init_distributed
+from recis_torchrec.train.trainer import Trainer, hash_tables, init_distributed
 
 
 def main() -> None:
@@ -43,6 +44,10 @@ def main() -> None:
         table_options=run.table_options, callbacks=[record],
     )
     trainer.fit()
+    # Where each table's rows were, for the test to check that the options reached the sharded tables.
+    tables = {ref.key: ref.table.info() for ref in hash_tables(trainer.model)}
+    with open(os.path.join(logits_dir, f"tables_attempt{attempt}_rank{rank}.json"), "w") as f:
+        json.dump(tables, f)
     trainer.close()
     del trainer, run
     dist.barrier()
