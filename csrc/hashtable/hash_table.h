@@ -300,7 +300,7 @@ class HashTable {
     return bits;
   }
 
-  // Frees row r and its IdMap slot (no log entry: see evict_row and take_coldest).
+  // Frees row r and its IdMap slot (no log entry: see evict_row and copy_coldest).
   void drop_row(int64_t r) {
     const int64_t key = blocks_.row_id(r);
     map_.erase(key, mix64(static_cast<uint64_t>(key)));
@@ -310,6 +310,13 @@ class HashTable {
   void evict_row(int64_t r, int64_t clock) {
     const int64_t key = blocks_.row_id(r);
     drop_row(r);
+    log_eviction(key, clock);
+  }
+
+ public:
+  // Records `key` as evicted at `clock` in the eviction log (for delta exports) and the counters:
+  // evict_row's record, also for rows evicted where the table does not hold them (a DiskRows store).
+  void log_eviction(int64_t key, int64_t clock) {
     // The log holds max_capacity / 2 entries under a cap, else twice the rows the table has
     // held (16 bytes each: a small share of the rows' memory, and bounded as they are).
     const int64_t limit = cfg_.max_capacity > 0 ? std::max<int64_t>(64, cfg_.max_capacity / 2)
@@ -325,6 +332,7 @@ class HashTable {
     ++counters_.evicted;
   }
 
+ private:
   // Frees up to `want` live rows not seen at `clock`: the lowest scores of the
   // cap's policy (eviction.h), ties broken by row index.
   void evict_for_capacity(int64_t want, int64_t clock) {

@@ -170,13 +170,19 @@ int64_t py_disk_erase(int64_t handle, const at::Tensor& ids) {
   return disk_of(entry, handle, "disk_erase").erase(keys.data(), static_cast<int64_t>(keys.size()));
 }
 
-// Drops the disk rows unseen since clock - ttl_steps; returns their ids.
+// Drops the disk rows unseen since clock - ttl_steps (the table's TTL rule), recording them in the
+// table's eviction log as evicted at `clock`; returns their ids.
 at::Tensor py_disk_evict_stale(int64_t handle, int64_t clock, int64_t ttl_steps) {
   const auto entry = get_table(handle, "disk_evict_stale");
+  TORCH_CHECK(ttl_steps > 0, "disk_evict_stale: ttl_steps must be > 0, got ", ttl_steps);
   std::lock_guard<std::mutex> disk_lock(entry->disk_mutex);
-  std::lock_guard<std::mutex> map_lock(entry->disk_map_mutex);
   std::vector<int64_t> ids;
-  disk_of(entry, handle, "disk_evict_stale").evict_stale(clock, ttl_steps, &ids);
+  {
+    std::lock_guard<std::mutex> map_lock(entry->disk_map_mutex);
+    disk_of(entry, handle, "disk_evict_stale").evict_stale(clock, ttl_steps, &ids);
+  }
+  TableLocks lock({entry}, /*exclusive=*/true);
+  for (int64_t id : ids) entry->table.log_eviction(id, clock);
   return at::tensor(ids, at::kLong);
 }
 

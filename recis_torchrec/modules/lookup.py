@@ -99,10 +99,10 @@ class LookupGroup:
         insert: bool,
     ) -> torch.Tensor:
         """Pooled embeddings ``(B, layout.out_dim)``; backward updates the rows."""
-        self.prefetch(ids, offsets, layout)
+        self.prefetch(ids, offsets, layout, insert)
         return _PooledLookup.apply(self._anchor, self, ids, offsets, weights, layout, insert)
 
-    def prefetch(self, ids: torch.Tensor, offsets: torch.Tensor, layout: BagLayout) -> None:
+    def prefetch(self, ids: torch.Tensor, offsets: torch.Tensor, layout: BagLayout, train: bool) -> None:
         """Tables with rows on disk (``storage="ssd"``) bring this batch's rows into their caches
         (already there after a prefetch stage, so then nothing is read). The clock declares the step:
         rows it uses stay in the cache until the next step."""
@@ -111,14 +111,14 @@ class LookupGroup:
             return
         clock = self.clock()
         if len(self.tables) == 1:
-            self.tables[0].prefetch(ids, clock, lookup=True)
+            self.tables[0].prefetch(ids, clock, lookup=True, train=train)
             return
         features = len(layout.feature_table)
         batch = (offsets.numel() - 1) // max(features, 1)
         bounds = offsets[::batch].tolist() if batch else [0] * (features + 1)  # where each feature's ids start
         for t in disk:
             mine = [ids[bounds[f] : bounds[f + 1]] for f in range(features) if layout.feature_table[f] == t]
-            self.tables[t].prefetch(torch.cat(mine) if mine else ids[:0], clock, lookup=True)
+            self.tables[t].prefetch(torch.cat(mine) if mine else ids[:0], clock, lookup=True, train=train)
 
 
 class _SequenceLookup(torch.autograd.Function):
@@ -177,5 +177,5 @@ def sequence_lookup(group: "LookupGroup", ids: torch.Tensor, insert: bool) -> to
     so every rank of a sharded table keeps the same step count."""
     layout = BagLayout([0], [ops.POOLING_SUM], [0], group.tables[0].dim)
     if group.tables[0].on_disk:
-        group.tables[0].prefetch(ids, group.clock(), lookup=True)
+        group.tables[0].prefetch(ids, group.clock(), lookup=True, train=insert)
     return _SequenceLookup.apply(group._anchor, group, ids, layout, insert)

@@ -129,6 +129,7 @@ class HashTable:
         self._in_use_clock = NONE_IN_USE  # storage="ssd": rows seen at this clock or later stay in the cache
         self.rows_read_at_lookup = 0  # storage="ssd": rows lookups had to read themselves (no prefetch ahead)
         self._ahead = torch.zeros(0, dtype=torch.int64)  # storage="ssd": the ids the last prefetch brought in
+        self._last_disk_scan = 0  # storage="ssd": the clock of the last TTL scan of the rows on disk
         self._mover = threading.Lock()  # storage="ssd": held by a prefetch; a lookup that finds it held skips its spill
         if options.storage == "ssd":
             self._attach_disk()
@@ -146,14 +147,16 @@ class HashTable:
         return self.options.storage == "ssd"
 
     def prefetch(self, ids: torch.Tensor, clock: Optional[int] = None, keep: Optional[torch.Tensor] = None,
-                 lookup: bool = False) -> int:
+                 lookup: bool = False, train: bool = False) -> int:
         """``storage="ssd"``: brings the rows of ``ids`` from disk into the cache, then moves the least
         recently used rows past the cache's budget to disk, down to 90% of it. Rows of ``ids`` and
         ``keep`` stay, and so do rows seen at the clock of the step that runs or later: ``clock``
         (the lookup's update count) declares that step; without it the last one declared holds.
         ``lookup``: called by a lookup, which must not wait for a prefetch stage's spill in flight
         (it skips its own spill then, and keeps the rows that prefetch brought in; it still reads any of
-        its own rows still on disk). Returns the rows read;
+        its own rows still on disk). ``train``: a training lookup at ``clock``, which under ``ttl_steps``
+        scans the rows on disk when the cache's own TTL scan runs (every ttl_steps / 4 updates, before
+        the lookup). Returns the rows read;
         a table in memory has nothing to do (0)."""
         if not self.on_disk:
             return 0
@@ -169,6 +172,9 @@ class HashTable:
             return got
         got = C.disk_fill(self.handle, ids) if C.disk_has_any(self.handle, ids) else 0
         self.rows_read_at_lookup += got
+        ttl = self.options.ttl_steps
+        if train and ttl and clock is not None and clock - self._last_disk_scan >= max(1, ttl // 4):
+            self._evict_stale_on_disk(clock)
         if self._mover.acquire(blocking=False):  # else a prefetch is under way, and it spills
             try:
                 self._spill(torch.cat([keep, self._ahead]))  # what a prefetch brought in for the next step stays
@@ -418,12 +424,23 @@ class HashTable:
             C.clear(self.handle)
             if self.on_disk:
                 C.disk_clear(self.handle)
+                self._last_disk_scan = 0
 
     # Admission and eviction (CPU tables: CUDA tables have neither, so these are trivial there).
 
     def evict_stale(self, clock: int) -> int:
         """Evicts now every row not looked up since update ``clock - ttl_steps``; returns how many."""
-        return 0 if self.is_cuda else C.evict_stale(self.handle, clock)
+        if self.is_cuda:
+            return 0
+        evicted = C.evict_stale(self.handle, clock)
+        if self.on_disk and self.options.ttl_steps:
+            evicted += self._evict_stale_on_disk(clock)
+        return evicted
+
+    def _evict_stale_on_disk(self, clock: int) -> int:
+        """The TTL scan of the rows on disk (the cache's rows are the C++ table's to scan)."""
+        self._last_disk_scan = clock
+        return int(C.disk_evict_stale(self.handle, clock, self.options.ttl_steps).numel())
 
     def erase(self, ids: torch.Tensor, clock: int = 0) -> int:
         """Frees the rows of ``ids`` (recorded as evicted at ``clock``); returns how many had one."""

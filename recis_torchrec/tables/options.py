@@ -66,7 +66,8 @@ class HashTableOptions(DictConfig):
             (under ``storage_path``), with its IdMap and row metadata in memory.
             Lookups bring a batch's rows from disk into the cache first (a
             prefetch stage can do it a batch ahead); the least recently used
-            rows not in use go back to disk. CPU tables only.
+            rows not in use go back to disk. Admission and ``ttl_steps`` work as in
+            memory; ``max_capacity`` is not supported with it yet (raises). CPU tables only.
         storage_path: ``storage="ssd"``: an existing directory on local disk for
             the rows file (created there, unlinked at once: it disappears with
             the table and after a crash; checkpoints hold the rows).
@@ -178,12 +179,10 @@ class HashTableOptions(DictConfig):
             raise ValueError(f"HashTableOptions.io_threads must be in [1, 64], got {self.io_threads}")
         if self.host_rows or (self.device is not None and not str(self.device).startswith("cpu")):
             raise ValueError("HashTableOptions.storage='ssd' applies to CPU tables; the table is on a CUDA device")
-        unsupported = [n for n, on in (("ttl_steps", self.ttl_steps is not None),
-                                       ("max_capacity", self.max_capacity is not None)) if on]
-        if unsupported:
+        if self.max_capacity is not None:
             raise NotImplementedError(
-                f"HashTableOptions: {', '.join(unsupported)} with storage='ssd' is not supported yet (the rows on "
-                "disk are not scanned for eviction); leave it unset or use storage='memory'")
+                "HashTableOptions: max_capacity with storage='ssd' is not supported yet (the cap would count the "
+                "rows on disk too); leave it unset (ttl_steps works) or use storage='memory'")
 
     def init_kind(self) -> int:
         return INIT_KINDS[self.initializer]

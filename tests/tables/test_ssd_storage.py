@@ -232,8 +232,8 @@ def test_bad_storage_options_raise_naming_them(tmp_path):
         HashTableOptions(storage_path=str(tmp_path))
     with pytest.raises(ValueError, match="io_threads"):
         ssd(tmp_path, io_threads=0)
-    with pytest.raises(NotImplementedError, match="ttl_steps"):
-        ssd(tmp_path, ttl_steps=5)
+    with pytest.raises(NotImplementedError, match="max_capacity"):
+        ssd(tmp_path, max_capacity=100, eviction_policy="lru")
     with pytest.raises(ValueError, match="CPU tables"):
         HashTableOptions(storage="ssd", storage_path=str(tmp_path), cache_bytes=1 << 20, device="cuda")
     with pytest.raises(FileNotFoundError, match="no-such-dir"):
@@ -288,3 +288,26 @@ def test_without_a_prefetch_stage_lookups_read_their_own_rows(tmp_path):
     dsk = model(ssd(tmp_path, cache_rows=64))
     train(dsk, kjts)
     assert sum(t.rows_read_at_lookup for t in dsk.tables().values()) > 0
+
+
+def test_ttl_evicts_the_same_rows_on_disk_as_in_memory(tmp_path):
+    """Rows unseen for ttl_steps updates go wherever they are (cache or disk), at the same scans as in
+    memory: the same rows survive, with the same values, and the eviction log (what deltas read) holds
+    the same ids."""
+    kjts = batches(40, seed=7, vocab=600)
+    mem, dsk = model(HashTableOptions(ttl_steps=8)), model(ssd(tmp_path, cache_rows=24, ttl_steps=8))
+    for m in (mem, dsk):
+        for t in m.tables().values():
+            t.restart_eviction_log(0)
+    for a, b in zip(train(mem, kjts), train(dsk, kjts)):
+        assert torch.equal(a, b)
+    for name in ("a", "b"):
+        m, d = mem.tables()[name], dsk.tables()[name]
+        assert m.info()["evicted"] > 0 and d.info()["evicted"] == m.info()["evicted"]
+        assert_same_rows(m, d, all_meta=True)
+        assert sorted(m.evicted_since(0)[0].tolist()) == sorted(d.evicted_since(0)[0].tolist())
+    # an explicit scan reaches the disk too
+    for name in ("a", "b"):
+        m, d = mem.tables()[name], dsk.tables()[name]
+        assert m.evict_stale(100) == d.evict_stale(100) > 0
+        assert len(m) == len(d) == 0
