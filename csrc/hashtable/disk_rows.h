@@ -10,8 +10,16 @@
 //   the file.
 // * A row lives in the cache or on disk, never both: take() moves rows from
 //   disk to the caller (their slots become free) and put() moves rows from
-//   the caller to disk. Freed slots are reused, lowest first, so the file does
-//   not grow past the most rows it held at once.
+//   the caller to disk.
+// * Slots come in segments of kSegmentSlots. New rows fill the open segment
+//   in order, so the rows of one write are contiguous on disk and go out in a
+//   few large pwrites (rows coming back to the cache leave holes all over the
+//   file, and writing into those would cost one call per row). A segment whose
+//   rows have all left is reused whole; when the holes pass a quarter of the
+//   live rows, compact() moves the live rows of the emptiest segments into
+//   the open one (one read of each segment, contiguous writes), which frees
+//   those segments. The file stays within about 1.25x the live rows plus a
+//   few segments.
 // * I/O goes through the OS with pread/pwrite, batched per call: the slots
 //   are sorted, contiguous slots are merged into one call (up to kMaxRun
 //   bytes), and the runs are spread over up to io_threads worker threads.
@@ -80,6 +88,7 @@ class DiskRows {
  public:
   static constexpr int64_t kMaxRun = int64_t{1} << 20;         // bytes per pread/pwrite call at most
   static constexpr int64_t kParallelBytes = int64_t{1} << 18;  // below this a batch runs on one thread
+  static constexpr int64_t kSegmentSlots = 1024;
 
   DiskRows(const std::string& dir, int64_t record_bytes, int io_threads)
       : record_bytes_(record_bytes), io_threads_(io_threads), map_(0, 6) {
@@ -111,7 +120,8 @@ class DiskRows {
   // Memory held: the IdMap, the per-slot ids and metadata, and the free list.
   int64_t memory_bytes() const {
     return map_.memory_bytes() + slot_id_.memory_bytes() + meta_.memory_bytes() +
-           static_cast<int64_t>(free_.capacity() * sizeof(int64_t));
+           static_cast<int64_t>(segment_live_.capacity() * sizeof(int32_t) +
+                                free_segments_.capacity() * sizeof(int64_t));
   }
 
   // slots[i] = the slot of keys[i], or -1. Returns how many are on disk.
@@ -178,6 +188,7 @@ class DiskRows {
     std::vector<int64_t> slots(static_cast<size_t>(n));
     assign(keys, n, meta, slots.data());
     write_slots(slots.data(), n, records);
+    compact();
   }
 
   // put() in two parts: assign() gives the keys their slots and metadata
@@ -233,12 +244,59 @@ class DiskRows {
     }
   }
 
-  // Drops every row; the file keeps its size (its slots are reused).
+  // Drops every row; the file keeps its size (its segments are reused).
   void clear() {
     map_ = IdMap(0, 6);
-    free_.clear();
-    for (int64_t s = 0; s < num_slots(); ++s) free_.push_back(s);  // ascending: already a min-heap
+    free_segments_.clear();
+    for (int64_t g = 0; g < static_cast<int64_t>(segment_live_.size()); ++g) {
+      segment_live_[g] = 0;
+      free_segments_.push_back(g);  // ascending: already a min-heap
+    }
     for (int64_t s = 0; s < num_slots(); ++s) meta_[s].live = 0;
+    open_ = -1;
+  }
+
+  // Slots held by segments with rows in them, less the rows: the holes.
+  int64_t holes() const {
+    const int64_t used = static_cast<int64_t>(segment_live_.size() - free_segments_.size()) * kSegmentSlots;
+    return used - size();
+  }
+
+  // Moves the live rows of the emptiest segments (never the open one) into the open segment while the
+  // holes exceed a quarter of the live rows plus two segments; the emptied segments become free.
+  // Returns the rows moved.
+  int64_t compact() {
+    int64_t moved = 0;
+    while (holes() > size() / 4 + 2 * kSegmentSlots) {
+      int64_t victim = -1;
+      for (int64_t g = 0; g < static_cast<int64_t>(segment_live_.size()); ++g) {
+        if (g == open_ || segment_live_[g] == 0) continue;
+        if (victim < 0 || segment_live_[g] < segment_live_[victim]) victim = g;
+      }
+      if (victim < 0) break;
+      // One read up to its last row (the slots of a segment that was filled were all written).
+      int64_t last = kSegmentSlots - 1;
+      while (!meta_[victim * kSegmentSlots + last].live) --last;
+      std::vector<uint8_t> seg(static_cast<size_t>((last + 1) * record_bytes_));
+      transfer(/*write=*/false, victim * kSegmentSlots, seg.data(), (last + 1) * record_bytes_);
+      std::vector<int64_t> keys, meta, slots;
+      std::vector<uint8_t> records;
+      for (int64_t k = 0; k <= last; ++k) {
+        const int64_t s = victim * kSegmentSlots + k;
+        if (!meta_[s].live) continue;
+        keys.push_back(slot_id_[s]);
+        meta.resize(meta.size() + 3);
+        meta_of(s, meta.data() + meta.size() - 3);
+        records.insert(records.end(), seg.begin() + k * record_bytes_, seg.begin() + (k + 1) * record_bytes_);
+        release(s);
+      }
+      const int64_t n = static_cast<int64_t>(keys.size());
+      slots.resize(static_cast<size_t>(n));
+      assign(keys.data(), n, meta.data(), slots.data());
+      write_slots(slots.data(), n, records.data());
+      moved += n;
+    }
+    return moved;
   }
 
   // Copies up to max_rows live rows with slot >= start and last_update >
@@ -261,27 +319,41 @@ class DiskRows {
   }
 
  private:
+  // The next slot of the open segment (opening the lowest free segment, or a new one, when it is full).
   int64_t claim() {
-    if (!free_.empty()) {
-      // The lowest free slot (free_ is a min-heap), so the file stays as short as it can.
-      std::pop_heap(free_.begin(), free_.end(), std::greater<int64_t>());
-      const int64_t s = free_.back();
-      free_.pop_back();
-      meta_[s].live = 1;
-      return s;
+    if (open_ < 0 || open_next_ == kSegmentSlots) {
+      if (open_ >= 0 && segment_live_[open_] == 0) {  // every row left it while it was open
+        free_segments_.push_back(open_);
+        std::push_heap(free_segments_.begin(), free_segments_.end(), std::greater<int64_t>());
+      }
+      if (!free_segments_.empty()) {
+        std::pop_heap(free_segments_.begin(), free_segments_.end(), std::greater<int64_t>());
+        open_ = free_segments_.back();
+        free_segments_.pop_back();
+      } else {
+        open_ = static_cast<int64_t>(segment_live_.size());
+        segment_live_.push_back(0);
+        for (int64_t k = 0; k < kSegmentSlots; ++k) {
+          slot_id_.push_back(0);
+          meta_.push_back(RowMeta{});
+        }
+      }
+      open_next_ = 0;
     }
-    RowMeta fresh;
-    fresh.live = 1;
-    slot_id_.push_back(0);
-    meta_.push_back(fresh);
-    return num_slots() - 1;
+    const int64_t s = open_ * kSegmentSlots + open_next_++;
+    meta_[s].live = 1;
+    ++segment_live_[open_];
+    return s;
   }
 
   void release(int64_t s) {
     map_.erase(slot_id_[s], mix64(static_cast<uint64_t>(slot_id_[s])));
     meta_[s].live = 0;
-    free_.push_back(s);
-    std::push_heap(free_.begin(), free_.end(), std::greater<int64_t>());
+    const int64_t g = s / kSegmentSlots;
+    if (--segment_live_[g] == 0 && g != open_) {
+      free_segments_.push_back(g);
+      std::push_heap(free_segments_.begin(), free_segments_.end(), std::greater<int64_t>());
+    }
   }
 
   // A run: `count` consecutive slots from `slot`, whose records sit at
@@ -396,7 +468,10 @@ class DiskRows {
   IdMap map_;                    // id -> slot
   ChunkedArray<int64_t> slot_id_;  // slot -> id
   ChunkedArray<RowMeta> meta_;     // slot -> metadata (live: the slot holds a row)
-  std::vector<int64_t> free_;     // free slots, a min-heap
+  std::vector<int32_t> segment_live_;   // segment -> rows in it
+  std::vector<int64_t> free_segments_;  // segments without rows (not the open one), a min-heap
+  int64_t open_ = -1;                   // the segment new rows go to, or -1
+  int64_t open_next_ = 0;               // its next slot
   mutable std::atomic<int64_t> bytes_read_{0};
   std::atomic<int64_t> bytes_written_{0};
 };

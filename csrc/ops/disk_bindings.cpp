@@ -159,6 +159,7 @@ int64_t py_disk_spill(int64_t handle, int64_t want, int64_t clock, const at::Ten
   }
   std::lock_guard<std::mutex> map_lock(entry->disk_map_mutex);
   disk.erase(stale.data(), static_cast<int64_t>(stale.size()));
+  disk.compact();  // once the holes rows coming back left pass a quarter of the rows on disk
   return freed;
 }
 
