@@ -31,6 +31,7 @@ from recis_torchrec import checkpoint
 from recis_torchrec.checkpoint.files import hash_tables, rank_and_world
 from recis_torchrec.datasets.synthetic import SyntheticClicks
 from recis_torchrec.io.dataset import ColumnarDataset, Prefetcher, rank_batch_sizes
+from recis_torchrec.modules.prefetch import TablePrefetcher
 from recis_torchrec.ops.devices import cuda_tables_available, require_cuda
 from recis_torchrec.train.args import Task, TrainingArguments
 
@@ -403,6 +404,13 @@ class Trainer:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
+        # Tables with rows on disk (storage="ssd") in an unsharded model: the next batch's rows come in on a
+        # worker thread while the current step runs (a sharded model's lookups read their own).
+        self.prefetcher: Optional[TablePrefetcher] = None
+        if self.pipeline is None and args.gradient_accumulation == 1:
+            prefetcher = TablePrefetcher(self.model, features_of=lambda batch: batch.sparse_features)
+            self.prefetcher = prefetcher if prefetcher.tables else None
+        self._ahead: Any = None  # the batch whose rows the prefetcher is bringing in
         self.train_stream = BatchStream(train_data)
         self.eval_data = eval_data
         self.callbacks = list(callbacks)
@@ -458,6 +466,8 @@ class Trainer:
         """A full checkpoint of the model, both optimizers, the position and the RNG states; in the
         background (``TrainingArguments.async_save``, training goes on while it writes) unless
         ``blocking``. The directory is complete once the next save, or :meth:`wait_for_save`, returns."""
+        if self.prefetcher is not None:
+            self.prefetcher.wait()  # no rows move between a table's cache and its disk while it is written
         return checkpoint.save(
             self.checkpoint_dir,
             self.model,
@@ -476,6 +486,7 @@ class Trainer:
     def resume(self) -> bool:
         """Loads the newest checkpoint in ``output_dir``, if there is one."""
         checkpoint.wait()
+        self._drain_pipeline()
         if not checkpoint.checkpoints(self.checkpoint_dir):
             return False
         checkpoint.load(self.checkpoint_dir, self.model, self.optimizer, _RankState(self))
@@ -537,6 +548,9 @@ class Trainer:
         if self.pipeline is not None:
             self.pipeline.detach()
             self.pipeline.reset()
+        if self.prefetcher is not None:
+            self.prefetcher.wait()
+            self._ahead = None  # not trained on: read again from batches_done
         if self._it is not None:
             self._it.close()
             self._it = None
@@ -591,7 +605,7 @@ class Trainer:
         self.optimizer.zero_grad()
         total, last = 0.0, None
         for _ in range(acc):
-            batch = self._on_device(next(it))
+            batch = self._on_device(self._next_batch(it))
             loss, (_, logits, labels) = self.model(batch)
             (loss / acc).backward()
             total += float(loss.detach()) / acc
@@ -600,6 +614,21 @@ class Trainer:
             last = (logits, labels)
         self.optimizer.step()
         return total, last[0], last[1]
+
+    def _next_batch(self, it: Iterator) -> Any:
+        """The next batch; with a prefetcher, its table rows are in the caches, and the following batch's
+        are coming in while it trains."""
+        if self.prefetcher is None:
+            return next(it)
+        batch = self._ahead
+        if batch is None:
+            batch = next(it)
+            self.prefetcher.submit(batch)
+        self.prefetcher.wait()
+        self._ahead = next(it, None)
+        if self._ahead is not None:
+            self.prefetcher.submit(self._ahead, running=batch)
+        return batch
 
     def fit(self) -> Dict[str, Any]:
         """Trains to ``args.steps`` (or ``args.epochs``), evaluating, logging and saving on the way.
@@ -801,6 +830,9 @@ class Trainer:
         runtime they need and the process aborts ("terminate called without an active exception")."""
         checkpoint.wait()
         self._drain_pipeline()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None

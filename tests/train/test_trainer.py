@@ -12,6 +12,7 @@ import torch
 from recis_torchrec.datasets import SyntheticClicks, SyntheticConfig, synthetic_schema, write_parquet
 from recis_torchrec.io import ColumnarDataset
 from recis_torchrec.train import ConfigError, Trainer, TrainingArguments, build_run, load_config
+from recis_torchrec.checkpoint.files import hash_tables
 from recis_torchrec.train.__main__ import main
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -58,7 +59,40 @@ def _trainer(out, steps, callbacks=(), **kw):
         "trainer.output_dir": out, "trainer.steps": steps, "trainer.save_every": 5, "trainer.eval_every": 0,
         "trainer.log_every": 5, "trainer.progress": False, "data.batch_size": 128, "data.eval_batches": 2, **kw})
     return Trainer(run.model, run.args, run.train_data, run.eval_data, tasks=run.tasks,
-                   dense_optimizer=run.dense_optimizer, fused_params=run.fused_params, callbacks=callbacks)
+                   dense_optimizer=run.dense_optimizer, fused_params=run.fused_params, callbacks=callbacks,
+                   table_options=run.table_options)
+
+
+def test_tables_on_disk_train_and_resume_like_tables_in_memory(tmp_path):
+    """The Trainer with storage="ssd" tables: its prefetcher brings each next batch's rows in while a
+    step runs (no step reads a row itself), the logits match a run in memory step for step, and a
+    resume from the step-5 checkpoint continues exactly."""
+    def recorder(store):
+        return lambda trainer, step, logits, labels: store.__setitem__(step, logits.clone())
+
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    ssd = {"tables.options.storage": "ssd", "tables.options.storage_path": str(rows),
+           "tables.options.cache_bytes": 65536}
+    straight, first, resumed = {}, {}, {}
+    _trainer(str(tmp_path / "mem"), 13, [recorder(straight)]).fit()
+    read_by_steps = []
+
+    def steps_read(trainer, step, logits, labels):  # before the final evaluation's own lookups
+        read_by_steps.append(sum(ref.table.rows_read_at_lookup for ref in hash_tables(trainer.model)))
+
+    t = _trainer(str(tmp_path / "ssd"), 7, [recorder(first), steps_read], **ssd)
+    assert t.prefetcher is not None
+    t.fit()
+    assert read_by_steps == [0] * 7
+    assert all(ref.table.info()["disk_bytes_read"] > 0 for ref in hash_tables(t.model))
+    t.close()
+    t = _trainer(str(tmp_path / "ssd"), 13, [recorder(resumed)], **ssd)
+    t.fit()
+    t.close()
+    assert sorted(first) == list(range(1, 8)) and sorted(resumed) == list(range(8, 14))
+    for step, logits in {**first, **resumed}.items():
+        assert torch.equal(logits, straight[step]), step
 
 
 def test_resume_by_hand_continues_exactly(tmp_path):
