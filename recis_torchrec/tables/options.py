@@ -170,6 +170,8 @@ class HashTableOptions(DictConfig):
             for name in ("storage_path", "cache_bytes"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"HashTableOptions.{name} applies to storage='ssd', but storage is 'memory'")
+            if self.io_threads != 4:
+                raise ValueError("HashTableOptions.io_threads applies to storage='ssd', but storage is 'memory'")
             return
         if not isinstance(self.storage_path, str) or not self.storage_path:
             raise ValueError(f"HashTableOptions.storage='ssd' needs storage_path (a directory), got {self.storage_path!r}")

@@ -14,18 +14,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CXX = shutil.which("g++")
 
 
-@pytest.mark.skipif(CXX is None, reason="g++ is not installed")
-@pytest.mark.parametrize("isa", ["-mavx2", "-mno-avx2"])
-def test_id_map_matches_unordered_map(tmp_path, isa):
-    exe = str(tmp_path / "id_map_check")
-    src = os.path.join(ROOT, "tests", "hashtable", "cpp", "id_map_check.cc")
+def _check(tmp_path, name, flags=(), args=()):
+    """Builds tests/hashtable/cpp/<name>.cc against the core's headers with g++ -Wall -Werror and runs it;
+    it prints "ok" when every check passed."""
+    exe = str(tmp_path / name)
+    src = os.path.join(ROOT, "tests", "hashtable", "cpp", f"{name}.cc")
     build = subprocess.run(
-        [CXX, "-std=c++17", "-O2", isa, "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src, "-o", exe],
+        [CXX, "-std=c++17", "-O2", *flags, "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src,
+         "-o", exe],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+@pytest.mark.skipif(CXX is None, reason="g++ is not installed")
+@pytest.mark.parametrize("isa", ["-mavx2", "-mno-avx2"])
+def test_id_map_matches_unordered_map(tmp_path, isa):
+    _check(tmp_path, "id_map_check", [isa])
 
 
 def _has_f16c() -> bool:
@@ -38,43 +45,17 @@ def _has_f16c() -> bool:
 
 @pytest.mark.skipif(CXX is None or not _has_f16c(), reason="needs g++ and a CPU with F16C")
 def test_portable_half_conversions_match_f16c(tmp_path):
-    exe = str(tmp_path / "row_types_check")
-    src = os.path.join(ROOT, "tests", "hashtable", "cpp", "row_types_check.cc")
-    build = subprocess.run(
-        [CXX, "-std=c++17", "-O2", "-mf16c", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src,
-         "-o", exe],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    _check(tmp_path, "row_types_check", ["-mf16c"])
 
 
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 def test_a_custom_eviction_policy_from_cpp(tmp_path):
-    exe = str(tmp_path / "eviction_check")
-    src = os.path.join(ROOT, "tests", "hashtable", "cpp", "eviction_check.cc")
-    build = subprocess.run(
-        [CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "hashtable"), src, "-o", exe],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([exe], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    _check(tmp_path, "eviction_check")
 
 
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 def test_disk_rows_match_a_map_of_records(tmp_path):
-    exe = str(tmp_path / "disk_rows_check")
-    src = os.path.join(ROOT, "tests", "hashtable", "cpp", "disk_rows_check.cc")
-    build = subprocess.run(
-        [CXX, "-std=c++17", "-O2", "-Wall", "-Werror", "-pthread", "-I", os.path.join(ROOT, "csrc", "hashtable"), src,
-         "-o", exe],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
     scratch = tmp_path / "rows"
     scratch.mkdir()
-    run = subprocess.run([exe, str(scratch)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    _check(tmp_path, "disk_rows_check", ["-pthread"], [str(scratch)])
     assert list(scratch.iterdir()) == []  # the rows file was unlinked when it was created

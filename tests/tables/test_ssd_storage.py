@@ -233,6 +233,8 @@ def test_bad_storage_options_raise_naming_them(tmp_path):
         HashTableOptions(storage_path=str(tmp_path))
     with pytest.raises(ValueError, match="io_threads"):
         ssd(tmp_path, io_threads=0)
+    with pytest.raises(ValueError, match="io_threads applies to storage='ssd'"):
+        HashTableOptions(io_threads=8)
     with pytest.raises(NotImplementedError, match="max_capacity"):
         ssd(tmp_path, max_capacity=100, eviction_policy="lru")
     with pytest.raises(ValueError, match="CPU tables"):
