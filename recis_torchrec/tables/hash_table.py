@@ -156,8 +156,7 @@ class HashTable:
         (it skips its own spill then, and keeps the rows that prefetch brought in; it still reads any of
         its own rows still on disk). ``train``: a training lookup at ``clock``, which under ``ttl_steps``
         scans the rows on disk when the cache's own TTL scan runs (every ttl_steps / 4 updates, before
-        the lookup). Returns the rows read;
-        a table in memory has nothing to do (0)."""
+        the lookup). Returns the rows read; a table in memory has nothing to do (0)."""
         if not self.on_disk:
             return 0
         if clock is not None:
