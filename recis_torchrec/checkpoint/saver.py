@@ -63,6 +63,7 @@ from recis_torchrec.checkpoint.files import (
     write_tensors,
 )
 from recis_torchrec.optim.fused import STATE_SLOTS
+from recis_torchrec.tables.hash_table import mem_available_bytes
 
 FORMAT_VERSION = 1
 META_COLUMNS = ("last_seen", "last_update", "freq")
@@ -220,12 +221,8 @@ def _check_fits_in_memory(table: Any) -> None:
     """A background save copies a table on disk into memory: refused, naming the table, when the copy
     would take more than half the memory available (a blocking save streams it instead)."""
     need = len(table) * (8 + table.dtype.itemsize * table.dim + 4 * table.state_dim + 24)
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return
-    if need > avail // 2:
+    avail = mem_available_bytes()
+    if avail is not None and need > avail // 2:
         raise CheckpointError(
             f"table {table.name!r} keeps rows on disk and a background save would copy its {len(table):,} rows "
             f"({need / 2**30:.1f} GiB) into memory, more than half of the {avail / 2**30:.1f} GiB available; "

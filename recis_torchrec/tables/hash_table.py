@@ -181,6 +181,18 @@ class HashTable:
                 self._mover.release()
         return got
 
+    def _check_copy_fits(self, rows: int) -> None:
+        """A copy of a table on disk in memory (export_rows, and what uses it: deepcopy, pickling,
+        state dicts, inference packages) is refused, naming the table, when it would take more than half
+        the memory available; checkpoint.save streams such a table instead."""
+        need = rows * (8 + self.dtype.itemsize * self.dim + 4 * self.state_dim + 24)
+        avail = mem_available_bytes()
+        if avail is not None and need > avail // 2:
+            raise MemoryError(
+                f"HashTable {self.name!r}: copying its {rows:,} rows ({need / 2**30:.1f} GiB) into memory would take "
+                f"more than half of the {avail / 2**30:.1f} GiB available; the table keeps its rows on disk "
+                "because they do not fit: checkpoint.save (blocking) streams them instead")
+
     def _spill(self, keep: torch.Tensor) -> None:
         over = C.table_info(self.handle)["rows"] - self.cache_rows
         if over > 0:
@@ -312,6 +324,8 @@ class HashTable:
             # chunk into CPU memory (no second copy of the table on the GPU). A table on disk: its
             # cache's rows, then the disk's.
             n = len(self)
+            if self.on_disk:
+                self._check_copy_fits(n)
             ids, weights = torch.empty(n, dtype=torch.int64), torch.empty(n, self.dim, dtype=self.dtype)
             state, meta = torch.empty(n, self.state_dim), torch.zeros(n, 3, dtype=torch.int64)
             start = 0
@@ -524,6 +538,15 @@ def _check_reservable(name: str, dim: int, state_dim: int, dtype: torch.dtype, o
             f"HashTable {name!r}: initial_capacity={options.initial_capacity:,} rows of {row} bytes need "
             f"{need / 2**30:.1f} GiB, more than this machine's {total / 2**30:.1f} GiB of memory"
         )
+
+
+def mem_available_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _signed64(x: int) -> int:

@@ -218,6 +218,24 @@ def test_a_background_save_too_large_for_memory_is_refused(tmp_path, monkeypatch
     monkeypatch.setattr(HashTable, "__len__", lambda self: 1 << 40)
     with pytest.raises(CheckpointError, match="blocking=True"):
         saver._check_fits_in_memory(dsk.tables()["a"])
+    monkeypatch.setattr(saver, "mem_available_bytes", lambda: None)  # no /proc/meminfo: no check
+    saver._check_fits_in_memory(dsk.tables()["a"])
+
+
+def test_a_copy_into_memory_too_large_for_it_is_refused(tmp_path, monkeypatch):
+    """export_rows (and deepcopy, state dicts, inference packages, which use it) of a table on disk
+    refuses, naming the table, a copy larger than half the memory available."""
+    from recis_torchrec.tables import hash_table
+
+    t = HashTable("big", DIM, 0, options=ssd(tmp_path, cache_rows=4))
+    t.find_or_insert(torch.arange(100))
+    monkeypatch.setattr(hash_table, "mem_available_bytes", lambda: 1000)
+    with pytest.raises(MemoryError, match="'big'.*checkpoint.save"):
+        t.export_rows()
+    with pytest.raises(MemoryError, match="'big'"):
+        copy.deepcopy(t)
+    monkeypatch.setattr(hash_table, "mem_available_bytes", lambda: None)  # no /proc/meminfo: no check
+    assert t.export_rows()[0].numel() == 100
 
 
 def test_bad_storage_options_raise_naming_them(tmp_path):
