@@ -338,19 +338,28 @@ class HashTable {
   void evict_for_capacity(int64_t want, int64_t clock) {
     const ScoreFn score = cfg_.policy == EvictionPolicy::kCustom ? cfg_.custom_score : policy_score(cfg_.policy);
     if (score == nullptr) return;
+    for (int64_t r : coldest(want, clock, score, nullptr)) evict_row(r, clock);
+  }
+
+  // Up to `want` live rows with the lowest `score`, ties broken by row index,
+  // never a row seen at `clock` or later (in use by the step that runs) nor
+  // one marked in `kept` (if given); in nth_element's order.
+  std::vector<int64_t> coldest(int64_t want, int64_t clock, ScoreFn score, const std::vector<uint8_t>* kept) const {
     std::vector<std::pair<RowScore, int64_t>> cand;  // (score, row)
     for (int64_t r = 0; r < row_limit(); ++r) {
       const RowMeta& m = blocks_.meta(r);
-      if (!m.live || m.last_seen >= clock) continue;
+      if (!m.live || m.last_seen >= clock || (kept != nullptr && (*kept)[r])) continue;
       cand.push_back({score(m), r});
     }
     want = std::min<int64_t>(want, static_cast<int64_t>(cand.size()));
-    if (want <= 0) return;
+    if (want <= 0) return {};
     auto less = [](const std::pair<RowScore, int64_t>& a, const std::pair<RowScore, int64_t>& b) {
       return a.first < b.first || (!(b.first < a.first) && a.second < b.second);
     };
     std::nth_element(cand.begin(), cand.begin() + (want - 1), cand.end(), less);
-    for (int64_t i = 0; i < want; ++i) evict_row(cand[i].second, clock);
+    std::vector<int64_t> rows(static_cast<size_t>(want));
+    for (int64_t i = 0; i < want; ++i) rows[i] = cand[i].second;
+    return rows;
   }
 
   // Inserts the ids that find() missed (rows[i] == -1), as admission and
@@ -583,22 +592,10 @@ class HashTable {
       const int64_t r = map_.find(keep[i], mix64(static_cast<uint64_t>(keep[i])));
       if (r >= 0) kept[r] = 1;
     }
-    std::vector<std::pair<RowScore, int64_t>> cand;  // (score, row)
-    for (int64_t r = 0; r < row_limit(); ++r) {
-      const RowMeta& m = blocks_.meta(r);
-      if (m.live && m.last_seen < clock && !kept[r]) cand.push_back({lru_score(m), r});
-    }
-    want = std::min<int64_t>(want, static_cast<int64_t>(cand.size()));
-    if (want <= 0) return 0;
-    auto less = [](const std::pair<RowScore, int64_t>& a, const std::pair<RowScore, int64_t>& b) {
-      return a.first < b.first || (!(b.first < a.first) && a.second < b.second);
-    };
-    std::nth_element(cand.begin(), cand.begin() + (want - 1), cand.end(), less);
-    std::vector<int64_t> picked(static_cast<size_t>(want));
-    for (int64_t i = 0; i < want; ++i) picked[i] = cand[i].second;
+    std::vector<int64_t> picked = coldest(want, clock, &lru_score, &kept);
     std::sort(picked.begin(), picked.end());
     copy_out(picked, ids, emb, state, meta, par);
-    return want;
+    return static_cast<int64_t>(picked.size());
   }
 
   // Frees the rows of `keys` whose metadata still equals `meta` (n x 3, as

@@ -24,11 +24,34 @@ hashtable::DiskRows& disk_of(const TablePtr& entry, int64_t handle, const char* 
 
 int64_t emb_bytes(const hashtable::HashTable& t) { return t.dim() * hashtable::element_bytes(t.row_type()); }
 
+// The ids, checked, as a contiguous 1-d int64 tensor.
+at::Tensor cpu_ids(const at::Tensor& ids, const char* op) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, op, ": ids must be a CPU int64 tensor");
+  return ids.reshape(-1).contiguous();
+}
+
 // The ids as a contiguous int64 vector (repeats kept).
 std::vector<int64_t> contiguous_ids(const at::Tensor& ids, const char* op) {
-  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, op, ": ids must be a CPU int64 tensor");
-  const auto c = ids.reshape(-1).contiguous();
+  const auto c = cpu_ids(ids, op);
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+// n records (each a row as the table stores it: eb embedding bytes, then sdim state floats) into
+// separate embedding and state buffers, and back.
+void split_records(const uint8_t* records, int64_t n, int64_t eb, int64_t sdim, uint8_t* emb, float* state) {
+  const int64_t rb = eb + 4 * sdim;
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(emb + i * eb, records + i * rb, eb);
+    std::memcpy(state + i * sdim, records + i * rb + eb, 4 * sdim);
+  }
+}
+
+void join_records(const uint8_t* emb, const float* state, int64_t n, int64_t eb, int64_t sdim, uint8_t* records) {
+  const int64_t rb = eb + 4 * sdim;
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(records + i * rb, emb + i * eb, eb);
+    std::memcpy(records + i * rb + eb, state + i * sdim, 4 * sdim);
+  }
 }
 
 // Distinct ids (the disk's erase takes each id once).
@@ -84,10 +107,7 @@ int64_t py_disk_fill(int64_t handle, const at::Tensor& ids) {
   std::vector<uint8_t> records(static_cast<size_t>(got * rb)), emb(static_cast<size_t>(got * eb));
   std::vector<float> state(static_cast<size_t>(got * sdim));
   disk.read_slots(slots.data(), got, records.data());
-  for (int64_t i = 0; i < got; ++i) {
-    std::memcpy(emb.data() + i * eb, records.data() + i * rb, eb);
-    std::memcpy(state.data() + i * sdim, records.data() + i * rb + eb, 4 * sdim);
-  }
+  split_records(records.data(), got, eb, sdim, emb.data(), state.data());
   {
     TableLocks lock({entry}, /*exclusive=*/true);
     const bool ok = t.import_rows(got_ids.data(), got, emb.data(), sdim > 0 ? state.data() : nullptr, meta.data(),
@@ -103,8 +123,7 @@ int64_t py_disk_fill(int64_t handle, const at::Tensor& ids) {
 // and does not wait for a prefetch in flight).
 bool py_disk_has_any(int64_t handle, const at::Tensor& ids) {
   const auto entry = get_table(handle, "disk_has_any");
-  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "disk_has_any: ids must be a CPU int64 tensor");
-  const auto keys = ids.reshape(-1).contiguous();
+  const auto keys = cpu_ids(ids, "disk_has_any");
   std::vector<int64_t> slots(static_cast<size_t>(keys.numel()));
   std::lock_guard<std::mutex> map_lock(entry->disk_map_mutex);
   return disk_of(entry, handle, "disk_has_any").find(keys.data_ptr<int64_t>(), keys.numel(), slots.data()) > 0;
@@ -137,10 +156,7 @@ int64_t py_disk_spill(int64_t handle, int64_t want, int64_t clock, const at::Ten
                        sdim > 0 ? state.data() : nullptr, meta.data(), AtParallelFor{});
   }
   std::vector<uint8_t> records(static_cast<size_t>(n * rb));
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(records.data() + i * rb, emb.data() + i * eb, eb);
-    std::memcpy(records.data() + i * rb + eb, state.data() + i * sdim, 4 * sdim);
-  }
+  join_records(emb.data(), state.data(), n, eb, sdim, records.data());
   std::vector<int64_t> slots(static_cast<size_t>(n));
   {
     std::lock_guard<std::mutex> map_lock(entry->disk_map_mutex);
@@ -191,8 +207,7 @@ at::Tensor py_disk_evict_stale(int64_t handle, int64_t clock, int64_t ttl_steps)
 // and left there; rows not on disk are zeros.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> py_disk_read(int64_t handle, const at::Tensor& ids) {
   const auto entry = get_table(handle, "disk_read");
-  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong, "disk_read: ids must be a CPU int64 tensor");
-  const auto keys = ids.reshape(-1).contiguous();
+  const auto keys = cpu_ids(ids, "disk_read");
   const int64_t n = keys.numel();
   std::lock_guard<std::mutex> disk_lock(entry->disk_mutex);
   const auto& disk = disk_of(entry, handle, "disk_read");
@@ -202,15 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> py_disk_read(int64_t handle, cons
   std::vector<uint8_t> records(static_cast<size_t>(n * rb), 0);
   disk.read(keys.data_ptr<int64_t>(), n, slots.data(), records.data());
   at::Tensor found = at::empty({n}, at::kBool);
-  at::Tensor emb = at::zeros({n, t.dim()}, at::TensorOptions().dtype(row_scalar_type(t.row_type())));
-  at::Tensor state = at::zeros({n, sdim}, at::kFloat);
-  auto* e = static_cast<uint8_t*>(emb.data_ptr());
-  for (int64_t i = 0; i < n; ++i) {
-    found.data_ptr<bool>()[i] = slots[i] >= 0;
-    if (slots[i] < 0) continue;
-    std::memcpy(e + i * eb, records.data() + i * rb, eb);
-    std::memcpy(state.data_ptr<float>() + i * sdim, records.data() + i * rb + eb, 4 * sdim);
-  }
+  for (int64_t i = 0; i < n; ++i) found.data_ptr<bool>()[i] = slots[i] >= 0;
+  at::Tensor emb = at::empty({n, t.dim()}, at::TensorOptions().dtype(row_scalar_type(t.row_type())));
+  at::Tensor state = at::empty({n, sdim}, at::kFloat);
+  // the records of ids not on disk were left zero: so are their rows
+  split_records(records.data(), n, eb, sdim, static_cast<uint8_t*>(emb.data_ptr()), state.data_ptr<float>());
   return {found, emb, state};
 }
 
@@ -233,11 +244,8 @@ std::tuple<int64_t, int64_t> py_disk_export_chunk(int64_t handle, int64_t start,
   std::vector<uint8_t> records(static_cast<size_t>(cap * rb));
   const auto out = disk.export_chunk(start, cap, since, ids.data_ptr<int64_t>(), records.data(),
                                      meta.data_ptr<int64_t>());
-  auto* e = static_cast<uint8_t*>(emb.data_ptr());
-  for (int64_t i = 0; i < out.first; ++i) {
-    std::memcpy(e + i * eb, records.data() + i * rb, eb);
-    std::memcpy(state.data_ptr<float>() + i * sdim, records.data() + i * rb + eb, 4 * sdim);
-  }
+  split_records(records.data(), out.first, eb, sdim, static_cast<uint8_t*>(emb.data_ptr()),
+                state.data_ptr<float>());
   return {out.first, out.second};
 }
 
