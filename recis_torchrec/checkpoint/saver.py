@@ -63,7 +63,6 @@ from recis_torchrec.checkpoint.files import (
     write_tensors,
 )
 from recis_torchrec.optim.fused import STATE_SLOTS
-from recis_torchrec.tables.hash_table import mem_available_bytes
 
 FORMAT_VERSION = 1
 META_COLUMNS = ("last_seen", "last_update", "freq")
@@ -217,18 +216,6 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], rest: Dict[str, Any])
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def _check_fits_in_memory(table: Any) -> None:
-    """A background save copies a table on disk into memory: refused, naming the table, when the copy
-    would take more than half the memory available (a blocking save streams it instead)."""
-    need = len(table) * (8 + table.dtype.itemsize * table.dim + 4 * table.state_dim + 24)
-    avail = mem_available_bytes()
-    if avail is not None and need > avail // 2:
-        raise CheckpointError(
-            f"table {table.name!r} keeps rows on disk and a background save would copy its {len(table):,} rows "
-            f"({need / 2**30:.1f} GiB) into memory, more than half of the {avail / 2**30:.1f} GiB available; "
-            "save it with blocking=True, which streams the rows from disk")
-
-
 class _TableSnapshot:
     """A table as it was when a background save started: what :func:`write_table_files` reads
     instead of the live table. Starting one copies nothing: a CPU table keeps a copy-on-write
@@ -246,9 +233,12 @@ class _TableSnapshot:
         self._pending = table.export_pending()
         self._table, self._buffers, self._rows, self._open = table, buffers, None, False
         if table.is_cuda or getattr(table, "on_disk", False):
-            if getattr(table, "on_disk", False):
-                _check_fits_in_memory(table)
-            self._rows = table.export_rows()
+            try:
+                self._rows = table.export_rows()
+            except MemoryError as e:  # a table on disk larger than half the memory available refuses the copy
+                raise CheckpointError(
+                    f"table {table.name!r}: a background save copies its rows into memory first: {e}; save it "
+                    "with blocking=True, which streams the rows from disk") from e
             self._len = self._rows[0].numel()
         else:
             self._len = C.snapshot_begin(table.handle)

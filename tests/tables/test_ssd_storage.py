@@ -211,15 +211,16 @@ def test_checkpoints_load_into_either_storage(tmp_path, blocking):
 
 
 def test_a_background_save_too_large_for_memory_is_refused(tmp_path, monkeypatch):
-    from recis_torchrec.checkpoint import saver
+    from recis_torchrec.tables import hash_table
 
     dsk = model(ssd(tmp_path, cache_rows=4))
     train(dsk, batches(3))
-    monkeypatch.setattr(HashTable, "__len__", lambda self: 1 << 40)
+    monkeypatch.setattr(hash_table, "mem_available_bytes", lambda: 1000)
     with pytest.raises(CheckpointError, match="blocking=True"):
-        saver._check_fits_in_memory(dsk.tables()["a"])
-    monkeypatch.setattr(saver, "mem_available_bytes", lambda: None)  # no /proc/meminfo: no check
-    saver._check_fits_in_memory(dsk.tables()["a"])
+        rt.checkpoint.save(str(tmp_path / "ckpt"), dsk, step=3, blocking=False)
+    monkeypatch.setattr(hash_table, "mem_available_bytes", lambda: None)  # no /proc/meminfo: no check
+    rt.checkpoint.save(str(tmp_path / "ckpt"), dsk, step=3, blocking=False)
+    rt.checkpoint.wait()
 
 
 def test_a_copy_into_memory_too_large_for_it_is_refused(tmp_path, monkeypatch):
