@@ -55,6 +55,7 @@ class TablePrefetcher:
         self.features_of = features_of or (lambda batch: batch)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recis-prefetch")
         self._pending: Optional[Future] = None
+        self._ahead: Any = None  # the batch next_from read ahead, whose rows are coming in
 
     def _ids(self, kjt: Optional[KeyedJaggedTensor], names: List[str]) -> torch.Tensor:
         if kjt is None:
@@ -79,6 +80,26 @@ class TablePrefetcher:
         kjt = self.features_of(batch)
         now = self.features_of(running) if running is not None else None
         self._pending = self._pool.submit(self._run, kjt, now)
+
+    def next_from(self, it: Iterator[Any]) -> Any:
+        """The next batch of `it`, its rows in the caches, with the batch after it read from `it` and its
+        rows coming in while this one trains (:meth:`drop_ahead` forgets it). Raises StopIteration when
+        `it` is done."""
+        batch = self._ahead
+        if batch is None:
+            batch = next(it)
+            self.submit(batch)
+        self.wait()
+        self._ahead = next(it, None)
+        if self._ahead is not None:
+            self.submit(self._ahead, running=batch)
+        return batch
+
+    def drop_ahead(self) -> None:
+        """Waits for the request in flight and forgets the batch read ahead (not trained on: the caller
+        reads it again)."""
+        self.wait()
+        self._ahead = None
 
     def wait(self) -> int:
         """Waits for the request in flight (its errors raise here); returns the rows it read."""
@@ -105,31 +126,13 @@ class PrefetchTrainPipeline:
         self.model = model
         self.optimizer = optimizer
         self.prefetcher = TablePrefetcher(model, features_of)
-        self._next: Any = None
         self._iter: Optional[Iterator[Any]] = None
-        self._done = False
-
-    def _pull(self) -> Any:
-        try:
-            return next(self._iter)  # type: ignore[arg-type]
-        except StopIteration:
-            self._done = True
-            return None
 
     def progress(self, dataloader_iter: Iterator[Any]) -> Any:
-        if self._iter is not dataloader_iter:  # a new iterator: start its pipeline
-            self.sync()
-            self._iter, self._done = dataloader_iter, False
-            self._next = self._pull()
-            if self._next is not None:
-                self.prefetcher.submit(self._next)
-        batch = self._next
-        if batch is None:
-            raise StopIteration
-        self.prefetcher.wait()  # this batch's rows are in the cache
-        self._next = None if self._done else self._pull()
-        if self._next is not None:
-            self.prefetcher.submit(self._next, running=batch)
+        if self._iter is not dataloader_iter:  # a new iterator: forget the batch read ahead of the old one
+            self.prefetcher.drop_ahead()
+            self._iter = dataloader_iter
+        batch = self.prefetcher.next_from(dataloader_iter)  # its rows are in the cache
         if self.optimizer is not None:
             self.optimizer.zero_grad()
         loss, output = self.model(batch)

@@ -410,7 +410,6 @@ class Trainer:
         if self.pipeline is None and args.gradient_accumulation == 1:
             prefetcher = TablePrefetcher(self.model, features_of=lambda batch: batch.sparse_features)
             self.prefetcher = prefetcher if prefetcher.tables else None
-        self._ahead: Any = None  # the batch whose rows the prefetcher is bringing in
         self.train_stream = BatchStream(train_data)
         self.eval_data = eval_data
         self.callbacks = list(callbacks)
@@ -549,8 +548,7 @@ class Trainer:
             self.pipeline.detach()
             self.pipeline.reset()
         if self.prefetcher is not None:
-            self.prefetcher.wait()
-            self._ahead = None  # not trained on: read again from batches_done
+            self.prefetcher.drop_ahead()  # not trained on: read again from batches_done
         if self._it is not None:
             self._it.close()
             self._it = None
@@ -618,17 +616,7 @@ class Trainer:
     def _next_batch(self, it: Iterator) -> Any:
         """The next batch; with a prefetcher, its table rows are in the caches, and the following batch's
         are coming in while it trains."""
-        if self.prefetcher is None:
-            return next(it)
-        batch = self._ahead
-        if batch is None:
-            batch = next(it)
-            self.prefetcher.submit(batch)
-        self.prefetcher.wait()
-        self._ahead = next(it, None)
-        if self._ahead is not None:
-            self.prefetcher.submit(self._ahead, running=batch)
-        return batch
+        return next(it) if self.prefetcher is None else self.prefetcher.next_from(it)
 
     def fit(self) -> Dict[str, Any]:
         """Trains to ``args.steps`` (or ``args.epochs``), evaluating, logging and saving on the way.
