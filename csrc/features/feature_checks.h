@@ -42,11 +42,16 @@ inline std::vector<int64_t> feature_begin(const int64_t* lengths, int64_t F, int
                                           const char* op) {
   std::vector<int64_t> begin(F + 1, 0);
   for (int64_t f = 0; f < F; ++f) {
-    int64_t sum = 0;
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t n = lengths[f * batch + b];
-      TORCH_CHECK(n >= 0, op, ": negative length ", n, " in feature ", f, ", bag ", b);
-      sum += n;
+    const int64_t* l = lengths + f * batch;
+    int64_t sum = 0, any_negative = 0;
+    for (int64_t b = 0; b < batch; ++b) {  // no branch inside: this loop vectorises
+      sum += l[b];
+      any_negative |= l[b] >> 63;
+    }
+    if (any_negative != 0) {
+      for (int64_t b = 0; b < batch; ++b) {
+        TORCH_CHECK(l[b] >= 0, op, ": negative length ", l[b], " in feature ", f, ", bag ", b);
+      }
     }
     begin[f + 1] = begin[f] + sum;
   }
@@ -86,6 +91,16 @@ inline void check_num_hashes(int64_t num_hashes, const char* op) {
   TORCH_CHECK(num_hashes >= 1, op, ": num_hashes must be >= 1, got ", num_hashes);
 }
 
+// One column's boundaries, bp[begin:end]: sorted (non-decreasing) and NaN-free.
+inline void check_boundary_run(const float* bp, int64_t begin, int64_t end, int64_t column, const char* op) {
+  for (int64_t i = begin + 1; i < end; ++i) {
+    TORCH_CHECK(bp[i - 1] <= bp[i], op, ": the boundaries of column ", column, " must be sorted (non-decreasing)");
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    TORCH_CHECK(bp[i] == bp[i], op, ": the boundaries of column ", column, " hold NaN");
+  }
+}
+
 // Bucketize: dense (B, D) float32, boundaries (host copy `bp` of `num_boundaries`
 // floats), one sorted, NaN-free run of boundaries per column.
 inline void check_bucketize(const at::Tensor& dense, at::IntArrayRef columns, const at::Tensor& boundaries,
@@ -105,13 +120,7 @@ inline void check_bucketize(const at::Tensor& dense, at::IntArrayRef columns, co
     TORCH_CHECK(columns[g] >= 0 && columns[g] < D, op, ": column ", columns[g], " is out of range for ", D,
                 " dense columns");
     TORCH_CHECK(boundary_offsets[g] <= boundary_offsets[g + 1], op, ": boundary_offsets decrease at ", g);
-    for (int64_t i = boundary_offsets[g] + 1; i < boundary_offsets[g + 1]; ++i) {
-      TORCH_CHECK(bp[i - 1] <= bp[i], op, ": the boundaries of column ", columns[g],
-                  " must be sorted (non-decreasing)");
-    }
-    for (int64_t i = boundary_offsets[g]; i < boundary_offsets[g + 1]; ++i) {
-      TORCH_CHECK(bp[i] == bp[i], op, ": the boundaries of column ", columns[g], " hold NaN");
-    }
+    check_boundary_run(bp, boundary_offsets[g], boundary_offsets[g + 1], columns[g], op);
   }
 }
 

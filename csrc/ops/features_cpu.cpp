@@ -318,9 +318,284 @@ Result feature_concat_cpu(at::TensorList values, at::TensorList lengths, at::Ten
   return {out_v, out_l, out_w};
 }
 
+// ---------------------------------------------------------------------------
+// recis::feature_program: a whole FeatureEngine plan in one call. Every output
+// feature is computed from the input in one pass and written once, into the
+// output's final place: no intermediate buffer per op and no concatenation.
+// So a chain (truncate then mod, cross then hash then mod) costs one pass,
+// as a single op does. See schema.cpp for the program's encoding.
+
+// A modulus (0: none), by a mask when it is a power of two: a 64-bit division
+// costs tens of cycles, more than the hash before it.
+struct Modulus {
+  uint64_t m = 0, mask = 0;
+  bool pow2 = false;
+
+  Modulus() = default;
+  explicit Modulus(uint64_t mod) : m(mod), mask(mod - 1), pow2(mod != 0 && (mod & (mod - 1)) == 0) {}
+  uint64_t operator()(uint64_t v) const { return m == 0 ? v : pow2 ? (v & mask) : v % m; }
+};
+
+// The per-id steps over n ids, in place: one tight loop per step, specialised
+// by the modulus's kind so that the compiler can vectorise it.
+template <typename Fn>
+void map_in_place(int64_t* x, int64_t n, Fn fn) {
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<int64_t>(fn(static_cast<uint64_t>(x[i])));
+}
+
+template <bool kHash>
+void step_in_place(int64_t* x, int64_t n, uint64_t seed, const Modulus& mod) {
+  auto pre = [seed](uint64_t v) { return kHash ? hash_id(v, seed) : v; };
+  if (mod.m == 0) {
+    map_in_place(x, n, pre);
+  } else if (mod.pow2) {
+    const uint64_t mask = mod.mask;
+    map_in_place(x, n, [&](uint64_t v) { return pre(v) & mask; });
+  } else {
+    const uint64_t m = mod.m;
+    map_in_place(x, n, [&](uint64_t v) { return pre(v) % m; });
+  }
+}
+
+// Column x[0], x[stride], ... of n floats bucketized into out (bucket_of's
+// buckets). Up to 64 boundaries, one pass per boundary over the whole column,
+// which vectorises across samples, where bucket_of counts one sample at a time.
+void bucketize_column(const float* x, int64_t stride, int64_t n, const float* bounds, int64_t nbounds,
+                      int64_t* out) {
+  if (nbounds > 64) {
+    for (int64_t b = 0; b < n; ++b) out[b] = bucket_of(x[b * stride], bounds, nbounds);
+    return;
+  }
+  constexpr int64_t kTile = 1024;
+  float col[kTile];
+  int32_t count[kTile];
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t m = std::min(kTile, n - t0);
+    for (int64_t b = 0; b < m; ++b) col[b] = x[(t0 + b) * stride];
+    std::fill(count, count + m, 0);
+    for (int64_t i = 0; i < nbounds; ++i) {
+      const float edge = bounds[i];
+      for (int64_t b = 0; b < m; ++b) count[b] += edge <= col[b];
+    }
+    for (int64_t b = 0; b < m; ++b) out[t0 + b] = col[b] != col[b] ? nbounds + 1 : count[b];
+  }
+}
+
+enum : int64_t { kSourceKjt = 0, kSourceCross = 1, kSourceDense = 2 };
+enum : int64_t { kStepHash = 0, kStepMod = 1 };
+
+struct Step {
+  bool hash;
+  uint64_t seed;
+  Modulus mod;
+};
+
+struct ProgramOutput {
+  int64_t source, a, b, c;  // kjt: key a | cross: keys a x b, salt c | dense: column a, boundaries [b, c)
+  Modulus cross_mod;
+  std::vector<std::pair<int64_t, bool>> truncates;  // (max_length, keep the last)
+  std::vector<Step> steps;
+
+  // The part of a bag of n ids that the truncations keep: [start, end).
+  void window(int64_t n, int64_t& start, int64_t& end) const {
+    start = 0;
+    end = n;
+    for (const auto& [keep, last] : truncates) {
+      if (end - start > keep) {
+        if (last) {
+          start = end - keep;
+        } else {
+          end = start + keep;
+        }
+      }
+    }
+  }
+
+};
+
+std::vector<ProgramOutput> parse_program(at::IntArrayRef program, int64_t num_features, int64_t dense_columns,
+                                         const float* bp, int64_t num_boundaries, const char* op) {
+  size_t pos = 0;
+  int64_t k = -1;
+  auto next = [&](const char* what) {
+    TORCH_CHECK(pos < program.size(), op, ": the program ends early, in output ", k, " (", what, ")");
+    return program[pos++];
+  };
+  const int64_t K = next("the output count");
+  TORCH_CHECK(K >= 0, op, ": the program's output count must be >= 0, got ", K);
+  std::vector<ProgramOutput> outs(K);
+  for (k = 0; k < K; ++k) {
+    ProgramOutput& o = outs[k];
+    o.source = next("source");
+    o.a = next("source argument");
+    o.b = next("source argument");
+    o.c = next("source argument");
+    const int64_t d = next("source argument");
+    if (o.source == kSourceKjt || o.source == kSourceCross) {
+      features::check_feature(o.a, num_features, op, "input feature");
+      if (o.source == kSourceCross) {
+        features::check_feature(o.b, num_features, op, "input feature");
+        TORCH_CHECK(d >= 0, op, ": output ", k, ": a cross's modulus must be >= 0 (0: none), got ", d);
+        o.cross_mod = Modulus(static_cast<uint64_t>(d));
+      }
+    } else {
+      TORCH_CHECK(o.source == kSourceDense, op, ": output ", k, " has an unknown source kind ", o.source);
+      TORCH_CHECK(dense_columns >= 0, op, ": output ", k, " bucketizes a dense column, but no dense input was given");
+      TORCH_CHECK(o.a >= 0 && o.a < dense_columns, op, ": output ", k, ": dense column ", o.a,
+                  " is out of range for ", dense_columns, " columns");
+      TORCH_CHECK(0 <= o.b && o.b <= o.c && o.c <= num_boundaries, op, ": output ", k, ": boundaries [", o.b, ", ",
+                  o.c, ") are out of range for ", num_boundaries, " boundaries");
+      features::check_boundary_run(bp, o.b, o.c, o.a, op);
+    }
+    const int64_t nt = next("truncation count");
+    TORCH_CHECK(nt >= 0, op, ": output ", k, ": a negative truncation count");
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t keep = next("max_length"), last = next("side");
+      TORCH_CHECK(keep > 0, op, ": output ", k, ": max_length must be > 0, got ", keep);
+      TORCH_CHECK(last == 0 || last == 1, op, ": output ", k, ": a truncation's side must be 0 or 1, got ", last);
+      o.truncates.emplace_back(keep, last == 1);
+    }
+    const int64_t ns = next("step count");
+    TORCH_CHECK(ns >= 0, op, ": output ", k, ": a negative step count");
+    for (int64_t s = 0; s < ns; ++s) {
+      const int64_t kind = next("step"), seed = next("seed"), mod = next("modulus");
+      TORCH_CHECK(kind == kStepHash || kind == kStepMod, op, ": output ", k, " has an unknown step kind ", kind);
+      TORCH_CHECK(kind == kStepHash ? mod >= 0 : mod > 0, op, ": output ", k, ": modulus ", mod,
+                  kind == kStepHash ? " must be >= 0 (0: none)" : " must be > 0");
+      o.steps.push_back({kind == kStepHash, static_cast<uint64_t>(seed), Modulus(static_cast<uint64_t>(mod))});
+    }
+  }
+  TORCH_CHECK(pos == program.size(), op, ": the program has ", program.size() - pos, " entries after its ", K,
+              " outputs");
+  return outs;
+}
+
+Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
+                           int64_t num_features, const c10::optional<at::Tensor>& dense, const at::Tensor& boundaries,
+                           at::IntArrayRef program) {
+  const char* op = "recis::feature_program";
+  Jagged in(values, lengths, weights, num_features, op);
+  const int64_t B = in.batch;
+  check_cpu_1d(boundaries, op, "boundaries", at::kFloat);
+  const at::Tensor bnd = boundaries.contiguous();
+  const float* bp = bnd.data_ptr<float>();
+  at::Tensor x;
+  int64_t D = -1;
+  if (dense.has_value()) {
+    TORCH_CHECK(dense->device().is_cpu(), op, ": dense must be a CPU tensor, got ", dense->device());
+    TORCH_CHECK(dense->dim() == 2 && dense->scalar_type() == at::kFloat, op,
+                ": dense must be a (B, D) float32 tensor, got ", dense->scalar_type(), " ", dense->sizes());
+    TORCH_CHECK(dense->size(0) == B, op, ": dense has ", dense->size(0), " rows but the batch size is ", B);
+    x = dense->contiguous();
+    D = x.size(1);
+  }
+  const std::vector<ProgramOutput> outs = parse_program(program, num_features, D, bp, bnd.numel(), op);
+  const int64_t K = static_cast<int64_t>(outs.size());
+  const float* xp = D >= 0 ? x.data_ptr<float>() : nullptr;
+  const int64_t* L = in.lengths;
+
+  // Pass 1: every output bag's length; each output feature's total.
+  at::Tensor out_lengths = at::empty({K * B}, at::kLong);
+  int64_t* ol = out_lengths.data_ptr<int64_t>();
+  std::vector<int64_t> out_begin(K + 1, 0);
+  at::parallel_for(0, K, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const ProgramOutput& o = outs[k];
+      int64_t* len = ol + k * B;
+      int64_t total = 0;
+      if (o.source == kSourceKjt && o.truncates.empty()) {
+        std::copy(L + o.a * B, L + (o.a + 1) * B, len);
+        total = in.begin[o.a + 1] - in.begin[o.a];
+      } else {
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t n = o.source == kSourceKjt     ? L[o.a * B + b]
+                            : o.source == kSourceCross ? L[o.a * B + b] * L[o.b * B + b]
+                                                       : 1;
+          int64_t start, end;
+          o.window(n, start, end);
+          len[b] = end - start;
+          total += end - start;
+        }
+      }
+      out_begin[k + 1] = total;
+    }
+  });
+  for (int64_t k = 0; k < K; ++k) out_begin[k + 1] += out_begin[k];
+
+  // Pass 2: each output feature's ids (and weights) from its source, written
+  // in place, then its per-id steps over them, one pass per step.
+  Output out(out_begin[K], in.weighted);
+  const int64_t* v = in.values;
+  const float* w = in.weights;
+  at::parallel_for(0, K, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const ProgramOutput& o = outs[k];
+      const int64_t first = out_begin[k];
+      int64_t dst = first;
+      if (o.source == kSourceKjt && o.truncates.empty()) {
+        const int64_t src = in.begin[o.a], n = in.begin[o.a + 1] - src;
+        std::copy(v + src, v + src + n, out.v + dst);
+        if (out.w != nullptr) std::copy(w + src, w + src + n, out.w + dst);
+      } else if (o.source == kSourceKjt) {
+        int64_t src = in.begin[o.a];
+        const int64_t* len = L + o.a * B;
+        for (int64_t b = 0; b < B; ++b) {
+          int64_t start, end;
+          o.window(len[b], start, end);
+          std::copy(v + src + start, v + src + end, out.v + dst);
+          if (out.w != nullptr) std::copy(w + src + start, w + src + end, out.w + dst);
+          dst += end - start;
+          src += len[b];
+        }
+      } else if (o.source == kSourceCross) {
+        int64_t ia = in.begin[o.a], ib = in.begin[o.b];
+        const uint64_t seed = static_cast<uint64_t>(o.c);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t na = L[o.a * B + b], nb = L[o.b * B + b];
+          int64_t start, end;
+          o.window(na * nb, start, end);
+          // Pair p is (left p / nb, right p % nb), left outer; walked without a division per pair.
+          int64_t px = 0, py = 0;
+          if (start > 0) {
+            px = start / nb;
+            py = start % nb;
+          }
+          for (int64_t p = start; p < end; ++p, ++dst) {
+            const int64_t xa = ia + px, yb = ib + py;
+            out.v[dst] = static_cast<int64_t>(
+                o.cross_mod(hash_pair(static_cast<uint64_t>(v[xa]), static_cast<uint64_t>(v[yb]), seed)));
+            if (out.w != nullptr) out.w[dst] = w[xa] * w[yb];
+            if (++py == nb) {
+              py = 0;
+              ++px;
+            }
+          }
+          ia += na;
+          ib += nb;
+        }
+      } else {
+        const float* bounds = bp + o.b;
+        const int64_t nbounds = o.c - o.b;
+        bucketize_column(xp + o.a, D, B, bounds, nbounds, out.v + dst);
+        if (out.w != nullptr) std::fill(out.w + dst, out.w + dst + B, 1.0f);
+      }
+      const int64_t n = out_begin[k + 1] - first;
+      for (const Step& step : o.steps) {
+        if (step.hash) {
+          step_in_place<true>(out.v + first, n, step.seed, step.mod);
+        } else {
+          step_in_place<false>(out.v + first, n, 0, step.mod);
+        }
+      }
+    }
+  });
+  return {out.values, out_lengths, out.weights};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recis, CPU, m) {
+  m.impl("feature_program", &feature_program_cpu);
   m.impl("feature_concat", &feature_concat_cpu);
   m.impl("feature_hash", &feature_hash_cpu);
   m.impl("feature_mod", &feature_mod_cpu);

@@ -165,4 +165,16 @@ TORCH_LIBRARY_FRAGMENT(recis, m) {
   m.def(
       "feature_concat(Tensor[] values, Tensor[] lengths, Tensor[] weights, int batch, int[] buffers, "
       "int[] features) -> (Tensor, Tensor, Tensor?)");
+  // feature_program: a whole feature plan in one pass, each output feature
+  // computed from the input and written once (CPU). program = [K, then per
+  // output: source, a, b, c, d, T, T x (max_length, side), S, S x (step, seed,
+  // modulus)]. source 0: input feature a; 1: the cross of input features a and
+  // b (a outer, salt c, modulus d, weights multiply); 2: dense column a
+  // bucketized against boundaries[b:c] (weight 1). Then the truncations in
+  // order (side 1 keeps the last max_length ids), then the per-id steps in
+  // order: step 0 hashes (seed) then takes the modulus (0: none), step 1
+  // takes the modulus (> 0).
+  m.def(
+      "feature_program(Tensor values, Tensor lengths, Tensor? weights, int num_features, Tensor? dense, "
+      "Tensor boundaries, int[] program) -> (Tensor, Tensor, Tensor?)");
 }

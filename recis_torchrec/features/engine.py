@@ -1,7 +1,12 @@
 # Copyright (c) recis_torchrec authors. Licensed under the Apache License, Version 2.0.
 """``FeatureEngine``: feature specs compiled into a few fused op calls.
 
-The engine runs every spec's chain stage by stage and, at each stage, calls
+On the CPU the engine compiles its specs, once per input layout, into one
+``feature_program``: a single op call computes every output feature from the
+input in one pass and writes it once, into the output KJT's buffers, so a
+chain costs what a single op does.
+
+On CUDA the engine runs every spec's chain stage by stage and, at each stage, calls
 one fused op per kind of op (per input buffer): all crosses in one
 ``feature_cross``, all bucketized columns in one ``feature_bucketize``, all
 truncations in one ``feature_truncate``, all hashes in one ``feature_hash``
@@ -66,6 +71,32 @@ def _fold(ops: Sequence[Any]) -> Tuple[List[Truncate], List[Tuple]]:
     return truncates, steps
 
 
+def _use_program(values: torch.Tensor) -> bool:
+    """Whether these inputs run as one ``feature_program`` (the CPU) or stage by stage (CUDA)."""
+    return values.device.type == "cpu"
+
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the signed int64 an op argument carries."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _expand_steps(steps: Sequence[Tuple]) -> List[List[Tuple[int, int, int]]]:
+    """A chain's per-id steps as ``feature_program`` steps, one list per output: a multi_hash of k
+    hashes makes k outputs of each output before it (output ``p * k + r`` is hash r of output p)."""
+    outs: List[List[Tuple[int, int, int]]] = [[]]
+    for step in steps:
+        if step[0] == "hash":
+            outs = [o + [(0, _signed(step[1]), step[2])] for o in outs]
+        elif step[0] == "mod":
+            outs = [o + [(1, 0, step[1])] for o in outs]
+        else:
+            _, k, salt, modulus = step
+            outs = [o + [(0, _signed(salt + r * fops.SEED_STEP), modulus)] for o in outs for r in range(k)]
+    return outs
+
+
 class FeatureEngine(nn.Module):
     """Turns raw KJT keys (and dense columns) into the model's KJT keys, in fused C++ ops.
 
@@ -100,6 +131,7 @@ class FeatureEngine(nn.Module):
         self.passthrough = bool(passthrough)
         self._keys = names
         self._plans: Dict[Tuple, List[_Chain]] = {}
+        self._programs: Dict[Tuple, Tuple[List[int], torch.Tensor, List[str]]] = {}
 
     def output_keys(self, input_keys: Optional[Sequence[str]] = None) -> List[str]:
         """The output KJT's keys: the specs', then (with ``passthrough``) the ``input_keys`` no spec uses."""
@@ -185,6 +217,38 @@ class FeatureEngine(nn.Module):
 
     # -- run -------------------------------------------------------------------------
 
+    def _program(self, keys: Tuple[str, ...],
+                 dense_keys: Optional[Tuple[str, ...]]) -> Tuple[List[int], torch.Tensor, List[str]]:
+        """The plan for these input keys as one ``feature_program`` (its encoding: ``ops.feature_program``),
+        its boundaries and its output keys."""
+        plan_key = (keys, dense_keys)
+        compiled = self._programs.get(plan_key)
+        if compiled is not None:
+            return compiled
+        program: List[int] = []
+        bounds: List[float] = []
+        count = 0
+        for c in self._plan(keys, dense_keys):
+            if c.source[0] == "cross":
+                head = [1, c.cross_sides[0], c.cross_sides[1], _signed(c.spec.salt), c.cross_modulus]
+            elif c.source[0] == "dense":
+                b = c.spec.ops[0].boundaries
+                head = [2, c.source[1], len(bounds), len(bounds) + len(b), 0]
+                bounds.extend(float(x) for x in b)
+            else:
+                head = [0, c.source[1], 0, 0, 0]
+            cuts = [len(c.truncates)] + [x for t in c.truncates for x in (t.max_length, int(t.side == "last"))]
+            for steps in _expand_steps(c.steps):
+                program += head + cuts + [len(steps)] + [x for step in steps for x in step]
+                count += 1
+        index = {k: i for i, k in enumerate(keys)}
+        for k in self.passed_keys(keys):
+            program += [0, index[k], 0, 0, 0, 0, 0]
+            count += 1
+        compiled = ([count] + program, torch.tensor(bounds, dtype=torch.float32), self.output_keys(keys))
+        self._programs[plan_key] = compiled
+        return compiled
+
     def forward(
         self, kjt: KeyedJaggedTensor, dense: DenseInput = None, dense_keys: Optional[Sequence[str]] = None
     ) -> KeyedJaggedTensor:
@@ -200,6 +264,15 @@ class FeatureEngine(nn.Module):
         if weights is not None:
             weights = weights.float()
         dense_t, dk = self._dense(dense, dense_keys, batch)
+        if _use_program(values):
+            program, bounds, keys = self._program(tuple(kjt.keys()), dk)
+            v, l, w = fops.feature_program(values, lengths, weights, len(kjt.keys()), dense_t, bounds, program)
+            return KeyedJaggedTensor(keys, v, w, lengths=l, stride=batch)
+        return self._staged(kjt, values, lengths, weights, dense_t, dk, batch)
+
+    def _staged(self, kjt: KeyedJaggedTensor, values: torch.Tensor, lengths: torch.Tensor,
+                weights: Optional[torch.Tensor], dense_t: Optional[torch.Tensor], dk, batch: int) -> KeyedJaggedTensor:
+        """The plan as one fused op per kind of op and stage, then one concatenation (the CUDA path)."""
         plan = self._plan(tuple(kjt.keys()), dk)
 
         # buffers[i] = (values, lengths, weights, num_features); locs[c] = (buffer, feature) of each of

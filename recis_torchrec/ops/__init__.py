@@ -22,6 +22,7 @@ from recis_torchrec.ops.features import (
     feature_hash,
     feature_mod,
     feature_multi_hash,
+    feature_program,
     feature_truncate,
 )
 from recis_torchrec.ops.files import write_file
@@ -43,6 +44,7 @@ __all__ = [
     "feature_hash",
     "feature_mod",
     "feature_multi_hash",
+    "feature_program",
     "feature_truncate",
     "find",
     "find_or_insert",

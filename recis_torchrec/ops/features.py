@@ -78,6 +78,21 @@ def feature_concat(values, lengths, weights, batch: int, buffers, features) -> J
                                           _ints(features))
 
 
+def feature_program(values, lengths, weights, num_features: int, dense, boundaries, program) -> Jagged:
+    """A whole feature plan in one pass (CPU): each output feature computed from the input and written once.
+
+    ``program`` is ``[K]`` then, per output feature, ``source, a, b, c, d, T, (max_length, side) x T,
+    S, (step, seed, modulus) x S``. Source 0 is input feature ``a``; 1 the cross of input features
+    ``a`` and ``b`` (salt ``c``, modulus ``d``); 2 dense column ``a`` bucketized against
+    ``boundaries[b:c]``. The truncations apply in order (side 1 keeps the last ids), then the
+    per-id steps: step 0 hashes with ``seed`` then takes ``modulus`` (0: none), step 1 takes
+    ``modulus`` (> 0). Seeds are 64-bit patterns given as signed ints. :class:`FeatureEngine`
+    compiles its specs into such a program.
+    """
+    return torch.ops.recis.feature_program(values, lengths, weights, int(num_features), dense, boundaries,
+                                           _ints(program))
+
+
 def _fake_out(lengths, weights, num_features: int, num_out: int):
     ctx = torch.library.get_ctx()
     n = ctx.new_dynamic_size()
@@ -120,6 +135,11 @@ def _concat_fake(values, lengths, weights, batch, buffers, features):
     return values[0].new_empty((n,)), lengths[0].new_empty((len(features) * batch,)), out_w
 
 
+@torch.library.register_fake("recis::feature_program")
+def _program_fake(values, lengths, weights, num_features, dense, boundaries, program):
+    return _fake_out(lengths, weights, num_features, int(program[0]) if len(program) else 0)
+
+
 @torch.library.register_fake("recis::feature_bucketize")
 def _bucketize_fake(dense, columns, boundaries, boundary_offsets):
     n = dense.shape[0] * len(columns)
@@ -134,5 +154,6 @@ __all__ = [
     "feature_hash",
     "feature_mod",
     "feature_multi_hash",
+    "feature_program",
     "feature_truncate",
 ]

@@ -2,6 +2,7 @@
 """FeatureEngine: fused output equals the per-feature reference; specs round-trip; bad specs fail clearly."""
 
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -57,14 +58,51 @@ def assert_kjt_equal(a: KeyedJaggedTensor, b: KeyedJaggedTensor):
         torch.testing.assert_close(a.weights(), b.weights(), rtol=0, atol=0)
 
 
+def chain_specs():
+    """Chains that exercise every part of a program: truncations in a row, a cross cut from its end
+    (its first pair not the bag's first), a modulus that is not a power of two, steps after a
+    multi_hash, a bucketized column hashed and cut, passthrough."""
+    return [
+        Feature("clicks", name="c_mid").truncate(4).truncate(2, side="last").mod(1000003),
+        Cross("clicks", "user", name="cu_tail", salt=5).truncate(3, side="last").hash(salt=2).mod(2**20),
+        Cross("user", "clicks", name="uc", salt=6).mod(7).hash(),
+        Feature("city", name="city_mh").multi_hash(3, salt=9).mod(1000).hash(salt=1).mod(2**12),
+        Feature("price", name="price_h").bucketize([-1.0, 0.0, 10.0]).truncate(1).hash(salt=4).mod(13),
+        Feature("item", name="item_mod").mod(2**62 + 1),
+    ]
+
+
+def run_both_paths(specs, kjt, dense, passthrough=False):
+    """The engine's output on its one-op CPU program and on its stage-by-stage path (CUDA's), checked equal."""
+    engine = FeatureEngine(specs, dense_keys=DENSE, passthrough=passthrough)
+    program = engine(kjt, dense=dense)
+    with mock.patch.object(engine_mod, "_use_program", lambda values: False):
+        staged = engine(kjt, dense=dense)
+    assert_kjt_equal(program, staged)
+    return program
+
+
 @given(raw_kjt())
 def test_engine_equals_the_unfused_reference(inp):
     kjt, dense = inp
-    specs = mixed_specs()
-    got = FeatureEngine(specs, dense_keys=DENSE)(kjt, dense=dense)
-    want = reference_engine(specs, kjt, {k: dense[:, i] for i, k in enumerate(DENSE)})
-    assert_kjt_equal(got, want)
-    assert got.keys() == FeatureEngine(specs).output_keys()
+    columns = {k: dense[:, i] for i, k in enumerate(DENSE)}
+    for specs in (mixed_specs(), chain_specs()):
+        got = run_both_paths(specs, kjt, dense)
+        assert_kjt_equal(got, reference_engine(specs, kjt, columns))
+        assert got.keys() == FeatureEngine(specs).output_keys()
+
+
+def test_passthrough_keys_follow_in_input_order():
+    g = torch.Generator().manual_seed(0)
+    B = 6
+    lengths = torch.randint(0, 4, (len(KEYS) * B,), generator=g)
+    kjt = KeyedJaggedTensor(KEYS, torch.randint(0, 2**40, (int(lengths.sum()),), generator=g),
+                            torch.rand(int(lengths.sum()), generator=g), lengths=lengths, stride=B)
+    got = run_both_paths([Feature("user").hash(), Cross("user", "clicks")], kjt, torch.zeros(B, 2), passthrough=True)
+    assert got.keys() == ["user", "user_x_clicks", "item", "city"]
+    for k in ("item", "city"):
+        assert torch.equal(got[k].values(), kjt[k].values()) and torch.equal(got[k].weights(), kjt[k].weights())
+        assert torch.equal(got[k].lengths(), kjt[k].lengths())
 
 
 def test_output_keys_and_declared_order():
@@ -81,11 +119,15 @@ def test_salted_hash_separates_equal_raw_values_across_features():
     assert plain[0] == plain[1] and salted[0] != salted[1]
 
 
-def test_ops_are_fused_across_features(monkeypatch):
-    """A Criteo-style spec costs one call per op kind, however many features."""
+@pytest.mark.parametrize("path", ["program", "staged"])
+def test_ops_are_fused_across_features(monkeypatch, path):
+    """A Criteo-style spec costs one op call on the CPU, and one call per op kind stage by stage
+    (CUDA's path), however many features."""
+    if path == "staged":
+        monkeypatch.setattr(engine_mod, "_use_program", lambda values: False)
     calls = {}
     for name in ("feature_hash", "feature_mod", "feature_cross", "feature_bucketize", "feature_truncate",
-                 "feature_multi_hash"):
+                 "feature_multi_hash", "feature_concat", "feature_program"):
         real = getattr(engine_mod.fops, name)
 
         def counted(*a, _real=real, _name=name, **k):
@@ -100,7 +142,10 @@ def test_ops_are_fused_across_features(monkeypatch):
     B = 16
     kjt = KeyedJaggedTensor(cats, torch.arange(26 * B), lengths=torch.ones(26 * B, dtype=torch.int64))
     out = FeatureEngine(specs, dense_keys=[f"int_{i}" for i in range(13)])(kjt, dense=torch.rand(B, 13) * 50)
-    assert calls == {"feature_hash": 1, "feature_cross": 1, "feature_bucketize": 1}
+    if path == "program":
+        assert calls == {"feature_program": 1}
+    else:
+        assert calls == {"feature_hash": 1, "feature_cross": 1, "feature_bucketize": 1, "feature_concat": 1}
     assert len(out.keys()) == 42 and out.lengths().numel() == 42 * B
 
 

@@ -264,3 +264,83 @@ def test_bucketize_with_more_than_64_boundaries_takes_the_binary_search(n):
     got = ops.feature_bucketize(dense, [0], bounds, [0, n])[0]
     want = ref.bucketize(dense[:, 0], bounds.tolist())
     assert torch.equal(got, want)
+
+
+def program_of(*outputs):
+    """A feature_program: each output is (source, a, b, c, d, truncations, steps)."""
+    prog = [len(outputs)]
+    for source, a, b, c, d, cuts, steps in outputs:
+        prog += [source, a, b, c, d, len(cuts), *[x for t in cuts for x in t], len(steps),
+                 *[x for s in steps for x in s]]
+    return prog
+
+
+def test_program_bad_inputs_name_the_output_and_argument():
+    v, l = torch.tensor([1, 2, 3]), torch.tensor([2, 1])  # 2 features, B=1
+    none = torch.empty(0)
+    dense = torch.zeros(1, 2)
+    bounds = torch.tensor([1.0, 2.0, 0.5])
+    cases = [
+        (program_of((3, 0, 0, 0, 0, [], [])), None, "output 0 has an unknown source kind 3"),
+        (program_of((0, 2, 0, 0, 0, [], [])), None, "input feature index 2 is out of range for 2 features"),
+        (program_of((1, 0, 5, 0, 0, [], [])), None, "input feature index 5 is out of range"),
+        (program_of((1, 0, 1, 0, -1, [], [])), None, "a cross's modulus must be >= 0"),
+        (program_of((2, 0, 0, 1, 0, [], [])), None, "output 0 bucketizes a dense column, but no dense input"),
+        (program_of((2, 2, 0, 1, 0, [], [])), dense, "dense column 2 is out of range for 2 columns"),
+        (program_of((2, 0, 0, 4, 0, [], [])), dense, r"boundaries \[0, 4\) are out of range for 3"),
+        (program_of((2, 1, 1, 3, 0, [], [])), dense, "boundaries of column 1 must be sorted"),
+        (program_of((0, 0, 0, 0, 0, [(0, 0)], [])), None, "output 0: max_length must be > 0, got 0"),
+        (program_of((0, 0, 0, 0, 0, [], []), (0, 1, 0, 0, 0, [(2, 2)], [])), None, "output 1: a truncation's side"),
+        (program_of((0, 0, 0, 0, 0, [], [(2, 0, 5)])), None, "output 0 has an unknown step kind 2"),
+        (program_of((0, 0, 0, 0, 0, [], [(1, 0, 0)])), None, "modulus 0 must be > 0"),
+        (program_of((0, 0, 0, 0, 0, [], [(0, 3, -5)])), None, r"modulus -5 must be >= 0 \(0: none\)"),
+        (program_of((0, 0, 0, 0, 0, [], []))[:-1], None, r"the program ends early, in output 0 \(step count\)"),
+        (program_of((0, 0, 0, 0, 0, [], [])) + [7], None, "1 entries after its 1 outputs"),
+        ([-1], None, "output count must be >= 0"),
+    ]
+    for prog, d, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.feature_program(v, l, None, 2, d, bounds, prog)
+    with pytest.raises(RuntimeError, match="dense has 3 rows but the batch size is 1"):
+        ops.feature_program(v, l, None, 2, torch.zeros(3, 1), none, program_of((0, 0, 0, 0, 0, [], [])))
+    with pytest.raises(RuntimeError, match="lengths sum to 3 but there are 2 values"):
+        ops.feature_program(v[:2], l, None, 2, None, none, program_of((0, 0, 0, 0, 0, [], [])))
+
+
+def test_program_equals_the_single_ops():
+    """Each source and step of a program against the single op that does the same."""
+    g = torch.Generator().manual_seed(3)
+    F, B = 3, 2500  # more samples than a bucketize tile
+    lengths = torch.randint(0, 4, (F * B,), generator=g)
+    v = torch.randint(-(2**63), 2**63 - 1, (int(lengths.sum()),), generator=g)
+    w = torch.rand(v.numel(), generator=g)
+    dense = torch.randn(B, 2, generator=g) * 10
+    dense[::7, 1] = math.nan
+    dense[::11, 0] = math.inf
+    many = torch.sort(torch.randn(80, generator=g) * 10).values  # past 64: the binary search
+    bounds = torch.cat([torch.tensor([-1.0, 0.0, 0.0, 3.0]), many])
+    prog = program_of(
+        (0, 2, 0, 0, 0, [], [(0, 7, 1000), (1, 0, 2**20)]),
+        (0, 1, 0, 0, 0, [(2, 1)], []),
+        (1, 0, 2, 9, 2**30, [], []),
+        (2, 1, 0, 4, 0, [], [(1, 0, 3)]),
+        (2, 0, 4, 84, 0, [], []),
+    )
+    got = ops.feature_program(v, lengths, w, F, dense, bounds, prog)
+    hashed = ops.feature_mod(*ops.feature_hash(v, lengths, w, F, [2], [7], [1000]), 1, [0], [2**20])
+    cut = ops.feature_truncate(v, lengths, w, F, [1], [2], [1])
+    crossed = ops.feature_cross(v, lengths, w, F, [0], [2], [9], [2**30])
+    b_small = ops.feature_mod(*ops.feature_bucketize(dense, [1], bounds[:4], [0, 4]), None, 1, [0], [3])[:2]
+    b_many = ops.feature_bucketize(dense, [0], many, [0, 80])
+    want_v = torch.cat([hashed[0], cut[0], crossed[0], b_small[0], b_many[0]])
+    want_l = torch.cat([hashed[1], cut[1], crossed[1], b_small[1], b_many[1]])
+    want_w = torch.cat([hashed[2], cut[2], crossed[2], torch.ones(2 * B)])
+    assert torch.equal(got[0], want_v) and torch.equal(got[1], want_l)
+    assert torch.equal(got[2], want_w)
+
+
+def test_opcheck_program():
+    v, l, w = torch.tensor([1, -2, 3, 4, 5]), torch.tensor([2, 0, 1, 2]), torch.rand(5)
+    prog = program_of((1, 0, 1, 5, 0, [(1, 1)], [(0, 3, 10)]), (2, 0, 0, 2, 0, [], []), (0, 1, 0, 0, 0, [], []))
+    torch.library.opcheck(torch.ops.recis.feature_program.default,
+                          (v, l, w, 2, torch.tensor([[0.5], [math.nan]]), torch.tensor([0.0, 1.0]), prog))
