@@ -22,7 +22,69 @@ namespace {
 using features::bucket_of;
 using features::hash_id;
 using features::hash_pair;
-using features::umod;
+
+// A modulus (0: none), by a mask when it is a power of two: a 64-bit division
+// costs tens of cycles, more than the hash before it.
+struct Modulus {
+  uint64_t m = 0, mask = 0;
+  bool pow2 = false;
+
+  Modulus() = default;
+  explicit Modulus(uint64_t mod) : m(mod), mask(mod - 1), pow2(mod != 0 && (mod & (mod - 1)) == 0) {}
+  uint64_t operator()(uint64_t v) const { return m == 0 ? v : pow2 ? (v & mask) : v % m; }
+};
+
+std::vector<Modulus> moduli_of(at::IntArrayRef moduli) {
+  std::vector<Modulus> out;
+  out.reserve(moduli.size());
+  for (auto m : moduli) out.emplace_back(static_cast<uint64_t>(m));
+  return out;
+}
+
+// The per-id steps over n ids, in place: one tight loop per step, specialised
+// by the modulus's kind so that the compiler can vectorise it.
+template <typename Fn>
+void map_in_place(int64_t* x, int64_t n, Fn fn) {
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<int64_t>(fn(static_cast<uint64_t>(x[i])));
+}
+
+template <bool kHash>
+void step_in_place(int64_t* x, int64_t n, uint64_t seed, const Modulus& mod) {
+  auto pre = [seed](uint64_t v) { return kHash ? hash_id(v, seed) : v; };
+  if (mod.m == 0) {
+    map_in_place(x, n, pre);
+  } else if (mod.pow2) {
+    const uint64_t mask = mod.mask;
+    map_in_place(x, n, [&](uint64_t v) { return pre(v) & mask; });
+  } else {
+    const uint64_t m = mod.m;
+    map_in_place(x, n, [&](uint64_t v) { return pre(v) % m; });
+  }
+}
+
+// Column x[0], x[stride], ... of n floats bucketized into out (bucket_of's
+// buckets). Up to 64 boundaries, one pass per boundary over the whole column,
+// which vectorises across samples, where bucket_of counts one sample at a time.
+void bucketize_column(const float* x, int64_t stride, int64_t n, const float* bounds, int64_t nbounds,
+                      int64_t* out) {
+  if (nbounds > 64) {
+    for (int64_t b = 0; b < n; ++b) out[b] = bucket_of(x[b * stride], bounds, nbounds);
+    return;
+  }
+  constexpr int64_t kTile = 1024;
+  float col[kTile];
+  int32_t count[kTile];
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t m = std::min(kTile, n - t0);
+    for (int64_t b = 0; b < m; ++b) col[b] = x[(t0 + b) * stride];
+    std::fill(count, count + m, 0);
+    for (int64_t i = 0; i < nbounds; ++i) {
+      const float edge = bounds[i];
+      for (int64_t b = 0; b < m; ++b) count[b] += edge <= col[b];
+    }
+    for (int64_t b = 0; b < m; ++b) out[t0 + b] = col[b] != col[b] ? nbounds + 1 : count[b];
+  }
+}
 
 // A KJT-layout input, checked, with each feature's first value.
 struct Jagged {
@@ -128,9 +190,9 @@ Result feature_hash_cpu(const at::Tensor& values, const at::Tensor& lengths, con
   check_same_size(moduli.size(), feats.size(), op, "moduli");
   for (auto f : feats) in.check_feature(f, op, "feature");
   for (auto m : moduli) TORCH_CHECK(m >= 0, op, ": moduli must be >= 0 (0: none), got ", m);
-  return map_ids(in, feats, 1, [&](int64_t g, uint64_t id) {
-    return umod(hash_id(id, static_cast<uint64_t>(salts[g])), static_cast<uint64_t>(moduli[g]));
-  });
+  const std::vector<Modulus> mods = moduli_of(moduli);
+  return map_ids(in, feats, 1,
+                 [&](int64_t g, uint64_t id) { return mods[g](hash_id(id, static_cast<uint64_t>(salts[g]))); });
 }
 
 Result feature_mod_cpu(const at::Tensor& values, const at::Tensor& lengths, const c10::optional<at::Tensor>& weights,
@@ -140,7 +202,8 @@ Result feature_mod_cpu(const at::Tensor& values, const at::Tensor& lengths, cons
   check_same_size(moduli.size(), feats.size(), op, "moduli");
   for (auto f : feats) in.check_feature(f, op, "feature");
   for (auto m : moduli) TORCH_CHECK(m > 0, op, ": moduli must be > 0, got ", m);
-  return map_ids(in, feats, 1, [&](int64_t g, uint64_t id) { return umod(id, static_cast<uint64_t>(moduli[g])); });
+  const std::vector<Modulus> mods = moduli_of(moduli);
+  return map_ids(in, feats, 1, [&](int64_t g, uint64_t id) { return mods[g](id); });
 }
 
 Result feature_multi_hash_cpu(const at::Tensor& values, const at::Tensor& lengths,
@@ -153,11 +216,13 @@ Result feature_multi_hash_cpu(const at::Tensor& values, const at::Tensor& length
   TORCH_CHECK(num_hashes >= 1, op, ": num_hashes must be >= 1, got ", num_hashes);
   for (auto f : feats) in.check_feature(f, op, "feature");
   for (auto m : moduli) TORCH_CHECK(m >= 0, op, ": moduli must be >= 0 (0: none), got ", m);
-  return map_ids(in, feats, num_hashes, [&](int64_t s, uint64_t id) {
-    const int64_t g = s / num_hashes, r = s % num_hashes;
-    const uint64_t seed = static_cast<uint64_t>(salts[g]) + static_cast<uint64_t>(r) * features::kSeedStep;
-    return umod(hash_id(id, seed), static_cast<uint64_t>(moduli[g]));
-  });
+  const std::vector<Modulus> mods = moduli_of(moduli);
+  std::vector<uint64_t> seeds(feats.size() * num_hashes);
+  for (size_t s = 0; s < seeds.size(); ++s) {
+    seeds[s] = static_cast<uint64_t>(salts[s / num_hashes]) + static_cast<uint64_t>(s % num_hashes) * features::kSeedStep;
+  }
+  return map_ids(in, feats, num_hashes,
+                 [&](int64_t s, uint64_t id) { return mods[s / num_hashes](hash_id(id, seeds[s])); });
 }
 
 // The values and (if weighted) weights of a structural op's output of n ids.
@@ -201,12 +266,17 @@ Result feature_truncate_cpu(const at::Tensor& values, const at::Tensor& lengths,
   const std::vector<int64_t> out_off = offsets_of(lo, G * B);
   Output out(out_off.back(), in.weighted);
   at::parallel_for(0, G * B, 1024, [&](int64_t lo_bag, int64_t hi_bag) {
+    int64_t g = lo_bag / B, b = lo_bag % B;  // one division per chunk, not per bag
     for (int64_t j = lo_bag; j < hi_bag; ++j) {
-      const int64_t g = j / B, b = j % B, src_bag = feats[g] * B + b;
+      const int64_t src_bag = feats[g] * B + b;
       const int64_t keep = lo[j];
       const int64_t start = from_end[g] ? in_off[src_bag + 1] - keep : in_off[src_bag];
       std::copy(in.values + start, in.values + start + keep, out.v + out_off[j]);
       if (out.w != nullptr) std::copy(in.weights + start, in.weights + start + keep, out.w + out_off[j]);
+      if (++b == B) {
+        b = 0;
+        ++g;
+      }
     }
   });
   return {out.values, out_lengths, out.weights};
@@ -233,18 +303,24 @@ Result feature_cross_cpu(const at::Tensor& values, const at::Tensor& lengths, co
   const std::vector<int64_t> out_off = offsets_of(lo, P * B);
   Output out(out_off.back(), in.weighted);
   const int64_t* v = in.values;
+  const std::vector<Modulus> mods = moduli_of(moduli);
   at::parallel_for(0, P * B, 512, [&](int64_t lo_bag, int64_t hi_bag) {
+    int64_t p = lo_bag / B, b = lo_bag % B;  // one division per chunk, not per bag
     for (int64_t j = lo_bag; j < hi_bag; ++j) {
-      const int64_t p = j / B, b = j % B;
       const int64_t a0 = in_off[left[p] * B + b], a1 = in_off[left[p] * B + b + 1];
       const int64_t b0 = in_off[right[p] * B + b], b1 = in_off[right[p] * B + b + 1];
-      const uint64_t seed = static_cast<uint64_t>(salts[p]), m = static_cast<uint64_t>(moduli[p]);
+      const uint64_t seed = static_cast<uint64_t>(salts[p]);
+      const Modulus& m = mods[p];
       int64_t k = out_off[j];
       for (int64_t x = a0; x < a1; ++x) {
         for (int64_t y = b0; y < b1; ++y, ++k) {
-          out.v[k] = umod(hash_pair(static_cast<uint64_t>(v[x]), static_cast<uint64_t>(v[y]), seed), m);
+          out.v[k] = static_cast<int64_t>(m(hash_pair(static_cast<uint64_t>(v[x]), static_cast<uint64_t>(v[y]), seed)));
           if (out.w != nullptr) out.w[k] = in.weights[x] * in.weights[y];
         }
+      }
+      if (++b == B) {
+        b = 0;
+        ++p;
       }
     }
   });
@@ -265,11 +341,10 @@ std::tuple<at::Tensor, at::Tensor> feature_bucketize_cpu(const at::Tensor& dense
   const float* xp = x.data_ptr<float>();
   at::Tensor out = at::empty({G * B}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
-  at::parallel_for(0, G * B, 4096, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t g = j / B, b = j % B;
+  at::parallel_for(0, G, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) {
       const int64_t s = boundary_offsets[g];
-      o[j] = bucket_of(xp[b * D + columns[g]], bp + s, boundary_offsets[g + 1] - s);
+      bucketize_column(xp + columns[g], D, B, bp + s, boundary_offsets[g + 1] - s, o + g * B);
     }
   });
   return {out, at::ones({G * B}, at::kLong)};
@@ -325,62 +400,6 @@ Result feature_concat_cpu(at::TensorList values, at::TensorList lengths, at::Ten
 // So a chain (truncate then mod, cross then hash then mod) costs one pass,
 // as a single op does. See schema.cpp for the program's encoding.
 
-// A modulus (0: none), by a mask when it is a power of two: a 64-bit division
-// costs tens of cycles, more than the hash before it.
-struct Modulus {
-  uint64_t m = 0, mask = 0;
-  bool pow2 = false;
-
-  Modulus() = default;
-  explicit Modulus(uint64_t mod) : m(mod), mask(mod - 1), pow2(mod != 0 && (mod & (mod - 1)) == 0) {}
-  uint64_t operator()(uint64_t v) const { return m == 0 ? v : pow2 ? (v & mask) : v % m; }
-};
-
-// The per-id steps over n ids, in place: one tight loop per step, specialised
-// by the modulus's kind so that the compiler can vectorise it.
-template <typename Fn>
-void map_in_place(int64_t* x, int64_t n, Fn fn) {
-  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<int64_t>(fn(static_cast<uint64_t>(x[i])));
-}
-
-template <bool kHash>
-void step_in_place(int64_t* x, int64_t n, uint64_t seed, const Modulus& mod) {
-  auto pre = [seed](uint64_t v) { return kHash ? hash_id(v, seed) : v; };
-  if (mod.m == 0) {
-    map_in_place(x, n, pre);
-  } else if (mod.pow2) {
-    const uint64_t mask = mod.mask;
-    map_in_place(x, n, [&](uint64_t v) { return pre(v) & mask; });
-  } else {
-    const uint64_t m = mod.m;
-    map_in_place(x, n, [&](uint64_t v) { return pre(v) % m; });
-  }
-}
-
-// Column x[0], x[stride], ... of n floats bucketized into out (bucket_of's
-// buckets). Up to 64 boundaries, one pass per boundary over the whole column,
-// which vectorises across samples, where bucket_of counts one sample at a time.
-void bucketize_column(const float* x, int64_t stride, int64_t n, const float* bounds, int64_t nbounds,
-                      int64_t* out) {
-  if (nbounds > 64) {
-    for (int64_t b = 0; b < n; ++b) out[b] = bucket_of(x[b * stride], bounds, nbounds);
-    return;
-  }
-  constexpr int64_t kTile = 1024;
-  float col[kTile];
-  int32_t count[kTile];
-  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
-    const int64_t m = std::min(kTile, n - t0);
-    for (int64_t b = 0; b < m; ++b) col[b] = x[(t0 + b) * stride];
-    std::fill(count, count + m, 0);
-    for (int64_t i = 0; i < nbounds; ++i) {
-      const float edge = bounds[i];
-      for (int64_t b = 0; b < m; ++b) count[b] += edge <= col[b];
-    }
-    for (int64_t b = 0; b < m; ++b) out[t0 + b] = col[b] != col[b] ? nbounds + 1 : count[b];
-  }
-}
-
 enum : int64_t { kSourceKjt = 0, kSourceCross = 1, kSourceDense = 2 };
 enum : int64_t { kStepHash = 0, kStepMod = 1 };
 
@@ -394,6 +413,7 @@ struct ProgramOutput {
   int64_t source, a, b, c;  // kjt: key a | cross: keys a x b, salt c | dense: column a, boundaries [b, c)
   Modulus cross_mod;
   std::vector<std::pair<int64_t, bool>> truncates;  // (max_length, keep the last)
+  int64_t keep = INT64_MAX;  // the smallest max_length: a bag of n keeps min(n, keep) ids, whatever the sides
   std::vector<Step> steps;
 
   // The part of a bag of n ids that the truncations keep: [start, end).
@@ -454,6 +474,7 @@ std::vector<ProgramOutput> parse_program(at::IntArrayRef program, int64_t num_fe
       TORCH_CHECK(keep > 0, op, ": output ", k, ": max_length must be > 0, got ", keep);
       TORCH_CHECK(last == 0 || last == 1, op, ": output ", k, ": a truncation's side must be 0 or 1, got ", last);
       o.truncates.emplace_back(keep, last == 1);
+      o.keep = std::min(o.keep, keep);
     }
     const int64_t ns = next("step count");
     TORCH_CHECK(ns >= 0, op, ": output ", k, ": a negative step count");
@@ -507,15 +528,18 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
         std::copy(L + o.a * B, L + (o.a + 1) * B, len);
         total = in.begin[o.a + 1] - in.begin[o.a];
       } else {
-        for (int64_t b = 0; b < B; ++b) {
-          const int64_t n = o.source == kSourceKjt     ? L[o.a * B + b]
-                            : o.source == kSourceCross ? L[o.a * B + b] * L[o.b * B + b]
-                                                       : 1;
-          int64_t start, end;
-          o.window(n, start, end);
-          len[b] = end - start;
-          total += end - start;
+        // Branch-free: these loops vectorise.
+        const int64_t keep = o.keep;
+        if (o.source == kSourceKjt) {
+          const int64_t* la = L + o.a * B;
+          for (int64_t b = 0; b < B; ++b) len[b] = std::min(la[b], keep);
+        } else if (o.source == kSourceCross) {
+          const int64_t *la = L + o.a * B, *lb = L + o.b * B;
+          for (int64_t b = 0; b < B; ++b) len[b] = std::min(la[b] * lb[b], keep);
+        } else {
+          std::fill(len, len + B, 1);
         }
+        for (int64_t b = 0; b < B; ++b) total += len[b];
       }
       out_begin[k + 1] = total;
     }
@@ -542,8 +566,11 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
         for (int64_t b = 0; b < B; ++b) {
           int64_t start, end;
           o.window(len[b], start, end);
-          std::copy(v + src + start, v + src + end, out.v + dst);
-          if (out.w != nullptr) std::copy(w + src + start, w + src + end, out.w + dst);
+          // A bag keeps a few ids: a loop, where std::copy would call memmove per bag.
+          for (int64_t i = start; i < end; ++i) out.v[dst + i - start] = v[src + i];
+          if (out.w != nullptr) {
+            for (int64_t i = start; i < end; ++i) out.w[dst + i - start] = w[src + i];
+          }
           dst += end - start;
           src += len[b];
         }
