@@ -255,12 +255,21 @@ def features(mode: Dict[str, Any]) -> Dict[str, Any]:
     engine = FeatureEngine(criteo_specs(), dense_keys=dense_keys)
     columns = {k: dense[:, i] for i, k in enumerate(dense_keys)}
     # Chains: each fused into its op's one pass over the ids, as a single op is.
+    from torchrec import KeyedJaggedTensor
+
     from recis_torchrec.features import Cross, Feature
 
     cats = [f"cat_{i}" for i in range(F)]
     truncate_mod = FeatureEngine([Feature(c).truncate(1, side="last").mod(2**24) for c in cats])
     cross_hash = FeatureEngine([Cross(a, b).hash(salt=7).mod(2**24) for a, b in
                                 (("cat_0", "cat_1"), ("cat_2", "cat_5"), ("cat_3", "cat_9"))])
+    # Truncation that cuts: Criteo's bags hold 0 or 1 ids, so truncating them to 1 cuts nothing (the
+    # program then copies each feature whole); these bags hold 0-6 ids and most are cut to 2.
+    g = torch.Generator().manual_seed(0)
+    long_lengths = torch.randint(0, 7, (F * B,), generator=g)
+    long_kjt = KeyedJaggedTensor(cats, torch.randint(0, 2**62, (int(long_lengths.sum()),), generator=g),
+                                 lengths=long_lengths, stride=B)
+    truncate_cut = FeatureEngine([Feature(c).truncate(2, side="last").mod(2**24) for c in cats])
     n = v.numel()
     cases = {
         "hash+mod (26 features)": (
@@ -288,9 +297,11 @@ def features(mode: Dict[str, Any]) -> Dict[str, Any]:
             lambda: truncate_mod(kjt), lambda: reference_engine(truncate_mod.specs, kjt, {}), None, B),
         "engine chain: cross then hash then mod (3 pairs)": (
             lambda: cross_hash(kjt), lambda: reference_engine(cross_hash.specs, kjt, {}), None, B),
+        "engine chain: truncate to 2 (last) then mod, bags of 0-6 ids (26 features)": (
+            lambda: truncate_cut(long_kjt), lambda: reference_engine(truncate_cut.specs, long_kjt, {}), None, B),
     }
-    for chain in (truncate_mod, cross_hash):  # the fused chain and the reference agree
-        got, want = chain(kjt), reference_engine(chain.specs, kjt, {})
+    for chain, inp in ((truncate_mod, kjt), (cross_hash, kjt), (truncate_cut, long_kjt)):  # fused == reference
+        got, want = chain(inp), reference_engine(chain.specs, inp, {})
         if got.keys() != want.keys() or not torch.equal(got.values(), want.values()) \
                 or not torch.equal(got.lengths(), want.lengths()):
             raise AssertionError(f"features: the engine and the reference differ on {chain.specs}")

@@ -420,12 +420,19 @@ struct ProgramOutput {
   void window(int64_t n, int64_t& start, int64_t& end) const {
     start = 0;
     end = n;
-    for (const auto& [keep, last] : truncates) {
-      if (end - start > keep) {
+    if (truncates.size() == 1) {  // the common case, without the loop
+      if (n > keep) {
+        start = truncates[0].second ? n - keep : 0;
+        end = start + keep;
+      }
+      return;
+    }
+    for (const auto& [max_length, last] : truncates) {
+      if (end - start > max_length) {
         if (last) {
-          start = end - keep;
+          start = end - max_length;
         } else {
-          end = start + keep;
+          end = start + max_length;
         }
       }
     }
@@ -519,6 +526,9 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
   at::Tensor out_lengths = at::empty({K * B}, at::kLong);
   int64_t* ol = out_lengths.data_ptr<int64_t>();
   std::vector<int64_t> out_begin(K + 1, 0);
+  // uncut[k]: output k copies its input feature whole (no truncation, or one that cut no bag of this
+  // batch), so pass 2 copies one contiguous run instead of walking bags.
+  std::vector<char> uncut(K, 0);
   at::parallel_for(0, K, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const ProgramOutput& o = outs[k];
@@ -527,6 +537,7 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
       if (o.source == kSourceKjt && o.truncates.empty()) {
         std::copy(L + o.a * B, L + (o.a + 1) * B, len);
         total = in.begin[o.a + 1] - in.begin[o.a];
+        uncut[k] = 1;
       } else {
         // Branch-free: these loops vectorise.
         const int64_t keep = o.keep;
@@ -540,6 +551,7 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
           std::fill(len, len + B, 1);
         }
         for (int64_t b = 0; b < B; ++b) total += len[b];
+        if (o.source == kSourceKjt && total == in.begin[o.a + 1] - in.begin[o.a]) uncut[k] = 1;
       }
       out_begin[k + 1] = total;
     }
@@ -556,7 +568,7 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
       const ProgramOutput& o = outs[k];
       const int64_t first = out_begin[k];
       int64_t dst = first;
-      if (o.source == kSourceKjt && o.truncates.empty()) {
+      if (uncut[k]) {
         const int64_t src = in.begin[o.a], n = in.begin[o.a + 1] - src;
         std::copy(v + src, v + src + n, out.v + dst);
         if (out.w != nullptr) std::copy(w + src, w + src + n, out.w + dst);
@@ -579,8 +591,8 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
         const uint64_t seed = static_cast<uint64_t>(o.c);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t na = L[o.a * B + b], nb = L[o.b * B + b];
-          int64_t start, end;
-          o.window(na * nb, start, end);
+          int64_t start = 0, end = na * nb;
+          if (!o.truncates.empty()) o.window(na * nb, start, end);
           // Pair p is (left p / nb, right p % nb), left outer; walked without a division per pair.
           int64_t px = 0, py = 0;
           if (start > 0) {
