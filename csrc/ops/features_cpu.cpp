@@ -574,14 +574,32 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
         if (out.w != nullptr) std::copy(w + src, w + src + n, out.w + dst);
       } else if (o.source == kSourceKjt) {
         int64_t src = in.begin[o.a];
-        const int64_t* len = L + o.a * B;
+        const int64_t *len = L + o.a * B, *kept = ol + k * B;
+        // One short truncation (the common case): each bag copies exactly `keep` ids from its
+        // window's start, the ones past what it keeps overwritten by the next bag. Bags of
+        // varying length then cost no mispredicted branch. Not past the feature's end (another
+        // thread writes the next feature) nor past the input's.
+        const bool fixed = o.truncates.size() == 1 && o.keep <= 8, last = o.truncates[0].second;
+        const int64_t feature_end = out_begin[k + 1], num_values = in.values_t.numel();
         for (int64_t b = 0; b < B; ++b) {
           int64_t start, end;
-          o.window(len[b], start, end);
-          // A bag keeps a few ids: a loop, where std::copy would call memmove per bag.
-          for (int64_t i = start; i < end; ++i) out.v[dst + i - start] = v[src + i];
-          if (out.w != nullptr) {
-            for (int64_t i = start; i < end; ++i) out.w[dst + i - start] = w[src + i];
+          if (fixed) {
+            start = last ? len[b] - kept[b] : 0;
+            end = start + kept[b];
+          } else {
+            o.window(len[b], start, end);
+          }
+          const int64_t from = src + start;
+          if (fixed && dst + o.keep <= feature_end && from + o.keep <= num_values) {
+            for (int64_t i = 0; i < o.keep; ++i) out.v[dst + i] = v[from + i];
+            if (out.w != nullptr) {
+              for (int64_t i = 0; i < o.keep; ++i) out.w[dst + i] = w[from + i];
+            }
+          } else {  // a loop: std::copy would call memmove for a few ids
+            for (int64_t i = 0; i < end - start; ++i) out.v[dst + i] = v[from + i];
+            if (out.w != nullptr) {
+              for (int64_t i = 0; i < end - start; ++i) out.w[dst + i] = w[from + i];
+            }
           }
           dst += end - start;
           src += len[b];
