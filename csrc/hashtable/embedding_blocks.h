@@ -6,10 +6,12 @@
 // Row r lives in block r >> block_shift at byte offset (r & block_mask) * stride.
 // Each row holds `dim` embedding elements (float32, float16 or bfloat16, see
 // row_types.h) followed, at a 4-byte aligned offset, by `state_dim` float32
-// optimizer-state values. A row's stride is padded to 16 bytes: rows share
-// cache lines, but a small or odd row wastes at most 12 bytes (padding to a
-// 64-byte line cost D=64 row-wise Adagrad rows, 260 bytes, 60 more each, and a
-// D=8 SGD row 32 bytes of padding on 32 of data). Growth appends a block and never moves or copies existing
+// optimizer-state values. Rows are packed at 4-byte alignment: a half-width
+// row of odd dim wastes 2 bytes, no other row any. (Padding to a 64-byte line
+// cost D=64 row-wise Adagrad rows, 260 bytes, 60 more each; padding to 16
+// bytes cost them 12, 5% of the row. The kernels load rows unaligned, and a
+// 4-byte aligned row touches as many cache lines on average as a 16-byte
+// aligned one.) Growth appends a block and never moves or copies existing
 // rows, so row pointers stay valid for the table's lifetime.
 // Each row also records the id that owns it and its metadata (RowMeta). Rows
 // freed by eviction go on a free list and are handed out again first.
@@ -93,7 +95,7 @@ class EmbeddingBlocks {
         state_dim_(state_dim),
         type_(type),
         state_offset_(round_up(dim * element_bytes(type), 4)),
-        stride_(round_up(state_offset_ + 4 * state_dim, 16)) {
+        stride_(state_offset_ + 4 * state_dim) {
     if (dim <= 0) throw std::invalid_argument("EmbeddingBlocks: dim must be > 0");
     if (state_dim < 0) throw std::invalid_argument("EmbeddingBlocks: state_dim must be >= 0");
     if (block_rows <= 0 || (block_rows & (block_rows - 1)) != 0) {

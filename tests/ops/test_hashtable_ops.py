@@ -229,18 +229,18 @@ def test_erase_half_of_a_loaded_map_keeps_the_rest():
 
 
 @pytest.mark.parametrize("dim,state_dim", [(1, 0), (8, 0), (64, 1), (37, 74)])
-def test_memory_breakdown_adds_up_and_rows_are_padded_to_16_bytes(dim, state_dim):
-    """info()['memory'] splits memory_bytes() by what holds it; each live row costs its elements,
-    its state, at most 12 bytes of padding, its id and its metadata."""
+def test_memory_breakdown_adds_up_and_float_rows_are_not_padded(dim, state_dim):
+    """info()['memory'] splits memory_bytes() by what holds it; each live float32 row costs its
+    elements, its state (no padding), its id and its metadata."""
     t = HashTable("m", dim, state_dim, HashTableOptions(block_rows=64), num_embeddings=8)
     n = 1000
     ops.find_or_insert(t, torch.arange(n, dtype=torch.int64) * 7919)
     info = t.info()
     m = info["memory"]
     assert sum(m.values()) == info["memory_bytes"]
-    assert info["row_bytes"] == (4 * (dim + state_dim) + 15) // 16 * 16
+    assert info["row_bytes"] == 4 * (dim + state_dim)
     assert m["embedding"] == n * dim * 4 and m["optimizer_state"] == n * state_dim * 4
-    assert m["row_padding"] == n * (info["row_bytes"] - 4 * (dim + state_dim)) <= n * 12
+    assert m["row_padding"] == 0
     assert m["ids"] == n * 8 and m["metadata"] == n * 16
     assert m["block_slack"] == (info["capacity"] - n) * (info["row_bytes"] + 8 + 16)
     assert m["spare_blocks"] % (64 * (info["row_bytes"] + 8 + 16)) == 0  # whole blocks prepared ahead of growth

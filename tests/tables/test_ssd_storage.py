@@ -18,8 +18,8 @@ DIM = 8
 
 def ssd(tmp_path, cache_rows: int = 16, **kw) -> HashTableOptions:
     """A cache of about cache_rows rows: cache_bytes counts each row's bytes plus 32 of IdMap (a D=8
-    row of float32 with one state float takes 48 + 32)."""
-    return HashTableOptions(storage="ssd", storage_path=str(tmp_path), cache_bytes=cache_rows * 80, **kw)
+    row of float32 with one state float takes 36 + 32)."""
+    return HashTableOptions(storage="ssd", storage_path=str(tmp_path), cache_bytes=cache_rows * 68, **kw)
 
 
 def model(options: HashTableOptions, optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, dtype=None):
@@ -105,7 +105,7 @@ def test_16_bit_rows_round_trip_through_disk(tmp_path, dtype):
 def test_the_cache_stays_within_its_budget_while_far_more_rows_stream_through(tmp_path):
     dim, budget = 64, 64
     t = HashTable("t", dim, 1, options=ssd(tmp_path, cache_rows=budget))
-    assert t.cache_rows == budget * 80 // (t.info()["row_bytes"] + 32)
+    assert t.cache_rows == budget * 68 // (t.info()["row_bytes"] + 32)
     budget = t.cache_rows
     for start in range(0, 20_000, 500):
         t.find_or_insert(torch.arange(start, start + 500))

@@ -55,7 +55,7 @@ def test_tables_on_disk_under_dmp_resume_after_sigkill_as_a_run_in_memory(tmp_pa
     rows = tmp_path / "rows"
     rows.mkdir()
     ssd = ['tables.options.storage="ssd"', f'tables.options.storage_path="{rows}"',
-           "tables.options.cache_bytes=65536"]  # about 500 rows of D=16 a table: most rows live on disk
+           "tables.options.cache_bytes=65536"]  # about 650 rows of D=16 a table: most rows live on disk
     _torchrun(str(tmp_path / "memory"), str(tmp_path / "memory_logits"), kill_at=0, max_restarts=0)
     _torchrun(str(tmp_path / "killed"), str(tmp_path / "killed_logits"), kill_at=14, max_restarts=1, extra=ssd)
     killed = set(os.listdir(tmp_path / "killed_logits"))

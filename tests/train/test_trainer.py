@@ -73,7 +73,7 @@ def test_tables_on_disk_train_and_resume_like_tables_in_memory(tmp_path):
     rows = tmp_path / "rows"
     rows.mkdir()
     ssd = {"tables.options.storage": "ssd", "tables.options.storage_path": str(rows),
-           "tables.options.cache_bytes": 65536}
+           "tables.options.cache_bytes": 49152}
     straight, first, resumed = {}, {}, {}
     _trainer(str(tmp_path / "mem"), 13, [recorder(straight)]).fit()
     read_by_steps = []
