@@ -7,7 +7,8 @@ against the same table in memory.
   table in memory and on tables whose cache holds 20% and 5% of the rows, each with the prefetch
   pipeline (the next batch's rows come in on a worker thread) and without it. Reported per case: ms
   per step (median) and against memory, rows and bytes read and written per step, the rows each step
-  had to read itself, ``memory_bytes`` (cache + the disk's index) and the process's peak RSS growth.
+  had to read itself, ``memory_bytes`` (cache + the disk's index) and the growth of the process's own
+  resident memory (RssAnon) and of the rows file's pages mapped by reads (RssFile, page cache).
   Every case trains the same ids in the same order, and the runs' final losses are checked equal.
 - ``large`` (``--large-ids N``): a table whose rows and state do not fit the memory budget trains
   with a cache of ``--cache-gb``: the fill's rate, steps/s, bytes per step, RSS and the file's size.
@@ -51,9 +52,15 @@ def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_split() -> Dict[str, int]:
+    """The process's resident memory by kind: ``anon`` (its own memory) and ``file`` (pages of mapped files,
+    here the rows file's pages that reads touched: page cache, which the kernel reclaims as it needs)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line[3:7].lower()] = int(line.split()[1]) * 1024
+    return out
 
 
 def mem_total_bytes() -> int:
@@ -121,7 +128,7 @@ def train_case(options, ids: int, batches: List[torch.Tensor], pipelined: bool, 
     import recis_torchrec as rt
 
     gc.collect()
-    rss0 = rss_bytes()
+    rss0 = rss_split()
     model = make_model(options)
     task = _Task(model)
     fill_rate = fill(model, ids)
@@ -153,7 +160,8 @@ def train_case(options, ids: int, batches: List[torch.Tensor], pipelined: bool, 
         "final_loss": losses[-1],
         "rows": info["rows"],
         "memory_bytes": info["memory_bytes"],
-        "rss_growth_bytes": rss_bytes() - rss0,
+        "rss_growth_bytes": rss_split()["anon"] - rss0["anon"],
+        "rss_file_growth_bytes": rss_split()["file"] - rss0["file"],
     }
     if table.on_disk:
         row = info["row_bytes"]
@@ -227,15 +235,16 @@ def markdown(res: Dict[str, Any]) -> str:
             f"{c['same_final_loss']}. The rows file: {max(v.get('disk_file_bytes', 0) for v in c['cases'].values()) / 2**30:.2f} GiB "
             f"(machine memory {mem_total_bytes() / 2**30:.0f} GiB: it fits the page cache).",
             "",
-            "| case | ms/step | vs memory | rows read/step | rows written/step | read by the step itself | memory_bytes | RSS growth |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| case | ms/step | vs memory | rows read/step | rows written/step | read by the step itself | memory_bytes | "
+            "RssAnon growth | RssFile growth |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, v in c["cases"].items():
             lines.append(
                 f"| {name} | {v['ms_per_step']:.1f} | {v.get('vs_memory', 1.0):.2f} | "
                 f"{v.get('rows_read_per_step', 0):,.0f} | {v.get('rows_written_per_step', 0):,.0f} | "
                 f"{v.get('rows_read_by_steps_per_step', 0):,.0f} | {v['memory_bytes'] / 2**20:,.0f} MiB | "
-                f"{v['rss_growth_bytes'] / 2**20:,.0f} MiB |")
+                f"{v['rss_growth_bytes'] / 2**20:,.0f} MiB | {v['rss_file_growth_bytes'] / 2**20:,.0f} MiB |")
         lines.append("")
         lines.append(f"Fill (insert every id): memory {mem['fill_keys_per_s'] / 1e6:.2f} M keys/s; "
                      + ", ".join(f"{k} {v['fill_keys_per_s'] / 1e6:.2f} M keys/s" for k, v in c["cases"].items()
@@ -248,7 +257,8 @@ def markdown(res: Dict[str, Any]) -> str:
             f"{g['machine_memory_gib']:.0f} GiB), cache {g['cache_gb']} GiB: {g['steps_per_s']:.2f} steps/s, "
             f"{g['bytes_read_per_step'] / 2**20:.1f} MiB read and {g['bytes_written_per_step'] / 2**20:.1f} MiB written "
             f"per step, memory_bytes {g['memory_bytes'] / 2**30:.2f} GiB (index {g['disk_index_bytes'] / 2**30:.2f} "
-            f"GiB), RSS growth {g['rss_growth_bytes'] / 2**30:.2f} GiB, fill {g['fill_keys_per_s'] / 1e6:.2f} M keys/s.",
+            f"GiB), RssAnon growth {g['rss_growth_bytes'] / 2**30:.2f} GiB (RssFile, the rows file's mapped pages: "
+            f"{g['rss_file_growth_bytes'] / 2**30:.2f} GiB), fill {g['fill_keys_per_s'] / 1e6:.2f} M keys/s.",
             "",
         ]
     return "\n".join(lines)
