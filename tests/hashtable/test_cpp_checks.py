@@ -54,8 +54,9 @@ def test_a_custom_eviction_policy_from_cpp(tmp_path):
 
 
 @pytest.mark.skipif(CXX is None, reason="g++ is not installed")
-def test_disk_rows_match_a_map_of_records(tmp_path):
+@pytest.mark.parametrize("reads", ["map", "pread"])
+def test_disk_rows_match_a_map_of_records(tmp_path, reads):
     scratch = tmp_path / "rows"
     scratch.mkdir()
-    _check(tmp_path, "disk_rows_check", ["-pthread"], [str(scratch)])
+    _check(tmp_path, "disk_rows_check", ["-pthread"], [str(scratch), reads])
     assert list(scratch.iterdir()) == []  # the rows file was unlinked when it was created

@@ -32,8 +32,9 @@ std::vector<uint8_t> record_of(int64_t key, int version) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) return fail("usage: disk_rows_check DIR");
-  DiskRows disk(argv[1], kRecord, 4);
+  if (argc < 3) return fail("usage: disk_rows_check DIR map|pread");
+  // map: reads copy out of the file's mapping (a file under half the memory); pread: reads are preads
+  DiskRows disk(argv[1], kRecord, 4, std::string(argv[2]) == "pread" ? 0 : -1);
   std::unordered_map<int64_t, std::pair<std::vector<uint8_t>, int64_t>> model;  // key -> (record, last_seen)
   std::mt19937_64 rng(7);
   int64_t most_live = 0;
