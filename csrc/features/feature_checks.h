@@ -91,6 +91,12 @@ inline void check_num_hashes(int64_t num_hashes, const char* op) {
   TORCH_CHECK(num_hashes >= 1, op, ": num_hashes must be >= 1, got ", num_hashes);
 }
 
+// A dense input: a (B, D) float32 tensor.
+inline void check_dense(const at::Tensor& dense, const char* op) {
+  TORCH_CHECK(dense.dim() == 2 && dense.scalar_type() == at::kFloat, op,
+              ": dense must be a (B, D) float32 tensor, got ", dense.scalar_type(), " ", dense.sizes());
+}
+
 // One column's boundaries, bp[begin:end]: sorted (non-decreasing) and NaN-free.
 inline void check_boundary_run(const float* bp, int64_t begin, int64_t end, int64_t column, const char* op) {
   for (int64_t i = begin + 1; i < end; ++i) {
@@ -105,8 +111,7 @@ inline void check_boundary_run(const float* bp, int64_t begin, int64_t end, int6
 // floats), one sorted, NaN-free run of boundaries per column.
 inline void check_bucketize(const at::Tensor& dense, at::IntArrayRef columns, const at::Tensor& boundaries,
                             const float* bp, at::IntArrayRef boundary_offsets, const char* op) {
-  TORCH_CHECK(dense.dim() == 2 && dense.scalar_type() == at::kFloat, op,
-              ": dense must be a (B, D) float32 tensor, got ", dense.scalar_type(), " ", dense.sizes());
+  check_dense(dense, op);
   TORCH_CHECK(boundaries.device().is_cpu() || boundaries.device() == dense.device(), op,
               ": boundaries must be on the CPU or on dense's device, got ", boundaries.device());
   TORCH_CHECK(boundaries.dim() == 1 && boundaries.scalar_type() == at::kFloat, op,

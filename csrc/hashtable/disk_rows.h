@@ -414,14 +414,14 @@ class DiskRows {
     return runs;
   }
 
-  // Runs fn over the runs on up to io_threads threads (one when the batch is small).
+  // Runs fn(i) for i in [0, count), spread over up to io_threads threads (one when the batch, `bytes`
+  // long, is small); an exception on a worker is rethrown here.
   template <typename Fn>
-  void over_runs(const std::vector<Run>& runs, int64_t bytes, Fn&& fn) const {
-    const int64_t threads =
-        std::min<int64_t>({static_cast<int64_t>(io_threads_), static_cast<int64_t>(runs.size()),
-                           std::max<int64_t>(1, bytes / kParallelBytes)});
+  void in_parallel(int64_t count, int64_t bytes, Fn&& fn) const {
+    const int64_t threads = std::min<int64_t>({static_cast<int64_t>(io_threads_), count,
+                                               std::max<int64_t>(1, bytes / kParallelBytes)});
     if (threads <= 1) {
-      for (const Run& r : runs) fn(r);
+      for (int64_t i = 0; i < count; ++i) fn(i);
       return;
     }
     std::vector<std::thread> pool;
@@ -429,7 +429,7 @@ class DiskRows {
     for (int64_t t = 0; t < threads; ++t) {
       pool.emplace_back([&, t] {
         try {
-          for (size_t i = static_cast<size_t>(t); i < runs.size(); i += static_cast<size_t>(threads)) fn(runs[i]);
+          for (int64_t i = t; i < count; i += threads) fn(i);
         } catch (const std::exception& e) {
           errors[t] = e.what();
         }
@@ -439,6 +439,12 @@ class DiskRows {
     for (const auto& e : errors) {
       if (!e.empty()) throw std::runtime_error(e);
     }
+  }
+
+  // fn(run) for each run, in parallel.
+  template <typename Fn>
+  void over_runs(const std::vector<Run>& runs, int64_t bytes, Fn&& fn) const {
+    in_parallel(static_cast<int64_t>(runs.size()), bytes, [&](int64_t i) { fn(runs[i]); });
   }
 
  public:
@@ -451,21 +457,11 @@ class DiskRows {
       return;
     }
     const uint8_t* base = mapping((*std::max_element(slots, slots + n) + 1) * record_bytes_);
-    auto copy = [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        std::memcpy(out + i * record_bytes_, base + slots[i] * record_bytes_, static_cast<size_t>(record_bytes_));
-      }
-    };
     // A copy from a page not in the page cache waits for the device: up to io_threads of them are in
     // flight at once, as preads on io_threads threads would be.
-    const int64_t threads = std::min<int64_t>(io_threads_, std::max<int64_t>(1, n * record_bytes_ / kParallelBytes));
-    if (threads <= 1) {
-      copy(0, n);
-    } else {
-      std::vector<std::thread> pool;
-      for (int64_t t = 0; t < threads; ++t) pool.emplace_back(copy, t * n / threads, (t + 1) * n / threads);
-      for (auto& th : pool) th.join();
-    }
+    in_parallel(n, n * record_bytes_, [&](int64_t i) {
+      std::memcpy(out + i * record_bytes_, base + slots[i] * record_bytes_, static_cast<size_t>(record_bytes_));
+    });
     bytes_read_ += n * record_bytes_;
   }
 

@@ -437,7 +437,6 @@ struct ProgramOutput {
       }
     }
   }
-
 };
 
 std::vector<ProgramOutput> parse_program(at::IntArrayRef program, int64_t num_features, int64_t dense_columns,
@@ -511,8 +510,7 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
   int64_t D = -1;
   if (dense.has_value()) {
     TORCH_CHECK(dense->device().is_cpu(), op, ": dense must be a CPU tensor, got ", dense->device());
-    TORCH_CHECK(dense->dim() == 2 && dense->scalar_type() == at::kFloat, op,
-                ": dense must be a (B, D) float32 tensor, got ", dense->scalar_type(), " ", dense->sizes());
+    features::check_dense(*dense, op);
     TORCH_CHECK(dense->size(0) == B, op, ": dense has ", dense->size(0), " rows but the batch size is ", B);
     x = dense->contiguous();
     D = x.size(1);
