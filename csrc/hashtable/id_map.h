@@ -17,8 +17,14 @@
 //   with an empty slot, and erase moves keys back to keep the invariant (no
 //   tombstones).
 // * The map is split into 2^shard_bits shards chosen by the top bits of
-//   mix64(key) (the bucket comes from the low bits). Shards grow (rehash)
-//   independently, so inserts run in parallel across shards without locks.
+//   mix64(key). Shards grow (rehash) independently, so inserts run in
+//   parallel across shards without locks.
+// * A shard holds any number of buckets, not a power of two: a key's home
+//   bucket is the high half of (the hash's remaining bits) x buckets (a
+//   multiply, where a mask would force sizes to double). A shard is sized
+//   to its keys at kMaxLoad and grows by kGrowth, so the map spends 16 B /
+//   load per key with the load between kMaxLoad / kGrowth and kMaxLoad
+//   (doubling left it between 0.35 and 0.7: 23-46 B a key).
 //   Lookups are lock-free as long as no insert runs at the same time; the
 //   owning HashTable guarantees that.
 // * Rehashing copies the keys and row numbers of one shard, never embedding
@@ -26,6 +32,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -83,6 +90,7 @@ inline unsigned bucket_empty(const Bucket& b) {
 class IdMap {
  public:
   static constexpr double kMaxLoad = 0.7;
+  static constexpr double kGrowth = 1.5;
   static constexpr int64_t kMinShardBuckets = 4;
   // How many keys ahead find_batch and inserts prefetch buckets (measured
   // at 9M keys: 32 and 48 best; 24 and 64 up to ~10% slower in some runs,
@@ -95,8 +103,8 @@ class IdMap {
   explicit IdMap(int64_t capacity_hint = 0, int shard_bits = 6)
       : shard_bits_(shard_bits), shards_(static_cast<size_t>(1) << shard_bits) {
     if (shard_bits < 0 || shard_bits > 16) throw std::invalid_argument("IdMap: shard_bits must be in [0, 16]");
-    const int64_t per_shard = capacity_hint / num_shards() + 1;
-    for (auto& s : shards_) s.reset(buckets_for(per_shard));
+    const int64_t per_shard = capacity_hint / num_shards();
+    for (auto& s : shards_) s.reset(per_shard > 0 ? buckets_for(per_shard + spread(per_shard)) : kMinShardBuckets);
   }
 
   int num_shards() const { return static_cast<int>(shards_.size()); }
@@ -105,10 +113,13 @@ class IdMap {
     return shard_bits_ == 0 ? 0 : static_cast<int>(h >> (64 - shard_bits_));
   }
 
+  // The hash's bits below the shard bits, at the top: what picks the bucket.
+  uint64_t in_shard(uint64_t h) const { return h << shard_bits_; }
+
   // Returns the row of `key` (h = mix64(key)), or -1.
   int64_t find(int64_t key, uint64_t h) const {
     const Shard& s = shards_[shard_of(h)];
-    const Probe p = s.probe(key, h);
+    const Probe p = s.probe(key, in_shard(h));
     return p.found ? s.buckets[p.bucket].row[p.slot] : -1;
   }
 
@@ -123,7 +134,7 @@ class IdMap {
     const auto stage = [&](int64_t i) {
       const uint64_t h = mix64(static_cast<uint64_t>(keys[i]));
       const Shard& s = shards_[shard_of(h)];
-      const Bucket* b = &s.buckets[h & s.mask];
+      const Bucket* b = &s.buckets[s.home(in_shard(h))];
       __builtin_prefetch(b, 0, 2);
       ahead[i & (kFindRing - 1)] = b;
     };
@@ -152,21 +163,23 @@ class IdMap {
   // Prefetches the home bucket of a key about to be inserted.
   void prefetch_for_insert(uint64_t h) const {
     const Shard& s = shards_[shard_of(h)];
-    __builtin_prefetch(&s.buckets[h & s.mask], 1, 2);
+    __builtin_prefetch(&s.buckets[s.home(in_shard(h))], 1, 2);
   }
 
-  // Makes room in `shard` for `extra` more keys without exceeding kMaxLoad.
-  // Not thread-safe for the same shard.
+  // Makes room in `shard` for `extra` more keys without exceeding kMaxLoad:
+  // to exactly that many when it is more than kGrowth times the shard, else
+  // kGrowth times (so that key-by-key inserts rehash a key about twice, not
+  // once per insert). Not thread-safe for the same shard.
   void reserve_in_shard(int shard, int64_t extra) {
     Shard& s = shards_[shard];
     const int64_t want = s.size + extra;
     if (static_cast<double>(want) <= kMaxLoad * static_cast<double>(s.num_slots())) return;
     Shard bigger;
-    bigger.reset(buckets_for(want));
-    for (uint64_t i = 0; i <= s.mask; ++i) {
+    bigger.reset(std::max(buckets_for(want), static_cast<int64_t>(static_cast<double>(s.n) * kGrowth) + 1));
+    for (uint64_t i = 0; i < s.n; ++i) {
       const Bucket& b = s.buckets[i];
       for (int j = 0; j < kBucketSlots; ++j) {
-        if (b.row[j] >= 0) bigger.place(b.key[j], mix64(static_cast<uint64_t>(b.key[j])), b.row[j]);
+        if (b.row[j] >= 0) bigger.place(b.key[j], in_shard(mix64(static_cast<uint64_t>(b.key[j]))), b.row[j]);
       }
     }
     bigger.size = s.size;
@@ -178,8 +191,7 @@ class IdMap {
   // shards over and over.
   void reserve_total(int64_t extra) {
     const int64_t share = extra / num_shards();
-    const int64_t headroom = share / 8 + 16;
-    for (int s = 0; s < num_shards(); ++s) reserve_in_shard(s, share + headroom);
+    for (int s = 0; s < num_shards(); ++s) reserve_in_shard(s, share + spread(share));
   }
 
   // Returns the row field of `key`'s slot, inserting (key, row) if it is
@@ -189,7 +201,7 @@ class IdMap {
   // of it is erased.
   int64_t* find_or_insert_reserved(int64_t key, uint64_t h, int64_t row, bool* inserted) {
     Shard& s = shards_[shard_of(h)];
-    const Probe p = s.probe(key, h);
+    const Probe p = s.probe(key, in_shard(h));
     Bucket& b = s.buckets[p.bucket];
     *inserted = !p.found;
     if (!p.found) {
@@ -207,23 +219,23 @@ class IdMap {
   // shard.
   int64_t erase(int64_t key, uint64_t h) {
     Shard& s = shards_[shard_of(h)];
-    const Probe p = s.probe(key, h);
+    const Probe p = s.probe(key, in_shard(h));
     if (!p.found) return -1;
     uint64_t hb = p.bucket;
     int hs = p.slot;
     const int64_t row = s.buckets[hb].row[hs];
     uint64_t j = hb;
     for (;;) {
-      j = (j + 1) & s.mask;
+      j = s.next(j);
       Bucket& b = s.buckets[j];
       const unsigned empty = bucket_empty(b);
       int moved = -1;
       for (int k = 0; k < kBucketSlots && moved < 0; ++k) {
         if (empty & (1u << k)) continue;
-        const uint64_t home = mix64(static_cast<uint64_t>(b.key[k])) & s.mask;
+        const uint64_t home = s.home(in_shard(mix64(static_cast<uint64_t>(b.key[k]))));
         // The key at bucket j needs every bucket of [home, j) full: it moves
         // if the hole's bucket lies in that range.
-        if (((hb - home) & s.mask) < ((j - home) & s.mask)) moved = k;
+        if (s.distance(home, hb) < s.distance(home, j)) moved = k;
       }
       if (moved >= 0) {
         s.buckets[hb].key[hs] = b.key[moved];
@@ -285,24 +297,33 @@ class IdMap {
 
   struct Shard {
     std::unique_ptr<Bucket[], FreeBuckets> buckets;
-    uint64_t mask = 0;  // buckets - 1
+    uint64_t n = 0;  // buckets
     int64_t size = 0;
+
+    // The home bucket of a key whose hash bits below the shard bits are hs
+    // (IdMap::in_shard): floor(hs / 2^64 x n), uniform over [0, n) for any n.
+    uint64_t home(uint64_t hs) const {
+      return static_cast<uint64_t>((static_cast<unsigned __int128>(hs) * n) >> 64);
+    }
+    uint64_t next(uint64_t i) const { return i + 1 == n ? 0 : i + 1; }
+    // Buckets from a forward to b, wrapping around.
+    uint64_t distance(uint64_t a, uint64_t b) const { return b >= a ? b - a : b + n - a; }
 
     // The one probe loop of find, insert and erase. The shard must have an
     // empty slot (it always does: load <= kMaxLoad).
-    Probe probe(int64_t key, uint64_t h) const {
-      uint64_t i = h & mask;
+    Probe probe(int64_t key, uint64_t hs) const {
+      uint64_t i = home(hs);
       for (;;) {
         const Bucket& b = buckets[i];
         const unsigned empty = bucket_empty(b);
         const unsigned hit = bucket_match(b, key) & ~empty;
         if (hit != 0) return Probe{i, __builtin_ctz(hit), true};
         if (empty != 0) return Probe{i, __builtin_ctz(empty), false};
-        i = (i + 1) & mask;
+        i = next(i);
       }
     }
 
-    int64_t num_slots() const { return static_cast<int64_t>(mask + 1) * kBucketSlots; }
+    int64_t num_slots() const { return static_cast<int64_t>(n) * kBucketSlots; }
 
     void reset(int64_t n_buckets) {
       buckets.reset(allocate_buckets(n_buckets));
@@ -312,12 +333,12 @@ class IdMap {
           buckets[i].row[j] = -1;
         }
       }
-      mask = static_cast<uint64_t>(n_buckets - 1);
+      n = static_cast<uint64_t>(n_buckets);
       size = 0;
     }
     // Inserts a key known to be absent into a shard with room.
-    void place(int64_t key, uint64_t h, int64_t row) {
-      uint64_t i = h & mask;
+    void place(int64_t key, uint64_t hs, int64_t row) {
+      uint64_t i = home(hs);
       for (;;) {
         const unsigned empty = bucket_empty(buckets[i]);
         if (empty != 0) {
@@ -326,16 +347,22 @@ class IdMap {
           buckets[i].row[j] = row;
           return;
         }
-        i = (i + 1) & mask;
+        i = next(i);
       }
     }
   };
 
-  // Smallest power of two of buckets holding n keys at kMaxLoad.
+  // Fewest buckets holding n keys at kMaxLoad.
   static int64_t buckets_for(int64_t n) {
-    int64_t buckets = kMinShardBuckets;
-    while (static_cast<double>(n) > kMaxLoad * static_cast<double>(buckets * kBucketSlots)) buckets <<= 1;
-    return buckets;
+    const auto need = static_cast<int64_t>(std::ceil(static_cast<double>(n) / (kMaxLoad * kBucketSlots)));
+    return std::max(kMinShardBuckets, need);
+  }
+
+  // Headroom over a shard's share of n keys spread at random over the
+  // shards: 4 standard deviations of that share (binomial, so about its
+  // square root), plus a little for small shares.
+  static int64_t spread(int64_t share) {
+    return 4 * static_cast<int64_t>(std::sqrt(static_cast<double>(share))) + 16;
   }
 
   int shard_bits_;

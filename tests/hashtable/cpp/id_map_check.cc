@@ -25,8 +25,12 @@ using recis::hashtable::mix64;
     }                                    \
   } while (0)
 
-static int run(int shard_bits, int64_t pool, int rounds, uint64_t seed) {
-  IdMap map(0, shard_bits);
+// capacity_hint sizes the shards up front (to a bucket count that is no
+// power of two); bulk reserves a batch's room with reserve_total, as the
+// table's inserts do, instead of key by key.
+static int run(int shard_bits, int64_t pool, int rounds, uint64_t seed, int64_t capacity_hint = 0,
+               bool bulk = false) {
+  IdMap map(capacity_hint, shard_bits);
   std::unordered_map<int64_t, int64_t> ref;
   std::mt19937_64 rng(seed);
   // Keys from a small pool (so erased keys come back), spread over the whole
@@ -42,9 +46,14 @@ static int run(int shard_bits, int64_t pool, int rounds, uint64_t seed) {
     const int op = static_cast<int>(rng() % 3);
     const int64_t count = static_cast<int64_t>(rng() % (pool / 2 + 1));
     if (op == 0) {  // insert a batch
+      if (bulk) map.reserve_total(count);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t key = keys[rng() % pool];
         const uint64_t h = mix64(static_cast<uint64_t>(key));
+        if (bulk) {
+          CHECK(map.size() + 1 <= static_cast<int64_t>(IdMap::kMaxLoad * static_cast<double>(map.num_slots())) + 1,
+                "reserve_total(%lld) left no room", (long long)count);
+        }
         map.reserve_in_shard(map.shard_of(h), 1);
         bool inserted = false;
         int64_t* row = map.find_or_insert_reserved(key, h, next_row, &inserted);
@@ -93,6 +102,30 @@ int main() {
   }
   // Many shards, growth by rehash.
   if (run(6, 20000, 30, 99) != 0) return 1;
+  // Shards sized from a hint, then grown past it; batches reserved at once.
+  for (uint64_t seed = 1; seed <= 5; ++seed) {
+    if (run(0, 300, 40, seed, 37) != 0) return 1;
+    if (run(3, 5000, 20, seed, 1000, true) != 0) return 1;
+  }
+  // A map sized from a hint holds that many keys at a load near kMaxLoad, with
+  // no growth on the way.
+  {
+    const int64_t n = 1000000;
+    IdMap map(n, 6);
+    const int64_t slots = map.num_slots();
+    std::mt19937_64 rng(7);
+    map.reserve_total(n);
+    CHECK(map.num_slots() == slots, "reserve_total(%lld) grew a map sized for it: %lld -> %lld slots", (long long)n,
+          (long long)slots, (long long)map.num_slots());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t key = static_cast<int64_t>(rng());
+      const uint64_t h = mix64(static_cast<uint64_t>(key));
+      bool inserted = false;
+      map.find_or_insert_reserved(key, h, i, &inserted);
+    }
+    const double load = static_cast<double>(map.size()) / static_cast<double>(map.num_slots());
+    CHECK(load > 0.6 && load <= IdMap::kMaxLoad, "1e6 keys in a map sized for them: load %.3f", load);
+  }
   std::printf("ok\n");
   return 0;
 }
