@@ -471,6 +471,7 @@ class HashTable {
     //    later duplicate finds it and takes that pending value, an inserted
     //    key keeps its slot.
     std::vector<int64_t*> slot_of(static_cast<size_t>(m), nullptr);
+    std::vector<uint8_t> is_new(static_cast<size_t>(m), 0);  // by miss index: its key was inserted
     par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
       for (int64_t s = sb; s < se; ++s) {
         const int64_t begin = shard_begin[s], end = shard_begin[s + 1];
@@ -483,7 +484,10 @@ class HashTable {
           bool inserted = false;
           int64_t* slot_row = map_.find_or_insert_reserved(sorted_key[k], mix64(static_cast<uint64_t>(sorted_key[k])),
                                                            pending[k], &inserted);
-          if (inserted) slot_of[k] = slot_row;
+          if (inserted) {
+            slot_of[k] = slot_row;
+            is_new[static_cast<size_t>(pending[k] - kPending)] = 1;
+          }
           pending[k] = *slot_row;
         }
       }
@@ -491,29 +495,35 @@ class HashTable {
 
     // 2. Serial, in key order: number the new rows. Room for the distinct new keys only:
     //    reserving one row per miss would grow the blocks by a batch's length when it
-    //    repeats a new id.
-    blocks_.reserve(static_cast<int64_t>(std::count_if(slot_of.begin(), slot_of.end(),
-                                                       [](const int64_t* p) { return p != nullptr; })));
+    //    repeats a new id. The pass reads is_new in miss order and takes the rows from one
+    //    allocate_n (one atomic add, not one per row); it touches nothing at random (it
+    //    used to look up each miss's slot in shard order: a cache miss per new key).
+    const int64_t count = static_cast<int64_t>(std::count(is_new.begin(), is_new.end(), uint8_t{1}));
+    blocks_.reserve(count);
+    std::vector<int64_t> fresh_rows(static_cast<size_t>(count)), new_row(static_cast<size_t>(m), -1);
+    blocks_.allocate_n(count, fresh_rows.data());
     std::vector<int64_t> created;
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t k = order_of[j];
-      if (slot_of[k] != nullptr) {
-        const int64_t r = blocks_.allocate();
-        pending[k] = r;
+    created.reserve(static_cast<size_t>(count));
+    for (int64_t j = 0, c = 0; j < m; ++j) {
+      if (is_new[j]) {
+        const int64_t r = fresh_rows[c++];
+        new_row[j] = r;
         rows[miss_pos[j]] = r;
         created.push_back(j);
       }
     }
 
-    // 3. Parallel over shards: write the new rows into their slots. Then
+    // 3. Parallel over shards: write the new rows into their slots (an inserted
+    //    key's pending value is still kPending + its miss index). Then
     //    parallel: duplicates take the row of their first occurrence.
     par(int64_t{0}, static_cast<int64_t>(num_shards), 1, [&](int64_t sb, int64_t se) {
       const int64_t end = shard_begin[se];
       for (int64_t k = shard_begin[sb]; k < end; ++k) {
         if (k + IdMap::kPrefetchDistance < end && slot_of[k + IdMap::kPrefetchDistance] != nullptr) {
           __builtin_prefetch(slot_of[k + IdMap::kPrefetchDistance], 1, 2);
+          __builtin_prefetch(&new_row[pending[k + IdMap::kPrefetchDistance] - kPending], 0, 2);
         }
-        if (slot_of[k] != nullptr) *slot_of[k] = pending[k];
+        if (slot_of[k] != nullptr) *slot_of[k] = new_row[pending[k] - kPending];
       }
     });
     par(int64_t{0}, m, kGrain, [&](int64_t b, int64_t e) {
