@@ -66,6 +66,17 @@ struct TableCounters {
   int64_t rejected = 0;  // training lookups refused a row (admission, or a full cap)
 };
 
+// The threads a ParFor runs its loops on, where it says (threads()); 0 where
+// it does not (callers then take their parallel path).
+template <typename ParFor>
+auto par_threads(const ParFor& par, int) -> decltype(par.threads()) {
+  return par.threads();
+}
+template <typename ParFor>
+int par_threads(const ParFor&, long) {
+  return 0;
+}
+
 class HashTable {
  public:
   static constexpr int64_t kGrain = 2048;
@@ -452,6 +463,52 @@ class HashTable {
     }
     const int64_t m = static_cast<int64_t>(miss_pos.size());
     if (m == 0) return 0;
+    // The tail of both paths: report the created rows, then give them their values.
+    // created: the miss indices of the inserted keys, in miss order.
+    const auto finish = [&](const std::vector<int64_t>& created) {
+      const int64_t num_created = static_cast<int64_t>(created.size());
+      if (created_rows != nullptr) {
+        for (int64_t c : created) created_rows->push_back(rows[miss_pos[c]]);
+      }
+      par(int64_t{0}, num_created, int64_t{256}, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c) {
+          const int64_t pos = miss_pos[created[c]];
+          init_new_row(rows[pos], keys[pos], clock, fill);
+        }
+      });
+      return num_created;
+    };
+    // One thread and no freed rows to reuse: the new rows are row_limit(),
+    // row_limit() + 1, ... in miss order, known before any is inserted, so one
+    // pass in miss order inserts each key with its final row (one random
+    // access per key, prefetched). The shard passes below need three (insert
+    // a placeholder, number, write the row) to let threads fill shards apart.
+    if (par_threads(par, 0) == 1 && blocks_.live_rows() == blocks_.row_limit()) {
+      for (int s = 0; s < num_shards; ++s) {
+        if (shard_begin[s + 1] > 0) map_.reserve_in_shard(s, shard_begin[s + 1]);
+      }
+      const int64_t base = blocks_.row_limit();
+      std::vector<int64_t> created;
+      for (int64_t j = 0; j < m; ++j) {
+        if (j + IdMap::kPrefetchDistance < m) {
+          map_.prefetch_for_insert(mix64(static_cast<uint64_t>(keys[miss_pos[j + IdMap::kPrefetchDistance]])));
+        }
+        const int64_t key = keys[miss_pos[j]];
+        const int64_t next = base + static_cast<int64_t>(created.size());
+        bool inserted = false;
+        const int64_t* slot_row = map_.find_or_insert_reserved(key, mix64(static_cast<uint64_t>(key)), next, &inserted);
+        if (inserted) created.push_back(j);
+        rows[miss_pos[j]] = *slot_row;
+      }
+      const int64_t count = static_cast<int64_t>(created.size());
+      blocks_.reserve(count);
+      std::vector<int64_t> fresh_rows(static_cast<size_t>(count));
+      blocks_.allocate_n(count, fresh_rows.data());
+      if (count > 0 && (fresh_rows.front() != base || fresh_rows.back() != base + count - 1)) {
+        throw std::logic_error("HashTable::insert_new: the new rows were not numbered from row_limit()");
+      }
+      return finish(created);
+    }
     for (int s = 0; s < num_shards; ++s) shard_begin[s + 1] += shard_begin[s];
     // pending[k] starts as kPending + (miss index of sorted key k).
     std::vector<int64_t> sorted_key(static_cast<size_t>(m)), pending(static_cast<size_t>(m)),
@@ -528,22 +585,12 @@ class HashTable {
     });
     par(int64_t{0}, m, kGrain, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
-        const int64_t k = order_of[j];
-        const int64_t v = pending[k];
-        if (slot_of[k] == nullptr) rows[miss_pos[j]] = v >= kPending ? rows[miss_pos[v - kPending]] : v;
+        if (is_new[j]) continue;  // numbered in pass 2; only repeats look up their sorted position
+        const int64_t v = pending[order_of[j]];
+        rows[miss_pos[j]] = v >= kPending ? rows[miss_pos[v - kPending]] : v;
       }
     });
-    const int64_t num_created = static_cast<int64_t>(created.size());
-    if (created_rows != nullptr) {
-      for (int64_t c : created) created_rows->push_back(rows[miss_pos[c]]);
-    }
-    par(int64_t{0}, num_created, int64_t{256}, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        const int64_t pos = miss_pos[created[c]];
-        init_new_row(rows[pos], keys[pos], clock, fill);
-      }
-    });
-    return num_created;
+    return finish(created);
   }
 
  public:

@@ -24,6 +24,7 @@ struct AtParallelFor {
   void operator()(int64_t begin, int64_t end, int64_t grain, Fn&& fn) const {
     at::parallel_for(begin, end, grain, fn);
   }
+  int threads() const { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 };
 
 // A serial loop in the same shape, for work already inside a parallel region.
@@ -32,6 +33,7 @@ struct SerialFor {
   void operator()(int64_t begin, int64_t end, int64_t /*grain*/, Fn&& fn) const {
     if (begin < end) fn(begin, end);
   }
+  int threads() const { return 1; }
 };
 
 struct TableEntry {

@@ -40,6 +40,7 @@ import random
 from collections import Counter
 from typing import Dict, List, Optional
 
+import numpy as np
 import pytest
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -936,3 +937,38 @@ def test_storage_grows_with_distinct_new_ids_not_with_batch_length():
     info = table_of(m).info()
     assert info["rows"] == 1
     assert info["capacity"] <= 48 + BLOCK_ROWS, info
+
+
+def test_inserts_number_rows_alike_on_one_thread_and_on_two():
+    """On one thread, with no freed rows to reuse, inserts take a one-pass path (each key inserted
+    with its final row); otherwise the shard passes. Both number new rows in order of first
+    occurrence: the same batches give the same rows and values either way, through erases (freed
+    rows, which send the one-thread table to the shard passes too) and repeats within a batch."""
+    rng = np.random.default_rng(5)
+    batches = [torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)) for n in (3000, 1, 0, 5000)]
+    batches.insert(2, torch.cat([batches[0][:500], batches[0][:500], batches[1]]))  # only repeats and known ids
+    dup = torch.from_numpy(rng.integers(0, 50, 4000, dtype=np.int64))  # new ids, each repeated
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            t = HashTable("alike", 4, options=HashTableOptions(initial_capacity=16))
+            rows = [t.find_or_insert(b) for b in batches] + [t.find_or_insert(dup)]
+            t.erase(batches[0][::3])
+            rows.append(t.find_or_insert(torch.cat([batches[3][:100], -batches[0][:2000]])))  # reuses freed rows
+            rows.append(t.find_or_insert(torch.arange(10_000, 12_000)))
+            ids, values, _ = t.export()
+            got[n_threads] = rows, ids, values
+    finally:
+        torch.set_num_threads(threads)
+    (rows1, ids1, values1), (rows2, ids2, values2) = got[1], got[2]
+    assert len(rows1) == len(rows2)
+    for a, b in zip(rows1, rows2):
+        assert torch.equal(a, b)
+    first = {}
+    for k, r in zip(dup.tolist(), rows1[5].tolist()):  # repeats share the row of their first occurrence
+        assert first.setdefault(k, r) == r
+    start = min(first.values())
+    assert list(first.values()) == list(range(start, start + len(first)))  # numbered by first occurrence
+    assert torch.equal(ids1, ids2) and torch.equal(values1, values2)
