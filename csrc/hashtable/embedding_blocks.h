@@ -189,6 +189,12 @@ class EmbeddingBlocks {
     return r;
   }
 
+  // The row the (c+1)-th of the next allocate() calls will hand out.
+  int64_t nth_new_row(int64_t c) const {
+    const int64_t f = static_cast<int64_t>(free_.size());
+    return c < f ? free_[static_cast<size_t>(f - 1 - c)] : row_limit() + (c - f);
+  }
+
   // out[0, count) = the rows count calls of allocate() would hand out, in
   // that order: free rows first (last freed first), then new ones. One
   // atomic add for the new rows. Single-threaded; room reserved first.

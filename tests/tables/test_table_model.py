@@ -940,10 +940,10 @@ def test_storage_grows_with_distinct_new_ids_not_with_batch_length():
 
 
 def test_inserts_number_rows_alike_on_one_thread_and_on_two():
-    """On one thread, with no freed rows to reuse, inserts take a one-pass path (each key inserted
-    with its final row); otherwise the shard passes. Both number new rows in order of first
-    occurrence: the same batches give the same rows and values either way, through erases (freed
-    rows, which send the one-thread table to the shard passes too) and repeats within a batch."""
+    """On one thread inserts take a one-pass path (each key inserted with its final row, freed rows
+    first); on more, the shard passes. Both number new rows in order of first occurrence: the same
+    batches give the same rows and values either way, through repeats within a batch and erases
+    (whose freed rows the next inserts reuse)."""
     rng = np.random.default_rng(5)
     batches = [torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)) for n in (3000, 1, 0, 5000)]
     batches.insert(2, torch.cat([batches[0][:500], batches[0][:500], batches[1]]))  # only repeats and known ids
