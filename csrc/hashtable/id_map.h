@@ -22,13 +22,17 @@
 // * A shard holds any number of buckets, not a power of two: a key's home
 //   bucket is the high half of (the hash's remaining bits) x buckets (a
 //   multiply, where a mask would force sizes to powers of two). A map
-//   given a capacity hint sizes its shards to that many keys at kMaxLoad
-//   (plus the spread of a shard's share), not to the next power of two: 1M
-//   ids in a map hinted 1M hold 23.6 B an id instead of 33.6. Growth past
-//   the hint doubles (kGrowth): growing by 1.5x kept the load higher but
-//   cost a rehash more often, each mostly first touches of the new shard's
-//   pages (find_or_insert of half-new batches into a 1M-key map: 13-14 M
-//   keys/s against 19 with doubling).
+//   given a capacity hint sizes its shards so that that many keys (plus the
+//   spread of a shard's share) sit at kHintLoad, wherever the hint falls
+//   between two powers of two (with those, the load at the hint ranged over
+//   0.35-0.7: 23-46 B a key). Sizing to kMaxLoad instead held 1M ids in
+//   23.6 B each (against 33.6), but a four-slot bucket overflows more often
+//   at that load and finds slowed: 1e6 keys at 0.9 of a 1e6 hint (a 0.61
+//   load) found 89-108 M keys/s against 135-162 M at 0.43. Growth doubles
+//   (kGrowth): growing by 1.5x kept the load higher but cost a rehash more
+//   often, each mostly first touches of the new shard's pages
+//   (find_or_insert of half-new batches into a 1M-key map: 13-14 M keys/s
+//   against 19 with doubling).
 //   Lookups are lock-free as long as no insert runs at the same time; the
 //   owning HashTable guarantees that.
 // * Rehashing copies the keys and row numbers of one shard, never embedding
@@ -95,6 +99,8 @@ class IdMap {
  public:
   static constexpr double kMaxLoad = 0.7;
   static constexpr double kGrowth = 2.0;
+  // The load a map sized from a capacity hint has at that many keys.
+  static constexpr double kHintLoad = 0.5;
   static constexpr int64_t kMinShardBuckets = 4;
   // How many keys ahead find_batch and inserts prefetch buckets (measured
   // at 9M keys: 32 and 48 best; 24 and 64 up to ~10% slower in some runs,
@@ -108,7 +114,9 @@ class IdMap {
       : shard_bits_(shard_bits), shards_(static_cast<size_t>(1) << shard_bits) {
     if (shard_bits < 0 || shard_bits > 16) throw std::invalid_argument("IdMap: shard_bits must be in [0, 16]");
     const int64_t per_shard = capacity_hint / num_shards();
-    for (auto& s : shards_) s.reset(per_shard > 0 ? buckets_for(per_shard + spread(per_shard)) : kMinShardBuckets);
+    for (auto& s : shards_) {
+      s.reset(per_shard > 0 ? buckets_for(per_shard + spread(per_shard), kHintLoad) : kMinShardBuckets);
+    }
   }
 
   int num_shards() const { return static_cast<int>(shards_.size()); }
@@ -366,8 +374,8 @@ class IdMap {
   };
 
   // Fewest buckets holding n keys at kMaxLoad.
-  static int64_t buckets_for(int64_t n) {
-    const auto need = static_cast<int64_t>(std::ceil(static_cast<double>(n) / (kMaxLoad * kBucketSlots)));
+  static int64_t buckets_for(int64_t n, double load = kMaxLoad) {
+    const auto need = static_cast<int64_t>(std::ceil(static_cast<double>(n) / (load * kBucketSlots)));
     return std::max(kMinShardBuckets, need);
   }
 
