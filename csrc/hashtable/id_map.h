@@ -187,7 +187,10 @@ class IdMap {
     const int64_t want = s.size + extra;
     if (static_cast<double>(want) <= kMaxLoad * static_cast<double>(s.num_slots())) return;
     Shard bigger;
-    bigger.reset(std::max(buckets_for(want), static_cast<int64_t>(static_cast<double>(s.n) * kGrowth) + 1));
+    // Exactly kGrowth x the buckets: a key's new home is then 2 x its old
+    // one (or 1 more), so the pass below, in bucket order, writes the new
+    // shard nearly in order too.
+    bigger.reset(std::max(buckets_for(want), static_cast<int64_t>(static_cast<double>(s.n) * kGrowth)));
     for (uint64_t i = 0; i < s.n; ++i) {
       const Bucket& b = s.buckets[i];
       for (int j = 0; j < kBucketSlots; ++j) {
