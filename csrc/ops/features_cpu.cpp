@@ -605,7 +605,31 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
       } else if (o.source == kSourceCross) {
         int64_t ia = in.begin[o.a], ib = in.begin[o.b];
         const uint64_t seed = static_cast<uint64_t>(o.c);
-        for (int64_t b = 0; b < B; ++b) {
+        const int64_t* la = L + o.a * B;
+        const int64_t* lb = L + o.b * B;
+        const int64_t out_end = out_begin[k + 1];
+        // Bags of at most one id on both sides (Criteo's categorical features): no
+        // pair loop and no branch on emptiness. Every bag's pair is hashed and
+        // written at dst, which advances only by na * nb, so an empty bag's value is
+        // overwritten by the next; a write at out_end (trailing empty bags) goes to
+        // a sink, and the reads clamp into the input.
+        const bool single = o.truncates.empty() && out.w == nullptr && B > 0 && in.values_t.numel() > 0 &&
+                            *std::max_element(la, la + B) <= 1 && *std::max_element(lb, lb + B) <= 1;
+        if (single) {
+          const int64_t last = in.values_t.numel() - 1;
+          int64_t sink = 0;
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t na = la[b], nb = lb[b];
+            const uint64_t x = static_cast<uint64_t>(v[std::min(ia, last)]);
+            const uint64_t y = static_cast<uint64_t>(v[std::min(ib, last)]);
+            int64_t* to = dst < out_end ? out.v + dst : &sink;
+            *to = static_cast<int64_t>(o.cross_mod(hash_pair(x, y, seed)));
+            dst += na * nb;
+            ia += na;
+            ib += nb;
+          }
+        }
+        for (int64_t b = 0; b < (single ? 0 : B); ++b) {
           const int64_t na = L[o.a * B + b], nb = L[o.b * B + b];
           int64_t start = 0, end = na * nb;
           if (!o.truncates.empty()) o.window(na * nb, start, end);

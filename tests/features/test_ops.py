@@ -344,3 +344,27 @@ def test_opcheck_program():
     prog = program_of((1, 0, 1, 5, 0, [(1, 1)], [(0, 3, 10)]), (2, 0, 0, 2, 0, [], []), (0, 1, 0, 0, 0, [], []))
     torch.library.opcheck(torch.ops.recis.feature_program.default,
                           (v, l, w, 2, torch.tensor([[0.5], [math.nan]]), torch.tensor([0.0, 1.0]), prog))
+
+
+@given(st.integers(1, 4), st.integers(1, 40), st.data())
+def test_program_crosses_bags_of_at_most_one_id(F, B, data):
+    """Crosses whose bags all hold 0 or 1 ids (Criteo's categorical features) take a branch-free loop that
+    writes every bag's pair and advances only past non-empty ones: the same as the cross op, with empty
+    bags at the ends of the batch (the last pairs' writes) and crosses of the last feature (reads at the
+    end of the values)."""
+    lengths = [data.draw(st.integers(0, 1)) for _ in range(F * B)]
+    if data.draw(st.booleans()):  # empty bags at the end of the batch
+        k = data.draw(st.integers(1, len(lengths)))
+        lengths[-k:] = [0] * k
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    values = torch.from_numpy(np.random.default_rng(B).integers(-(2**63), 2**63 - 1, int(lengths.sum()),
+                                                                dtype=np.int64, endpoint=True))
+    pairs = [(data.draw(st.integers(0, F - 1)), data.draw(st.integers(0, F - 1))) for _ in range(3)]
+    pairs.append((F - 1, F - 1))
+    mods = [data.draw(st.sampled_from([0, 97, 2**20])) for _ in pairs]
+    prog = program_of(*[(1, a, b, 11 * i, m, [], [(0, 5, 0)]) for i, ((a, b), m) in enumerate(zip(pairs, mods))])
+    got = ops.feature_program(values, lengths, None, F, None, torch.empty(0), prog)
+    crossed = ops.feature_cross(values, lengths, None, F, [a for a, _ in pairs], [b for _, b in pairs],
+                                [11 * i for i in range(len(pairs))], mods)
+    want = ops.feature_hash(*crossed, len(pairs), range(len(pairs)), [5] * len(pairs), [0] * len(pairs))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] is None
