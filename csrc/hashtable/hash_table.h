@@ -373,6 +373,55 @@ class HashTable {
     return rows;
   }
 
+  // coldest(want, clock, &lru_score, &kept), sorted by row: the rows ordered
+  // by (last_seen, row). Where the eligible rows' last_seen values span at
+  // most a few times as many clocks as there are rows, it counts them per
+  // clock instead of building and partially sorting a (score, row) pair per
+  // row: two sequential passes over the metadata find the clock below which
+  // every row goes and take the rows at that clock in row order.
+  std::vector<int64_t> least_recently_seen(int64_t want, int64_t clock, const std::vector<uint8_t>& kept) const {
+    const int64_t limit = row_limit();
+    auto eligible = [&](const RowMeta& m, int64_t r) { return m.live && m.last_seen < clock && !kept[r]; };
+    int64_t lo = clock, count = 0;
+    for (int64_t r = 0; r < limit; ++r) {
+      const RowMeta& m = blocks_.meta(r);
+      if (eligible(m, r)) {
+        lo = std::min<int64_t>(lo, m.last_seen);
+        ++count;
+      }
+    }
+    want = std::min(want, count);
+    if (want <= 0) return {};
+    const int64_t span = clock - lo;
+    if (span > 4 * limit + 1024) {
+      std::vector<int64_t> picked = coldest(want, clock, &lru_score, &kept);
+      std::sort(picked.begin(), picked.end());
+      return picked;
+    }
+    std::vector<int64_t> per_clock(static_cast<size_t>(span), 0);
+    for (int64_t r = 0; r < limit; ++r) {
+      const RowMeta& m = blocks_.meta(r);
+      if (eligible(m, r)) ++per_clock[static_cast<size_t>(m.last_seen - lo)];
+    }
+    int64_t below = 0, t = 0;  // rows seen before clock lo + t; t: the clock that completes `want`
+    while (below + per_clock[static_cast<size_t>(t)] < want) below += per_clock[static_cast<size_t>(t++)];
+    const int64_t threshold = lo + t;
+    int64_t at_threshold = want - below;  // the rows at the threshold clock to take, lowest rows first
+    std::vector<int64_t> picked;
+    picked.reserve(static_cast<size_t>(want));
+    for (int64_t r = 0; r < limit; ++r) {
+      const RowMeta& m = blocks_.meta(r);
+      if (!eligible(m, r) || m.last_seen > threshold) continue;
+      if (m.last_seen < threshold) {
+        picked.push_back(r);
+      } else if (at_threshold > 0) {
+        picked.push_back(r);
+        --at_threshold;
+      }
+    }
+    return picked;
+  }
+
   // Inserts the ids that find() missed (rows[i] == -1), as admission and
   // the capacity cap allow. Returns the number of rows created.
   template <typename ParFor>
@@ -653,8 +702,7 @@ class HashTable {
       const int64_t r = map_.find(keep[i], mix64(static_cast<uint64_t>(keep[i])));
       if (r >= 0) kept[r] = 1;
     }
-    std::vector<int64_t> picked = coldest(want, clock, &lru_score, &kept);
-    std::sort(picked.begin(), picked.end());
+    std::vector<int64_t> picked = least_recently_seen(want, clock, kept);
     copy_out(picked, ids, emb, state, meta, par);
     return static_cast<int64_t>(picked.size());
   }

@@ -357,3 +357,31 @@ def test_resident_memory_stays_near_the_cache_and_the_index_while_rows_stream_th
     assert info["rows"] == 300_000 and info["disk_rows"] >= 300_000 - info["cache_budget_rows"]
     assert info["memory_bytes"] < 0.25 * rows_in_memory
     assert grown < 0.35 * rows_in_memory, (grown, rows_in_memory, info)  # measured: 0.20
+
+
+@pytest.mark.parametrize("span", ["few clocks", "clocks far apart"])
+def test_a_spill_moves_the_least_recently_seen_rows_ties_by_row(tmp_path, span):
+    """disk_spill takes the rows with the lowest (last_seen, row): counted per clock where the clocks
+    span few values, chosen by a partial sort where they lie far apart. Never a row of `keep`, nor one
+    seen at the spill's clock or later."""
+    from recis_torchrec import _C as C
+
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    ids = torch.randperm(10 * n, generator=g)[:n]  # row r holds ids[r]: inserted in this order
+    seen = torch.randint(0, 12, (n,), generator=g)
+    if span == "clocks far apart":
+        seen = seen * 100_000
+    meta = torch.stack([seen, seen + 1, torch.ones(n, dtype=torch.int64)], 1)
+    clock = int(seen.max())  # rows seen at it stay
+    t = HashTable("t", DIM, 0, options=ssd(tmp_path, cache_rows=10 * n))
+    t.import_(ids, torch.randn(n, DIM), meta=meta)
+    assert t.info()["disk_rows"] == 0
+    keep = ids[::7]
+    want = 120
+    moved = C.disk_spill(t.handle, want, clock, keep)
+    eligible = [r for r in range(n) if int(seen[r]) < clock and r % 7 != 0]
+    expect = sorted(eligible, key=lambda r: (int(seen[r]), r))[:want]
+    assert moved == len(expect) == want
+    on_disk = [r for r in range(n) if C.disk_has_any(t.handle, ids[r : r + 1])]
+    assert on_disk == sorted(expect)
