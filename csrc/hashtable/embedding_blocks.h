@@ -173,31 +173,17 @@ class EmbeddingBlocks {
   // breakdown agree), though the worker may still be filling them.
   int64_t spare_blocks() const { return spare_blocks_; }
 
-  // Hands out a free row, or the next new one; marks it live. Single-threaded,
-  // and the caller must have reserved room first.
-  int64_t allocate() {
-    int64_t r;
-    if (!free_.empty()) {
-      r = free_.back();
-      free_.pop_back();
-    } else {
-      r = next_row_.fetch_add(1, std::memory_order_relaxed);
-    }
-    RowMeta& m = mutable_meta(r);
-    m = RowMeta{};
-    m.live = 1;
-    return r;
-  }
-
-  // The row the (c+1)-th of the next allocate() calls will hand out.
+  // Rows are handed out free rows first (the last freed first), then new
+  // ones from row_limit() on. nth_new_row(c): the row the (c+1)-th row
+  // handed out from now will be.
   int64_t nth_new_row(int64_t c) const {
     const int64_t f = static_cast<int64_t>(free_.size());
     return c < f ? free_[static_cast<size_t>(f - 1 - c)] : row_limit() + (c - f);
   }
 
-  // out[0, count) = the rows count calls of allocate() would hand out, in
-  // that order: free rows first (last freed first), then new ones. One
-  // atomic add for the new rows. Single-threaded; room reserved first.
+  // Hands out `count` rows into out[0, count), in that order, and marks them
+  // live; one atomic add for the new ones. Single-threaded, and the caller
+  // must have reserved room first.
   void allocate_n(int64_t count, int64_t* out) {
     int64_t i = 0;
     for (; i < count && !free_.empty(); ++i) {

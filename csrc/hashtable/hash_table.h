@@ -66,17 +66,6 @@ struct TableCounters {
   int64_t rejected = 0;  // training lookups refused a row (admission, or a full cap)
 };
 
-// The threads a ParFor runs its loops on, where it says (threads()); 0 where
-// it does not (callers then take their parallel path).
-template <typename ParFor>
-auto par_threads(const ParFor& par, int) -> decltype(par.threads()) {
-  return par.threads();
-}
-template <typename ParFor>
-int par_threads(const ParFor&, long) {
-  return 0;
-}
-
 class HashTable {
  public:
   static constexpr int64_t kGrain = 2048;
@@ -535,7 +524,7 @@ class HashTable {
     // apart. (With two threads on a 2-core VM the one pass was still 5-10%
     // faster; it is kept to one thread so that the shard passes serve every
     // multi-threaded caller.)
-    if (par_threads(par, 0) == 1) {
+    if (par.threads() == 1) {
       for (int s = 0; s < num_shards; ++s) {
         if (shard_begin[s + 1] > 0) map_.reserve_in_shard(s, shard_begin[s + 1]);
       }

@@ -19,6 +19,8 @@
 // * The map is split into 2^shard_bits shards chosen by the top bits of
 //   mix64(key). Shards grow (rehash) independently, so inserts run in
 //   parallel across shards without locks.
+//   Lookups are lock-free as long as no insert runs at the same time; the
+//   owning HashTable guarantees that.
 // * A shard holds any number of buckets, not a power of two: a key's home
 //   bucket is the high half of (the hash's remaining bits) x buckets (a
 //   multiply, where a mask would force sizes to powers of two). A map
@@ -33,8 +35,6 @@
 //   often, each mostly first touches of the new shard's pages
 //   (find_or_insert of half-new batches into a 1M-key map: 13-14 M keys/s
 //   against 19 with doubling).
-//   Lookups are lock-free as long as no insert runs at the same time; the
-//   owning HashTable guarantees that.
 // * Rehashing copies the keys and row numbers of one shard, never embedding
 //   rows.
 #pragma once
@@ -98,7 +98,7 @@ inline unsigned bucket_empty(const Bucket& b) {
 class IdMap {
  public:
   static constexpr double kMaxLoad = 0.7;
-  static constexpr double kGrowth = 2.0;
+  static constexpr int64_t kGrowth = 2;
   // The load a map sized from a capacity hint has at that many keys.
   static constexpr double kHintLoad = 0.5;
   static constexpr int64_t kMinShardBuckets = 4;
@@ -190,7 +190,7 @@ class IdMap {
     // Exactly kGrowth x the buckets: a key's new home is then 2 x its old
     // one (or 1 more), so the pass below, in bucket order, writes the new
     // shard nearly in order too.
-    bigger.reset(std::max(buckets_for(want), static_cast<int64_t>(static_cast<double>(s.n) * kGrowth)));
+    bigger.reset(std::max(buckets_for(want), static_cast<int64_t>(s.n) * kGrowth));
     for (uint64_t i = 0; i < s.n; ++i) {
       const Bucket& b = s.buckets[i];
       for (int j = 0; j < kBucketSlots; ++j) {
@@ -286,10 +286,6 @@ class IdMap {
     void operator()(Bucket* p) const { std::free(p); }
   };
 
-  // Buckets are read at random, one cache line per key, so once a shard
-  // outgrows the TLB's reach every find would also walk the page tables:
-  // shards of 2 MiB or more are 2 MiB-aligned and offered to transparent huge
-  // pages (as the embedding blocks are).
   // A shard of 2 MiB or more fills its last huge page: the page is resident
   // whole anyway, and a tail in 4 KiB pages would cost the finds that land
   // there a TLB miss each (measured: 8-12% fewer finds/s at 1e7 keys).
@@ -298,6 +294,10 @@ class IdMap {
     return n >= kPageBuckets ? (n + kPageBuckets - 1) / kPageBuckets * kPageBuckets : n;
   }
 
+  // Buckets are read at random, one cache line per key, so once a shard
+  // outgrows the TLB's reach every find would also walk the page tables:
+  // shards of 2 MiB or more are 2 MiB-aligned and offered to transparent huge
+  // pages (as the embedding blocks are).
   static Bucket* allocate_buckets(int64_t n) {
     constexpr size_t kHuge = size_t{2} << 20;
     const size_t bytes = static_cast<size_t>(n) * sizeof(Bucket);
@@ -376,7 +376,7 @@ class IdMap {
     }
   };
 
-  // Fewest buckets holding n keys at kMaxLoad.
+  // Fewest buckets holding n keys at `load`.
   static int64_t buckets_for(int64_t n, double load = kMaxLoad) {
     const auto need = static_cast<int64_t>(std::ceil(static_cast<double>(n) / (load * kBucketSlots)));
     return std::max(kMinShardBuckets, need);

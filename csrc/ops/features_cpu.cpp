@@ -628,29 +628,30 @@ Result feature_program_cpu(const at::Tensor& values, const at::Tensor& lengths, 
             ia += na;
             ib += nb;
           }
-        }
-        for (int64_t b = 0; b < (single ? 0 : B); ++b) {
-          const int64_t na = L[o.a * B + b], nb = L[o.b * B + b];
-          int64_t start = 0, end = na * nb;
-          if (!o.truncates.empty()) o.window(na * nb, start, end);
-          // Pair p is (left p / nb, right p % nb), left outer; walked without a division per pair.
-          int64_t px = 0, py = 0;
-          if (start > 0) {
-            px = start / nb;
-            py = start % nb;
-          }
-          for (int64_t p = start; p < end; ++p, ++dst) {
-            const int64_t xa = ia + px, yb = ib + py;
-            out.v[dst] = static_cast<int64_t>(
-                o.cross_mod(hash_pair(static_cast<uint64_t>(v[xa]), static_cast<uint64_t>(v[yb]), seed)));
-            if (out.w != nullptr) out.w[dst] = w[xa] * w[yb];
-            if (++py == nb) {
-              py = 0;
-              ++px;
+        } else {
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t na = la[b], nb = lb[b];
+            int64_t start = 0, end = na * nb;
+            if (!o.truncates.empty()) o.window(na * nb, start, end);
+            // Pair p is (left p / nb, right p % nb), left outer; walked without a division per pair.
+            int64_t px = 0, py = 0;
+            if (start > 0) {
+              px = start / nb;
+              py = start % nb;
             }
+            for (int64_t p = start; p < end; ++p, ++dst) {
+              const int64_t xa = ia + px, yb = ib + py;
+              out.v[dst] = static_cast<int64_t>(
+                  o.cross_mod(hash_pair(static_cast<uint64_t>(v[xa]), static_cast<uint64_t>(v[yb]), seed)));
+              if (out.w != nullptr) out.w[dst] = w[xa] * w[yb];
+              if (++py == nb) {
+                py = 0;
+                ++px;
+              }
+            }
+            ia += na;
+            ib += nb;
           }
-          ia += na;
-          ib += nb;
         }
       } else {
         const float* bounds = bp + o.b;

@@ -19,6 +19,8 @@
 namespace recis {
 
 // at::parallel_for in the shape the torch-free core expects.
+// A ParFor runs fn(b, e) over chunks of [begin, end) and says on how many
+// threads (threads()); the table's inserts pick their path by it.
 struct AtParallelFor {
   template <typename Fn>
   void operator()(int64_t begin, int64_t end, int64_t grain, Fn&& fn) const {

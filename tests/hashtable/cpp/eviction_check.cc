@@ -18,6 +18,7 @@ struct Serial {
   void operator()(int64_t b, int64_t e, int64_t, Fn&& fn) const {
     if (b < e) fn(b, e);
   }
+  int threads() const { return 1; }
 };
 
 RowScore most_recent_first(const RowMeta& m) { return {-static_cast<int64_t>(m.last_seen), 0}; }
